@@ -1,0 +1,65 @@
+"""Stage 1, capture: the queue drained into raw_events, exactly once."""
+
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from qe_assets.ingest import IngestReport, ingest_pending
+from qe_assets.queues import QueueUnavailable
+from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
+from qe_assets.store import table_counts
+
+
+@dg.asset(
+    group_name="capture",
+    kinds={"duckdb", "polars", "redis"},
+    pool=WRITER_POOL,
+    description=(
+        "Quality events from the queue (Redis list `quality_events` or the file inbox), "
+        "validated and stored once per `request_id`. Malformed records, and re-sends of a "
+        "request_id with different content, go to `rejected_events` with a reason naming the field."
+    ),
+)
+def raw_events(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
+    total = IngestReport()
+
+    def progress(report: IngestReport) -> None:
+        context.log.info(
+            f"batch of {report.read}: {report.new} new, {report.duplicates} duplicates, "
+            f"{report.rejected} rejected"
+        )
+
+    for queue in settings.queues():
+        total.add(
+            ingest_pending(
+                queue,
+                lambda: duckdb_writer(duckdb),
+                batch_size=settings.ingest_batch_size,
+                on_batch=progress,
+            )
+        )
+
+    with duckdb_writer(duckdb) as conn:
+        counts = table_counts(conn)
+    depth = 0
+    for queue in settings.queues():
+        try:
+            depth += queue.depth()
+        except QueueUnavailable:
+            context.log.warning(f"could not read the depth of the {queue.name} queue")
+    return dg.MaterializeResult(
+        metadata={
+            "new_rows": total.new,
+            "duplicates": total.duplicates,
+            "rejected": total.rejected,
+            "records_read": total.read,
+            "batches": total.batches,
+            "rejected_by_field": dg.MetadataValue.json(total.reasons),
+            "total_rows": counts["raw_events"],
+            "rejected_total": counts["rejected_events"],
+            "queue_depth_left": depth,
+            "dagster/row_count": counts["raw_events"],
+        }
+    )

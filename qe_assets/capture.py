@@ -1,0 +1,156 @@
+"""The producer call for the RAG service: one `capture(...)` after each answer.
+
+Policy, in the order it is applied:
+
+1. `score >= threshold` (default 0.7, `QE_CAPTURE_THRESHOLD`): nothing to do → `skipped`.
+2. The event breaks CONTRACT §1 → `invalid`, with the field-naming reason; logged as a warning.
+3. The configured queue accepts it → `enqueued`.
+4. The queue is down (Redis unreachable, timeout) → the event is written to the local file inbox
+   (the spool, which the ingester always drains too) → `spooled`; logged as a warning.
+5. Even the spool fails (disk full, read-only) → `failed`; logged as an error.
+
+`capture` never raises into the request path: the RAG answer is already on its way to the user,
+and a lost quality signal must be visible in logs and in the returned status, not as a 500.
+This module imports neither Dagster nor DuckDB, so it is cheap to import in a web service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import ValidationError
+
+from qe_assets.events import describe_errors, validate_event
+from qe_assets.queues import EventQueue, FileInbox, QueueUnavailable, RedisQueue
+from qe_assets.settings import Settings
+
+log = logging.getLogger("qe_assets.capture")
+
+
+class CaptureStatus(StrEnum):
+    SKIPPED = "skipped"
+    ENQUEUED = "enqueued"
+    SPOOLED = "spooled"
+    INVALID = "invalid"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    status: CaptureStatus
+    reason: str | None = None
+
+    @property
+    def captured(self) -> bool:
+        """True when the event is safely on its way to raw_events."""
+        return self.status in (CaptureStatus.ENQUEUED, CaptureStatus.SPOOLED)
+
+
+class QualityCapture:
+    """Holds the queue connection; create one per process and call it after every answer."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        queue: EventQueue | None = None,
+        spool: FileInbox | None = None,
+        redis_timeout: float = 0.5,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.threshold = self.settings.capture_threshold
+        if queue is None and self.settings.queue_url:
+            # A short socket timeout: a stalled Redis must not stall the user's request.
+            queue = RedisQueue(
+                self.settings.queue_url,
+                consumer=self.settings.queue_consumer,
+                socket_timeout=redis_timeout,
+            )
+        self.spool = spool or FileInbox(self.settings.inbox_dir)
+        self.queue: EventQueue = queue or self.spool
+
+    def __call__(
+        self,
+        *,
+        request_id: str,
+        question: str,
+        docs: list[Mapping[str, Any]],
+        answer: str,
+        evaluation: Mapping[str, Any],
+        timestamp: datetime | str | None = None,
+        **extra: Any,
+    ) -> CaptureResult:
+        event: dict[str, Any] = {
+            "request_id": request_id,
+            "question": question,
+            "docs": docs,
+            "answer": answer,
+            "evaluation": evaluation,
+            **extra,
+        }
+        if timestamp is not None:
+            event["timestamp"] = timestamp
+        return self.capture_event(event)
+
+    def capture_event(self, event: Mapping[str, Any]) -> CaptureResult:
+        event = dict(event)
+        score = (event.get("evaluation") or {}).get("score")
+        if isinstance(score, int | float) and not isinstance(score, bool) and score >= self.threshold:
+            return CaptureResult(CaptureStatus.SKIPPED)
+        stamp = event.get("timestamp")
+        if stamp is None:
+            event["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        elif isinstance(stamp, datetime):
+            event["timestamp"] = stamp.isoformat()
+        try:
+            validate_event(event)
+            payload = json.dumps(event, ensure_ascii=False)
+        except ValidationError as exc:
+            reason = describe_errors(exc)[1]
+            log.warning("quality event %r not captured: %s", event.get("request_id"), reason)
+            return CaptureResult(CaptureStatus.INVALID, reason)
+        except (TypeError, ValueError) as exc:  # not JSON-serialisable extras
+            log.warning("quality event %r not captured: %s", event.get("request_id"), exc)
+            return CaptureResult(CaptureStatus.INVALID, f"payload: {exc}")
+        try:
+            self.queue.put([payload])
+            return CaptureResult(CaptureStatus.ENQUEUED)
+        except (QueueUnavailable, OSError) as exc:
+            queue_error = str(exc)
+        if self.queue is self.spool:
+            log.error("quality event %r lost: %s", event["request_id"], queue_error)
+            return CaptureResult(CaptureStatus.FAILED, queue_error)
+        try:
+            self.spool.put([payload])
+        except OSError as exc:
+            log.error(
+                "quality event %r lost: queue down (%s) and spool failed (%s)",
+                event["request_id"],
+                queue_error,
+                exc,
+            )
+            return CaptureResult(CaptureStatus.FAILED, f"{queue_error}; spool: {exc}")
+        log.warning(
+            "queue down, quality event %r spooled to %s: %s",
+            event["request_id"],
+            self.spool.root,
+            queue_error,
+        )
+        return CaptureResult(CaptureStatus.SPOOLED, queue_error)
+
+
+_default: QualityCapture | None = None
+
+
+def capture(**kwargs: Any) -> CaptureResult:
+    """Module-level convenience: a process-wide `QualityCapture` configured from the environment."""
+    global _default
+    if _default is None:
+        _default = QualityCapture()
+    return _default(**kwargs)

@@ -1,0 +1,210 @@
+"""`qe`: enqueue events, run the loop headlessly, query and inspect the store.
+
+Exit codes scripts can rely on: 0 success, 1 the work failed (a run failed, records were
+invalid), 2 bad usage or configuration, 3 the database stayed locked by a writer too long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qe_assets.settings import Settings, SettingsError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _err(message: str) -> None:
+    print(f"qe: {message}", file=sys.stderr)
+
+
+def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.events import parse_records
+    from qe_assets.queues import QueueUnavailable, open_queue
+
+    queue = open_queue(settings)
+    accepted = invalid = 0
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        raw_lines = [line.rstrip(b"\r\n") for line in path.read_bytes().splitlines()]
+        numbered = [(n, line) for n, line in enumerate(raw_lines, start=1) if line.strip()]
+        sources = [f"{path}:{n}" for n, _ in numbered]
+        parsed = parse_records([line for _, line in numbered], sources)
+        for row in parsed.rejected.iter_rows(named=True):
+            _err(f"{row['source']}: {row['reason']}")
+        invalid += parsed.rejected.height
+        payloads = parsed.events["payload"].to_list()
+        if args.keep_invalid:
+            # Forwarded so they land in rejected_events, where the pipeline keeps a record.
+            payloads += parsed.rejected["payload"].to_list()
+        try:
+            accepted += queue.put(payloads)
+        except QueueUnavailable as exc:
+            raise UserError(str(exc), EXIT_FAILED) from exc
+    print(f"enqueued {accepted} records on the {queue.name} queue; {invalid} invalid")
+    return EXIT_FAILED if invalid and not args.keep_invalid else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.runner import run_pipeline
+
+    outcome = run_pipeline(settings, cut_version=args.cut_version)
+    for line in outcome.summary:
+        print(line)
+    if not outcome.success:
+        _err(f"run {outcome.run_id} failed: {outcome.error}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
+    import duckdb
+    import polars as pl
+
+    from qe_assets.store import connect, query_frame
+
+    if not settings.database.exists():
+        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    waited = False
+
+    def on_wait(remaining: float) -> None:
+        nonlocal waited
+        if not waited:
+            _err(f"database busy with a writer, waiting up to {remaining:.0f}s ...")
+            waited = True
+
+    with connect(settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait) as conn:
+        try:
+            frame = query_frame(conn, args.query)
+        except duckdb.Error as exc:
+            raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    if args.format == "table":
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=160):
+            print(frame)
+        return EXIT_OK
+    if args.format == "parquet" and not args.output:
+        raise UserError("--format parquet needs --output FILE")
+    target = args.output or sys.stdout
+    if args.format == "csv":
+        frame.write_csv(target)
+    elif args.format == "json":
+        frame.write_ndjson(target)
+    else:
+        frame.write_parquet(args.output)
+    if args.output:
+        print(f"wrote {frame.height} rows to {args.output}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.queues import QueueUnavailable, open_queue
+    from qe_assets.store import connect, table_counts
+
+    print(f"database: {settings.database}")
+    if settings.database.exists():
+        with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+            for table, count in table_counts(conn).items():
+                print(f"  {table:<18} {count:>10,}")
+    else:
+        print("  (not created yet)")
+    queue = open_queue(settings)
+    try:
+        print(f"queue ({queue.name}): {queue.depth():,} pending")
+    except QueueUnavailable as exc:
+        print(f"queue ({queue.name}): unavailable ({exc})")
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.runner import prepare_dagster_home
+
+    home = prepare_dagster_home(settings)
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    command = ["dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
+    print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}")
+    os.execvpe(command[0], command, env)
+    return EXIT_OK  # pragma: no cover - exec does not return
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qe",
+        description="Turn low-quality RAG answers into versioned fine-tuning datasets.",
+        epilog="Configuration comes from QE_* environment variables; see README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("enqueue", help="validate event files (JSONL) and put them on the queue")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL files, one event per line")
+    p.add_argument(
+        "--keep-invalid",
+        action="store_true",
+        help="forward invalid records too, so they are kept in rejected_events",
+    )
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("run", help="one pass of the whole loop, in process, through Dagster")
+    p.add_argument(
+        "--cut-version", action="store_true", help="cut a dataset version even below the threshold"
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sql", help="read-only ad hoc query of the DuckDB tables")
+    p.add_argument("query", help='e.g. "SELECT label, count(*) FROM annotated_samples GROUP BY 1"')
+    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    p.add_argument("--output", "-o", help="write to this file instead of standard output")
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("status", help="counts per table, queue depth, latest dataset version")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ui", help="dagster dev on 127.0.0.1 with a persistent DAGSTER_HOME")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return int(args.func(args, settings))
+    except SettingsError as exc:
+        _err(f"configuration error: {exc}")
+        return EXIT_USAGE
+    except UserError as exc:
+        _err(str(exc))
+        return exc.code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as exc:
+        from qe_assets.store import DatabaseBusy
+
+        if isinstance(exc, DatabaseBusy):
+            _err(str(exc))
+            return EXIT_BUSY
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The quality event (CONTRACT §1): validation, the raw_events row shape, and label normalisation.
+
+Labels are normalised here and nowhere else: `normalised_labels` and `primary_label` are Polars
+expressions, so every table and transform that speaks of labels derives them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import polars as pl
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+# Priority order: the first of these present on an event is its primary label.
+KNOWN_LABELS: tuple[str, ...] = (
+    "factuality_error",
+    "incomplete_answer",
+    "low_relevance",
+    "overconfidence",
+)
+UNSPECIFIED = "unspecified"
+LABEL_ALIASES: dict[str, str] = {
+    "事实性错误": "factuality_error",
+    "回答不完整": "incomplete_answer",
+    "相关性低": "low_relevance",
+    "可能过度自信": "overconfidence",
+    "过度自信": "overconfidence",
+}
+
+# Strict: "0.4" or true are producer bugs to surface, not values to coerce (ints are fine).
+Score = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
+
+
+def _int_to_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Doc(BaseModel):
+    """One retrieved document; keys beyond id/content/score are kept in `meta`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Many retrievers emit integer ids; accept them as their decimal text.
+    id: Annotated[StrictStr, BeforeValidator(_int_to_str)]
+    content: StrictStr
+    score: Annotated[float, Field(allow_inf_nan=False, strict=True)] | None = None
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    score: Score
+    labels: list[StrictStr] | None = None
+    checks: dict[str, Any] | None = None
+
+
+class QualityEvent(BaseModel):
+    """One event as producers send it; unknown top-level fields are kept verbatim."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: StrictStr
+    question: StrictStr
+    docs: list[Doc]
+    answer: StrictStr
+    evaluation: Evaluation
+    timestamp: StrictStr | None = None
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id_not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp_iso8601(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_timestamp(value)
+        return value
+
+
+def parse_timestamp(value: str) -> datetime:
+    """ISO-8601 → naive UTC; a timestamp without offset is taken to be UTC already."""
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 timestamp: {value[:64]!r}") from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+DOC_DTYPE = pl.Struct(
+    {"id": pl.String, "content": pl.String, "score": pl.Float64, "meta": pl.String}
+)
+RAW_EVENT_SCHEMA: dict[str, pl.DataType] = {
+    "request_id": pl.String(),
+    "question": pl.String(),
+    "docs": pl.List(DOC_DTYPE),
+    "answer": pl.String(),
+    "evaluation": pl.String(),
+    "score": pl.Float64(),
+    "labels": pl.List(pl.String),
+    "checks": pl.String(),
+    "timestamp": pl.Datetime("us"),
+    "extra": pl.String(),
+    "fingerprint": pl.String(),
+    "source": pl.String(),
+    "payload": pl.String(),
+}
+REJECTED_SCHEMA: dict[str, pl.DataType] = {
+    "source": pl.String(),
+    "payload": pl.String(),
+    "field": pl.String(),
+    "reason": pl.String(),
+    "request_id": pl.String(),
+}
+
+
+@dataclass(frozen=True)
+class ParsedRecords:
+    """A batch split into rows for raw_events and rows for rejected_events, in input order."""
+
+    events: pl.DataFrame
+    rejected: pl.DataFrame
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def describe_errors(error: ValidationError) -> tuple[str, str]:
+    """(first field, reason naming every failing field) from a pydantic error."""
+    parts: list[str] = []
+    first_field = ""
+    for item in error.errors(include_url=False):
+        loc = ".".join(str(p) for p in item["loc"]) or "payload"
+        first_field = first_field or loc
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "model_type" and loc == "payload":
+            message = "expected a JSON object"
+        parts.append(f"{loc}: {message}")
+    return first_field, "; ".join(parts)
+
+
+def _event_row(
+    event: QualityEvent, text: str, source: str, received_at: datetime
+) -> dict[str, Any]:
+    evaluation = event.evaluation.model_dump()
+    evaluation["labels"] = evaluation["labels"] or []
+    evaluation["checks"] = evaluation["checks"] or {}
+    extra = event.__pydantic_extra__ or {}
+    canonical = event.model_dump(exclude_unset=True)
+    return {
+        "request_id": event.request_id,
+        "question": event.question,
+        "docs": [
+            {
+                "id": d.id,
+                "content": d.content,
+                "score": None if d.score is None else float(d.score),
+                "meta": _json(d.__pydantic_extra__) if d.__pydantic_extra__ else None,
+            }
+            for d in event.docs
+        ],
+        "answer": event.answer,
+        "evaluation": _json(evaluation),
+        "score": float(event.evaluation.score),
+        "labels": evaluation["labels"],
+        "checks": _json(evaluation["checks"]),
+        "timestamp": parse_timestamp(event.timestamp) if event.timestamp else received_at,
+        "extra": _json(extra) if extra else None,
+        # Content identity of a re-send: key order and whitespace do not matter.
+        "fingerprint": hashlib.sha256(_json(canonical).encode()).hexdigest(),
+        "source": source,
+        "payload": text,
+    }
+
+
+def _request_id_hint(text: str) -> str | None:
+    """Best-effort request_id of a rejected record, so users can find it again."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    rid = value.get("request_id") if isinstance(value, dict) else None
+    return rid.strip() or None if isinstance(rid, str) else None
+
+
+def parse_records(
+    records: Sequence[bytes | str],
+    sources: Sequence[str],
+    *,
+    received_at: datetime | None = None,
+) -> ParsedRecords:
+    """Validate raw JSON records; each one becomes exactly one event row or one rejected row."""
+    if len(records) != len(sources):
+        raise ValueError("records and sources must have the same length")
+    received_at = received_at or datetime.now(UTC).replace(tzinfo=None)
+    rows: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for raw, source in zip(records, sources, strict=True):
+        if isinstance(raw, bytes):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                rejected.append(
+                    {
+                        "source": source,
+                        "payload": raw.decode("utf-8", errors="backslashreplace"),
+                        "field": "payload",
+                        "reason": f"payload: not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                        "request_id": None,
+                    }
+                )
+                continue
+        else:
+            text = raw
+        try:
+            event = QualityEvent.model_validate_json(text)
+        except ValidationError as exc:
+            field, reason = describe_errors(exc)
+            rejected.append(
+                {
+                    "source": source,
+                    "payload": text.encode("utf-8", errors="backslashreplace").decode(),
+                    "field": field,
+                    "reason": reason,
+                    "request_id": _request_id_hint(text),
+                }
+            )
+            continue
+        rows.append(_event_row(event, text, source, received_at))
+    return ParsedRecords(
+        events=pl.DataFrame(rows, schema=RAW_EVENT_SCHEMA, orient="row")
+        if rows
+        else pl.DataFrame(schema=RAW_EVENT_SCHEMA),
+        rejected=pl.DataFrame(rejected, schema=REJECTED_SCHEMA)
+        if rejected
+        else pl.DataFrame(schema=REJECTED_SCHEMA),
+    )
+
+
+def normalised_labels(labels: pl.Expr) -> pl.Expr:
+    """Trim, lower-case, map Chinese aliases to the English names, drop blanks."""
+    cleaned = pl.element().str.strip_chars().str.to_lowercase()
+    return labels.list.eval(
+        cleaned.replace(LABEL_ALIASES).filter(cleaned.str.len_chars() > 0)
+    )
+
+
+def primary_label(labels: pl.Expr) -> pl.Expr:
+    """The highest-priority known label of already normalised labels; else the first; else unspecified."""
+    chain = pl.when(labels.list.contains(KNOWN_LABELS[0])).then(pl.lit(KNOWN_LABELS[0]))
+    for label in KNOWN_LABELS[1:]:
+        chain = chain.when(labels.list.contains(label)).then(pl.lit(label))
+    return chain.otherwise(labels.list.first()).fill_null(UNSPECIFIED)
+
+
+def validate_event(payload: dict[str, Any] | str) -> QualityEvent:
+    """Validate one event (for producers); raises pydantic.ValidationError naming the fields."""
+    if isinstance(payload, str):
+        return QualityEvent.model_validate_json(payload)
+    return QualityEvent.model_validate(payload)

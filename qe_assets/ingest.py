@@ -1,0 +1,134 @@
+"""Queue → raw_events / rejected_events, exactly once.
+
+Per batch: claim from the queue, validate, classify against what is stored, commit both tables in
+one short transaction, then ack. A crash before the commit leaves the batch claimed (it is
+replayed); a crash after the commit and before the ack replays records that are now duplicates
+(raw_events) or already-present rejections (rejected_events has a content key): nothing is lost
+and nothing is doubled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import duckdb
+import polars as pl
+
+from qe_assets.events import parse_records
+from qe_assets.queues import EventQueue
+from qe_assets.store import ensure_schema, query_frame
+from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
+
+ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+
+_RAW_COLUMNS = (
+    "request_id, question, docs, answer, evaluation, score, labels, checks, timestamp, extra, "
+    "fingerprint, source"
+)
+CONFLICT_REASON = "request_id: conflicting duplicate (another event with this request_id and different content was ingested first)"
+
+
+@dataclass
+class IngestReport:
+    batches: int = 0
+    read: int = 0
+    new: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: IngestReport) -> None:
+        self.batches += other.batches
+        self.read += other.read
+        self.new += other.new
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        for field_name, count in other.reasons.items():
+            self.reasons[field_name] = self.reasons.get(field_name, 0) + count
+
+
+def commit_batch(
+    conn: duckdb.DuckDBPyConnection,
+    records: list[bytes],
+    sources: list[str],
+    *,
+    received_at: datetime | None = None,
+) -> IngestReport:
+    """Validate and write one batch in a single transaction; returns what happened to it."""
+    received_at = received_at or datetime.now(UTC).replace(tzinfo=None)
+    parsed = parse_records(records, sources, received_at=received_at)
+    events = parsed.events
+    ids = events.select("request_id").unique()
+    conn.register("batch_ids", ids)
+    stored = query_frame(
+        conn,
+        "SELECT r.request_id, r.fingerprint FROM raw_events r SEMI JOIN batch_ids USING (request_id)",
+    )
+    classified = classify_events(events, stored)
+    new_rows = classified.filter(pl.col("status") == NEW).drop("status")
+    conflicts = classified.filter(pl.col("status") == CONFLICT).select(
+        "source",
+        pl.col("payload"),
+        pl.lit("request_id").alias("field"),
+        pl.lit(CONFLICT_REASON).alias("reason"),
+        "request_id",
+    )
+    rejected = pl.concat([parsed.rejected, conflicts], how="vertical")
+
+    conn.register("new_rows", new_rows)
+    conn.register("rejected_rows", rejected)
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute(
+            f"INSERT INTO raw_events ({_RAW_COLUMNS}, ingested_at) "
+            f"SELECT {_RAW_COLUMNS}, $ts FROM new_rows",
+            {"ts": received_at},
+        )
+        conn.execute(
+            """
+            INSERT INTO rejected_events
+            SELECT sha256(source || chr(10) || payload), source, payload, field, reason,
+                   request_id, $ts
+            FROM rejected_rows
+            ON CONFLICT DO NOTHING
+            """,
+            {"ts": received_at},
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+    reasons = rejected.group_by("field").len()
+    return IngestReport(
+        batches=1,
+        read=len(records),
+        new=new_rows.height,
+        duplicates=int((classified["status"] == DUPLICATE).sum()),
+        rejected=rejected.height,
+        reasons=dict(zip(reasons["field"].to_list(), reasons["len"].to_list(), strict=True)),
+    )
+
+
+def ingest_pending(
+    queue: EventQueue,
+    connection: ConnectionFactory,
+    *,
+    batch_size: int,
+    on_batch: Callable[[IngestReport], None] | None = None,
+) -> IngestReport:
+    """Drain the queue batch by batch; each batch holds the write lock only for its commit."""
+    total = IngestReport()
+    with connection() as conn:
+        ensure_schema(conn)
+    for batch in queue.batches(batch_size):
+        with connection() as conn:
+            report = commit_batch(conn, batch.records, batch.sources)
+        batch.ack()
+        total.add(report)
+        if on_batch is not None:
+            on_batch(report)
+    return total

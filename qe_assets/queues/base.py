@@ -1,0 +1,46 @@
+"""What every queue backend offers the ingester and the producers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class Batch:
+    """Records claimed from a queue; `ack` releases them and must run only after they are committed.
+
+    A crash before `ack` leaves the records claimed, and the next `batches()` hands them out again;
+    the ingester's idempotency on `request_id` turns that replay into duplicates, not new rows.
+    """
+
+    records: list[bytes]
+    sources: list[str]
+    _ack: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def ack(self) -> None:
+        self._ack()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class QueueUnavailable(RuntimeError):
+    """The queue backend cannot be reached; producers decide what to do about it."""
+
+
+class EventQueue(Protocol):
+    name: str
+
+    def put(self, payloads: Sequence[str]) -> int:
+        """Enqueue JSON payloads (one event each) atomically as a group; returns the count."""
+        ...
+
+    def batches(self, max_records: int) -> Iterator[Batch]:
+        """Claim pending records, interrupted claims first, in batches of at most `max_records`."""
+        ...
+
+    def depth(self) -> int:
+        """Records waiting (claimed ones included)."""
+        ...

@@ -1,0 +1,89 @@
+"""Redis list `quality_events`: producers RPUSH, the ingester moves records into a per-consumer
+processing list, commits them, and only then deletes that list.
+
+Records still in the processing list when the ingester starts are the ones a crash interrupted;
+they are replayed before anything new is claimed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import redis
+
+from qe_assets.queues.base import Batch, QueueUnavailable
+from qe_assets.settings import REDIS_LIST
+
+# Moves up to N records from the head of the queue to the tail of the processing list in one
+# atomic step: either a record is still queued or it is claimed, never both or neither.
+_CLAIM = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items == 0 then return 0 end
+redis.call('LTRIM', KEYS[1], #items, -1)
+for i = 1, #items, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, #items)))
+end
+return #items
+"""
+
+
+class RedisQueue:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str = REDIS_LIST,
+        consumer: str = "default",
+        socket_timeout: float = 5.0,
+    ) -> None:
+        self.key = key
+        self.processing_key = f"{key}:processing:{consumer}"
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        )
+        self._claim = self.client.register_script(_CLAIM)
+
+    def put(self, payloads: Sequence[str]) -> int:
+        if not payloads:
+            return 0
+        try:
+            # One RPUSH per 1000 records keeps each command small and the group in order.
+            with self.client.pipeline(transaction=True) as pipe:
+                for start in range(0, len(payloads), 1000):
+                    pipe.rpush(self.key, *payloads[start : start + 1000])
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"redis queue {self.key!r} unavailable: {exc}") from exc
+        return len(payloads)
+
+    def _processing_batch(self) -> Batch | None:
+        records = self.client.lrange(self.processing_key, 0, -1)
+        if not records:
+            return None
+        sources = [f"redis:{self.key}"] * len(records)
+        return Batch(list(records), sources, lambda: self.client.delete(self.processing_key))
+
+    def batches(self, max_records: int) -> Iterator[Batch]:
+        try:
+            leftover = self._processing_batch()
+            if leftover is not None:
+                yield leftover
+            while self._claim(keys=[self.key, self.processing_key], args=[max_records]):
+                batch = self._processing_batch()
+                if batch is None:
+                    return
+                yield batch
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"redis queue {self.key!r} unavailable: {exc}") from exc
+
+    def depth(self) -> int:
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.llen(self.key)
+                pipe.llen(self.processing_key)
+                queued, claimed = pipe.execute()
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"redis queue {self.key!r} unavailable: {exc}") from exc
+        return int(queued) + int(claimed)

@@ -1,0 +1,88 @@
+"""Headless runs (`qe run`) through the same Dagster definitions the UI loads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from qe_assets.settings import Settings
+
+# Written once into a fresh DAGSTER_HOME. The writer pool has one slot, so runs launched together
+# (sensor + UI) queue for DuckDB instead of failing on its file lock.
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    granularity: run
+    default_limit: 1
+"""
+
+# Metadata shown per asset by `qe run`, in this order.
+SUMMARY_KEYS = (
+    "new_rows",
+    "duplicates",
+    "rejected",
+    "queue_depth_left",
+    "total_rows",
+)
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """DAGSTER_HOME from the environment, else `$QE_DATA_DIR/dagster_home`, with dagster.yaml."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    return home
+
+
+@dataclass
+class RunOutcome:
+    success: bool
+    run_id: str
+    summary: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _summarise(result: dg.ExecuteInProcessResult) -> list[str]:
+    lines = []
+    for event in result.get_asset_materialization_events():
+        materialization = event.materialization
+        if materialization is None:
+            continue
+        metadata = materialization.metadata
+        shown = [
+            f"{key}={metadata[key].value}" for key in SUMMARY_KEYS if key in metadata
+        ]
+        lines.append(f"{materialization.asset_key.to_user_string()}: {', '.join(shown)}")
+    return lines
+
+
+def run_pipeline(
+    settings: Settings, *, cut_version: bool = False, instance: dg.DagsterInstance | None = None
+) -> RunOutcome:
+    from qe_assets.definitions import PIPELINE_JOB, build_definitions
+
+    defs = build_definitions(settings)
+    if instance is None:
+        instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    job = defs.resolve_job_def(PIPELINE_JOB)
+    result = job.execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+    )
+    error = None
+    if not result.success:
+        failures = [
+            e.step_failure_data.error.message.strip()
+            for e in result.all_events
+            if e.is_step_failure and e.step_failure_data and e.step_failure_data.error
+        ]
+        error = "; ".join(failures) or "see the run's event log"
+    return RunOutcome(result.success, result.run_id, _summarise(result), error)

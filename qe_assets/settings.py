@@ -1,0 +1,154 @@
+"""Every knob of the pipeline, read from the environment in one typed place.
+
+`Settings.from_env()` runs when the Dagster definitions load, so a bad value fails there
+with the name of the variable to fix instead of deep inside a run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+FINETUNE_BACKENDS = ("none", "openai", "command")
+INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
+REDIS_LIST = "quality_events"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+def _number(name: str, raw: str, *, lo: float | None, hi: float | None, integer: bool) -> Any:
+    kind = "an integer" if integer else "a number"
+    try:
+        value: float = int(raw) if integer else float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SettingsError(f"{name} must be a finite number, got {raw!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise SettingsError(f"{name} must be {kind} {bounds}, got {raw!r}")
+    return value
+
+
+def _float(name: str, lo: float | None = 0.0, hi: float | None = 1.0) -> Callable[[str], Any]:
+    return lambda raw: _number(name, raw, lo=lo, hi=hi, integer=False)
+
+
+def _int(name: str, lo: int = 1) -> Callable[[str], Any]:
+    return lambda raw: _number(name, raw, lo=lo, hi=None, integer=True)
+
+
+def _choice(name: str, options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise SettingsError(f"{name} must be one of {', '.join(options)}; got {raw!r}")
+        return value
+
+    return parse
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(
+            f"QE_QUEUE_URL must look like redis://HOST:PORT/DB (or leave it unset for the "
+            f"file inbox); got {raw!r}"
+        )
+    return value
+
+
+# field name → (environment variable, parser). Defaults live on the model below.
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "data_dir": ("QE_DATA_DIR", str.strip),
+    "duckdb_path": ("QE_DUCKDB_PATH", str.strip),
+    "queue_url": ("QE_QUEUE_URL", _redis_url),
+    "queue_consumer": ("QE_QUEUE_CONSUMER", str.strip),
+    "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
+    "ingest_batch_size": ("QE_INGEST_BATCH_SIZE", _int("QE_INGEST_BATCH_SIZE")),
+    "min_confidence": ("QE_MIN_CONFIDENCE", _float("QE_MIN_CONFIDENCE")),
+    "confidence_factor": ("QE_CONFIDENCE_FACTOR", _float("QE_CONFIDENCE_FACTOR", 0.0, None)),
+    "context_top_k": ("QE_CONTEXT_TOP_K", _int("QE_CONTEXT_TOP_K")),
+    "context_max_chars": ("QE_CONTEXT_MAX_CHARS", _int("QE_CONTEXT_MAX_CHARS")),
+    "instruction_language": (
+        "QE_INSTRUCTION_LANGUAGE",
+        _choice("QE_INSTRUCTION_LANGUAGE", INSTRUCTION_LANGUAGES),
+    ),
+    "validation_share": ("QE_VALIDATION_SHARE", _float("QE_VALIDATION_SHARE", 0.0, 0.5)),
+    "finetune_threshold": ("QE_FINETUNE_THRESHOLD", _int("QE_FINETUNE_THRESHOLD")),
+    "finetune_backend": (
+        "QE_FINETUNE_BACKEND",
+        _choice("QE_FINETUNE_BACKEND", FINETUNE_BACKENDS),
+    ),
+    "finetune_base_model": ("QE_FINETUNE_BASE_MODEL", str.strip),
+    "llm_model": ("QE_LLM_MODEL", str.strip),
+    "openai_base_url": ("OPENAI_BASE_URL", str.strip),
+}
+
+
+class Settings(BaseModel):
+    """Typed view of the `QE_*` environment; defaults follow CONTRACT §2.
+
+    Plain pydantic so producers (`qe_assets.capture`) can use it without importing Dagster; the
+    Dagster resource `PipelineSettings` inherits these fields, so the launchpad shows them too.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: str = "data"
+    duckdb_path: str | None = None
+    queue_url: str | None = None
+    queue_consumer: str = "default"
+    capture_threshold: float = 0.7
+    ingest_batch_size: int = 20_000
+    min_confidence: float = 0.6
+    confidence_factor: float = 1.5
+    context_top_k: int = 3
+    context_max_chars: int = 500
+    instruction_language: str = "auto"
+    validation_share: float = 0.1
+    finetune_threshold: int = 1000
+    finetune_backend: str = "none"
+    finetune_base_model: str = "gpt-4o-mini-2024-07-18"
+    llm_model: str | None = None
+    openai_base_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, (variable, parse) in ENVIRONMENT.items():
+            raw = env.get(variable)
+            if raw is not None and raw.strip():
+                values[name] = parse(raw)
+        return cls(**values)
+
+    def settings(self) -> Settings:
+        """The plain settings (also on the Dagster resource that inherits these fields)."""
+        return Settings(**{name: getattr(self, name) for name in Settings.model_fields})
+
+    @property
+    def database(self) -> Path:
+        return Path(self.duckdb_path) if self.duckdb_path else Path(self.data_dir) / "qe.duckdb"
+
+    @property
+    def inbox_dir(self) -> Path:
+        return Path(self.data_dir) / "inbox"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return Path(self.data_dir) / "datasets"
+
+    @property
+    def dagster_home(self) -> Path:
+        return Path(self.data_dir) / "dagster_home"
+
+    def documented(self) -> dict[str, str]:
+        """Variable name → value in effect, for `qe status` and manifests (holds no secrets)."""
+        return {variable: str(getattr(self, name)) for name, (variable, _) in ENVIRONMENT.items()}

@@ -1,0 +1,128 @@
+"""DuckDB schema and the few read/write helpers every stage shares.
+
+DuckDB allows one writing process per file, and while it holds the file no other process can open
+it, not even read-only. Writers therefore open a connection per short transaction and close it
+right after; readers (`qe sql`, the sensor) retry for a bounded, visible wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS raw_events_seq;
+CREATE TABLE IF NOT EXISTS raw_events (
+    request_id   VARCHAR PRIMARY KEY,
+    question     VARCHAR NOT NULL,
+    docs         STRUCT(id VARCHAR, content VARCHAR, score DOUBLE, meta VARCHAR)[] NOT NULL,
+    answer       VARCHAR NOT NULL,
+    evaluation   JSON NOT NULL,
+    score        DOUBLE NOT NULL,
+    labels       VARCHAR[] NOT NULL,
+    checks       JSON,
+    timestamp    TIMESTAMP NOT NULL,
+    extra        JSON,
+    fingerprint  VARCHAR NOT NULL,
+    source       VARCHAR NOT NULL,
+    ingested_at  TIMESTAMP NOT NULL,
+    -- Monotonic ingest order: downstream stages pick up new events by watermark, not by
+    -- anti-joining the whole history.
+    seq          BIGINT NOT NULL DEFAULT nextval('raw_events_seq')
+);
+CREATE TABLE IF NOT EXISTS rejected_events (
+    rejected_id  VARCHAR PRIMARY KEY,  -- sha256(source, payload): a replay after a crash is a no-op
+    source       VARCHAR NOT NULL,
+    payload      VARCHAR NOT NULL,
+    field        VARCHAR NOT NULL,
+    reason       VARCHAR NOT NULL,
+    request_id   VARCHAR,
+    rejected_at  TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
+INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
+"""
+
+TABLES = ("raw_events", "rejected_events")
+
+
+class DatabaseBusy(RuntimeError):
+    """The database stayed locked by a writer for longer than the caller was willing to wait."""
+
+
+def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(SCHEMA)
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "being used" in text
+
+
+@contextmanager
+def connect(
+    database: str | Path,
+    *,
+    read_only: bool = False,
+    wait_seconds: float = 60.0,
+    on_wait: Callable[[float], None] | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open DuckDB, waiting (bounded) while another process holds the file; always closes."""
+    path = Path(database)
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.02
+    while True:
+        try:
+            conn = duckdb.connect(str(path), read_only=read_only)
+            break
+        except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            if not _is_lock_error(exc):
+                raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DatabaseBusy(
+                    f"{path} stayed locked by another process for {wait_seconds:.0f}s: {exc}"
+                ) from exc
+            if on_wait is not None:
+                on_wait(remaining)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.5)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def table_counts(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    existing = {
+        row[0]
+        for row in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+        ).fetchall()
+    }
+    counts: dict[str, int] = {}
+    for table in TABLES:
+        if table in existing:
+            counts[table] = int(conn.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+        else:
+            counts[table] = 0
+    return counts
+
+
+def query_frame(
+    conn: duckdb.DuckDBPyConnection, query: str, params: dict | list | None = None
+) -> pl.DataFrame:
+    """Run a SELECT and return it as a Polars frame."""
+    relation = conn.sql(query, params=params)
+    if relation is None:
+        raise ValueError("query_frame needs a query that returns rows")
+    return relation.pl()

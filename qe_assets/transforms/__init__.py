@@ -1,0 +1,1 @@
+"""Pure Polars transforms: DataFrames in, DataFrames out; no Dagster, no I/O."""
