@@ -101,7 +101,11 @@ class QualityCapture:
     def capture_event(self, event: Mapping[str, Any]) -> CaptureResult:
         event = dict(event)
         score = (event.get("evaluation") or {}).get("score")
-        if isinstance(score, int | float) and not isinstance(score, bool) and score >= self.threshold:
+        if (
+            isinstance(score, int | float)
+            and not isinstance(score, bool)
+            and score >= self.threshold
+        ):
             return CaptureResult(CaptureStatus.SKIPPED)
         stamp = event.get("timestamp")
         if stamp is None:

@@ -86,7 +86,9 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
             _err(f"database busy with a writer, waiting up to {remaining:.0f}s ...")
             waited = True
 
-    with connect(settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait) as conn:
+    with connect(
+        settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait
+    ) as conn:
         try:
             frame = query_frame(conn, args.query)
         except duckdb.Error as exc:
@@ -94,7 +96,9 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from exc
     if args.format == "table":
-        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=160):
+        with pl.Config(
+            tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=160
+        ):
             print(frame)
         return EXIT_OK
     if args.format == "parquet" and not args.output:

@@ -260,13 +260,11 @@ def parse_records(
 def normalised_labels(labels: pl.Expr) -> pl.Expr:
     """Trim, lower-case, map Chinese aliases to the English names, drop blanks."""
     cleaned = pl.element().str.strip_chars().str.to_lowercase()
-    return labels.list.eval(
-        cleaned.replace(LABEL_ALIASES).filter(cleaned.str.len_chars() > 0)
-    )
+    return labels.list.eval(cleaned.replace(LABEL_ALIASES).filter(cleaned.str.len_chars() > 0))
 
 
 def primary_label(labels: pl.Expr) -> pl.Expr:
-    """The highest-priority known label of already normalised labels; else the first; else unspecified."""
+    """Highest-priority known label of normalised labels; else the first; else `unspecified`."""
     chain = pl.when(labels.list.contains(KNOWN_LABELS[0])).then(pl.lit(KNOWN_LABELS[0]))
     for label in KNOWN_LABELS[1:]:
         chain = chain.when(labels.list.contains(label)).then(pl.lit(label))

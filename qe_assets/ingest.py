@@ -28,7 +28,10 @@ _RAW_COLUMNS = (
     "request_id, question, docs, answer, evaluation, score, labels, checks, timestamp, extra, "
     "fingerprint, source"
 )
-CONFLICT_REASON = "request_id: conflicting duplicate (another event with this request_id and different content was ingested first)"
+CONFLICT_REASON = (
+    "request_id: conflicting duplicate (an event with this request_id and different content "
+    "was ingested first)"
+)
 
 
 @dataclass
@@ -65,7 +68,8 @@ def commit_batch(
     conn.register("batch_ids", ids)
     stored = query_frame(
         conn,
-        "SELECT r.request_id, r.fingerprint FROM raw_events r SEMI JOIN batch_ids USING (request_id)",
+        "SELECT r.request_id, r.fingerprint FROM raw_events r "
+        "SEMI JOIN batch_ids USING (request_id)",
     )
     classified = classify_events(events, stored)
     new_rows = classified.filter(pl.col("status") == NEW).drop("status")

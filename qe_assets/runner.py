@@ -56,9 +56,7 @@ def _summarise(result: dg.ExecuteInProcessResult) -> list[str]:
         if materialization is None:
             continue
         metadata = materialization.metadata
-        shown = [
-            f"{key}={metadata[key].value}" for key in SUMMARY_KEYS if key in metadata
-        ]
+        shown = [f"{key}={metadata[key].value}" for key in SUMMARY_KEYS if key in metadata]
         lines.append(f"{materialization.asset_key.to_user_string()}: {', '.join(shown)}")
     return lines
 

@@ -15,7 +15,11 @@ def make_event(request_id: str = "req-1", **overrides: Any) -> dict[str, Any]:
             {"id": "kb-2", "content": "Shipping takes 5 business days.", "score": 0.41},
         ],
         "answer": "You have 14 days.",
-        "evaluation": {"score": 0.35, "labels": ["factuality_error"], "checks": {"grounded": False}},
+        "evaluation": {
+            "score": 0.35,
+            "labels": ["factuality_error"],
+            "checks": {"grounded": False},
+        },
         "timestamp": "2026-11-01T08:00:00Z",
     }
     event.update(overrides)

@@ -67,11 +67,19 @@ BAD_INPUTS = [
     ("score > 1", line(make_event(evaluation={"score": 1.5})), "evaluation.score", "less than"),
     ("score < 0", line(make_event(evaluation={"score": -0.1})), "evaluation.score", "greater"),
     ("score string", line(make_event(evaluation={"score": "0.4"})), "evaluation.score", "number"),
-    ("score NaN", b'{"request_id":"n","question":"q","docs":[],"answer":"a",'
-     b'"evaluation":{"score":NaN}}', "evaluation.score", "finite"),
+    (
+        "score NaN",
+        b'{"request_id":"n","question":"q","docs":[],"answer":"a","evaluation":{"score":NaN}}',
+        "evaluation.score",
+        "finite",
+    ),
     ("score bool", line(make_event(evaluation={"score": True})), "evaluation.score", "number"),
-    ("labels not list", line(make_event(evaluation={"score": 0.1, "labels": "x"})),
-     "evaluation.labels", "valid array"),
+    (
+        "labels not list",
+        line(make_event(evaluation={"score": 0.1, "labels": "x"})),
+        "evaluation.labels",
+        "valid array",
+    ),
     ("docs not a list", line(make_event(docs={"id": "a"})), "docs", "valid array"),
     ("doc without content", line(make_event(docs=[{"id": "a"}])), "docs.0.content", "required"),
     ("missing docs", line(_without("docs")), "docs", "Field required"),
@@ -81,7 +89,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("case", "raw", "field", "words"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("case", "raw", "field", "words"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
 def test_each_rule_rejects_with_a_reason_naming_the_field(
     case: str, raw: bytes, field: str, words: str
 ) -> None:

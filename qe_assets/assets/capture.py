@@ -1,6 +1,5 @@
 """Stage 1, capture: the queue drained into raw_events, exactly once."""
 
-
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 

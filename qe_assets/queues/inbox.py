@@ -67,7 +67,11 @@ class FileInbox:
         if not self.root.exists():
             return []
         claimed = sorted(self.processing.glob("*.jsonl")) if self.processing.exists() else []
-        return claimed + sorted(p for p in self.root.glob("*.jsonl") if p.is_file())
+        # Dot-files are producers' temporary names (pathlib's glob would match them).
+        ready = sorted(
+            p for p in self.root.glob("*.jsonl") if not p.name.startswith(".") and p.is_file()
+        )
+        return claimed + ready
 
     def _claim(self, path: Path) -> Path | None:
         if path.parent == self.processing:
@@ -101,9 +105,7 @@ class FileInbox:
         line_no = 0
         with open(claimed, "rb") as fh:
             numbered = (
-                (n, line.rstrip(b"\r\n"))
-                for n, line in enumerate(fh, start=1)
-                if line.strip()
+                (n, line.rstrip(b"\r\n")) for n, line in enumerate(fh, start=1) if line.strip()
             )
             chunk = list(islice(numbered, max_records))
             while chunk:
@@ -112,7 +114,9 @@ class FileInbox:
                 sources = [f"inbox:{claimed.name}:{n}" for n, _ in chunk]
                 line_no = chunk[-1][0]
                 last = not following
-                yield Batch(records, sources, (lambda: self._archive(claimed)) if last else (lambda: None))
+                yield Batch(
+                    records, sources, (lambda: self._archive(claimed)) if last else (lambda: None)
+                )
                 chunk = following
         if line_no == 0:  # an empty file: nothing to commit, archive it straight away
             self._archive(claimed)

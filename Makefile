@@ -1,0 +1,59 @@
+# qe_assets — every target installs what it needs first; a fresh clone needs only python3 and make.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export QE_DATA_DIR ?= $(CURDIR)/data
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_EVENTS ?= 3000
+DEMO_SEED ?= 7
+PYTEST_ARGS ?=
+
+.PHONY: help install system-deps demo test test-fast lint format ui bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# pip's "Location ... is ignored" lines are noise from this machine's mirror config.
+	$(BIN)/pip install -q -e ".[test]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its test extras
+
+system-deps: ## install redis-server (apt) when it is missing
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server ..."; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+demo: install ## generate demo events into the inbox and run the whole graph offline
+	$(BIN)/python -m qe_assets.demo --count $(DEMO_EVENTS) --seed $(DEMO_SEED) --bad-share 0.01 \
+	  --out "$(QE_DATA_DIR)/inbox/demo-seed$(DEMO_SEED).jsonl"
+	$(BIN)/qe run --cut-version
+	$(BIN)/qe status
+
+test: install system-deps ## install everything the tests need and run the whole suite
+	$(BIN)/ruff check qe_assets qe_assets_tests
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the suite without slow-marked trials
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff check and format check
+	$(BIN)/ruff check qe_assets qe_assets_tests
+	$(BIN)/ruff format --check qe_assets qe_assets_tests
+
+format: install ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix qe_assets qe_assets_tests
+	$(BIN)/ruff format qe_assets qe_assets_tests
+
+ui: install ## dagster dev on 127.0.0.1 with DAGSTER_HOME under $(QE_DATA_DIR)
+	$(BIN)/qe ui
+
+clean: ## remove runtime state under data/ (keeps data/README.md)
+	find "$(QE_DATA_DIR)" -mindepth 1 ! -name README.md ! -name .gitkeep -delete

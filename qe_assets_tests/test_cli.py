@@ -1,0 +1,90 @@
+"""`qe` as users run it: a subprocess with environment variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qe_assets_tests.factories import line, make_event
+
+
+def qe(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "qe_assets.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"qe {args} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def test_enqueue_run_status_sql_round_trip(tmp_path: Path) -> None:
+    env = {"QE_DATA_DIR": str(tmp_path / "data")}
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(line(make_event(f"r{i}")) for i in range(12)) + b"\n{broken\n")
+
+    bad = qe("enqueue", str(events), env=env, check=False)
+    assert bad.returncode == 1
+    assert f"{events}:13: payload: Invalid JSON" in bad.stderr
+    assert "enqueued 12 records on the inbox queue; 1 invalid" in bad.stdout
+
+    run = qe("run", env=env)
+    assert "raw_events: new_rows=12" in run.stdout
+    status = qe("status", env=env)
+    assert "raw_events" in status.stdout and "12" in status.stdout
+    assert "queue (inbox): 0 pending" in status.stdout
+
+    table = qe("sql", "SELECT count(*) AS n FROM raw_events", env=env)
+    assert "12" in table.stdout
+    as_json = qe(
+        "sql", "SELECT request_id FROM raw_events ORDER BY 1 LIMIT 2", "--format", "json", env=env
+    )
+    assert [json.loads(r)["request_id"] for r in as_json.stdout.splitlines()] == ["r0", "r1"]
+    out = tmp_path / "ids.parquet"
+    qe("sql", "SELECT request_id FROM raw_events", "--format", "parquet", "-o", str(out), env=env)
+    assert out.stat().st_size > 0
+    # The Dagster run is recorded in the persistent instance the UI uses.
+    assert (tmp_path / "data" / "dagster_home" / "dagster.yaml").exists()
+
+
+def test_keep_invalid_forwards_bad_records_to_rejected_events(tmp_path: Path) -> None:
+    env = {"QE_DATA_DIR": str(tmp_path / "data")}
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(line(make_event("a")) + b"\n" + b"[1]\n")
+    assert qe("enqueue", "--keep-invalid", str(events), env=env).returncode == 0
+    qe("run", env=env)
+    out = qe("sql", "SELECT field, reason FROM rejected_events", "--format", "csv", env=env)
+    assert "expected a JSON object" in out.stdout
+
+
+def test_user_errors_have_exit_codes_and_no_traceback(tmp_path: Path) -> None:
+    env = {"QE_DATA_DIR": str(tmp_path / "data")}
+    missing_db = qe("sql", "SELECT 1", env=env, check=False)
+    assert missing_db.returncode == 2 and "qe run" in missing_db.stderr
+
+    qe("run", env=env)
+    bad_sql = qe("sql", "SELEC nonsense", env=env, check=False)
+    assert bad_sql.returncode == 1
+    assert "Traceback" not in bad_sql.stderr and "syntax error" in bad_sql.stderr
+
+    write = qe("sql", "DELETE FROM raw_events", env=env, check=False)
+    assert write.returncode == 1 and "read-only" in write.stderr.lower()
+
+    bad_config = qe("status", env={**env, "QE_CAPTURE_THRESHOLD": "high"}, check=False)
+    assert bad_config.returncode == 2
+    assert "QE_CAPTURE_THRESHOLD must be a number" in bad_config.stderr
+
+    no_file = qe("enqueue", str(tmp_path / "nope.jsonl"), env=env, check=False)
+    assert no_file.returncode == 2 and "no such file" in no_file.stderr
+
+
+def test_help_lists_every_command() -> None:
+    out = qe("--help", env={})
+    for command in ("enqueue", "run", "sql", "status", "ui"):
+        assert command in out.stdout

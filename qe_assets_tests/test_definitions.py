@@ -1,0 +1,53 @@
+"""The code location loads, and every asset is documented for the UI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from qe_assets.definitions import build_definitions
+from qe_assets.settings import Settings, SettingsError
+
+
+def test_definitions_load_and_every_asset_is_described(settings: Settings) -> None:
+    defs = build_definitions(settings)
+    repo = defs.get_repository_def()
+    assert repo.get_job("qe_pipeline")
+    for assets_def in repo.assets_defs_by_key.values():
+        for key in assets_def.keys:
+            spec = assets_def.specs_by_key[key]
+            assert spec.description, key
+            assert spec.group_name and spec.group_name != "default", key
+            assert spec.kinds, key
+
+
+def test_workspace_module_loads_with_dagster_cli(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        capture_output=True,
+        text=True,
+        env={"QE_DATA_DIR": str(tmp_path), "PATH": "", "HOME": str(tmp_path)},
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_bad_configuration_fails_at_load_with_the_variable_named() -> None:
+    with pytest.raises(SettingsError, match="QE_MIN_CONFIDENCE"):
+        Settings.from_env({"QE_MIN_CONFIDENCE": "1.7"})
+    with pytest.raises(SettingsError, match="QE_QUEUE_URL"):
+        Settings.from_env({"QE_QUEUE_URL": "localhost:6379"})
+    with pytest.raises(SettingsError, match="QE_FINETUNE_THRESHOLD must be an integer"):
+        Settings.from_env({"QE_FINETUNE_THRESHOLD": "lots"})
+
+
+def test_defaults_follow_the_contract() -> None:
+    s = Settings.from_env({})
+    assert (s.capture_threshold, s.min_confidence, s.finetune_threshold) == (0.7, 0.6, 1000)
+    assert s.finetune_backend == "none"
+    assert str(s.database) == "data/qe.duckdb"
+    assert str(Settings.from_env({"QE_DATA_DIR": "/x"}).database) == "/x/qe.duckdb"
+    assert str(Settings.from_env({"QE_DUCKDB_PATH": "/y/db.duckdb"}).database) == "/y/db.duckdb"
