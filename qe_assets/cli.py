@@ -116,6 +116,7 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.assets.dataset import ready_sample_count
     from qe_assets.queues import QueueUnavailable, open_queue
     from qe_assets.store import connect, table_counts
 
@@ -124,6 +125,25 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
             for table, count in table_counts(conn).items():
                 print(f"  {table:<18} {count:>10,}")
+            review = conn.execute(
+                "SELECT count(*) FROM annotated_samples s WHERE route = 'review' AND NOT EXISTS "
+                "(SELECT 1 FROM completions c WHERE c.sample_id = s.sample_id)"
+            ).fetchall()[0][0]
+            latest = conn.execute(
+                "SELECT version, sample_count, created_at FROM dataset_versions "
+                "ORDER BY number DESC LIMIT 1"
+            ).fetchall()
+            ready = ready_sample_count(conn)
+        print(f"review queue: {review:,} samples waiting for a human")
+        print(
+            f"pending samples: {ready:,} ready for the next version "
+            f"(fine-tune threshold {settings.finetune_threshold:,})"
+        )
+        if latest:
+            version, count, created = latest[0]
+            print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
+        else:
+            print("latest dataset: none yet")
     else:
         print("  (not created yet)")
     queue = open_queue(settings)

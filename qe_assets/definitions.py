@@ -4,28 +4,44 @@ from __future__ import annotations
 
 import dagster as dg
 
+from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
+from qe_assets.assets.complete import completions
+from qe_assets.assets.dataset import tuning_dataset
+from qe_assets.checks import DATASET_CHECKS
 from qe_assets.resources import build_resources
 from qe_assets.settings import Settings
 
 PIPELINE_JOB = "qe_pipeline"
+RELEASE_JOB = "qe_release"
+PROCESSING_ASSETS = [raw_events, annotated_samples, completions]
+RELEASE_ASSETS = [tuning_dataset]
+ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
+ASSET_CHECKS = [*DATASET_CHECKS]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """Definitions for the given settings (default: the environment), so tests and the CLI
     load exactly what the UI loads."""
     settings = settings or Settings.from_env()
-    assets = [raw_events]
+    # One process, one step at a time: DuckDB has a single writer per file.
     pipeline = dg.define_asset_job(
         PIPELINE_JOB,
-        selection=dg.AssetSelection.assets(*assets),
-        description="One pass of the loop: ingest the queue and process what is new.",
-        # One process, one step at a time: DuckDB has a single writer per file.
+        selection=dg.AssetSelection.assets(*PROCESSING_ASSETS),
+        description="Ingest the queue, annotate and complete what is new.",
+        executor_def=dg.in_process_executor,
+    )
+    release_job = dg.define_asset_job(
+        RELEASE_JOB,
+        selection=dg.AssetSelection.assets(*RELEASE_ASSETS)
+        | dg.AssetSelection.checks(*ASSET_CHECKS),
+        description="Cut the next dataset version from every ready sample.",
         executor_def=dg.in_process_executor,
     )
     return dg.Definitions(
-        assets=assets,
-        jobs=[pipeline],
+        assets=ASSETS,
+        asset_checks=ASSET_CHECKS,
+        jobs=[pipeline, release_job],
         resources=build_resources(settings),
     )
 

@@ -19,7 +19,7 @@ import polars as pl
 
 from qe_assets.events import parse_records
 from qe_assets.queues import EventQueue
-from qe_assets.store import ensure_schema, query_frame
+from qe_assets.store import ensure_schema, query_frame, transaction
 from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
 
 ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
@@ -84,8 +84,7 @@ def commit_batch(
 
     conn.register("new_rows", new_rows)
     conn.register("rejected_rows", rejected)
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(conn):
         conn.execute(
             f"INSERT INTO raw_events ({_RAW_COLUMNS}, ingested_at) "
             f"SELECT {_RAW_COLUMNS}, $ts FROM new_rows",
@@ -101,10 +100,6 @@ def commit_batch(
             """,
             {"ts": received_at},
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
     reasons = rejected.group_by("field").len()
     return IngestReport(

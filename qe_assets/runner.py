@@ -27,7 +27,16 @@ SUMMARY_KEYS = (
     "duplicates",
     "rejected",
     "queue_depth_left",
-    "total_rows",
+    "new_samples",
+    "new_train",
+    "new_review",
+    "new_duplicates",
+    "new_completions",
+    "version",
+    "samples",
+    "train",
+    "validation",
+    "jsonl_path",
 )
 
 
@@ -58,29 +67,58 @@ def _summarise(result: dg.ExecuteInProcessResult) -> list[str]:
         metadata = materialization.metadata
         shown = [f"{key}={metadata[key].value}" for key in SUMMARY_KEYS if key in metadata]
         lines.append(f"{materialization.asset_key.to_user_string()}: {', '.join(shown)}")
+    for evaluation in result.get_asset_check_evaluations():
+        verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
+        detail = f": {evaluation.description}" if evaluation.description else ""
+        lines.append(f"check {evaluation.check_name}: {verdict}{detail}")
     return lines
 
 
-def run_pipeline(
-    settings: Settings, *, cut_version: bool = False, instance: dg.DagsterInstance | None = None
-) -> RunOutcome:
-    from qe_assets.definitions import PIPELINE_JOB, build_definitions
-
-    defs = build_definitions(settings)
-    if instance is None:
-        instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
-    job = defs.resolve_job_def(PIPELINE_JOB)
-    result = job.execute_in_process(
+def _execute(
+    defs: dg.Definitions, job_name: str, instance: dg.DagsterInstance, outcome: RunOutcome
+) -> bool:
+    result = defs.resolve_job_def(job_name).execute_in_process(
         instance=instance,
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
     )
-    error = None
+    outcome.run_id = result.run_id
+    outcome.summary.extend(_summarise(result))
     if not result.success:
         failures = [
             e.step_failure_data.error.message.strip()
             for e in result.all_events
             if e.is_step_failure and e.step_failure_data and e.step_failure_data.error
         ]
-        error = "; ".join(failures) or "see the run's event log"
-    return RunOutcome(result.success, result.run_id, _summarise(result), error)
+        outcome.success = False
+        outcome.error = "; ".join(failures) or "see the run's event log"
+    return result.success
+
+
+def run_pipeline(
+    settings: Settings, *, cut_version: bool = False, instance: dg.DagsterInstance | None = None
+) -> RunOutcome:
+    """Ingest → annotate → complete; then, past the threshold or when asked, the release job
+    (the one the sensor launches)."""
+    from qe_assets.assets.dataset import ready_sample_count
+    from qe_assets.definitions import PIPELINE_JOB, RELEASE_JOB, build_definitions
+    from qe_assets.store import connect
+
+    defs = build_definitions(settings)
+    if instance is None:
+        instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    outcome = RunOutcome(success=True, run_id="")
+    if not _execute(defs, PIPELINE_JOB, instance, outcome):
+        return outcome
+    with connect(settings.database, read_only=True) as conn:
+        ready = ready_sample_count(conn)
+    if ready == 0:
+        outcome.summary.append("no sample ready for a new dataset version")
+    elif cut_version or ready >= settings.finetune_threshold:
+        _execute(defs, RELEASE_JOB, instance, outcome)
+    else:
+        outcome.summary.append(
+            f"{ready} samples ready, below the threshold of {settings.finetune_threshold}: "
+            "no version cut (use --cut-version to cut one now)"
+        )
+    return outcome

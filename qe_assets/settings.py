@@ -54,6 +54,18 @@ def _choice(name: str, options: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _bool(name: str) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+    return parse
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("redis://", "rediss://", "unix://")):
@@ -81,6 +93,20 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _choice("QE_INSTRUCTION_LANGUAGE", INSTRUCTION_LANGUAGES),
     ),
     "validation_share": ("QE_VALIDATION_SHARE", _float("QE_VALIDATION_SHARE", 0.0, 0.5)),
+    "chat_system_message": ("QE_CHAT_SYSTEM_MESSAGE", _bool("QE_CHAT_SYSTEM_MESSAGE")),
+    "chat_weight_threshold": (
+        "QE_CHAT_WEIGHT_THRESHOLD",
+        _float("QE_CHAT_WEIGHT_THRESHOLD"),
+    ),
+    "export_batch_size": ("QE_EXPORT_BATCH_SIZE", _int("QE_EXPORT_BATCH_SIZE")),
+    "max_label_share": ("QE_MAX_LABEL_SHARE", _float("QE_MAX_LABEL_SHARE")),
+    "max_unspecified_share": ("QE_MAX_UNSPECIFIED_SHARE", _float("QE_MAX_UNSPECIFIED_SHARE")),
+    "max_unknown_label_share": (
+        "QE_MAX_UNKNOWN_LABEL_SHARE",
+        _float("QE_MAX_UNKNOWN_LABEL_SHARE"),
+    ),
+    "max_label_drift": ("QE_MAX_LABEL_DRIFT", _float("QE_MAX_LABEL_DRIFT")),
+    "min_dataset_examples": ("QE_MIN_DATASET_EXAMPLES", _int("QE_MIN_DATASET_EXAMPLES")),
     "finetune_threshold": ("QE_FINETUNE_THRESHOLD", _int("QE_FINETUNE_THRESHOLD")),
     "finetune_backend": (
         "QE_FINETUNE_BACKEND",
@@ -113,6 +139,14 @@ class Settings(BaseModel):
     context_max_chars: int = 500
     instruction_language: str = "auto"
     validation_share: float = 0.1
+    chat_system_message: bool = True
+    chat_weight_threshold: float | None = None
+    export_batch_size: int = 50_000
+    max_label_share: float = 0.8
+    max_unspecified_share: float = 0.2
+    max_unknown_label_share: float = 0.1
+    max_label_drift: float = 0.3
+    min_dataset_examples: int = 10
     finetune_threshold: int = 1000
     finetune_backend: str = "none"
     finetune_base_model: str = "gpt-4o-mini-2024-07-18"
@@ -149,6 +183,6 @@ class Settings(BaseModel):
     def dagster_home(self) -> Path:
         return Path(self.data_dir) / "dagster_home"
 
-    def documented(self) -> dict[str, str]:
+    def documented(self) -> dict[str, Any]:
         """Variable name → value in effect, for `qe status` and manifests (holds no secrets)."""
-        return {variable: str(getattr(self, name)) for name, (variable, _) in ENVIRONMENT.items()}
+        return {variable: getattr(self, name) for name, (variable, _) in ENVIRONMENT.items()}

@@ -46,11 +46,83 @@ CREATE TABLE IF NOT EXISTS rejected_events (
     request_id   VARCHAR,
     rejected_at  TIMESTAMP NOT NULL
 );
+CREATE SEQUENCE IF NOT EXISTS annotated_samples_seq;
+CREATE TABLE IF NOT EXISTS annotated_samples (
+    sample_id        VARCHAR PRIMARY KEY,  -- request_id '#' primary label
+    request_id       VARCHAR NOT NULL,
+    event_seq        BIGINT NOT NULL,      -- raw_events.seq it came from
+    label            VARCHAR NOT NULL,
+    labels           VARCHAR[] NOT NULL,   -- every label, normalised
+    language         VARCHAR NOT NULL,     -- zh | en: the language of instruction and prefix
+    question         VARCHAR NOT NULL,
+    original_answer  VARCHAR NOT NULL,
+    context_docs     STRUCT(id VARCHAR, content VARCHAR, score DOUBLE, meta VARCHAR)[] NOT NULL,
+    instruction      VARCHAR NOT NULL,
+    prompt           VARCHAR NOT NULL,
+    score            DOUBLE NOT NULL,
+    confidence       DOUBLE NOT NULL,
+    route            VARCHAR NOT NULL,     -- train | review
+    route_reason     VARCHAR,
+    question_key     VARCHAR NOT NULL,     -- md5 of the normalised question: drives the split
+    dedup_key        VARCHAR NOT NULL,     -- md5 of normalised question + context + answer
+    duplicate_of     VARCHAR,              -- the sample kept for the same dedup_key
+    annotated_at     TIMESTAMP NOT NULL,
+    seq              BIGINT NOT NULL DEFAULT nextval('annotated_samples_seq')
+);
+CREATE SEQUENCE IF NOT EXISTS completions_seq;
+CREATE TABLE IF NOT EXISTS completions (
+    sample_id   VARCHAR PRIMARY KEY,
+    completion  VARCHAR,
+    mode        VARCHAR NOT NULL,          -- naive | llm | human
+    status      VARCHAR NOT NULL,          -- ok | failed | rejected
+    model       VARCHAR,
+    error       VARCHAR,
+    attempts    INTEGER NOT NULL,
+    created_at  TIMESTAMP NOT NULL,
+    updated_at  TIMESTAMP NOT NULL,
+    -- Renewed on every write: the dataset stage finds ready samples by watermark.
+    seq         BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dataset_versions (
+    version             VARCHAR PRIMARY KEY,  -- v001, v002, ...
+    number              INTEGER NOT NULL UNIQUE,
+    jsonl_path          VARCHAR NOT NULL,
+    chat_path           VARCHAR NOT NULL,
+    manifest_path       VARCHAR NOT NULL,
+    sample_count        INTEGER NOT NULL,
+    train_count         INTEGER NOT NULL,
+    validation_count    INTEGER NOT NULL,
+    sha256              VARCHAR NOT NULL,     -- of the JSONL file
+    chat_sha256         VARCHAR NOT NULL,
+    manifest_sha256     VARCHAR NOT NULL,
+    label_counts        JSON NOT NULL,
+    settings            JSON NOT NULL,
+    max_completion_seq  BIGINT NOT NULL,      -- watermark: completions up to here are exported
+    created_at          TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dataset_samples (
+    version    VARCHAR NOT NULL,
+    sample_id  VARCHAR NOT NULL,
+    split      VARCHAR NOT NULL,              -- train | validation
+    PRIMARY KEY (version, sample_id)
+);
+CREATE TABLE IF NOT EXISTS watermarks (
+    stage       VARCHAR PRIMARY KEY,
+    seq         BIGINT NOT NULL,
+    updated_at  TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
 """
 
-TABLES = ("raw_events", "rejected_events")
+TABLES = (
+    "raw_events",
+    "rejected_events",
+    "annotated_samples",
+    "completions",
+    "dataset_versions",
+    "dataset_samples",
+)
 
 
 class DatabaseBusy(RuntimeError):
@@ -126,3 +198,31 @@ def query_frame(
     if relation is None:
         raise ValueError("query_frame needs a query that returns rows")
     return relation.pl()
+
+
+def watermark(conn: duckdb.DuckDBPyConnection, stage: str) -> int:
+    """The last upstream `seq` a stage has consumed (0 before its first run)."""
+    rows = conn.execute("SELECT seq FROM watermarks WHERE stage = ?", [stage]).fetchall()
+    return int(rows[0][0]) if rows else 0
+
+
+def set_watermark(conn: duckdb.DuckDBPyConnection, stage: str, seq: int) -> None:
+    conn.execute(
+        """
+        INSERT INTO watermarks VALUES (?, ?, now()::TIMESTAMP)
+        ON CONFLICT (stage) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
+        """,
+        [stage, seq],
+    )
+
+
+@contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN … COMMIT, rolled back on any error (crashes roll back by themselves)."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -1,0 +1,235 @@
+"""Stage 4, export: every completed sample not yet in a version → the next immutable vNNN."""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+import duckdb
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+from qe_assets.assets.complete import completions
+from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
+from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
+from qe_assets.settings import Settings
+from qe_assets.store import query_frame, transaction
+from qe_assets.templates import load_templates
+from qe_assets.transforms.dataset import (
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+    assign_split,
+    chat_lines,
+    label_counts,
+    records,
+)
+
+# Ready = a completion that is ok, written after the last version's watermark, for a sample that
+# is not a duplicate and not in any version yet.
+_READY = """
+    FROM completions c JOIN annotated_samples s USING (sample_id)
+    WHERE c.seq > $low AND c.seq <= $high AND c.status = 'ok' AND c.completion IS NOT NULL
+      AND s.duplicate_of IS NULL
+      AND NOT EXISTS (SELECT 1 FROM dataset_samples d WHERE d.sample_id = c.sample_id)
+"""
+
+
+@dataclass(frozen=True)
+class VersionState:
+    committed: list[str]
+    next_number: int
+    low: int  # completions.seq already covered by committed versions
+    high: int  # newest completions.seq now
+
+
+def version_state(conn: duckdb.DuckDBPyConnection) -> VersionState:
+    committed = [r[0] for r in conn.execute("SELECT version FROM dataset_versions").fetchall()]
+    ((number, low),) = conn.execute(
+        "SELECT coalesce(max(number), 0), coalesce(max(max_completion_seq), 0) "
+        "FROM dataset_versions"
+    ).fetchall()
+    ((high,),) = conn.execute("SELECT coalesce(max(seq), 0) FROM completions").fetchall()
+    return VersionState(committed, int(number) + 1, int(low), int(high))
+
+
+def ready_sample_count(conn: duckdb.DuckDBPyConnection) -> int:
+    """Samples the next version would take: what the fine-tune sensor compares to its threshold."""
+    state = version_state(conn)
+    ((count,),) = conn.execute(
+        f"SELECT count(*) {_READY}", {"low": state.low, "high": state.high}
+    ).fetchall()
+    return int(count)
+
+
+def _ready_batches(
+    duckdb_resource: DuckDBResource, state: VersionState, batch_size: int
+) -> Iterator[pl.DataFrame]:
+    """Ready samples in completion order, a bounded batch per short-lived connection."""
+    low = state.low
+    while True:
+        with duckdb_writer(duckdb_resource) as conn:
+            batch = query_frame(
+                conn,
+                f"""
+                SELECT c.seq AS completion_seq, c.sample_id, s.prompt, c.completion, s.label,
+                       s.confidence, s.score, s.language, s.question_key, c.mode
+                {_READY}
+                ORDER BY c.seq LIMIT $limit
+                """,
+                {"low": low, "high": state.high, "limit": batch_size},
+            )
+        if batch.is_empty():
+            return
+        yield batch
+        low = int(batch["completion_seq"].max())
+
+
+def _manifest(
+    version: str,
+    settings: Settings,
+    labels: dict[str, int],
+    modes: dict[str, int],
+    splits: dict[str, int],
+    seq_range: tuple[int, int],
+) -> dict[str, Any]:
+    total = sum(labels.values())
+    return {
+        "dataset": "rag_quality_tuning",
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "counts": {
+            "samples": total,
+            **{k: splits.get(k, 0) for k in (TRAIN_SPLIT, VALIDATION_SPLIT)},
+        },
+        "label_counts": labels,
+        "completion_modes": modes,
+        "split": {
+            "method": "md5(normalised question) bucket; a question is always on the same side",
+            "validation_share": settings.validation_share,
+            TRAIN_SPLIT: splits.get(TRAIN_SPLIT, 0),
+            VALIDATION_SPLIT: splits.get(VALIDATION_SPLIT, 0),
+        },
+        "chat_format": {
+            "system_message": settings.chat_system_message,
+            "weight_threshold": settings.chat_weight_threshold,
+        },
+        "completion_seq_range": list(seq_range),
+        "settings": settings.documented(),
+    }
+
+
+def cut_version(duckdb_resource: DuckDBResource, settings: Settings) -> dict[str, Any] | None:
+    """Write and commit the next version; None when no sample is ready."""
+    with duckdb_writer(duckdb_resource) as conn:
+        state = version_state(conn)
+    version = version_name(state.next_number)
+    directory = settings.datasets_dir
+    remove_uncommitted(directory, state.committed)
+    templates = load_templates()
+    labels: dict[str, int] = {}
+    modes: dict[str, int] = {}
+    members: list[pl.DataFrame] = []
+    last_seq = state.low
+    with VersionWriter(directory, version) as writer:
+        for batch in _ready_batches(duckdb_resource, state, settings.export_batch_size):
+            batch = assign_split(batch, settings.validation_share)
+            writer.write(
+                records(batch),
+                chat_lines(
+                    batch,
+                    templates,
+                    system_message=settings.chat_system_message,
+                    weight_threshold=settings.chat_weight_threshold,
+                ),
+            )
+            for name, count in label_counts(batch).items():
+                labels[name] = labels.get(name, 0) + count
+            for mode, count in batch.group_by("mode").len().iter_rows():
+                modes[mode] = modes.get(mode, 0) + count
+            members.append(batch.select("sample_id", "split"))
+            last_seq = int(batch["completion_seq"].max())
+        if not members:
+            return None
+        samples = pl.concat(members)
+        splits = dict(samples.group_by("split").len().iter_rows())
+        labels = dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))
+        manifest = writer.publish(
+            _manifest(version, settings, labels, modes, splits, (state.low, last_seq))
+        )
+    files = VersionFiles.at(directory, version)
+    with duckdb_writer(duckdb_resource) as conn:
+        conn.register("version_samples", samples)
+        with transaction(conn):
+            conn.execute(
+                "INSERT INTO dataset_versions VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                [
+                    version,
+                    state.next_number,
+                    str(files.jsonl),
+                    str(files.chat),
+                    str(files.manifest),
+                    samples.height,
+                    splits.get(TRAIN_SPLIT, 0),
+                    splits.get(VALIDATION_SPLIT, 0),
+                    manifest["files"]["jsonl"]["sha256"],
+                    manifest["files"]["chat"]["sha256"],
+                    manifest["files"]["manifest"]["sha256"],
+                    json.dumps(labels, ensure_ascii=False),
+                    json.dumps(manifest["settings"], ensure_ascii=False),
+                    last_seq,
+                ],
+            )
+            conn.execute(
+                "INSERT INTO dataset_samples SELECT ?, sample_id, split FROM version_samples",
+                [version],
+            )
+    return manifest
+
+
+@dg.asset(
+    deps=[completions],
+    group_name="export",
+    kinds={"duckdb", "polars", "file"},
+    pool=WRITER_POOL,
+    output_required=False,
+    description=(
+        "The next immutable dataset version `rag_quality_tuning_vNNN`: every completed sample "
+        "not yet in a version, as the seed's JSONL record, the OpenAI chat format and a manifest "
+        "(counts, label counts, sha256 per file, split, settings). Train/validation split by a "
+        "hash of the normalised question. Materializes nothing when no sample is ready."
+    ),
+)
+def tuning_dataset(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+) -> Iterator[dg.MaterializeResult]:
+    manifest = cut_version(duckdb, settings)
+    if manifest is None:
+        context.log.info("no completed sample is waiting for a version; nothing to cut")
+        return
+    total = manifest["counts"]["samples"]
+    files = VersionFiles.at(settings.datasets_dir, manifest["version"])
+    share_rows = "\n".join(
+        f"| {label} | {count} | {count / total:.1%} |"
+        for label, count in manifest["label_counts"].items()
+    )
+    metadata: dict[str, dg.RawMetadataValue] = {
+        "version": manifest["version"],
+        "samples": total,
+        "train": manifest["counts"][TRAIN_SPLIT],
+        "validation": manifest["counts"][VALIDATION_SPLIT],
+        "jsonl_path": dg.MetadataValue.path(str(files.jsonl)),
+        "chat_path": dg.MetadataValue.path(str(files.chat)),
+        "manifest_path": dg.MetadataValue.path(str(files.manifest)),
+        "jsonl_sha256": manifest["files"]["jsonl"]["sha256"],
+        "label_counts": dg.MetadataValue.json(manifest["label_counts"]),
+        "label_share": dg.MetadataValue.md(
+            "| label | samples | share |\n|---|---:|---:|\n" + share_rows
+        ),
+        "dagster/row_count": total,
+    }
+    for label, count in manifest["label_counts"].items():
+        metadata[f"label_share/{label}"] = round(count / total, 4)
+    yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(manifest["version"]))

@@ -1,0 +1,196 @@
+"""Asset checks on the newest dataset version: format (blocking), leakage (blocking), label
+distribution and drift (warnings)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+from qe_assets.assets.dataset import tuning_dataset
+from qe_assets.resources import PipelineSettings, duckdb_writer
+from qe_assets.transforms.validation import (
+    LabelBounds,
+    chat_format_problems,
+    label_share_problems,
+    label_shares,
+    record_problems,
+    total_variation,
+)
+
+
+@dataclass(frozen=True)
+class LatestVersion:
+    version: str
+    jsonl_path: Path
+    chat_path: Path
+    label_counts: dict[str, int]
+    previous_label_counts: dict[str, int] | None
+
+
+def latest_version(conn: duckdb.DuckDBPyConnection) -> LatestVersion | None:
+    rows = conn.execute(
+        "SELECT version, jsonl_path, chat_path, label_counts FROM dataset_versions "
+        "ORDER BY number DESC LIMIT 2"
+    ).fetchall()
+    if not rows:
+        return None
+    version, jsonl, chat, counts = rows[0]
+    previous = json.loads(rows[1][3]) if len(rows) > 1 else None
+    return LatestVersion(version, Path(jsonl), Path(chat), json.loads(counts), previous)
+
+
+def _no_version() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=True, metadata={"version": "none yet"})
+
+
+def _read_lines(path: Path) -> tuple[pl.DataFrame | None, str | None]:
+    try:
+        return pl.read_ndjson(path, infer_schema_length=None), None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        return None, f"{path.name} is not readable as JSON lines: {exc}"
+
+
+def _result(
+    version: str, problems: list[str], severity: dg.AssetCheckSeverity, **extra: object
+) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=not problems,
+        severity=severity,
+        description="; ".join(problems) if problems else None,
+        metadata={"version": version, "problems": len(problems), **extra},
+    )
+
+
+@dg.asset_check(
+    asset=tuning_dataset,
+    blocking=True,
+    description=(
+        "Blocking: every line of the chat file follows the OpenAI chat fine-tuning format, and "
+        "the JSONL records have enough examples, no empty prompt or completion, and a "
+        "confidence in [0, 1]."
+    ),
+)
+def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        latest = latest_version(conn)
+    if latest is None:
+        return _no_version()
+    problems: list[str] = []
+    chat, error = _read_lines(latest.chat_path)
+    problems += [error] if error else chat_format_problems(chat)
+    records, error = _read_lines(latest.jsonl_path)
+    problems += [error] if error else record_problems(records, settings.min_dataset_examples)
+    examples = 0 if records is None else records.height
+    return _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, examples=examples)
+
+
+@dg.asset_check(
+    asset=tuning_dataset,
+    blocking=True,
+    description=(
+        "Blocking: no sample of the newest version is in an earlier version, and no question "
+        "is on the train side in one place and the validation side in another."
+    ),
+)
+def dataset_no_leakage(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        latest = latest_version(conn)
+        if latest is None:
+            return _no_version()
+        ((repeated,),) = conn.execute(
+            """
+            SELECT count(*) FROM dataset_samples a JOIN dataset_samples b USING (sample_id)
+            WHERE a.version = ? AND b.version <> ?
+            """,
+            [latest.version, latest.version],
+        ).fetchall()
+        ((crossing,),) = conn.execute(
+            """
+            WITH mine AS (
+                SELECT DISTINCT s.question_key FROM dataset_samples d
+                JOIN annotated_samples s USING (sample_id) WHERE d.version = ?
+            )
+            SELECT count(*) FROM (
+                SELECT s.question_key FROM dataset_samples d
+                JOIN annotated_samples s USING (sample_id)
+                SEMI JOIN mine USING (question_key)
+                GROUP BY 1 HAVING count(DISTINCT d.split) > 1
+            )
+            """,
+            [latest.version],
+        ).fetchall()
+    problems = []
+    if repeated:
+        problems.append(f"{repeated} samples are already in an earlier version")
+    if crossing:
+        problems.append(f"{crossing} questions appear in both train and validation")
+    return _result(
+        latest.version,
+        problems,
+        dg.AssetCheckSeverity.ERROR,
+        samples_in_other_versions=int(repeated),
+        questions_in_both_splits=int(crossing),
+    )
+
+
+@dg.asset_check(
+    asset=tuning_dataset,
+    description=(
+        "Label distribution of the newest version within bounds: no label above "
+        "QE_MAX_LABEL_SHARE, `unspecified` at most QE_MAX_UNSPECIFIED_SHARE, labels outside the "
+        "known four at most QE_MAX_UNKNOWN_LABEL_SHARE. A warning: the data is valid, but the "
+        "evaluator or the traffic may have changed."
+    ),
+)
+def label_distribution(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        latest = latest_version(conn)
+    if latest is None:
+        return _no_version()
+    bounds = LabelBounds(
+        settings.max_label_share, settings.max_unspecified_share, settings.max_unknown_label_share
+    )
+    shares = {k: round(v, 4) for k, v in label_shares(latest.label_counts).items()}
+    return _result(
+        latest.version,
+        label_share_problems(latest.label_counts, bounds),
+        dg.AssetCheckSeverity.WARN,
+        label_shares=dg.MetadataValue.json(shares),
+    )
+
+
+@dg.asset_check(
+    asset=tuning_dataset,
+    description=(
+        "Label drift against the previous version: total variation distance of the label "
+        "shares at most QE_MAX_LABEL_DRIFT (a warning)."
+    ),
+)
+def label_drift(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        latest = latest_version(conn)
+    if latest is None:
+        return _no_version()
+    if latest.previous_label_counts is None:
+        return dg.AssetCheckResult(
+            passed=True, metadata={"version": latest.version, "previous": "none"}
+        )
+    distance = total_variation(latest.previous_label_counts, latest.label_counts)
+    problems = (
+        [f"label shares moved by {distance:.3f} (bound {settings.max_label_drift})"]
+        if distance > settings.max_label_drift
+        else []
+    )
+    return _result(
+        latest.version,
+        problems,
+        dg.AssetCheckSeverity.WARN,
+        total_variation_distance=round(distance, 4),
+    )
+
+
+DATASET_CHECKS = [dataset_format_valid, dataset_no_leakage, label_distribution, label_drift]

@@ -1,0 +1,169 @@
+"""Stage 2, annotate: raw events → sample skeletons with label, context, instruction, prompt,
+confidence and route. Pure Polars; the asset adds keys (hashes) and writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from qe_assets.events import normalised_labels, primary_label
+from qe_assets.templates import Templates
+
+TRAIN, REVIEW = "train", "review"
+# Any Han character marks the question as Chinese; everything else is answered in English.
+_HAN = r"\p{Han}"
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    top_k: int = 3
+    max_chars: int = 500
+    confidence_factor: float = 1.5
+    min_confidence: float = 0.6
+    language: str = "auto"  # auto | zh | en
+
+
+def detect_language(text: pl.Expr) -> pl.Expr:
+    return pl.when(text.str.contains(_HAN)).then(pl.lit("zh")).otherwise(pl.lit("en"))
+
+
+def normalise_text(text: pl.Expr) -> pl.Expr:
+    """Case- and whitespace-insensitive form used for duplicate detection and the split."""
+    return text.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def select_context(docs: pl.Expr, top_k: int, max_chars: int) -> pl.Expr:
+    """Top-k documents by score (missing = 0), ties kept in retrieval order, content truncated."""
+    element = pl.element()
+    return docs.list.eval(
+        element.sort_by(
+            element.struct.field("score").fill_null(0.0), descending=True, maintain_order=True
+        )
+        .head(top_k)
+        .struct.with_fields(pl.field("content").str.slice(0, max_chars))
+    )
+
+
+def build_prompts(frame: pl.DataFrame, templates: Templates) -> pl.DataFrame:
+    """prompt = numbered context block, instruction, question heading and question (seed §4.1)."""
+    headings = templates.per_language().select("language", "document", "question_heading")
+    blocks = (
+        frame.select("sample_id", "language", "context_docs")
+        .join(headings.select("language", "document"), on="language", how="left")
+        .explode("context_docs")
+        .drop_nulls("context_docs")
+        .with_columns(position=pl.int_range(pl.len()).over("sample_id") + 1)
+        .group_by("sample_id", maintain_order=True)
+        .agg(
+            pl.concat_str(
+                pl.col("document").str.replace(
+                    "{n}", pl.col("position").cast(pl.String), literal=True
+                ),
+                pl.lit(" "),
+                pl.col("context_docs").struct.field("content"),
+            )
+            .str.join("\n")
+            .alias("context_block")
+        )
+    )
+    return (
+        frame.join(blocks, on="sample_id", how="left", maintain_order="left")
+        .join(headings.drop("document"), on="language", how="left", maintain_order="left")
+        .with_columns(
+            prompt=pl.concat_str(
+                [
+                    (pl.col("context_block") + "\n\n").fill_null(""),
+                    pl.col("instruction"),
+                    pl.lit("\n\n"),
+                    pl.col("question_heading"),
+                    pl.lit("\n"),
+                    pl.col("question"),
+                ]
+            )
+        )
+        .drop("context_block", "question_heading")
+    )
+
+
+def annotate_events(
+    raw: pl.DataFrame, config: AnnotateConfig, templates: Templates
+) -> pl.DataFrame:
+    """One sample per event (its primary label).
+
+    Needs request_id, seq, question, docs, answer, score, labels. The route is `review` when the
+    confidence is under the gate: such samples wait for a human instead of being dropped, and
+    every event is annotated either way, so nothing stays pending forever.
+    """
+    language = (
+        detect_language(pl.col("question"))
+        if config.language == "auto"
+        else pl.lit(config.language)
+    )
+    # Rounded so that equal inputs give equal, readable confidences in files and checks.
+    confidence = pl.min_horizontal(pl.lit(1.0), pl.col("score") * config.confidence_factor).round(6)
+    frame = raw.select(
+        pl.col("request_id"),
+        pl.col("seq").alias("event_seq"),
+        pl.col("question"),
+        pl.col("answer").alias("original_answer"),
+        pl.col("score"),
+        normalised_labels(pl.col("labels")).alias("labels"),
+        language.alias("language"),
+        select_context(pl.col("docs"), config.top_k, config.max_chars).alias("context_docs"),
+        confidence.alias("confidence"),
+    ).with_columns(
+        label=primary_label(pl.col("labels")),
+        question_norm=normalise_text(pl.col("question")),
+    )
+    frame = frame.with_columns(
+        # Readable and deterministic; the separator cannot occur in a label.
+        sample_id=pl.concat_str([pl.col("request_id"), pl.lit("#"), pl.col("label")]),
+        route=pl.when(pl.col("confidence") >= config.min_confidence)
+        .then(pl.lit(TRAIN))
+        .otherwise(pl.lit(REVIEW)),
+        route_reason=pl.when(pl.col("confidence") >= config.min_confidence)
+        .then(pl.lit(None, dtype=pl.String))
+        .otherwise(
+            pl.format(
+                "confidence {} below gate {}",
+                pl.col("confidence").round(3),
+                pl.lit(config.min_confidence),
+            )
+        ),
+        # What makes two samples the same training example.
+        dedup_text=pl.concat_str(
+            [
+                pl.col("question_norm"),
+                pl.col("context_docs")
+                .list.eval(normalise_text(pl.element().struct.field("content")))
+                .list.join("\u241e"),
+                normalise_text(pl.col("original_answer")),
+            ],
+            separator="\u241f",
+        ),
+    )
+    frame = templates.attach(frame, "instructions", "instruction")
+    return build_prompts(frame, templates)
+
+
+def mark_duplicates(samples: pl.DataFrame, kept: pl.DataFrame) -> pl.DataFrame:
+    """Set `duplicate_of` to the sample kept for the same `dedup_key`.
+
+    `kept` holds (dedup_key, sample_id) of earlier samples that were kept. Within the batch the
+    first occurrence is kept. Needs sample_id and dedup_key on `samples`, in arrival order.
+    """
+    earlier = kept.select("dedup_key", pl.col("sample_id").alias("_earlier"))
+    return (
+        samples.join(earlier, on="dedup_key", how="left", maintain_order="left")
+        .with_columns(
+            duplicate_of=pl.coalesce(
+                "_earlier",
+                pl.when(~pl.col("dedup_key").is_first_distinct()).then(
+                    pl.col("sample_id").first().over("dedup_key")
+                ),
+            )
+        )
+        .drop("_earlier")
+    )

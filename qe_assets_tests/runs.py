@@ -1,0 +1,48 @@
+"""Run the real Definitions in process against a test's settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from qe_assets.definitions import ASSET_CHECKS, ASSETS
+from qe_assets.resources import build_resources
+from qe_assets.settings import Settings
+from qe_assets.store import connect
+
+
+def materialize(
+    settings: Settings,
+    selection: str | dg.AssetSelection | None = None,
+    instance: dg.DagsterInstance | None = None,
+    raise_on_error: bool = True,
+) -> dg.ExecuteInProcessResult:
+    """All assets and checks of the code location (or a selection), as the UI would run them."""
+    return dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        selection=selection,
+        resources=build_resources(settings),
+        instance=instance,
+        raise_on_error=raise_on_error,
+    )
+
+
+def metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+    events = [
+        e.materialization
+        for e in result.get_asset_materialization_events()
+        if e.materialization.asset_key == dg.AssetKey(asset)
+    ]
+    if not events:
+        return {}
+    return {k: v.value for k, v in events[-1].metadata.items()}
+
+
+def checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def scalar(settings: Settings, query: str, params: list | None = None) -> Any:
+    with connect(settings.database, read_only=True) as conn:
+        return conn.execute(query, params or []).fetchall()[0][0]

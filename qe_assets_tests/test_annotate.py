@@ -1,0 +1,136 @@
+"""Golden tests of the annotate transform on hand-written events."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from qe_assets.events import parse_records
+from qe_assets.templates import load_templates
+from qe_assets.transforms.annotate import (
+    REVIEW,
+    TRAIN,
+    AnnotateConfig,
+    annotate_events,
+    mark_duplicates,
+    select_context,
+)
+from qe_assets_tests.factories import line, make_event
+
+
+def annotate(*events: dict, config: AnnotateConfig | None = None) -> pl.DataFrame:
+    parsed = parse_records([line(e) for e in events], [f"t:{i}" for i in range(len(events))])
+    raw = parsed.events.with_row_index("seq", offset=1).with_columns(pl.col("seq").cast(pl.Int64))
+    return annotate_events(raw, config or AnnotateConfig(), load_templates())
+
+
+ZH_EVENT = make_event(
+    "zh-1",
+    question="年假可以结转到明年吗?",
+    docs=[
+        {"id": "a", "content": "年假最多结转五天。", "score": 0.31},
+        {"id": "b", "content": "病假需要医院证明。"},  # no score: ranks as 0
+        {"id": "c", "content": "结转的年假须在三月底前用完。", "score": 0.92},
+        {"id": "d", "content": "加班可以调休。", "score": 0.31},
+    ],
+    answer="不可以结转。",
+    evaluation={"score": 0.3, "labels": ["相关性低", "事实性错误"]},
+)
+
+
+def test_chinese_event_golden() -> None:
+    row = annotate(ZH_EVENT).row(0, named=True)
+    assert row["sample_id"] == "zh-1#factuality_error"
+    assert row["label"] == "factuality_error"
+    assert row["labels"] == ["low_relevance", "factuality_error"]
+    assert row["language"] == "zh"
+    # Top 3 by score; the tie at 0.31 keeps retrieval order (a before d).
+    assert [d["id"] for d in row["context_docs"]] == ["c", "a", "d"]
+    assert row["confidence"] == pytest.approx(0.45)
+    assert row["route"] == REVIEW
+    assert row["route_reason"] == "confidence 0.45 below gate 0.6"
+    instruction = load_templates().instructions["zh"]["factuality_error"]
+    assert row["instruction"] == instruction
+    assert row["prompt"] == (
+        "[资料1] 结转的年假须在三月底前用完。\n"
+        "[资料2] 年假最多结转五天。\n"
+        "[资料3] 加班可以调休。\n\n"
+        f"{instruction}\n\n"
+        "# 问题\n年假可以结转到明年吗?"
+    )
+
+
+def test_english_event_golden_with_truncation_and_train_route() -> None:
+    event = make_event(
+        "en-1",
+        docs=[{"id": "long", "content": "x" * 800, "score": 0.5}],
+        evaluation={"score": 0.5, "labels": [" Overconfidence "]},
+    )
+    row = annotate(event).row(0, named=True)
+    assert (row["label"], row["language"], row["route"]) == ("overconfidence", "en", TRAIN)
+    assert row["confidence"] == pytest.approx(0.75)
+    assert row["route_reason"] is None
+    assert len(row["context_docs"][0]["content"]) == 500
+    instruction = load_templates().instructions["en"]["overconfidence"]
+    assert row["prompt"] == (
+        f"[Document 1] {'x' * 500}\n\n{instruction}\n\n"
+        "# Question\nHow many days do I have to request a refund?"
+    )
+
+
+def test_confidence_is_capped_and_gate_is_inclusive() -> None:
+    high = annotate(make_event("h", evaluation={"score": 0.9})).row(0, named=True)
+    assert high["confidence"] == 1.0
+    gate = annotate(make_event("g", evaluation={"score": 0.4})).row(0, named=True)
+    assert gate["confidence"] == pytest.approx(0.6) and gate["route"] == TRAIN
+
+
+def test_unknown_and_missing_labels_and_no_docs() -> None:
+    frame = annotate(
+        make_event("u", evaluation={"score": 0.5, "labels": ["Format_Error", "style"]}),
+        make_event("n", docs=[], evaluation={"score": 0.5}),
+    )
+    unknown, none = frame.rows(named=True)
+    assert unknown["label"] == "format_error"
+    assert unknown["instruction"] == load_templates().instructions["en"]["default"]
+    assert none["label"] == "unspecified" and none["sample_id"] == "n#unspecified"
+    assert none["prompt"].startswith(load_templates().instructions["en"]["default"])
+
+
+def test_settings_change_k_truncation_factor_gate_and_language() -> None:
+    config = AnnotateConfig(
+        top_k=1, max_chars=4, confidence_factor=2.0, min_confidence=0.5, language="en"
+    )
+    row = annotate(ZH_EVENT, config=config).row(0, named=True)
+    assert [d["content"] for d in row["context_docs"]] == ["结转的年"]
+    assert row["confidence"] == pytest.approx(0.6) and row["route"] == TRAIN
+    assert row["language"] == "en" and row["prompt"].startswith("[Document 1] 结转的年")
+
+
+def test_select_context_handles_empty_and_null_scores() -> None:
+    frame = pl.DataFrame(
+        {"docs": [[], [{"id": "a", "content": "A", "score": None}]]},
+        schema={
+            "docs": pl.List(pl.Struct({"id": pl.String, "content": pl.String, "score": pl.Float64}))
+        },
+    )
+    out = frame.select(select_context(pl.col("docs"), 3, 10)).to_series().to_list()
+    assert out[0] == [] and out[1][0]["id"] == "a"
+
+
+def test_duplicates_within_batch_and_against_history() -> None:
+    samples = pl.DataFrame(
+        {"sample_id": ["s1", "s2", "s3", "s4"], "dedup_key": ["k", "k", "m", "old"]}
+    )
+    kept = pl.DataFrame({"dedup_key": ["old"], "sample_id": ["s0"]})
+    marked = mark_duplicates(samples, kept)
+    assert marked["duplicate_of"].to_list() == [None, "s1", None, "s0"]
+
+
+def test_dedup_text_ignores_case_and_whitespace_but_not_content() -> None:
+    a = make_event("a", question="How  many days?", answer="Two.")
+    b = make_event("b", question="how many DAYS? ", answer="two.")
+    c = make_event("c", question="How many days?", answer="Three.")
+    frame = annotate(a, b, c)
+    texts = frame["dedup_text"].to_list()
+    assert texts[0] == texts[1] != texts[2]
