@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
 import duckdb
+import openai
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.queues import EventQueue, FileInbox, open_queue
@@ -42,9 +45,52 @@ def duckdb_writer(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnectio
             conn.close()
 
 
-def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+class OpenAIResource(dg.ConfigurableResource):
+    """Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, llama.cpp server, ...).
+
+    The key is an `EnvVar` reference: Dagster resolves it at run time and shows only the variable
+    name in the UI; nothing here logs or stores its value.
+    """
+
+    api_key: str | None = None
+    base_url: str | None = None
+    timeout_seconds: float = 60.0
+    max_retries: int = 4
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_key)
+
+    def _options(self) -> dict[str, Any]:
+        if not self.api_key:
+            raise dg.Failure(
+                "OPENAI_API_KEY is not set: export it (and OPENAI_BASE_URL for a "
+                "non-OpenAI endpoint) to use the LLM or the openai fine-tune backend"
+            )
+        return {
+            "api_key": self.api_key,
+            "base_url": self.base_url,
+            "timeout": self.timeout_seconds,
+            "max_retries": self.max_retries,
+        }
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(**self._options())
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(**self._options())
+
+
+def build_resources(settings: Settings) -> dict[str, Any]:
     settings.database.parent.mkdir(parents=True, exist_ok=True)
     return {
         "duckdb": DuckDBResource(database=str(settings.database)),
         "settings": PipelineSettings(**settings.model_dump()),
+        "openai": OpenAIResource(
+            # Only a reference when the variable is set, so an offline setup loads without it.
+            api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,
+            base_url=settings.openai_base_url,
+            timeout_seconds=settings.llm_timeout_seconds,
+            max_retries=settings.llm_max_retries,
+        ),
     }

@@ -6,6 +6,7 @@ with the name of the variable to fix instead of deep inside a run.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -66,6 +67,19 @@ def _bool(name: str) -> Callable[[str], bool]:
     return parse
 
 
+def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
+    def parse(raw: str) -> dict[str, Any]:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a JSON object, got {raw!r}") from None
+        if not isinstance(value, dict):
+            raise SettingsError(f"{name} must be a JSON object, got {raw!r}")
+        return value
+
+    return parse
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("redis://", "rediss://", "unix://")):
@@ -113,8 +127,39 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _choice("QE_FINETUNE_BACKEND", FINETUNE_BACKENDS),
     ),
     "finetune_base_model": ("QE_FINETUNE_BASE_MODEL", str.strip),
+    "finetune_suffix": ("QE_FINETUNE_SUFFIX", str.strip),
+    "finetune_hyperparameters": (
+        "QE_FINETUNE_HYPERPARAMETERS",
+        _json_object("QE_FINETUNE_HYPERPARAMETERS"),
+    ),
+    "finetune_command": ("QE_FINETUNE_COMMAND", str.strip),
+    "finetune_poll_seconds": (
+        "QE_FINETUNE_POLL_SECONDS",
+        _float("QE_FINETUNE_POLL_SECONDS", 0.0, None),
+    ),
+    "finetune_deadline_seconds": (
+        "QE_FINETUNE_DEADLINE_SECONDS",
+        _float("QE_FINETUNE_DEADLINE_SECONDS", 0.0, None),
+    ),
     "llm_model": ("QE_LLM_MODEL", str.strip),
     "openai_base_url": ("OPENAI_BASE_URL", str.strip),
+    "llm_concurrency": ("QE_LLM_CONCURRENCY", _int("QE_LLM_CONCURRENCY")),
+    "llm_batch_size": ("QE_LLM_BATCH_SIZE", _int("QE_LLM_BATCH_SIZE")),
+    "llm_timeout_seconds": ("QE_LLM_TIMEOUT_SECONDS", _float("QE_LLM_TIMEOUT_SECONDS", 0.0, None)),
+    "llm_max_retries": ("QE_LLM_MAX_RETRIES", _int("QE_LLM_MAX_RETRIES", 0)),
+    "llm_temperature": ("QE_LLM_TEMPERATURE", _float("QE_LLM_TEMPERATURE", 0.0, 2.0)),
+    "llm_max_tokens": ("QE_LLM_MAX_TOKENS", _int("QE_LLM_MAX_TOKENS")),
+    "llm_judge": ("QE_LLM_JUDGE", _bool("QE_LLM_JUDGE")),
+    "llm_judge_model": ("QE_LLM_JUDGE_MODEL", str.strip),
+    "llm_judge_margin": ("QE_LLM_JUDGE_MARGIN", _float("QE_LLM_JUDGE_MARGIN", 0.0, 10.0)),
+    "llm_price_input_per_1m": (
+        "QE_LLM_PRICE_INPUT_PER_1M",
+        _float("QE_LLM_PRICE_INPUT_PER_1M", 0.0, None),
+    ),
+    "llm_price_output_per_1m": (
+        "QE_LLM_PRICE_OUTPUT_PER_1M",
+        _float("QE_LLM_PRICE_OUTPUT_PER_1M", 0.0, None),
+    ),
 }
 
 
@@ -150,8 +195,24 @@ class Settings(BaseModel):
     finetune_threshold: int = 1000
     finetune_backend: str = "none"
     finetune_base_model: str = "gpt-4o-mini-2024-07-18"
+    finetune_suffix: str = "qe"
+    finetune_hyperparameters: dict[str, Any] = {}
+    finetune_command: str | None = None
+    finetune_poll_seconds: float = 30.0
+    finetune_deadline_seconds: float = 4 * 3600.0
     llm_model: str | None = None
     openai_base_url: str | None = None
+    llm_concurrency: int = 16
+    llm_batch_size: int = 200
+    llm_timeout_seconds: float = 60.0
+    llm_max_retries: int = 4
+    llm_temperature: float = 0.2
+    llm_max_tokens: int = 1024
+    llm_judge: bool = False
+    llm_judge_model: str | None = None
+    llm_judge_margin: float = 1.0
+    llm_price_input_per_1m: float = 0.0
+    llm_price_output_per_1m: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -106,6 +106,23 @@ CREATE TABLE IF NOT EXISTS dataset_samples (
     split      VARCHAR NOT NULL,              -- train | validation
     PRIMARY KEY (version, sample_id)
 );
+CREATE TABLE IF NOT EXISTS fine_tune_runs (
+    run_id            VARCHAR PRIMARY KEY,    -- qe-<version>-<backend>
+    dataset_version   VARCHAR NOT NULL,
+    backend           VARCHAR NOT NULL,       -- none | openai | command
+    status            VARCHAR NOT NULL,       -- pending | running | succeeded | failed | cancelled | skipped
+    base_model        VARCHAR,
+    job_id            VARCHAR,                -- provider job id, persisted before following it
+    model_id          VARCHAR,                -- the resulting fine-tuned model
+    training_file_id  VARCHAR,
+    validation_file_id VARCHAR,
+    recipe            JSON,                   -- exactly what was (or would be) run
+    metrics           JSON,
+    message           VARCHAR,
+    dagster_run_id    VARCHAR,
+    created_at        TIMESTAMP NOT NULL,
+    updated_at        TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS watermarks (
     stage       VARCHAR PRIMARY KEY,
     seq         BIGINT NOT NULL,
@@ -122,6 +139,7 @@ TABLES = (
     "completions",
     "dataset_versions",
     "dataset_samples",
+    "fine_tune_runs",
 )
 
 
