@@ -8,14 +8,16 @@ from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
 from qe_assets.assets.complete import completions
 from qe_assets.assets.dataset import tuning_dataset
+from qe_assets.assets.finetune import fine_tuned_model
 from qe_assets.checks import DATASET_CHECKS
 from qe_assets.resources import build_resources
+from qe_assets.sensors import build_finetune_sensor
 from qe_assets.settings import Settings
 
 PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
 PROCESSING_ASSETS = [raw_events, annotated_samples, completions]
-RELEASE_ASSETS = [tuning_dataset]
+RELEASE_ASSETS = [tuning_dataset, fine_tuned_model]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
 ASSET_CHECKS = [*DATASET_CHECKS]
 
@@ -35,13 +37,14 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         RELEASE_JOB,
         selection=dg.AssetSelection.assets(*RELEASE_ASSETS)
         | dg.AssetSelection.checks(*ASSET_CHECKS),
-        description="Cut the next dataset version from every ready sample.",
+        description="Cut the next dataset version from every ready sample and fine-tune on it.",
         executor_def=dg.in_process_executor,
     )
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=ASSET_CHECKS,
         jobs=[pipeline, release_job],
+        sensors=[build_finetune_sensor(RELEASE_JOB, settings.finetune_sensor_running)],
         resources=build_resources(settings),
     )
 

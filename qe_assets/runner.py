@@ -17,7 +17,7 @@ telemetry:
   enabled: false
 concurrency:
   pools:
-    granularity: run
+    granularity: op
     default_limit: 1
 """
 
@@ -37,6 +37,10 @@ SUMMARY_KEYS = (
     "train",
     "validation",
     "jsonl_path",
+    "run_id",
+    "status",
+    "model_id",
+    "message",
 )
 
 

@@ -128,6 +128,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     ),
     "finetune_base_model": ("QE_FINETUNE_BASE_MODEL", str.strip),
     "finetune_suffix": ("QE_FINETUNE_SUFFIX", str.strip),
+    "finetune_sensor_running": (
+        "QE_FINETUNE_SENSOR_RUNNING",
+        _bool("QE_FINETUNE_SENSOR_RUNNING"),
+    ),
     "finetune_hyperparameters": (
         "QE_FINETUNE_HYPERPARAMETERS",
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
@@ -196,6 +200,7 @@ class Settings(BaseModel):
     finetune_backend: str = "none"
     finetune_base_model: str = "gpt-4o-mini-2024-07-18"
     finetune_suffix: str = "qe"
+    finetune_sensor_running: bool = False
     finetune_hyperparameters: dict[str, Any] = {}
     finetune_command: str | None = None
     finetune_poll_seconds: float = 30.0

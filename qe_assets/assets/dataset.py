@@ -54,9 +54,9 @@ def version_state(conn: duckdb.DuckDBPyConnection) -> VersionState:
     return VersionState(committed, int(number) + 1, int(low), int(high))
 
 
-def ready_sample_count(conn: duckdb.DuckDBPyConnection) -> int:
+def ready_sample_count(conn: duckdb.DuckDBPyConnection, state: VersionState | None = None) -> int:
     """Samples the next version would take: what the fine-tune sensor compares to its threshold."""
-    state = version_state(conn)
+    state = state or version_state(conn)
     ((count,),) = conn.execute(
         f"SELECT count(*) {_READY}", {"low": state.low, "high": state.high}
     ).fetchall()

@@ -1,0 +1,145 @@
+"""Stage 5, fine-tune: the newest dataset version without a finished run → a model, recorded in
+the `fine_tune_runs` registry."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from qe_assets.assets.dataset import tuning_dataset
+from qe_assets.finetune.command_backend import model_of, run_command
+from qe_assets.finetune.inputs import DatasetInvalid, TrainingInputs, prepare_inputs
+from qe_assets.finetune.openai_backend import (
+    FineTuneFailed,
+    FineTuneStillRunning,
+    follow_job,
+    start_job,
+)
+from qe_assets.finetune.registry import (
+    attempts,
+    latest_run,
+    pending_version,
+    previous_model,
+    save_run,
+)
+from qe_assets.resources import OpenAIResource, PipelineSettings, duckdb_writer
+
+SKIPPED_MESSAGE = "skipped: no backend configured"
+
+
+def _inputs_from(row: dict[str, Any]) -> TrainingInputs:
+    return TrainingInputs(**json.loads(row["recipe"]))
+
+
+@dg.asset(
+    deps=[tuning_dataset],
+    group_name="fine_tune",
+    kinds={"openai", "python"},
+    output_required=False,
+    description=(
+        "A model fine-tuned on the newest dataset version that has none yet, with the "
+        "configured backend: `openai` (upload, create the job, follow it with a deadline; a "
+        "restarted run resumes the same job), `command` (your training script through Dagster "
+        "Pipes) or `none` (the default: validates the version, writes the exact recipe and "
+        "records the run as skipped). Every attempt is a row in `fine_tune_runs`."
+    ),
+)
+def fine_tuned_model(
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    settings: PipelineSettings,
+    openai: OpenAIResource,
+) -> Iterator[dg.MaterializeResult]:
+    backend = settings.finetune_backend
+    with duckdb_writer(duckdb) as conn:
+        version = pending_version(conn, backend)
+        if version is None:
+            context.log.info(f"every dataset version already has a {backend} run; nothing to do")
+            return
+        last = latest_run(conn, version, backend)
+        if last is not None and last["status"] == "running" and last["job_id"]:
+            run_id, inputs = last["run_id"], _inputs_from(last)
+            context.log.info(f"resuming {run_id}: following job {last['job_id']}")
+        else:
+            run_id = f"{version}-{backend}-{attempts(conn, version, backend) + 1}"
+            try:
+                inputs = prepare_inputs(
+                    conn, settings, version, run_id, previous_model(conn, backend, version)
+                )
+            except DatasetInvalid as exc:
+                raise dg.Failure(str(exc)) from exc
+            save_run(
+                conn,
+                run_id,
+                dataset_version=version,
+                backend=backend,
+                status="running",
+                base_model=inputs.base_model,
+                recipe=inputs.recipe(),
+                dagster_run_id=context.run_id,
+            )
+
+    def save(**fields: Any) -> None:
+        with duckdb_writer(duckdb) as conn:
+            save_run(conn, run_id, **fields)
+
+    job_id: str | None = last["job_id"] if last is not None and last["run_id"] == run_id else None
+    metrics: dict[str, Any] = {}
+    model_id: str | None = None
+    if backend == "none":
+        status, message = "skipped", SKIPPED_MESSAGE
+    elif backend == "openai":
+        client = openai.client()
+        try:
+            job_id = job_id or start_job(client, inputs, save)
+            outcome = follow_job(
+                client,
+                job_id,
+                poll_seconds=settings.finetune_poll_seconds,
+                deadline_seconds=settings.finetune_deadline_seconds,
+                on_status=lambda s: context.log.info(f"job {job_id}: {s}"),
+            )
+        except FineTuneStillRunning as exc:
+            save(message=str(exc))
+            raise dg.Failure(str(exc)) from exc
+        except FineTuneFailed as exc:
+            save(status="failed", message=str(exc))
+            raise dg.Failure(str(exc)) from exc
+        status, model_id, message = "succeeded", outcome.model_id, None
+        metrics = {**outcome.metrics, "events": outcome.events}
+    else:
+        if not settings.finetune_command:
+            raise dg.Failure("QE_FINETUNE_BACKEND=command needs QE_FINETUNE_COMMAND")
+        try:
+            metrics = run_command(context, settings.finetune_command, inputs)
+        except Exception as exc:
+            save(status="failed", message=f"training command failed: {exc}"[:2000])
+            raise
+        status, model_id, message = "succeeded", model_of(metrics), None
+    save(status=status, model_id=model_id, metrics=metrics, message=message)
+
+    metadata: dict[str, dg.RawMetadataValue] = {
+        "run_id": run_id,
+        "dataset_version": version,
+        "backend": backend,
+        "status": status,
+        "base_model": inputs.base_model,
+        "samples": inputs.samples,
+        "recipe_path": dg.MetadataValue.path(
+            str(Path(settings.data_dir) / "finetune" / run_id / "recipe.json")
+        ),
+    }
+    if model_id:
+        metadata["model_id"] = model_id
+    if job_id:
+        metadata["job_id"] = job_id
+    if message:
+        metadata["message"] = message
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    metadata.update({f"metric/{k}": v for k, v in numeric.items()})
+    yield dg.MaterializeResult(
+        metadata=metadata, data_version=dg.DataVersion(model_id or f"{version}:{status}")
+    )
