@@ -79,7 +79,7 @@ def fine_tuned_model(
                 status="running",
                 base_model=inputs.base_model,
                 recipe=inputs.recipe(),
-                dagster_run_id=context.run_id,
+                dagster_run_id=context.run.run_id,
             )
 
     def save(**fields: Any) -> None:

@@ -33,6 +33,8 @@ class TrainingInputs:
     manifest_path: str
     train_chat_path: str
     validation_chat_path: str | None
+    train_records_path: str
+    validation_records_path: str | None
     samples: int
     train: int
     validation: int
@@ -44,15 +46,14 @@ class TrainingInputs:
         return asdict(self)
 
 
-def _chat_lines(path: Path) -> pl.DataFrame:
+def _lines(path: Path, name: str) -> pl.DataFrame:
     # JSON lines never contain a raw U+001F, so it is a safe "no separator" for whole lines.
     return pl.read_csv(
         path,
         has_header=False,
         separator="\x1f",
         quote_char=None,
-        new_columns=["line"],
-        schema={"line": pl.String},
+        schema={name: pl.String},
     )
 
 
@@ -92,23 +93,31 @@ def prepare_inputs(
     splits = query_frame(
         conn, "SELECT sample_id, split FROM dataset_samples WHERE version = ?", [version]
     )
-    order = pl.read_ndjson(row["jsonl_path"]).select("sample_id")
+    records = _lines(Path(row["jsonl_path"]), "record")
     # Chat lines are written in the same order as the JSONL records.
-    lines = pl.concat([order, _chat_lines(Path(row["chat_path"]))], how="horizontal").join(
-        splits, on="sample_id", how="left", maintain_order="left"
-    )
+    lines = pl.concat(
+        [
+            records.select(
+                pl.col("record").str.json_path_match("$.sample_id").alias("sample_id"), "record"
+            ),
+            _lines(Path(row["chat_path"]), "chat"),
+        ],
+        how="horizontal",
+    ).join(splits, on="sample_id", how="left", maintain_order="left")
     workdir = Path(settings.data_dir) / "finetune" / run_id
     workdir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str | None] = {}
     for split in ("train", "validation"):
         part = lines.filter(pl.col("split") == split)
-        target = workdir / f"{split}.chat.jsonl"
-        if part.is_empty():
-            paths[split] = None
-            continue
-        target.write_text("".join(f"{line}\n" for line in part["line"]), encoding="utf-8")
-        paths[split] = str(target)
-    if paths["train"] is None:
+        for column, suffix in (("chat", "chat.jsonl"), ("record", "records.jsonl")):
+            key = f"{split}_{column}"
+            if part.is_empty():
+                paths[key] = None
+                continue
+            target = workdir / f"{split}.{suffix}"
+            target.write_text("".join(f"{line}\n" for line in part[column]), encoding="utf-8")
+            paths[key] = str(target)
+    if paths["train_chat"] is None or paths["train_record"] is None:
         raise DatasetInvalid(f"{version}: no training examples after the split")
     inputs = TrainingInputs(
         run_id=run_id,
@@ -120,8 +129,10 @@ def prepare_inputs(
         jsonl_path=row["jsonl_path"],
         chat_path=row["chat_path"],
         manifest_path=row["manifest_path"],
-        train_chat_path=paths["train"],
-        validation_chat_path=paths["validation"],
+        train_chat_path=paths["train_chat"],
+        validation_chat_path=paths["validation_chat"],
+        train_records_path=paths["train_record"],
+        validation_records_path=paths["validation_record"],
         samples=int(row["sample_count"]),
         train=int(row["train_count"]),
         validation=int(row["validation_count"]),

@@ -1,0 +1,200 @@
+"""Fine-tuning loop: threshold sensor, the none and command backends, the registry."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.utils import make_new_run_id
+
+from qe_assets.definitions import RELEASE_JOB, build_definitions
+from qe_assets.queues import FileInbox
+from qe_assets.resources import PipelineSettings
+from qe_assets.sensors import build_finetune_sensor
+from qe_assets.settings import Settings
+from qe_assets.store import connect
+from qe_assets_tests.runs import materialize, metadata
+from qe_assets_tests.test_pipeline import batch
+
+SCRIPTS = Path(__file__).parent / "scripts"
+EXAMPLE = Path(__file__).parent.parent / "examples" / "finetune_trl_lora.py"
+
+
+def evaluate_sensor(settings: Settings, instance: dg.DagsterInstance, cursor: str | None = None):
+    sensor = build_finetune_sensor(RELEASE_JOB, running_by_default=False)
+    context = dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"settings": PipelineSettings(**settings.model_dump())},
+    )
+    return sensor(context), context
+
+
+def run_requests(result) -> list[dg.RunRequest]:
+    if isinstance(result, dg.SensorResult):
+        return list(result.run_requests or [])
+    return []
+
+
+def skip_message(result) -> str:
+    if isinstance(result, dg.SkipReason):
+        return result.skip_message or ""
+    assert isinstance(result, dg.SensorResult) and result.skip_reason is not None, result
+    return result.skip_reason.skip_message or ""
+
+
+def processed(settings: Settings, n: int, prefix: str = "e") -> None:
+    """n ready samples: ingested, annotated and completed, not yet in a version."""
+    FileInbox(settings.inbox_dir).put(batch(prefix, n))
+    assert materialize(
+        settings, selection=["raw_events", "annotated_samples", "completions"]
+    ).success
+
+
+@pytest.fixture
+def small_threshold(settings: Settings) -> Settings:
+    return settings.model_copy(update={"finetune_threshold": 20})
+
+
+def test_sensor_skips_below_threshold_fires_once_and_not_while_in_flight(
+    small_threshold: Settings,
+) -> None:
+    settings = small_threshold
+    with dg.instance_for_test() as instance:
+        result, _ = evaluate_sensor(settings, instance)
+        assert "no database" in skip_message(result)
+
+        processed(settings, 12)
+        result, _ = evaluate_sensor(settings, instance)
+        assert "12 ready samples, below the threshold of 20" in skip_message(result)
+
+        processed(settings, 10, prefix="f")
+        result, _ = evaluate_sensor(settings, instance)
+        (request,) = run_requests(result)
+        assert request.run_key.startswith("v001@")
+        assert request.tags["qe/ready_samples"] == "22"
+        cursor = result.cursor
+
+        # Same state again: nothing new is requested.
+        again, _ = evaluate_sensor(settings, instance, cursor=cursor)
+        assert run_requests(again) == []
+        assert "already requested" in skip_message(again)
+
+        # A release run in flight: the sensor waits, whatever the counts say.
+        instance.add_run(
+            DagsterRun(
+                job_name=RELEASE_JOB, run_id=make_new_run_id(), status=dg.DagsterRunStatus.STARTED
+            )
+        )
+        busy, _ = evaluate_sensor(settings, instance)
+        assert "still in flight" in skip_message(busy)
+
+
+def test_whole_loop_events_to_registry_row(small_threshold: Settings) -> None:
+    settings = small_threshold
+    with dg.instance_for_test() as instance:
+        processed(settings, 25)
+        result, _ = evaluate_sensor(settings, instance)
+        (request,) = run_requests(result)
+        # What the daemon does with the request: launch the release job with its tags.
+        job = build_definitions(settings).resolve_job_def(RELEASE_JOB)
+        run = job.execute_in_process(instance=instance, tags=request.tags)
+        assert run.success
+        materialized = {
+            e.asset_key.to_user_string() for e in run.get_asset_materialization_events()
+        }
+        assert materialized == {"tuning_dataset", "fine_tuned_model"}
+        model = metadata(run, "fine_tuned_model")
+        assert (model["dataset_version"], model["status"]) == ("v001", "skipped")
+        with connect(settings.database, read_only=True) as conn:
+            ((status, message, recipe),) = conn.execute(
+                "SELECT status, message, recipe FROM fine_tune_runs"
+            ).fetchall()
+            lineage = conn.execute(
+                """
+                SELECT count(DISTINCT s.request_id) FROM fine_tune_runs r
+                JOIN dataset_samples d ON d.version = r.dataset_version
+                JOIN annotated_samples s USING (sample_id)
+                """
+            ).fetchall()[0][0]
+        assert (status, message) == ("skipped", "skipped: no backend configured")
+        recipe = json.loads(recipe)
+        assert recipe["version"] == "v001" and recipe["backend"] == "none"
+        assert Path(recipe["train_chat_path"]).exists()
+        assert lineage == 25  # model ← version ← samples ← request ids
+        # The version's samples are consumed: the sensor goes quiet.
+        after, _ = evaluate_sensor(settings, instance, cursor=result.cursor)
+        assert "0 ready samples" in skip_message(after)
+        # Materializing again finds no version without a run: nothing happens.
+        again = materialize(settings, selection=["fine_tuned_model"])
+        assert metadata(again, "fine_tuned_model") == {}
+
+
+def command_settings(settings: Settings, script: Path) -> Settings:
+    return settings.model_copy(
+        update={"finetune_backend": "command", "finetune_command": f"{sys.executable} {script}"}
+    )
+
+
+def test_command_backend_runs_pipes_script_and_records_metrics(settings: Settings) -> None:
+    settings = command_settings(settings, SCRIPTS / "pipes_train.py")
+    processed(settings, 15)
+    result = materialize(settings, selection=["tuning_dataset", "fine_tuned_model"])
+    model = metadata(result, "fine_tuned_model")
+    assert model["status"] == "succeeded"
+    assert model["model_id"] == "/models/v001-command-1"
+    assert model["metric/train_loss"] == 0.42
+    with connect(settings.database, read_only=True) as conn:
+        ((model_id, metrics),) = conn.execute(
+            "SELECT model_id, metrics FROM fine_tune_runs"
+        ).fetchall()
+    metrics = json.loads(metrics)
+    assert model_id == "/models/v001-command-1"
+    assert metrics["train_records"] + 0 <= 15 and metrics["weight_sum"] > 0
+
+
+def test_command_backend_failure_is_recorded_and_fails_the_asset(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = command_settings(settings, SCRIPTS / "pipes_train.py")
+    processed(settings, 15)
+    monkeypatch.setenv("FAKE_TRAIN_FAIL", "1")
+    result = materialize(
+        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    )
+    assert not result.success
+    with connect(settings.database, read_only=True) as conn:
+        ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
+    assert status == "failed" and "training command failed" in message
+    # The next attempt is a new run row for the same version.
+    monkeypatch.delenv("FAKE_TRAIN_FAIL")
+    retry = materialize(settings, selection=["fine_tuned_model"])
+    assert metadata(retry, "fine_tuned_model")["run_id"] == "v001-command-2"
+
+
+def test_trl_example_dry_run_through_the_command_backend(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QE_TRL_DRY_RUN", "1")
+    settings = command_settings(settings, EXAMPLE)
+    processed(settings, 15)
+    model = metadata(
+        materialize(settings, selection=["tuning_dataset", "fine_tuned_model"]), "fine_tuned_model"
+    )
+    assert model["status"] == "succeeded"
+    assert model["metric/mean_weight"] == pytest.approx(0.75)
+
+
+def test_none_backend_refuses_a_tampered_version(settings: Settings) -> None:
+    processed(settings, 12)
+    assert materialize(settings, selection=["tuning_dataset"]).success
+    jsonl = next(settings.datasets_dir.glob("*_v001.jsonl"))
+    jsonl.write_text(jsonl.read_text() + "\n")
+    result = materialize(settings, selection=["fine_tuned_model"], raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "differs from its committed sha256" in failure.step_failure_data.error.message
