@@ -126,14 +126,22 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             for table, count in table_counts(conn).items():
                 print(f"  {table:<18} {count:>10,}")
             review = conn.execute(
-                "SELECT count(*) FROM annotated_samples s WHERE route = 'review' AND NOT EXISTS "
-                "(SELECT 1 FROM completions c WHERE c.sample_id = s.sample_id)"
+                "SELECT count(*) FROM review_queue WHERE status = 'pending'"
             ).fetchall()[0][0]
             latest = conn.execute(
                 "SELECT version, sample_count, created_at FROM dataset_versions "
                 "ORDER BY number DESC LIMIT 1"
             ).fetchall()
             ready = ready_sample_count(conn)
+            models = conn.execute(
+                """
+                SELECT dataset_version, backend, status, coalesce(model_id, message, '')
+                FROM fine_tune_runs
+                QUALIFY row_number() OVER (
+                    PARTITION BY dataset_version ORDER BY updated_at DESC) = 1
+                ORDER BY dataset_version DESC LIMIT 10
+                """
+            ).fetchall()
         print(f"review queue: {review:,} samples waiting for a human")
         print(
             f"pending samples: {ready:,} ready for the next version "
@@ -144,6 +152,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
         else:
             print("latest dataset: none yet")
+        if models:
+            print("models (latest run per dataset version):")
+            for version, backend, status, model in models:
+                print(f"  {version}  {backend:<8} {status:<10} {model}")
     else:
         print("  (not created yet)")
     queue = open_queue(settings)
@@ -152,6 +164,89 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     except QueueUnavailable as exc:
         print(f"queue ({queue.name}): unavailable ({exc})")
     return EXIT_OK
+
+
+def _reviewer(args: argparse.Namespace) -> str:
+    return args.reviewer or os.environ.get("QE_REVIEWER") or os.environ.get("USER") or "reviewer"
+
+
+def _edited_text(args: argparse.Namespace, current: str) -> str:
+    if args.completion is not None:
+        return str(args.completion)
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not editor:
+        raise UserError("give --completion TEXT, or set $EDITOR to edit interactively")
+    import shlex
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w+", suffix=".txt", encoding="utf-8", delete=False) as fh:
+        fh.write(current)
+        path = fh.name
+    try:
+        if subprocess.run([*shlex.split(editor), path], check=False).returncode != 0:
+            raise UserError(f"{editor} exited with an error; nothing changed", EXIT_FAILED)
+        return Path(path).read_text(encoding="utf-8")
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    import polars as pl
+
+    from qe_assets import review
+    from qe_assets.store import connect, ensure_schema
+
+    if not settings.database.exists():
+        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    with connect(settings.database, wait_seconds=args.wait) as conn:
+        ensure_schema(conn)
+        try:
+            if args.action == "list":
+                status = None if args.status == "all" else args.status
+                frame = review.list_queue(conn, status=status, label=args.label, limit=args.limit)
+                with pl.Config(
+                    tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160
+                ):
+                    print(frame)
+                return EXIT_OK
+            if args.action == "show":
+                item = review.show(conn, args.sample_id)
+                sample, queued = item.sample, item.review
+                print(
+                    f"sample {sample['sample_id']}  label={sample['label']}  "
+                    f"confidence={sample['confidence']:.3f}  route={sample['route']}"
+                )
+                print(
+                    f"review: {queued['status']} ({queued['reason']})"
+                    + (f" by {queued['reviewer']}" if queued["reviewer"] else "")
+                )
+                print("\n--- prompt ---\n" + sample["prompt"])
+                print("\n--- original answer ---\n" + sample["original_answer"])
+                if item.completion:
+                    c = item.completion
+                    print(
+                        f"\n--- completion ({c['mode']}, {c['status']}) ---\n"
+                        + (c["completion"] or "")
+                    )
+                return EXIT_OK
+            reviewer = _reviewer(args)
+            if args.action == "edit":
+                item = review.show(conn, args.sample_id)
+                current = (item.completion or {}).get("completion") or item.sample[
+                    "original_answer"
+                ]
+                review.edit(conn, args.sample_id, _edited_text(args, current), reviewer, args.note)
+                print(f"edited {args.sample_id}: a human completion by {reviewer}")
+                return EXIT_OK
+            action = review.accept if args.action == "accept" else review.reject
+            for sample_id in args.sample_ids:
+                action(conn, sample_id, reviewer, args.note)
+            done = "accepted" if args.action == "accept" else "rejected"
+            print(f"{done} {len(args.sample_ids)} sample(s) as {reviewer}")
+            return EXIT_OK
+        except review.ReviewError as exc:
+            raise UserError(str(exc), EXIT_FAILED) from exc
 
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
@@ -199,6 +294,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="counts per table, queue depth, latest dataset version")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("review", help="the human review queue: list, show, accept, edit, reject")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    r = actions.add_parser("list", help="samples in the queue, lowest confidence first")
+    r.add_argument(
+        "--status", default="pending", choices=["pending", "accepted", "edited", "rejected", "all"]
+    )
+    r.add_argument("--label", help="only this primary label")
+    r.add_argument("--limit", type=int, default=20)
+    r = actions.add_parser("show", help="prompt, original answer and completion of a sample")
+    r.add_argument("sample_id")
+    for name, text in (
+        ("accept", "keep the samples' completions for training"),
+        ("reject", "keep the samples out of every dataset"),
+    ):
+        r = actions.add_parser(name, help=text)
+        r.add_argument("sample_ids", nargs="+", metavar="SAMPLE_ID")
+        r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
+        r.add_argument("--note")
+    r = actions.add_parser("edit", help="write a better completion ($EDITOR or --completion)")
+    r.add_argument("sample_id")
+    r.add_argument("--completion", help="the new completion text (else $EDITOR opens)")
+    r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
+    r.add_argument("--note")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("ui", help="dagster dev on 127.0.0.1 with a persistent DAGSTER_HOME")
     p.add_argument("--host", default="127.0.0.1")

@@ -107,6 +107,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _choice("QE_INSTRUCTION_LANGUAGE", INSTRUCTION_LANGUAGES),
     ),
     "validation_share": ("QE_VALIDATION_SHARE", _float("QE_VALIDATION_SHARE", 0.0, 0.5)),
+    "spot_check_share": ("QE_SPOT_CHECK_SHARE", _float("QE_SPOT_CHECK_SHARE")),
     "chat_system_message": ("QE_CHAT_SYSTEM_MESSAGE", _bool("QE_CHAT_SYSTEM_MESSAGE")),
     "chat_weight_threshold": (
         "QE_CHAT_WEIGHT_THRESHOLD",
@@ -188,6 +189,7 @@ class Settings(BaseModel):
     context_max_chars: int = 500
     instruction_language: str = "auto"
     validation_share: float = 0.1
+    spot_check_share: float = 0.02
     chat_system_message: bool = True
     chat_weight_threshold: float | None = None
     export_batch_size: int = 50_000

@@ -74,14 +74,23 @@ CREATE TABLE IF NOT EXISTS completions (
     sample_id   VARCHAR PRIMARY KEY,
     completion  VARCHAR,
     mode        VARCHAR NOT NULL,          -- naive | llm | human
-    status      VARCHAR NOT NULL,          -- ok | failed | rejected
+    status      VARCHAR NOT NULL,          -- ok | failed | rejected_by_judge
     model       VARCHAR,
-    error       VARCHAR,
+    error       VARCHAR,                   -- failed: the error class, 'judge:' prefixed for the judge
+    -- llm: HTTP requests sent for this sample, retries included, summed over runs (0 = cache hit).
     attempts    INTEGER NOT NULL,
     created_at  TIMESTAMP NOT NULL,
     updated_at  TIMESTAMP NOT NULL,
     -- Renewed on every write: the dataset stage finds ready samples by watermark.
-    seq         BIGINT NOT NULL
+    seq         BIGINT NOT NULL,
+    -- Tokens billed for this sample (regeneration + judge, failed calls included), summed over
+    -- runs; a cache hit adds nothing.
+    prompt_tokens      BIGINT NOT NULL DEFAULT 0,
+    completion_tokens  BIGINT NOT NULL DEFAULT 0,
+    judge_model        VARCHAR,
+    judge_original_score    DOUBLE,       -- 1..10, the judge's score of the original answer
+    judge_completion_score  DOUBLE,       -- 1..10, of this completion
+    judge_verdict      VARCHAR            -- the judge's JSON verdict as returned
 );
 CREATE TABLE IF NOT EXISTS dataset_versions (
     version             VARCHAR PRIMARY KEY,  -- v001, v002, ...
@@ -123,10 +132,32 @@ CREATE TABLE IF NOT EXISTS fine_tune_runs (
     created_at        TIMESTAMP NOT NULL,
     updated_at        TIMESTAMP NOT NULL
 );
+CREATE TABLE IF NOT EXISTS review_queue (
+    sample_id    VARCHAR PRIMARY KEY,
+    reason       VARCHAR NOT NULL,   -- low_confidence | spot_check
+    status       VARCHAR NOT NULL,   -- pending | accepted | edited | rejected
+    reviewer     VARCHAR,
+    note         VARCHAR,
+    queued_at    TIMESTAMP NOT NULL,
+    reviewed_at  TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS watermarks (
     stage       VARCHAR PRIMARY KEY,
     seq         BIGINT NOT NULL,
     updated_at  TIMESTAMP NOT NULL
+);
+-- LLM responses already paid for, so a re-run never pays twice. Only usable answers are kept:
+-- failures are retried, not replayed.
+CREATE TABLE IF NOT EXISTS llm_cache (
+    cache_key          VARCHAR PRIMARY KEY,  -- sha256 of the request JSON: model, messages, params
+    purpose            VARCHAR NOT NULL,     -- regenerate | judge
+    parent_key         VARCHAR,              -- judge: the cache_key of the answer it judged
+    model              VARCHAR NOT NULL,
+    content            VARCHAR NOT NULL,
+    finish_reason      VARCHAR,
+    prompt_tokens      BIGINT NOT NULL,
+    completion_tokens  BIGINT NOT NULL,
+    created_at         TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
@@ -140,6 +171,7 @@ TABLES = (
     "dataset_versions",
     "dataset_samples",
     "fine_tune_runs",
+    "review_queue",
 )
 
 

@@ -9,9 +9,10 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.capture import raw_events
 from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
+from qe_assets.review import PENDING, acceptance_by_label, enqueue_for_review
 from qe_assets.store import query_frame, set_watermark, transaction, watermark
 from qe_assets.templates import load_templates
-from qe_assets.transforms.annotate import REVIEW, AnnotateConfig, annotate_events, mark_duplicates
+from qe_assets.transforms.annotate import AnnotateConfig, annotate_events, mark_duplicates
 
 STAGE = "annotated_samples"
 _COLUMNS = (
@@ -32,7 +33,7 @@ def annotate_config(settings: PipelineSettings) -> AnnotateConfig:
 
 
 def annotate_next_batch(
-    conn: duckdb.DuckDBPyConnection, config: AnnotateConfig, batch_size: int
+    conn: duckdb.DuckDBPyConnection, config: AnnotateConfig, batch_size: int, spot_share: float
 ) -> pl.DataFrame:
     """Annotate the next batch of raw events past the watermark and commit it; returns the rows
     written (empty when there is nothing new)."""
@@ -66,6 +67,7 @@ def annotate_next_batch(
             f"INSERT INTO annotated_samples ({_COLUMNS}, annotated_at) "
             f"SELECT {_COLUMNS}, now()::TIMESTAMP FROM new_samples ON CONFLICT DO NOTHING"
         )
+        enqueue_for_review(conn, "new_samples", spot_share)
         set_watermark(conn, STAGE, int(raw["seq"].max()))
     return samples
 
@@ -79,7 +81,8 @@ def annotate_next_batch(
         "One sample per new raw event: primary label by priority (English or Chinese labels), "
         "top-k context documents by score, a correction instruction per label and language, the "
         "prompt (context + instruction + question), confidence = min(1, score × factor), and "
-        "the route: `train`, or `review` for a human when the confidence is under the gate. "
+        "the route: `train`, or `review` for a human when the confidence is under the gate "
+        "(those, plus a spot-check share of `train` samples, enter `review_queue`). "
         "Exact duplicates are kept once; the others point at it in `duplicate_of`."
     ),
 )
@@ -92,7 +95,9 @@ def annotated_samples(
     new = duplicates = 0
     while True:
         with duckdb_writer(duckdb) as conn:
-            batch = annotate_next_batch(conn, config, settings.ingest_batch_size)
+            batch = annotate_next_batch(
+                conn, config, settings.ingest_batch_size, settings.spot_check_share
+            )
         if batch.is_empty():
             break
         new += batch.height
@@ -102,9 +107,11 @@ def annotated_samples(
         context.log.info(f"annotated {batch.height} events ({new} so far)")
 
     with duckdb_writer(duckdb) as conn:
-        ((total, review_queue),) = conn.execute(
-            "SELECT count(*), count(*) FILTER (route = ?) FROM annotated_samples", [REVIEW]
+        ((total,),) = conn.execute("SELECT count(*) FROM annotated_samples").fetchall()
+        ((review_queue,),) = conn.execute(
+            "SELECT count(*) FROM review_queue WHERE status = ?", [PENDING]
         ).fetchall()
+        reviewed = acceptance_by_label(conn)
     metadata: dict[str, dg.RawMetadataValue] = {
         "new_samples": new,
         "new_train": routes.get("train", 0),
@@ -118,4 +125,8 @@ def annotated_samples(
     # One numeric entry per label so the Plots tab charts each over time.
     for label, count in labels.items():
         metadata[f"new_label/{label}"] = count
+    for label, outcome in reviewed.items():
+        metadata[f"review_kept_share/{label}"] = outcome["kept_share"]
+    if reviewed:
+        metadata["review_outcomes"] = dg.MetadataValue.json(reviewed)
     return dg.MaterializeResult(metadata=metadata)

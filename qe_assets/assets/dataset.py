@@ -27,11 +27,14 @@ from qe_assets.transforms.dataset import (
 )
 
 # Ready = a completion that is ok, written after the last version's watermark, for a sample that
-# is not a duplicate and not in any version yet.
+# is not a duplicate, not waiting for a reviewer and not in any version yet.
 _READY = """
     FROM completions c JOIN annotated_samples s USING (sample_id)
     WHERE c.seq > $low AND c.seq <= $high AND c.status = 'ok' AND c.completion IS NOT NULL
       AND s.duplicate_of IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM review_queue r WHERE r.sample_id = c.sample_id AND r.status = 'pending'
+      )
       AND NOT EXISTS (SELECT 1 FROM dataset_samples d WHERE d.sample_id = c.sample_id)
 """
 

@@ -1,0 +1,202 @@
+"""Human review: the queue of samples a person should look at, and what a reviewer can do.
+
+Samples enter the queue when annotated: every non-duplicate `review` sample (confidence under the
+gate) and a deterministic spot-check share of `train` samples. A pending sample is held out of
+dataset versions. A reviewer then
+
+* accepts it: its completion (an existing one, else the naive one) goes into the next version;
+* edits it: the reviewer's text becomes a `human` completion, which nothing overwrites;
+* rejects it: its completion is marked `rejected` and never reaches a dataset.
+
+Each action renews the completion's `seq`, so the next version picks it up by watermark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from qe_assets.store import query_frame, transaction
+from qe_assets.templates import load_templates
+from qe_assets.transforms.completions import HUMAN, naive_completions
+
+PENDING, ACCEPTED, EDITED, REJECTED = "pending", "accepted", "edited", "rejected"
+LOW_CONFIDENCE, SPOT_CHECK = "low_confidence", "spot_check"
+_BUCKETS = 10_000
+
+
+class ReviewError(ValueError):
+    """A review action that cannot apply (unknown sample, not in the queue, empty edit)."""
+
+
+def enqueue_for_review(conn: duckdb.DuckDBPyConnection, samples: str, spot_share: float) -> None:
+    """Queue the review samples and the spot-check share of the train samples of `samples`
+    (a registered relation of new annotated samples). md5 keeps the spot check stable."""
+    conn.execute(
+        f"""
+        INSERT INTO review_queue (sample_id, reason, status, queued_at)
+        SELECT sample_id,
+               CASE WHEN route = 'review' THEN '{LOW_CONFIDENCE}' ELSE '{SPOT_CHECK}' END,
+               '{PENDING}', now()::TIMESTAMP
+        FROM {samples}
+        WHERE duplicate_of IS NULL AND (
+            route = 'review'
+            OR ('0x' || substr(md5(sample_id), 1, 8))::UBIGINT % {_BUCKETS} < ?
+        )
+        ON CONFLICT DO NOTHING
+        """,
+        [round(spot_share * _BUCKETS)],
+    )
+
+
+def list_queue(
+    conn: duckdb.DuckDBPyConnection,
+    *,
+    status: str | None = PENDING,
+    label: str | None = None,
+    limit: int = 20,
+) -> pl.DataFrame:
+    return query_frame(
+        conn,
+        """
+        SELECT q.sample_id, q.reason, q.status, s.label, round(s.confidence, 3) AS confidence,
+               s.language, left(s.question, 60) AS question, q.reviewer, q.reviewed_at
+        FROM review_queue q JOIN annotated_samples s USING (sample_id)
+        WHERE ($status IS NULL OR q.status = $status) AND ($label IS NULL OR s.label = $label)
+        ORDER BY s.confidence, q.queued_at, q.sample_id
+        LIMIT $limit
+        """,
+        {"status": status, "label": label, "limit": limit},
+    )
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    sample: dict[str, Any]
+    review: dict[str, Any]
+    completion: dict[str, Any] | None
+
+
+def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
+    sample = query_frame(
+        conn,
+        "SELECT sample_id, request_id, label, labels, language, confidence, score, route, "
+        "route_reason, prompt, original_answer FROM annotated_samples WHERE sample_id = ?",
+        [sample_id],
+    ).rows(named=True)
+    if not sample:
+        raise ReviewError(f"no sample {sample_id!r}")
+    review = query_frame(conn, "SELECT * FROM review_queue WHERE sample_id = ?", [sample_id]).rows(
+        named=True
+    )
+    if not review:
+        raise ReviewError(f"sample {sample_id!r} is not in the review queue")
+    completion = query_frame(
+        conn,
+        "SELECT completion, mode, status, model FROM completions WHERE sample_id = ?",
+        [sample_id],
+    ).rows(named=True)
+    return ReviewItem(sample[0], review[0], completion[0] if completion else None)
+
+
+def _record(
+    conn: duckdb.DuckDBPyConnection, sample_id: str, status: str, reviewer: str, note: str | None
+) -> None:
+    conn.execute(
+        "UPDATE review_queue SET status = ?, reviewer = ?, note = ?, "
+        "reviewed_at = now()::TIMESTAMP WHERE sample_id = ?",
+        [status, reviewer, note, sample_id],
+    )
+
+
+def _upsert_completion(
+    conn: duckdb.DuckDBPyConnection,
+    sample_id: str,
+    *,
+    completion: str | None,
+    mode: str,
+    status: str,
+    model: str | None,
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO completions (sample_id, completion, mode, status, model, error, attempts,
+                                 created_at, updated_at, seq)
+        VALUES (?, ?, ?, ?, ?, NULL, 0, now()::TIMESTAMP, now()::TIMESTAMP,
+                nextval('completions_seq'))
+        ON CONFLICT (sample_id) DO UPDATE SET
+            completion = excluded.completion, mode = excluded.mode, status = excluded.status,
+            model = excluded.model, error = NULL, updated_at = excluded.updated_at,
+            seq = excluded.seq
+        """,
+        [sample_id, completion, mode, status, model],
+    )
+
+
+def accept(
+    conn: duckdb.DuckDBPyConnection, sample_id: str, reviewer: str, note: str | None = None
+) -> None:
+    item = show(conn, sample_id)
+    current = item.completion
+    if current is not None and current["status"] == "ok" and current["completion"]:
+        completion, mode, model = current["completion"], current["mode"], current["model"]
+    else:
+        naive = naive_completions(pl.DataFrame([item.sample]), load_templates()).row(0, named=True)
+        completion, mode, model = naive["completion"], naive["mode"], None
+    with transaction(conn):
+        _upsert_completion(
+            conn, sample_id, completion=completion, mode=mode, status="ok", model=model
+        )
+        _record(conn, sample_id, ACCEPTED, reviewer, note)
+
+
+def edit(
+    conn: duckdb.DuckDBPyConnection,
+    sample_id: str,
+    completion: str,
+    reviewer: str,
+    note: str | None = None,
+) -> None:
+    if not completion.strip():
+        raise ReviewError("the edited completion is empty; use reject to drop the sample")
+    show(conn, sample_id)
+    with transaction(conn):
+        _upsert_completion(
+            conn, sample_id, completion=completion.strip(), mode=HUMAN, status="ok", model=reviewer
+        )
+        _record(conn, sample_id, EDITED, reviewer, note)
+
+
+def reject(
+    conn: duckdb.DuckDBPyConnection, sample_id: str, reviewer: str, note: str | None = None
+) -> None:
+    item = show(conn, sample_id)
+    current = item.completion or {}
+    with transaction(conn):
+        _upsert_completion(
+            conn,
+            sample_id,
+            completion=current.get("completion"),
+            mode=current.get("mode") or HUMAN,
+            status=REJECTED,
+            model=current.get("model"),
+        )
+        _record(conn, sample_id, REJECTED, reviewer, note)
+
+
+def acceptance_by_label(conn: duckdb.DuckDBPyConnection) -> dict[str, dict[str, float]]:
+    """Per label: reviewed count and the share accepted or edited (kept) — review metadata."""
+    rows = conn.execute(
+        """
+        SELECT s.label, count(*) AS reviewed,
+               count(*) FILTER (q.status IN ('accepted', 'edited')) / count(*) AS kept
+        FROM review_queue q JOIN annotated_samples s USING (sample_id)
+        WHERE q.status <> 'pending' GROUP BY 1 ORDER BY 1
+        """
+    ).fetchall()
+    return {
+        label: {"reviewed": int(n), "kept_share": round(float(kept), 4)} for label, n, kept in rows
+    }
