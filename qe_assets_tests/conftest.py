@@ -95,4 +95,5 @@ def redis_url(redis_server: RedisServer) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=str(tmp_path / "data"))
+    # No spot checks by default, so counts in tests are exact; test_review covers them.
+    return Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0)

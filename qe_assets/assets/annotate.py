@@ -112,12 +112,22 @@ def annotated_samples(
             "SELECT count(*) FROM review_queue WHERE status = ?", [PENDING]
         ).fetchall()
         reviewed = acceptance_by_label(conn)
+        # The seed's "sample production rate": train samples annotated per hour.
+        ((last_hour, last_day),) = conn.execute(
+            """
+            SELECT count(*) FILTER (annotated_at > now()::TIMESTAMP - INTERVAL 1 HOUR),
+                   count(*) FILTER (annotated_at > now()::TIMESTAMP - INTERVAL 24 HOUR)
+            FROM annotated_samples WHERE route = 'train' AND duplicate_of IS NULL
+            """
+        ).fetchall()
     metadata: dict[str, dg.RawMetadataValue] = {
         "new_samples": new,
         "new_train": routes.get("train", 0),
         "new_review": routes.get("review", 0),
         "new_duplicates": int(duplicates),
         "review_queue_size": int(review_queue),
+        "train_samples_last_hour": int(last_hour),
+        "train_samples_per_hour_24h": round(last_day / 24, 2),
         "total_samples": int(total),
         "dagster/row_count": int(total),
         "new_label_counts": dg.MetadataValue.json(dict(labels.most_common())),

@@ -12,6 +12,7 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.complete import completions
+from qe_assets.charts import as_markdown_image, label_share_png
 from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
 from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
 from qe_assets.settings import Settings
@@ -230,6 +231,12 @@ def tuning_dataset(
         "label_counts": dg.MetadataValue.json(manifest["label_counts"]),
         "label_share": dg.MetadataValue.md(
             "| label | samples | share |\n|---|---:|---:|\n" + share_rows
+        ),
+        "label_share_chart": dg.MetadataValue.md(
+            as_markdown_image(
+                label_share_png(manifest["label_counts"], f"Label share, {manifest['version']}"),
+                "label share",
+            )
         ),
         "dagster/row_count": total,
     }
