@@ -26,10 +26,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its test extras
 
-system-deps: ## install redis-server (apt) when it is missing
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server ..."; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+system-deps: ## install redis-server and chromium (apt) when they are missing
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium fonts-liberation"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt) ..."; \
+	  $(SUDO) apt-get update -qq; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$missing >/dev/null; \
+	fi
 
 demo: install ## generate demo events into the inbox and run the whole graph offline
 	$(BIN)/python -m qe_assets.demo --count $(DEMO_EVENTS) --seed $(DEMO_SEED) --bad-share 0.01 \

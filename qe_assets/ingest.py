@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
-from qe_assets.events import parse_records
+from qe_assets.events import ParsedRecords, parse_records
 from qe_assets.queues import EventQueue
 from qe_assets.store import ensure_schema, query_frame, transaction
 from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
@@ -59,10 +59,15 @@ def commit_batch(
     sources: list[str],
     *,
     received_at: datetime | None = None,
+    parsed: ParsedRecords | None = None,
 ) -> IngestReport:
-    """Validate and write one batch in a single transaction; returns what happened to it."""
+    """Write one batch in a single transaction; returns what happened to it.
+
+    Pass `parsed` (from `parse_records`) to validate before taking the write lock.
+    """
     received_at = received_at or datetime.now(UTC).replace(tzinfo=None)
-    parsed = parse_records(records, sources, received_at=received_at)
+    if parsed is None:
+        parsed = parse_records(records, sources, received_at=received_at)
     events = parsed.events
     ids = events.select("request_id").unique()
     conn.register("batch_ids", ids)
@@ -124,8 +129,13 @@ def ingest_pending(
     with connection() as conn:
         ensure_schema(conn)
     for batch in queue.batches(batch_size):
+        received_at = datetime.now(UTC).replace(tzinfo=None)
+        # Validate before taking the write lock, so readers get in while we parse.
+        parsed = parse_records(batch.records, batch.sources, received_at=received_at)
         with connection() as conn:
-            report = commit_batch(conn, batch.records, batch.sources)
+            report = commit_batch(
+                conn, batch.records, batch.sources, received_at=received_at, parsed=parsed
+            )
         batch.ack()
         total.add(report)
         if on_batch is not None:

@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS completions (
     mode        VARCHAR NOT NULL,          -- naive | llm | human
     status      VARCHAR NOT NULL,          -- ok | failed | rejected_by_judge
     model       VARCHAR,
-    error       VARCHAR,                   -- failed: the error class, 'judge:' prefixed for the judge
+    error       VARCHAR,                   -- failed: error class ('judge:' prefix: the judge's)
     -- llm: HTTP requests sent for this sample, retries included, summed over runs (0 = cache hit).
     attempts    INTEGER NOT NULL,
     created_at  TIMESTAMP NOT NULL,
@@ -217,7 +217,8 @@ def connect(
             if on_wait is not None:
                 on_wait(remaining)
             time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.5)
+            # Readers poll fast: writers leave only short gaps between their transactions.
+            delay = min(delay * 2, 0.05 if read_only else 0.5)
     try:
         yield conn
     finally:

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from qe_assets.settings import Settings
+from qe_assets_tests.openai_server import OpenAIServer, running
 
 
 def free_port() -> int:
@@ -97,3 +98,10 @@ def redis_url(redis_server: RedisServer) -> str:
 def settings(tmp_path: Path) -> Settings:
     # No spot checks by default, so counts in tests are exact; test_review covers them.
     return Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0)
+
+
+@pytest.fixture
+def openai_server() -> Iterator[OpenAIServer]:
+    """A fake OpenAI-compatible endpoint on a free loopback port (see openai_server.py)."""
+    with running() as server:
+        yield server

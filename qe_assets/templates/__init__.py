@@ -1,4 +1,5 @@
-"""The wording of instructions, naive-completion prefixes, prompt headings and system messages.
+"""The wording of instructions, naive-completion prefixes, prompt headings, system messages, and
+the LLM regeneration and judge prompts.
 
 Kept as data in `texts.json` (one place to edit, per label and language); this module only loads
 it and turns it into small lookup frames the Polars transforms join against.
@@ -15,6 +16,7 @@ import polars as pl
 
 LANGUAGES = ("zh", "en")
 DEFAULT_KEY = "default"
+JUDGE_KEYS = ("system", "intro", "reminder")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,10 @@ class Templates:
     naive_prefixes: dict[str, dict[str, str]]
     prompt: dict[str, dict[str, str]]
     system: dict[str, str]
+    # language → {"system"}: sent with the sample's prompt when an LLM regenerates the answer.
+    regenerate: dict[str, dict[str, str]]
+    # language → {"system", "intro", "reminder"}: the judge's rubric and framing.
+    judge: dict[str, dict[str, str]]
 
     def per_label(self, kind: str) -> pl.DataFrame:
         """(language, label, text) rows for `instructions` or `naive_prefixes`."""
@@ -58,6 +64,19 @@ class Templates:
             ]
         )
 
+    def llm_per_language(self) -> pl.DataFrame:
+        """(language, regenerate_system, judge_system, judge_intro, judge_reminder) rows."""
+        return pl.DataFrame(
+            [
+                {
+                    "language": lang,
+                    "regenerate_system": self.regenerate[lang]["system"],
+                    **{f"judge_{key}": self.judge[lang][key] for key in JUDGE_KEYS},
+                }
+                for lang in LANGUAGES
+            ]
+        )
+
 
 def _check(data: dict) -> Templates:
     for kind in ("instructions", "naive_prefixes"):
@@ -70,11 +89,17 @@ def _check(data: dict) -> Templates:
                 raise ValueError(f"templates: prompt.{lang}.{key} is missing")
         if lang not in data["system"]:
             raise ValueError(f"templates: system.{lang} is missing")
+        for kind, keys in (("regenerate", ("system",)), ("judge", JUDGE_KEYS)):
+            for key in keys:
+                if key not in data.get(kind, {}).get(lang, {}):
+                    raise ValueError(f"templates: {kind}.{lang}.{key} is missing")
     return Templates(
         instructions=data["instructions"],
         naive_prefixes=data["naive_prefixes"],
         prompt=data["prompt"],
         system=data["system"],
+        regenerate=data["regenerate"],
+        judge=data["judge"],
     )
 
 

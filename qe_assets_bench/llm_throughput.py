@@ -1,0 +1,135 @@
+"""LLM completion throughput against the test server: `python -m qe_assets_bench.llm_throughput`.
+
+The completions asset runs for real (Dagster, DuckDB, the openai client) against the fake
+OpenAI-compatible server from the test suite, in its own process, which answers every call after
+a fixed latency.
+With concurrency C and latency L the bound is C / L calls/s; the target is 90 % of it. A second
+run must make no calls at all, and so must a run that re-completes everything from the cache.
+Exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from qe_assets.queues import FileInbox
+from qe_assets.settings import Settings
+from qe_assets.store import connect
+from qe_assets_tests.factories import line, make_event
+from qe_assets_tests.openai_server import spawned
+from qe_assets_tests.runs import materialize, metadata
+
+# The benchmark never talks to a real endpoint, so it never needs (or reads) a real key.
+FAKE_KEY = "sk-bench-not-a-secret"
+
+
+def events(count: int) -> list[str]:
+    labels = ["factuality_error", "incomplete_answer", "low_relevance", "overconfidence"]
+    return [
+        line(
+            make_event(
+                f"bench-{i}",
+                question=f"Benchmark question number {i}?",
+                answer=f"Benchmark answer {i}.",
+                evaluation={"score": 0.5, "labels": [labels[i % len(labels)]]},
+            )
+        ).decode()
+        for i in range(count)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds per call")
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--target-share", type=float, default=0.9)
+    args = parser.parse_args(argv)
+
+    os.environ["OPENAI_API_KEY"] = FAKE_KEY
+    with tempfile.TemporaryDirectory(prefix="qe-bench-") as tmp, spawned() as server:
+        settings = Settings(
+            data_dir=str(Path(tmp) / "data"),
+            llm_model="bench-model",
+            openai_base_url=server.base_url,
+            llm_concurrency=args.concurrency,
+            llm_batch_size=args.batch_size,
+            llm_timeout_seconds=30.0,
+            llm_max_retries=2,
+        )
+        # Samples through the real ingest and annotate stages, with no LLM involved yet.
+        FileInbox(settings.inbox_dir).put(events(args.samples))
+        assert materialize(
+            settings, selection=dg.AssetSelection.assets("raw_events", "annotated_samples")
+        ).success
+        with connect(settings.database, read_only=True) as conn:
+            ((train,),) = conn.execute(
+                "SELECT count(*) FROM annotated_samples WHERE route = 'train' "
+                "AND duplicate_of IS NULL"
+            ).fetchall()
+
+        only_completions = dg.AssetSelection.assets("completions")
+        server.set_latency(args.latency)
+        started = time.monotonic()
+        first = materialize(settings, selection=only_completions)
+        elapsed = time.monotonic() - started
+        stats = metadata(first, "completions")
+        calls = server.chat_count
+
+        server.reset()
+        materialize(settings, selection=only_completions)
+        second_calls = server.chat_count
+
+        # Forget the completions (not the cache): everything must come back without a call.
+        with connect(settings.database) as conn:
+            conn.execute("DELETE FROM completions")
+            conn.execute("DELETE FROM watermarks WHERE stage = 'completions'")
+        server.reset()
+        replay = metadata(materialize(settings, selection=only_completions), "completions")
+        replay_calls = server.chat_count
+
+    bound = args.concurrency / args.latency
+    # The asset's own clock over the LLM path; the wall time above also holds Dagster's start-up.
+    rate = float(stats["llm/calls_per_s"])
+    target = args.target_share * bound
+    rows = [
+        ("samples (train)", f"{train}", ""),
+        ("calls, first run", f"{calls}", f"= {train}" if calls == train else "!"),
+        ("wall time, first run", f"{elapsed:.2f} s", "materialize(), Dagster included"),
+        ("LLM path time", f"{stats['llm/elapsed_s']:.2f} s", "read, call, commit"),
+        ("throughput", f"{rate:.1f} calls/s", f"target ≥ {target:.0f} ({rate / bound:.0%} of "),
+        ("latency p50", f"{stats['llm/latency_p50_ms']:.0f} ms", "client side, per call"),
+        ("latency p99", f"{stats['llm/latency_p99_ms']:.0f} ms", ""),
+        ("calls, second run", f"{second_calls}", "must be 0"),
+        ("calls, replay from cache", f"{replay_calls}", f"{replay['llm/cache_hits']} cache hits"),
+    ]
+    rows[4] = (rows[4][0], rows[4][1], rows[4][2] + f"{bound:.0f} bound)")
+    width = max(len(r[0]) for r in rows)
+    print(
+        f"\nLLM completions: {args.samples} samples, concurrency {args.concurrency}, "
+        f"{args.latency * 1000:.0f} ms per call, batch {args.batch_size}"
+    )
+    for name, value, note in rows:
+        print(f"  {name:<{width}}  {value:>14}  {note}")
+    failures = []
+    if rate < target:
+        failures.append(f"throughput {rate:.1f} < {target:.1f} calls/s")
+    if second_calls or replay_calls:
+        failures.append(f"calls on re-runs: {second_calls} and {replay_calls}, expected 0")
+    if calls != train or replay["new_completions"] != train:
+        failures.append(f"expected {train} calls and completions, got {calls}")
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
