@@ -360,9 +360,7 @@ def parse_records(
             except ValidationError as exc:
                 field, reason = describe_errors(exc)
                 payload = text.encode("utf-8", errors="backslashreplace").decode()
-                rejected.append(
-                    _rejection(source, payload, field, reason, _request_id_hint(text))
-                )
+                rejected.append(_rejection(source, payload, field, reason, _request_id_hint(text)))
                 continue
             slow_rows.append(_event_row(event, text, source, pos))
         conn.register("fast_rows", fast)

@@ -171,8 +171,17 @@ def test_fast_path_and_model_agree_on_every_field() -> None:
     stamp = datetime(2026, 11, 2)
     fast = parse_records(lines, sources, received_at=stamp)
     reference = parse_records(lines, sources, received_at=stamp, fast_path=False)
-    compared = ["request_id", "question", "docs", "answer", "score", "labels", "timestamp",
-                "source", "payload"]
+    compared = [
+        "request_id",
+        "question",
+        "docs",
+        "answer",
+        "score",
+        "labels",
+        "timestamp",
+        "source",
+        "payload",
+    ]
     assert fast.events.select(compared).equals(reference.events.select(compared))
     for column in ("checks", "extra"):
         as_json = [None if v is None else json.loads(v) for v in fast.events[column]]

@@ -44,6 +44,7 @@ WRITER = (
     "print('raw_events:', metadata(result, 'raw_events'))\n"
 )
 
+
 @dataclass(frozen=True)
 class Query:
     started: float  # seconds since the ingest began
