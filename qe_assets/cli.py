@@ -142,6 +142,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 ORDER BY dataset_version DESC LIMIT 10
                 """
             ).fetchall()
+            completions = conn.execute(
+                """
+                SELECT mode, status, count(*), coalesce(sum(attempts), 0),
+                       coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+                FROM completions GROUP BY ALL ORDER BY ALL
+                """
+            ).fetchall()
+            failures = conn.execute(
+                "SELECT error, count(*) FROM completions WHERE status = 'failed' "
+                "GROUP BY 1 ORDER BY 2 DESC"
+            ).fetchall()
         print(f"review queue: {review:,} samples waiting for a human")
         print(
             f"pending samples: {ready:,} ready for the next version "
@@ -152,6 +163,25 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
         else:
             print("latest dataset: none yet")
+        if completions:
+            print("completions (mode, status: samples, HTTP requests, tokens in/out):")
+            for mode, status, samples, requests, tokens_in, tokens_out in completions:
+                print(
+                    f"  {mode:<6} {status:<18} {samples:>8,} {requests:>8,} "
+                    f"{tokens_in:>12,} {tokens_out:>12,}"
+                )
+            tokens_in = sum(row[4] for row in completions)
+            tokens_out = sum(row[5] for row in completions)
+            cost = (
+                tokens_in * settings.llm_price_input_per_1m
+                + tokens_out * settings.llm_price_output_per_1m
+            ) / 1e6
+            print(f"  LLM tokens {tokens_in:,} in / {tokens_out:,} out, estimated cost {cost:.4f}")
+        if failures:
+            print(
+                "failed completions by error: "
+                + ", ".join(f"{error} {count:,}" for error, count in failures)
+            )
         if models:
             print("models (latest run per dataset version):")
             for version, backend, status, model in models:

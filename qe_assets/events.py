@@ -321,12 +321,15 @@ def parse_records(
     sources: Sequence[str],
     *,
     received_at: datetime | None = None,
-    fast_path: bool = True,
+    fast_path: bool = False,
 ) -> ParsedRecords:
     """Validate raw JSON records; each one becomes exactly one event row or one rejected row.
 
     Runs in a private in-memory DuckDB, so parsing never holds the store's write lock.
-    `fast_path=False` sends every record through the pydantic model (the reference, for tests).
+    By default every record goes through the pydantic model (in Rust). `fast_path=True` first
+    tries the vectorised DuckDB pass; it agrees with the model field for field (tested) but, as
+    written, re-parses each line's JSON per function and measured ~1.8x slower on 7.5 KB events
+    (5,000 events: 2.4 s vs 1.3 s), so it stays opt-in until it parses once.
     """
     if len(records) != len(sources):
         raise ValueError("records and sources must have the same length")

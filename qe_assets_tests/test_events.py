@@ -169,8 +169,8 @@ def test_fast_path_and_model_agree_on_every_field() -> None:
     ]
     sources = [f"s:{i}" for i in range(len(lines))]
     stamp = datetime(2026, 11, 2)
-    fast = parse_records(lines, sources, received_at=stamp)
-    reference = parse_records(lines, sources, received_at=stamp, fast_path=False)
+    fast = parse_records(lines, sources, received_at=stamp, fast_path=True)
+    reference = parse_records(lines, sources, received_at=stamp)
     compared = [
         "request_id",
         "question",

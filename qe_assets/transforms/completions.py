@@ -39,7 +39,7 @@ def naive_completions(samples: pl.DataFrame, templates: Templates) -> pl.DataFra
         pl.lit(OK).alias("status"),
         pl.lit(None, dtype=pl.String).alias("model"),
         pl.lit(None, dtype=pl.String).alias("error"),
-        pl.lit(1, dtype=pl.Int32).alias("attempts"),
+        pl.lit(0, dtype=pl.Int32).alias("attempts"),  # no LLM request made
     )
 
 
