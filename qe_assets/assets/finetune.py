@@ -60,9 +60,11 @@ def fine_tuned_model(
             context.log.info(f"every dataset version already has a {backend} run; nothing to do")
             return
         last = latest_run(conn, version, backend)
-        if last is not None and last["status"] == "running" and last["job_id"]:
+        if last is not None and last["status"] == "running" and last["recipe"]:
+            # An interrupted attempt: same run id and recipe, so a job created for it (even one
+            # whose id was never saved) is found and followed instead of starting another.
             run_id, inputs = last["run_id"], _inputs_from(last)
-            context.log.info(f"resuming {run_id}: following job {last['job_id']}")
+            context.log.info(f"resuming {run_id} (job {last['job_id'] or 'not saved yet'})")
         else:
             run_id = f"{version}-{backend}-{attempts(conn, version, backend) + 1}"
             try:
