@@ -61,7 +61,9 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.runner import run_pipeline
 
-    outcome = run_pipeline(settings, cut_version=args.cut_version)
+    outcome = run_pipeline(
+        settings, cut_version=args.cut_version, log_level="WARNING" if args.quiet else "INFO"
+    )
     for line in outcome.summary:
         print(line)
     if not outcome.success:
@@ -310,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="one pass of the whole loop, in process, through Dagster")
     p.add_argument(
         "--cut-version", action="store_true", help="cut a dataset version even below the threshold"
+    )
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress lines on stderr, only the summary"
     )
     p.set_defaults(func=cmd_run)
 

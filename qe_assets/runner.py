@@ -83,12 +83,16 @@ def _summarise(result: dg.ExecuteInProcessResult) -> list[str]:
 
 
 def _execute(
-    defs: dg.Definitions, job_name: str, instance: dg.DagsterInstance, outcome: RunOutcome
+    defs: dg.Definitions,
+    job_name: str,
+    instance: dg.DagsterInstance,
+    outcome: RunOutcome,
+    log_level: str,
 ) -> bool:
     result = defs.resolve_job_def(job_name).execute_in_process(
         instance=instance,
         raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
     outcome.run_id = result.run_id
     outcome.summary.extend(_summarise(result))
@@ -104,7 +108,11 @@ def _execute(
 
 
 def run_pipeline(
-    settings: Settings, *, cut_version: bool = False, instance: dg.DagsterInstance | None = None
+    settings: Settings,
+    *,
+    cut_version: bool = False,
+    instance: dg.DagsterInstance | None = None,
+    log_level: str = "INFO",
 ) -> RunOutcome:
     """Ingest → annotate → complete; then, past the threshold or when asked, the release job
     (the one the sensor launches)."""
@@ -116,14 +124,14 @@ def run_pipeline(
     if instance is None:
         instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
     outcome = RunOutcome(success=True, run_id="")
-    if not _execute(defs, PIPELINE_JOB, instance, outcome):
+    if not _execute(defs, PIPELINE_JOB, instance, outcome, log_level):
         return outcome
     with connect(settings.database, read_only=True) as conn:
         ready = ready_sample_count(conn)
     if ready == 0:
         outcome.summary.append("no sample ready for a new dataset version")
     elif cut_version or ready >= settings.finetune_threshold:
-        _execute(defs, RELEASE_JOB, instance, outcome)
+        _execute(defs, RELEASE_JOB, instance, outcome, log_level)
     else:
         outcome.summary.append(
             f"{ready} samples ready, below the threshold of {settings.finetune_threshold}: "
