@@ -114,6 +114,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _float("QE_CHAT_WEIGHT_THRESHOLD"),
     ),
     "export_batch_size": ("QE_EXPORT_BATCH_SIZE", _int("QE_EXPORT_BATCH_SIZE")),
+    "pii_redaction": ("QE_PII_REDACTION", _bool("QE_PII_REDACTION")),
     "max_label_share": ("QE_MAX_LABEL_SHARE", _float("QE_MAX_LABEL_SHARE")),
     "max_unspecified_share": ("QE_MAX_UNSPECIFIED_SHARE", _float("QE_MAX_UNSPECIFIED_SHARE")),
     "max_unknown_label_share": (
@@ -193,6 +194,7 @@ class Settings(BaseModel):
     chat_system_message: bool = True
     chat_weight_threshold: float | None = None
     export_batch_size: int = 50_000
+    pii_redaction: bool = True
     max_label_share: float = 0.8
     max_unspecified_share: float = 0.2
     max_unknown_label_share: float = 0.1

@@ -254,3 +254,35 @@ def test_label_checks_warn_on_purpose(settings: Settings) -> None:
     drift = checks(materialize(settings))["label_drift"]
     assert not drift.passed and drift.severity == dg.AssetCheckSeverity.WARN
     assert drift.metadata["total_variation_distance"].value == 1.0
+
+
+def test_no_seeded_pii_reaches_a_dataset_file(settings: Settings) -> None:
+    pii = {
+        "email": "li.wei@example.com",
+        "phone": "+86 138 0013 8000",
+        "card": "4111 1111 1111 1111",
+        "ip": "192.168.10.24",
+    }
+    events = [
+        line(
+            make_event(
+                f"p{i}",
+                question=f"My e-mail is {pii['email']}, call {pii['phone']} - question {i}?",
+                answer=f"Card {pii['card']} was charged from {pii['ip']}.",
+                docs=[{"id": "d", "content": f"Contact {pii['email']} for refunds.", "score": 1}],
+                evaluation={"score": 0.5, "labels": ["factuality_error"]},
+            )
+        ).decode()
+        for i in range(12)
+    ]
+    FileInbox(settings.inbox_dir).put(events)
+    result = materialize(settings)
+    assert result.success
+    text = "".join(p.read_text() for p in settings.datasets_dir.glob("*_v001.*"))
+    for value in pii.values():
+        assert value not in text
+    assert "[EMAIL]" in text and "[CARD]" in text
+    meta = metadata(result, "tuning_dataset")
+    assert meta["pii_redacted/email"] >= 24 and meta["pii_redacted/card"] == 12
+    manifest = json.loads(version_files(settings, "v001")[2].read_text())
+    assert manifest["pii_redactions"]["ip"] == 12

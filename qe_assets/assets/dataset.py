@@ -26,6 +26,7 @@ from qe_assets.transforms.dataset import (
     label_counts,
     records,
 )
+from qe_assets.transforms.pii import redact
 
 # Ready = a completion that is ok, written after the last version's watermark, for a sample that
 # is not a duplicate, not waiting for a reviewer and not in any version yet.
@@ -134,11 +135,18 @@ def cut_version(duckdb_resource: DuckDBResource, settings: Settings) -> dict[str
     templates = load_templates()
     labels: dict[str, int] = {}
     modes: dict[str, int] = {}
+    redacted: dict[str, int] = {}
     members: list[pl.DataFrame] = []
     last_seq = state.low
     with VersionWriter(directory, version) as writer:
         for batch in _ready_batches(duckdb_resource, state, settings.export_batch_size):
             batch = assign_split(batch, settings.validation_share)
+            if settings.pii_redaction:
+                # Nothing personal leaves the store: prompts and completions are redacted on the
+                # way into the files (the tables keep what was received, for audit).
+                batch, found = redact(batch, ["prompt", "completion"])
+                for kind, count in found.items():
+                    redacted[kind] = redacted.get(kind, 0) + count
             writer.write(
                 records(batch),
                 chat_lines(
@@ -159,9 +167,9 @@ def cut_version(duckdb_resource: DuckDBResource, settings: Settings) -> dict[str
         samples = pl.concat(members)
         splits = dict(samples.group_by("split").len().iter_rows())
         labels = dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))
-        manifest = writer.publish(
-            _manifest(version, settings, labels, modes, splits, (state.low, last_seq))
-        )
+        manifest = _manifest(version, settings, labels, modes, splits, (state.low, last_seq))
+        manifest["pii_redactions"] = redacted if settings.pii_redaction else None
+        manifest = writer.publish(manifest)
     files = VersionFiles.at(directory, version)
     with duckdb_writer(duckdb_resource) as conn:
         conn.register("version_samples", samples)
@@ -242,4 +250,6 @@ def tuning_dataset(
     }
     for label, count in manifest["label_counts"].items():
         metadata[f"label_share/{label}"] = round(count / total, 4)
+    for kind, count in (manifest["pii_redactions"] or {}).items():
+        metadata[f"pii_redacted/{kind}"] = count
     yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(manifest["version"]))
