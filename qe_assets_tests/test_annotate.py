@@ -52,9 +52,9 @@ def test_chinese_event_golden() -> None:
     instruction = load_templates().instructions["zh"]["factuality_error"]
     assert row["instruction"] == instruction
     assert row["prompt"] == (
-        "[资料1] 结转的年假须在三月底前用完。\n"
-        "[资料2] 年假最多结转五天。\n"
-        "[资料3] 加班可以调休。\n\n"
+        "[资料1] <<<结转的年假须在三月底前用完。>>>\n"
+        "[资料2] <<<年假最多结转五天。>>>\n"
+        "[资料3] <<<加班可以调休。>>>\n\n"
         f"{instruction}\n\n"
         "# 问题\n年假可以结转到明年吗?"
     )
@@ -73,7 +73,7 @@ def test_english_event_golden_with_truncation_and_train_route() -> None:
     assert len(row["context_docs"][0]["content"]) == 500
     instruction = load_templates().instructions["en"]["overconfidence"]
     assert row["prompt"] == (
-        f"[Document 1] {'x' * 500}\n\n{instruction}\n\n"
+        f"[Document 1] <<<{'x' * 500}>>>\n\n{instruction}\n\n"
         "# Question\nHow many days do I have to request a refund?"
     )
 
@@ -104,7 +104,7 @@ def test_settings_change_k_truncation_factor_gate_and_language() -> None:
     row = annotate(ZH_EVENT, config=config).row(0, named=True)
     assert [d["content"] for d in row["context_docs"]] == ["结转的年"]
     assert row["confidence"] == pytest.approx(0.6) and row["route"] == TRAIN
-    assert row["language"] == "en" and row["prompt"].startswith("[Document 1] 结转的年")
+    assert row["language"] == "en" and row["prompt"].startswith("[Document 1] <<<结转的年>>>")
 
 
 def test_select_context_handles_empty_and_null_scores() -> None:

@@ -10,6 +10,7 @@ import polars as pl
 
 from qe_assets.events import normalised_labels, primary_label
 from qe_assets.templates import Templates
+from qe_assets.transforms.completions import neutralise
 
 TRAIN, REVIEW = "train", "review"
 # Any Han character marks the question as Chinese; everything else is answered in English.
@@ -61,8 +62,11 @@ def build_prompts(frame: pl.DataFrame, templates: Templates) -> pl.DataFrame:
                 pl.col("document").str.replace(
                     "{n}", pl.col("position").cast(pl.String), literal=True
                 ),
-                pl.lit(" "),
-                pl.col("context_docs").struct.field("content"),
+                # Documents are data: quoted between markers they cannot close themselves, so
+                # an instruction inside one stays inside its quote.
+                pl.lit(" <<<"),
+                neutralise(pl.col("context_docs").struct.field("content")),
+                pl.lit(">>>"),
             )
             .str.join("\n")
             .alias("context_block")
