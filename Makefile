@@ -42,6 +42,10 @@ demo: install ## generate demo events into the inbox and run the whole graph off
 	  --out "$(QE_DATA_DIR)/inbox/demo-seed$(DEMO_SEED).jsonl"
 	$(BIN)/qe run --cut-version
 	$(BIN)/qe status
+	@echo; echo "datasets:  $(QE_DATA_DIR)/datasets/"; ls -1 "$(QE_DATA_DIR)/datasets/" | sed 's/^/  /'
+	@echo "database:  $(QE_DATA_DIR)/qe.duckdb   (query it: .venv/bin/qe sql \"SELECT ...\")"
+	@echo "review:    .venv/bin/qe review list"
+	@echo "UI:        make ui   → http://127.0.0.1:3000"
 
 test: install system-deps ## install everything the tests need and run the whole suite
 	$(BIN)/ruff check qe_assets qe_assets_tests
