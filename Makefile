@@ -62,7 +62,8 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix qe_assets qe_assets_tests
 	$(BIN)/ruff format qe_assets qe_assets_tests
 
-bench: install ## benchmarks (LLM completion throughput against the local fake server)
+bench: install ## benchmarks: the pipeline vs the seed and one-pass anchors, then LLM throughput
+	$(BIN)/python -m qe_assets_bench.pipeline $(BENCH_ARGS)
 	$(BIN)/python -m qe_assets_bench.llm_throughput
 
 ui: install ## dagster dev on 127.0.0.1 with DAGSTER_HOME under $(QE_DATA_DIR)
