@@ -183,7 +183,7 @@ class Settings(BaseModel):
     queue_url: str | None = None
     queue_consumer: str = "default"
     capture_threshold: float = 0.7
-    ingest_batch_size: int = 20_000
+    ingest_batch_size: int = 5_000
     min_confidence: float = 0.6
     confidence_factor: float = 1.5
     context_top_k: int = 3
