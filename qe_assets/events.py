@@ -102,7 +102,11 @@ def parse_timestamp(value: str) -> datetime:
     except ValueError:
         raise ValueError(f"not an ISO-8601 timestamp: {value[:64]!r}") from None
     if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        try:
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            # pydantic turns only ValueError into a field error; anything else would crash the batch.
+            raise ValueError(f"outside years 1-9999 in UTC: {value[:64]!r}") from None
     return parsed
 
 
@@ -191,10 +195,15 @@ def _request_id_hint(text: str) -> str | None:
     """Best-effort request_id of a rejected record, so users can find it again."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # The model already rejected the record; nesting deep enough to exhaust Python's stack
+        # must not turn a rejection into a crash of the whole batch.
         return None
     rid = value.get("request_id") if isinstance(value, dict) else None
-    return rid.strip() or None if isinstance(rid, str) else None
+    if not isinstance(rid, str):
+        return None
+    # Python's json accepts lone surrogate escapes, which no table column can store.
+    return rid.strip().encode("utf-8", errors="backslashreplace").decode() or None
 
 
 def _rejection(source: str, payload: str, field: str, reason: str, rid: str | None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from qe_assets.settings import Settings
 
 # Written once into a fresh DAGSTER_HOME. The writer pool has one slot, so runs launched together
 # (sensor + UI) queue for DuckDB instead of failing on its file lock.
+# Run monitoring lets the daemon (`make ui`) fail runs whose worker died and free the pool slots
+# they held; `qe run` has no daemon and reaps its own dead runs (`reap_dead_runs`).
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
@@ -19,7 +22,14 @@ concurrency:
   pools:
     granularity: op
     default_limit: 1
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
+  free_slots_after_run_end_seconds: 30
 """
+# Tags `qe run` puts on its runs, so a later `qe run` can tell whether their process still lives.
+OWNER_HOST_TAG = "qe/host"
+OWNER_PROCESS_TAG = "qe/process"
 
 # Metadata shown per asset by `qe run`, in this order.
 SUMMARY_KEYS = (
@@ -58,6 +68,52 @@ def prepare_dagster_home(settings: Settings) -> Path:
     return home
 
 
+def _process_identity(pid: int) -> str | None:
+    """pid plus its start time (Linux), so a recycled pid does not pass for the old process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return f"{pid}"
+    # Field 22 (start time) counted after the parenthesised command name, which may hold spaces.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie holds no slot and does no work
+        return None
+    return f"{pid}:{fields[19]}"
+
+
+def _owner_tags() -> dict[str, str]:
+    return {
+        OWNER_HOST_TAG: socket.gethostname(),
+        OWNER_PROCESS_TAG: _process_identity(os.getpid()) or str(os.getpid()),
+    }
+
+
+def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Fail the runs a killed `qe run` on this host left STARTED and free their pool slots.
+
+    Without this, a run killed while a step holds the `qe_duckdb_writer` slot keeps it claimed,
+    and every later run waits for it for ever.
+    """
+    host = socket.gethostname()
+    reaped = []
+    for record in instance.get_run_records(
+        dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
+            tags={OWNER_HOST_TAG: host},
+        )
+    ):
+        run = record.dagster_run
+        owner = run.tags.get(OWNER_PROCESS_TAG, "")
+        if not owner or _process_identity(int(owner.split(":")[0])) == owner:
+            continue
+        instance.report_run_failed(run, "the `qe run` process that ran this run is gone")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+    return reaped
+
+
 @dataclass
 class RunOutcome:
     success: bool
@@ -93,6 +149,7 @@ def _execute(
         instance=instance,
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        tags=_owner_tags(),
     )
     outcome.run_id = result.run_id
     outcome.summary.extend(_summarise(result))
@@ -124,6 +181,8 @@ def run_pipeline(
     if instance is None:
         instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
     outcome = RunOutcome(success=True, run_id="")
+    for run_id in reap_dead_runs(instance):
+        outcome.summary.append(f"run {run_id} of a killed `qe run` marked failed, its slots freed")
     if not _execute(defs, PIPELINE_JOB, instance, outcome, log_level):
         return outcome
     with connect(settings.database, read_only=True) as conn:
