@@ -105,7 +105,7 @@ def parse_timestamp(value: str) -> datetime:
         try:
             parsed = parsed.astimezone(UTC).replace(tzinfo=None)
         except OverflowError:
-            # pydantic turns only ValueError into a field error; anything else would crash the batch.
+            # pydantic makes a field error of ValueError only; anything else crashes the batch.
             raise ValueError(f"outside years 1-9999 in UTC: {value[:64]!r}") from None
     return parsed
 

@@ -38,34 +38,30 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    # Persistence flags; a subclass that must survive restarts turns them on.
+    persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
+
     def start(self) -> None:
+        address = ("--port", str(self.port), "--bind", "127.0.0.1")
         self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
+            [self.binary, *address, *self.persistence, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:
                 client.ping()
                 return
-            except redis.ConnectionError:
+            except redis.RedisError:  # LOADING while it replays a journal, or not listening yet
+                assert self.process is not None
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
+                time.sleep(0.01)
 
     def stop(self) -> None:
         if self.process is not None:
