@@ -26,7 +26,6 @@ Three inputs once crashed the ingester instead of being rejected, and stay as re
 recursion limit, a timestamp that leaves the calendar when converted to UTC, and a rejected record
 whose request_id holds a lone surrogate. The property's valid events stay inside years 2-9998
 (a timestamp at the calendar's edge is rightly rejected, so it cannot be generated as valid).
-The opt-in `parse_records(fast_path=True)` disagrees with the model on four inputs (xfail too).
 
 Budget: 60 hypothesis examples by default (mixed batches of up to 14 records, ~400 records,
 ~10 s), QE_FUZZ_EXAMPLES=N for a longer hunt; the number of records fuzzed is printed at the end
@@ -46,12 +45,10 @@ from typing import Any
 
 import dagster as dg
 import duckdb
-import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qe_assets.events import parse_records
 from qe_assets.ingest import commit_batch, ingest_pending
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
@@ -608,12 +605,9 @@ def test_adversarial_file_through_the_inbox_and_dagster(settings: Settings) -> N
     assert not list(settings.inbox_dir.glob("*.jsonl"))
 
 
-# --- poison records (regressions) and the fast path ------------------------------------------
+# --- poison records and re-sends (regressions) ------------------------------------------
 #
-# parse_records validates with the pydantic model by default; `fast_path=True` (opt-in, unused in
-# production so far) first tries a vectorised DuckDB pass that promises to agree with the model.
-# The crash inputs pad their request_id with a space (documented as harmless: it is trimmed), so
-# they fail on the model path whatever the default is.
+# The crash inputs pad their request_id with a space (documented as harmless: it is trimmed).
 
 
 def deep_record(request_id: str, depth: int) -> bytes:
@@ -652,63 +646,19 @@ def test_poison_record_is_rejected_and_does_not_block_the_queue(
     assert inbox.depth() == 0
 
 
-def summary(records: list[bytes], *, fast_path: bool) -> dict[str, Any]:
-    """What parse_records makes of records: each row's content and fingerprint, each rejection's
-    field, or the exception it raised."""
-    sources = [f"s{i}" for i in range(len(records))]
-    try:
-        parsed = parse_records(records, sources, received_at=RECEIVED_AT, fast_path=fast_path)
-    except Exception as exc:
-        return {"crashed": type(exc).__name__}
-    rows = parsed.events.select(
-        "source",
-        "request_id",
-        "fingerprint",
-        "checks",
-        "extra",
-        pl.col("timestamp").cast(pl.String),
-    )
-    return {
-        "events": sorted(rows.rows()),
-        "rejected": sorted(parsed.rejected.select("source", "field").rows()),
-    }
-
-
-DIVERGENCES = {
-    "nesting_500_levels": (
-        [deep_record("div-deep", 500)],
-        "BUG events.py _FAST_PATH (opt-in): DuckDB's JSON parser accepts nesting the model rejects "
-        "(> 200 levels)",
-    ),
-    "timestamp_past_year_9999_in_utc": (
-        [event_record("div-ts", timestamp="9999-12-31T23:59:59-14:00")],
-        "BUG events.py _FAST_PATH (opt-in): TRY_CAST AS TIMESTAMPTZ accepts a UTC time in year "
-        "10000, which Python cannot read back; the model path crashes (OverflowError)",
-    ),
-    "checks_null": (
-        [event_record("div-null", evaluation={"score": 0.4, "checks": None})],
-        'BUG events.py _FAST_PATH (opt-in): an explicit "checks": null becomes JSON null, the '
-        "model path stores {}; the fingerprints differ, so a re-send is a conflict",
-    ),
-    "key_order_inside_checks": (
-        [
-            event_record("div-keys", evaluation={"score": 0.4, "checks": {"a": 1, "b": 2}}),
-            event_record("div-keys", evaluation={"score": 0.4, "checks": {"b": 2, "a": 1}}),
-        ],
-        "BUG events.py _FAST_PATH/_FINGERPRINT (opt-in): nested JSON (checks, extra, document "
-        "keys) keeps the order sent, so a re-send with other key order gets another fingerprint",
-    ),
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=DIVERGENCES[name][1]))
-        for name in DIVERGENCES
-    ],
-)
-def test_the_opt_in_fast_path_agrees_with_the_model(name: str) -> None:
-    # parse_records(fast_path=True) promises to agree with the model field for field.
-    records = DIVERGENCES[name][0]
-    assert summary(records, fast_path=True) == summary(records, fast_path=False)
+def test_resend_with_other_key_order_inside_nested_json_is_a_duplicate(
+    fuzz_db: duckdb.DuckDBPyConnection,
+) -> None:
+    # Nested JSON (checks, extra, document keys) is fingerprinted with sorted keys; an explicit
+    # "checks": null is the same content as no checks at all.
+    first = [
+        event_record("keys", evaluation={"score": 0.4, "checks": {"a": 1, "b": 2}}),
+        event_record("null-checks", evaluation={"score": 0.4}),
+    ]
+    again = [
+        event_record("keys", evaluation={"score": 0.4, "checks": {"b": 2, "a": 1}}),
+        event_record("null-checks", evaluation={"score": 0.4, "checks": None}),
+    ]
+    assert commit_batch(fuzz_db, first, ["f:1", "f:2"]).new == 2
+    report = commit_batch(fuzz_db, again, ["g:1", "g:2"])
+    assert (report.duplicates, report.rejected) == (2, 0)
