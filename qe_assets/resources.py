@@ -84,7 +84,10 @@ class OpenAIResource(dg.ConfigurableResource):
 def build_resources(settings: Settings) -> dict[str, Any]:
     settings.database.parent.mkdir(parents=True, exist_ok=True)
     return {
-        "duckdb": DuckDBResource(database=str(settings.database)),
+        "duckdb": DuckDBResource(
+            database=str(settings.database),
+            connection_config={"memory_limit": settings.duckdb_memory_limit},
+        ),
         "settings": PipelineSettings(**settings.model_dump()),
         "openai": OpenAIResource(
             # Only a reference when the variable is set, so an offline setup loads without it.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,16 @@ def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
     return parse
 
 
+def _memory_size(raw: str) -> str:
+    value = raw.strip().replace(" ", "")
+    if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?B|%)", value, flags=re.IGNORECASE):
+        raise SettingsError(
+            f"QE_DUCKDB_MEMORY_LIMIT must be a size such as 512MB, 2GB or 4GiB, or a share of "
+            f"the machine's memory such as 25%; got {raw!r}"
+        )
+    return value
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("redis://", "rediss://", "unix://")):
@@ -94,6 +105,7 @@ def _redis_url(raw: str) -> str:
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "data_dir": ("QE_DATA_DIR", str.strip),
     "duckdb_path": ("QE_DUCKDB_PATH", str.strip),
+    "duckdb_memory_limit": ("QE_DUCKDB_MEMORY_LIMIT", _memory_size),
     "queue_url": ("QE_QUEUE_URL", _redis_url),
     "queue_consumer": ("QE_QUEUE_CONSUMER", str.strip),
     "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
@@ -180,6 +192,9 @@ class Settings(BaseModel):
 
     data_dir: str = "data"
     duckdb_path: str | None = None
+    # DuckDB's default (80 % of RAM) lets its page cache grow with history; a bound keeps a run's
+    # memory flat, and larger-than-memory work spills to disk.
+    duckdb_memory_limit: str = "1GB"
     queue_url: str | None = None
     queue_consumer: str = "default"
     capture_threshold: float = 0.7

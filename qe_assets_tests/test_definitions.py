@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,18 @@ def test_bad_configuration_fails_at_load_with_the_variable_named() -> None:
         Settings.from_env({"QE_QUEUE_URL": "localhost:6379"})
     with pytest.raises(SettingsError, match="QE_FINETUNE_THRESHOLD must be an integer"):
         Settings.from_env({"QE_FINETUNE_THRESHOLD": "lots"})
+    with pytest.raises(SettingsError, match="QE_DUCKDB_MEMORY_LIMIT must be a size"):
+        Settings.from_env({"QE_DUCKDB_MEMORY_LIMIT": "lots"})
+
+
+def test_the_duckdb_memory_limit_reaches_the_pipelines_connections(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"QE_DATA_DIR": str(tmp_path), "QE_DUCKDB_MEMORY_LIMIT": "256 MiB"}
+    )
+    resource = build_definitions(settings).resources["duckdb"]
+    with resource.get_connection() as conn:
+        (limit,) = conn.execute("SELECT current_setting('memory_limit')").fetchall()[0]
+    assert limit == "256.0 MiB"
 
 
 def test_defaults_follow_the_contract() -> None:
