@@ -26,10 +26,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its test extras
 
-system-deps: ## install redis-server and chromium (apt) when they are missing
+system-deps: ## install redis-server, chromium and postgresql (apt) when they are missing
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium fonts-liberation"; \
+	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 \
+	  || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt) ..."; \
 	  $(SUDO) apt-get update -qq; \
