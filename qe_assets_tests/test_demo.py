@@ -1,10 +1,12 @@
-"""The demo event generator: determinism, realism of the mix, malformed lines, atomic writes."""
+"""The demo: the event generator (determinism, realism of the mix, malformed lines, atomic writes)
+and `make demo` itself."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -263,3 +265,25 @@ def test_cli_writes_the_file_and_reports_the_count(
     assert out.read_text(encoding="utf-8").splitlines() == generate_events(
         40, seed=9, bad_share=0.1
     )
+
+
+def test_make_demo_runs_the_whole_graph_and_says_where_things_are(tmp_path: Path) -> None:
+    # The Makefile's own recipe, against this checkout's installed .venv: `-o` marks the install
+    # stamp up to date, so make runs the demo steps without reinstalling.
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".venv" / ".installed").exists():
+        pytest.skip("needs the .venv that `make test` creates")
+    data = tmp_path / "data"
+    run = subprocess.run(
+        ["make", "-C", str(root), "-o", ".venv/.installed", "demo", "DEMO_EVENTS=400"],
+        env={**os.environ, "QE_DATA_DIR": str(data), "DAGSTER_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "tuning_dataset: " in run.stdout and "version=v001" in run.stdout
+    assert f"datasets:  {data}/datasets/" in run.stdout
+    assert "rag_quality_tuning_v001.jsonl" in run.stdout
+    assert f"database:  {data}/qe.duckdb" in run.stdout
+    assert (data / "datasets" / "rag_quality_tuning_v001.manifest.json").exists()
