@@ -7,17 +7,15 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
-import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.dataset import tuning_dataset
+from qe_assets.export import VersionFiles, version_format_problems
 from qe_assets.resources import PipelineSettings, duckdb_writer
 from qe_assets.transforms.validation import (
     LabelBounds,
-    chat_format_problems,
     label_share_problems,
     label_shares,
-    record_problems,
     total_variation,
 )
 
@@ -25,33 +23,26 @@ from qe_assets.transforms.validation import (
 @dataclass(frozen=True)
 class LatestVersion:
     version: str
-    jsonl_path: Path
-    chat_path: Path
+    files: VersionFiles
     label_counts: dict[str, int]
     previous_label_counts: dict[str, int] | None
 
 
 def latest_version(conn: duckdb.DuckDBPyConnection) -> LatestVersion | None:
     rows = conn.execute(
-        "SELECT version, jsonl_path, chat_path, label_counts FROM dataset_versions "
+        "SELECT version, jsonl_path, chat_path, manifest_path, label_counts FROM dataset_versions "
         "ORDER BY number DESC LIMIT 2"
     ).fetchall()
     if not rows:
         return None
-    version, jsonl, chat, counts = rows[0]
-    previous = json.loads(rows[1][3]) if len(rows) > 1 else None
-    return LatestVersion(version, Path(jsonl), Path(chat), json.loads(counts), previous)
+    version, jsonl, chat, manifest, counts = rows[0]
+    previous = json.loads(rows[1][4]) if len(rows) > 1 else None
+    files = VersionFiles(Path(jsonl), Path(chat), Path(manifest))
+    return LatestVersion(version, files, json.loads(counts), previous)
 
 
 def _no_version() -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=True, metadata={"version": "none yet"})
-
-
-def _read_lines(path: Path) -> tuple[pl.DataFrame | None, str | None]:
-    try:
-        return pl.read_ndjson(path, infer_schema_length=None), None
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        return None, f"{path.name} is not readable as JSON lines: {exc}"
 
 
 def _result(
@@ -79,12 +70,7 @@ def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> 
         latest = latest_version(conn)
     if latest is None:
         return _no_version()
-    problems: list[str] = []
-    chat, error = _read_lines(latest.chat_path)
-    problems += [error] if error else chat_format_problems(chat)
-    records, error = _read_lines(latest.jsonl_path)
-    problems += [error] if error else record_problems(records, settings.min_dataset_examples)
-    examples = 0 if records is None else records.height
+    problems, examples = version_format_problems(latest.files, settings.min_dataset_examples)
     return _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, examples=examples)
 
 

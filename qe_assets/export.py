@@ -20,6 +20,8 @@ from typing import IO, Any
 
 import polars as pl
 
+from qe_assets.transforms.validation import chat_format_problems, record_problems
+
 DATASET_NAME = "rag_quality_tuning"
 _VERSION_FILE = re.compile(rf"^{DATASET_NAME}_v(\d{{3,}})\.(jsonl|chat\.jsonl|manifest\.json)$")
 
@@ -161,3 +163,22 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_lines(path: Path) -> tuple[pl.DataFrame | None, str | None]:
+    """A version file as a frame, or why it cannot be read."""
+    try:
+        return pl.read_ndjson(path, infer_schema_length=None), None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        return None, f"{path.name} is not readable as JSON lines: {exc}"
+
+
+def version_format_problems(files: VersionFiles, min_examples: int) -> tuple[list[str], int]:
+    """(problems, examples) of a version's chat and record files under the format rules: what the
+    blocking check reports, and what fine-tuning refuses to train on."""
+    problems: list[str] = []
+    chat, error = read_json_lines(files.chat)
+    problems += [error] if error else chat_format_problems(chat)
+    records, error = read_json_lines(files.jsonl)
+    problems += [error] if error else record_problems(records, min_examples)
+    return problems, 0 if records is None else records.height

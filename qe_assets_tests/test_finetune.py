@@ -198,3 +198,28 @@ def test_none_backend_refuses_a_tampered_version(settings: Settings) -> None:
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "differs from its committed sha256" in failure.step_failure_data.error.message
+
+
+def test_a_version_failing_the_format_rules_is_never_trained_on(settings: Settings) -> None:
+    # Three samples are under the 10-example minimum: the blocking check fails the release run
+    # and skips fine_tuned_model there ...
+    processed(settings, 3)
+    release = materialize(
+        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    )
+    assert not release.success
+    assert metadata(release, "tuning_dataset")["version"] == "v001"
+    assert not [
+        e
+        for e in release.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("fine_tuned_model")
+    ]
+    # ... and fine_tuned_model launched on its own refuses the version instead of training on it.
+    alone = materialize(settings, selection=["fine_tuned_model"], raise_on_error=False)
+    assert not alone.success
+    failure = alone.get_step_failure_events()[0].event_specific_data.error.message  # type: ignore[union-attr]
+    assert "v001 breaks the dataset format rules" in failure
+    assert "10" in failure
+    with connect(settings.database, read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM fine_tune_runs").fetchall() == [(0,)]
+    assert not (Path(settings.data_dir) / "finetune").exists()

@@ -11,7 +11,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.export import sha256_file
+from qe_assets.export import VersionFiles, sha256_file, version_format_problems
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame
 
@@ -90,6 +90,17 @@ def prepare_inputs(
 ) -> TrainingInputs:
     """Verify the version's files and write its train/validation chat files for the run."""
     row = verified_version(conn, version)
+    # The blocking check stops a release run, but fine_tuned_model can be launched on its own:
+    # never train on, or upload, a version that breaks the format rules.
+    files = VersionFiles(
+        Path(row["jsonl_path"]), Path(row["chat_path"]), Path(row["manifest_path"])
+    )
+    problems, _ = version_format_problems(files, settings.min_dataset_examples)
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise DatasetInvalid(f"{version} breaks the dataset format rules: {shown}")
     splits = query_frame(
         conn, "SELECT sample_id, split FROM dataset_samples WHERE version = ?", [version]
     )
