@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS completions (
     sample_id   VARCHAR PRIMARY KEY,
     completion  VARCHAR,
     mode        VARCHAR NOT NULL,          -- naive | llm | human
-    status      VARCHAR NOT NULL,          -- ok | failed | rejected_by_judge
+    status      VARCHAR NOT NULL,          -- ok | failed | rejected_by_judge | rejected
     model       VARCHAR,
     error       VARCHAR,                   -- failed: error class ('judge:' prefix: the judge's)
     -- llm: HTTP requests sent for this sample, retries included, summed over runs (0 = cache hit).
@@ -116,7 +116,7 @@ CREATE TABLE IF NOT EXISTS dataset_samples (
     PRIMARY KEY (version, sample_id)
 );
 CREATE TABLE IF NOT EXISTS fine_tune_runs (
-    run_id            VARCHAR PRIMARY KEY,    -- qe-<version>-<backend>
+    run_id            VARCHAR PRIMARY KEY,    -- <version>-<backend>-<attempt>
     dataset_version   VARCHAR NOT NULL,
     backend           VARCHAR NOT NULL,       -- none | openai | command
     status            VARCHAR NOT NULL,       -- running | succeeded | failed | cancelled | skipped
