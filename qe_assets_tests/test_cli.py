@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from qe_assets_tests.factories import line, make_event
+from qe_assets_tests.test_pipeline import batch
 
 
 def qe(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -88,3 +89,23 @@ def test_help_lists_every_command() -> None:
     out = qe("--help", env={})
     for command in ("enqueue", "run", "sql", "status", "ui"):
         assert command in out.stdout
+
+
+def test_run_shows_progress_on_stderr_and_quiet_only_the_summary(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(batch("p", 30)) + "\n")
+    batches = {"QE_INGEST_BATCH_SIZE": "10", "QE_EXPORT_BATCH_SIZE": "10"}
+    loud_env = {"QE_DATA_DIR": str(tmp_path / "loud"), "QE_SPOT_CHECK_SHARE": "0", **batches}
+    qe("enqueue", str(events), env=loud_env)
+    loud = qe("run", "--cut-version", env=loud_env)
+    # Every stage reports its batches while it works, the export included.
+    assert "annotated 10 events (30 so far)" in loud.stderr
+    assert "v001: 10 samples written" in loud.stderr
+    assert "v001: 30 samples written" in loud.stderr
+    assert "tuning_dataset: " in loud.stdout and "version=v001" in loud.stdout
+
+    quiet_env = {"QE_DATA_DIR": str(tmp_path / "quiet")}
+    qe("enqueue", str(events), env=quiet_env)
+    quiet = qe("run", "--cut-version", "--quiet", env=quiet_env)
+    assert "samples written" not in quiet.stderr and "annotated" not in quiet.stderr
+    assert "version=v001" in quiet.stdout

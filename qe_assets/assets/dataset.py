@@ -1,7 +1,7 @@
 """Stage 4, export: every completed sample not yet in a version → the next immutable vNNN."""
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -125,8 +125,13 @@ def _manifest(
     }
 
 
-def cut_version(duckdb_resource: DuckDBResource, settings: Settings) -> dict[str, Any] | None:
-    """Write and commit the next version; None when no sample is ready."""
+def cut_version(
+    duckdb_resource: DuckDBResource,
+    settings: Settings,
+    on_batch: Callable[[str, int], None] | None = None,
+) -> dict[str, Any] | None:
+    """Write and commit the next version; None when no sample is ready. `on_batch(version,
+    samples written so far)` follows progress."""
     with duckdb_writer(duckdb_resource) as conn:
         state = version_state(conn)
     version = version_name(state.next_number)
@@ -162,6 +167,8 @@ def cut_version(duckdb_resource: DuckDBResource, settings: Settings) -> dict[str
                 modes[mode] = modes.get(mode, 0) + count
             members.append(batch.select("sample_id", "split"))
             last_seq = int(batch["completion_seq"].max())
+            if on_batch is not None:
+                on_batch(version, sum(m.height for m in members))
         if not members:
             return None
         samples = pl.concat(members)
@@ -217,7 +224,11 @@ def cut_version(duckdb_resource: DuckDBResource, settings: Settings) -> dict[str
 def tuning_dataset(
     context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
 ) -> Iterator[dg.MaterializeResult]:
-    manifest = cut_version(duckdb, settings)
+    manifest = cut_version(
+        duckdb,
+        settings,
+        lambda version, written: context.log.info(f"{version}: {written} samples written"),
+    )
     if manifest is None:
         context.log.info("no completed sample is waiting for a version; nothing to cut")
         return
