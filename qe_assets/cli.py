@@ -118,8 +118,8 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.assets.dataset import ready_sample_count
     from qe_assets.queues import QueueUnavailable, open_queue
+    from qe_assets.readiness import ready_sample_count
     from qe_assets.store import connect, table_counts
 
     print(f"database: {settings.database}")
@@ -377,6 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except OSError as exc:
+        # The reader went away (`qe sql … | head`): not an error. Polars reports it as a plain
+        # OSError naming the pipe. Silence the interpreter's complaint when it flushes stdout.
+        if not (isinstance(exc, BrokenPipeError) or "Broken pipe" in str(exc)):
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         from qe_assets.store import DatabaseBusy
 

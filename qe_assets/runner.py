@@ -173,8 +173,8 @@ def run_pipeline(
 ) -> RunOutcome:
     """Ingest → annotate → complete; then, past the threshold or when asked, the release job
     (the one the sensor launches)."""
-    from qe_assets.assets.dataset import ready_sample_count
     from qe_assets.definitions import PIPELINE_JOB, RELEASE_JOB, build_definitions
+    from qe_assets.readiness import ready_sample_count
     from qe_assets.store import connect
 
     defs = build_definitions(settings)

@@ -4,8 +4,8 @@ import json
 
 import dagster as dg
 
-from qe_assets.assets.dataset import ready_sample_count, version_state
 from qe_assets.export import version_name
+from qe_assets.readiness import ready_sample_count, version_state
 from qe_assets.resources import PipelineSettings
 from qe_assets.store import DatabaseBusy, connect
 

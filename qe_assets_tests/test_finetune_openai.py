@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from qe_assets.settings import Settings
@@ -132,3 +133,52 @@ def test_job_created_but_id_not_saved_is_found_by_its_run_id(
     result = materialize(openai_settings, selection=["fine_tuned_model"])
     assert metadata(result, "fine_tuned_model")["status"] == "succeeded"
     assert len(jobs(openai_server)) == 1
+
+
+def cancel_and_materialize(
+    settings: Settings, server: OpenAIServer
+) -> tuple[dg.ExecuteInProcessResult, dict]:
+    """A version whose job the provider cancels (e.g. someone cancelled it in their console)."""
+    server.job_script = ["validating_files", "running", "cancelled"]
+    processed(settings, 15)
+    result = materialize(
+        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    )
+    return result, run_row(settings)
+
+
+def test_cancelled_job_fails_the_asset_with_the_providers_status_and_a_retry_starts_anew(
+    openai_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    result, row = cancel_and_materialize(openai_settings, openai_server)
+    assert not result.success
+    # The version was cut; only the fine-tune step failed, and it produced no model.
+    assert metadata(result, "tuning_dataset")["version"] == "v001"
+    assert metadata(result, "fine_tuned_model") == {}
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert failure.step_key == "fine_tuned_model"
+    # The provider's verdict (its status; a cancelled job carries no error message) is in the
+    # failure a user reads in the UI, naming the job.
+    job_id = row["job_id"]
+    assert job_id and job_id.startswith("ftjob-")
+    assert f"fine-tuning job {job_id} cancelled" in failure.step_failure_data.error.message
+    # The registry row is terminal, not `running`: nothing will try to resume a cancelled job.
+    assert row["run_id"] == "v001-openai-1" and row["model_id"] is None
+    assert row["status"] != "running" and "cancelled" in row["message"]
+
+    # Materializing again starts a new attempt with a new job instead of following the dead one.
+    openai_server.job_script = ["validating_files", "running", "succeeded"]
+    again = metadata(
+        materialize(openai_settings, selection=["fine_tuned_model"]), "fine_tuned_model"
+    )
+    assert (again["run_id"], again["status"]) == ("v001-openai-2", "succeeded")
+    assert again["job_id"] != job_id and len(jobs(openai_server)) == 2
+
+
+def test_cancelled_job_is_recorded_as_cancelled(
+    openai_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    _, row = cancel_and_materialize(openai_settings, openai_server)
+    assert row["status"] == "cancelled"
+    # The provider's events are kept for the post-mortem, as for a successful job.
+    assert json.loads(row["metrics"])["events"]

@@ -2,18 +2,17 @@
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
-import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.complete import completions
 from qe_assets.charts import as_markdown_image, label_share_png
 from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
+from qe_assets.readiness import READY, VersionState, version_state
 from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame, transaction
@@ -28,45 +27,6 @@ from qe_assets.transforms.dataset import (
 )
 from qe_assets.transforms.pii import redact
 
-# Ready = a completion that is ok, written after the last version's watermark, for a sample that
-# is not a duplicate, not waiting for a reviewer and not in any version yet.
-_READY = """
-    FROM completions c JOIN annotated_samples s USING (sample_id)
-    WHERE c.seq > $low AND c.seq <= $high AND c.status = 'ok' AND c.completion IS NOT NULL
-      AND s.duplicate_of IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM review_queue r WHERE r.sample_id = c.sample_id AND r.status = 'pending'
-      )
-      AND NOT EXISTS (SELECT 1 FROM dataset_samples d WHERE d.sample_id = c.sample_id)
-"""
-
-
-@dataclass(frozen=True)
-class VersionState:
-    committed: list[str]
-    next_number: int
-    low: int  # completions.seq already covered by committed versions
-    high: int  # newest completions.seq now
-
-
-def version_state(conn: duckdb.DuckDBPyConnection) -> VersionState:
-    committed = [r[0] for r in conn.execute("SELECT version FROM dataset_versions").fetchall()]
-    ((number, low),) = conn.execute(
-        "SELECT coalesce(max(number), 0), coalesce(max(max_completion_seq), 0) "
-        "FROM dataset_versions"
-    ).fetchall()
-    ((high,),) = conn.execute("SELECT coalesce(max(seq), 0) FROM completions").fetchall()
-    return VersionState(committed, int(number) + 1, int(low), int(high))
-
-
-def ready_sample_count(conn: duckdb.DuckDBPyConnection, state: VersionState | None = None) -> int:
-    """Samples the next version would take: what the fine-tune sensor compares to its threshold."""
-    state = state or version_state(conn)
-    ((count,),) = conn.execute(
-        f"SELECT count(*) {_READY}", {"low": state.low, "high": state.high}
-    ).fetchall()
-    return int(count)
-
 
 def _ready_batches(
     duckdb_resource: DuckDBResource, state: VersionState, batch_size: int
@@ -80,7 +40,7 @@ def _ready_batches(
                 f"""
                 SELECT c.seq AS completion_seq, c.sample_id, s.prompt, c.completion, s.label,
                        s.confidence, s.score, s.language, s.question_key, c.mode
-                {_READY}
+                {READY}
                 ORDER BY c.seq LIMIT $limit
                 """,
                 {"low": low, "high": state.high, "limit": batch_size},

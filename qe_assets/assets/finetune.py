@@ -108,7 +108,13 @@ def fine_tuned_model(
             save(message=str(exc))
             raise dg.Failure(str(exc)) from exc
         except FineTuneFailed as exc:
-            save(status="failed", message=str(exc))
+            # The provider's own status (failed or cancelled) and its events, for the post-mortem.
+            failed = exc.outcome
+            save(
+                status=failed.status,
+                message=str(exc),
+                metrics={**failed.metrics, "events": failed.events},
+            )
             raise dg.Failure(str(exc)) from exc
         status, model_id, message = "succeeded", outcome.model_id, None
         metrics = {**outcome.metrics, "events": outcome.events}

@@ -22,6 +22,10 @@ Save = Callable[..., None]
 class FineTuneFailed(RuntimeError):
     """The provider ended the job as failed or cancelled; the message is the provider's."""
 
+    def __init__(self, message: str, outcome: JobOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
 
 class FineTuneStillRunning(RuntimeError):
     """The deadline passed before the job finished; re-running resumes following it."""
@@ -114,5 +118,5 @@ def follow_job(
     if job.status != "succeeded":
         error = job.error
         message = (error.message if error and error.message else None) or f"job {job.status}"
-        raise FineTuneFailed(f"fine-tuning job {job_id} {job.status}: {message}")
+        raise FineTuneFailed(f"fine-tuning job {job_id} {job.status}: {message}", outcome)
     return outcome
