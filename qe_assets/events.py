@@ -189,19 +189,15 @@ def _rejection(source: str, payload: str, field: str, reason: str, rid: str | No
 
 
 # Content identity of a re-send: the typed fields, so key order and whitespace do not matter.
-_ROWS = """
-SELECT e.request_id, e.question, coalesce(d.docs, []) AS docs, e.answer, e.evaluation, e.score,
-       e.labels, e.checks, coalesce(e.timestamp_given, $received_at) AS timestamp, e.extra,
-       sha256(to_json({'request_id': e.request_id, 'question': e.question,
-                       'docs': coalesce(d.docs, []), 'answer': e.answer, 'score': e.score,
-                       'labels': e.labels, 'checks': e.checks::JSON,
-                       'timestamp': e.timestamp_given, 'extra': e.extra::JSON})) AS fingerprint,
-       e.source, e.payload
-FROM valid_events e
-LEFT JOIN (SELECT pos, list({'id': id, 'content': content, 'score': score, 'meta': meta}
-                            ORDER BY ord) AS docs
-           FROM valid_docs GROUP BY pos) d USING (pos)
-ORDER BY e.pos
+# Computed by DuckDB (its JSON rendering is the stored fingerprints' definition); only the key
+# and the digest come back, so the batch's text is never copied through a query result.
+_FINGERPRINT = """
+SELECT pos,
+       sha256(to_json({'request_id': request_id, 'question': question, 'docs': docs,
+                       'answer': answer, 'score': score, 'labels': labels,
+                       'checks': checks::JSON, 'timestamp': timestamp_given,
+                       'extra': extra::JSON})) AS fingerprint
+FROM batch_events
 """
 
 _EVENT_COLUMNS: dict[str, pl.DataType] = {
@@ -288,13 +284,25 @@ def parse_records(
             docs["content"].append(doc.content)
             docs["score"].append(None if doc.score is None else float(doc.score))
             docs["meta"].append(_json(doc.__pydantic_extra__) if doc.__pydantic_extra__ else None)
+    doc_lists = (
+        pl.DataFrame(docs, schema=_DOC_COLUMNS)
+        .group_by("pos", maintain_order=True)
+        .agg(pl.struct("id", "content", "score", "meta").alias("docs"))
+    )
+    batch = (
+        pl.DataFrame(events, schema=_EVENT_COLUMNS)
+        .join(doc_lists, on="pos", how="left", maintain_order="left")
+        .with_columns(pl.col("docs").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["docs"])))
+    )
     with duckdb.connect() as conn:
         conn.execute("SET TimeZone = 'UTC'")
-        conn.register("valid_events", pl.DataFrame(events, schema=_EVENT_COLUMNS))
-        conn.register("valid_docs", pl.DataFrame(docs, schema=_DOC_COLUMNS))
-        rows = conn.sql(_ROWS, params={"received_at": received_at}).pl()
+        conn.register("batch_events", batch)
+        fingerprints = conn.sql(_FINGERPRINT).pl()
+    rows = batch.join(fingerprints, on="pos", how="left", maintain_order="left").with_columns(
+        pl.col("timestamp_given").fill_null(pl.lit(received_at, dtype=pl.Datetime("us")))
+    )
     return ParsedRecords(
-        events=rows.cast(RAW_EVENT_SCHEMA),
+        events=rows.rename({"timestamp_given": "timestamp"}).select(list(RAW_EVENT_SCHEMA)),
         rejected=pl.DataFrame(rejected, schema=REJECTED_SCHEMA),
     )
 
