@@ -14,11 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
-from qe_assets.store import ensure_schema
-
-# Every asset that writes DuckDB runs in this pool; `dagster.yaml` limits it to one slot, so two
-# runs launched together (sensor + UI) queue instead of failing on the file lock.
-WRITER_POOL = "qe_duckdb_writer"
+from qe_assets.store import ensure_schema, writer_lock
 
 
 class PipelineSettings(dg.ConfigurableResource, Settings):
@@ -43,6 +39,32 @@ def duckdb_writer(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnectio
             yield conn
         finally:
             conn.close()
+
+
+# Run-log messages around the writer lock: operators see who waited, and tests can check that
+# no two holds overlapped.
+WAITING_FOR_LOCK = "waiting for the DuckDB writer lock"
+TOOK_LOCK = "took the DuckDB writer lock"
+RELEASED_LOCK = "released the DuckDB writer lock"
+
+
+@contextmanager
+def exclusive_stage(context: dg.AssetExecutionContext, settings: Settings) -> Iterator[None]:
+    """Hold the database's writer lock for a whole stage, saying in the run's log when it waits.
+
+    Two runs launched together (a sensor's and one from the UI) then take turns stage by stage
+    instead of failing on DuckDB's file lock or interleaving their queue claims.
+    """
+
+    def waiting(holder: str) -> None:
+        context.log.info(f"{WAITING_FOR_LOCK}, held by {holder}")
+
+    with writer_lock(settings.database, on_wait=waiting):
+        context.log.debug(TOOK_LOCK)
+        try:
+            yield
+        finally:
+            context.log.debug(RELEASED_LOCK)
 
 
 class OpenAIResource(dg.ConfigurableResource):

@@ -11,21 +11,16 @@ import dagster as dg
 
 from qe_assets.settings import Settings
 
-# Written once into a fresh DAGSTER_HOME. The writer pool has one slot, so runs launched together
-# (sensor + UI) queue for DuckDB instead of failing on its file lock.
-# Run monitoring lets the daemon (`make ui`) fail runs whose worker died and free the pool slots
-# they held; `qe run` has no daemon and reaps its own dead runs (`reap_dead_runs`).
+# Written once into a fresh DAGSTER_HOME. Writers are serialised by the database's writer lock
+# (`qe_assets.store.writer_lock`), not by a Dagster pool. Run monitoring lets the daemon
+# (`make ui`) fail runs whose worker died; `qe run` has no daemon and reaps its own dead runs
+# (`reap_dead_runs`).
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
-concurrency:
-  pools:
-    granularity: op
-    default_limit: 1
 run_monitoring:
   enabled: true
   poll_interval_seconds: 30
-  free_slots_after_run_end_seconds: 30
 """
 # Tags `qe run` puts on its runs, so a later `qe run` can tell whether their process still lives.
 OWNER_HOST_TAG = "qe/host"
@@ -91,11 +86,9 @@ def _owner_tags() -> dict[str, str]:
 
 
 def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Fail the runs a killed `qe run` on this host left STARTED and free their pool slots.
-
-    Without this, a run killed while a step holds the `qe_duckdb_writer` slot keeps it claimed,
-    and every later run waits for it for ever.
-    """
+    """Fail the runs a killed `qe run` on this host left STARTED, and free any concurrency slots
+    they held, so the UI and the sensor (which waits while a release run is in flight) do not
+    take them for live runs."""
     host = socket.gethostname()
     reaped = []
     for record in instance.get_run_records(

@@ -7,6 +7,9 @@ right after; readers (`qe sql`, the sensor) retry for a bounded, visible wait.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -223,6 +226,53 @@ def connect(
         yield conn
     finally:
         conn.close()
+
+
+def writer_lock_path(database: str | Path) -> Path:
+    return Path(f"{database}.writer.lock")
+
+
+@contextmanager
+def writer_lock(
+    database: str | Path,
+    *,
+    on_wait: Callable[[str], None] | None = None,
+    poll_seconds: float = 0.1,
+    report_seconds: float = 30.0,
+) -> Iterator[None]:
+    """The right to run one writing stage against `database`, exclusive across the processes of
+    this host, held for the whole stage.
+
+    DuckDB's own file lock guards a transaction, not a stage: a stage that claims queue records,
+    commits and acks over many short transactions must not interleave with another run's. A
+    kernel lock (flock) does this without races and is released by the kernel when its holder
+    exits or is killed, so a crash never leaves it taken. `on_wait(holder)` is called when the
+    lock is busy, and again every `report_seconds` while waiting.
+    """
+    path = writer_lock_path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        reported_at: float | None = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if on_wait is not None and (
+                    reported_at is None or now - reported_at >= report_seconds
+                ):
+                    holder = os.pread(fd, 256, 0).decode("utf-8", errors="replace").strip()
+                    on_wait(holder or "another process")
+                    reported_at = now
+                time.sleep(poll_seconds)
+        # Who holds it, for the next waiter's message; never read for correctness.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def table_counts(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:

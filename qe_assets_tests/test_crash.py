@@ -34,8 +34,9 @@ it is skipped, because `make test` runs the `slow` marker too.
 
 The kill runs go through the asset functions directly (`ingest_pending`, `annotate_next_batch`,
 `complete_next_batch`, `cut_version`, as the assets call them), not through Dagster. A Dagster run
-(`qe run`) killed while it holds the `qe_duckdb_writer` pool slot must not block the next run:
-`test_killed_dagster_run_does_not_block_the_next_run` (the next `qe run` reaps the dead run).
+(`qe run`) killed while it holds the database's writer lock must not block the next run:
+`test_killed_dagster_run_does_not_block_the_next_run` (the kernel drops the lock; the next
+`qe run` marks the dead run failed).
 """
 
 from __future__ import annotations
@@ -536,9 +537,6 @@ def test_sigkill_many_trials(
     assert stats.kills >= trials
 
 
-HANG_SECONDS = 1.0  # a fixed runner frees the slot before the new run ever waits
-
-
 def test_killed_dagster_run_does_not_block_the_next_run(tmp_path: Path, zygote: Zygote) -> None:
     import dagster as dg
 
@@ -546,7 +544,8 @@ def test_killed_dagster_run_does_not_block_the_next_run(tmp_path: Path, zygote: 
     FileInbox(data / "inbox").put(generate_events(CI_EVENTS, seed=5, bad_share=0.05))
     env = {"QE_DATA_DIR": str(data), "DAGSTER_HOME": str(home), **BATCH_ENV}
     first = zygote.start(env, mode="dagster")
-    # The inbox file moves to .processing/ inside the raw_events step, which holds the slot.
+    # The inbox file moves to .processing/ inside the raw_events step, which holds the database's
+    # writer lock: the kill lands while the lock is taken and the run is STARTED.
     deadline = time.monotonic() + RUN_TIMEOUT
     while not list((data / "inbox" / ".processing").glob("*.jsonl")):
         assert first.exit is None and time.monotonic() < deadline, (first.exit, first.errors)
@@ -554,26 +553,10 @@ def test_killed_dagster_run_does_not_block_the_next_run(tmp_path: Path, zygote: 
     os.kill(first.pid, signal.SIGKILL)
     zygote.wait_for(first, None)
 
+    # The kernel dropped the dead run's lock: the next run goes through, well within the timeout.
     second = zygote.start(env, mode="dagster")
+    zygote.wait_for(second, None)
     instance = dg.DagsterInstance.from_config(str(home))
-    blocked_since: float | None = None
-    while second.exit is None:
-        zygote.pump(0.5)
-        info = instance.event_log_storage.get_concurrency_info("qe_duckdb_writer")
-        holders = {slot.run_id for slot in info.claimed_slots}
-        dead = {
-            run.run_id
-            for run in instance.get_runs()
-            if run.run_id in holders and run.status == dg.DagsterRunStatus.STARTED
-        } - {r.run_id for r in instance.get_runs(limit=1)}  # the newest run is the live one
-        if dead and info.pending_steps:
-            blocked_since = blocked_since or time.monotonic()
-            if time.monotonic() - blocked_since > HANG_SECONDS:
-                os.kill(second.pid, signal.SIGKILL)
-                zygote.wait_for(second, None)
-                pytest.fail(f"the next run waits for the writer slot held by the killed run {dead}")
-        else:
-            blocked_since = None
     assert second.exit["code"] == 0, second.errors
     # The killed run is recorded as failed, not left running for ever.
     statuses = [run.status for run in instance.get_runs()]

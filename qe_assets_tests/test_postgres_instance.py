@@ -1,4 +1,4 @@
-"""The Dagster instance on PostgreSQL: `qe run` records its runs, events and pool slots there.
+"""The Dagster instance on PostgreSQL: `qe run` records its runs and events there.
 
 A throwaway PostgreSQL server (Debian's `postgresql` package, which `make test` installs) is
 started with initdb into a temp dir, listening on a free 127.0.0.1 port with its unix socket in
@@ -30,7 +30,6 @@ import yaml
 
 from qe_assets.demo import generate_events
 from qe_assets.queues import FileInbox
-from qe_assets.resources import WRITER_POOL
 from qe_assets.runner import DAGSTER_YAML
 from qe_assets_tests.conftest import free_port
 
@@ -201,7 +200,7 @@ def test_example_keeps_the_blocks_qe_run_writes() -> None:
 
 
 @pytest.mark.postgres
-def test_qe_run_records_runs_materializations_and_pool_in_postgres(
+def test_qe_run_records_runs_and_materializations_in_postgres(
     postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import dagster as dg
@@ -244,14 +243,6 @@ def test_qe_run_records_runs_materializations_and_pool_in_postgres(
         assert latest is not None and latest.asset_materialization is not None
         assert latest.asset_materialization.metadata["version"].value == "v001"
 
-        # The writer pool: one slot from `default_limit: 1`, every slot released after the runs.
-        pools = instance.get_concurrency_config().pool_config
-        assert pools.default_pool_limit == 1
-        assert WRITER_POOL in instance.event_log_storage.get_concurrency_keys()
-        info = instance.event_log_storage.get_concurrency_info(WRITER_POOL)
-        assert info.slot_count == 1
-        assert not info.claimed_slots and not info.pending_steps
-
     # And the rows really are in PostgreSQL, in the tables Dagster's schema defines.
     with closing(postgres.connect()) as conn, conn.cursor() as cur:
         cur.execute("SELECT status, count(*) FROM runs GROUP BY status")
@@ -260,5 +251,3 @@ def test_qe_run_records_runs_materializations_and_pool_in_postgres(
             "SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'"
         )
         assert cur.fetchone()[0] >= 4
-        cur.execute("SELECT concurrency_key FROM concurrency_limits")
-        assert (WRITER_POOL,) in cur.fetchall()

@@ -1,22 +1,21 @@
-"""Two runs launched together queue for DuckDB instead of failing on its lock.
+"""Two runs launched together take turns on DuckDB instead of failing on its lock.
 
 Requirement: a sensor run and a UI run started at the same moment must not fail on the DuckDB file
-lock, because every writing asset is in the `qe_duckdb_writer` pool and the `dagster.yaml` that
-`make ui` / `qe run` write gives that pool one slot.
+lock. Every writing stage (raw_events, annotated_samples, completions, tuning_dataset) holds the
+database's writer lock (`qe_assets.store.writer_lock`, a kernel flock next to the database file)
+for the whole stage, so stages of different runs take turns; the kernel drops the lock of a
+killed holder. (Dagster's concurrency pools were tried first and dropped: on Dagster 1.13 two
+processes claiming the one slot at the same instant could both get it, and a step queued while
+the slot was being freed could wait for ever.)
 
 The test launches two real `qe run --cut-version` processes at the same instant against one data
-directory and one DAGSTER_HOME (the headless equivalent of two launches recorded in the UI's
-instance; the pool is enforced by the instance, whatever launched the run), over a file inbox of
-demo events ingested in small batches, so each run holds many short write transactions for
-seconds. It proves:
+directory and one DAGSTER_HOME, over a file inbox of demo events ingested in small batches, so
+each run holds many short write transactions for seconds. It proves:
 
 * both processes exit 0, no output mentions a DuckDB lock error, every Dagster run succeeded;
-* no two pooled steps overlapped in time, across both runs (their STEP_START..STEP_SUCCESS
-  intervals, from the instance's event log, are disjoint). Only pooled steps: fine_tuned_model
-  and the dataset checks open DuckDB outside the pool and rely on the connection retries;
-* the pool was really in force and really contended: its limit is 1, a poller never saw more
-  than one claimed slot, and the event log holds a "Step blocked by limit for pool" event;
-  a waiting step left unassigned next to a free slot fails the test at once instead of hanging;
+* no two holds of the writer lock overlapped in time, across both runs (the took/released lines
+  of each stage in the instance's event log are disjoint), and the runs really contended (a
+  stage logged that it waited for the lock);
 * nothing was lost or doubled: every distinct valid request_id once in raw_events, every
   malformed line once in rejected_events, one annotated sample per event, the queue drained,
   and exactly one dataset version holding every ready sample (the second cut found nothing).
@@ -27,8 +26,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -39,44 +40,26 @@ from typing import Any
 import dagster as dg
 import pytest
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
 
-from qe_assets.definitions import ASSET_CHECKS, ASSETS
 from qe_assets.demo import generate_events
 from qe_assets.events import validate_event
 from qe_assets.queues import FileInbox
-from qe_assets.resources import WRITER_POOL
+from qe_assets.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.runner import DAGSTER_YAML, prepare_dagster_home
 from qe_assets.settings import Settings
-from qe_assets.store import connect
+from qe_assets.store import connect, writer_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 1_000
 # Small batches: a run holds many short write transactions, as under production traffic.
 BATCH_ENV = {"QE_INGEST_BATCH_SIZE": "100", "QE_EXPORT_BATCH_SIZE": "200"}
 RUN_TIMEOUT = 150.0
-POLL_SECONDS = 0.1
-STALL_SECONDS = 10.0
-WRITING_STEPS = {"raw_events", "annotated_samples", "completions", "tuning_dataset"}
-BLOCKED_MESSAGE = f"Step blocked by limit for pool {WRITER_POOL}"
+PIPELINE_WRITERS = {"raw_events", "annotated_samples", "completions"}
 # What DuckDB, our store helpers and Dagster print when the file lock is not obtained.
 LOCK_FAILURE = re.compile(
     r"could not set lock|conflicting lock|ioexception|io error|stayed locked|databasebusy",
     re.IGNORECASE,
 )
-
-
-@dataclass
-class PoolObservations:
-    """What a poller of the instance saw while the two runs were alive."""
-
-    polls: int = 0
-    max_claimed: int = 0
-    polls_with_claim: int = 0
-    polls_with_waiter: int = 0
-    limits: set[int | None] = field(default_factory=set)
-    skipped_busy: int = 0  # SQLite busy for the poller: its own problem, not the runs'
-    stuck: str | None = None  # why the runs were stopped before they finished
 
 
 def child_env(data: Path, home: Path) -> dict[str, str]:
@@ -100,68 +83,19 @@ def launch_run(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-def observe_pool(
-    instance: dg.DagsterInstance, procs: list[subprocess.Popen[str]]
-) -> PoolObservations:
-    """Samples the writer pool until every process has exited, or stops early (`stuck`)."""
-    seen = PoolObservations()
-    deadline = time.monotonic() + RUN_TIMEOUT
-    stalled_since: float | None = None
-    while any(proc.poll() is None for proc in procs):
-        if time.monotonic() > deadline:
-            seen.stuck = f"the runs did not finish within {RUN_TIMEOUT:.0f}s"
-            return seen
-        time.sleep(POLL_SECONDS)
-        try:
-            info = instance.event_log_storage.get_concurrency_info(WRITER_POOL)
-        except OperationalError as exc:
-            if "locked" not in str(exc).lower():
-                raise
-            seen.skipped_busy += 1
-            continue
-        seen.polls += 1
-        claimed = len(info.claimed_slots)
-        seen.max_claimed = max(seen.max_claimed, claimed)
-        seen.polls_with_claim += claimed > 0
-        waiting = [s for s in info.pending_steps if s.assigned_timestamp is None]
-        # A pending step without an assigned slot is one waiting for the other run's writer.
-        seen.polls_with_waiter += bool(waiting)
-        seen.limits.add(info.limit)
-        # Only freeing a slot assigns a waiting step, so a free slot next to a waiting step
-        # (for longer than a free-then-assign takes) is a lost wake-up: nothing will ever run it.
-        if waiting and claimed == 0 and len(waiting) == len(info.pending_steps):
-            stalled_since = stalled_since or time.monotonic()
-            if time.monotonic() - stalled_since > STALL_SECONDS:
-                seen.stuck = (
-                    f"the writer slot is free, yet {[(s.run_id, s.step_key) for s in waiting]} "
-                    f"has waited for it, unassigned, for {STALL_SECONDS:.0f}s: {info}"
-                )
-                return seen
-        else:
-            stalled_since = None
-    return seen
-
-
-def run_together(
-    env: dict[str, str], instance: dg.DagsterInstance, count: int = 2
-) -> tuple[list[tuple[int, str, str]], PoolObservations]:
-    """`count` `qe run`s launched at once: (exit code, stdout, stderr) of each, and what the
-    poller saw meanwhile."""
+def run_together(env: dict[str, str], count: int = 2) -> list[tuple[int, str, str]]:
+    """`count` `qe run`s launched at once: (exit code, stdout, stderr) of each."""
     procs = [launch_run(env) for _ in range(count)]
+    deadline = time.monotonic() + RUN_TIMEOUT
     try:
-        seen = observe_pool(instance, procs)
+        outputs = [
+            proc.communicate(timeout=max(1.0, deadline - time.monotonic())) for proc in procs
+        ]
     finally:
-        for proc in procs:  # never leave a run behind, whatever stopped the poller
+        for proc in procs:  # never leave a run behind, whatever happened
             if proc.poll() is None:
                 proc.kill()
-    outputs = [proc.communicate(timeout=30) for proc in procs]
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)], seen
-
-
-def pooled_step_keys() -> set[str]:
-    keys = {a.op.name for a in ASSETS if a.op.pool == WRITER_POOL}
-    keys |= {c.op.name for c in ASSET_CHECKS if c.op.pool == WRITER_POOL}
-    return keys
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
 
 
 @dataclass
@@ -172,32 +106,26 @@ class StepSpan:
     end: float
 
 
-def step_spans(
-    instance: dg.DagsterInstance, run_id: str, steps: set[str]
-) -> tuple[list[StepSpan], int]:
-    """Start..end of each of `steps` in a run, and how many pool-blocked events the run logged."""
-    starts: dict[str, float] = {}
+def lock_spans(instance: dg.DagsterInstance, run_id: str) -> tuple[list[StepSpan], int]:
+    """When each stage of a run held the writer lock, and how many times a stage waited for it."""
+    taken: dict[str, float] = {}
     spans: list[StepSpan] = []
-    blocked = 0
+    waits = 0
     for record in instance.get_records_for_run(run_id, limit=100_000).records:
         entry = record.event_log_entry
-        event = entry.dagster_event
-        if event is None:
+        if entry.dagster_event is not None or not entry.step_key:
             continue
-        if event.event_type == dg.DagsterEventType.ENGINE_EVENT and (
-            (event.message or "").startswith(BLOCKED_MESSAGE)
-        ):
-            blocked += 1
-        if event.step_key not in steps:
-            continue
-        if event.is_step_start:
-            starts[event.step_key] = entry.timestamp
-        elif event.is_step_success or event.is_step_failure:
+        message = entry.user_message
+        if message.startswith(WAITING_FOR_LOCK):
+            waits += 1
+        elif message == TOOK_LOCK:
+            taken[entry.step_key] = entry.timestamp
+        elif message == RELEASED_LOCK:
             spans.append(
-                StepSpan(run_id, event.step_key, starts.pop(event.step_key), entry.timestamp)
+                StepSpan(run_id, entry.step_key, taken.pop(entry.step_key), entry.timestamp)
             )
-    assert not starts, f"steps of run {run_id} started and never ended: {starts}"
-    return spans, blocked
+    assert not taken, f"stages of run {run_id} took the lock and never released it: {taken}"
+    return spans, waits
 
 
 @dataclass
@@ -285,7 +213,7 @@ def instance(
         yield opened
 
 
-def test_two_runs_launched_together_queue_for_the_writer_slot(
+def test_two_runs_launched_together_take_turns_on_the_writer_lock(
     data: Path, instance: dg.DagsterInstance
 ) -> None:
     lines = generate_events(EVENTS, seed=31, bad_share=0.02)
@@ -293,30 +221,25 @@ def test_two_runs_launched_together_queue_for_the_writer_slot(
     # The input holds malformed lines and exact re-sends, so both tables' counts mean something.
     assert expected.rejected and len(expected.ids) < len(lines) - expected.rejected.total()
     FileInbox(data / "inbox").put(lines)
-    pooled = pooled_step_keys()
-    assert pooled >= WRITING_STEPS, f"writing steps outside {WRITER_POOL}: {WRITING_STEPS - pooled}"
 
     started = time.monotonic()
-    results, seen = run_together(child_env(data, Path(instance.root_directory)), instance)
+    results = run_together(child_env(data, Path(instance.root_directory)))
     elapsed = time.monotonic() - started
-    assert seen.stuck is None, seen.stuck + "".join(
-        f"\n--- run {n} (exit {code}) stderr tail:\n{stderr[-3000:]}"
-        for n, (code, _, stderr) in enumerate(results)
-    )
 
     runs = instance.get_runs()
     spans: list[StepSpan] = []
-    blocked = 0
+    waits = 0
     for run in runs:
-        run_spans, run_blocked = step_spans(instance, run.run_id, pooled)
+        run_spans, run_waits = lock_spans(instance, run.run_id)
         spans += run_spans
-        blocked += run_blocked
+        waits += run_waits
     # Checked before the exit codes: two writers at once is the cause, a failed step the symptom.
     spans.sort(key=lambda s: s.start)
     for before, after in itertools.pairwise(spans):
         assert after.start >= before.end, (
-            f"{after.step_key} of run {after.run_id} started while {before.step_key} of run "
-            f"{before.run_id} held the one writer slot (exit codes {[r[0] for r in results]})"
+            f"{after.step_key} of run {after.run_id} took the writer lock while "
+            f"{before.step_key} of run {before.run_id} held it "
+            f"(exit codes {[r[0] for r in results]})"
         )
 
     for code, stdout, stderr in results:
@@ -331,23 +254,59 @@ def test_two_runs_launched_together_queue_for_the_writer_slot(
     assert {run.status for run in runs} == {dg.DagsterRunStatus.SUCCESS}, [
         (run.job_name, run.status) for run in runs
     ]
-    pipeline_runs = {run.run_id for run in runs if run.job_name == "qe_pipeline"}
-    assert {s.run_id for s in spans} >= pipeline_runs
-
-    assert seen.limits == {1}, f"the writer pool's limit is {seen.limits}, not 1"
-    assert seen.polls_with_claim > 0, "the poller never saw the writer slot claimed"
-    # Weaker than the spans above: a slot row claimed twice still reads as one claimed slot.
-    assert seen.max_claimed <= 1, f"{seen.max_claimed} writer slots claimed at once"
+    # Every writing stage of both pipeline runs held the lock.
+    for run in runs:
+        if run.job_name == "qe_pipeline":
+            held = {s.step_key for s in spans if s.run_id == run.run_id}
+            assert held == PIPELINE_WRITERS, held
     # Both start with raw_events within a fraction of a second; the first holds it for seconds.
-    assert blocked > 0, "no step ever waited for the writer slot: the runs did not contend"
+    assert waits > 0, "no stage ever waited for the writer lock: the runs did not contend"
 
     check_data(data, expected)
     inbox = FileInbox(data / "inbox")
     assert inbox.pending_files() == [], "the inbox was not drained"
 
     print(
-        f"\ntwo runs in {elapsed:.1f}s: {len(runs)} Dagster runs, {len(spans)} pooled steps, "
-        f"none overlapping; {blocked} pool-blocked events; poller: {seen.polls} polls, "
-        f"max claimed {seen.max_claimed}, a step waiting in {seen.polls_with_waiter}, "
-        f"{seen.skipped_busy} skipped (SQLite busy)"
+        f"\ntwo runs in {elapsed:.1f}s: {len(runs)} Dagster runs, {len(spans)} lock holds, "
+        f"none overlapping; {waits} waits for the lock"
     )
+
+
+HOLD = """
+import sys, time
+from qe_assets.store import writer_lock
+with writer_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_writer_lock_is_exclusive_across_processes_and_dropped_when_its_holder_dies(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "qe.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(database)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        waits: list[str] = []
+        taken = threading.Event()
+
+        def take() -> None:
+            with writer_lock(database, on_wait=waits.append, report_seconds=0.2):
+                taken.set()
+
+        waiter = threading.Thread(target=take, daemon=True)
+        waiter.start()
+        time.sleep(0.8)
+        assert not taken.is_set(), "the lock was taken while another process held it"
+        # The waiter says who holds it, and keeps saying so while it waits.
+        assert len(waits) >= 2 and waits[0] == f"pid {holder.pid} on {socket.gethostname()}"
+        holder.kill()  # no release code runs: the kernel drops the lock
+        holder.wait(timeout=10)
+        assert taken.wait(timeout=5), "the lock of a killed holder was never released"
+        waiter.join(timeout=5)
+    finally:
+        if holder.poll() is None:
+            holder.kill()

@@ -8,7 +8,7 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.capture import raw_events
-from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
+from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.review import PENDING, acceptance_by_label, enqueue_for_review
 from qe_assets.store import query_frame, set_watermark, transaction, watermark
 from qe_assets.templates import load_templates
@@ -76,7 +76,6 @@ def annotate_next_batch(
     deps=[raw_events],
     group_name="annotate",
     kinds={"duckdb", "polars"},
-    pool=WRITER_POOL,
     description=(
         "One sample per new raw event: primary label by priority (English or Chinese labels), "
         "top-k context documents by score, a correction instruction per label and language, the "
@@ -93,18 +92,19 @@ def annotated_samples(
     labels: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     new = duplicates = 0
-    while True:
-        with duckdb_writer(duckdb) as conn:
-            batch = annotate_next_batch(
-                conn, config, settings.ingest_batch_size, settings.spot_check_share
-            )
-        if batch.is_empty():
-            break
-        new += batch.height
-        duplicates += batch["duplicate_of"].is_not_null().sum()
-        labels.update(dict(batch.group_by("label").len().iter_rows()))
-        routes.update(dict(batch.group_by("route").len().iter_rows()))
-        context.log.info(f"annotated {batch.height} events ({new} so far)")
+    with exclusive_stage(context, settings):
+        while True:
+            with duckdb_writer(duckdb) as conn:
+                batch = annotate_next_batch(
+                    conn, config, settings.ingest_batch_size, settings.spot_check_share
+                )
+            if batch.is_empty():
+                break
+            new += batch.height
+            duplicates += batch["duplicate_of"].is_not_null().sum()
+            labels.update(dict(batch.group_by("label").len().iter_rows()))
+            routes.update(dict(batch.group_by("route").len().iter_rows()))
+            context.log.info(f"annotated {batch.height} events ({new} so far)")
 
     with duckdb_writer(duckdb) as conn:
         ((total,),) = conn.execute("SELECT count(*) FROM annotated_samples").fetchall()

@@ -5,14 +5,13 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.ingest import IngestReport, ingest_pending
 from qe_assets.queues import QueueUnavailable
-from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
+from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.store import table_counts
 
 
 @dg.asset(
     group_name="capture",
     kinds={"duckdb", "polars", "redis"},
-    pool=WRITER_POOL,
     description=(
         "Quality events from the queue (Redis list `quality_events` or the file inbox), "
         "validated and stored once per `request_id`. Malformed records, and re-sends of a "
@@ -30,15 +29,16 @@ def raw_events(
             f"{report.rejected} rejected"
         )
 
-    for queue in settings.queues():
-        total.add(
-            ingest_pending(
-                queue,
-                lambda: duckdb_writer(duckdb),
-                batch_size=settings.ingest_batch_size,
-                on_batch=progress,
+    with exclusive_stage(context, settings):
+        for queue in settings.queues():
+            total.add(
+                ingest_pending(
+                    queue,
+                    lambda: duckdb_writer(duckdb),
+                    batch_size=settings.ingest_batch_size,
+                    on_batch=progress,
+                )
             )
-        )
 
     with duckdb_writer(duckdb) as conn:
         counts = table_counts(conn)

@@ -7,6 +7,7 @@ endpoint, see `qe_assets.llm`; it also retries the samples whose calls failed on
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -15,7 +16,12 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.annotate import annotated_samples
 from qe_assets.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
-from qe_assets.resources import WRITER_POOL, OpenAIResource, PipelineSettings, duckdb_writer
+from qe_assets.resources import (
+    OpenAIResource,
+    PipelineSettings,
+    duckdb_writer,
+    exclusive_stage,
+)
 from qe_assets.store import query_frame, set_watermark, transaction, watermark
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import TRAIN
@@ -290,7 +296,6 @@ def run_llm_completions(
     deps=[annotated_samples],
     group_name="complete",
     kinds={"duckdb", "polars", "openai"},
-    pool=WRITER_POOL,
     description=(
         "A completion for every new `train` sample. Naive mode (the offline default): a "
         "label-specific prefix in the sample's language followed by the original answer. LLM "
@@ -306,7 +311,27 @@ def completions(
     settings: PipelineSettings,
     openai: OpenAIResource,
 ) -> dg.MaterializeResult:
-    metadata: dict[str, dg.RawMetadataValue]
+    with exclusive_stage(context, settings):
+        metadata = _complete_new_samples(context, duckdb, settings, openai)
+    with duckdb_writer(duckdb) as conn:
+        rows = conn.execute(
+            "SELECT mode, status, count(*) FROM completions GROUP BY ALL"
+        ).fetchall()
+    total = sum(count for _, _, count in rows)
+    metadata["total_completions"] = total
+    metadata["dagster/row_count"] = total
+    for mode, status, count in rows:
+        metadata[f"total/{mode}/{status}"] = count
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _complete_new_samples(
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    settings: PipelineSettings,
+    openai: OpenAIResource,
+) -> dict[str, Any]:
+    metadata: dict[str, Any]
     if settings.llm_model and openai.configured:
         config = LLMConfig.from_settings(settings)
         context.log.info(
@@ -332,13 +357,4 @@ def completions(
             "new_completions": written_total,
             "samples_scanned": scanned_total,
         }
-    with duckdb_writer(duckdb) as conn:
-        rows = conn.execute(
-            "SELECT mode, status, count(*) FROM completions GROUP BY ALL"
-        ).fetchall()
-    total = sum(count for _, _, count in rows)
-    metadata["total_completions"] = total
-    metadata["dagster/row_count"] = total
-    for mode, status, count in rows:
-        metadata[f"total/{mode}/{status}"] = count
-    return dg.MaterializeResult(metadata=metadata)
+    return metadata

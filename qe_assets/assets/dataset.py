@@ -13,7 +13,7 @@ from qe_assets.assets.complete import completions
 from qe_assets.charts import as_markdown_image, label_share_png
 from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
 from qe_assets.readiness import READY, VersionState, version_state
-from qe_assets.resources import WRITER_POOL, PipelineSettings, duckdb_writer
+from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame, transaction
 from qe_assets.templates import load_templates
@@ -172,7 +172,6 @@ def cut_version(
     deps=[completions],
     group_name="export",
     kinds={"duckdb", "polars", "file"},
-    pool=WRITER_POOL,
     output_required=False,
     description=(
         "The next immutable dataset version `rag_quality_tuning_vNNN`: every completed sample "
@@ -184,11 +183,12 @@ def cut_version(
 def tuning_dataset(
     context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
 ) -> Iterator[dg.MaterializeResult]:
-    manifest = cut_version(
-        duckdb,
-        settings,
-        lambda version, written: context.log.info(f"{version}: {written} samples written"),
-    )
+    with exclusive_stage(context, settings):
+        manifest = cut_version(
+            duckdb,
+            settings,
+            lambda version, written: context.log.info(f"{version}: {written} samples written"),
+        )
     if manifest is None:
         context.log.info("no completed sample is waiting for a version; nothing to cut")
         return
