@@ -59,7 +59,10 @@ def prepare_dagster_home(settings: Settings) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(DAGSTER_YAML)
+        # Atomically: two first-ever `qe run`s must not read each other's half-written file.
+        temp = home / f".dagster.yaml.{os.getpid()}.tmp"
+        temp.write_text(DAGSTER_YAML)
+        os.replace(temp, config)
     return home
 
 
