@@ -9,12 +9,14 @@ disk belongs to a committed version and a committed version is never rewritten.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -165,20 +167,48 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_json_lines(path: Path) -> tuple[pl.DataFrame | None, str | None]:
-    """A version file as a frame, or why it cannot be read."""
+# Version files are checked and split in chunks of lines, so memory stays flat however large a
+# version grows.
+LINES_PER_CHUNK = 20_000
+
+
+def line_chunks(path: Path, lines: int = LINES_PER_CHUNK) -> Iterator[list[bytes]]:
+    """A JSON lines file in chunks of at most `lines` lines (line endings kept)."""
+    with open(path, "rb") as handle:
+        while chunk := list(islice(handle, lines)):
+            yield chunk
+
+
+def _json_chunks(path: Path) -> Iterator[tuple[int, pl.DataFrame | None, str | None]]:
+    """(first line number, frame or None, why it is unreadable) per chunk of a version file."""
+    first = 1
     try:
-        return pl.read_ndjson(path, infer_schema_length=None), None
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        return None, f"{path.name} is not readable as JSON lines: {exc}"
+        for chunk in line_chunks(path):
+            try:
+                frame = pl.read_ndjson(io.BytesIO(b"".join(chunk)), infer_schema_length=None)
+            except pl.exceptions.PolarsError as exc:
+                last = first + len(chunk) - 1
+                yield first, None, f"{path.name} lines {first}-{last} are not JSON lines: {exc}"
+            else:
+                yield first, frame, None
+            first += len(chunk)
+    except OSError as exc:
+        yield first, None, f"{path.name} is not readable: {exc}"
 
 
 def version_format_problems(files: VersionFiles, min_examples: int) -> tuple[list[str], int]:
     """(problems, examples) of a version's chat and record files under the format rules: what the
     blocking check reports, and what fine-tuning refuses to train on."""
     problems: list[str] = []
-    chat, error = read_json_lines(files.chat)
-    problems += [error] if error else chat_format_problems(chat)
-    records, error = read_json_lines(files.jsonl)
-    problems += [error] if error else record_problems(records, min_examples)
-    return problems, 0 if records is None else records.height
+    for first, chat, error in _json_chunks(files.chat):
+        problems += [error] if chat is None else chat_format_problems(chat, first)
+    examples = 0
+    for first, records, error in _json_chunks(files.jsonl):
+        if records is None:
+            problems.append(error or "")
+            continue
+        examples += records.height
+        problems += record_problems(records, 0, first)
+    if examples < min_examples:
+        problems.insert(0, f"{examples} examples, fewer than the minimum of {min_examples}")
+    return problems, examples

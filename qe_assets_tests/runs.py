@@ -46,3 +46,23 @@ def checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluati
 def scalar(settings: Settings, query: str, params: list | None = None) -> Any:
     with connect(settings.database, read_only=True) as conn:
         return conn.execute(query, params or []).fetchall()[0][0]
+
+
+def column(conn: Any, query: str) -> list[Any]:
+    return [row[0] for row in conn.execute(query).fetchall()]
+
+
+def exportable_sample_ids(conn: Any) -> set[str]:
+    """Every sample some version must hold once nothing is pending: completed ok, not a
+    duplicate, not waiting for a reviewer. Written independently of the export's own query."""
+    return set(
+        column(
+            conn,
+            """
+            SELECT c.sample_id FROM completions c JOIN annotated_samples s USING (sample_id)
+            WHERE c.status = 'ok' AND c.completion IS NOT NULL AND s.duplicate_of IS NULL
+              AND NOT EXISTS (SELECT 1 FROM review_queue r
+                              WHERE r.sample_id = c.sample_id AND r.status = 'pending')
+            """,
+        )
+    )

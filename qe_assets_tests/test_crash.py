@@ -66,6 +66,7 @@ from qe_assets.queues import FileInbox, RedisQueue
 from qe_assets.settings import REDIS_LIST
 from qe_assets.store import connect
 from qe_assets_tests.conftest import RedisServer
+from qe_assets_tests.runs import column, exportable_sample_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "qe_assets_tests" / "scripts" / "crash_worker.py"
@@ -268,10 +269,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def column(conn: Any, query: str) -> list[Any]:
-    return [row[0] for row in conn.execute(query).fetchall()]
-
-
 def check_invariants(data: Path, expected: Expected, redis: RedisServer | None) -> dict[str, int]:
     """Every invariant of the module docstring; returns a few counts for the summary."""
     with connect(data / "qe.duckdb", read_only=True) as conn:
@@ -322,17 +319,7 @@ def check_invariants(data: Path, expected: Expected, redis: RedisServer | None) 
 
         in_versions = column(conn, "SELECT sample_id FROM dataset_samples")
         assert len(in_versions) == len(set(in_versions)), "a sample is in two versions"
-        ready = set(
-            column(
-                conn,
-                """
-                SELECT c.sample_id FROM completions c JOIN annotated_samples s USING (sample_id)
-                WHERE c.status = 'ok' AND c.completion IS NOT NULL AND s.duplicate_of IS NULL
-                  AND NOT EXISTS (SELECT 1 FROM review_queue r
-                                  WHERE r.sample_id = c.sample_id AND r.status = 'pending')
-                """,
-            )
-        )
+        ready = exportable_sample_ids(conn)
         assert set(in_versions) == ready, (
             f"ready but in no version: {len(ready - set(in_versions))}, "
             f"in a version but not ready: {len(set(in_versions) - ready)}"

@@ -35,7 +35,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
@@ -48,6 +47,7 @@ from qe_assets.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.runner import DAGSTER_YAML, prepare_dagster_home
 from qe_assets.settings import Settings
 from qe_assets.store import connect, writer_lock
+from qe_assets_tests.runs import column, exportable_sample_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 1_000
@@ -149,10 +149,6 @@ class Expected:
         return expected
 
 
-def column(conn: Any, query: str) -> list[Any]:
-    return [row[0] for row in conn.execute(query).fetchall()]
-
-
 def check_data(data: Path, expected: Expected) -> None:
     with connect(data / "qe.duckdb", read_only=True) as conn:
         raw = column(conn, "SELECT request_id FROM raw_events")
@@ -180,17 +176,7 @@ def check_data(data: Path, expected: Expected) -> None:
         # took every ready sample and the second, serialised behind it, found nothing.
         versions = column(conn, "SELECT version FROM dataset_versions ORDER BY number")
         assert versions == ["v001"], versions
-        ready = set(
-            column(
-                conn,
-                """
-                SELECT c.sample_id FROM completions c JOIN annotated_samples s USING (sample_id)
-                WHERE c.status = 'ok' AND c.completion IS NOT NULL AND s.duplicate_of IS NULL
-                  AND NOT EXISTS (SELECT 1 FROM review_queue r
-                                  WHERE r.sample_id = c.sample_id AND r.status = 'pending')
-                """,
-            )
-        )
+        ready = exportable_sample_ids(conn)
         assert set(column(conn, "SELECT sample_id FROM dataset_samples")) == ready
 
 

@@ -4,6 +4,7 @@ files, and the recipe that says exactly what runs on it."""
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.export import VersionFiles, sha256_file, version_format_problems
+from qe_assets.export import VersionFiles, line_chunks, sha256_file, version_format_problems
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame
 
@@ -44,17 +45,6 @@ class TrainingInputs:
     def recipe(self) -> dict[str, Any]:
         """JSON-able description of the run: inputs, model, settings; no secrets."""
         return asdict(self)
-
-
-def _lines(path: Path, name: str) -> pl.DataFrame:
-    # JSON lines never contain a raw U+001F, so it is a safe "no separator" for whole lines.
-    return pl.read_csv(
-        path,
-        has_header=False,
-        separator="\x1f",
-        quote_char=None,
-        schema={name: pl.String},
-    )
 
 
 def verified_version(conn: duckdb.DuckDBPyConnection, version: str) -> dict[str, Any]:
@@ -104,30 +94,47 @@ def prepare_inputs(
     splits = query_frame(
         conn, "SELECT sample_id, split FROM dataset_samples WHERE version = ?", [version]
     )
-    records = _lines(Path(row["jsonl_path"]), "record")
-    # Chat lines are written in the same order as the JSONL records.
-    lines = pl.concat(
-        [
-            records.select(
-                pl.col("record").str.json_path_match("$.sample_id").alias("sample_id"), "record"
-            ),
-            _lines(Path(row["chat_path"]), "chat"),
-        ],
-        how="horizontal",
-    ).join(splits, on="sample_id", how="left", maintain_order="left")
     workdir = Path(settings.data_dir) / "finetune" / run_id
     workdir.mkdir(parents=True, exist_ok=True)
+    targets = {
+        (split, column): workdir / f"{split}.{suffix}"
+        for split in ("train", "validation")
+        for column, suffix in (("chat", "chat.jsonl"), ("record", "records.jsonl"))
+    }
+    written: set[tuple[str, str]] = set()
+    with ExitStack() as stack:
+        sinks = {key: stack.enter_context(open(path, "wb")) for key, path in targets.items()}
+        # Chat lines are written in the same order as the JSONL records: split them in step,
+        # a chunk at a time, so memory stays flat however large the version is.
+        chunks = zip(
+            line_chunks(Path(row["jsonl_path"])), line_chunks(Path(row["chat_path"])), strict=True
+        )
+        for record_chunk, chat_chunk in chunks:
+            lines = pl.DataFrame(
+                {"record": record_chunk, "chat": chat_chunk},
+                schema={"record": pl.Binary, "chat": pl.Binary},
+            )
+            sample_ids = lines["record"].cast(pl.String).str.json_path_match("$.sample_id")
+            lines = lines.with_columns(sample_id=sample_ids).join(
+                splits, on="sample_id", how="left", maintain_order="left"
+            )
+            for (split, column), sink in sinks.items():
+                part = lines.filter(pl.col("split") == split)[column]
+                if part.len():
+                    sink.write(
+                        b"".join(
+                            line if line.endswith(b"\n") else line + b"\n"
+                            for line in part.to_list()
+                        )
+                    )
+                    written.add((split, column))
     paths: dict[str, str | None] = {}
-    for split in ("train", "validation"):
-        part = lines.filter(pl.col("split") == split)
-        for column, suffix in (("chat", "chat.jsonl"), ("record", "records.jsonl")):
-            key = f"{split}_{column}"
-            if part.is_empty():
-                paths[key] = None
-                continue
-            target = workdir / f"{split}.{suffix}"
-            target.write_text("".join(f"{line}\n" for line in part[column]), encoding="utf-8")
-            paths[key] = str(target)
+    for (split, column), path in targets.items():
+        if (split, column) in written:
+            paths[f"{split}_{column}"] = str(path)
+        else:
+            path.unlink(missing_ok=True)
+            paths[f"{split}_{column}"] = None
     if paths["train_chat"] is None or paths["train_record"] is None:
         raise DatasetInvalid(f"{version}: no training examples after the split")
     inputs = TrainingInputs(

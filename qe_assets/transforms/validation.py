@@ -19,8 +19,9 @@ def _lines(frame: pl.DataFrame, mask: pl.Expr) -> str:
     return ", ".join(str(r) for r in rows) + (f" and {more} more" if more > 0 else "")
 
 
-def chat_format_problems(chat: pl.DataFrame) -> list[str]:
-    """OpenAI chat fine-tuning rules over a chat file read with `pl.read_ndjson`.
+def chat_format_problems(chat: pl.DataFrame, first_line: int = 1) -> list[str]:
+    """OpenAI chat fine-tuning rules over a chat file (or a chunk of it starting at
+    `first_line`) read with `pl.read_ndjson`.
 
     Each line: an object with only `messages`; a non-empty list of objects with only known keys;
     roles system/user/assistant; non-empty string content; at least one assistant message;
@@ -44,7 +45,7 @@ def chat_format_problems(chat: pl.DataFrame) -> list[str]:
     if problems:
         return problems
 
-    lines = chat.with_row_index("line", offset=1)
+    lines = chat.with_row_index("line", offset=first_line)
     empty = pl.col("messages").list.len().fill_null(0) == 0
     if lines.filter(empty).height:
         problems.append(f"lines without messages: {_lines(lines, empty)}")
@@ -75,12 +76,13 @@ def chat_format_problems(chat: pl.DataFrame) -> list[str]:
     return problems
 
 
-def record_problems(records: pl.DataFrame, min_examples: int) -> list[str]:
-    """The seed's JSONL records: enough of them, nothing empty, confidence in [0, 1]."""
+def record_problems(records: pl.DataFrame, min_examples: int, first_line: int = 1) -> list[str]:
+    """The seed's JSONL records (or a chunk of them starting at `first_line`): enough of them,
+    nothing empty, confidence in [0, 1]."""
     problems = []
     if records.height < min_examples:
         problems.append(f"{records.height} examples, fewer than the minimum of {min_examples}")
-    lines = records.with_row_index("line", offset=1)
+    lines = records.with_row_index("line", offset=first_line)
     checks = {
         "empty prompt": pl.col("prompt").fill_null("").str.strip_chars() == "",
         "empty completion": pl.col("completion").fill_null("").str.strip_chars() == "",
