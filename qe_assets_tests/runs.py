@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import dagster as dg
@@ -66,3 +67,15 @@ def exportable_sample_ids(conn: Any) -> set[str]:
             """,
         )
     )
+
+
+def stored_once(conn: Any, expected_ids: Iterable[str]) -> list[str]:
+    """raw_events' request ids, after asserting each expected id is there exactly once and no
+    other: nothing lost, nothing doubled."""
+    raw = column(conn, "SELECT request_id FROM raw_events")
+    expected = set(expected_ids)
+    assert len(raw) == len(set(raw)), "raw_events holds a request_id twice"
+    assert set(raw) == expected, (
+        f"lost: {sorted(expected - set(raw))[:5]}, unexpected: {sorted(set(raw) - expected)[:5]}"
+    )
+    return raw

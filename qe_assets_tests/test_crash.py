@@ -66,7 +66,7 @@ from qe_assets.queues import FileInbox, RedisQueue
 from qe_assets.settings import REDIS_LIST
 from qe_assets.store import connect
 from qe_assets_tests.conftest import RedisServer
-from qe_assets_tests.runs import column, exportable_sample_ids
+from qe_assets_tests.runs import column, exportable_sample_ids, stored_once
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "qe_assets_tests" / "scripts" / "crash_worker.py"
@@ -272,12 +272,7 @@ def sha256(path: Path) -> str:
 def check_invariants(data: Path, expected: Expected, redis: RedisServer | None) -> dict[str, int]:
     """Every invariant of the module docstring; returns a few counts for the summary."""
     with connect(data / "qe.duckdb", read_only=True) as conn:
-        raw = column(conn, "SELECT request_id FROM raw_events")
-        assert len(raw) == len(set(raw)), "raw_events holds a request_id twice"
-        assert set(raw) == set(expected.ids), (
-            f"lost: {sorted(set(expected.ids) - set(raw))[:5]}, "
-            f"unexpected: {sorted(set(raw) - set(expected.ids))[:5]}"
-        )
+        raw = stored_once(conn, expected.ids)
         first_answers = {rid: json.loads(line)["answer"] for rid, line in expected.ids.items()}
         stored_answers = dict(conn.execute("SELECT request_id, answer FROM raw_events").fetchall())
         assert stored_answers == first_answers, "a conflicting re-send replaced the first content"

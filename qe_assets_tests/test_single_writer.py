@@ -47,7 +47,7 @@ from qe_assets.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.runner import DAGSTER_YAML, prepare_dagster_home
 from qe_assets.settings import Settings
 from qe_assets.store import connect, writer_lock
-from qe_assets_tests.runs import column, exportable_sample_ids
+from qe_assets_tests.runs import column, exportable_sample_ids, stored_once
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 1_000
@@ -151,12 +151,7 @@ class Expected:
 
 def check_data(data: Path, expected: Expected) -> None:
     with connect(data / "qe.duckdb", read_only=True) as conn:
-        raw = column(conn, "SELECT request_id FROM raw_events")
-        assert len(raw) == len(set(raw)), "raw_events holds a request_id twice"
-        assert set(raw) == set(expected.ids), (
-            f"lost: {sorted(set(expected.ids) - set(raw))[:5]}, "
-            f"unexpected: {sorted(set(raw) - set(expected.ids))[:5]}"
-        )
+        raw = stored_once(conn, expected.ids)
         rejected = Counter(column(conn, "SELECT payload FROM rejected_events"))
         assert rejected == expected.rejected, (
             f"missing: {sum((expected.rejected - rejected).values())}, "
