@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import duckdb
 import polars as pl
 from pydantic import (
     BaseModel,
@@ -23,6 +22,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+
+from qe_assets.store import frame_query
 
 # Priority order: the first of these present on an event is its primary label.
 KNOWN_LABELS: tuple[str, ...] = (
@@ -294,10 +295,7 @@ def parse_records(
         .join(doc_lists, on="pos", how="left", maintain_order="left")
         .with_columns(pl.col("docs").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["docs"])))
     )
-    with duckdb.connect() as conn:
-        conn.execute("SET TimeZone = 'UTC'")
-        conn.register("batch_events", batch)
-        fingerprints = conn.sql(_FINGERPRINT).pl()
+    fingerprints = frame_query(_FINGERPRINT, batch_events=batch)
     rows = batch.join(fingerprints, on="pos", how="left", maintain_order="left").with_columns(
         pl.col("timestamp_given").fill_null(pl.lit(received_at, dtype=pl.Datetime("us")))
     )

@@ -10,7 +10,6 @@ and nothing is doubled.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -19,10 +18,8 @@ import polars as pl
 
 from qe_assets.events import ParsedRecords, parse_records
 from qe_assets.queues import EventQueue
-from qe_assets.store import ensure_schema, query_frame, transaction
+from qe_assets.store import ConnectionFactory, ensure_schema, query_frame, transaction
 from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
-
-ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 _RAW_COLUMNS = (
     "request_id, question, docs, answer, evaluation, score, labels, checks, timestamp, extra, "

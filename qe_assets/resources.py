@@ -14,7 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
-from qe_assets.store import ensure_schema, writer_lock
+from qe_assets.store import WRITER_CONFIG, WriterSession, ensure_schema, writer_lock
 
 
 class PipelineSettings(dg.ConfigurableResource, Settings):
@@ -39,6 +39,12 @@ def duckdb_writer(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnectio
             yield conn
         finally:
             conn.close()
+
+
+def writer_session(resource: DuckDBResource) -> WriterSession:
+    """Per-batch write connections for a long stage, closed (checkpointed) behind it; see
+    `WriterSession`. Use it inside `exclusive_stage`."""
+    return WriterSession(resource.database, config=resource.connection_config)
 
 
 # Run-log messages around the writer lock: operators see who waited, and tests can check that
@@ -108,7 +114,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
     return {
         "duckdb": DuckDBResource(
             database=str(settings.database),
-            connection_config={"memory_limit": settings.duckdb_memory_limit},
+            connection_config={**WRITER_CONFIG, "memory_limit": settings.duckdb_memory_limit},
         ),
         "settings": PipelineSettings(**settings.model_dump()),
         "openai": OpenAIResource(

@@ -10,15 +10,29 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import duckdb
 import polars as pl
 
 SCHEMA_VERSION = 1
+
+# What the batch loops of the writing stages take: a fresh write connection per transaction
+# (`WriterSession.connection` in the assets, `connect` in tests).
+ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+
+# Settings of every writing connection. Writers close after each short transaction, so each batch
+# ends in a checkpoint; DuckDB's checkpoint vacuum then merged the small row groups of earlier
+# batches again and again (1, 2, 4, 8 ... batches rewritten), tripling the checkpoint time of a
+# long ingest and leaving the file half as large again. Only small tables (watermarks, review
+# queue, fine-tune runs) ever update or delete rows, so there is little space to reclaim.
+WRITER_CONFIG: dict[str, str | int] = {"max_vacuum_tasks": 0}
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS raw_events_seq;
@@ -198,17 +212,37 @@ def connect(
     read_only: bool = False,
     wait_seconds: float = 60.0,
     on_wait: Callable[[float], None] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open DuckDB, waiting (bounded) while another process holds the file; always closes."""
+    conn = open_connection(
+        database, read_only=read_only, wait_seconds=wait_seconds, on_wait=on_wait, config=config
+    )
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def open_connection(
+    database: str | Path,
+    *,
+    read_only: bool = False,
+    wait_seconds: float = 60.0,
+    on_wait: Callable[[float], None] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> duckdb.DuckDBPyConnection:
+    """`connect` without the context: the caller closes. Writers get WRITER_CONFIG, then
+    `config` on top (memory limit and the like)."""
     path = Path(database)
+    settings = {} if read_only else {**WRITER_CONFIG, **(config or {})}
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
     delay = 0.02
     while True:
         try:
-            conn = duckdb.connect(str(path), read_only=read_only)
-            break
+            return duckdb.connect(str(path), read_only=read_only, config=settings)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
             if not _is_lock_error(exc):
                 raise
@@ -222,10 +256,72 @@ def connect(
             time.sleep(min(delay, remaining))
             # Readers poll fast: writers leave only short gaps between their transactions.
             delay = min(delay * 2, 0.05 if read_only else 0.5)
-    try:
-        yield conn
-    finally:
-        conn.close()
+
+
+class WriterSession:
+    """Short write connections to one database, one after another, each closed on a helper thread.
+
+    Closing a write connection is when DuckDB checkpoints: it compresses what the transaction
+    wrote into the file, about a third of a long ingest's time. That work needs no Python, so it
+    runs on a second core while the stage prepares its next batch in Python and Polars. The next
+    `connection()` waits for it first (a process must not reopen a file it is still closing), and
+    leaving the session waits for the last one, so the stage's writer lock outlives every close.
+    A failed close is raised from the next `connection()` or the session's exit.
+    """
+
+    def __init__(self, database: str | Path, *, config: Mapping[str, Any] | None = None) -> None:
+        self.database = Path(database)
+        self.config = dict(config or {})
+        self._closing: threading.Thread | None = None
+        self._close_error: BaseException | None = None
+
+    def __enter__(self) -> WriterSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.wait()
+            return
+        # The body's error is the one to report; still never leave a close running.
+        with suppress(Exception):
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the last connection is closed; raise what its close raised."""
+        if self._closing is not None:
+            self._closing.join()
+            self._closing = None
+        if self._close_error is not None:
+            error, self._close_error = self._close_error, None
+            raise error
+
+    def _close(self, conn: duckdb.DuckDBPyConnection) -> None:
+        try:
+            conn.close()
+        except BaseException as exc:  # handed to the thread that waits
+            self._close_error = exc
+
+    @contextmanager
+    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write connection with the schema in place; closed behind the caller on success,
+        at once when the body fails (its transaction is rolled back by the close)."""
+        self.wait()
+        conn = open_connection(self.database, config=self.config)
+        try:
+            ensure_schema(conn)
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        self._closing = threading.Thread(
+            target=self._close, args=(conn,), name="duckdb-close", daemon=True
+        )
+        self._closing.start()
 
 
 def writer_lock_path(database: str | Path) -> Path:
@@ -299,6 +395,15 @@ def query_frame(
     if relation is None:
         raise ValueError("query_frame needs a query that returns rows")
     return relation.pl()
+
+
+def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
+    """Run a query over in-memory frames in a private DuckDB: no store, no lock, no waiting."""
+    with duckdb.connect() as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        for name, frame in frames.items():
+            conn.register(name, frame)
+        return query_frame(conn, query)
 
 
 def watermark(conn: duckdb.DuckDBPyConnection, stage: str) -> int:

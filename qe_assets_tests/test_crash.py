@@ -32,7 +32,7 @@ qe_assets_tests/test_crash.py`) for that many trials, split over both queues, 30
 kills each (~8 s per trial). Without the variable
 it is skipped, because `make test` runs the `slow` marker too.
 
-The kill runs go through the asset functions directly (`ingest_pending`, `annotate_next_batch`,
+The kill runs go through the asset functions directly (`ingest_pending`, `annotate_pending`,
 `complete_next_batch`, `cut_version`, as the assets call them), not through Dagster. A Dagster run
 (`qe run`) killed while it holds the database's writer lock must not block the next run:
 `test_killed_dagster_run_does_not_block_the_next_run` (the kernel drops the lock; the next

@@ -1,6 +1,7 @@
 """Stage 2, annotate: new raw events → annotated_samples, batch by batch, by watermark."""
 
 from collections import Counter
+from collections.abc import Callable
 
 import dagster as dg
 import duckdb
@@ -8,9 +9,21 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.capture import raw_events
-from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
+from qe_assets.resources import (
+    PipelineSettings,
+    duckdb_writer,
+    exclusive_stage,
+    writer_session,
+)
 from qe_assets.review import PENDING, acceptance_by_label, enqueue_for_review
-from qe_assets.store import query_frame, set_watermark, transaction, watermark
+from qe_assets.store import (
+    ConnectionFactory,
+    frame_query,
+    query_frame,
+    set_watermark,
+    transaction,
+    watermark,
+)
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import AnnotateConfig, annotate_events, mark_duplicates
 
@@ -32,28 +45,33 @@ def annotate_config(settings: PipelineSettings) -> AnnotateConfig:
     )
 
 
-def annotate_next_batch(
-    conn: duckdb.DuckDBPyConnection, config: AnnotateConfig, batch_size: int, spot_share: float
-) -> pl.DataFrame:
-    """Annotate the next batch of raw events past the watermark and commit it; returns the rows
-    written (empty when there is nothing new)."""
-    raw = query_frame(
+def read_new_events(conn: duckdb.DuckDBPyConnection, after: int, limit: int) -> pl.DataFrame:
+    """The next raw events past `after` (a raw_events.seq), in ingest order."""
+    return query_frame(
         conn,
         """
         SELECT request_id, seq, question, docs, answer, score, labels
         FROM raw_events WHERE seq > ? ORDER BY seq LIMIT ?
         """,
-        [watermark(conn, STAGE), batch_size],
+        [after, limit],
     )
-    if raw.is_empty():
-        return raw
-    conn.register("annotated_batch", annotate_events(raw, config, load_templates()))
+
+
+def keyed_samples(raw: pl.DataFrame, config: AnnotateConfig) -> pl.DataFrame:
+    """Annotated samples of `raw` with their split and duplicate keys; touches no store."""
     # md5 in DuckDB: stable across library versions, unlike Polars' hash.
-    keyed = query_frame(
-        conn,
+    return frame_query(
         "SELECT *, md5(question_norm) AS question_key, md5(dedup_text) AS dedup_key "
         "FROM annotated_batch",
+        annotated_batch=annotate_events(raw, config, load_templates()),
     )
+
+
+def commit_samples(
+    conn: duckdb.DuckDBPyConnection, keyed: pl.DataFrame, last_seq: int, spot_share: float
+) -> pl.DataFrame:
+    """Mark duplicates against the kept samples, write the batch, queue its review samples and
+    move the watermark to `last_seq`, in one transaction; returns the rows written."""
     conn.register("keyed_batch", keyed)
     kept = query_frame(
         conn,
@@ -68,8 +86,36 @@ def annotate_next_batch(
             f"SELECT {_COLUMNS}, now()::TIMESTAMP FROM new_samples ON CONFLICT DO NOTHING"
         )
         enqueue_for_review(conn, "new_samples", spot_share)
-        set_watermark(conn, STAGE, int(raw["seq"].max()))
+        set_watermark(conn, STAGE, last_seq)
     return samples
+
+
+def annotate_pending(
+    connection: ConnectionFactory,
+    config: AnnotateConfig,
+    *,
+    batch_size: int,
+    spot_share: float,
+    on_batch: Callable[[pl.DataFrame], None] | None = None,
+) -> int:
+    """Annotate every raw event past the watermark, batch by batch; returns how many.
+
+    A batch is read in the connection that committed the one before, and annotated while that
+    connection closes (see `WriterSession`): the store is only open to read and write.
+    """
+    with connection() as conn:
+        raw = read_new_events(conn, watermark(conn, STAGE), batch_size)
+    done = 0
+    while not raw.is_empty():
+        keyed = keyed_samples(raw, config)
+        last_seq = int(raw["seq"].max())
+        with connection() as conn:
+            samples = commit_samples(conn, keyed, last_seq, spot_share)
+            raw = read_new_events(conn, last_seq, batch_size)
+        done += samples.height
+        if on_batch is not None:
+            on_batch(samples)
+    return done
 
 
 @dg.asset(
@@ -92,19 +138,23 @@ def annotated_samples(
     labels: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     new = duplicates = 0
-    with exclusive_stage(context, settings):
-        while True:
-            with duckdb_writer(duckdb) as conn:
-                batch = annotate_next_batch(
-                    conn, config, settings.ingest_batch_size, settings.spot_check_share
-                )
-            if batch.is_empty():
-                break
-            new += batch.height
-            duplicates += batch["duplicate_of"].is_not_null().sum()
-            labels.update(dict(batch.group_by("label").len().iter_rows()))
-            routes.update(dict(batch.group_by("route").len().iter_rows()))
-            context.log.info(f"annotated {batch.height} events ({new} so far)")
+
+    def tally(batch: pl.DataFrame) -> None:
+        nonlocal new, duplicates
+        new += batch.height
+        duplicates += batch["duplicate_of"].is_not_null().sum()
+        labels.update(dict(batch.group_by("label").len().iter_rows()))
+        routes.update(dict(batch.group_by("route").len().iter_rows()))
+        context.log.info(f"annotated {batch.height} events ({new} so far)")
+
+    with exclusive_stage(context, settings), writer_session(duckdb) as session:
+        annotate_pending(
+            session.connection,
+            config,
+            batch_size=settings.ingest_batch_size,
+            spot_share=settings.spot_check_share,
+            on_batch=tally,
+        )
 
     with duckdb_writer(duckdb) as conn:
         ((total,),) = conn.execute("SELECT count(*) FROM annotated_samples").fetchall()

@@ -5,7 +5,12 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.ingest import IngestReport, ingest_pending
 from qe_assets.queues import QueueUnavailable
-from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
+from qe_assets.resources import (
+    PipelineSettings,
+    duckdb_writer,
+    exclusive_stage,
+    writer_session,
+)
 from qe_assets.store import table_counts
 
 
@@ -29,12 +34,12 @@ def raw_events(
             f"{report.rejected} rejected"
         )
 
-    with exclusive_stage(context, settings):
+    with exclusive_stage(context, settings), writer_session(duckdb) as session:
         for queue in settings.queues():
             total.add(
                 ingest_pending(
                     queue,
-                    lambda: duckdb_writer(duckdb),
+                    session.connection,
                     batch_size=settings.ingest_batch_size,
                     on_batch=progress,
                 )

@@ -17,7 +17,7 @@ pipeline code itself, so it is single-threaded when it forks (checked through /p
 fork); each child imports qe_assets and Polars itself.
 
 `direct` mode runs the same functions the assets run, in the same order and with the same
-connection handling (`duckdb_writer` per batch): ingest every queue → annotate → complete →
+connection handling (`writer_session` per stage, `duckdb_writer` elsewhere): ingest every queue → annotate → complete →
 export (`cut_version`). `dagster` mode runs `qe_assets.runner.run_pipeline(..., cut_version=True)`
 (what `qe run --cut-version` does) against DAGSTER_HOME.
 
@@ -56,11 +56,11 @@ def mark(phase: str) -> None:
 def run_direct(settings: Settings) -> None:
     from dagster_duckdb import DuckDBResource
 
-    from qe_assets.assets.annotate import annotate_config, annotate_next_batch
+    from qe_assets.assets.annotate import annotate_config, annotate_pending
     from qe_assets.assets.complete import complete_next_batch
     from qe_assets.assets.dataset import cut_version
     from qe_assets.ingest import IngestReport, ingest_pending
-    from qe_assets.resources import PipelineSettings, duckdb_writer
+    from qe_assets.resources import PipelineSettings, duckdb_writer, writer_session
 
     settings.database.parent.mkdir(parents=True, exist_ok=True)  # as build_resources does
     resource = DuckDBResource(database=str(settings.database))
@@ -70,22 +70,22 @@ def run_direct(settings: Settings) -> None:
         mark("ingest_batch")
 
     mark("ingest")
-    for queue in pipeline.queues():
-        ingest_pending(
-            queue,
-            lambda: duckdb_writer(resource),
-            batch_size=settings.ingest_batch_size,
-            on_batch=batch_done,
-        )
-    mark("annotate")
-    config = annotate_config(pipeline)
-    while True:
-        with duckdb_writer(resource) as conn:
-            batch = annotate_next_batch(
-                conn, config, settings.ingest_batch_size, settings.spot_check_share
+    with writer_session(resource) as session:
+        for queue in pipeline.queues():
+            ingest_pending(
+                queue,
+                session.connection,
+                batch_size=settings.ingest_batch_size,
+                on_batch=batch_done,
             )
-        if batch.is_empty():
-            break
+    mark("annotate")
+    with writer_session(resource) as session:
+        annotate_pending(
+            session.connection,
+            annotate_config(pipeline),
+            batch_size=settings.ingest_batch_size,
+            spot_share=settings.spot_check_share,
+        )
     mark("complete")
     while True:
         with duckdb_writer(resource) as conn:

@@ -1,0 +1,82 @@
+"""`WriterSession`: per-batch write connections closed (checkpointed) on a helper thread, and the
+writer settings every write connection gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qe_assets.store import WRITER_CONFIG, WriterSession, connect, frame_query, transaction
+
+
+def _count(database: Path) -> int:
+    with connect(database, read_only=True, wait_seconds=5) as conn:
+        return int(conn.execute("SELECT count(*) FROM raw_events").fetchall()[0][0])
+
+
+def _insert_rows(conn, first: int, count: int) -> None:
+    conn.execute(
+        """
+        INSERT INTO raw_events (request_id, question, docs, answer, evaluation, score, labels,
+                                timestamp, fingerprint, source, ingested_at)
+        SELECT 'r' || i, 'q', [], 'a', '{}', 0.1, [], now()::TIMESTAMP, 'f', 's',
+               now()::TIMESTAMP
+        FROM range(?, ?) t(i)
+        """,
+        [first, first + count],
+    )
+
+
+def test_batches_committed_through_a_session_are_all_stored(tmp_path: Path) -> None:
+    database = tmp_path / "qe.duckdb"
+    with WriterSession(database, config={"memory_limit": "256MB"}) as session:
+        for batch in range(5):
+            # Each connection opens only after the previous one finished closing.
+            with session.connection() as conn:
+                assert conn.execute("SELECT current_setting('max_vacuum_tasks')").fetchall() == [
+                    (WRITER_CONFIG["max_vacuum_tasks"],)
+                ]
+                with transaction(conn):
+                    _insert_rows(conn, batch * 1_000, 1_000)
+    # Leaving the session waited for the last close: another reader gets in straight away.
+    assert _count(database) == 5_000
+
+
+def test_a_failing_batch_is_rolled_back_and_closed_at_once(tmp_path: Path) -> None:
+    database = tmp_path / "qe.duckdb"
+    with WriterSession(database) as session:
+        with session.connection() as conn, transaction(conn):
+            _insert_rows(conn, 0, 10)
+        with (
+            pytest.raises(RuntimeError, match="boom"),
+            session.connection() as conn,
+            transaction(conn),
+        ):
+            _insert_rows(conn, 10, 10)
+            raise RuntimeError("boom")
+        # Closed synchronously on the failure: a read-only connection opens without waiting.
+        assert _count(database) == 10
+        with session.connection() as conn, transaction(conn):
+            _insert_rows(conn, 20, 10)
+    assert _count(database) == 20
+
+
+def test_an_error_in_the_session_body_is_not_masked(tmp_path: Path) -> None:
+    database = tmp_path / "qe.duckdb"
+    with pytest.raises(ValueError, match="stage failed"), WriterSession(database) as session:
+        with session.connection() as conn, transaction(conn):
+            _insert_rows(conn, 0, 3)
+        raise ValueError("stage failed")
+    assert _count(database) == 3
+
+
+def test_frame_query_runs_sql_over_frames_without_a_store() -> None:
+    import polars as pl
+
+    result = frame_query(
+        "SELECT a.k, a.v + b.v AS total FROM a JOIN b USING (k) ORDER BY k",
+        a=pl.DataFrame({"k": [1, 2], "v": [10, 20]}),
+        b=pl.DataFrame({"k": [2, 1], "v": [1, 2]}),
+    )
+    assert result.to_dicts() == [{"k": 1, "total": 12}, {"k": 2, "total": 21}]
