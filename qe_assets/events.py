@@ -208,13 +208,13 @@ _EVENT_COLUMNS: dict[str, pl.DataType] = {
     "answer": pl.String(),
     "evaluation": pl.String(),
     "score": pl.Float64(),
-    "labels": pl.List(pl.String),
     "checks": pl.String(),
     "timestamp_given": pl.Datetime("us"),
     "extra": pl.String(),
     "source": pl.String(),
     "payload": pl.String(),
 }
+_LABEL_COLUMNS: dict[str, pl.DataType] = {"pos": pl.Int64(), "label": pl.String()}
 _DOC_COLUMNS: dict[str, pl.DataType] = {
     "pos": pl.Int64(),
     "ord": pl.Int64(),
@@ -234,15 +234,17 @@ def parse_records(
     """Validate raw JSON records; each one becomes exactly one event row or one rejected row.
 
     The pydantic model (Rust) is the one judge of validity. What Python does per record is only
-    to hand its fields over as columns: documents go into one flat frame and are regrouped into
-    lists by DuckDB, because building nested rows record by record cost more than validation.
-    Runs in a private in-memory DuckDB, so parsing never holds the store's write lock.
+    to hand its fields over as columns: documents and labels go into flat frames and are
+    regrouped into lists by Polars, because building nested rows record by record cost more than
+    validation. Fingerprints come from a private in-memory DuckDB, so parsing never holds the
+    store's write lock.
     """
     if len(records) != len(sources):
         raise ValueError("records and sources must have the same length")
     received_at = received_at or datetime.now(UTC).replace(tzinfo=None)
     events: dict[str, list[Any]] = {name: [] for name in _EVENT_COLUMNS}
     docs: dict[str, list[Any]] = {name: [] for name in _DOC_COLUMNS}
+    labels: dict[str, list[Any]] = {name: [] for name in _LABEL_COLUMNS}
     rejected: list[dict[str, Any]] = []
     for pos, (raw, source) in enumerate(zip(records, sources, strict=True)):
         if isinstance(raw, bytes):
@@ -270,7 +272,9 @@ def parse_records(
         events["answer"].append(event.answer)
         events["evaluation"].append(_json(evaluation.model_dump(exclude_unset=True)))
         events["score"].append(float(evaluation.score))
-        events["labels"].append(evaluation.labels or [])
+        if evaluation.labels:
+            labels["pos"].extend([pos] * len(evaluation.labels))
+            labels["label"].extend(evaluation.labels)
         events["checks"].append(_json(evaluation.checks or {}))
         events["timestamp_given"].append(
             parse_timestamp(event.timestamp) if event.timestamp else None
@@ -290,10 +294,19 @@ def parse_records(
         .group_by("pos", maintain_order=True)
         .agg(pl.struct("id", "content", "score", "meta").alias("docs"))
     )
+    label_lists = (
+        pl.DataFrame(labels, schema=_LABEL_COLUMNS)
+        .group_by("pos", maintain_order=True)
+        .agg(pl.col("label").alias("labels"))
+    )
     batch = (
         pl.DataFrame(events, schema=_EVENT_COLUMNS)
         .join(doc_lists, on="pos", how="left", maintain_order="left")
-        .with_columns(pl.col("docs").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["docs"])))
+        .join(label_lists, on="pos", how="left", maintain_order="left")
+        .with_columns(
+            pl.col("docs").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["docs"])),
+            pl.col("labels").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["labels"])),
+        )
     )
     fingerprints = frame_query(_FINGERPRINT, batch_events=batch)
     rows = batch.join(fingerprints, on="pos", how="left", maintain_order="left").with_columns(

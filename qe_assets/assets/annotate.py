@@ -59,12 +59,14 @@ def read_new_events(conn: duckdb.DuckDBPyConnection, after: int, limit: int) -> 
 
 def keyed_samples(raw: pl.DataFrame, config: AnnotateConfig) -> pl.DataFrame:
     """Annotated samples of `raw` with their split and duplicate keys; touches no store."""
-    # md5 in DuckDB: stable across library versions, unlike Polars' hash.
-    return frame_query(
-        "SELECT *, md5(question_norm) AS question_key, md5(dedup_text) AS dedup_key "
-        "FROM annotated_batch",
-        annotated_batch=annotate_events(raw, config, load_templates()),
+    samples = annotate_events(raw, config, load_templates())
+    # md5 in DuckDB: stable across library versions, unlike Polars' hash. Only the two hashed
+    # columns go there and back; DuckDB keeps their order (preserve_insertion_order).
+    keys = frame_query(
+        "SELECT md5(question_norm) AS question_key, md5(dedup_text) AS dedup_key FROM texts",
+        texts=samples.select("question_norm", "dedup_text"),
     )
+    return samples.hstack(keys)
 
 
 def commit_samples(
