@@ -10,6 +10,7 @@ and nothing is doubled.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -17,7 +18,7 @@ import duckdb
 import polars as pl
 
 from qe_assets.events import ParsedRecords, parse_records
-from qe_assets.queues import EventQueue
+from qe_assets.queues import Batch, EventQueue
 from qe_assets.store import ConnectionFactory, ensure_schema, query_frame, transaction
 from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
 
@@ -121,20 +122,42 @@ def ingest_pending(
     batch_size: int,
     on_batch: Callable[[IngestReport], None] | None = None,
 ) -> IngestReport:
-    """Drain the queue batch by batch; each batch holds the write lock only for its commit."""
+    """Drain the queue batch by batch; each batch holds the write lock only for its commit.
+
+    Batches are validated before the write lock is taken, so readers get in while we parse. On a
+    queue that `reads_ahead`, a batch is committed on a helper thread while the next one is
+    claimed and validated; acks still follow their commits, one batch after another.
+    """
     total = IngestReport()
     with connection() as conn:
         ensure_schema(conn)
-    for batch in queue.batches(batch_size):
-        received_at = datetime.now(UTC).replace(tzinfo=None)
-        # Validate before taking the write lock, so readers get in while we parse.
-        parsed = parse_records(batch.records, batch.sources, received_at=received_at)
+
+    def commit(batch: Batch, parsed: ParsedRecords, received_at: datetime) -> IngestReport:
         with connection() as conn:
-            report = commit_batch(
+            return commit_batch(
                 conn, batch.records, batch.sources, received_at=received_at, parsed=parsed
             )
+
+    def finish(batch: Batch, committed: Future[IngestReport]) -> None:
+        report = committed.result()
         batch.ack()
         total.add(report)
         if on_batch is not None:
             on_batch(report)
+
+    in_flight: tuple[Batch, Future[IngestReport]] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-commit") as committer:
+        for batch in queue.batches(batch_size):
+            received_at = datetime.now(UTC).replace(tzinfo=None)
+            parsed = parse_records(batch.records, batch.sources, received_at=received_at)
+            if in_flight is not None:
+                finish(*in_flight)
+                in_flight = None
+            committed = committer.submit(commit, batch, parsed, received_at)
+            if queue.reads_ahead:
+                in_flight = (batch, committed)
+            else:
+                finish(batch, committed)
+        if in_flight is not None:
+            finish(*in_flight)
     return total

@@ -9,15 +9,42 @@ import duckdb
 
 # Ready = a completion that is ok, written after the last version's watermark, for a sample that
 # is not a duplicate, not waiting for a reviewer and not in any version yet.
-READY = """
-    FROM completions c JOIN annotated_samples s USING (sample_id)
-    WHERE c.seq > $low AND c.seq <= $high AND c.status = 'ok' AND c.completion IS NOT NULL
-      AND s.duplicate_of IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM review_queue r WHERE r.sample_id = c.sample_id AND r.status = 'pending'
-      )
-      AND NOT EXISTS (SELECT 1 FROM dataset_samples d WHERE d.sample_id = c.sample_id)
+_READY_CONDITIONS = """
+    c.status = 'ok' AND c.completion IS NOT NULL
+    AND s.duplicate_of IS NULL
+    AND NOT EXISTS (
+        SELECT 1 FROM review_queue r WHERE r.sample_id = c.sample_id AND r.status = 'pending'
+    )
+    AND NOT EXISTS (SELECT 1 FROM dataset_samples d WHERE d.sample_id = c.sample_id)
 """
+READY = f"""
+    FROM completions c JOIN annotated_samples s USING (sample_id)
+    WHERE c.seq > $low AND c.seq <= $high AND {_READY_CONDITIONS}
+"""
+
+# The export reads the ready samples of one window of completions ($limit of them, by seq) at a
+# time. annotated_samples is read only over the seq span of the window's samples, so its zone
+# maps skip the rest of history: a plain join read every prompt ever written once per batch
+# (3.9 s a batch on a 1M-sample store, 0.6 s this way).
+_WINDOW = """
+    SELECT seq, sample_id, completion, mode, status FROM completions
+    WHERE seq > $low AND seq <= $high ORDER BY seq LIMIT $limit
+"""
+READY_IN_WINDOW = f"""
+    WITH c AS ({_WINDOW}),
+    span AS (
+        SELECT min(s.seq) AS first_seq, max(s.seq) AS last_seq
+        FROM annotated_samples s SEMI JOIN c USING (sample_id)
+    )
+    SELECT c.seq AS completion_seq, c.sample_id, s.prompt, c.completion, s.label, s.confidence,
+           s.score, s.language, s.question_key, c.mode
+    FROM c JOIN annotated_samples s USING (sample_id)
+    WHERE s.seq BETWEEN (SELECT first_seq FROM span) AND (SELECT last_seq FROM span)
+      AND {_READY_CONDITIONS}
+    ORDER BY c.seq
+"""
+# Where the window ends, even when none of its completions is ready.
+WINDOW_END = f"SELECT max(seq) FROM ({_WINDOW})"
 
 
 @dataclass(frozen=True)

@@ -286,3 +286,35 @@ def test_no_seeded_pii_reaches_a_dataset_file(settings: Settings) -> None:
     assert meta["pii_redacted/email"] >= 24 and meta["pii_redacted/card"] == 12
     manifest = json.loads(version_files(settings, "v001")[2].read_text())
     assert manifest["pii_redactions"]["ip"] == 12
+
+
+def test_export_walks_windows_of_completions_that_hold_no_ready_sample(settings: Settings) -> None:
+    """The export reads completions a window (QE_EXPORT_BATCH_SIZE) at a time; windows where
+    every sample waits for a reviewer must not end the version early."""
+    from qe_assets.review import accept
+    from qe_assets.store import connect
+
+    settings = settings.model_copy(
+        update={"export_batch_size": 4, "spot_check_share": 1.0, "min_dataset_examples": 1}
+    )
+    FileInbox(settings.inbox_dir).put(batch("w", 20))
+    upstream = dg.AssetSelection.assets("raw_events", "annotated_samples", "completions")
+    materialize(settings, upstream)
+    with connect(settings.database) as conn:
+        pending = [
+            row[0]
+            for row in conn.execute(
+                "SELECT sample_id FROM review_queue r JOIN completions c USING (sample_id) "
+                "ORDER BY c.seq"
+            ).fetchall()
+        ]
+        assert len(pending) == 20
+        # Accepting renews the completion's seq: these three are the newest completions, after
+        # five windows of pending ones.
+        for sample_id in pending[:3]:
+            accept(conn, sample_id, reviewer="test")
+
+    result = materialize(settings, dg.AssetSelection.assets("tuning_dataset"))
+    assert metadata(result, "tuning_dataset")["samples"] == 3
+    records = version_files(settings, "v001")[0].read_text("utf-8").splitlines()
+    assert sorted(json.loads(r)["sample_id"] for r in records) == sorted(pending[:3])

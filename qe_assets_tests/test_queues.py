@@ -15,6 +15,7 @@ from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.conftest import RedisServer, free_port
 from qe_assets_tests.factories import line, make_event
+from qe_assets_tests.runs import stored_once
 
 
 def payloads(n: int, prefix: str = "r") -> list[str]:
@@ -100,6 +101,48 @@ def test_empty_file_is_archived(settings: Settings) -> None:
     (settings.inbox_dir / "empty.jsonl").write_bytes(b"")
     assert list(FileInbox(settings.inbox_dir).batches(10)) == []
     assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 1
+
+
+def test_commit_failing_while_the_next_batch_is_read_ahead_loses_and_doubles_nothing(
+    settings: Settings,
+) -> None:
+    """The inbox reads ahead: batch N+1 is claimed and validated while N commits. A commit that
+    fails there stops the ingest with every batch before it committed and acked, and the rest
+    (the failed batch and the one read ahead) still claimed; the next ingest finishes the job."""
+    inbox = FileInbox(settings.inbox_dir)
+    for name in "abc":
+        inbox.put(payloads(10, prefix=name))  # three files of 10 → six batches of 5
+    opened = 0
+
+    def failing_on_fourth_commit():
+        nonlocal opened
+        opened += 1  # the first open only ensures the schema
+        if opened == 5:
+            raise RuntimeError("database unavailable")
+        return connect(settings.database)
+
+    reports = []
+    with pytest.raises(RuntimeError, match="database unavailable"):
+        ingest_pending(inbox, failing_on_fourth_commit, batch_size=5, on_batch=reports.append)
+    assert [r.new for r in reports] == [5, 5, 5]
+    assert len(stored_ids(settings)) == 15
+    # File a is done and archived; b (half committed, half failed) and c (read ahead) are claimed.
+    assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 1
+    assert len(list((settings.inbox_dir / ".processing").glob("*.jsonl"))) == 2
+
+    report = ingest_pending(FileInbox(settings.inbox_dir), writer(settings), batch_size=5)
+    assert (report.new, report.duplicates) == (15, 5)  # b's first half is replayed as duplicates
+    with connect(settings.database, read_only=True) as conn:
+        stored_once(conn, [f"{name}{i}" for name in "abc" for i in range(10)])
+    assert not list((settings.inbox_dir / ".processing").glob("*.jsonl"))
+    assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 3
+
+
+def test_only_the_inbox_reads_ahead() -> None:
+    # Redis acks by deleting the consumer's whole processing list: claiming the next batch into
+    # it before the ack would delete that batch too.
+    assert FileInbox.reads_ahead is True
+    assert RedisQueue.reads_ahead is False
 
 
 # --- redis ------------------------------------------------------------------------------------

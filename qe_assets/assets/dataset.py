@@ -12,7 +12,7 @@ from dagster_duckdb import DuckDBResource
 from qe_assets.assets.complete import completions
 from qe_assets.charts import as_markdown_image, label_share_png
 from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
-from qe_assets.readiness import READY, VersionState, version_state
+from qe_assets.readiness import READY_IN_WINDOW, WINDOW_END, VersionState, version_state
 from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame, transaction
@@ -31,24 +31,18 @@ from qe_assets.transforms.pii import redact
 def _ready_batches(
     duckdb_resource: DuckDBResource, state: VersionState, batch_size: int
 ) -> Iterator[pl.DataFrame]:
-    """Ready samples in completion order, a bounded batch per short-lived connection."""
+    """Ready samples in completion order, a window of completions per short-lived connection."""
     low = state.low
-    while True:
+    while low < state.high:
+        params = {"low": low, "high": state.high, "limit": batch_size}
         with duckdb_writer(duckdb_resource) as conn:
-            batch = query_frame(
-                conn,
-                f"""
-                SELECT c.seq AS completion_seq, c.sample_id, s.prompt, c.completion, s.label,
-                       s.confidence, s.score, s.language, s.question_key, c.mode
-                {READY}
-                ORDER BY c.seq LIMIT $limit
-                """,
-                {"low": low, "high": state.high, "limit": batch_size},
-            )
-        if batch.is_empty():
+            batch = query_frame(conn, READY_IN_WINDOW, params)
+            ((window_end,),) = conn.execute(WINDOW_END, params).fetchall()
+        if window_end is None:
             return
-        yield batch
-        low = int(batch["completion_seq"].max())
+        if not batch.is_empty():
+            yield batch
+        low = int(window_end)
 
 
 def _manifest(

@@ -32,6 +32,9 @@ class QueueUnavailable(RuntimeError):
 
 class EventQueue(Protocol):
     name: str
+    # Whether the next batch may be claimed before the previous one is acked; the ingester then
+    # commits a batch while it validates the next.
+    reads_ahead: bool
 
     def put(self, payloads: Sequence[str]) -> int:
         """Enqueue JSON payloads (one event each) atomically as a group; returns the count."""

@@ -42,6 +42,8 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 class FileInbox:
     name = "inbox"
+    # Acks only archive finished files; each claimed file is replayed whole after a crash.
+    reads_ahead = True
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

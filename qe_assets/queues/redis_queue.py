@@ -29,6 +29,9 @@ return #items
 
 class RedisQueue:
     name = "redis"
+    # One processing list per consumer: its ack deletes the whole list, so a batch must be acked
+    # before the next is claimed into it.
+    reads_ahead = False
 
     def __init__(
         self,

@@ -17,9 +17,10 @@ pipeline code itself, so it is single-threaded when it forks (checked through /p
 fork); each child imports qe_assets and Polars itself.
 
 `direct` mode runs the same functions the assets run, in the same order and with the same
-connection handling (`writer_session` per stage, `duckdb_writer` elsewhere): ingest every queue → annotate → complete →
-export (`cut_version`). `dagster` mode runs `qe_assets.runner.run_pipeline(..., cut_version=True)`
-(what `qe run --cut-version` does) against DAGSTER_HOME.
+connection handling (`writer_session` per stage, `duckdb_writer` elsewhere): ingest every queue →
+annotate → complete → export (`cut_version`). `dagster` mode runs
+`qe_assets.runner.run_pipeline(..., cut_version=True)` (what `qe run --cut-version` does) against
+DAGSTER_HOME.
 
 Markers (`{"event": "phase", "phase": ..., "pid": ..., "t": monotonic}`) are written with one
 `os.write` each, so lines from the zygote and its children never interleave within a line.
