@@ -146,6 +146,31 @@ class ParsedRecords:
     rejected: pl.DataFrame
 
 
+@dataclass(frozen=True)
+class ValidatedRecords:
+    """A batch after validation, before its events get their fingerprints (`fingerprinted`).
+
+    The two steps are apart so that the ingester can fingerprint one batch (DuckDB, no Python)
+    on a helper thread while it validates the next (Python).
+    """
+
+    events: pl.DataFrame  # _EVENT_COLUMNS plus docs and labels, timestamp as given
+    rejected: pl.DataFrame
+    received_at: datetime
+
+    def fingerprinted(self) -> ParsedRecords:
+        fingerprints = frame_query(_FINGERPRINT, batch_events=self.events)
+        rows = self.events.join(
+            fingerprints, on="pos", how="left", maintain_order="left"
+        ).with_columns(
+            pl.col("timestamp_given").fill_null(pl.lit(self.received_at, dtype=pl.Datetime("us")))
+        )
+        return ParsedRecords(
+            events=rows.rename({"timestamp_given": "timestamp"}).select(list(RAW_EVENT_SCHEMA)),
+            rejected=self.rejected,
+        )
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
@@ -233,11 +258,24 @@ def parse_records(
 ) -> ParsedRecords:
     """Validate raw JSON records; each one becomes exactly one event row or one rejected row.
 
+    Fingerprints come from a private in-memory DuckDB, so parsing never holds the store's write
+    lock.
+    """
+    return validate_records(records, sources, received_at=received_at).fingerprinted()
+
+
+def validate_records(
+    records: Sequence[bytes | str],
+    sources: Sequence[str],
+    *,
+    received_at: datetime | None = None,
+) -> ValidatedRecords:
+    """`parse_records` without the fingerprints.
+
     The pydantic model (Rust) is the one judge of validity. What Python does per record is only
     to hand its fields over as columns: documents and labels go into flat frames and are
     regrouped into lists by Polars, because building nested rows record by record cost more than
-    validation. Fingerprints come from a private in-memory DuckDB, so parsing never holds the
-    store's write lock.
+    validation.
     """
     if len(records) != len(sources):
         raise ValueError("records and sources must have the same length")
@@ -308,14 +346,7 @@ def parse_records(
             pl.col("labels").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["labels"])),
         )
     )
-    fingerprints = frame_query(_FINGERPRINT, batch_events=batch)
-    rows = batch.join(fingerprints, on="pos", how="left", maintain_order="left").with_columns(
-        pl.col("timestamp_given").fill_null(pl.lit(received_at, dtype=pl.Datetime("us")))
-    )
-    return ParsedRecords(
-        events=rows.rename({"timestamp_given": "timestamp"}).select(list(RAW_EVENT_SCHEMA)),
-        rejected=pl.DataFrame(rejected, schema=REJECTED_SCHEMA),
-    )
+    return ValidatedRecords(batch, pl.DataFrame(rejected, schema=REJECTED_SCHEMA), received_at)
 
 
 def normalised_labels(labels: pl.Expr) -> pl.Expr:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
-from qe_assets.events import ParsedRecords, parse_records
+from qe_assets.events import ParsedRecords, ValidatedRecords, parse_records, validate_records
 from qe_assets.queues import Batch, EventQueue
 from qe_assets.store import ConnectionFactory, ensure_schema, query_frame, transaction
 from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
@@ -125,17 +125,22 @@ def ingest_pending(
     """Drain the queue batch by batch; each batch holds the write lock only for its commit.
 
     Batches are validated before the write lock is taken, so readers get in while we parse. On a
-    queue that `reads_ahead`, a batch is committed on a helper thread while the next one is
-    claimed and validated; acks still follow their commits, one batch after another.
+    queue that `reads_ahead`, a batch is fingerprinted and committed on a helper thread while the
+    next one is claimed and validated; acks still follow their commits, one batch after another.
     """
     total = IngestReport()
     with connection() as conn:
         ensure_schema(conn)
 
-    def commit(batch: Batch, parsed: ParsedRecords, received_at: datetime) -> IngestReport:
+    def commit(batch: Batch, validated: ValidatedRecords) -> IngestReport:
+        parsed = validated.fingerprinted()  # before the connection: readers still get in
         with connection() as conn:
             return commit_batch(
-                conn, batch.records, batch.sources, received_at=received_at, parsed=parsed
+                conn,
+                batch.records,
+                batch.sources,
+                received_at=validated.received_at,
+                parsed=parsed,
             )
 
     def finish(batch: Batch, committed: Future[IngestReport]) -> None:
@@ -148,12 +153,11 @@ def ingest_pending(
     in_flight: tuple[Batch, Future[IngestReport]] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-commit") as committer:
         for batch in queue.batches(batch_size):
-            received_at = datetime.now(UTC).replace(tzinfo=None)
-            parsed = parse_records(batch.records, batch.sources, received_at=received_at)
+            validated = validate_records(batch.records, batch.sources)
             if in_flight is not None:
                 finish(*in_flight)
                 in_flight = None
-            committed = committer.submit(commit, batch, parsed, received_at)
+            committed = committer.submit(commit, batch, validated)
             if queue.reads_ahead:
                 in_flight = (batch, committed)
             else:
