@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import warnings
+from types import ModuleType
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display here, and no GUI toolkit in a run worker
+@functools.cache
+def _pyplot() -> ModuleType:
+    # Imported on the first chart, not with the definitions: matplotlib costs ~0.3-0.6 s of start-up
+    # that every code-server load and CLI call would otherwise pay.
+    import matplotlib
 
-import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display here, and no GUI toolkit in a run worker
+    import matplotlib.pyplot as plt
 
-# Labels outside the known four may be Chinese: use a CJK font when one is installed
-# (Debian: fonts-noto-cjk); without one such a label shows as boxes, nothing fails.
-plt.rcParams["font.sans-serif"] = [
-    "Noto Sans CJK SC",
-    "WenQuanYi Zen Hei",
-    *plt.rcParams["font.sans-serif"],
-]
+    # Labels outside the known four may be Chinese: use a CJK font when one is installed
+    # (Debian: fonts-noto-cjk); without one such a label shows as boxes, nothing fails.
+    plt.rcParams["font.sans-serif"] = [
+        "Noto Sans CJK SC",
+        "WenQuanYi Zen Hei",
+        *plt.rcParams["font.sans-serif"],
+    ]
+    return plt
 
 
 def label_share_png(counts: dict[str, int], title: str) -> bytes:
@@ -27,6 +34,7 @@ def label_share_png(counts: dict[str, int], title: str) -> bytes:
     total = sum(counts.values()) or 1
     labels = [label for label, _ in items][::-1]
     values = [count for _, count in items][::-1]
+    plt = _pyplot()
     height = 0.45 * len(items) + 1.0
     figure, axes = plt.subplots(figsize=(6, height), dpi=100)
     try:

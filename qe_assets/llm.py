@@ -30,14 +30,16 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
-import openai
 import polars as pl
 
 from qe_assets.settings import Settings
 from qe_assets.transforms.completions import judge_request, outcome_frame
+
+if TYPE_CHECKING:  # openai takes ~0.7 s to import; only LLM runs need it
+    import openai
 
 # Answers that are not completions: the reason is stored as the sample's error class.
 EMPTY, TRUNCATED, REFUSAL, FILTERED = "EmptyCompletion", "Truncated", "Refusal", "ContentFiltered"
@@ -189,6 +191,8 @@ async def chat(
     call, which alone kept a 32-way run well short of its throughput target; our requests are
     plain JSON already. The raw response also tells how many requests were sent.
     """
+    import openai
+
     async with slots:
         started = time.monotonic()
         try:

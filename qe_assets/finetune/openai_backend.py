@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from qe_assets.finetune.inputs import TrainingInputs
+
+if TYPE_CHECKING:  # clients come from the resource, which imports openai when it makes one
+    import openai
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 RUN_ID_KEY = "qe_run_id"
