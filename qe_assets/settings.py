@@ -208,7 +208,7 @@ class Settings(BaseModel):
     spot_check_share: float = 0.02
     chat_system_message: bool = True
     chat_weight_threshold: float | None = None
-    export_batch_size: int = 50_000
+    export_batch_size: int = 10_000
     pii_redaction: bool = True
     max_label_share: float = 0.8
     max_unspecified_share: float = 0.2

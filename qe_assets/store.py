@@ -397,6 +397,15 @@ def query_frame(
     return relation.pl()
 
 
+def owned_copy(column: str) -> pl.Expr:
+    """The string column rebuilt into buffers of its own.
+
+    Every column of a frame from `query_frame` keeps the memory of the whole query result alive,
+    so a narrow column kept past its batch (ids, say) would keep every prompt of that batch too.
+    """
+    return pl.concat_str([pl.col(column), pl.lit("")]).alias(column)
+
+
 def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     """Run a query over in-memory frames in a private DuckDB: no store, no lock, no waiting."""
     with duckdb.connect() as conn:

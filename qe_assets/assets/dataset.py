@@ -15,7 +15,7 @@ from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, ve
 from qe_assets.readiness import READY_IN_WINDOW, WINDOW_END, VersionState, version_state
 from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
-from qe_assets.store import query_frame, transaction
+from qe_assets.store import owned_copy, query_frame, transaction
 from qe_assets.templates import load_templates
 from qe_assets.transforms.dataset import (
     TRAIN_SPLIT,
@@ -119,7 +119,7 @@ def cut_version(
                 labels[name] = labels.get(name, 0) + count
             for mode, count in batch.group_by("mode").len().iter_rows():
                 modes[mode] = modes.get(mode, 0) + count
-            members.append(batch.select("sample_id", "split"))
+            members.append(batch.select(owned_copy("sample_id"), "split"))
             last_seq = int(batch["completion_seq"].max())
             if on_batch is not None:
                 on_batch(version, sum(m.height for m in members))

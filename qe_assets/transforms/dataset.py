@@ -44,7 +44,6 @@ def chat_lines(
     OpenAI accepts only weight 0 or 1 on assistant messages; with `weight_threshold` set, samples
     under it keep their place in the file but teach nothing (weight 0).
     """
-    systems = templates.per_language().select("language", "system")
     assistant = {"role": pl.lit("assistant"), "content": pl.col("completion")}
     if weight_threshold is not None:
         assistant["weight"] = (pl.col("confidence") >= weight_threshold).cast(pl.Int8)
@@ -53,18 +52,16 @@ def chat_lines(
         pl.struct(**assistant).struct.json_encode(),
     ]
     if system_message:
-        parts.insert(
-            0, pl.struct(role=pl.lit("system"), content=pl.col("system")).struct.json_encode()
+        # Looked up per row rather than joined: a join would copy every prompt of the batch.
+        system = pl.col("language").replace_strict(
+            templates.system, default=None, return_dtype=pl.String
         )
-    return (
-        frame.join(systems, on="language", how="left", maintain_order="left")
-        .select(
-            pl.concat_str(
-                [pl.lit('{"messages":['), pl.concat_str(parts, separator=","), pl.lit("]}")]
-            ).alias("line")
-        )
-        .to_series()
-    )
+        parts.insert(0, pl.struct(role=pl.lit("system"), content=system).struct.json_encode())
+    return frame.select(
+        pl.concat_str(
+            [pl.lit('{"messages":['), pl.concat_str(parts, separator=","), pl.lit("]}")]
+        ).alias("line")
+    ).to_series()
 
 
 def label_counts(frame: pl.DataFrame) -> dict[str, int]:
