@@ -76,6 +76,9 @@ class _Sink:
     lines: int = 0
 
     def write_lines(self, lines: pl.Series) -> None:
+        if lines.null_count():
+            # str.join would skip them and the two line files would fall out of step.
+            raise ValueError(f"{self.final.name}: {lines.null_count()} lines to write are null")
         # A slice at a time: joined into one string by Polars, so the bytes of a whole batch
         # never exist twice over as Python strings.
         for start in range(0, lines.len(), WRITE_SLICE_LINES):

@@ -152,16 +152,27 @@ def ingest_pending(
 
     in_flight: tuple[Batch, Future[IngestReport]] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-commit") as committer:
-        for batch in queue.batches(batch_size):
-            validated = validate_records(batch.records, batch.sources)
+        try:
+            for batch in queue.batches(batch_size):
+                validated = validate_records(batch.records, batch.sources)
+                if in_flight is not None:
+                    pending, in_flight = in_flight, None
+                    finish(*pending)
+                committed = committer.submit(commit, batch, validated)
+                if queue.reads_ahead:
+                    in_flight = (batch, committed)
+                else:
+                    finish(batch, committed)
+        except BaseException as exc:
             if in_flight is not None:
-                finish(*in_flight)
-                in_flight = None
-            committed = committer.submit(commit, batch, validated)
-            if queue.reads_ahead:
-                in_flight = (batch, committed)
-            else:
-                finish(batch, committed)
+                # Reading or validating the next batch failed while the previous one was being
+                # committed: a commit that went through is still acked and counted (else its
+                # events come back as duplicates), and one that failed is not lost from the error.
+                try:
+                    finish(*in_flight)
+                except Exception as commit_error:
+                    exc.add_note(f"the commit of the batch before also failed: {commit_error!r}")
+            raise
         if in_flight is not None:
             finish(*in_flight)
     return total

@@ -233,9 +233,9 @@ def open_connection(
     config: Mapping[str, Any] | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """`connect` without the context: the caller closes. Writers get WRITER_CONFIG, then
-    `config` on top (memory limit and the like)."""
+    `config` on top (memory limit and the like); readers get `config` alone."""
     path = Path(database)
-    settings = {} if read_only else {**WRITER_CONFIG, **(config or {})}
+    settings = {**(config or {})} if read_only else {**WRITER_CONFIG, **(config or {})}
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
@@ -256,6 +256,10 @@ def open_connection(
             time.sleep(min(delay, remaining))
             # Readers poll fast: writers leave only short gaps between their transactions.
             delay = min(delay * 2, 0.05 if read_only else 0.5)
+
+
+class DatabaseCloseFailed(RuntimeError):
+    """A write connection's close (its checkpoint) failed on the session's helper thread."""
 
 
 class WriterSession:
@@ -298,7 +302,12 @@ class WriterSession:
             self._closing = None
         if self._close_error is not None:
             error, self._close_error = self._close_error, None
-            raise error
+            # Raised from the next batch's `connection()`: say that it is the previous close
+            # (its transaction had committed) rather than let it pass for this batch's failure.
+            raise DatabaseCloseFailed(
+                f"closing the previous write connection to {self.database} failed after its "
+                f"transaction committed: {error!r}"
+            ) from error
 
     def _close(self, conn: duckdb.DuckDBPyConnection) -> None:
         try:
@@ -316,7 +325,8 @@ class WriterSession:
             ensure_schema(conn)
             yield conn
         except BaseException:
-            conn.close()
+            with suppress(Exception):  # the body's error is the one to report
+                conn.close()
             raise
         self._closing = threading.Thread(
             target=self._close, args=(conn,), name="duckdb-close", daemon=True

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from qe_assets.export import sha256_file
+from qe_assets.export import VersionWriter, sha256_file
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.transforms.validation import chat_format_problems
@@ -318,3 +318,14 @@ def test_export_walks_windows_of_completions_that_hold_no_ready_sample(settings:
     assert metadata(result, "tuning_dataset")["samples"] == 3
     records = version_files(settings, "v001")[0].read_text("utf-8").splitlines()
     assert sorted(json.loads(r)["sample_id"] for r in records) == sorted(pending[:3])
+
+
+def test_version_writer_refuses_null_lines_so_the_two_files_stay_in_step(tmp_path: Path) -> None:
+    # Polars' str.join skips nulls: written as they came, the record and chat files would
+    # disagree on which line is which sample.
+    null_line = pl.Series(["{}", None])
+    with (
+        VersionWriter(tmp_path, "rag_quality_tuning_v001") as writer,
+        pytest.raises(ValueError, match=r"rag_quality_tuning_v001\.chat\.jsonl: 1 lines"),
+    ):
+        writer.write(pl.DataFrame({"sample_id": ["a", "b"]}), null_line)

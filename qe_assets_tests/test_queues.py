@@ -138,6 +138,27 @@ def test_commit_failing_while_the_next_batch_is_read_ahead_loses_and_doubles_not
     assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 3
 
 
+def test_reading_failing_while_a_batch_commits_still_acks_that_batch(settings: Settings) -> None:
+    """Batch N commits on the helper thread while N+1 is read; when that read fails, N's commit
+    is waited for, acked and counted before the error surfaces (else N comes back as duplicates
+    and the run's figures leave it out)."""
+    inbox = FileInbox(settings.inbox_dir)
+    inbox.put(payloads(5, prefix="a"))
+    # Both left claimed by a crashed run, read in name order; the second is a real read fault,
+    # a directory where a claimed file should be.
+    processing = settings.inbox_dir / ".processing"
+    processing.mkdir(exist_ok=True)
+    (sent,) = settings.inbox_dir.glob("*.jsonl")
+    sent.rename(processing / f"a-{sent.name}")
+    (processing / "zz.jsonl").mkdir()
+    reports = []
+    with pytest.raises(IsADirectoryError):
+        ingest_pending(inbox, writer(settings), batch_size=5, on_batch=reports.append)
+    assert [r.new for r in reports] == [5]
+    assert sorted(stored_ids(settings)) == [f"a{i}" for i in range(5)]
+    assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 1
+
+
 def test_only_the_inbox_reads_ahead() -> None:
     # Redis acks by deleting the consumer's whole processing list: claiming the next batch into
     # it before the ack would delete that batch too.

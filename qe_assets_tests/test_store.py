@@ -81,8 +81,6 @@ def test_an_error_in_the_session_body_is_not_masked(tmp_path: Path) -> None:
 
 
 def test_frame_query_runs_sql_over_frames_without_a_store() -> None:
-    import polars as pl
-
     result = frame_query(
         "SELECT a.k, a.v + b.v AS total FROM a JOIN b USING (k) ORDER BY k",
         a=pl.DataFrame({"k": [1, 2], "v": [10, 20]}),

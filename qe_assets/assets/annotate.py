@@ -61,10 +61,11 @@ def keyed_samples(raw: pl.DataFrame, config: AnnotateConfig) -> pl.DataFrame:
     """Annotated samples of `raw` with their split and duplicate keys; touches no store."""
     samples = annotate_events(raw, config, load_templates())
     # md5 in DuckDB: stable across library versions, unlike Polars' hash. Only the two hashed
-    # columns go there and back; DuckDB keeps their order (preserve_insertion_order).
+    # columns go there and back, in row order whatever DuckDB's insertion-order setting.
     keys = frame_query(
-        "SELECT md5(question_norm) AS question_key, md5(dedup_text) AS dedup_key FROM texts",
-        texts=samples.select("question_norm", "dedup_text"),
+        "SELECT md5(question_norm) AS question_key, md5(dedup_text) AS dedup_key "
+        "FROM texts ORDER BY row",
+        texts=samples.select("question_norm", "dedup_text").with_row_index("row"),
     )
     return samples.hstack(keys)
 
