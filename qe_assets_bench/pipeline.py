@@ -14,6 +14,10 @@ size and measures, in the same run on the same input:
   extrapolated (ingest linearly; the drain quadratically, as every batch scans the whole table).
 * (b) a plain one-pass Python script: json.loads per line -> transform -> JSONL.
 * (c) one DuckDB SQL pass: read_ndjson -> transform in SQL -> COPY TO (FORMAT JSON).
+* (d) our own tables (`qe_assets.store.SCHEMA`, ZSTD, the 1 GB memory limit) filled by DuckDB SQL
+  alone, a statement per stage: raw_events with fingerprints -> annotated_samples and the review
+  queue -> naive completions -> dataset_samples and the two JSONL files. No validation, no
+  Dagster, no Python per record: the floor of this design (a DuckDB store per stage) here.
 * ours: `qe run --cut-version` end to end in a fresh QE_DATA_DIR, as a subprocess.
 
 Each measured program runs in its own process under `/usr/bin/time -v` (wall time from here,
@@ -147,50 +151,76 @@ def _by_lang_label(table: dict[str, dict[str, str]], label: str) -> str:
     return "CASE " + " ".join(arms) + " END"
 
 
-def duckdb_sql(src: Path, dst: Path, spec: dict[str, Any]) -> str:
+def _transform_sql(spec: dict[str, Any], source: str) -> str:
+    """The shared transform as SQL over `source`, a relation of request_id, question, answer,
+    score, raw_labels and docs (id, content, score); one row per sample, with its parts."""
     alias_case = " ".join(f"WHEN {_lit(k)} THEN {_lit(v)}" for k, v in spec["aliases"].items())
     norm = f"CASE lower(trim(l)) {alias_case} ELSE lower(trim(l)) END"
     primary = " ".join(f"WHEN list_contains(labels, '{k}') THEN '{k}'" for k in spec["known"])
     doc = {lang: _lit(spec["prompt"][lang]["document"]) for lang in ("zh", "en")}
     qh = {lang: _lit(spec["prompt"][lang]["question_heading"]) for lang in ("zh", "en")}
-    columns = (
-        "{request_id: 'VARCHAR', question: 'VARCHAR', answer: 'VARCHAR', "
-        "docs: 'STRUCT(id VARCHAR, content VARCHAR, score DOUBLE)[]', "
-        "evaluation: 'STRUCT(score DOUBLE, labels VARCHAR[])'}"
-    )
-    src_sql = str(src).replace("'", "''")
-    dst_sql = str(dst).replace("'", "''")
     return f"""
-COPY (
   WITH ev AS (
-    SELECT request_id, question, answer, evaluation.score AS score,
-           list_filter(list_transform(coalesce(evaluation.labels, []), lambda l: {norm}),
+    SELECT *,
+           list_filter(list_transform(coalesce(raw_labels, []), lambda l: {norm}),
                        lambda l: l <> '') AS labels,
            CASE WHEN regexp_matches(question, '\\p{{Han}}') THEN 'zh' ELSE 'en' END AS language,
            list_transform(
              list_sort(list_transform(coalesce(docs, []),
-                       lambda d, i: {{k: -coalesce(d.score, 0.0), i: i, c: d.content}}))[1:{TOP_K}],
-             lambda d: replace(replace(substr(d.c, 1, {MAX_CHARS}), '<<<', '< < <'),
-                               '>>>', '> > >')) AS top
-    FROM read_ndjson('{src_sql}', columns = {columns}, maximum_object_size = 67108864)
+                       lambda d, i: {{k: -coalesce(d.score, 0.0), i: i, d: d}}))[1:{TOP_K}],
+             lambda x: {{'id': x.d.id, 'content': substr(x.d.content, 1, {MAX_CHARS}),
+                         'score': x.d.score}}) AS top
+    FROM {source}
   ), lab AS (
     SELECT *, CASE {primary} ELSE coalesce(labels[1], 'unspecified') END AS label,
            round(least(1.0, score * {CONFIDENCE_FACTOR}), 6) AS confidence
     FROM ev
+  ), ins AS (
+    SELECT *, {_by_lang_label(spec["instructions"], "label")} AS instruction FROM lab
   )
-  SELECT request_id, label, language,
-         CASE WHEN len(top) > 0 THEN array_to_string(list_transform(top, lambda c, n:
+  SELECT *,
+         CASE WHEN len(top) > 0 THEN array_to_string(list_transform(top, lambda d, n:
                 CASE language WHEN 'zh' THEN replace({doc["zh"]}, '{{n}}', n::VARCHAR)
                               ELSE replace({doc["en"]}, '{{n}}', n::VARCHAR) END
-                || ' <<<' || c || '>>>'),
+                || ' <<<' || replace(replace(d.content, '<<<', '< < <'), '>>>', '> > >')
+                || '>>>'),
                 chr(10)) || chr(10) || chr(10) ELSE '' END
-           || {_by_lang_label(spec["instructions"], "label")} || chr(10) || chr(10)
+           || instruction || chr(10) || chr(10)
            || CASE language WHEN 'zh' THEN {qh["zh"]} ELSE {qh["en"]} END
            || chr(10) || question AS prompt,
          {_by_lang_label(spec["prefixes"], "label")} || answer AS completion,
-         confidence, score,
          CASE WHEN confidence >= {MIN_CONFIDENCE} THEN 'train' ELSE 'review' END AS route
-  FROM lab
+  FROM ins
+"""
+
+
+# What (c) reads, and what (d) reads to fill raw_events.
+_C_COLUMNS = (
+    "{request_id: 'VARCHAR', question: 'VARCHAR', answer: 'VARCHAR', "
+    "docs: 'STRUCT(id VARCHAR, content VARCHAR, score DOUBLE)[]', "
+    "evaluation: 'STRUCT(score DOUBLE, labels VARCHAR[])'}"
+)
+_D_COLUMNS = (
+    "{request_id: 'VARCHAR', question: 'VARCHAR', answer: 'VARCHAR', timestamp: 'VARCHAR', "
+    "docs: 'STRUCT(id VARCHAR, content VARCHAR, score DOUBLE)[]', evaluation: 'JSON'}"
+)
+
+
+def _read_events(src: Path, columns: str) -> str:
+    src_sql = str(src).replace("'", "''")
+    return f"read_ndjson('{src_sql}', columns = {columns}, maximum_object_size = 67108864)"
+
+
+def duckdb_sql(src: Path, dst: Path, spec: dict[str, Any]) -> str:
+    source = (
+        "(SELECT request_id, question, answer, evaluation.score AS score, "
+        f"evaluation.labels AS raw_labels, docs FROM {_read_events(src, _C_COLUMNS)})"
+    )
+    dst_sql = str(dst).replace("'", "''")
+    return f"""
+COPY (
+  SELECT request_id, label, language, prompt, completion, confidence, score, route
+  FROM ({_transform_sql(spec, source)})
 ) TO '{dst_sql}' (FORMAT JSON)
 """
 
@@ -205,6 +235,126 @@ def anchor_c(src: Path, dst: Path, spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         conn.close()
     return {"samples": int(result[0][0]) if result and result[0] else None}
+
+
+# (d): our own tables (qe_assets.store.SCHEMA, the writers' settings), filled by DuckDB SQL alone,
+# one statement per stage and no Python per record. It does less than ours (no per-field
+# validation or reasons, no review or duplicate rules, no PII pass, no format checks, no Dagster)
+# and so bounds from below what any implementation of this design can reach on this machine.
+_D_STAGES: tuple[tuple[str, str], ...] = (
+    (
+        "raw_events",
+        """
+        INSERT INTO raw_events (request_id, question, docs, answer, evaluation, score, labels,
+                                checks, timestamp, extra, fingerprint, source, ingested_at)
+        SELECT request_id, question,
+               list_transform(docs, lambda d: {'id': d.id, 'content': d.content,
+                                               'score': d.score, 'meta': NULL::VARCHAR}),
+               answer, evaluation, (evaluation->>'score')::DOUBLE,
+               coalesce((evaluation->'labels')::VARCHAR[], []), evaluation->'checks',
+               coalesce(timestamp::TIMESTAMPTZ::TIMESTAMP, now()::TIMESTAMP), NULL,
+               sha256(to_json({'request_id': request_id, 'question': question, 'docs': docs,
+                               'answer': answer, 'evaluation': evaluation,
+                               'timestamp': timestamp})),
+               'inbox', now()::TIMESTAMP
+        FROM {events}
+        QUALIFY row_number() OVER (PARTITION BY request_id) = 1
+        """,
+    ),
+    (
+        "annotated_samples",
+        """
+        INSERT INTO annotated_samples (sample_id, request_id, event_seq, label, labels, language,
+            question, original_answer, context_docs, instruction, prompt, score, confidence,
+            route, route_reason, question_key, dedup_key, annotated_at)
+        SELECT request_id || '#' || label, request_id, seq, label, labels, language, question,
+               answer, list_transform(top, lambda d: {'id': d.id, 'content': d.content,
+                                                      'score': d.score, 'meta': NULL}),
+               instruction, prompt, score, confidence, route,
+               CASE WHEN route = 'review' THEN 'confidence below the gate' END,
+               md5(lower(trim(question))), md5(lower(trim(question)) || chr(31) || answer),
+               now()::TIMESTAMP
+        FROM ({samples});
+        INSERT INTO review_queue (sample_id, reason, status, queued_at)
+        SELECT sample_id, 'low_confidence', 'pending', now()::TIMESTAMP
+        FROM annotated_samples WHERE route = 'review';
+        """,
+    ),
+    (
+        "completions",
+        """
+        INSERT INTO completions (sample_id, completion, mode, status, attempts, created_at,
+                                 updated_at, seq)
+        SELECT sample_id, {prefix} || original_answer, 'naive', 'ok', 0, now()::TIMESTAMP,
+               now()::TIMESTAMP, seq
+        FROM annotated_samples WHERE route = 'train'
+        """,
+    ),
+    (
+        "tuning_dataset",
+        """
+        INSERT INTO dataset_samples
+        SELECT 'v001', sample_id,
+               CASE WHEN ('0x' || substr(question_key, 1, 8))::UBIGINT % 100 < 10
+                    THEN 'validation' ELSE 'train' END
+        FROM completions JOIN annotated_samples USING (sample_id);
+        COPY (SELECT a.sample_id, a.prompt, c.completion, a.label, a.confidence
+              FROM completions c JOIN annotated_samples a USING (sample_id) ORDER BY c.seq)
+        TO '{records}' (FORMAT JSON);
+        COPY (SELECT [{'role': 'system', 'content': a.instruction},
+                      {'role': 'user', 'content': a.prompt},
+                      {'role': 'assistant', 'content': c.completion}] AS messages
+              FROM completions c JOIN annotated_samples a USING (sample_id) ORDER BY c.seq)
+        TO '{chat}' (FORMAT JSON);
+        """,
+    ),
+)
+
+
+def anchor_d(src: Path, dst: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    import duckdb
+
+    from qe_assets.store import SCHEMA, WRITER_CONFIG
+
+    database = dst.with_suffix(".duckdb")
+    for leftover in dst.parent.glob(f"{database.name}*"):
+        leftover.unlink()
+    # raw_events' own columns under the names the shared transform reads.
+    source = (
+        "(SELECT request_id, seq, question, answer, score, labels AS raw_labels, docs "
+        "FROM raw_events)"
+    )
+    fill = {
+        "events": _read_events(src, _D_COLUMNS),
+        "samples": _transform_sql(spec, source),
+        "prefix": _by_lang_label(spec["prefixes"], "label"),
+        "records": str(dst).replace("'", "''"),
+        "chat": str(dst.with_suffix(".chat.jsonl")).replace("'", "''"),
+    }
+    stages: dict[str, float] = {}
+    conn = duckdb.connect(str(database), config={**WRITER_CONFIG, "memory_limit": "1GB"})
+    try:
+        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute(SCHEMA)
+        for stage, sql in _D_STAGES:
+            started = time.perf_counter()
+            for name, value in fill.items():
+                sql = sql.replace("{" + name + "}", value)
+            conn.execute(sql)
+            stages[stage] = round(time.perf_counter() - started, 2)
+        counts = {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("raw_events", "annotated_samples", "completions", "dataset_samples")
+        }
+    finally:
+        conn.close()
+    dst.with_suffix(".chat.jsonl").unlink(missing_ok=True)
+    return {
+        "samples": counts["dataset_samples"],
+        "counts": counts,
+        "stages": stages,
+        "db_bytes": database.stat().st_size,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,8 +696,10 @@ def helper(args: argparse.Namespace) -> int:
         result = anchor_a(src, dst, args._drain_seconds)
     elif args._anchor == "b":
         result = anchor_b(src, dst, spec)
-    else:
+    elif args._anchor == "c":
         result = anchor_c(src, dst, spec)
+    else:
+        result = anchor_d(src, dst, spec)
     print(json.dumps(result))
     return 0
 
@@ -564,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run (a) in full only where its projected time is below this; else extrapolate",
     )
     parser.add_argument("--a-drain-seconds", type=float, default=60.0)
-    parser.add_argument("--_anchor", choices=("a", "b", "c"), help=argparse.SUPPRESS)
+    parser.add_argument("--_anchor", choices=("a", "b", "c", "d"), help=argparse.SUPPRESS)
     parser.add_argument("--_input", help=argparse.SUPPRESS)
     parser.add_argument("--_output", help=argparse.SUPPRESS)
     parser.add_argument("--_spec", help=argparse.SUPPRESS)
@@ -628,13 +780,16 @@ def main(argv: list[str] | None = None) -> int:
             row["b"] = run_anchor("b", src, out / f"b_{n}.jsonl", spec_path)
             print(f"[{n}] (c) DuckDB SQL ...", flush=True)
             row["c"] = run_anchor("c", src, out / f"c_{n}.jsonl", spec_path)
+            print(f"[{n}] (d) our tables by DuckDB SQL alone ...", flush=True)
+            row["d"] = run_anchor("d", src, out / f"d_{n}.jsonl", spec_path)
             print(f"[{n}] ours: qe run --cut-version ...", flush=True)
             data_dir = out / f"qe_{n}"
             shutil.rmtree(data_dir, ignore_errors=True)
             row["ours"] = run_ours(src, data_dir, out / f"ours_{n}.log")
             rows[n] = row
-            for key in ("b", "c"):
+            for key in ("b", "c", "d"):
                 (out / f"{key}_{n}.jsonl").unlink(missing_ok=True)
+            (out / f"d_{n}.duckdb").unlink(missing_ok=True)
 
         # Incremental: 1k new events on the largest store vs on an empty store.
         big = sizes[-1]
@@ -667,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head)
     print("-" * len(head))
     for n, row in rows.items():
-        a, b, c, ours = row["a"], row["b"], row["c"], row["ours"]
+        a, b, c, d, ours = row["a"], row["b"], row["c"], row["d"], row["ours"]
 
         def line(step: str, wall: float | None, rss: float | None, note: str, n: int = n) -> None:
             rate = f"{n / wall:,.0f}" if wall else "-"
@@ -723,6 +878,13 @@ def main(argv: list[str] | None = None) -> int:
             c["rss_mb"],
             f"{c.get('samples') or 0:,} samples" if c["rc"] == 0 else f"FAILED: {c.get('error')}",
         )
+        d_note = (
+            f"{d.get('samples') or 0:,} samples; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in d.get("stages", {}).items())
+            if d["rc"] == 0
+            else f"FAILED: {d.get('error')}"
+        )
+        line("(d) our tables, DuckDB SQL alone", d["wall"], d["rss_mb"], d_note)
         ours_note = (
             f"{ours['samples']:,} samples in {ours['version']}"
             if ours["rc"] == 0
@@ -733,6 +895,11 @@ def main(argv: list[str] | None = None) -> int:
             r1 = ours["wall"] / c["wall"]
             verdict = ("PASS" if r1 <= 3 else "MISS") if n >= 100_000 else "(target at 100k)"
             print(f"{'':>9} | ratio ours / (c) = {r1:,.2f}  target <= 3 at 100k: {verdict}")
+        if ours["rc"] == 0 and c["rc"] == 0 and d["rc"] == 0:
+            print(
+                f"{'':>9} | ratio (d) / (c) = {d['wall'] / c['wall']:,.2f}  (the floor of our "
+                f"tables); ours / (d) = {ours['wall'] / d['wall']:,.2f}"
+            )
         if ours["rc"] == 0 and a.get("total"):
             r2 = a["total"] / ours["wall"]
             label = "extrapolated (a)" if a.get("extrapolated") else "measured (a)"

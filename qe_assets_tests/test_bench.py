@@ -1,0 +1,68 @@
+"""The benchmark's anchors do the same work as the pipeline: same prompts, same completions.
+
+If they drifted apart, `make bench` would compare us with something else; here they run on a few
+hundred bench-sized events next to a real materialization of the graph.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from qe_assets.demo import BENCH_DOC_CHARS, BENCH_DOCS_PER_EVENT, generate_events
+from qe_assets.queues import FileInbox
+from qe_assets.settings import Settings
+from qe_assets_bench.pipeline import anchor_b, anchor_c, anchor_d, build_spec
+from qe_assets_tests.runs import materialize
+
+EVENTS = 300
+
+
+@pytest.fixture
+def events(tmp_path: Path) -> Path:
+    lines = generate_events(
+        EVENTS, seed=11, docs_per_event=BENCH_DOCS_PER_EVENT, doc_chars=BENCH_DOC_CHARS
+    )
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def ours(settings: Settings, events: Path) -> pl.DataFrame:
+    FileInbox(settings.inbox_dir).put(events.read_text("utf-8").splitlines())
+    materialize(settings)
+    (version,) = sorted(settings.datasets_dir.glob("rag_quality_tuning_v*[0-9].jsonl"))
+    return pl.read_ndjson(version).select(
+        pl.col("sample_id").str.split("#").list.first().alias("request_id"),
+        "prompt",
+        "completion",
+        "label",
+        "confidence",
+    )
+
+
+def test_anchors_build_our_samples(settings: Settings, events: Path, tmp_path: Path) -> None:
+    spec = json.loads(json.dumps(build_spec()))  # as the helpers get it
+    expected = ours(settings, events)
+    assert expected.height > 50
+
+    anchor_b(events, tmp_path / "b.jsonl", spec)
+    anchor_c(events, tmp_path / "c.jsonl", spec)
+    d = anchor_d(events, tmp_path / "d.jsonl", spec)
+    stored = len({json.loads(line)["request_id"] for line in events.read_text().splitlines()})
+    assert d["counts"]["raw_events"] == d["counts"]["annotated_samples"] == stored
+    assert set(d["stages"]) == {"raw_events", "annotated_samples", "completions", "tuning_dataset"}
+
+    columns = ["request_id", "prompt", "completion", "label", "confidence"]
+    for name in ("b", "c", "d"):
+        frame = pl.read_ndjson(tmp_path / f"{name}.jsonl")
+        if "request_id" not in frame.columns:
+            frame = frame.with_columns(request_id=pl.col("sample_id").str.split("#").list.first())
+        got = expected.select("request_id").join(
+            frame.select(columns).unique("request_id"), on="request_id", how="left"
+        )
+        assert got["prompt"].null_count() == 0, name
+        assert got.select(columns).equals(expected.select(columns)), name
