@@ -2,6 +2,7 @@
 
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 import duckdb
@@ -103,21 +104,36 @@ def annotate_pending(
 ) -> int:
     """Annotate every raw event past the watermark, batch by batch; returns how many.
 
-    A batch is read in the connection that committed the one before, and annotated while that
-    connection closes (see `WriterSession`): the store is only open to read and write.
+    Each connection reads the batch after the one it commits, then commits on a helper thread
+    while this thread annotates what it read (Polars, and DuckDB for the md5 keys, on the other
+    core); the connection then closes behind us (see `WriterSession`). Batches still commit one
+    after another, each with its watermark, so a crash replays at most the uncommitted ones.
     """
     with connection() as conn:
         raw = read_new_events(conn, watermark(conn, STAGE), batch_size)
+    if raw.is_empty():
+        return 0
+    keyed: pl.DataFrame | None = keyed_samples(raw, config)
+    last_seq = int(raw["seq"].max())
     done = 0
-    while not raw.is_empty():
-        keyed = keyed_samples(raw, config)
-        last_seq = int(raw["seq"].max())
-        with connection() as conn:
-            samples = commit_samples(conn, keyed, last_seq, spot_share)
-            raw = read_new_events(conn, last_seq, batch_size)
-        done += samples.height
-        if on_batch is not None:
-            on_batch(samples)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate-commit") as committer:
+        while keyed is not None:
+            with connection() as conn:
+                ahead = read_new_events(conn, last_seq, batch_size)
+                committed = committer.submit(commit_samples, conn, keyed, last_seq, spot_share)
+                try:
+                    keyed = None if ahead.is_empty() else keyed_samples(ahead, config)
+                except BaseException as exc:
+                    # The commit must end before its connection does; its failure is kept too.
+                    if (error := committed.exception()) is not None:
+                        exc.add_note(f"the commit of the batch before also failed: {error!r}")
+                    raise
+                samples = committed.result()
+            done += samples.height
+            if on_batch is not None:
+                on_batch(samples)
+            if not ahead.is_empty():
+                last_seq = int(ahead["seq"].max())
     return done
 
 
