@@ -6,22 +6,25 @@ expressions, so every table and transform that speaks of labels derives them the
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 import polars as pl
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     StrictStr,
+    TypeAdapter,
     ValidationError,
-    field_validator,
 )
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from qe_assets.store import frame_query
 
@@ -43,10 +46,30 @@ LABEL_ALIASES: dict[str, str] = {
 
 # Strict: "0.4" or true are producer bugs to surface, not values to coerce (ints are fine).
 Score = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
+DocScore = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
 def _int_to_str(value: Any) -> Any:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _request_id_not_blank(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _timestamp_iso8601(value: str | None) -> str | None:
+    if value is not None:
+        parse_timestamp(value)
+    return value
+
+
+# Many retrievers emit integer ids; accept them as their decimal text.
+DocId = Annotated[StrictStr, BeforeValidator(_int_to_str)]
+RequestId = Annotated[StrictStr, AfterValidator(_request_id_not_blank)]
+Timestamp = Annotated[StrictStr | None, AfterValidator(_timestamp_iso8601)]
 
 
 class Doc(BaseModel):
@@ -54,10 +77,9 @@ class Doc(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    # Many retrievers emit integer ids; accept them as their decimal text.
-    id: Annotated[StrictStr, BeforeValidator(_int_to_str)]
+    id: DocId
     content: StrictStr
-    score: Annotated[float, Field(allow_inf_nan=False, strict=True)] | None = None
+    score: DocScore | None = None
 
 
 class Evaluation(BaseModel):
@@ -73,27 +95,49 @@ class QualityEvent(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    request_id: StrictStr
+    request_id: RequestId
     question: StrictStr
     docs: list[Doc]
     answer: StrictStr
     evaluation: Evaluation
-    timestamp: StrictStr | None = None
+    timestamp: Timestamp = None
 
-    @field_validator("request_id")
-    @classmethod
-    def _request_id_not_blank(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("must not be empty")
-        return value
 
-    @field_validator("timestamp")
-    @classmethod
-    def _timestamp_iso8601(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_timestamp(value)
-        return value
+# The same rules validated into plain dicts, which is what the ingester needs and about twice as
+# fast as building model instances. An optional field is absent when the record leaves it out,
+# so a result equals `QualityEvent.model_dump(exclude_unset=True)`. Error messages differ from the
+# model's in places (dict_type for model_type), so a record this rejects is judged again by
+# QualityEvent, the one source of rejection reasons.
+class _DocFields(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+
+    id: DocId
+    content: StrictStr
+    score: NotRequired[DocScore | None]
+
+
+class _EvaluationFields(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+
+    score: Score
+    labels: NotRequired[list[StrictStr] | None]
+    checks: NotRequired[dict[str, Any] | None]
+
+
+class _EventFields(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+
+    request_id: RequestId
+    question: StrictStr
+    docs: list[_DocFields]
+    answer: StrictStr
+    evaluation: _EvaluationFields
+    timestamp: NotRequired[Timestamp]
+
+
+EVENT_FIELDS = TypeAdapter(_EventFields)
+_DOC_KEYS = frozenset(_DocFields.__annotations__)
+_EVENT_KEYS = frozenset(_EventFields.__annotations__)
 
 
 def parse_timestamp(value: str) -> datetime:
@@ -264,6 +308,26 @@ def parse_records(
     return validate_records(records, sources, received_at=received_at).fingerprinted()
 
 
+def _rejection_of(raw: bytes | str, source: str) -> dict[str, Any] | QualityEvent:
+    """The rejected row of a record that the fast validator refused, with QualityEvent's reason;
+    the model itself if it accepts the record after all (the two agree by design and by test)."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            reason = f"payload: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            payload = raw.decode("utf-8", errors="backslashreplace")
+            return _rejection(source, payload, "payload", reason, None)
+    else:
+        text = raw
+    try:
+        return QualityEvent.model_validate_json(text)
+    except ValidationError as exc:
+        field, reason = describe_errors(exc)
+        payload = text.encode("utf-8", errors="backslashreplace").decode()
+        return _rejection(source, payload, field, reason, _request_id_hint(text))
+
+
 def validate_records(
     records: Sequence[bytes | str],
     sources: Sequence[str],
@@ -272,10 +336,11 @@ def validate_records(
 ) -> ValidatedRecords:
     """`parse_records` without the fingerprints.
 
-    The pydantic model (Rust) is the one judge of validity. What Python does per record is only
-    to hand its fields over as columns: documents and labels go into flat frames and are
-    regrouped into lists by Polars, because building nested rows record by record cost more than
-    validation.
+    pydantic (Rust) judges every record: `EVENT_FIELDS` validates it into plain dicts, and a
+    record it refuses is judged again by `QualityEvent` for the reason. What Python does per
+    record is only to hand the fields over as columns: documents and labels go into flat frames
+    and are regrouped into lists by Polars, because building nested rows record by record cost
+    more than validation. Payloads stay bytes until Polars checks them as UTF-8 all at once.
     """
     if len(records) != len(sources):
         raise ValueError("records and sources must have the same length")
@@ -284,49 +349,49 @@ def validate_records(
     docs: dict[str, list[Any]] = {name: [] for name in _DOC_COLUMNS}
     labels: dict[str, list[Any]] = {name: [] for name in _LABEL_COLUMNS}
     rejected: list[dict[str, Any]] = []
-    for pos, (raw, source) in enumerate(zip(records, sources, strict=True)):
-        if isinstance(raw, bytes):
+    # The batch allocates many objects and frees them all at once, and none is part of a cycle:
+    # the cyclic collector would only walk them again and again.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for pos, (raw, source) in enumerate(zip(records, sources, strict=True)):
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                reason = f"payload: not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                payload = raw.decode("utf-8", errors="backslashreplace")
-                rejected.append(_rejection(source, payload, "payload", reason, None))
-                continue
-        else:
-            text = raw
-        try:
-            event = QualityEvent.model_validate_json(text)
-        except ValidationError as exc:
-            field, reason = describe_errors(exc)
-            payload = text.encode("utf-8", errors="backslashreplace").decode()
-            rejected.append(_rejection(source, payload, field, reason, _request_id_hint(text)))
-            continue
-        evaluation = event.evaluation
-        extra = event.__pydantic_extra__
-        events["pos"].append(pos)
-        events["request_id"].append(event.request_id)
-        events["question"].append(event.question)
-        events["answer"].append(event.answer)
-        events["evaluation"].append(_json(evaluation.model_dump(exclude_unset=True)))
-        events["score"].append(float(evaluation.score))
-        if evaluation.labels:
-            labels["pos"].extend([pos] * len(evaluation.labels))
-            labels["label"].extend(evaluation.labels)
-        events["checks"].append(_json(evaluation.checks or {}))
-        events["timestamp_given"].append(
-            parse_timestamp(event.timestamp) if event.timestamp else None
-        )
-        events["extra"].append(_json(extra) if extra else None)
-        events["source"].append(source)
-        events["payload"].append(text)
-        for ord_, doc in enumerate(event.docs):
-            docs["pos"].append(pos)
-            docs["ord"].append(ord_)
-            docs["id"].append(doc.id)
-            docs["content"].append(doc.content)
-            docs["score"].append(None if doc.score is None else float(doc.score))
-            docs["meta"].append(_json(doc.__pydantic_extra__) if doc.__pydantic_extra__ else None)
+                event = EVENT_FIELDS.validate_json(raw)
+            except ValidationError:
+                judged = _rejection_of(raw, source)
+                if isinstance(judged, dict):
+                    rejected.append(judged)
+                    continue
+                event = judged.model_dump(exclude_unset=True)
+            evaluation = event["evaluation"]
+            events["pos"].append(pos)
+            events["request_id"].append(event["request_id"])
+            events["question"].append(event["question"])
+            events["answer"].append(event["answer"])
+            events["evaluation"].append(_json(evaluation))
+            events["score"].append(float(evaluation["score"]))
+            if event_labels := evaluation.get("labels"):
+                labels["pos"].extend([pos] * len(event_labels))
+                labels["label"].extend(event_labels)
+            events["checks"].append(_json(evaluation.get("checks") or {}))
+            stamp = event.get("timestamp")
+            events["timestamp_given"].append(parse_timestamp(stamp) if stamp else None)
+            extra = {k: v for k, v in event.items() if k not in _EVENT_KEYS}
+            events["extra"].append(_json(extra) if extra else None)
+            events["source"].append(source)
+            events["payload"].append(raw if isinstance(raw, bytes) else raw.encode())
+            for ord_, doc in enumerate(event["docs"]):
+                score = doc.get("score")
+                meta = {k: v for k, v in doc.items() if k not in _DOC_KEYS}
+                docs["pos"].append(pos)
+                docs["ord"].append(ord_)
+                docs["id"].append(doc["id"])
+                docs["content"].append(doc["content"])
+                docs["score"].append(None if score is None else float(score))
+                docs["meta"].append(_json(meta) if meta else None)
+    finally:
+        if collecting:
+            gc.enable()
     doc_lists = (
         pl.DataFrame(docs, schema=_DOC_COLUMNS)
         .group_by("pos", maintain_order=True)
@@ -338,7 +403,8 @@ def validate_records(
         .agg(pl.col("label").alias("labels"))
     )
     batch = (
-        pl.DataFrame(events, schema=_EVENT_COLUMNS)
+        pl.DataFrame(events, schema={**_EVENT_COLUMNS, "payload": pl.Binary()})
+        .with_columns(pl.col("payload").cast(pl.String))
         .join(doc_lists, on="pos", how="left", maintain_order="left")
         .join(label_lists, on="pos", how="left", maintain_order="left")
         .with_columns(

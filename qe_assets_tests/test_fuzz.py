@@ -48,7 +48,9 @@ import duckdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from qe_assets.events import EVENT_FIELDS, QualityEvent
 from qe_assets.ingest import commit_batch, ingest_pending
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
@@ -492,7 +494,25 @@ def fuzz_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[duckdb.DuckDBP
     print(f"\nfuzzed {FUZZED['records']} records in {FUZZED['batches']} batches")
 
 
+def fast_and_model_agree(record: bytes) -> None:
+    """EVENT_FIELDS (plain dicts, the ingester's fast judge) accepts exactly what QualityEvent
+    accepts, with the same values."""
+    try:
+        model: dict[str, Any] | None = QualityEvent.model_validate_json(record).model_dump(
+            exclude_unset=True
+        )
+    except ValidationError:
+        model = None
+    try:
+        fast: dict[str, Any] | None = EVENT_FIELDS.validate_json(record)
+    except ValidationError:
+        fast = None
+    assert fast == model, record[:200]
+
+
 def check_batch(conn: duckdb.DuckDBPyConnection, cases: list[Case]) -> None:
+    for case in cases:
+        fast_and_model_agree(case.record)
     tag = next(_ids)
     sources = [f"fuzz:{tag}:{i}" for i in range(len(cases))]
     report = commit_batch(conn, [c.record for c in cases], sources, received_at=RECEIVED_AT)
