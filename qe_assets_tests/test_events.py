@@ -6,8 +6,17 @@ import json
 
 import polars as pl
 import pytest
+from pydantic import TypeAdapter
 
-from qe_assets.events import normalised_labels, parse_records, primary_label
+from qe_assets import events as events_module
+from qe_assets.events import (
+    Doc,
+    Evaluation,
+    QualityEvent,
+    normalised_labels,
+    parse_records,
+    primary_label,
+)
 from qe_assets_tests.factories import line, make_event
 
 
@@ -150,3 +159,21 @@ def test_label_normalisation_and_priority(
     )
     assert out["n"][0].to_list() == normalised
     assert out["p"][0] == primary
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        (QualityEvent, events_module._EventFields),
+        (Doc, events_module._DocFields),
+        (Evaluation, events_module._EvaluationFields),
+    ],
+)
+def test_fast_validator_declares_the_models_fields(model: type, fields: type) -> None:
+    """EVENT_FIELDS (the ingester's TypedDicts) and the models must not drift apart: the same
+    fields, the same required ones."""
+    schema = TypeAdapter(fields).core_schema
+    while schema["type"] != "typed-dict":  # under a definitions wrapper
+        schema = schema["schema"]
+    required = {name: field.get("required", True) for name, field in schema["fields"].items()}
+    assert required == {name: info.is_required() for name, info in model.model_fields.items()}
