@@ -420,10 +420,34 @@ def owned_copy(column: str) -> pl.Expr:
     return pl.concat_str([pl.col(column), pl.lit("")]).alias(column)
 
 
+# The private in-memory DuckDB of `frame_query`, one per process (a forked child makes its own):
+# a new database per call cost ~20 ms and fresh memory for every batch's fingerprints and keys.
+_PRIVATE_LOCK = threading.Lock()
+_private: tuple[int, duckdb.DuckDBPyConnection] | None = None
+# A parent's database as a forked child inherits it: never used, and never freed either, since
+# its destructor would wait for worker threads that do not exist in the child.
+_inherited: list[duckdb.DuckDBPyConnection] = []
+PRIVATE_MEMORY_LIMIT = "1GB"
+
+
+def _private_database() -> duckdb.DuckDBPyConnection:
+    global _private
+    with _PRIVATE_LOCK:
+        if _private is None or _private[0] != os.getpid():
+            if _private is not None:
+                _inherited.append(_private[1])
+            conn = duckdb.connect(config={"memory_limit": PRIVATE_MEMORY_LIMIT})
+            conn.execute("SET GLOBAL TimeZone = 'UTC'")
+            _private = (os.getpid(), conn)
+        return _private[1]
+
+
 def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
-    """Run a query over in-memory frames in a private DuckDB: no store, no lock, no waiting."""
-    with duckdb.connect() as conn:
-        conn.execute("SET TimeZone = 'UTC'")
+    """Run a query over in-memory frames in a private DuckDB: no store, no lock, no waiting.
+
+    Each call has a connection of its own (a cursor of the process's private database), so
+    threads may call it at once; the frames are visible to that connection only."""
+    with _private_database().cursor() as conn:
         for name, frame in frames.items():
             conn.register(name, frame)
         return query_frame(conn, query)

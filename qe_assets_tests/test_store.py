@@ -3,6 +3,7 @@ writer settings every write connection gets."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -91,6 +92,21 @@ def test_frame_query_runs_sql_over_frames_without_a_store() -> None:
 
 def _rss_mb() -> float:
     return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_frame_query_from_many_threads_sees_only_its_own_frames() -> None:
+    """frame_query shares one private database per process: concurrent calls registering the
+    same name must each see their own frame, and leave nothing registered behind."""
+
+    def total(n: int) -> int:
+        frame = pl.DataFrame({"x": list(range(n))})
+        return int(frame_query("SELECT sum(x) AS s FROM batch", batch=frame)["s"][0])
+
+    sizes = [1_000 + i for i in range(64)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(total, sizes)) == [n * (n - 1) // 2 for n in sizes]
+    views = frame_query("SELECT count(*) AS n FROM duckdb_views() WHERE NOT internal")
+    assert views["n"][0] == 0
 
 
 def test_owned_copy_does_not_keep_the_rest_of_the_query_result_alive(tmp_path: Path) -> None:
