@@ -572,6 +572,9 @@ def _rss_kb(stderr: str) -> int | None:
 def measured(cmd: list[str], *, env: dict[str, str] | None = None, log: Path) -> dict[str, Any]:
     """Run cmd in a fresh process (under /usr/bin/time -v when present)."""
     full = [str(TIME), "-v", *cmd] if TIME.exists() else cmd
+    # The step before may have left hundreds of MB of dirty pages: written back during this one,
+    # they would slow its fsyncs and bill it for the other's output.
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.run(full, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
