@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from qe_assets.events import describe_errors, validate_event
-from qe_assets.queues import EventQueue, FileInbox, QueueUnavailable, RedisQueue
+from qe_assets.queues import EventQueue, FileInbox, QueueUnavailable, open_queue
 from qe_assets.settings import Settings
 
 log = logging.getLogger("qe_assets.capture")
@@ -61,17 +61,14 @@ class QualityCapture:
         *,
         queue: EventQueue | None = None,
         spool: FileInbox | None = None,
-        redis_timeout: float = 0.5,
+        queue_timeout: float = 0.5,
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.threshold = self.settings.capture_threshold
         if queue is None and self.settings.queue_url:
-            # A short socket timeout: a stalled Redis must not stall the user's request.
-            queue = RedisQueue(
-                self.settings.queue_url,
-                consumer=self.settings.queue_consumer,
-                socket_timeout=redis_timeout,
-            )
+            # A short timeout: a stalled broker must not stall the user's request.
+            queue = open_queue(self.settings, timeout=queue_timeout)
+            queue.warm_up()
         self.spool = spool or FileInbox(self.settings.inbox_dir)
         self.queue: EventQueue = queue or self.spool
 

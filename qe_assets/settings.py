@@ -6,12 +6,15 @@ with the name of the variable to fix instead of deep inside a run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -91,12 +94,83 @@ def _memory_size(raw: str) -> str:
     return value
 
 
-def _redis_url(raw: str) -> str:
+KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+KAFKA_HOST = re.compile(r"[^\s:@/]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
+KAFKA_ENV_PREFIX = "QE_KAFKA_"
+
+
+@dataclass(frozen=True)
+class KafkaTarget:
+    """Where a `kafka://` QE_QUEUE_URL points, and the librdkafka properties it carries."""
+
+    bootstrap_servers: str
+    topic: str
+    common: dict[str, str]
+    producer: dict[str, str]
+    consumer: dict[str, str]
+
+
+def parse_kafka_url(raw: str) -> KafkaTarget:
+    """`kafka://HOST:PORT[,HOST:PORT…][/TOPIC][?librdkafka.property=value…]`.
+
+    Query properties go to both clients, or to one of them with a `producer.` / `consumer.`
+    prefix. Secrets never go into the URL (it is part of the run config the UI shows): they come
+    from `QE_KAFKA_*` variables, read when the client is built (see `kafka_environment`).
+    """
+    parts = urlsplit(raw.strip())
+    hosts = [h.strip() for h in parts.netloc.split(",") if h.strip()]
+    problem = None
+    if parts.scheme != "kafka" or not hosts:
+        problem = "it needs at least one HOST:PORT"
+    elif bad := [h for h in hosts if not KAFKA_HOST.fullmatch(h)]:
+        problem = f"{bad[0]!r} is not HOST:PORT"
+    topic = parts.path.strip("/") or REDIS_LIST
+    if problem is None and not KAFKA_TOPIC.fullmatch(topic):
+        problem = f"topic {topic!r} may hold only letters, digits, '.', '_' and '-'"
+    common: dict[str, str] = {}
+    roles: dict[str, dict[str, str]] = {"producer": {}, "consumer": {}}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        role, _, name = key.partition(".")
+        target, name = (roles[role], name) if role in roles and name else (common, key)
+        if any(word in name for word in ("password", "secret", "key")):
+            problem = problem or (
+                f"{key} must not be in the URL (the UI shows it); set "
+                f"{KAFKA_ENV_PREFIX}{name.upper().replace('.', '_')} instead"
+            )
+        target[name] = value
+    if problem:
+        raise SettingsError(
+            f"QE_QUEUE_URL must look like kafka://HOST:PORT[,HOST:PORT]/TOPIC: {problem}; "
+            f"got {raw!r}"
+        )
+    return KafkaTarget(",".join(hosts), topic, common, roles["producer"], roles["consumer"])
+
+
+def kafka_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """librdkafka properties from `QE_KAFKA_SASL_PASSWORD`-style variables (`sasl.password`),
+    for what must not be in QE_QUEUE_URL; read when a client is built, never stored in
+    settings."""
+    env = os.environ if environ is None else environ
+    return {
+        name[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): value
+        for name, value in env.items()
+        if name.startswith(KAFKA_ENV_PREFIX) and value
+    }
+
+
+def _queue_url(raw: str) -> str:
     value = raw.strip()
+    if value.startswith("kafka://"):
+        parse_kafka_url(value)
+        if importlib.util.find_spec("confluent_kafka") is None:
+            raise SettingsError(
+                "QE_QUEUE_URL=kafka://… needs the Kafka client: pip install 'qe_assets[kafka]'"
+            )
+        return value
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise SettingsError(
-            f"QE_QUEUE_URL must look like redis://HOST:PORT/DB (or leave it unset for the "
-            f"file inbox); got {raw!r}"
+            f"QE_QUEUE_URL must look like redis://HOST:PORT/DB or kafka://HOST:PORT/TOPIC (or "
+            f"leave it unset for the file inbox); got {raw!r}"
         )
     return value
 
@@ -106,7 +180,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "data_dir": ("QE_DATA_DIR", str.strip),
     "duckdb_path": ("QE_DUCKDB_PATH", str.strip),
     "duckdb_memory_limit": ("QE_DUCKDB_MEMORY_LIMIT", _memory_size),
-    "queue_url": ("QE_QUEUE_URL", _redis_url),
+    "queue_url": ("QE_QUEUE_URL", _queue_url),
     "queue_consumer": ("QE_QUEUE_CONSUMER", str.strip),
     "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
     "ingest_batch_size": ("QE_INGEST_BATCH_SIZE", _int("QE_INGEST_BATCH_SIZE")),

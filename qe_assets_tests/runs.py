@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import dagster as dg
@@ -67,6 +67,21 @@ def exportable_sample_ids(conn: Any) -> set[str]:
             """,
         )
     )
+
+
+def failing_on_open(settings: Settings, failing: int) -> Callable[[], Any]:
+    """A connection factory whose open number `failing` raises, as a database going away part
+    way through a stage would; every other open connects to the test's database."""
+    opened = 0
+
+    def connection() -> Any:
+        nonlocal opened
+        opened += 1
+        if opened == failing:
+            raise RuntimeError("database unavailable")
+        return connect(settings.database)
+
+    return connection
 
 
 def stored_once(conn: Any, expected_ids: Iterable[str]) -> list[str]:

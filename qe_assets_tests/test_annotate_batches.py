@@ -13,6 +13,7 @@ from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect, query_frame, watermark
 from qe_assets_tests.factories import line, make_event
+from qe_assets_tests.runs import failing_on_open
 
 EVENTS = 40
 # Every fifth event repeats an earlier one's content under a new request_id, often from an
@@ -89,20 +90,11 @@ def test_failure_part_way_then_rerun_loses_and_doubles_nothing(
     tmp_path, one_batch: Settings
 ) -> None:
     settings = ingested(Settings(data_dir=str(tmp_path / "many"), spot_check_share=0.3))
-    opened = 0
-
-    def failing_on_fourth_open():
-        # Open 1 reads batch 1; open N reads batch N and commits batch N-1.
-        nonlocal opened
-        opened += 1
-        if opened == 4:
-            raise RuntimeError("database unavailable")
-        return connect(settings.database)
-
+    # Open 1 reads batch 1; open N reads batch N and commits batch N-1.
     committed: list[int] = []
     with pytest.raises(RuntimeError, match="database unavailable"):
         annotate_pending(
-            failing_on_fourth_open,
+            failing_on_open(settings, 4),
             annotate_config(settings),
             batch_size=7,
             spot_share=0.3,

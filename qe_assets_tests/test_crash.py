@@ -16,7 +16,8 @@ SIGKILLs it several times in a row, then runs it to completion and checks every 
   no temp file), each file's sha256 matches its row, each JSONL file holds exactly that version's
   samples, version numbers run 1..N without gaps, no sample is in two versions, and the union of
   all versions is every ready sample (completed ok, not a duplicate, no pending review);
-* the queue is drained (inbox and `.processing/` empty; Redis queue and processing list empty).
+* the queue is drained (inbox and `.processing/` empty; Redis queue and processing list empty;
+  the Kafka consumer group committed every message).
 
 Kill points: a normal run is measured first (the `calibration` fixture), and each completed run
 refreshes the phase durations. A kill then targets the ingest phase or the export phase (delay
@@ -25,12 +26,12 @@ delay drawn over its total duration), with a seeded random generator. If the chi
 the attempt is retried with another draw, so every trial holds at least one real kill. The phase
 each kill landed in is counted and printed (`pytest -s` shows the summary line).
 
-Budget: the CI run (`make test`) does 5 trials on the file inbox and 5 on Redis, 150 events and
-1-2 kills each (~22 s per queue).
+Budget: the CI run (`make test`) does 5 trials each on the file inbox, Redis and Kafka, 150 events
+and 1-2 kills each (~22 s per queue).
 The slow variant is opt-in: set QE_SLOW_TRIALS (e.g. `QE_SLOW_TRIALS=100 pytest -m slow
-qe_assets_tests/test_crash.py`) for that many trials, split over both queues, 300 events and 1-3
-kills each (~8 s per trial). Without the variable
-it is skipped, because `make test` runs the `slow` marker too.
+qe_assets_tests/test_crash.py`) for that many trials, split over the three queues, 300 events
+and 1-3 kills each (~8 s per trial). Without the variable it is skipped, because `make test` runs
+the `slow` marker too.
 
 The kill runs go through the asset functions directly (`ingest_pending`, `annotate_pending`,
 `complete_next_batch`, `cut_version`, as the assets call them), not through Dagster. A Dagster run
@@ -52,7 +53,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,11 @@ from pydantic import ValidationError
 
 from qe_assets.demo import generate_events
 from qe_assets.events import validate_event
-from qe_assets.queues import FileInbox, RedisQueue
+from qe_assets.queues import EventQueue, FileInbox, RedisQueue
+from qe_assets.queues.kafka_queue import KafkaQueue
 from qe_assets.settings import REDIS_LIST
 from qe_assets.store import connect
-from qe_assets_tests.conftest import RedisServer
+from qe_assets_tests.conftest import KafkaBroker, RedisServer
 from qe_assets_tests.runs import column, exportable_sample_ids, stored_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +271,42 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_invariants(data: Path, expected: Expected, redis: RedisServer | None) -> dict[str, int]:
+@dataclass
+class TrialQueue:
+    """The queue a trial's runs drain: the inbox alone, or a broker (plus the inbox spool)."""
+
+    producer: EventQueue
+    url: str | None = None
+    # Redis has no line identity: a rejected payload is stored once however often it is sent.
+    per_payload_once: bool = False
+    assert_drained: Callable[[], None] = lambda: None
+
+
+def inbox_queue(data: Path) -> TrialQueue:
+    return TrialQueue(FileInbox(data / "inbox"))
+
+
+def redis_queue(redis: RedisServer) -> TrialQueue:
+    def drained() -> None:
+        client = redis.client()
+        assert client.llen(REDIS_LIST) == 0
+        assert client.llen(f"{REDIS_LIST}:processing:default") == 0
+
+    return TrialQueue(RedisQueue(redis.url), redis.url, True, drained)
+
+
+def kafka_queue(broker: KafkaBroker) -> TrialQueue:
+    # One message a batch, so the broker's end offsets, and so depth(), are exact (KafkaBroker).
+    url = broker.url(broker.new_topic(partitions=3), **{"producer.batch.num.messages": "1"})
+    producer = KafkaQueue(url)
+
+    def drained() -> None:
+        assert producer.depth() == 0, "messages left after the group's committed offsets"
+
+    return TrialQueue(producer, url, False, drained)
+
+
+def check_invariants(data: Path, expected: Expected, trial_queue: TrialQueue) -> dict[str, int]:
     """Every invariant of the module docstring; returns a few counts for the summary."""
     with connect(data / "qe.duckdb", read_only=True) as conn:
         raw = stored_once(conn, expected.ids)
@@ -347,10 +384,7 @@ def check_invariants(data: Path, expected: Expected, redis: RedisServer | None) 
     inbox = data / "inbox"
     left = [p.name for p in [*inbox.glob("*.jsonl"), *inbox.glob(".processing/*")]]
     assert left == [], f"inbox not drained: {left}"
-    if redis is not None:
-        client = redis.client()
-        assert client.llen(REDIS_LIST) == 0
-        assert client.llen(f"{REDIS_LIST}:processing:default") == 0
+    trial_queue.assert_drained()
     return {"raw": len(raw), "rejected": sum(rejected.values()), "versions": len(versions)}
 
 
@@ -416,14 +450,15 @@ def run_trials(
     seed: int,
     events: int = CI_EVENTS,
     max_kills: int = CI_MAX_KILLS,
-    redis: RedisServer | None = None,
+    trial_queue: TrialQueue | None = None,
 ) -> Stats:
     rng = random.Random(seed)
     env = {"QE_DATA_DIR": str(data), **BATCH_ENV}
-    if redis is not None:
-        env["QE_QUEUE_URL"] = redis.url
-    queue_ = RedisQueue(redis.url) if redis is not None else FileInbox(data / "inbox")
-    expected = Expected(per_payload_once=redis is not None)
+    trial_queue = trial_queue or inbox_queue(data)
+    if trial_queue.url is not None:
+        env["QE_QUEUE_URL"] = trial_queue.url
+    queue_ = trial_queue.producer
+    expected = Expected(per_payload_once=trial_queue.per_payload_once)
     stats = Stats()
     for trial in range(trials):
         lines = generate_events(events, seed=seed * 1000 + trial, bad_share=0.05)
@@ -447,7 +482,7 @@ def run_trials(
                 queue_.put(lines[half:])  # traffic keeps arriving while the pipeline is down
                 pending = len(lines)
         durations.update(run_to_completion(zygote, env))
-        counts = check_invariants(data, expected, redis)
+        counts = check_invariants(data, expected, trial_queue)
         stats.trials += 1
     assert expected.conflicts > 0 and counts["versions"] >= trials
     return stats
@@ -462,58 +497,63 @@ def report(name: str, stats: Stats) -> None:
     )
 
 
-def test_sigkill_during_ingest_and_export_file_inbox(
-    tmp_path: Path, zygote: Zygote, calibration: Durations
-) -> None:
-    stats = run_trials(tmp_path / "data", zygote, calibration, trials=CI_TRIALS_PER_QUEUE, seed=11)
-    report("file inbox", stats)
-    assert stats.kills >= CI_TRIALS_PER_QUEUE
+QUEUE_KINDS = ("inbox", "redis", "kafka")
+SEEDS = {"inbox": 11, "redis": 12, "kafka": 13}
 
 
-def test_sigkill_during_ingest_and_export_redis(
+def trial_queue_of(kind: str, data: Path, request: pytest.FixtureRequest) -> TrialQueue:
+    """The queue of that kind, starting only the broker it needs."""
+    if kind == "redis":
+        request.getfixturevalue("redis_url")  # started and flushed
+        return redis_queue(request.getfixturevalue("redis_server"))
+    if kind == "kafka":
+        return kafka_queue(request.getfixturevalue("kafka_broker"))
+    return inbox_queue(data)
+
+
+@pytest.mark.parametrize("queue_kind", QUEUE_KINDS)
+def test_sigkill_during_ingest_and_export(
     tmp_path: Path,
     zygote: Zygote,
     calibration: Durations,
-    redis_server: RedisServer,
-    redis_url: str,
+    request: pytest.FixtureRequest,
+    queue_kind: str,
 ) -> None:
+    data = tmp_path / "data"
     stats = run_trials(
-        tmp_path / "data",
+        data,
         zygote,
         calibration,
         trials=CI_TRIALS_PER_QUEUE,
-        seed=12,
-        redis=redis_server,
+        seed=SEEDS[queue_kind],
+        trial_queue=trial_queue_of(queue_kind, data, request),
     )
-    report("redis", stats)
+    report(queue_kind, stats)
     assert stats.kills >= CI_TRIALS_PER_QUEUE
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SLOW_TRIALS, reason="opt-in: set QE_SLOW_TRIALS=N (e.g. 100)")
 @pytest.mark.timeout(0)
-@pytest.mark.parametrize("queue_kind", ["inbox", "redis"])
+@pytest.mark.parametrize("queue_kind", QUEUE_KINDS)
 def test_sigkill_many_trials(
     tmp_path: Path,
     zygote: Zygote,
     calibration: Durations,
-    redis_server: RedisServer,
+    request: pytest.FixtureRequest,
     queue_kind: str,
 ) -> None:
-    if queue_kind == "redis":
-        if redis_server.process is None:
-            redis_server.start()
-        redis_server.client().flushdb()
-    trials = (SLOW_TRIALS + 1) // 2
+    data = tmp_path / "data"
+    trials = (SLOW_TRIALS + 2) // 3
     stats = run_trials(
-        tmp_path / "data",
+        data,
         zygote,
         calibration,
         trials=trials,
-        seed=21 if queue_kind == "inbox" else 22,
+        seed=SEEDS[queue_kind] + 10,
         events=SLOW_EVENTS,
         max_kills=SLOW_MAX_KILLS,
-        redis=redis_server if queue_kind == "redis" else None,
+        trial_queue=trial_queue_of(queue_kind, data, request),
     )
     report(f"slow {queue_kind}", stats)
     assert stats.kills >= trials

@@ -15,7 +15,7 @@ from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.conftest import RedisServer, free_port
 from qe_assets_tests.factories import line, make_event
-from qe_assets_tests.runs import stored_once
+from qe_assets_tests.runs import failing_on_open, stored_once
 
 
 def payloads(n: int, prefix: str = "r") -> list[str]:
@@ -112,18 +112,9 @@ def test_commit_failing_while_the_next_batch_is_read_ahead_loses_and_doubles_not
     inbox = FileInbox(settings.inbox_dir)
     for name in "abc":
         inbox.put(payloads(10, prefix=name))  # three files of 10 → six batches of 5
-    opened = 0
-
-    def failing_on_fourth_commit():
-        nonlocal opened
-        opened += 1  # the first open only ensures the schema
-        if opened == 5:
-            raise RuntimeError("database unavailable")
-        return connect(settings.database)
-
     reports = []
     with pytest.raises(RuntimeError, match="database unavailable"):
-        ingest_pending(inbox, failing_on_fourth_commit, batch_size=5, on_batch=reports.append)
+        ingest_pending(inbox, failing_on_open(settings, 5), batch_size=5, on_batch=reports.append)
     assert [r.new for r in reports] == [5, 5, 5]
     assert len(stored_ids(settings)) == 15
     # File a is done and archived; b (half committed, half failed) and c (read ahead) are claimed.

@@ -1,4 +1,4 @@
-"""Queue backends behind one interface: the embedded file inbox and a Redis list."""
+"""Queue backends behind one interface: the embedded file inbox, a Redis list, a Kafka topic."""
 
 from __future__ import annotations
 
@@ -18,8 +18,17 @@ __all__ = [
 ]
 
 
-def open_queue(settings: Settings) -> EventQueue:
-    """The configured queue: Redis when QE_QUEUE_URL is set, else the file inbox."""
-    if settings.queue_url:
-        return RedisQueue(settings.queue_url, consumer=settings.queue_consumer)
-    return FileInbox(settings.inbox_dir)
+def open_queue(settings: Settings, *, timeout: float | None = None) -> EventQueue:
+    """The configured queue: Redis or Kafka as QE_QUEUE_URL says, else the file inbox.
+
+    `timeout` bounds each call to the broker (producers on a request path want it short).
+    """
+    url = settings.queue_url
+    if not url:
+        return FileInbox(settings.inbox_dir)
+    if url.startswith("kafka://"):
+        # confluent-kafka is optional: imported only when the queue is Kafka.
+        from qe_assets.queues.kafka_queue import KafkaQueue
+
+        return KafkaQueue(url, consumer=settings.queue_consumer, timeout=timeout or 10.0)
+    return RedisQueue(url, consumer=settings.queue_consumer, socket_timeout=timeout or 5.0)

@@ -40,6 +40,11 @@ class EventQueue(Protocol):
         """Enqueue JSON payloads (one event each) atomically as a group; returns the count."""
         ...
 
+    def warm_up(self) -> None:
+        """Connect ahead of the first `put`, so that a request path's first event does not pay
+        for it; best effort, a failure shows on `put`."""
+        ...
+
     def batches(self, max_records: int) -> Iterator[Batch]:
         """Claim pending records, interrupted claims first, in batches of at most `max_records`."""
         ...

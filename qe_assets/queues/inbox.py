@@ -54,6 +54,9 @@ class FileInbox:
         for folder in (self.root, self.processing, self.archive):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def warm_up(self) -> None:
+        pass  # nothing to connect ahead: a folder
+
     def put(self, payloads: Sequence[str]) -> int:
         if not payloads:
             return 0

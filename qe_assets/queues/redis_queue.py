@@ -48,6 +48,9 @@ class RedisQueue:
         )
         self._claim = self.client.register_script(_CLAIM)
 
+    def warm_up(self) -> None:
+        pass  # nothing to connect ahead: a Redis connection opens in a millisecond
+
     def put(self, payloads: Sequence[str]) -> int:
         if not payloads:
             return 0
