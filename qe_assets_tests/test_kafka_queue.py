@@ -65,6 +65,27 @@ def test_url_parsing_and_clear_errors() -> None:
     assert Settings.from_env({"QE_QUEUE_URL": "kafka://h:1/t"}).queue_url == "kafka://h:1/t"
 
 
+def test_client_properties_from_the_url_and_the_environment_reach_librdkafka(
+    kafka_broker: KafkaBroker,
+) -> None:
+    topic = kafka_broker.new_topic(partitions=1)
+    queue = KafkaQueue(kafka_broker.url(topic, **{"client.id": "qe-test"}))
+    assert queue.put(payloads(1)) == 1
+    for url, environ, named in (
+        (kafka_broker.url(topic, **{"no.such.property": "1"}), {}, "no.such.property"),
+        (kafka_broker.url(topic), {"QE_KAFKA_ACKS": "sometimes"}, "acks"),
+    ):
+        wrong = KafkaQueue(url, environ=environ)
+        with pytest.raises(SettingsError, match="refused its configuration") as err:
+            wrong.put(payloads(1))
+        assert named in str(err.value)
+        with pytest.raises(SettingsError, match=named.replace(".", r"\.")):
+            wrong.depth()
+    # A producer in the RAG service learns it when it starts, not on a request.
+    with pytest.raises(SettingsError, match=r"no\.such\.property"):
+        QualityCapture(Settings(queue_url=kafka_broker.url(topic, **{"no.such.property": "1"})))
+
+
 def test_put_then_ingest_in_bounded_batches_and_commit_offsets(
     settings: Settings, kafka_broker: KafkaBroker
 ) -> None:

@@ -18,9 +18,10 @@ from qe_assets.store import table_counts
     group_name="capture",
     kinds={"duckdb", "polars", "redis"},
     description=(
-        "Quality events from the queue (Redis list `quality_events` or the file inbox), "
-        "validated and stored once per `request_id`. Malformed records, and re-sends of a "
-        "request_id with different content, go to `rejected_events` with a reason naming the field."
+        "Quality events from the queue (Redis list or Kafka topic `quality_events`, or the "
+        "file inbox), validated and stored once per `request_id`. Malformed records, and "
+        "re-sends of a request_id with different content, go to `rejected_events` with a reason "
+        "naming the field."
     ),
 )
 def raw_events(

@@ -22,7 +22,7 @@ from typing import Any
 import confluent_kafka as ck
 
 from qe_assets.queues.base import Batch, QueueUnavailable
-from qe_assets.settings import kafka_environment, parse_kafka_url
+from qe_assets.settings import SettingsError, kafka_environment, parse_kafka_url
 
 _LOG = logging.getLogger("qe_assets.queues.kafka")
 
@@ -89,6 +89,14 @@ class KafkaQueue:
         }
         self._producer: ck.Producer | None = None
 
+    @staticmethod
+    def _misconfigured(exc: ck.KafkaException) -> SettingsError:
+        # Building a client never touches the network: what fails there is its configuration.
+        return SettingsError(
+            f"the Kafka client refused its configuration (QE_QUEUE_URL's query parameters and "
+            f"QE_KAFKA_* variables): {exc.args[0].str()}"
+        )
+
     def _unavailable(self, exc: BaseException | str) -> QueueUnavailable:
         return QueueUnavailable(f"kafka topic {self.topic!r} unavailable: {exc}")
 
@@ -99,7 +107,7 @@ class KafkaQueue:
             try:
                 self._producer = ck.Producer(self._producer_config)
             except ck.KafkaException as exc:
-                raise self._unavailable(exc) from exc
+                raise self._misconfigured(exc) from exc
         return self._producer
 
     def _producer_stats(self, stats: str) -> None:
@@ -112,6 +120,7 @@ class KafkaQueue:
         half a second after start; a put before that waits for it, which a request path's short
         timeout cannot afford.
         """
+        # A configuration the client refuses raises here (SettingsError), at start-up.
         with contextlib.suppress(QueueUnavailable, ck.KafkaException):
             producer = self._producer_client()
             if str(self._producer_config["enable.idempotence"]).lower() not in ("true", "1"):
@@ -163,7 +172,7 @@ class KafkaQueue:
         try:
             return ck.Consumer(self._consumer_config)
         except ck.KafkaException as exc:
-            raise self._unavailable(exc) from exc
+            raise self._misconfigured(exc) from exc
 
     def _start_offsets(self, consumer: ck.Consumer) -> list[ck.TopicPartition]:
         """Every partition of the topic at its committed offset; none when the topic is absent
