@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -21,6 +22,7 @@ from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.conftest import KafkaBroker, free_port
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.runs import failing_on_open, materialize, metadata, stored_once
+from qe_assets_tests.test_cli_operations import assert_one_line_error, qe
 from qe_assets_tests.test_queues import payloads, stored_ids, writer
 
 # Each message its own batch, so the broker's ListOffsets (and so depth()) is exact; see
@@ -271,3 +273,22 @@ def test_capture_and_the_pipeline_run_on_kafka(
     meta = metadata(result, "raw_events")
     assert (meta["new_rows"], meta["queue_depth_left"]) == (6, 0)
     assert sorted(stored_ids(configured)) == [f"c{i}" for i in range(6)]
+
+
+def test_qe_enqueue_status_and_run_on_kafka(tmp_path: Path, kafka_broker: KafkaBroker) -> None:
+    topic = kafka_broker.new_topic()
+    env = {
+        "QE_DATA_DIR": str(tmp_path / "data"),
+        "QE_QUEUE_URL": kafka_broker.url(topic, **EXACT_DEPTH),
+    }
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join([*(line(make_event(f"k{i}")) for i in range(4)), b"{broken"]))
+    enqueued = qe("enqueue", str(events), env=env, code=1)
+    assert "enqueued 4 records on the kafka queue; 1 invalid" in enqueued.stdout
+    assert "queue (kafka): 4 pending" in qe("status", env=env).stdout
+    run = qe("run", env=env)
+    assert "raw_events: new_rows=4, duplicates=0, rejected=0, queue_depth_left=0" in run.stdout
+    assert "queue (kafka): 0 pending" in qe("status", env=env).stdout
+
+    bad = qe("status", env={**env, "QE_QUEUE_URL": "kafka://broker/topic"}, code=2)
+    assert_one_line_error(bad, "QE_QUEUE_URL", "'broker' is not HOST:PORT")

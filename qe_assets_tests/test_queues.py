@@ -150,10 +150,13 @@ def test_reading_failing_while_a_batch_commits_still_acks_that_batch(settings: S
     assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 1
 
 
-def test_only_the_inbox_reads_ahead() -> None:
+def test_which_queues_read_ahead() -> None:
     # Redis acks by deleting the consumer's whole processing list: claiming the next batch into
-    # it before the ack would delete that batch too.
+    # it before the ack would delete that batch too. Inbox and Kafka acks touch only their batch.
+    from qe_assets.queues.kafka_queue import KafkaQueue
+
     assert FileInbox.reads_ahead is True
+    assert KafkaQueue.reads_ahead is True
     assert RedisQueue.reads_ahead is False
 
 
