@@ -4,6 +4,8 @@ claim, crash before commit, crash after commit before ack, read-ahead, bounded r
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -292,3 +294,46 @@ def test_qe_enqueue_status_and_run_on_kafka(tmp_path: Path, kafka_broker: KafkaB
 
     bad = qe("status", env={**env, "QE_QUEUE_URL": "kafka://broker/topic"}, code=2)
     assert_one_line_error(bad, "QE_QUEUE_URL", "'broker' is not HOST:PORT")
+
+
+def test_broker_hung_mid_ingest_fails_within_the_timeout_and_the_rerun_is_exactly_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """SIGSTOP the broker after a few batches: the ingest must not hang (it raises
+    QueueUnavailable within its timeout), and once the broker is back the next run stores every
+    event once."""
+    broker = KafkaBroker(tmp_path)
+    broker.start()
+    try:
+        topic = broker.new_topic(partitions=2)
+        url = broker.url(topic, **EXACT_DEPTH)
+        KafkaQueue(url).put(payloads(200))
+        assert broker.process is not None
+        pid = broker.process.pid
+
+        def hang_after_third(report: object) -> None:
+            hang_after_third.batches += 1  # type: ignore[attr-defined]
+            if hang_after_third.batches == 3:  # type: ignore[attr-defined]
+                os.kill(pid, signal.SIGSTOP)
+
+        hang_after_third.batches = 0  # type: ignore[attr-defined]
+        started = time.monotonic()
+        try:
+            with pytest.raises(QueueUnavailable, match="unavailable"):
+                ingest_pending(
+                    KafkaQueue(url, timeout=2.0),
+                    writer(settings),
+                    batch_size=20,
+                    on_batch=hang_after_third,
+                )
+            took = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert took < 20
+        assert 40 <= len(stored_ids(settings)) < 200
+        report = ingest_pending(KafkaQueue(url), writer(settings), batch_size=50)
+        with connect(settings.database, read_only=True) as conn:
+            stored_once(conn, [f"r{i}" for i in range(200)])
+        assert report.new + 40 <= 200 and KafkaQueue(url).depth() == 0
+    finally:
+        broker.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -113,7 +114,7 @@ class KafkaQueue:
     def _producer_stats(self, stats: str) -> None:
         self._producer_state = json.loads(stats).get("eos", {}).get("idemp_state")
 
-    def warm_up(self, budget: float = 5.0) -> None:
+    def warm_up(self, budget: float = 3.0) -> None:
         """Wait (at most `budget` seconds) until the producer holds its idempotent producer id.
 
         librdkafka asks for the id once it knows the broker behind the bootstrap address, about
@@ -276,6 +277,7 @@ class _Claim:
         self.unacked = 0
         self.reading = True
         self.closed = False
+        self.hung = False
 
     def batch(self, records: list[bytes], sources: list[str], last: dict[int, int]) -> Batch:
         offsets = [ck.TopicPartition(self.queue.topic, p, o + 1) for p, o in last.items()]
@@ -283,10 +285,30 @@ class _Claim:
         return Batch(records, sources, lambda: self._ack(offsets))
 
     def _ack(self, offsets: list[ck.TopicPartition]) -> None:
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
-        except ck.KafkaException as exc:
-            raise self.queue._unavailable(exc) from exc
+        # librdkafka's synchronous commit waits without a bound when the broker hangs: wait for it
+        # on a daemon thread, up to the queue's timeout. A commit that lands after we gave up is
+        # harmless (the batch is in DuckDB); one that never lands replays it as duplicates.
+        outcome: list[BaseException | None] = []
+
+        def commit() -> None:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the ingester's thread below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=commit, name="kafka-offset-commit", daemon=True)
+        worker.start()
+        worker.join(self.queue.timeout)
+        if not outcome:
+            self.hung = True  # the commit still holds the consumer: never close it under it
+            raise self.queue._unavailable(
+                f"the offset commit got no reply in {self.queue.timeout:g} s"
+            )
+        if isinstance(outcome[0], ck.KafkaException):
+            raise self.queue._unavailable(outcome[0]) from outcome[0]
+        if outcome[0] is not None:
+            raise outcome[0]
         self.unacked -= 1
         self._close_when_idle()
 
@@ -297,6 +319,6 @@ class _Claim:
     def _close_when_idle(self) -> None:
         # A batch that is never acked (its commit failed) leaves the consumer to the garbage
         # collector, which closes it; it holds no group membership, as partitions are assigned.
-        if not self.reading and self.unacked == 0 and not self.closed:
+        if not self.reading and self.unacked == 0 and not self.closed and not self.hung:
             self.closed = True
             self.consumer.close()
