@@ -337,3 +337,15 @@ def test_broker_hung_mid_ingest_fails_within_the_timeout_and_the_rerun_is_exactl
         assert report.new + 40 <= 200 and KafkaQueue(url).depth() == 0
     finally:
         broker.stop()
+
+
+def test_an_idle_producer_does_not_pile_up_callbacks(kafka_broker: KafkaBroker) -> None:
+    """Statistics (for warm_up) and librdkafka's log lines queue up until someone polls; a RAG
+    service may go hours without a put, so the queue serves them while idle."""
+    topic = kafka_broker.new_topic(partitions=1)
+    queue = KafkaQueue(kafka_broker.url(topic), timeout=0.5)
+    queue.warm_up()
+    assert queue.put(payloads(1)) == 1
+    time.sleep(4.5)  # four statistics intervals
+    assert queue._producer is not None and len(queue._producer) <= 1  # messages + unserved ops
+    assert queue.put(payloads(1, prefix="later")) == 1

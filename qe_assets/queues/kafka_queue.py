@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,18 @@ def _request_key(payload: str) -> bytes | None:
     except (ValueError, AttributeError):
         return None
     return request_id.encode() if isinstance(request_id, str) else None
+
+
+def _serve_while_idle(queue_ref: weakref.ref[KafkaQueue]) -> None:
+    """Serve an idle producer's statistics and log lines, which otherwise pile up in memory
+    until the next put (a RAG service may go hours between low-score answers). Never during a
+    put, so its flush alone serves its delivery reports; ends with the queue object."""
+    while (queue := queue_ref()) is not None:
+        with queue._serving:
+            if queue._producer is not None:
+                queue._producer.poll(0)
+        del queue
+        time.sleep(1.0)
 
 
 class KafkaQueue:
@@ -89,6 +102,8 @@ class KafkaQueue:
             **target.consumer,
         }
         self._producer: ck.Producer | None = None
+        # Held while something serves the producer's callbacks (see _serve_while_idle).
+        self._serving = threading.Lock()
 
     @staticmethod
     def _misconfigured(exc: ck.KafkaException) -> SettingsError:
@@ -109,6 +124,9 @@ class KafkaQueue:
                 self._producer = ck.Producer(self._producer_config)
             except ck.KafkaException as exc:
                 raise self._misconfigured(exc) from exc
+            threading.Thread(
+                target=_serve_while_idle, args=(weakref.ref(self),), daemon=True
+            ).start()
         return self._producer
 
     def _producer_stats(self, stats: str) -> None:
@@ -129,7 +147,8 @@ class KafkaQueue:
                 return
             deadline = time.monotonic() + budget
             while self._producer_state != "Assigned" and time.monotonic() < deadline:
-                producer.poll(0.05)
+                with self._serving:
+                    producer.poll(0.05)
 
     def put(self, payloads: Sequence[str]) -> int:
         """Send the payloads and wait until the broker has them all.
@@ -148,20 +167,23 @@ class KafkaQueue:
                 failures.append(str(error))
 
         deadline = time.monotonic() + self.timeout
-        try:
-            for payload in payloads:
-                while True:
-                    try:
-                        key = _request_key(payload)
-                        producer.produce(self.topic, payload.encode(), key, on_delivery=delivered)
-                        break
-                    except BufferError:  # the local queue is full: let deliveries drain it
-                        if time.monotonic() > deadline:
-                            raise
-                        producer.poll(0.1)
-            undelivered = producer.flush(max(deadline - time.monotonic(), 0.0))
-        except (ck.KafkaException, BufferError) as exc:
-            raise self._unavailable(exc) from exc
+        with self._serving:  # this put's flush alone serves its delivery reports
+            try:
+                for payload in payloads:
+                    while True:
+                        try:
+                            key = _request_key(payload)
+                            producer.produce(
+                                self.topic, payload.encode(), key, on_delivery=delivered
+                            )
+                            break
+                        except BufferError:  # the local queue is full: let deliveries drain it
+                            if time.monotonic() > deadline:
+                                raise
+                            producer.poll(0.1)
+                undelivered = producer.flush(max(deadline - time.monotonic(), 0.0))
+            except (ck.KafkaException, BufferError) as exc:
+                raise self._unavailable(exc) from exc
         if undelivered or failures:
             problem = failures[0] if failures else f"{undelivered} not delivered in time"
             raise self._unavailable(f"{len(failures) or undelivered} of {len(payloads)}: {problem}")
