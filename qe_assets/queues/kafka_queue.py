@@ -27,6 +27,7 @@ from qe_assets.queues.base import Batch, QueueUnavailable
 from qe_assets.settings import SettingsError, kafka_environment, parse_kafka_url
 
 _LOG = logging.getLogger("qe_assets.queues.kafka")
+_EOF = ck.KafkaError._PARTITION_EOF
 
 
 def _request_key(payload: str) -> bytes | None:
@@ -236,7 +237,9 @@ class KafkaQueue:
             last: dict[int, int] = {}
             while reading:
                 messages = consumer.consume(max_records - len(records), timeout=0.5)
-                if messages:
+                # Progress is a record or an end of partition; retriable errors repeat while the
+                # broker is away and must not keep the run waiting past its timeout.
+                if any(m.error() is None or m.error().code() == _EOF for m in messages):
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since > self.timeout:
                     raise self._unavailable(f"no reply from the broker in {self.timeout:g} s")
@@ -245,7 +248,7 @@ class KafkaQueue:
                     partition = message.partition()
                     error = message.error()
                     if error is not None:
-                        if error.code() == ck.KafkaError._PARTITION_EOF:
+                        if error.code() == _EOF:
                             done.append(partition)
                             continue
                         if error.retriable() and not error.fatal():
