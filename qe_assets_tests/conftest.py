@@ -9,8 +9,9 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -23,6 +24,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until_serving(
+    process: subprocess.Popen[bytes] | None,
+    probe: Callable[[], object],
+    not_yet: type[Exception],
+    what: str,
+) -> None:
+    """Call `probe` until it stops raising `not_yet`; fail when the process dies or 10 s pass."""
+    assert process is not None
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            probe()
+            return
+        except not_yet:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.01)
+
+
+def serving(server: RedisServer | KafkaBroker) -> Iterator[Any]:
+    """A session fixture's body: the server started, then stopped after the last test."""
+    server.start()
+    yield server
+    server.stop()
 
 
 class RedisServer:
@@ -55,16 +82,8 @@ class RedisServer:
 
     def wait_ready(self) -> None:
         client = redis.Redis.from_url(self.url, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.RedisError:  # LOADING while it replays a journal, or not listening yet
-                assert self.process is not None
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.01)
+        # RedisError: LOADING while it replays a journal, or not listening yet.
+        wait_until_serving(self.process, client.ping, redis.RedisError, "redis-server")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -78,10 +97,7 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    yield from serving(RedisServer(tmp_path_factory.mktemp("redis")))
 
 
 @pytest.fixture
@@ -137,15 +153,13 @@ class KafkaBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("the Kafka broker (tansu) did not start") from None
-                time.sleep(0.02)
+        address = ("127.0.0.1", self.port)
+        wait_until_serving(
+            self.process,
+            lambda: socket.create_connection(address, timeout=0.2).close(),
+            OSError,
+            "the Kafka broker (tansu)",
+        )
 
     def stop(self) -> None:
         if self.process is not None:
@@ -171,10 +185,7 @@ class KafkaBroker:
 
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from serving(KafkaBroker(tmp_path_factory.mktemp("kafka")))
 
 
 @pytest.fixture

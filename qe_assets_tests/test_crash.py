@@ -450,11 +450,10 @@ def run_trials(
     seed: int,
     events: int = CI_EVENTS,
     max_kills: int = CI_MAX_KILLS,
-    trial_queue: TrialQueue | None = None,
+    trial_queue: TrialQueue,
 ) -> Stats:
     rng = random.Random(seed)
     env = {"QE_DATA_DIR": str(data), **BATCH_ENV}
-    trial_queue = trial_queue or inbox_queue(data)
     if trial_queue.url is not None:
         env["QE_QUEUE_URL"] = trial_queue.url
     queue_ = trial_queue.producer
@@ -497,8 +496,8 @@ def report(name: str, stats: Stats) -> None:
     )
 
 
-QUEUE_KINDS = ("inbox", "redis", "kafka")
 SEEDS = {"inbox": 11, "redis": 12, "kafka": 13}
+QUEUE_KINDS = tuple(SEEDS)
 
 
 def trial_queue_of(kind: str, data: Path, request: pytest.FixtureRequest) -> TrialQueue:

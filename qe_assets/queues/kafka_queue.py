@@ -302,7 +302,6 @@ class _Claim:
         self.unacked = 0
         self.reading = True
         self.closed = False
-        self.hung = False
 
     def batch(self, records: list[bytes], sources: list[str], last: dict[int, int]) -> Batch:
         offsets = [ck.TopicPartition(self.queue.topic, p, o + 1) for p, o in last.items()]
@@ -326,7 +325,7 @@ class _Claim:
         worker.start()
         worker.join(self.queue.timeout)
         if not outcome:
-            self.hung = True  # the commit still holds the consumer: never close it under it
+            self.closed = True  # the commit still holds the consumer: never close it under it
             raise self.queue._unavailable(
                 f"the offset commit got no reply in {self.queue.timeout:g} s"
             )
@@ -344,6 +343,6 @@ class _Claim:
     def _close_when_idle(self) -> None:
         # A batch that is never acked (its commit failed) leaves the consumer to the garbage
         # collector, which closes it; it holds no group membership, as partitions are assigned.
-        if not self.reading and self.unacked == 0 and not self.closed and not self.hung:
+        if not self.reading and self.unacked == 0 and not self.closed:
             self.closed = True
             self.consumer.close()
