@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS rejected_events (
 );
 CREATE SEQUENCE IF NOT EXISTS annotated_samples_seq;
 CREATE TABLE IF NOT EXISTS annotated_samples (
-    sample_id        VARCHAR PRIMARY KEY,  -- request_id '#' primary label
+    sample_id        VARCHAR PRIMARY KEY,  -- request_id '#' primary label, % and # escaped
     request_id       VARCHAR NOT NULL,
     event_seq        BIGINT NOT NULL,      -- raw_events.seq it came from
     label            VARCHAR NOT NULL,

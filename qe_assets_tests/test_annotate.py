@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import dagster as dg
 import polars as pl
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from qe_assets.assets.annotate import (
+    annotate_config,
+    commit_samples,
+    keyed_samples,
+    read_new_events,
+)
 from qe_assets.events import parse_records
+from qe_assets.queues import FileInbox
+from qe_assets.settings import Settings
+from qe_assets.store import connect
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import (
     REVIEW,
@@ -13,9 +28,12 @@ from qe_assets.transforms.annotate import (
     AnnotateConfig,
     annotate_events,
     mark_duplicates,
+    sample_id,
+    sample_id_parts,
     select_context,
 )
 from qe_assets_tests.factories import line, make_event
+from qe_assets_tests.runs import materialize, metadata
 
 
 def annotate(*events: dict, config: AnnotateConfig | None = None) -> pl.DataFrame:
@@ -134,3 +152,66 @@ def test_dedup_text_ignores_case_and_whitespace_but_not_content() -> None:
     frame = annotate(a, b, c)
     texts = frame["dedup_text"].to_list()
     assert texts[0] == texts[1] != texts[2]
+
+
+# --- sample ids: request_id '#' label, injective --------------------------------------------------
+
+# The pair: unescaped, both were `a#b#c` and the second event got no sample.
+HASH_PAIR = [
+    make_event("a#b", evaluation={"score": 0.5, "labels": ["c"]}),
+    make_event("a", evaluation={"score": 0.5, "labels": ["b#c"]}),
+]
+
+
+def test_ids_with_separators_in_either_part_stay_distinct() -> None:
+    frame = annotate(*HASH_PAIR, make_event("50%", evaluation={"score": 0.5, "labels": ["x%23"]}))
+    assert frame["sample_id"].to_list() == ["a%23b#c", "a#b%23c", "50%25#x%2523"]
+    request, label = sample_id_parts(pl.col("sample_id"))
+    parts = frame.select(request.alias("request_id"), label.alias("label"))
+    assert parts.rows() == [("a#b", "c"), ("a", "b#c"), ("50%", "x%23")]
+    assert annotate(ZH_EVENT)["sample_id"].item() == "zh-1#factuality_error"  # ordinary: as was
+
+
+id_text = st.text(st.sampled_from("#%23ab5x") | st.characters(exclude_categories=("Cs",)))
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.tuples(id_text, id_text), min_size=1, max_size=30, unique=True))
+def test_sample_id_encoding_is_injective_and_decodes(pairs: list[tuple[str, str]]) -> None:
+    frame = pl.DataFrame(pairs, schema=["request_id", "label"], orient="row")
+    ids = frame.select(sample_id(pl.col("request_id"), pl.col("label"))).to_series()
+    assert ids.n_unique() == len(pairs)
+    request, label = sample_id_parts(pl.col("s"))
+    assert ids.to_frame("s").select(request, label.alias("label")).rows() == pairs
+    for (rid, lab), encoded in zip(pairs, ids, strict=True):
+        if not any(c in rid + lab for c in "#%"):
+            assert encoded == f"{rid}#{lab}"
+
+
+def test_colliding_ids_give_two_samples_and_honest_counts(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0)
+    FileInbox(settings.inbox_dir).put([line(e).decode() for e in HASH_PAIR])
+    result = materialize(
+        settings, selection=dg.AssetSelection.assets("raw_events", "annotated_samples")
+    )
+    with connect(settings.database, read_only=True) as conn:
+        ids = sorted(
+            r[0] for r in conn.execute("SELECT sample_id FROM annotated_samples").fetchall()
+        )
+    assert ids == ["a#b%23c", "a%23b#c"]
+    meta = metadata(result, "annotated_samples")
+    assert meta["new_samples"] == meta["total_samples"] == 2
+    assert meta["new_label_counts"] == {"b#c": 1, "c": 1}
+
+
+def test_a_key_already_stored_is_neither_written_nor_counted_again(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0)
+    FileInbox(settings.inbox_dir).put([line(e).decode() for e in HASH_PAIR])
+    materialize(settings, selection=dg.AssetSelection.assets("raw_events"))
+    with connect(settings.database) as conn:
+        raw = read_new_events(conn, 0, 10)
+        keyed = keyed_samples(raw, annotate_config(settings))
+        assert commit_samples(conn, keyed, 2, 0.0).height == 2
+        # The same rows again (a replay): nothing new is written, so nothing is reported.
+        assert commit_samples(conn, keyed, 2, 0.0).height == 0
+        assert conn.execute("SELECT count(*) FROM annotated_samples").fetchall() == [(2,)]

@@ -85,10 +85,19 @@ def commit_samples(
     samples = mark_duplicates(keyed, kept)
     conn.register("new_samples", samples)
     with transaction(conn):
-        conn.execute(
+        # RETURNING names the rows really written: the stage's counts are of those, and only
+        # those enter the review queue (a key already stored is skipped, never counted twice).
+        inserted = conn.execute(
             f"INSERT INTO annotated_samples ({_COLUMNS}, annotated_at) "
-            f"SELECT {_COLUMNS}, now()::TIMESTAMP FROM new_samples ON CONFLICT DO NOTHING"
-        )
+            f"SELECT {_COLUMNS}, now()::TIMESTAMP FROM new_samples ON CONFLICT DO NOTHING "
+            "RETURNING sample_id"
+        ).to_arrow_table()
+        if inserted.num_rows < samples.height:
+            written = pl.Series(inserted.column("sample_id"), dtype=pl.String)
+            samples = samples.filter(pl.col("sample_id").is_in(written.implode())).unique(
+                "sample_id", keep="first", maintain_order=True
+            )
+            conn.register("new_samples", samples)
         enqueue_for_review(conn, "new_samples", spot_share)
         set_watermark(conn, STAGE, last_seq)
     return samples

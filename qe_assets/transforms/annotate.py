@@ -26,6 +26,36 @@ class AnnotateConfig:
     language: str = "auto"  # auto | zh | en
 
 
+def _escape_id_part(part: pl.Expr) -> pl.Expr:
+    # `%` first, so the `%` of an escape is never escaped again.
+    return part.str.replace_all("%", "%25", literal=True).str.replace_all("#", "%23", literal=True)
+
+
+def sample_id(request_id: pl.Expr, label: pl.Expr) -> pl.Expr:
+    """`request_id#label`, with `%` and `#` percent-escaped in both parts.
+
+    Request ids and unknown labels are free text, so both may hold a `#`: unescaped, `a#b` +
+    `c` and `a` + `b#c` would share an id. Escaped, the only bare `#` is the separator and the
+    id decodes back to its two parts (injective); ids without `%` or `#` stay as they were.
+    """
+    return pl.concat_str([_escape_id_part(request_id), pl.lit("#"), _escape_id_part(label)])
+
+
+def sample_id_parts(ids: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """(request_id, label) of a `sample_id`: the inverse of `sample_id`."""
+
+    def unescape(part: pl.Expr) -> pl.Expr:
+        # Every `%` of an escaped part starts `%23` or `%25`: `%23` first cannot eat a `%25`.
+        return part.str.replace_all("%23", "#", literal=True).str.replace_all(
+            "%25", "%", literal=True
+        )
+
+    return (
+        unescape(ids.str.extract(r"(?s)^(.*)#[^#]*$", 1)),
+        unescape(ids.str.extract(r"#([^#]*)$", 1)),
+    )
+
+
 def detect_language(text: pl.Expr) -> pl.Expr:
     return pl.when(text.str.contains(_HAN)).then(pl.lit("zh")).otherwise(pl.lit("en"))
 
@@ -122,8 +152,7 @@ def annotate_events(
         question_norm=normalise_text(pl.col("question")),
     )
     frame = frame.with_columns(
-        # Readable and deterministic; the separator cannot occur in a label.
-        sample_id=pl.concat_str([pl.col("request_id"), pl.lit("#"), pl.col("label")]),
+        sample_id=sample_id(pl.col("request_id"), pl.col("label")),
         route=pl.when(pl.col("confidence") >= config.min_confidence)
         .then(pl.lit(TRAIN))
         .otherwise(pl.lit(REVIEW)),
