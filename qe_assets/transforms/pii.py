@@ -17,29 +17,38 @@ replaced; everything else is joined back unchanged.
 
 Decisions (the false positives and negatives we accept):
 
-* **E-mail**: ASCII local part and domain (`[A-Za-z0-9._%+-]+@host.tld`); a Chinese character
-  next to an address is not swallowed. Internationalised (non-ASCII) addresses are not detected.
+* **E-mail**: ASCII domain; the local part is quoted (`"alice"@…`), or letters, digits and
+  `._%+-` of any script but Han (`josé@…`), or one to four Han characters (`张三@…`). Chinese
+  text runs into an address without a space, so up to four Han characters before an `@` may be
+  swallowed with it (`我的邮箱是张三@…` → `我的邮[EMAIL]`); a Han character after the domain is
+  not. Non-ASCII domains are not detected.
 * **Phone**: CN mobile `1[3-9]` + 9 digits, optionally `+86`/`0086`/`(+86)` and grouped 3-4-4 by
-  spaces or dashes; international numbers only with a leading `+` (E.164-ish, 8-15 digits, groups
-  separated by space, dash or dot, an area code in parentheses allowed). Domestic landlines
-  (`010-12345678`) and US numbers without `+1` are not detected: without a prefix they are
-  indistinguishable from order numbers and dates.
-* **CN_ID**: 18 characters with a valid province code (11-15, 21-23, 31-37, 41-46, 50-54,
-  61-65, 71, 81-83, 91), birth date 18xx-20xx with month 01-12 and day 01-31, and the
-  MOD 11-2 check character (`X`/`x` allowed). Legacy 15-digit IDs have no checksum: they are
+  spaces, dashes or dots; US numbers with the area code in parentheses (`(415) 555-0132`);
+  international numbers with a leading `+` (E.164-ish, 8-15 digits, groups separated by space,
+  dash or dot, an area code in parentheses allowed). Domestic landlines (`010-12345678`) and
+  bare `415-555-0132` are not detected: without a prefix they are indistinguishable from order
+  numbers and dates.
+* **CN_ID**: 18 characters, contiguous or grouped 6-8-4 by spaces or dashes, with a valid
+  province code (11-15, 21-23, 31-37, 41-46, 50-54, 61-65, 71, 81-83, 91), birth date
+  18xx-20xx with month 01-12 and day 01-31, and the MOD 11-2 check character (`X`/`x`
+  allowed). Legacy 15-digit IDs have no checksum: they are
   detected by province code and YYMMDD shape alone, so about 1 in 300 random 15-digit numbers
   with a plausible prefix is redacted too. We accept that.
-* **CARD**: 13-19 digits, contiguous or grouped (4-4-4-4[-1..4], Amex 4-6-5, UnionPay 6-13), not
-  starting with 0, not followed by `X` (that is an ID with a wrong check character), Luhn-valid.
-  Luhn passes 1 in 10 random numbers, so an order number of card
-  length that happens to be Luhn-valid is redacted; order numbers that fail Luhn are kept.
+* **CARD**: 13-19 digits, contiguous or grouped (4-4-4-4[-1..4] by space, dash, dot or slash;
+  Amex 4-6-5, UnionPay 6-13 by space or dash), not starting with 0, not followed by `X` (that
+  is an ID with a wrong check character), Luhn-valid. Luhn passes 1 in 10 random numbers, so an
+  order number of card length that happens to be Luhn-valid is redacted; order numbers that
+  fail Luhn are kept.
 * **IP**: IPv4 is four dot-separated octets 0-255 without leading zeros. A bare `1.2.3.4` is
   indistinguishable from a four-part version number and *is* redacted (a leaked address costs more
   than a hidden version); `v1.2.3.4` (a letter right before), three-part versions, dates like
   `2024.01.15` and longer dotted runs (`1.2.3.4.5`) are kept. IPv6: full or `::`-compressed form,
   optionally with an IPv4 tail, with at least one digit and four hex digits (or exactly `::1`), so
   `std::vector`, `A::B`, MAC addresses and times are kept.
-* Only ASCII digits are recognised: full-width digits (`１３８…`) pass through.
+* **Full-width digits** (`１３８１２３４５６７８`, as Chinese input methods type them): each
+  full-width number (with full-width or ASCII `+`, separators and `Ｘ`) is read as ASCII and
+  redacted by the passes above; a number that is not PII stays as written. A number mixing
+  full-width and ASCII digits is read as two numbers. Other scripts' digits are not recognised.
 """
 
 from __future__ import annotations
@@ -57,15 +66,26 @@ PLACEHOLDERS: dict[str, str] = {
     "ip": "[IP]",
 }
 
-_EMAIL = r"[A-Za-z0-9._%+\-]+@(?:[A-Za-z0-9\-]+\.)+[A-Za-z]{2,}"
+# Local part: quoted, or a run of letters, digits and `._%+-` in any script but Han, or at most
+# four Han characters (a name): Chinese text runs into an address without a space, so a longer
+# Han run would swallow the sentence before it.
+_EMAIL_LOCAL = r'"[^"\r\n]{1,64}"|\p{Han}{1,4}|[\p{L}\p{N}._%+\-&&[^\p{Han}]]+'
+_EMAIL = rf"(?:{_EMAIL_LOCAL})@(?:[A-Za-z0-9\-]+\.)+[A-Za-z]{{2,}}"
 
-_CN_MOBILE = r"(?:\(?(?:\+|00)86\)?[ \-]?)?1[3-9][0-9](?:[ \-]?[0-9]{4}){2}"
+_CN_MOBILE = r"(?:\(?(?:\+|00)86\)?[ \-]?)?1[3-9][0-9](?:[ \-.]?[0-9]{4}){2}"
+# NANP with the area code in parentheses, `(415) 555-0132`: the parentheses tell it from an
+# order number or a date, which bare `415-555-0132` could be.
+_US_PHONE = r"\([2-9][0-9]{2}\) ?[2-9][0-9]{2}[\-. ][0-9]{4}"
 _INTL_PHONE = r"\+[1-9][0-9]{0,2}(?:[ \-.]?(?:\([0-9]{1,4}\)|[0-9]{1,4})){2,6}"
 
 _DAY = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])"
+# 18 characters, optionally grouped 6-8-4 (region, birth date, sequence + check) by a space or
+# dash; or the legacy 15 digits, contiguous.
 _CN_ID = (
-    rf"[1-9][0-9]{{5}}(?:18|19|20)[0-9]{{2}}{_DAY}[0-9]{{3}}[0-9Xx]|[1-9][0-9]{{7}}{_DAY}[0-9]{{3}}"
+    rf"[1-9][0-9]{{5}}[ \-]?(?:18|19|20)[0-9]{{2}}{_DAY}[ \-]?[0-9]{{3}}[0-9Xx]"
+    rf"|[1-9][0-9]{{7}}{_DAY}[0-9]{{3}}"
 )
+_ID_SEPARATORS = r"[ \-]"
 _PROVINCES = [
     *map(str, range(11, 16)),
     *map(str, range(21, 24)),
@@ -85,7 +105,7 @@ _ID_CHECK = "10X98765432"
 
 _CARD = (
     r"[0-9]{13,19}"
-    r"|[0-9]{4}(?:[ \-][0-9]{4}){2,3}(?:[ \-][0-9]{1,4})?"
+    r"|[0-9]{4}(?:[ \-./][0-9]{4}){2,3}(?:[ \-./][0-9]{1,4})?"
     r"|[0-9]{4}[ \-][0-9]{6}[ \-][0-9]{4,5}"
     r"|[0-9]{6}[ \-][0-9]{10,13}"
 )
@@ -147,13 +167,14 @@ def _valid_phone(t: _Tokens) -> pl.Expr:
 
 
 def _valid_cn_id(t: _Tokens) -> pl.Expr:
-    total = pl.sum_horizontal([_digit_at(t.tok, i) * w for i, w in enumerate(_ID_WEIGHTS)])
+    chars = t.tok.str.replace_all(_ID_SEPARATORS, "")
+    total = pl.sum_horizontal([_digit_at(chars, i) * w for i, w in enumerate(_ID_WEIGHTS)])
     check = pl.lit(_ID_CHECK).str.slice(total % 11, 1)
-    checksum_ok = t.tok.str.slice(17, 1).str.to_uppercase() == check
-    legacy = t.tok.str.len_bytes() == 15
+    checksum_ok = chars.str.slice(17, 1).str.to_uppercase() == check
+    legacy = chars.str.len_bytes() == 15
     return (
         ~_starts_with(t.next, "[0-9]")
-        & t.tok.str.slice(0, 2).is_in(_PROVINCES)
+        & chars.str.slice(0, 2).is_in(_PROVINCES)
         & (legacy | checksum_ok)
     )
 
@@ -205,7 +226,7 @@ def _valid_ipv6(t: _Tokens) -> pl.Expr:
 # cards (a +86 number is 13 digits and might pass Luhn), IDs before cards (an 18-digit ID might
 # pass Luhn too), IPv6 before IPv4 (an IPv4-mapped IPv6 address is one address).
 _PASSES: tuple[_Pass, ...] = (
-    _Pass("phone", f"{_CN_MOBILE}|{_INTL_PHONE}", _PHONE_TILES, _valid_phone),
+    _Pass("phone", f"{_CN_MOBILE}|{_US_PHONE}|{_INTL_PHONE}", _PHONE_TILES, _valid_phone),
     _Pass("cn_id", _CN_ID, _DIGIT_TILES, _valid_cn_id),
     _Pass("card", _CARD, _DIGIT_TILES, _valid_card),
     _Pass("ip", _IPV6, _ALNUM_TILES, _valid_ipv6),
@@ -247,6 +268,41 @@ def _token_pass(texts: pl.Series, spec: _Pass) -> tuple[pl.Series, int]:
     return out, int(rebuilt["found"].sum())
 
 
+# Full-width forms typed by Chinese input methods, and their ASCII equivalents.
+_WIDE = "０１２３４５６７８９＋．－／　Ｘｘ"
+_NARROW = "0123456789+.-/ Xx"
+# A full-width number, maybe grouped and signed: what a full-width phone, ID or card looks like.
+_WIDE_RUN = r"[＋+]?[０-９]+(?:[ 　\-－.．/／]?[０-９]+)*[ＸｘXx]?"
+
+
+def _full_width_pass(texts: pl.Series) -> tuple[pl.Series, dict[str, int]]:
+    """Redact full-width numbers: each run is read as ASCII and redacted by the other passes; a
+    run that holds PII is replaced by the result, any other run stays as written."""
+    frame = pl.DataFrame({"text": texts}).with_row_index("_row")
+    hits = frame.filter(pl.col("text").str.contains("[０-９]"))
+    if hits.is_empty():
+        return texts, dict.fromkeys(PLACEHOLDERS, 0)
+    tok = pl.col("tok")
+    tokens = (
+        hits.select("_row", pl.col("text").str.extract_all(f"{_WIDE_RUN}|[^０-９＋+]+|."))
+        .rename({"text": "tok"})
+        .explode("tok")
+        .with_row_index("_tok")
+    )
+    wide = tokens.filter(tok.str.contains("[０-９]")).with_columns(
+        narrow=tok.str.replace_many(list(_WIDE), list(_NARROW))
+    )
+    redacted, counts = redact_series(wide["narrow"])
+    changed = wide.with_columns(redacted.alias("new")).filter(pl.col("new") != pl.col("narrow"))
+    rebuilt = (
+        tokens.join(changed.select("_tok", "new"), on="_tok", how="left", maintain_order="left")
+        .group_by("_row", maintain_order=True)
+        .agg(pl.coalesce("new", "tok").str.join("").alias("tok"))
+    )
+    merged = frame.join(rebuilt, on="_row", how="left", maintain_order="left")
+    return merged.select(pl.coalesce("tok", "text").alias(texts.name)).to_series(), counts
+
+
 def redact_series(texts: pl.Series) -> tuple[pl.Series, dict[str, int]]:
     """One string column redacted, with the number of replacements per kind."""
     if texts.dtype != pl.String:
@@ -258,6 +314,9 @@ def redact_series(texts: pl.Series) -> tuple[pl.Series, dict[str, int]]:
     for spec in _PASSES:
         texts, found = _token_pass(texts, spec)
         counts[spec.kind] += found
+    texts, wide = _full_width_pass(texts)
+    for kind, count in wide.items():
+        counts[kind] += count
     return texts, counts
 
 
