@@ -468,3 +468,95 @@ def test_no_seeded_pii_reaches_a_dataset_file(tmp_path: Path) -> None:
     # Each sample: the question and the context document in the prompt, the answer in the
     # completion; the IP pass counts IPv4 and IPv6 together.
     assert manifest["pii_redactions"] == dict.fromkeys(PLACEHOLDERS, 12 * 3)
+
+
+# --- end to end: ids and labels, Dagster's run storage, the fine-tune split files (issue #15) ---
+
+# Raw PII as it arrives, in request ids, labels and texts; none may leave the store.
+OUTSIDE = {
+    "request_id": ["bob@example.com", "josé@example.com", "ticket 138.1234.5678"],
+    "label": "complaint from carol@example.com +86 137 0000 1111",
+    "texts": [
+        '"alice"@example.com',
+        "张三@example.com",
+        "4111.1111.1111.1111",
+        "4111/1111/1111/1111",
+        "440301 19900307 1230",
+        "(415) 555-0132",
+        "１３８１２３４５６７８",
+    ],
+}
+LEAKS = [
+    *OUTSIDE["request_id"],
+    OUTSIDE["label"],
+    *OUTSIDE["texts"],
+    *("bob@", "josé", "carol", "137 0000 1111", "alice", "张三@", "555-0132", "１３８"),
+]
+
+
+def _pii_events() -> list[dict]:
+    events = []
+    for i in range(12):
+        request_id = OUTSIDE["request_id"][i] if i < 3 else f"plain-{i}"
+        labels = [OUTSIDE["label"]] if i % 2 else ["factuality_error"]
+        text = OUTSIDE["texts"][i % len(OUTSIDE["texts"])]
+        events.append(
+            make_event(
+                request_id,
+                question=f"我的联系方式 {text}，问题{i}？",
+                answer=f"Noted {text} ({i}).",
+                evaluation={"score": 0.5, "labels": labels},
+            )
+        )
+    return events
+
+
+def _leaks(text: str, where: str) -> list[str]:
+    return [f"{value!r} in {where}" for value in LEAKS if value in text]
+
+
+def test_no_pii_in_ids_labels_files_or_run_storage(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0)
+    FileInbox(settings.inbox_dir).put([line(e).decode() for e in _pii_events()])
+    result = materialize(settings)
+    assert result.success
+
+    # Not vacuous: the raw values reached the tables and the version holds every sample.
+    with connect(settings.database, read_only=True) as conn:
+        stored = " ".join(
+            str(row)
+            for row in conn.execute(
+                "SELECT sample_id, label, prompt FROM annotated_samples"
+            ).fetchall()
+        )
+        in_version = conn.execute("SELECT count(*) FROM dataset_samples").fetchall()[0][0]
+    assert all(value in stored for value in OUTSIDE["request_id"] + [OUTSIDE["label"]])
+    assert in_version == 12
+
+    exported = [p for p in settings.datasets_dir.rglob("*") if p.is_file()]
+    finetune = [p for p in (Path(settings.data_dir) / "finetune").rglob("*") if p.is_file()]
+    assert len(exported) == 3 and any(p.name == "train.chat.jsonl" for p in finetune)
+    leaks: list[str] = []
+    for path in exported + finetune:
+        body = path.read_text(encoding="utf-8")
+        lines = body.splitlines() if path.name.endswith(".jsonl") else [body]
+        decoded = "\n".join(json.dumps(json.loads(x), ensure_ascii=False) for x in lines if x)
+        leaks += _leaks(body + decoded, path.name)
+    # Every event of the run (materializations, check results, logs), as stored.
+    for event in result.all_events:
+        leaks += _leaks(repr(event), f"event {event.event_type_value}")
+    assert leaks == []
+
+    records = [json.loads(x) for x in next(p for p in exported if p.name.endswith("1.jsonl"))
+               .read_text(encoding="utf-8").splitlines()]  # fmt: skip
+    ids = [r["sample_id"] for r in records]
+    assert len(set(ids)) == 12
+    # Pseudonyms: the three PII request ids and the other three odd events' PII labels.
+    assert sum(i.startswith("pii-") and "#" not in i for i in ids) == 3 + 5
+    assert "plain-4#factuality_error" in ids
+    assert {r["label"] for r in records} == {
+        "factuality_error",
+        "complaint from [EMAIL] [PHONE]",
+    }
+    manifest = json.loads(next(p for p in exported if p.suffix == ".json").read_text("utf-8"))
+    assert manifest["label_counts"] == {"complaint from [EMAIL] [PHONE]": 6, "factuality_error": 6}

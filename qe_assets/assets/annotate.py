@@ -27,6 +27,7 @@ from qe_assets.store import (
 )
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import AnnotateConfig, annotate_events, mark_duplicates
+from qe_assets.transforms.dataset import redacted_label_counts
 
 STAGE = "annotated_samples"
 _COLUMNS = (
@@ -146,6 +147,16 @@ def annotate_pending(
     return done
 
 
+def redacted_outcomes(reviewed: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`acceptance_by_label` with PII redacted from the labels; merged labels are re-weighted."""
+    counts = redacted_label_counts({k: v["reviewed"] for k, v in reviewed.items()})
+    kept = redacted_label_counts({k: v["reviewed"] * v["kept_share"] for k, v in reviewed.items()})
+    return {
+        label: {"reviewed": int(n), "kept_share": round(kept[label] / n, 4)}
+        for label, n in counts.items()
+    }
+
+
 @dg.asset(
     deps=[raw_events],
     group_name="annotate",
@@ -198,6 +209,10 @@ def annotated_samples(
             FROM annotated_samples WHERE route = 'train' AND duplicate_of IS NULL
             """
         ).fetchall()
+    if settings.pii_redaction:
+        # Labels are free text: what holds PII must not reach Dagster's run storage either.
+        labels = Counter(redacted_label_counts(labels))
+        reviewed = redacted_outcomes(reviewed)
     metadata: dict[str, dg.RawMetadataValue] = {
         "new_samples": new,
         "new_train": routes.get("train", 0),

@@ -24,6 +24,7 @@ from qe_assets.transforms.dataset import (
     chat_lines,
     label_counts,
     records,
+    redact_identifiers,
 )
 from qe_assets.transforms.pii import redact
 
@@ -100,12 +101,16 @@ def cut_version(
     with VersionWriter(directory, version) as writer:
         for batch in _ready_batches(duckdb_resource, state, settings.export_batch_size):
             batch = assign_split(batch, settings.validation_share)
+            # The stored ids: dataset_samples keys on them whatever the files show.
+            stored = batch.select(owned_copy("sample_id"), "split")
             if settings.pii_redaction:
-                # Nothing personal leaves the store: prompts and completions are redacted on the
-                # way into the files (the tables keep what was received, for audit).
+                # Nothing personal leaves the store: prompts and completions are redacted, labels
+                # too and ids holding PII become pseudonyms, on the way into the files, manifest
+                # and metadata (the tables keep what was received, for audit).
                 batch, found = redact(batch, ["prompt", "completion"])
-                for kind, count in found.items():
-                    redacted[kind] = redacted.get(kind, 0) + count
+                batch, in_labels = redact_identifiers(batch)
+                for kind in found:
+                    redacted[kind] = redacted.get(kind, 0) + found[kind] + in_labels[kind]
             writer.write(
                 records(batch),
                 chat_lines(
@@ -119,7 +124,7 @@ def cut_version(
                 labels[name] = labels.get(name, 0) + count
             for mode, count in batch.group_by("mode").len().iter_rows():
                 modes[mode] = modes.get(mode, 0) + count
-            members.append(batch.select(owned_copy("sample_id"), "split"))
+            members.append(stored)
             last_seq = int(batch["completion_seq"].max())
             if on_batch is not None:
                 on_batch(version, sum(m.height for m in members))

@@ -15,6 +15,7 @@ import polars as pl
 from qe_assets.export import VersionFiles, line_chunks, sha256_file, version_format_problems
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame
+from qe_assets.transforms.dataset import exported_sample_ids
 
 
 class DatasetInvalid(RuntimeError):
@@ -94,6 +95,10 @@ def prepare_inputs(
     splits = query_frame(
         conn, "SELECT sample_id, split FROM dataset_samples WHERE version = ?", [version]
     )
+    # The files show a pseudonym for an id holding PII (QE_PII_REDACTION): match either form.
+    splits = pl.concat(
+        [splits, splits.with_columns(exported_sample_ids(splits["sample_id"]))]
+    ).unique("sample_id", maintain_order=True)
     workdir = Path(settings.data_dir) / "finetune" / run_id
     workdir.mkdir(parents=True, exist_ok=True)
     targets = {

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import polars as pl
 
+from qe_assets.store import frame_query
 from qe_assets.templates import Templates
+from qe_assets.transforms.annotate import sample_id_parts
+from qe_assets.transforms.pii import redact_series
 
 TRAIN_SPLIT, VALIDATION_SPLIT = "train", "validation"
 # Columns of the seed's JSONL record (CONTRACT §4), in file order; `weight` extends it for
 # trainers that take a per-sample loss weight.
 RECORD_COLUMNS = ("sample_id", "prompt", "completion", "label", "confidence", "score", "weight")
 _BUCKETS = 10_000
+# Exported in place of a sample_id that holds PII. A stored sample_id always has a `#` and a
+# pseudonym never does, so the two can never be mistaken for one another.
+PSEUDONYM_PREFIX = "pii-"
 
 
 def assign_split(frame: pl.DataFrame, validation_share: float) -> pl.DataFrame:
@@ -67,3 +75,47 @@ def chat_lines(
 def label_counts(frame: pl.DataFrame) -> dict[str, int]:
     counts = frame.group_by("label").len().sort(["len", "label"], descending=[True, False])
     return dict(zip(counts["label"].to_list(), counts["len"].to_list(), strict=True))
+
+
+def exported_sample_ids(ids: pl.Series) -> pl.Series:
+    """The sample_ids as a redacting export writes them: unchanged, or `pii-<sha256 of the id>`
+    when its request id or label holds PII. Stable (a hash of the stored id) and collision-free
+    (sha256 of distinct ids); the stored id stays the key in the tables."""
+    frame = ids.to_frame("id").with_row_index("row")
+    request, label = sample_id_parts(pl.col("id"))
+    # A newline splits the two parts: no pattern spans one, so PII cannot straddle the `#`.
+    text = pl.concat_str([pl.coalesce(request, pl.col("id")), label.fill_null("")], separator="\n")
+    parts = frame.select(text).to_series()
+    redacted, _ = redact_series(parts)
+    flagged = frame.filter((redacted != parts).fill_null(False))
+    if flagged.is_empty():
+        return ids
+    # sha256 in DuckDB: vectorised, and stable across library versions, unlike Polars' hash.
+    pseudonyms = frame_query(
+        f"SELECT row, '{PSEUDONYM_PREFIX}' || sha256(id) AS pseudonym FROM flagged",
+        flagged=flagged,
+    )
+    out = frame.join(pseudonyms, on="row", how="left", maintain_order="left")
+    return out.select(pl.coalesce("pseudonym", "id").alias(ids.name)).to_series()
+
+
+def redact_identifiers(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    """`label` redacted and `sample_id` pseudonymised where they hold PII: what every exported
+    file, manifest and metadata entry shows. Returns the replacements per kind in labels."""
+    labels, found = redact_series(frame.get_column("label"))
+    return frame.with_columns(labels, exported_sample_ids(frame.get_column("sample_id"))), found
+
+
+def redacted_labels(labels: Iterable[str]) -> dict[str, str]:
+    """Each distinct label → the label with its PII redacted (most come back unchanged)."""
+    distinct = pl.Series("label", list(dict.fromkeys(labels)), dtype=pl.String)
+    redacted, _ = redact_series(distinct)
+    return dict(zip(distinct.to_list(), redacted.to_list(), strict=True))
+
+
+def redacted_label_counts(counts: Mapping[str, float]) -> dict[str, float]:
+    """Counts per label with PII redacted from the labels; labels that become one add up."""
+    merged: dict[str, float] = {}
+    for label, redacted in redacted_labels(counts).items():
+        merged[redacted] = merged.get(redacted, 0) + counts[label]
+    return merged
