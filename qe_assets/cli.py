@@ -281,6 +281,33 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
             raise UserError(str(exc), EXIT_FAILED) from exc
 
 
+def _age_seconds(text: str) -> float:
+    """`30d`, `12h`, `45m` or `0d` as seconds; anything else is a usage error."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhm])\s*", text)
+    if match is None:
+        raise UserError(f"--older-than {text!r}: give a number of days, hours or minutes: 30d")
+    return float(match.group(1)) * {"d": 86_400, "h": 3_600, "m": 60}[match.group(2)]
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.purge import purge_exported
+
+    age = _age_seconds(args.older_than)
+    if not settings.database.exists():
+        raise UserError(f"no database at {settings.database} yet: nothing to purge")
+    counts = purge_exported(
+        settings.database, age, config={"memory_limit": settings.duckdb_memory_limit}
+    )
+    print(
+        f"redacted {counts.raw_events} raw events, {counts.annotated_samples} samples and "
+        f"{counts.completions} completions already in a dataset version and older than "
+        f"{args.older_than}"
+    )
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.runner import prepare_dagster_home
 
@@ -355,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--note")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser(
+        "purge", help="redact the stored text of samples already in a version, past an age"
+    )
+    p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 0d")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("ui", help="dagster dev on 127.0.0.1 with a persistent DAGSTER_HOME")
     p.add_argument("--host", default="127.0.0.1")

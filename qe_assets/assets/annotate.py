@@ -92,9 +92,9 @@ def commit_samples(
             f"INSERT INTO annotated_samples ({_COLUMNS}, annotated_at) "
             f"SELECT {_COLUMNS}, now()::TIMESTAMP FROM new_samples ON CONFLICT DO NOTHING "
             "RETURNING sample_id"
-        ).to_arrow_table()
-        if inserted.num_rows < samples.height:
-            written = pl.Series(inserted.column("sample_id"), dtype=pl.String)
+        ).fetchnumpy()["sample_id"]
+        if len(inserted) < samples.height:
+            written = pl.Series(inserted, dtype=pl.String)
             samples = samples.filter(pl.col("sample_id").is_in(written.implode())).unique(
                 "sample_id", keep="first", maintain_order=True
             )

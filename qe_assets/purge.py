@@ -1,0 +1,163 @@
+"""`qe purge`: redact the raw text the tables keep once it has served its purpose.
+
+The export redacts PII on the way into the dataset files, but the tables keep what was received
+(for audit, review and re-export). Purging replaces, in place, the text of samples that are
+already in a dataset version and older than a cut-off, and of their raw events and completions,
+with its redacted form (the same detectors as the export, `transforms/pii.py`). Free-form JSON
+that cannot be redacted as text without breaking it (`raw_events.checks`, `raw_events.extra`,
+documents' `meta`) is dropped, and `raw_events.evaluation` is rebuilt from the score and the
+redacted labels. Keys are kept as they are: `request_id` and `sample_id` tie the tables together
+(an id holding PII is only pseudonymised in exports). Samples never exported (duplicates,
+rejected or still under review) and rejected events are not touched.
+
+Runs under the store's writer lock, one short transaction per batch, like every writing stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from qe_assets.store import WriterSession, query_frame, transaction, writer_lock
+from qe_assets.transforms.pii import redact
+
+BATCH_SIZE = 5_000
+
+_SAMPLES = """
+    SELECT s.seq, s.sample_id, s.request_id, s.label, s.labels, s.question, s.original_answer,
+           s.context_docs, s.prompt
+    FROM annotated_samples s
+    WHERE s.seq > $after AND s.annotated_at < now()::TIMESTAMP - to_seconds($age)
+      AND EXISTS (SELECT 1 FROM dataset_samples d WHERE d.sample_id = s.sample_id)
+    ORDER BY s.seq LIMIT $limit
+"""
+_EVENTS = """
+    SELECT e.request_id, e.question, e.answer, e.docs, e.labels, e.score
+    FROM raw_events e SEMI JOIN purge_batch USING (request_id)
+    WHERE e.ingested_at < now()::TIMESTAMP - to_seconds($age)
+"""
+_COMPLETIONS = """
+    SELECT c.sample_id, c.completion, c.judge_verdict
+    FROM completions c SEMI JOIN purge_batch USING (sample_id)
+"""
+
+
+@dataclass
+class PurgeCounts:
+    """Rows whose text changed, per table (a row already clean is left alone)."""
+
+    raw_events: int = 0
+    annotated_samples: int = 0
+    completions: int = 0
+
+
+def _redact_lists(frame: pl.DataFrame, column: str, text_field: str | None) -> pl.DataFrame:
+    """Redact the strings of a list column (or one String field of a list of structs)."""
+    flat = frame.select(pl.int_range(pl.len()).alias("_row"), column).explode(column)
+    present = flat[column].is_not_null()
+    if text_field is None:
+        values, _ = redact(flat, [column])
+    else:
+        fields = flat[column].struct.unnest()
+        texts, _ = redact(fields, [text_field])
+        # Free-form per-document metadata is dropped rather than redacted as text (JSON).
+        rebuilt = texts.with_columns(pl.lit(None, dtype=pl.String).alias("meta"))
+        values = flat.with_columns(rebuilt.select(pl.struct(pl.all()).alias(column)))
+    nested = (
+        values.filter(present)
+        .group_by("_row")
+        .agg(pl.col(column))
+        .join(
+            pl.DataFrame({"_row": range(frame.height)}, schema={"_row": pl.Int64}),
+            on="_row",
+            how="right",
+        )
+        .sort("_row")
+    )
+    empty = pl.lit([], dtype=frame.schema[column])
+    return frame.with_columns(nested[column].fill_null(empty).alias(column))
+
+
+def _changed(before: pl.DataFrame, after: pl.DataFrame, columns: list[str]) -> pl.Series:
+    flags = [before[c].ne_missing(after[c]) for c in columns]
+    return pl.DataFrame(flags).select(pl.any_horizontal(pl.all())).to_series()
+
+
+def _update(
+    conn: duckdb.DuckDBPyConnection, table: str, key: str, frame: pl.DataFrame, assign: str
+) -> None:
+    conn.register("purged", frame)
+    conn.execute(f"UPDATE {table} SET {assign} FROM purged WHERE {table}.{key} = purged.{key}")
+    conn.unregister("purged")
+
+
+def _purge_samples(conn: duckdb.DuckDBPyConnection, batch: pl.DataFrame) -> int:
+    texts = ["label", "question", "original_answer", "prompt"]
+    after, _ = redact(batch, texts)
+    after = _redact_lists(_redact_lists(after, "labels", None), "context_docs", "content")
+    changed = after.filter(_changed(batch, after, [*texts, "labels", "context_docs"]))
+    if changed.height:
+        assign = ", ".join(f"{c} = purged.{c}" for c in [*texts, "labels", "context_docs"])
+        _update(conn, "annotated_samples", "sample_id", changed, assign)
+    return changed.height
+
+
+def _purge_events(conn: duckdb.DuckDBPyConnection, events: pl.DataFrame) -> int:
+    if events.is_empty():
+        return 0
+    texts = ["question", "answer"]
+    after, _ = redact(events, texts)
+    after = _redact_lists(_redact_lists(after, "labels", None), "docs", "content")
+    # Every old exported event is rewritten: its free-form JSON goes even when its text is clean.
+    _update(
+        conn,
+        "raw_events",
+        "request_id",
+        after,
+        "question = purged.question, answer = purged.answer, docs = purged.docs, "
+        "labels = purged.labels, checks = NULL, extra = NULL, "
+        "evaluation = json_object('score', purged.score, 'labels', purged.labels)",
+    )
+    return int(_changed(events, after, [*texts, "labels", "docs"]).sum())
+
+
+def _purge_completions(conn: duckdb.DuckDBPyConnection, completions: pl.DataFrame) -> int:
+    texts = ["completion", "judge_verdict"]
+    after, _ = redact(completions, texts)
+    changed = after.filter(_changed(completions, after, texts))
+    if changed.height:
+        assign = "completion = purged.completion, judge_verdict = purged.judge_verdict"
+        _update(conn, "completions", "sample_id", changed, assign)
+    return changed.height
+
+
+def purge_exported(
+    database: str | Path,
+    older_than_seconds: float,
+    *,
+    config: dict[str, Any] | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> PurgeCounts:
+    """Redact, in place, the text of exported samples (and of their events and completions)
+    annotated more than `older_than_seconds` ago; returns the rows changed per table."""
+    counts = PurgeCounts()
+    after = 0
+    params: dict[str, Any] = {"age": older_than_seconds, "limit": batch_size}
+    with writer_lock(database), WriterSession(database, config=config) as session:
+        while True:
+            with session.connection() as conn:
+                batch = query_frame(conn, _SAMPLES, {**params, "after": after})
+                if batch.is_empty():
+                    return counts
+                conn.register("purge_batch", batch)
+                events = query_frame(conn, _EVENTS, {"age": older_than_seconds})
+                completions = query_frame(conn, _COMPLETIONS)
+                with transaction(conn):
+                    counts.annotated_samples += _purge_samples(conn, batch.drop("seq"))
+                    counts.raw_events += _purge_events(conn, events)
+                    counts.completions += _purge_completions(conn, completions)
+            after = int(batch["seq"].max())
