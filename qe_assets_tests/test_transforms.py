@@ -8,9 +8,18 @@ import json
 import polars as pl
 import pytest
 
+from qe_assets.assets.annotate import redacted_outcomes
 from qe_assets.templates import load_templates
 from qe_assets.transforms.completions import naive_completions
-from qe_assets.transforms.dataset import assign_split, chat_lines, label_counts, records
+from qe_assets.transforms.dataset import (
+    assign_split,
+    chat_lines,
+    exported_sample_ids,
+    label_counts,
+    records,
+    redact_identifiers,
+    redacted_label_counts,
+)
 from qe_assets.transforms.validation import (
     LabelBounds,
     chat_format_problems,
@@ -190,3 +199,47 @@ def test_label_bounds_and_drift() -> None:
     assert total_variation({"a": 1}, {"a": 5}) == 0
     assert total_variation({"a": 1}, {"b": 1}) == 1
     assert total_variation({"a": 1, "b": 1}, {"a": 3, "b": 1}) == pytest.approx(0.25)
+
+
+# --- PII in ids and labels (issue #15) -----------------------------------------------------------
+
+PII_LABEL = "complaint from carol@example.com +86 137 0000 1111"
+
+
+def test_ids_holding_pii_become_stable_distinct_pseudonyms() -> None:
+    ids = pl.Series(
+        "sample_id",
+        [
+            "bob@example.com#factuality_error",
+            "bob@example.com#low_relevance",
+            f"r-1#{PII_LABEL}",
+            "%2513812345678#unspecified",  # the raw request id `%13812345678` holds a phone
+            "r-2#factuality_error",
+            "a%23b#c",
+        ],
+    )
+    out = exported_sample_ids(ids).to_list()
+    assert out[4:] == ["r-2#factuality_error", "a%23b#c"]  # no PII: as stored
+    assert all(x.startswith("pii-") and "#" not in x and len(x) == 68 for x in out[:4])
+    assert len(set(out)) == len(out)
+    assert exported_sample_ids(ids).to_list() == out  # stable
+    assert exported_sample_ids(pl.Series("sample_id", [], dtype=pl.String)).len() == 0
+
+
+def test_labels_holding_pii_are_redacted_and_their_counts_merged() -> None:
+    frame = pl.DataFrame({"sample_id": ["a#x", f"b#{PII_LABEL}"], "label": ["x", PII_LABEL]})
+    out, found = redact_identifiers(frame)
+    assert out["label"].to_list() == ["x", "complaint from [EMAIL] [PHONE]"]
+    assert out["sample_id"][0] == "a#x" and out["sample_id"][1].startswith("pii-")
+    assert (found["email"], found["phone"]) == (1, 1)
+    counts = {"x": 2, "from a@b.com": 3, "from c@d.com": 1}
+    assert redacted_label_counts(counts) == {"x": 2, "from [EMAIL]": 4}
+    outcomes = {
+        "from a@b.com": {"reviewed": 3, "kept_share": 1.0},
+        "from c@d.com": {"reviewed": 1, "kept_share": 0.0},
+        "x": {"reviewed": 2, "kept_share": 0.5},
+    }
+    assert redacted_outcomes(outcomes) == {
+        "from [EMAIL]": {"reviewed": 4, "kept_share": 0.75},
+        "x": {"reviewed": 2, "kept_share": 0.5},
+    }
