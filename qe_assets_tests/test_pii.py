@@ -538,6 +538,13 @@ def test_no_pii_in_ids_labels_files_or_run_storage(tmp_path: Path) -> None:
     exported = [p for p in settings.datasets_dir.rglob("*") if p.is_file()]
     finetune = [p for p in (Path(settings.data_dir) / "finetune").rglob("*") if p.is_file()]
     assert len(exported) == 3 and any(p.name == "train.chat.jsonl" for p in finetune)
+    # The split files still find every sample's side, pseudonymous ids included.
+    split_lines = [
+        len(p.read_text(encoding="utf-8").splitlines())
+        for p in finetune
+        if p.name.endswith(".chat.jsonl")
+    ]
+    assert sum(split_lines) == 12
     leaks: list[str] = []
     for path in exported + finetune:
         body = path.read_text(encoding="utf-8")
