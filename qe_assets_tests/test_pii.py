@@ -285,21 +285,33 @@ def _octets(draw: st.DrawFn) -> str:
     return ".".join(str(draw(st.integers(0, 255))) for _ in range(4))
 
 
+def _maybe_wide(draw: st.DrawFn, value: str) -> str:
+    """The value as typed by a Chinese input method (full-width digits), half of the time."""
+    return value.translate(_TO_WIDE) if draw(st.booleans()) else value
+
+
+_TO_WIDE = str.maketrans("0123456789", "０１２３４５６７８９")
+
+
 @st.composite
 def pii_values(draw: st.DrawFn) -> tuple[str, str]:
     """(kind, value) drawn from every format the module docstring promises to catch."""
     kind = draw(st.sampled_from(sorted(PLACEHOLDERS)))
     if kind == "email":
-        local = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._%+\-]{0,15}", fullmatch=True))
+        local = draw(
+            st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._%+\-]{0,15}", fullmatch=True)
+            | st.sampled_from(["josé", "Müller.K", "张三", "欧阳娜娜", '"alice"', '"john doe"'])
+        )
         domain = draw(st.from_regex(r"[a-z0-9\-]{1,10}(\.[a-z0-9\-]{1,8}){0,2}", fullmatch=True))
         tld = draw(st.from_regex(r"[a-z]{2,6}", fullmatch=True))
         return kind, f"{local}@{domain}.{tld}"
     if kind == "phone":
         if draw(st.booleans()):
             digits = f"1{draw(st.integers(3, 9))}{draw(st.integers(0, 999_999_999)):09d}"
-            sep = draw(st.sampled_from(["", " ", "-"]))
+            sep = draw(st.sampled_from(["", " ", "-", "."]))
             prefix = draw(st.sampled_from(["", "+86 ", "+86", "0086-", "(+86)"]))
-            return kind, f"{prefix}{digits[:3]}{sep}{digits[3:7]}{sep}{digits[7:]}"
+            value = f"{prefix}{digits[:3]}{sep}{digits[3:7]}{sep}{digits[7:]}"
+            return kind, value if "(" in prefix else _maybe_wide(draw, value)
         return kind, draw(
             st.sampled_from(
                 [
@@ -309,6 +321,8 @@ def pii_values(draw: st.DrawFn) -> tuple[str, str]:
                     "+81 3-1234-5678",
                     "+852 2123 4567",
                     "+49 30 901820",
+                    "(415) 555-0132",
+                    "(212)555.0199",
                 ]
             )
         )
@@ -319,7 +333,9 @@ def pii_values(draw: st.DrawFn) -> tuple[str, str]:
             + f"{draw(st.integers(1800, 2099))}{draw(st.integers(1, 12)):02d}"
             + f"{draw(st.integers(1, 31)):02d}{draw(st.integers(0, 999)):03d}"
         )
-        return kind, first17 + id_check_char(first17)
+        value = first17 + id_check_char(first17)
+        sep = draw(st.sampled_from(["", " ", "-"]))
+        return kind, _maybe_wide(draw, f"{value[:6]}{sep}{value[6:14]}{sep}{value[14:]}")
     if kind == "card":
         length = draw(st.integers(13, 19))
         prefix = str(draw(st.integers(3, 6))) + "".join(
@@ -329,9 +345,9 @@ def pii_values(draw: st.DrawFn) -> tuple[str, str]:
         if is_cn_id(card):  # an 18-digit card that is also a valid ID is reported as an ID
             return "cn_id", card
         if length == 16 and draw(st.booleans()):
-            sep = draw(st.sampled_from([" ", "-"]))
+            sep = draw(st.sampled_from([" ", "-", ".", "/"]))
             card = sep.join(card[i : i + 4] for i in range(0, 16, 4))
-        return kind, card
+        return kind, _maybe_wide(draw, card)
     if draw(st.booleans()):
         return "ip", _octets(draw)
     groups = [f"{draw(st.integers(0, 0xFFFF)):x}" for _ in range(8)]
