@@ -303,7 +303,7 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"redacted {counts.raw_events} raw events, {counts.annotated_samples} samples and "
         f"{counts.completions} completions already in a dataset version and older than "
-        f"{args.older_than}"
+        f"{args.older_than}; deleted {counts.llm_cache} LLM cache entries holding PII"
     )
     return EXIT_OK
 

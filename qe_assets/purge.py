@@ -8,7 +8,8 @@ that cannot be redacted as text without breaking it (`raw_events.checks`, `raw_e
 documents' `meta`) is dropped, and `raw_events.evaluation` is rebuilt from the score and the
 redacted labels. Keys are kept as they are: `request_id` and `sample_id` tie the tables together
 (an id holding PII is only pseudonymised in exports). Samples never exported (duplicates,
-rejected or still under review) and rejected events are not touched.
+rejected or still under review) and rejected events are not touched. `llm_cache` entries older
+than the cut-off whose answer holds PII are deleted (see `_purge_cache`).
 
 Runs under the store's writer lock, one short transaction per batch, like every writing stage.
 """
@@ -40,6 +41,12 @@ _EVENTS = """
     FROM raw_events e SEMI JOIN purge_batch USING (request_id)
     WHERE e.ingested_at < now()::TIMESTAMP - to_seconds($age)
 """
+# The cache has no link to samples: its old entries are judged by their own text.
+_CACHE = """
+    SELECT cache_key, content FROM llm_cache
+    WHERE cache_key > $after AND created_at < now()::TIMESTAMP - to_seconds($age)
+    ORDER BY cache_key LIMIT $limit
+"""
 _COMPLETIONS = """
     SELECT c.sample_id, c.completion, c.judge_verdict
     FROM completions c SEMI JOIN purge_batch USING (sample_id)
@@ -53,6 +60,7 @@ class PurgeCounts:
     raw_events: int = 0
     annotated_samples: int = 0
     completions: int = 0
+    llm_cache: int = 0  # entries deleted
 
 
 def _redact_lists(frame: pl.DataFrame, column: str, text_field: str | None) -> pl.DataFrame:
@@ -135,6 +143,48 @@ def _purge_completions(conn: duckdb.DuckDBPyConnection, completions: pl.DataFram
     return changed.height
 
 
+def _purge_cache(session: WriterSession, params: dict[str, Any]) -> int:
+    """Delete old cache entries whose answer holds PII, with the verdicts that judged them: a
+    cache entry is only money saved (an identical request is paid again), and a judge's JSON
+    cannot be redacted as text without risking its syntax."""
+    deleted, after = 0, ""
+    while True:
+        with session.connection() as conn:
+            entries = query_frame(conn, _CACHE, {**params, "after": after})
+            if entries.is_empty():
+                return deleted
+            redacted, _ = redact(entries, ["content"])
+            holding = entries.filter(_changed(entries, redacted, ["content"])).select("cache_key")
+            if holding.height:
+                conn.register("holding", holding)
+                with transaction(conn):
+                    conn.execute(
+                        "DELETE FROM llm_cache WHERE cache_key IN (SELECT cache_key FROM holding) "
+                        "OR parent_key IN (SELECT cache_key FROM holding)"
+                    )
+                deleted += holding.height
+        after = str(entries["cache_key"].max())
+
+
+def _purge_samples_batches(session: WriterSession, params: dict[str, Any]) -> PurgeCounts:
+    """Exported samples past the age, a batch per transaction, with their events and
+    completions."""
+    counts, after = PurgeCounts(), 0
+    while True:
+        with session.connection() as conn:
+            batch = query_frame(conn, _SAMPLES, {**params, "after": after})
+            if batch.is_empty():
+                return counts
+            conn.register("purge_batch", batch)
+            events = query_frame(conn, _EVENTS, {"age": params["age"]})
+            completions = query_frame(conn, _COMPLETIONS)
+            with transaction(conn):
+                counts.annotated_samples += _purge_samples(conn, batch.drop("seq"))
+                counts.raw_events += _purge_events(conn, events)
+                counts.completions += _purge_completions(conn, completions)
+        after = int(batch["seq"].max())
+
+
 def purge_exported(
     database: str | Path,
     older_than_seconds: float,
@@ -143,21 +193,10 @@ def purge_exported(
     batch_size: int = BATCH_SIZE,
 ) -> PurgeCounts:
     """Redact, in place, the text of exported samples (and of their events and completions)
-    annotated more than `older_than_seconds` ago; returns the rows changed per table."""
-    counts = PurgeCounts()
-    after = 0
+    annotated more than `older_than_seconds` ago, and delete old LLM cache entries holding PII;
+    returns the rows changed per table."""
     params: dict[str, Any] = {"age": older_than_seconds, "limit": batch_size}
     with writer_lock(database), WriterSession(database, config=config) as session:
-        while True:
-            with session.connection() as conn:
-                batch = query_frame(conn, _SAMPLES, {**params, "after": after})
-                if batch.is_empty():
-                    return counts
-                conn.register("purge_batch", batch)
-                events = query_frame(conn, _EVENTS, {"age": older_than_seconds})
-                completions = query_frame(conn, _COMPLETIONS)
-                with transaction(conn):
-                    counts.annotated_samples += _purge_samples(conn, batch.drop("seq"))
-                    counts.raw_events += _purge_events(conn, events)
-                    counts.completions += _purge_completions(conn, completions)
-            after = int(batch["seq"].max())
+        counts = _purge_samples_batches(session, params)
+        counts.llm_cache = _purge_cache(session, params)
+    return counts

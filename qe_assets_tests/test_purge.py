@@ -46,16 +46,33 @@ def test_purge_redacts_exported_text_under_the_writer_lock(tmp_path: Path) -> No
     events = [*_pii_events(), UNDER_REVIEW]
     FileInbox(settings.inbox_dir).put([line(e).decode() for e in events])
     assert materialize(settings).success
+    with connect(settings.database) as conn:
+        # Cache entries (regenerated answers and a verdict judging one), old and new.
+        conn.execute(
+            "INSERT INTO llm_cache VALUES "
+            "('old-pii', 'regenerate', NULL, 'm', 'Reach me at eve@example.com', 'stop', 1, 1,"
+            " now()::TIMESTAMP - INTERVAL 40 DAY),"
+            "('old-verdict', 'judge', 'old-pii', 'm', '{\"winner\": \"1\"}', 'stop', 1, 1,"
+            " now()::TIMESTAMP - INTERVAL 40 DAY),"
+            "('old-clean', 'regenerate', NULL, 'm', 'No details here.', 'stop', 1, 1,"
+            " now()::TIMESTAMP - INTERVAL 40 DAY),"
+            "('new-pii', 'regenerate', NULL, 'm', 'eve@example.com', 'stop', 1, 1,"
+            " now()::TIMESTAMP)"
+        )
     before = _leaks(settings)
     assert len(before["annotated_samples"]) == 12 and len(before["raw_events"]) == 12
     env = {"QE_DATA_DIR": settings.data_dir}
 
-    # Younger than the cut-off: nothing changes.
-    assert (
-        "redacted 0 raw events, 0 samples and 0 completions"
-        in qe("purge", "--older-than", "30d", env=env).stdout
+    # Younger than the cut-off: nothing changes but the old cache entry holding PII (and the
+    # verdict that judged it).
+    assert qe("purge", "--older-than", "30d", env=env).stdout.strip() == (
+        "redacted 0 raw events, 0 samples and 0 completions already in a dataset version and "
+        "older than 30d; deleted 1 LLM cache entries holding PII"
     )
     assert _leaks(settings) == before
+    with connect(settings.database, read_only=True) as conn:
+        cached = conn.execute("SELECT cache_key FROM llm_cache ORDER BY 1").fetchall()
+    assert cached == [("new-pii",), ("old-clean",)]
 
     # A purge waits for the stage holding the writer lock, then runs.
     with writer_lock(settings.database):
