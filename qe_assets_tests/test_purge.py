@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
+
+from qe_assets.purge import _redact_lists
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect, writer_lock
@@ -108,4 +111,31 @@ def test_purge_age_is_checked(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "qe: --older-than 'a month': give a number of days, hours or minutes: 30d"
+    ]
+    missing = qe("purge", "--older-than", "30d", env={"QE_DATA_DIR": str(tmp_path)}, check=False)
+    assert missing.returncode == 2
+    assert (
+        missing.stderr.strip() == f"qe: no database at {tmp_path}/qe.duckdb yet: nothing to purge"
+    )
+
+
+def test_lists_keep_their_shape_and_documents_lose_their_meta() -> None:
+    docs = pl.Struct(
+        {"id": pl.String, "content": pl.String, "score": pl.Float64, "meta": pl.String}
+    )
+    frame = pl.DataFrame(
+        {
+            "labels": [[], ["from a@b.com", "x"]],
+            "docs": [[], [{"id": "1", "content": "mail a@b.com", "score": None, "meta": "{}"}]],
+        },
+        schema={"labels": pl.List(pl.String), "docs": pl.List(docs)},
+    )
+    out = _redact_lists(_redact_lists(frame, "labels", None), "docs", "content")
+    assert out.schema == frame.schema
+    assert out.to_dicts() == [
+        {"labels": [], "docs": []},
+        {
+            "labels": ["from [EMAIL]", "x"],
+            "docs": [{"id": "1", "content": "mail [EMAIL]", "score": None, "meta": None}],
+        },
     ]
