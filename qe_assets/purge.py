@@ -114,23 +114,32 @@ def _purge_samples(conn: duckdb.DuckDBPyConnection, batch: pl.DataFrame) -> int:
     return changed.height
 
 
+# Only rows something changes in are rewritten, so a second purge writes nothing.
+_UPDATE_EVENTS = """
+    UPDATE raw_events SET question = p.question, answer = p.answer, docs = p.docs,
+        labels = p.labels, checks = NULL, extra = NULL, evaluation = p.evaluation
+    FROM (SELECT *, json_object('score', score, 'labels', labels) AS evaluation FROM purged) p
+    WHERE raw_events.request_id = p.request_id AND (
+        raw_events.question IS DISTINCT FROM p.question
+        OR raw_events.answer IS DISTINCT FROM p.answer
+        OR raw_events.docs IS DISTINCT FROM p.docs
+        OR raw_events.labels IS DISTINCT FROM p.labels
+        OR raw_events.checks IS NOT NULL OR raw_events.extra IS NOT NULL
+        OR raw_events.evaluation::VARCHAR IS DISTINCT FROM p.evaluation::VARCHAR)
+"""
+
+
 def _purge_events(conn: duckdb.DuckDBPyConnection, events: pl.DataFrame) -> int:
+    """Redact the events' text, drop their free-form JSON and rebuild `evaluation` from the
+    score and the redacted labels; returns the rows rewritten."""
     if events.is_empty():
         return 0
-    texts = ["question", "answer"]
-    after, _ = redact(events, texts)
+    after, _ = redact(events, ["question", "answer"])
     after = _redact_lists(_redact_lists(after, "labels", None), "docs", "content")
-    # Every old exported event is rewritten: its free-form JSON goes even when its text is clean.
-    _update(
-        conn,
-        "raw_events",
-        "request_id",
-        after,
-        "question = purged.question, answer = purged.answer, docs = purged.docs, "
-        "labels = purged.labels, checks = NULL, extra = NULL, "
-        "evaluation = json_object('score', purged.score, 'labels', purged.labels)",
-    )
-    return int(_changed(events, after, [*texts, "labels", "docs"]).sum())
+    conn.register("purged", after)
+    ((rewritten,),) = conn.execute(_UPDATE_EVENTS).fetchall()
+    conn.unregister("purged")
+    return int(rewritten)
 
 
 def _purge_completions(conn: duckdb.DuckDBPyConnection, completions: pl.DataFrame) -> int:
