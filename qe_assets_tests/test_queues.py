@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from qe_assets.store import connect, ensure_schema, table_counts
 from qe_assets_tests.conftest import RedisServer, free_port
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.runs import failing_on_open, stored_once
+from qe_assets_tests.test_cli import qe
 
 
 def payloads(n: int, prefix: str = "r") -> list[str]:
@@ -183,6 +187,56 @@ def test_same_name_dropped_while_the_first_is_claimed_is_ingested_once(
     archived = sorted(p.name for p in (settings.inbox_dir / "archive").rglob("*.jsonl"))
     assert len(archived) == 2 and "events.jsonl" in archived
     assert inbox.depth() == 0
+
+
+def start_qe_run(env: dict[str, str], *, log: bool) -> subprocess.Popen[str]:
+    """`qe run` in the background; with `log`, its log (stderr) is read by the caller."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qe_assets.cli", "run"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if log else subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def kill_when(run: subprocess.Popen[str], reached: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 120
+    while not reached():
+        assert run.poll() is None, "the run ended before its kill point"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.005)
+    run.kill()
+    run.wait(timeout=30)
+
+
+def test_qe_run_killed_twice_around_a_same_named_drop_loses_nothing(tmp_path: Path) -> None:
+    """Issue #15 end to end, with real `qe run` processes (counts scaled down 10x): 5,000 of
+    12,000 events were stored, and the last run reported new_rows=0."""
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    env = {"QE_DATA_DIR": settings.data_dir, "QE_INGEST_BATCH_SIZE": "500"}
+    processing = settings.inbox_dir / ".processing"
+    drop(settings, "events.jsonl", payloads(600, prefix="a"))
+    first = start_qe_run(env, log=False)
+    kill_when(first, lambda: any(processing.glob("*events.jsonl")))
+
+    drop(settings, "events.jsonl", payloads(1200, prefix="b"))
+    second = start_qe_run(env, log=True)
+    assert second.stderr is not None
+    batch_lines = 0
+
+    def third_batch_logged() -> bool:
+        nonlocal batch_lines
+        batch_lines += "raw_events - batch of" in second.stderr.readline()
+        return batch_lines == 3
+
+    kill_when(second, third_batch_logged)
+    last = qe("run", env=env)
+    assert "queue_depth_left=0" in last.stdout
+    with connect(settings.database, read_only=True) as conn:
+        stored_once(conn, [f"{p}{i}" for p, n in (("a", 600), ("b", 1200)) for i in range(n)])
+    assert not list(processing.iterdir()) and not list(settings.inbox_dir.glob("*.jsonl"))
+    assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 2
 
 
 def test_files_claimed_by_the_previous_layout_are_replayed_first(settings: Settings) -> None:
