@@ -118,7 +118,7 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.queues import QueueUnavailable, open_queue
+    from qe_assets.queues import QueueUnavailable, durability_warning, open_queue
     from qe_assets.readiness import ready_sample_count
     from qe_assets.store import connect, table_counts
 
@@ -195,6 +195,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"queue ({queue.name}): {queue.depth():,} pending")
     except QueueUnavailable as exc:
         print(f"queue ({queue.name}): unavailable ({exc})")
+    warning = durability_warning(queue)
+    if warning is not None:
+        print(f"WARNING: {warning}")
     return EXIT_OK
 
 
