@@ -193,11 +193,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     queue = open_queue(settings)
     try:
         print(f"queue ({queue.name}): {queue.depth():,} pending")
+        warning = durability_warning(queue)  # asked only of a server that answers
+        if warning is not None:
+            print(f"WARNING: {warning}")
     except QueueUnavailable as exc:
         print(f"queue ({queue.name}): unavailable ({exc})")
-    warning = durability_warning(queue)
-    if warning is not None:
-        print(f"WARNING: {warning}")
     return EXIT_OK
 
 

@@ -55,6 +55,7 @@ def raw_events(
             depth += queue.depth()
         except QueueUnavailable:
             context.log.warning(f"could not read the depth of the {queue.name} queue")
+            continue
         warning = durability_warning(queue)
         if warning is not None:
             context.log.warning(warning)
