@@ -118,7 +118,7 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.queues import QueueUnavailable, open_queue
+    from qe_assets.queues import QueueUnavailable, durability_warning, open_queue
     from qe_assets.readiness import ready_sample_count
     from qe_assets.store import connect, table_counts
 
@@ -193,6 +193,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     queue = open_queue(settings)
     try:
         print(f"queue ({queue.name}): {queue.depth():,} pending")
+        warning = durability_warning(queue)  # asked only of a server that answers
+        if warning is not None:
+            print(f"WARNING: {warning}")
     except QueueUnavailable as exc:
         print(f"queue ({queue.name}): unavailable ({exc})")
     return EXIT_OK

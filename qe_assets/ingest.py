@@ -9,7 +9,7 @@ and nothing is doubled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +17,13 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
-from qe_assets.events import ParsedRecords, ValidatedRecords, parse_records, validate_records
+from qe_assets.events import (
+    REJECTED_SCHEMA,
+    ParsedRecords,
+    ValidatedRecords,
+    parse_records,
+    validate_records,
+)
 from qe_assets.queues import Batch, EventQueue
 from qe_assets.store import ConnectionFactory, ensure_schema, query_frame, transaction
 from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
@@ -51,6 +57,19 @@ class IngestReport:
             self.reasons[field_name] = self.reasons.get(field_name, 0) + count
 
 
+def _refused_rows(refused: Sequence[tuple[str, str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "source": [source for source, _ in refused],
+            "payload": [""] * len(refused),
+            "field": ["file"] * len(refused),
+            "reason": [reason for _, reason in refused],
+            "request_id": [None] * len(refused),
+        },
+        schema=REJECTED_SCHEMA,
+    )
+
+
 def commit_batch(
     conn: duckdb.DuckDBPyConnection,
     records: list[bytes],
@@ -58,10 +77,12 @@ def commit_batch(
     *,
     received_at: datetime | None = None,
     parsed: ParsedRecords | None = None,
+    refused: Sequence[tuple[str, str]] = (),
 ) -> IngestReport:
     """Write one batch in a single transaction; returns what happened to it.
 
-    Pass `parsed` (from `parse_records`) to validate before taking the write lock.
+    Pass `parsed` (from `parse_records`) to validate before taking the write lock. `refused`
+    inputs (source, reason) were never read: each is one rejected row with an empty payload.
     """
     received_at = received_at or datetime.now(UTC).replace(tzinfo=None)
     if parsed is None:
@@ -83,7 +104,7 @@ def commit_batch(
         pl.lit(CONFLICT_REASON).alias("reason"),
         "request_id",
     )
-    rejected = pl.concat([parsed.rejected, conflicts], how="vertical")
+    rejected = pl.concat([parsed.rejected, conflicts, _refused_rows(refused)], how="vertical")
 
     conn.register("new_rows", new_rows)
     conn.register("rejected_rows", rejected)
@@ -141,6 +162,7 @@ def ingest_pending(
                 batch.sources,
                 received_at=validated.received_at,
                 parsed=parsed,
+                refused=batch.refused,
             )
 
     def finish(batch: Batch, committed: Future[IngestReport]) -> None:

@@ -3,7 +3,8 @@
 Each trial enqueues fresh demo events (`generate_events(..., bad_share=0.05)`, so ~5 % malformed
 lines and ~2 % exact re-sends), plus exact re-sends and conflicting re-sends of events from earlier
 trials. The second half of a trial's events arrives after the first kill, as production traffic
-would. The pipeline runs in a real child process (see `scripts/crash_worker.py`) with small batches
+would. On the file inbox the producer drops every file as `events.jsonl` (issue #15), also while an
+earlier `events.jsonl` is still claimed after a kill. The pipeline runs in a real child process (see `scripts/crash_worker.py`) with small batches
 (QE_INGEST_BATCH_SIZE=50, QE_EXPORT_BATCH_SIZE=20), so a run has many commit points. The test
 SIGKILLs it several times in a row, then runs it to completion and checks every invariant:
 
@@ -53,7 +54,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,10 +281,48 @@ class TrialQueue:
     # Redis has no line identity: a rejected payload is stored once however often it is sent.
     per_payload_once: bool = False
     assert_drained: Callable[[], None] = lambda: None
+    summary: Callable[[], str] = lambda: ""  # the producer's figures, for the report line
+
+
+class ReusedNameInbox(FileInbox):
+    """A producer that drops every file as `events.jsonl`, as issue #15's did, also while an
+    earlier `events.jsonl` is still claimed in `.processing/` after a kill. It never overwrites
+    its own unclaimed file: then it drops `events~N.jsonl` (sorting after `events.jsonl`)."""
+
+    NAME = "events.jsonl"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.drops = 0
+        self.drops_while_claimed = 0  # a same-named file was still claimed: the issue's case
+
+    def put(self, payloads: Sequence[str]) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.drops += 1
+        self.drops_while_claimed += self.claimed_same_name()
+        tmp = self.root / f".{self.NAME}.part"
+        tmp.write_text("".join(f"{p}\n" for p in payloads))
+        for n in range(1, 100):
+            name = self.NAME if n == 1 else f"events~{n}.jsonl"
+            try:
+                os.link(tmp, self.root / name)  # fails on an existing name: no overwrite
+                break
+            except FileExistsError:
+                continue
+        tmp.unlink()
+        return len(payloads)
+
+    def claimed_same_name(self) -> bool:
+        # `<stamp>-<token>@events.jsonl` now, `events.jsonl` from the code before claim stamps.
+        return any(self.processing.glob(f"*{self.NAME}"))
+
+    def summary(self) -> str:
+        return f"; {self.drops} drops as {self.NAME}, {self.drops_while_claimed} while claimed"
 
 
 def inbox_queue(data: Path) -> TrialQueue:
-    return TrialQueue(FileInbox(data / "inbox"))
+    producer = ReusedNameInbox(data / "inbox")
+    return TrialQueue(producer, summary=producer.summary)
 
 
 def redis_queue(redis: RedisServer) -> TrialQueue:
@@ -487,11 +526,11 @@ def run_trials(
     return stats
 
 
-def report(name: str, stats: Stats) -> None:
+def report(name: str, stats: Stats, extra: str = "") -> None:
     print(
         f"\n{name}: {stats.trials} trials, {stats.events} events, {stats.kills} SIGKILLs "
         f"(landed in {dict(stats.landed)}), runs that finished before their kill: "
-        f"{sum(stats.missed.values())} {dict(stats.missed)}; "
+        f"{sum(stats.missed.values())} {dict(stats.missed)}{extra}; "
         "losses 0, duplicates 0"
     )
 
@@ -519,15 +558,16 @@ def test_sigkill_during_ingest_and_export(
     queue_kind: str,
 ) -> None:
     data = tmp_path / "data"
+    trial_queue = trial_queue_of(queue_kind, data, request)
     stats = run_trials(
         data,
         zygote,
         calibration,
         trials=CI_TRIALS_PER_QUEUE,
         seed=SEEDS[queue_kind],
-        trial_queue=trial_queue_of(queue_kind, data, request),
+        trial_queue=trial_queue,
     )
-    report(queue_kind, stats)
+    report(queue_kind, stats, trial_queue.summary())
     assert stats.kills >= CI_TRIALS_PER_QUEUE
 
 
@@ -544,6 +584,7 @@ def test_sigkill_many_trials(
 ) -> None:
     data = tmp_path / "data"
     trials = (SLOW_TRIALS + 2) // 3
+    trial_queue = trial_queue_of(queue_kind, data, request)
     stats = run_trials(
         data,
         zygote,
@@ -552,10 +593,50 @@ def test_sigkill_many_trials(
         seed=SEEDS[queue_kind] + 10,
         events=SLOW_EVENTS,
         max_kills=SLOW_MAX_KILLS,
-        trial_queue=trial_queue_of(queue_kind, data, request),
+        trial_queue=trial_queue,
     )
-    report(f"slow {queue_kind}", stats)
+    report(f"slow {queue_kind}", stats, trial_queue.summary())
     assert stats.kills >= trials
+
+
+def test_sigkill_with_a_claimed_file_then_a_same_named_drop(
+    tmp_path: Path, zygote: Zygote, calibration: Durations
+) -> None:
+    """Issue #15's sequence on every trial (the random trials reach it only now and then): the
+    run is killed while `events.jsonl` is claimed, the producer drops a new `events.jsonl`, the
+    next run is killed at a random point of its ingest, and a last run completes."""
+    data = tmp_path / "data"
+    env = {"QE_DATA_DIR": str(data), **BATCH_ENV}
+    producer = ReusedNameInbox(data / "inbox")
+    expected = Expected(per_payload_once=False)
+    rng = random.Random(23)
+    for trial in range(3):
+        first, second = (
+            generate_events(CI_EVENTS, seed=2300 + 2 * trial + k, bad_share=0.05) for k in (0, 1)
+        )
+        expected.add(first)
+        producer.put(first)
+        child = zygote.start(env)
+        while not producer.claimed_same_name():
+            assert child.exit is None, ("the run ended before its claim was seen", child.errors)
+            zygote.pump(0.002)
+        os.kill(child.pid, signal.SIGKILL)
+        zygote.wait_for(child, None)
+
+        expected.add(second)
+        producer.put(second)
+        child = zygote.start(env)
+        if zygote.wait_for(child, "ingest"):
+            deadline = time.monotonic() + rng.uniform(0, calibration.ingest_window(2 * CI_EVENTS))
+            while child.exit is None and time.monotonic() < deadline:
+                zygote.pump(0.005)
+            if child.exit is None:
+                os.kill(child.pid, signal.SIGKILL)
+        zygote.wait_for(child, None)
+        run_to_completion(zygote, env)
+        check_invariants(data, expected, TrialQueue(producer))
+    assert producer.drops_while_claimed == 3
+    print(f"\nsame-name re-drops while claimed{producer.summary()}: losses 0, duplicates 0")
 
 
 def test_killed_dagster_run_does_not_block_the_next_run(tmp_path: Path, zygote: Zygote) -> None:

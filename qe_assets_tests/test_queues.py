@@ -6,16 +6,20 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from qe_assets.ingest import commit_batch, ingest_pending
 from qe_assets.queues import FileInbox, QueueUnavailable, RedisQueue
 from qe_assets.settings import Settings
-from qe_assets.store import connect
+from qe_assets.store import connect, ensure_schema, table_counts
 from qe_assets_tests.conftest import RedisServer, free_port
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.runs import failing_on_open, stored_once
+from qe_assets_tests.test_cli import qe
 
 
 def payloads(n: int, prefix: str = "r") -> list[str]:
@@ -148,6 +152,148 @@ def test_reading_failing_while_a_batch_commits_still_acks_that_batch(settings: S
     assert [r.new for r in reports] == [5]
     assert sorted(stored_ids(settings)) == [f"a{i}" for i in range(5)]
     assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 1
+
+
+def drop(settings: Settings, name: str, lines: list[str]) -> None:
+    """A producer that re-uses its file name: write aside, rename into place."""
+    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
+    tmp = settings.inbox_dir / f".{name}.part"
+    tmp.write_text("".join(f"{text}\n" for text in lines))
+    os.replace(tmp, settings.inbox_dir / name)
+
+
+def test_same_name_dropped_while_the_first_is_claimed_is_ingested_once(
+    settings: Settings,
+) -> None:
+    """Issue #15: a crash leaves events.jsonl claimed; the producer drops a new events.jsonl.
+    Claiming the new one once replaced the old claimed file, and the old file's ack then
+    archived the new one before its batches were committed."""
+    inbox = FileInbox(settings.inbox_dir)
+    drop(settings, "events.jsonl", [*payloads(10, prefix="a"), "not json a"])
+    claiming = inbox.batches(5)
+    next(claiming)  # claimed, then the run dies: no commit, no ack
+    claiming.close()
+    drop(settings, "events.jsonl", [*payloads(20, prefix="b"), "not json b"])
+    assert inbox.depth() == 32
+
+    report = ingest_pending(FileInbox(settings.inbox_dir), writer(settings), batch_size=5)
+    assert (report.new, report.rejected) == (30, 2)
+    with connect(settings.database, read_only=True) as conn:
+        stored_once(conn, [f"{p}{i}" for p, n in (("a", 10), ("b", 20)) for i in range(n)])
+        sources = dict(conn.execute("SELECT payload, source FROM rejected_events").fetchall())
+    # The producer's name is kept in the sources: the first file is replayed first.
+    assert sources == {"not json a": "inbox:events.jsonl:11", "not json b": "inbox:events.jsonl:21"}
+    assert not list((settings.inbox_dir / ".processing").iterdir())
+    archived = sorted(p.name for p in (settings.inbox_dir / "archive").rglob("*.jsonl"))
+    assert len(archived) == 2 and "events.jsonl" in archived
+    assert inbox.depth() == 0
+
+
+def start_qe_run(env: dict[str, str], *, log: bool) -> subprocess.Popen[str]:
+    """`qe run` in the background; with `log`, its log (stderr) is read by the caller."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qe_assets.cli", "run"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if log else subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def kill_when(run: subprocess.Popen[str], reached: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 120
+    while not reached():
+        assert run.poll() is None, "the run ended before its kill point"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.005)
+    run.kill()
+    run.wait(timeout=30)
+
+
+def test_qe_run_killed_twice_around_a_same_named_drop_loses_nothing(tmp_path: Path) -> None:
+    """Issue #15 end to end, with real `qe run` processes (counts scaled down 10x): 5,000 of
+    12,000 events were stored, and the last run reported new_rows=0."""
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    env = {"QE_DATA_DIR": settings.data_dir, "QE_INGEST_BATCH_SIZE": "500"}
+    processing = settings.inbox_dir / ".processing"
+    drop(settings, "events.jsonl", payloads(600, prefix="a"))
+    first = start_qe_run(env, log=False)
+    kill_when(first, lambda: any(processing.glob("*events.jsonl")))
+
+    drop(settings, "events.jsonl", payloads(1200, prefix="b"))
+    second = start_qe_run(env, log=True)
+    assert second.stderr is not None
+    batch_lines = 0
+
+    def third_batch_logged() -> bool:
+        nonlocal batch_lines
+        batch_lines += "raw_events - batch of" in second.stderr.readline()
+        return batch_lines == 3
+
+    kill_when(second, third_batch_logged)
+    last = qe("run", env=env)
+    assert "queue_depth_left=0" in last.stdout
+    with connect(settings.database, read_only=True) as conn:
+        stored_once(conn, [f"{p}{i}" for p, n in (("a", 600), ("b", 1200)) for i in range(n)])
+    assert not list(processing.iterdir()) and not list(settings.inbox_dir.glob("*.jsonl"))
+    assert len(list((settings.inbox_dir / "archive").rglob("*.jsonl"))) == 2
+
+
+def test_files_claimed_by_the_previous_layout_are_replayed_first(settings: Settings) -> None:
+    # The code before claim stamps kept the producer's name in .processing/.
+    processing = settings.inbox_dir / ".processing"
+    processing.mkdir(parents=True)
+    (processing / "events.jsonl").write_text(payloads(3, prefix="old")[0] + "\n")
+    drop(settings, "events.jsonl", payloads(2, prefix="new"))
+    batches = list(FileInbox(settings.inbox_dir).batches(10))
+    assert [b.sources for b in batches] == [
+        ["inbox:events.jsonl:1"],
+        ["inbox:events.jsonl:1", "inbox:events.jsonl:2"],
+    ]
+    assert [json.loads(b.records[0])["request_id"] for b in batches] == ["old0", "new0"]
+
+
+def test_symlinks_and_other_non_regular_files_are_refused_unread(settings: Settings) -> None:
+    """A symlink in the inbox once had its target read: /etc/passwd ended up in
+    rejected_events. Now nothing but a regular file is opened; each refused entry is one
+    rejected_events row naming it, without content, and moves to archive/refused/."""
+    secret = settings.inbox_dir.parent / "secret.txt"
+    settings.inbox_dir.mkdir(parents=True)
+    secret.write_text("root:SECRET-CONTENT-4711:0:0\n")
+    (settings.inbox_dir / "link.jsonl").symlink_to(secret)
+    (settings.inbox_dir / "folder.jsonl").mkdir()
+    os.mkfifo(settings.inbox_dir / "pipe.jsonl")
+    drop(settings, "ok.jsonl", payloads(2))
+    inbox = FileInbox(settings.inbox_dir)
+    assert inbox.depth() == 5  # one row for each refused entry, and two events
+
+    # The first refusal is committed but the run dies before its ack (the move): refused again,
+    # and the row's content key makes that a no-op.
+    refusal = next(inbox.batches(10))
+    assert (refusal.records, [s for s, _ in refusal.refused]) == ([], ["inbox:folder.jsonl"])
+    with connect(settings.database) as conn:
+        ensure_schema(conn)
+        commit_batch(conn, [], [], refused=refusal.refused)
+    for _ in range(2):
+        ingest_pending(FileInbox(settings.inbox_dir), writer(settings), batch_size=10)
+
+    with connect(settings.database, read_only=True) as conn:
+        rows = conn.execute(
+            "SELECT source, payload, field, reason FROM rejected_events ORDER BY source"
+        ).fetchall()
+        dump = repr([conn.execute(f"SELECT * FROM {t}").fetchall() for t in table_counts(conn)])
+    assert [r[:3] for r in rows] == [
+        ("inbox:folder.jsonl", "", "file"),
+        ("inbox:link.jsonl", "", "file"),
+        ("inbox:pipe.jsonl", "", "file"),
+    ]
+    assert "symbolic link" in rows[1][3] and "not a regular file" in rows[2][3]
+    assert "SECRET-CONTENT" not in dump
+    assert sorted(stored_ids(settings)) == ["r0", "r1"]
+    refused = settings.inbox_dir / "archive" / "refused"
+    assert (refused / "link.jsonl").is_symlink() and (refused / "folder.jsonl").is_dir()
+    assert secret.read_text() == "root:SECRET-CONTENT-4711:0:0\n"  # untouched
+    assert inbox.pending_files() == [] and inbox.depth() == 0
 
 
 def test_which_queues_read_ahead() -> None:

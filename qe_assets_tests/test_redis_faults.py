@@ -21,6 +21,7 @@ rounds on one database (each round's ids are new, so the checks accumulate).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -275,3 +276,118 @@ def test_producer_while_redis_is_down_or_hung_spools_fast_and_the_next_run_inges
         "\ncapture while redis down/hung: "
         + ", ".join(f"{k} {s.value} in {t:.2f}s" for k, (s, t) in outcomes.items())
     )
+
+
+# --- persistence: what a restart keeps ----------------------------------------------------------
+
+VOLATILE = RedisServer.persistence  # the shared fixture's: no RDB, no AOF
+PERSISTENCE = {
+    "volatile": VOLATILE,
+    "durable": DurableRedis.persistence,
+    "aof_fsync_no": ("--save", "", "--appendonly", "yes", "--appendfsync", "no"),
+    # Managed services often rename or disable CONFIG: INFO persistence still tells.
+    "volatile_config_disabled": (*VOLATILE, "--rename-command", "CONFIG", ""),
+    "durable_config_disabled": (*DurableRedis.persistence, "--rename-command", "CONFIG", ""),
+}
+
+
+def server_with(tmp_path: Path, persistence: tuple[str, ...]) -> DurableRedis:
+    workdir = tmp_path / "redis"
+    workdir.mkdir(exist_ok=True)
+    server = DurableRedis(workdir)
+    server.persistence = persistence
+    server.start()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("volatile", "no append-only file (appendonly no)"),
+        ("durable", None),
+        ("aof_fsync_no", "appendfsync no"),
+        ("volatile_config_disabled", "no append-only file (appendonly no)"),
+        ("durable_config_disabled", None),
+    ],
+)
+def test_durability_warning_reads_the_servers_persistence(
+    tmp_path: Path, kind: str, expected: str | None
+) -> None:
+    server = server_with(tmp_path, PERSISTENCE[kind])
+    try:
+        warning = RedisQueue(server.url).durability_warning()
+    finally:
+        server.stop()
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None and expected in warning and "--appendonly yes" in warning
+
+
+def test_status_and_the_ingest_warn_about_a_volatile_redis(
+    tmp_path: Path, redis_server: RedisServer, redis_url: str, durable_redis: DurableRedis
+) -> None:
+    from qe_assets_tests.test_cli import qe
+
+    data = str(tmp_path / "data")
+    volatile = qe("status", env={"QE_DATA_DIR": data, "QE_QUEUE_URL": redis_url}).stdout
+    assert "WARNING: redis queue 'quality_events': the server has no append-only file" in volatile
+    durable = qe("status", env={"QE_DATA_DIR": data, "QE_QUEUE_URL": durable_redis.url}).stdout
+    assert "WARNING" not in durable and "queue (redis): 0 pending" in durable
+
+    # The asset's metadata and log carry it too, so the UI shows it on every run.
+    settings = Settings(data_dir=data, queue_url=redis_url)
+    with dg.instance_for_test() as instance:
+        result = materialize(
+            settings, selection=dg.AssetSelection.assets("raw_events"), instance=instance
+        )
+        logged = [(e.level, e.user_message) for e in instance.all_logs(result.run_id)]
+    assert "no append-only file" in metadata(result, "raw_events")["queue_durability"]
+    assert any(lvl == logging.WARNING and "no append-only file" in m for lvl, m in logged)
+
+
+@pytest.mark.parametrize("kind", ["durable", "volatile"])
+def test_redis_sigkilled_mid_ingest_and_restarted_on_its_directory(
+    tmp_path: Path, kind: str
+) -> None:
+    """The server dies (SIGKILL) between a claim and its commit and restarts on the same
+    directory. With an append-only file fsynced on every write, every event is stored once;
+    without one, the queue and the claimed batch vanish with the server, which is why the
+    README requires a durable Redis and `qe status` warns about a volatile one."""
+    server = server_with(tmp_path, PERSISTENCE[kind])
+    database = tmp_path / "qe.duckdb"
+    lines = generate_events(1000, seed=7)
+    ids, _ = expected_outcome(lines)
+    RedisQueue(server.url).put(lines)
+    opened = 0
+
+    def connection() -> Any:
+        nonlocal opened
+        opened += 1
+        if opened == 4:  # the third batch is claimed, not committed
+            server.crash()
+            server.start()
+        return connect(database)
+
+    try:
+        for _ in range(5):  # as the next scheduled runs would
+            try:
+                ingest_pending(RedisQueue(server.url), connection, batch_size=100)
+                break
+            except QueueUnavailable:
+                continue
+        with connect(database, read_only=True) as conn:
+            raw = [r[0] for r in conn.execute("SELECT request_id FROM raw_events").fetchall()]
+        assert len(raw) == len(set(raw)), "doubled"
+        client = server.client()
+        assert client.llen(REDIS_LIST) == client.llen(PROCESSING) == 0
+        if kind == "durable":
+            assert set(raw) == ids, f"lost {len(ids - set(raw))}"
+            assert RedisQueue(server.url).durability_warning() is None
+        else:
+            # Only the three batches read before the kill are stored; the rest vanished.
+            assert len(raw) <= 300 and len(ids - set(raw)) > 600
+            assert RedisQueue(server.url).durability_warning() is not None
+        print(f"\nredis {kind}, SIGKILL mid-ingest: {len(ids - set(raw))} of {len(ids)} lost")
+    finally:
+        server.stop()

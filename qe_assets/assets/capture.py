@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.ingest import IngestReport, ingest_pending
-from qe_assets.queues import QueueUnavailable
+from qe_assets.queues import QueueUnavailable, durability_warning
 from qe_assets.resources import (
     PipelineSettings,
     duckdb_writer,
@@ -49,11 +49,17 @@ def raw_events(
     with duckdb_writer(duckdb) as conn:
         counts = table_counts(conn)
     depth = 0
+    warnings: list[str] = []
     for queue in settings.queues():
         try:
             depth += queue.depth()
         except QueueUnavailable:
             context.log.warning(f"could not read the depth of the {queue.name} queue")
+            continue
+        warning = durability_warning(queue)
+        if warning is not None:
+            context.log.warning(warning)
+            warnings.append(warning)
     return dg.MaterializeResult(
         metadata={
             "new_rows": total.new,
@@ -65,6 +71,7 @@ def raw_events(
             "total_rows": counts["raw_events"],
             "rejected_total": counts["rejected_events"],
             "queue_depth_left": depth,
+            "queue_durability": "; ".join(warnings) or "ok",
             "dagster/row_count": counts["raw_events"],
         }
     )

@@ -13,9 +13,16 @@ __all__ = [
     "FileInbox",
     "QueueUnavailable",
     "RedisQueue",
+    "durability_warning",
     "open_queue",
     "write_atomically",
 ]
+
+
+def durability_warning(queue: EventQueue) -> str | None:
+    """Why `queue` may lose events it accepted, or None. Only a Redis server can be configured
+    to (no append-only file); the inbox fsyncs, and Kafka's producer waits for acks=all."""
+    return queue.durability_warning() if isinstance(queue, RedisQueue) else None
 
 
 def open_queue(settings: Settings, *, timeout: float | None = None) -> EventQueue:

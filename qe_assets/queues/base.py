@@ -18,6 +18,9 @@ class Batch:
     records: list[bytes]
     sources: list[str]
     _ack: Callable[[], None] = field(default=lambda: None, repr=False)
+    # Inputs refused unread, as (source, reason): each becomes one rejected_events row with no
+    # payload (the file inbox refuses symlinks and other non-regular files this way).
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
     def ack(self) -> None:
         self._ack()

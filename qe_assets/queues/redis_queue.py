@@ -27,6 +27,15 @@ return #items
 """
 
 
+# What the queue needs from Redis: every acknowledged RPUSH and every claim survives a restart.
+DURABLE_FSYNC = ("everysec", "always")
+_ADVICE = "run it with `--appendonly yes --appendfsync everysec` (or `always`), or use Kafka"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisQueue:
     name = "redis"
     # One processing list per consumer: its ack deletes the whole list, so a batch must be acked
@@ -83,6 +92,39 @@ class RedisQueue:
                 yield batch
         except redis.RedisError as exc:
             raise QueueUnavailable(f"redis queue {self.key!r} unavailable: {exc}") from exc
+
+    def _persistence(self) -> tuple[str, str | None]:
+        """(appendonly, appendfsync) as the server reports them; appendfsync is None where CONFIG
+        is renamed or disabled (managed services) and only INFO answers."""
+        try:
+            config = {_text(k): _text(v) for k, v in self.client.config_get("append*").items()}
+            return config.get("appendonly", "no"), config.get("appendfsync")
+        except redis.ResponseError:
+            info = self.client.info("persistence")
+            return ("yes" if info.get("aof_enabled") else "no"), None
+
+    def durability_warning(self) -> str | None:
+        """Why queued or claimed events would not survive a restart of this server, or None.
+
+        Unreachable servers answer None: `depth` and the ingest already report those."""
+        where = f"redis queue {self.key!r}"
+        try:
+            appendonly, appendfsync = self._persistence()
+        except (redis.ConnectionError, redis.TimeoutError):
+            return None
+        except redis.RedisError as exc:
+            return f"{where}: could not read the server's persistence settings ({exc}); {_ADVICE}"
+        if appendonly != "yes":
+            return (
+                f"{where}: the server has no append-only file (appendonly {appendonly}): queued "
+                f"and claimed events are lost when it restarts or dies; {_ADVICE}"
+            )
+        if appendfsync is not None and appendfsync not in DURABLE_FSYNC:
+            return (
+                f"{where}: appendfsync {appendfsync}: the events of the last ~30 s are lost if "
+                f"the host crashes; {_ADVICE}"
+            )
+        return None
 
     def depth(self) -> int:
         try:
