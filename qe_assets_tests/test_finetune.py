@@ -17,7 +17,7 @@ from qe_assets.resources import PipelineSettings
 from qe_assets.sensors import build_finetune_sensor
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets_tests.runs import materialize, metadata
+from qe_assets_tests.runs import materialize, metadata, scalar
 from qe_assets_tests.test_pipeline import batch
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -201,25 +201,39 @@ def test_none_backend_refuses_a_tampered_version(settings: Settings) -> None:
 
 
 def test_a_version_failing_the_format_rules_is_never_trained_on(settings: Settings) -> None:
-    # Three samples are under the 10-example minimum: the blocking check fails the release run
-    # and skips fine_tuned_model there ...
+    # Three samples are under the 10-example minimum. Cut without its checks, the version is
+    # refused by fine_tuned_model launched on its own instead of trained on ...
     processed(settings, 3)
-    release = materialize(
-        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    cut = materialize(
+        settings, selection=dg.AssetSelection.assets("tuning_dataset").without_checks()
     )
-    assert not release.success
-    assert metadata(release, "tuning_dataset")["version"] == "v001"
-    assert not [
-        e
-        for e in release.get_asset_materialization_events()
-        if e.asset_key == dg.AssetKey("fine_tuned_model")
-    ]
-    # ... and fine_tuned_model launched on its own refuses the version instead of training on it.
+    assert metadata(cut, "tuning_dataset")["version"] == "v001"
     alone = materialize(settings, selection=["fine_tuned_model"], raise_on_error=False)
     assert not alone.success
     failure = alone.get_step_failure_events()[0].event_specific_data.error.message  # type: ignore[union-attr]
     assert "v001 breaks the dataset format rules" in failure
     assert "10" in failure
-    with connect(settings.database, read_only=True) as conn:
-        assert conn.execute("SELECT count(*) FROM fine_tune_runs").fetchall() == [(0,)]
+    assert scalar(settings, "SELECT count(*) FROM fine_tune_runs") == 0
     assert not (Path(settings.data_dir) / "finetune").exists()
+    # ... the release publishes it again (it has no run), the blocking check fails the run and
+    # skips fine_tuned_model, and records the refusal, so the version is not published for ever ...
+    release = materialize(
+        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    )
+    assert not release.success
+    assert metadata(release, "tuning_dataset")["republished"] is True
+    assert metadata(release, "fine_tuned_model") == {}
+    ((status, message),) = conn_rows(settings, "SELECT status, message FROM fine_tune_runs")
+    assert status == "rejected" and message.startswith("dataset_format_valid: 3 examples")
+    # ... and the next release cuts v002 from new samples and fine-tunes on it.
+    processed(settings, 12, prefix="g")
+    model = metadata(
+        materialize(settings, selection=["tuning_dataset", "fine_tuned_model"]), "fine_tuned_model"
+    )
+    assert (model["dataset_version"], model["status"]) == ("v002", "skipped")
+    assert not (Path(settings.data_dir) / "finetune" / "v001-none-1").exists()
+
+
+def conn_rows(settings: Settings, query: str) -> list[tuple]:
+    with connect(settings.database, read_only=True) as conn:
+        return conn.execute(query).fetchall()
