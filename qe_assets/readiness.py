@@ -109,6 +109,8 @@ def release_decision(
 
     if pending is not None and not handed_over(conn, pending, backend):
         return decide(True, f"{pending} is committed but its {backend} release never ended")
+    if pending is None and ready == 0:
+        return decide(False, "no sample ready for a new dataset version")
     if not cut_version and ready < threshold:
         return decide(
             False,
@@ -116,6 +118,4 @@ def release_decision(
         )
     if pending is not None:
         return decide(True, f"{pending} has no finished {backend} run: released again first")
-    if ready == 0:
-        return decide(False, "no sample ready for a new dataset version")
     return decide(True, f"{ready} samples ready", version=f"v{state.next_number:03d}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -17,8 +19,10 @@ from qe_assets.resources import PipelineSettings
 from qe_assets.sensors import build_finetune_sensor
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets_tests.runs import materialize, metadata, scalar
+from qe_assets_tests.runs import checks, materialize, metadata, scalar
+from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_pipeline import batch
+from qe_assets_tests.test_single_writer import RUN_TIMEOUT, child_env
 
 SCRIPTS = Path(__file__).parent / "scripts"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "finetune_trl_lora.py"
@@ -128,7 +132,7 @@ def test_whole_loop_events_to_registry_row(small_threshold: Settings) -> None:
         assert lineage == 25  # model ← version ← samples ← request ids
         # The version's samples are consumed: the sensor goes quiet.
         after, _ = evaluate_sensor(settings, instance, cursor=result.cursor)
-        assert "0 ready samples" in skip_message(after)
+        assert "no sample ready" in skip_message(after)
         # Materializing again finds no version without a run: nothing happens.
         again = materialize(settings, selection=["fine_tuned_model"])
         assert metadata(again, "fine_tuned_model") == {}
@@ -237,3 +241,97 @@ def test_a_version_failing_the_format_rules_is_never_trained_on(settings: Settin
 def conn_rows(settings: Settings, query: str) -> list[tuple]:
     with connect(settings.database, read_only=True) as conn:
         return conn.execute(query).fetchall()
+
+
+# --- a `qe run` killed right after it committed a version ----------------------------------
+
+
+def kill_after_commit(proc: subprocess.Popen[str], settings: Settings, version: str) -> None:
+    """SIGKILL `proc` as soon as `version` is in dataset_versions: the manifest is the last file
+    written before the row, so the database is polled only once it exists (the version's chart
+    is drawn after the commit, so the kill lands before the checks and the fine-tune)."""
+    manifest = settings.datasets_dir / f"rag_quality_tuning_{version}.manifest.json"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its kill"
+        if manifest.exists():
+            with connect(settings.database, read_only=True, wait_seconds=5) as conn:
+                query = "SELECT count(*) FROM dataset_versions WHERE version = ?"
+                if conn.execute(query, [version]).fetchall() == [(1,)]:
+                    break
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def released(settings: Settings) -> list[tuple[str, str, str]]:
+    with connect(settings.database, read_only=True) as conn:
+        return conn.execute(
+            "SELECT dataset_version, status, run_id FROM fine_tune_runs ORDER BY run_id"
+        ).fetchall()
+
+
+def test_a_version_committed_by_a_killed_qe_run_is_checked_and_fine_tuned_once(
+    tmp_path: Path,
+) -> None:
+    data, home = tmp_path / "data", tmp_path / "dagster_home"
+    env = child_env(data, home)
+    settings = Settings.from_env(env)
+    FileInbox(settings.inbox_dir).put(batch("k", 15))
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qe_assets.cli", "run", "--cut-version"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            text=True,
+        )
+        kill_after_commit(proc, settings, "v001")
+    assert released(settings) == [], "the kill landed after the fine-tune"
+    # What the old, non-atomic preparation could leave: a half-written run folder, no recipe.
+    half = data / "finetune" / "v001-none-1"
+    half.mkdir(parents=True)
+    (half / "train.chat.jsonl").write_text('{"messages": [')
+    (data / "finetune" / ".v001-none-1.0badf00d.tmp").mkdir()
+
+    # A plain `qe run` (threshold 1000, nothing new): v001 is published again, checked, released.
+    run = qe("run", env=env)
+    assert "release v001: v001 is committed but its none release never ended" in run.stdout
+    assert "check dataset_format_valid: passed" in run.stdout
+    assert "check dataset_no_leakage: passed" in run.stdout
+    assert released(settings) == [("v001", "skipped", "v001-none-1")]
+    recipe = json.loads((half / "recipe.json").read_text())
+    assert recipe["version"] == "v001"
+    assert len(Path(recipe["train_chat_path"]).read_text().splitlines()) == recipe["train"]
+    assert [p.name for p in (data / "finetune").iterdir()] == ["v001-none-1"]
+    assert "no sample ready for a new dataset version" in qe("run", env=env).stdout
+
+    # The next version gets its own release, and v001 is not released twice.
+    FileInbox(settings.inbox_dir).put(batch("l", 12))
+    qe("run", "--cut-version", env=env)
+    assert released(settings) == [
+        ("v001", "skipped", "v001-none-1"),
+        ("v002", "skipped", "v002-none-1"),
+    ]
+
+
+def test_an_older_unreleased_version_is_released_before_a_newer_one(settings: Settings) -> None:
+    # v001 and v002 committed, neither fine-tuned (as a crash after each commit leaves them).
+    unchecked = dg.AssetSelection.assets("tuning_dataset").without_checks()
+    processed(settings, 12)
+    materialize(settings, selection=unchecked)
+    processed(settings, 12, prefix="n")
+    materialize(settings, selection=unchecked)
+    with dg.instance_for_test() as instance:
+        result, _ = evaluate_sensor(settings, instance)
+        (request,) = run_requests(result)  # 0 ready samples, yet a release is due: v001's
+        assert request.tags["qe/dataset_version"] == "v001"
+        job = build_definitions(settings).resolve_job_def(RELEASE_JOB)
+        for version in ("v001", "v002"):
+            run = job.execute_in_process(instance=instance)
+            assert metadata(run, "tuning_dataset")["version"] == version
+            assert {c.metadata["version"].value for c in checks(run).values()} == {version}
+            assert metadata(run, "fine_tuned_model")["dataset_version"] == version
+        result, _ = evaluate_sensor(settings, instance)
+        assert "no sample ready for a new dataset version" in skip_message(result)
+    assert [(v, s) for v, s, _ in released(settings)] == [("v001", "skipped"), ("v002", "skipped")]
