@@ -16,6 +16,7 @@ from dagster._core.utils import make_new_run_id
 from qe_assets.definitions import RELEASE_JOB, build_definitions
 from qe_assets.queues import FileInbox
 from qe_assets.resources import PipelineSettings
+from qe_assets.runner import _owner_tags, prepare_dagster_home, run_pipeline
 from qe_assets.sensors import build_finetune_sensor
 from qe_assets.settings import Settings
 from qe_assets.store import connect
@@ -335,3 +336,70 @@ def test_an_older_unreleased_version_is_released_before_a_newer_one(settings: Se
         result, _ = evaluate_sensor(settings, instance)
         assert "no sample ready for a new dataset version" in skip_message(result)
     assert [(v, s) for v, s, _ in released(settings)] == [("v001", "skipped"), ("v002", "skipped")]
+
+
+# --- release runs left behind by a dead `qe run` ----------------------------------------------
+
+
+def dead_owner_tags() -> dict[str, str]:
+    """The owner tags `qe run` puts on its runs, made by a real process that has since exited."""
+    code = "import json; from qe_assets.runner import _owner_tags; print(json.dumps(_owner_tags()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+STALE = [
+    dg.DagsterRunStatus.NOT_STARTED,  # execute_in_process created it, the kill came before start
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def add_stale_release_runs(instance: dg.DagsterInstance) -> list[str]:
+    owner = dead_owner_tags()
+    run_ids = [make_new_run_id() for _ in STALE]
+    for run_id, status in zip(run_ids, STALE, strict=True):
+        instance.add_run(DagsterRun(job_name=RELEASE_JOB, run_id=run_id, status=status, tags=owner))
+    return run_ids
+
+
+def statuses(instance: dg.DagsterInstance, run_ids: list[str]) -> set[dg.DagsterRunStatus]:
+    return {instance.get_run_by_id(run_id).status for run_id in run_ids}  # type: ignore[union-attr]
+
+
+def test_the_sensor_fails_release_runs_of_a_dead_qe_run_and_fires(
+    small_threshold: Settings, tmp_path: Path
+) -> None:
+    settings = small_threshold
+    processed(settings, 25)
+    instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    stale = add_stale_release_runs(instance)
+    # A release run of a live `qe run` (this process) is in flight: the sensor waits for it.
+    live = make_new_run_id()
+    instance.add_run(
+        DagsterRun(
+            job_name=RELEASE_JOB,
+            run_id=live,
+            status=dg.DagsterRunStatus.STARTED,
+            tags=_owner_tags(),
+        )
+    )
+    waiting, _ = evaluate_sensor(settings, instance)
+    assert f"release run {live} is still in flight" in skip_message(waiting)
+    assert statuses(instance, stale) == {dg.DagsterRunStatus.FAILURE}
+
+    instance.report_run_failed(instance.get_run_by_id(live), "done with it")  # type: ignore[arg-type]
+    result, _ = evaluate_sensor(settings, instance)
+    (request,) = run_requests(result)
+    assert request.tags == {"qe/dataset_version": "v001", "qe/ready_samples": "25"}
+
+
+def test_qe_run_fails_release_runs_of_a_dead_qe_run(settings: Settings) -> None:
+    instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    stale = add_stale_release_runs(instance)
+    outcome = run_pipeline(settings, instance=instance)
+    assert outcome.success, outcome.error
+    assert statuses(instance, stale) == {dg.DagsterRunStatus.FAILURE}
+    for run_id in stale:
+        assert f"run {run_id} of a killed `qe run` marked failed" in "\n".join(outcome.summary)
