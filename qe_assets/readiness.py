@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
+
+from qe_assets.settings import Settings
 
 # Ready = a completion that is ok, written after the last version's watermark, for a sample that
 # is not a duplicate, not waiting for a reviewer and not in any version yet.
@@ -119,3 +122,31 @@ def release_decision(
     if pending is not None:
         return decide(True, f"{pending} has no finished {backend} run: released again first")
     return decide(True, f"{ready} samples ready", version=f"v{state.next_number:03d}")
+
+
+def release_while_due(
+    settings: Settings,
+    release: Callable[[ReleaseDecision], bool],
+    *,
+    cut_version: bool = False,
+) -> tuple[list[ReleaseDecision], ReleaseDecision]:
+    """Call `release` (one release run) per due version until none is due or one fails:
+    committed versions a killed run never released go first, oldest first, then at most one new
+    cut. Returns the decisions acted on and the last one, which was not."""
+    from qe_assets.store import connect
+
+    done: list[ReleaseDecision] = []
+    while True:
+        with connect(settings.database, read_only=True) as conn:
+            decision = release_decision(
+                conn,
+                settings.finetune_threshold,
+                settings.finetune_backend,
+                cut_version=cut_version,
+            )
+        if not decision.due or decision.version in {d.version for d in done}:
+            return done, decision
+        done.append(decision)
+        if not release(decision):
+            return done, decision
+        cut_version = cut_version and decision.republish  # one new cut per call

@@ -201,30 +201,16 @@ def _release(
     log_level: str,
     cut_version: bool,
 ) -> None:
-    """Release runs, one per version, while one is due: committed versions a killed run never
-    released go first (oldest first), then at most one new cut."""
+    """One release run per due version (the rule in `readiness.release_while_due`)."""
     from qe_assets.definitions import RELEASE_JOB
-    from qe_assets.readiness import release_decision
-    from qe_assets.store import connect
+    from qe_assets.readiness import ReleaseDecision, release_while_due
 
-    released: set[str] = set()
-    while True:
-        with connect(settings.database, read_only=True) as conn:
-            decision = release_decision(
-                conn,
-                settings.finetune_threshold,
-                settings.finetune_backend,
-                cut_version=cut_version,
-            )
-        if not decision.due or decision.version in released:
-            if not released:
-                below = not decision.due and decision.ready > 0
-                hint = " (use --cut-version to cut one now)" if below else ""
-                outcome.summary.append(decision.reason + hint)
-            return
-        released.add(str(decision.version))
+    def release(decision: ReleaseDecision) -> bool:
         outcome.summary.append(f"release {decision.version}: {decision.reason}")
         tags = {VERSION_TAG: str(decision.version)}
-        if not _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags):
-            return
-        cut_version = cut_version and decision.republish  # one new cut per `qe run`
+        return _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags)
+
+    done, last = release_while_due(settings, release, cut_version=cut_version)
+    if not done:
+        hint = " (use --cut-version to cut one now)" if not last.due and last.ready else ""
+        outcome.summary.append(last.reason + hint)
