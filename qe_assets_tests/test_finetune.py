@@ -16,7 +16,7 @@ from dagster._core.utils import make_new_run_id
 from qe_assets.definitions import RELEASE_JOB, build_definitions
 from qe_assets.queues import FileInbox
 from qe_assets.resources import PipelineSettings
-from qe_assets.runner import _owner_tags, prepare_dagster_home, run_pipeline
+from qe_assets.runner import DAGSTER_YAML, _owner_tags, run_pipeline
 from qe_assets.sensors import build_finetune_sensor
 from qe_assets.settings import Settings
 from qe_assets.store import connect
@@ -356,6 +356,14 @@ STALE = [
 ]
 
 
+def persistent_instance(home: Path) -> dg.DagsterInstance:
+    """An instance on disk configured as `qe run` configures a fresh DAGSTER_HOME, which a child
+    `qe run` (DAGSTER_HOME=home) shares."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    return dg.DagsterInstance.from_config(str(home))
+
+
 def add_stale_release_runs(instance: dg.DagsterInstance) -> list[str]:
     owner = dead_owner_tags()
     run_ids = [make_new_run_id() for _ in STALE]
@@ -373,7 +381,7 @@ def test_the_sensor_fails_release_runs_of_a_dead_qe_run_and_fires(
 ) -> None:
     settings = small_threshold
     processed(settings, 25)
-    instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    instance = persistent_instance(tmp_path / "dagster_home")
     stale = add_stale_release_runs(instance)
     # A release run of a live `qe run` (this process) is in flight: the sensor waits for it.
     live = make_new_run_id()
@@ -395,11 +403,43 @@ def test_the_sensor_fails_release_runs_of_a_dead_qe_run_and_fires(
     assert request.tags == {"qe/dataset_version": "v001", "qe/ready_samples": "25"}
 
 
-def test_qe_run_fails_release_runs_of_a_dead_qe_run(settings: Settings) -> None:
-    instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+def test_qe_run_fails_release_runs_of_a_dead_qe_run(settings: Settings, tmp_path: Path) -> None:
+    instance = persistent_instance(tmp_path / "dagster_home")
     stale = add_stale_release_runs(instance)
     outcome = run_pipeline(settings, instance=instance)
     assert outcome.success, outcome.error
     assert statuses(instance, stale) == {dg.DagsterRunStatus.FAILURE}
     for run_id in stale:
         assert f"run {run_id} of a killed `qe run` marked failed" in "\n".join(outcome.summary)
+
+
+def test_a_qe_run_killed_as_its_release_run_is_created_does_not_block_the_sensor(
+    tmp_path: Path,
+) -> None:
+    data, home = tmp_path / "data", tmp_path / "dagster_home"
+    env = {**child_env(data, home), "QE_FINETUNE_THRESHOLD": "10"}
+    settings = Settings.from_env(env)
+    instance = persistent_instance(home)
+    FileInbox(settings.inbox_dir).put(batch("r", 15))
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qe_assets.cli", "run"], env=env, stdout=log, stderr=log
+        )
+        # Killed the moment its release run exists: usually still NOT_STARTED.
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not instance.get_run_records(dg.RunsFilter(job_name=RELEASE_JOB), limit=1):
+            assert proc.poll() is None and time.monotonic() < deadline, "ended before its kill"
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait(timeout=30)
+    (stale,) = instance.get_run_records(dg.RunsFilter(job_name=RELEASE_JOB))
+    print(f"\nthe release run was {stale.dagster_run.status.value} when its `qe run` died")
+
+    result, _ = evaluate_sensor(settings, instance)
+    (request,) = run_requests(result)
+    assert request.tags["qe/dataset_version"] == "v001"
+    assert statuses(instance, [stale.dagster_run.run_id]) == {dg.DagsterRunStatus.FAILURE}
+    # What the daemon does with the request, then nothing is left to release.
+    job = build_definitions(settings).resolve_job_def(RELEASE_JOB)
+    assert job.execute_in_process(instance=instance, tags=request.tags).success
+    assert [(v, s) for v, s, _ in released(settings)] == [("v001", "skipped")]
