@@ -28,6 +28,8 @@ OWNER_HOST_TAG = "qe/host"
 OWNER_PROCESS_TAG = "qe/process"
 # The dataset version a release run is for (set by the sensor and by `qe run`).
 VERSION_TAG = "qe/dataset_version"
+# Put on the runs `reap_dead_runs` failed: a killed process, not a fault of the version.
+REAPED_TAG = "qe/reaped"
 # Every status a run can be left in by a process that died: `execute_in_process` creates the run
 # NOT_STARTED and a kill before it starts leaves it there.
 NOT_ENDED = [
@@ -114,6 +116,7 @@ def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
         owner = run.tags.get(OWNER_PROCESS_TAG, "")
         if not owner or _process_identity(int(owner.split(":")[0])) == owner:
             continue
+        instance.add_run_tags(run.run_id, {REAPED_TAG: "true"})
         instance.report_run_failed(run, "the `qe run` process that ran this run is gone")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         reaped.append(run.run_id)

@@ -7,22 +7,28 @@ import dagster as dg
 
 from qe_assets.readiness import release_decision
 from qe_assets.resources import PipelineSettings
-from qe_assets.runner import NOT_ENDED, VERSION_TAG, reap_dead_runs
+from qe_assets.runner import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
 from qe_assets.store import DatabaseBusy, connect
 
 # Failed release runs of one version after which the sensor stops retrying it on its own (a fix
-# and `qe run --cut-version`, or a launch from the UI, retry it).
+# and `qe run --cut-version`, or a launch from the UI, retry it). Runs of a killed `qe run` do
+# not count: the version did nothing wrong.
 MAX_RELEASE_FAILURES = 3
+_ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
-def _failed_releases(instance: dg.DagsterInstance, job_name: str, version: str) -> int:
-    return instance.get_runs_count(
-        dg.RunsFilter(
-            job_name=job_name,
-            tags={VERSION_TAG: version},
-            statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
+def _ended_badly(instance: dg.DagsterInstance, job_name: str, version: str) -> tuple[int, int]:
+    """(release runs of `version` that failed or were cancelled, those not of a killed run)."""
+
+    def count(**tags: str) -> int:
+        return instance.get_runs_count(
+            dg.RunsFilter(
+                job_name=job_name, tags={VERSION_TAG: version, **tags}, statuses=_ENDED_BADLY
+            )
         )
-    )
+
+    ended = count()
+    return ended, ended - count(**{REAPED_TAG: "true"})
 
 
 def build_finetune_sensor(job_name: str, running_by_default: bool) -> dg.SensorDefinition:
@@ -69,14 +75,14 @@ def build_finetune_sensor(job_name: str, running_by_default: bool) -> dg.SensorD
         if not decision.due or decision.version is None:
             return dg.SkipReason(decision.reason)
         version = decision.version
-        failed = _failed_releases(context.instance, job_name, version)
+        ended, failed = _ended_badly(context.instance, job_name, version)
         if failed >= MAX_RELEASE_FAILURES:
             return dg.SkipReason(
                 f"{failed} release runs of {version} failed; not retrying it on my own "
                 "(see those runs; `qe run --cut-version` retries it)"
             )
         # A failed run's key is spent: the retry needs a new one, or the daemon drops it.
-        run_key = f"{version}@{decision.state.high}" + (f"/retry{failed}" if failed else "")
+        run_key = f"{version}@{decision.state.high}" + (f"/retry{ended}" if ended else "")
         cursor = json.loads(context.cursor) if context.cursor else {}
         if cursor.get("run_key") == run_key:
             return dg.SkipReason(f"already requested {run_key}; waiting for new samples")

@@ -365,7 +365,7 @@ def persistent_instance(home: Path) -> dg.DagsterInstance:
 
 
 def add_stale_release_runs(instance: dg.DagsterInstance) -> list[str]:
-    owner = dead_owner_tags()
+    owner = {**dead_owner_tags(), "qe/dataset_version": "v001"}
     run_ids = [make_new_run_id() for _ in STALE]
     for run_id, status in zip(run_ids, STALE, strict=True):
         instance.add_run(DagsterRun(job_name=RELEASE_JOB, run_id=run_id, status=status, tags=owner))
@@ -401,6 +401,21 @@ def test_the_sensor_fails_release_runs_of_a_dead_qe_run_and_fires(
     result, _ = evaluate_sensor(settings, instance)
     (request,) = run_requests(result)
     assert request.tags == {"qe/dataset_version": "v001", "qe/ready_samples": "25"}
+    # The failed runs' keys are spent (the daemon would drop a request under one of them), but
+    # runs of a killed process do not count against the version ...
+    assert request.run_key.endswith(f"/retry{len(stale)}")
+    # ... while three release runs that failed on their own stop the sensor retrying it.
+    for _ in range(3):
+        instance.add_run(
+            DagsterRun(
+                job_name=RELEASE_JOB,
+                run_id=make_new_run_id(),
+                status=dg.DagsterRunStatus.FAILURE,
+                tags={"qe/dataset_version": "v001"},
+            )
+        )
+    stopped, _ = evaluate_sensor(settings, instance)
+    assert "3 release runs of v001 failed; not retrying it on my own" in skip_message(stopped)
 
 
 def test_qe_run_fails_release_runs_of_a_dead_qe_run(settings: Settings, tmp_path: Path) -> None:
