@@ -38,7 +38,8 @@ and 1-3 kills each (~8 s per trial). Without the variable it is skipped, because
 the `slow` marker too.
 
 The kill runs go through the asset functions directly (`ingest_pending`, `annotate_pending`,
-`complete_next_batch`, `cut_version`, as the assets call them), not through Dagster. A Dagster run
+`complete_next_batch`, then `release_while_due` with `next_release` and `claim_run`, as `qe run` and
+the assets call them), not through Dagster. A Dagster run
 (`qe run`) killed while it holds the database's writer lock must not block the next run:
 `test_killed_dagster_run_does_not_block_the_next_run` (the kernel drops the lock; the next
 `qe run` marks the dead run failed).
