@@ -148,7 +148,7 @@ def dataset_no_leakage(duckdb: DuckDBResource, settings: PipelineSettings) -> dg
 @dg.asset_check(
     asset=tuning_dataset,
     description=(
-        "Label distribution of the newest version within bounds: no label above "
+        "Label distribution of the checked version within bounds: no label above "
         "QE_MAX_LABEL_SHARE, `unspecified` at most QE_MAX_UNSPECIFIED_SHARE, labels outside the "
         "known four at most QE_MAX_UNKNOWN_LABEL_SHARE. A warning: the data is valid, but the "
         "evaluator or the traffic may have changed."
