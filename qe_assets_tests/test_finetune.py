@@ -13,6 +13,7 @@ import pytest
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.utils import make_new_run_id
 
+from qe_assets.assets.finetune import claim_run
 from qe_assets.definitions import RELEASE_JOB, build_definitions
 from qe_assets.queues import FileInbox
 from qe_assets.resources import PipelineSettings
@@ -458,3 +459,18 @@ def test_a_qe_run_killed_as_its_release_run_is_created_does_not_block_the_sensor
     job = build_definitions(settings).resolve_job_def(RELEASE_JOB)
     assert job.execute_in_process(instance=instance, tags=request.tags).success
     assert [(v, s) for v, s, _ in released(settings)] == [("v001", "skipped")]
+
+
+def test_an_interrupted_fine_tune_is_resumed_not_started_again(settings: Settings) -> None:
+    processed(settings, 12)
+    assert materialize(settings, selection=["tuning_dataset"]).success
+    # What a run killed after recording its attempt leaves: a `running` row with its recipe ...
+    with connect(settings.database) as conn:
+        claim = claim_run(conn, settings, None, lambda _: None)
+    assert claim is not None
+    folder = Path(settings.data_dir) / "finetune" / claim.run_id
+    (folder / "recipe.json").unlink()  # ... and, say, a folder someone half cleaned up.
+    model = metadata(materialize(settings, selection=["fine_tuned_model"]), "fine_tuned_model")
+    assert (model["run_id"], model["status"]) == ("v001-none-1", "skipped")
+    assert released(settings) == [("v001", "skipped", "v001-none-1")]
+    assert json.loads((folder / "recipe.json").read_text())["run_id"] == "v001-none-1"
