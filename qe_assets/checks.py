@@ -1,5 +1,6 @@
-"""Asset checks on the newest dataset version: format (blocking), leakage (blocking), label
-distribution and drift (warnings)."""
+"""Asset checks on the version a release publishes (the oldest without a finished fine-tune run,
+else the newest): format (blocking), leakage (blocking), label distribution and drift
+(warnings)."""
 
 import json
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.export import VersionFiles, version_format_problems
+from qe_assets.finetune.registry import pending_version, reject_version
 from qe_assets.resources import PipelineSettings, duckdb_writer
 from qe_assets.transforms.validation import (
     LabelBounds,
@@ -28,10 +30,14 @@ class LatestVersion:
     previous_label_counts: dict[str, int] | None
 
 
-def latest_version(conn: duckdb.DuckDBPyConnection) -> LatestVersion | None:
+def latest_version(conn: duckdb.DuckDBPyConnection, backend: str) -> LatestVersion | None:
+    """The version under check: the one `tuning_dataset` publishes and `fine_tuned_model` takes
+    (the oldest without a finished run for the backend), else the newest; with the one before."""
     rows = conn.execute(
         "SELECT version, jsonl_path, chat_path, manifest_path, label_counts FROM dataset_versions "
-        "ORDER BY number DESC LIMIT 2"
+        "WHERE number <= coalesce((SELECT number FROM dataset_versions WHERE version = ?), "
+        "(SELECT max(number) FROM dataset_versions)) ORDER BY number DESC LIMIT 2",
+        [pending_version(conn, backend)],
     ).fetchall()
     if not rows:
         return None
@@ -39,6 +45,20 @@ def latest_version(conn: duckdb.DuckDBPyConnection) -> LatestVersion | None:
     previous = json.loads(rows[1][4]) if len(rows) > 1 else None
     files = VersionFiles(Path(jsonl), Path(chat), Path(manifest))
     return LatestVersion(version, files, json.loads(counts), previous)
+
+
+def _refuse(
+    duckdb: DuckDBResource, settings: PipelineSettings, name: str, result: dg.AssetCheckResult
+) -> dg.AssetCheckResult:
+    """A failed blocking check refuses its version for good (a `rejected` fine_tune_runs row):
+    the files are immutable, so publishing it again would fail again and hold back every newer
+    version."""
+    if not result.passed:
+        version = str(result.metadata["version"].value)
+        with duckdb_writer(duckdb) as conn:
+            reason = f"{name}: {result.description}"[:2000]
+            reject_version(conn, version, settings.finetune_backend, reason)
+    return result
 
 
 def _no_version() -> dg.AssetCheckResult:
@@ -67,24 +87,25 @@ def _result(
 )
 def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
     with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn)
+        latest = latest_version(conn, settings.finetune_backend)
     if latest is None:
         return _no_version()
     problems, examples = version_format_problems(latest.files, settings.min_dataset_examples)
-    return _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, examples=examples)
+    result = _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, examples=examples)
+    return _refuse(duckdb, settings, "dataset_format_valid", result)
 
 
 @dg.asset_check(
     asset=tuning_dataset,
     blocking=True,
     description=(
-        "Blocking: no sample of the newest version is in an earlier version, and no question "
+        "Blocking: no sample of the version is in another version, and no question "
         "is on the train side in one place and the validation side in another."
     ),
 )
-def dataset_no_leakage(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+def dataset_no_leakage(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
     with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn)
+        latest = latest_version(conn, settings.finetune_backend)
         if latest is None:
             return _no_version()
         ((repeated,),) = conn.execute(
@@ -114,19 +135,20 @@ def dataset_no_leakage(duckdb: DuckDBResource) -> dg.AssetCheckResult:
         problems.append(f"{repeated} samples are already in an earlier version")
     if crossing:
         problems.append(f"{crossing} questions appear in both train and validation")
-    return _result(
+    result = _result(
         latest.version,
         problems,
         dg.AssetCheckSeverity.ERROR,
         samples_in_other_versions=int(repeated),
         questions_in_both_splits=int(crossing),
     )
+    return _refuse(duckdb, settings, "dataset_no_leakage", result)
 
 
 @dg.asset_check(
     asset=tuning_dataset,
     description=(
-        "Label distribution of the newest version within bounds: no label above "
+        "Label distribution of the checked version within bounds: no label above "
         "QE_MAX_LABEL_SHARE, `unspecified` at most QE_MAX_UNSPECIFIED_SHARE, labels outside the "
         "known four at most QE_MAX_UNKNOWN_LABEL_SHARE. A warning: the data is valid, but the "
         "evaluator or the traffic may have changed."
@@ -134,7 +156,7 @@ def dataset_no_leakage(duckdb: DuckDBResource) -> dg.AssetCheckResult:
 )
 def label_distribution(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
     with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn)
+        latest = latest_version(conn, settings.finetune_backend)
     if latest is None:
         return _no_version()
     bounds = LabelBounds(
@@ -158,7 +180,7 @@ def label_distribution(duckdb: DuckDBResource, settings: PipelineSettings) -> dg
 )
 def label_drift(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
     with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn)
+        latest = latest_version(conn, settings.finetune_backend)
     if latest is None:
         return _no_version()
     if latest.previous_label_counts is None:

@@ -37,7 +37,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         RELEASE_JOB,
         selection=dg.AssetSelection.assets(*RELEASE_ASSETS)
         | dg.AssetSelection.checks(*ASSET_CHECKS),
-        description="Cut the next dataset version from every ready sample and fine-tune on it.",
+        description=(
+            "Publish a dataset version (the oldest committed one not released yet, else a new "
+            "cut from every ready sample), check it and fine-tune on it."
+        ),
         executor_def=dg.in_process_executor,
     )
     return dg.Definitions(

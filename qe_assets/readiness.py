@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
+
+from qe_assets.settings import Settings
 
 # Ready = a completion that is ok, written after the last version's watermark, for a sample that
 # is not a duplicate, not waiting for a reviewer and not in any version yet.
@@ -72,3 +75,78 @@ def ready_sample_count(conn: duckdb.DuckDBPyConnection, state: VersionState | No
         f"SELECT count(*) {READY}", {"low": state.low, "high": state.high}
     ).fetchall()
     return int(count)
+
+
+@dataclass(frozen=True)
+class ReleaseDecision:
+    """Whether a release run (publish a version, check it, fine-tune on it) is due, and on what.
+
+    `version` is what the run will publish: a committed version that has no finished run for the
+    backend (published again from its manifest, no new cut), else the next version to cut.
+    """
+
+    due: bool
+    version: str | None
+    republish: bool
+    ready: int
+    reason: str
+    state: VersionState
+
+
+def release_decision(
+    conn: duckdb.DuckDBPyConnection, threshold: int, backend: str, *, cut_version: bool = False
+) -> ReleaseDecision:
+    """The one release rule, shared by the sensor and `qe run`: release a committed version whose
+    release never ended (no run for the backend, or a `running` one whose process died), else cut
+    a new one when the ready samples reach the threshold (or when asked to); a version whose run
+    failed is retried at the next release, before any newer version is cut."""
+    from qe_assets.finetune.registry import handed_over, pending_version
+
+    state = version_state(conn)
+    ready = ready_sample_count(conn, state)
+    pending = pending_version(conn, backend)
+
+    def decide(due: bool, reason: str, version: str | None = pending) -> ReleaseDecision:
+        republish = pending is not None and version == pending
+        return ReleaseDecision(due, version, republish, ready, reason, state)
+
+    if pending is not None and not handed_over(conn, pending, backend):
+        return decide(True, f"{pending} is committed but its {backend} release never ended")
+    if pending is None and ready == 0:
+        return decide(False, "no sample ready for a new dataset version")
+    if not cut_version and ready < threshold:
+        return decide(
+            False,
+            f"{ready} ready samples, below the threshold of {threshold}: no version cut",
+        )
+    if pending is not None:
+        return decide(True, f"{pending} has no finished {backend} run: released again first")
+    return decide(True, f"{ready} samples ready", version=f"v{state.next_number:03d}")
+
+
+def release_while_due(
+    settings: Settings,
+    release: Callable[[ReleaseDecision], bool],
+    *,
+    cut_version: bool = False,
+) -> tuple[list[ReleaseDecision], ReleaseDecision]:
+    """Call `release` (one release run) per due version until none is due or one fails:
+    committed versions a killed run never released go first, oldest first, then at most one new
+    cut. Returns the decisions acted on and the last one, which was not."""
+    from qe_assets.store import connect
+
+    done: list[ReleaseDecision] = []
+    while True:
+        with connect(settings.database, read_only=True) as conn:
+            decision = release_decision(
+                conn,
+                settings.finetune_threshold,
+                settings.finetune_backend,
+                cut_version=cut_version,
+            )
+        if not decision.due or decision.version in {d.version for d in done}:
+            return done, decision
+        done.append(decision)
+        if not release(decision):
+            return done, decision
+        cut_version = cut_version and decision.republish  # one new cut per call

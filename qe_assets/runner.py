@@ -13,18 +13,32 @@ from qe_assets.settings import Settings
 
 # Written once into a fresh DAGSTER_HOME. Writers are serialised by the database's writer lock
 # (`qe_assets.store.writer_lock`), not by a Dagster pool. Run monitoring lets the daemon
-# (`make ui`) fail runs whose worker died; `qe run` has no daemon and reaps its own dead runs
-# (`reap_dead_runs`).
+# (`make ui`) fail runs whose worker died or that never started (start_timeout_seconds); `qe run`
+# and the sensor also reap the runs of dead `qe run` processes (`reap_dead_runs`), daemon or not.
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
 run_monitoring:
   enabled: true
   poll_interval_seconds: 30
+  start_timeout_seconds: 180
 """
 # Tags `qe run` puts on its runs, so a later `qe run` can tell whether their process still lives.
 OWNER_HOST_TAG = "qe/host"
 OWNER_PROCESS_TAG = "qe/process"
+# The dataset version a release run is for (set by the sensor and by `qe run`).
+VERSION_TAG = "qe/dataset_version"
+# Put on the runs `reap_dead_runs` failed: a killed process, not a fault of the version.
+REAPED_TAG = "qe/reaped"
+# Every status a run can be left in by a process that died: `execute_in_process` creates the run
+# NOT_STARTED and a kill before it starts leaves it there.
+NOT_ENDED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 # Metadata shown per asset by `qe run`, in this order.
 SUMMARY_KEYS = (
@@ -89,21 +103,20 @@ def _owner_tags() -> dict[str, str]:
 
 
 def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Fail the runs a killed `qe run` on this host left STARTED, and free any concurrency slots
-    they held, so the UI and the sensor (which waits while a release run is in flight) do not
-    take them for live runs."""
+    """Fail the runs a killed `qe run` on this host left in any status short of an end (created,
+    starting, started, canceling), and free any concurrency slots they held, so the UI and the
+    sensor (which waits while a release run is in flight) do not take them for live runs. Both
+    `qe run` and the sensor call it before they look at what is in flight."""
     host = socket.gethostname()
     reaped = []
     for record in instance.get_run_records(
-        dg.RunsFilter(
-            statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
-            tags={OWNER_HOST_TAG: host},
-        )
+        dg.RunsFilter(statuses=NOT_ENDED, tags={OWNER_HOST_TAG: host})
     ):
         run = record.dagster_run
         owner = run.tags.get(OWNER_PROCESS_TAG, "")
         if not owner or _process_identity(int(owner.split(":")[0])) == owner:
             continue
+        instance.add_run_tags(run.run_id, {REAPED_TAG: "true"})
         instance.report_run_failed(run, "the `qe run` process that ran this run is gone")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         reaped.append(run.run_id)
@@ -140,12 +153,13 @@ def _execute(
     instance: dg.DagsterInstance,
     outcome: RunOutcome,
     log_level: str,
+    tags: dict[str, str] | None = None,
 ) -> bool:
     result = defs.resolve_job_def(job_name).execute_in_process(
         instance=instance,
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        tags=_owner_tags(),
+        tags={**_owner_tags(), **(tags or {})},
     )
     outcome.run_id = result.run_id
     outcome.summary.extend(_summarise(result))
@@ -167,11 +181,9 @@ def run_pipeline(
     instance: dg.DagsterInstance | None = None,
     log_level: str = "INFO",
 ) -> RunOutcome:
-    """Ingest → annotate → complete; then, past the threshold or when asked, the release job
-    (the one the sensor launches)."""
-    from qe_assets.definitions import PIPELINE_JOB, RELEASE_JOB, build_definitions
-    from qe_assets.readiness import ready_sample_count
-    from qe_assets.store import connect
+    """Ingest → annotate → complete; then the release job (the one the sensor launches) as long
+    as the release rule (`readiness.release_decision`, the sensor's too) says one is due."""
+    from qe_assets.definitions import PIPELINE_JOB, build_definitions
 
     defs = build_definitions(settings)
     if instance is None:
@@ -179,17 +191,29 @@ def run_pipeline(
     outcome = RunOutcome(success=True, run_id="")
     for run_id in reap_dead_runs(instance):
         outcome.summary.append(f"run {run_id} of a killed `qe run` marked failed, its slots freed")
-    if not _execute(defs, PIPELINE_JOB, instance, outcome, log_level):
-        return outcome
-    with connect(settings.database, read_only=True) as conn:
-        ready = ready_sample_count(conn)
-    if ready == 0:
-        outcome.summary.append("no sample ready for a new dataset version")
-    elif cut_version or ready >= settings.finetune_threshold:
-        _execute(defs, RELEASE_JOB, instance, outcome, log_level)
-    else:
-        outcome.summary.append(
-            f"{ready} samples ready, below the threshold of {settings.finetune_threshold}: "
-            "no version cut (use --cut-version to cut one now)"
-        )
+    if _execute(defs, PIPELINE_JOB, instance, outcome, log_level):
+        _release(settings, defs, instance, outcome, log_level, cut_version)
     return outcome
+
+
+def _release(
+    settings: Settings,
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    outcome: RunOutcome,
+    log_level: str,
+    cut_version: bool,
+) -> None:
+    """One release run per due version (the rule in `readiness.release_while_due`)."""
+    from qe_assets.definitions import RELEASE_JOB
+    from qe_assets.readiness import ReleaseDecision, release_while_due
+
+    def release(decision: ReleaseDecision) -> bool:
+        outcome.summary.append(f"release {decision.version}: {decision.reason}")
+        tags = {VERSION_TAG: str(decision.version)}
+        return _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags)
+
+    done, last = release_while_due(settings, release, cut_version=cut_version)
+    if not done:
+        hint = " (use --cut-version to cut one now)" if not last.due and last.ready else ""
+        outcome.summary.append(last.reason + hint)

@@ -1,21 +1,34 @@
-"""The sensor that starts a fine-tuning round once enough new samples are ready."""
+"""The sensor that starts a release (publish a dataset version, check it, fine-tune on it) when one
+is due: enough new samples are ready, or a committed version was never released."""
 
 import json
 
 import dagster as dg
 
-from qe_assets.export import version_name
-from qe_assets.readiness import ready_sample_count, version_state
+from qe_assets.readiness import release_decision
 from qe_assets.resources import PipelineSettings
+from qe_assets.runner import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
 from qe_assets.store import DatabaseBusy, connect
 
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
+# Failed release runs of one version after which the sensor stops retrying it on its own (a fix
+# and `qe run --cut-version`, or a launch from the UI, retry it). Runs of a killed `qe run` do
+# not count: the version did nothing wrong.
+MAX_RELEASE_FAILURES = 3
+_ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+
+
+def _ended_badly(instance: dg.DagsterInstance, job_name: str, version: str) -> tuple[int, int]:
+    """(release runs of `version` that failed or were cancelled, those not of a killed run)."""
+
+    def count(**tags: str) -> int:
+        return instance.get_runs_count(
+            dg.RunsFilter(
+                job_name=job_name, tags={VERSION_TAG: version, **tags}, statuses=_ENDED_BADLY
+            )
+        )
+
+    ended = count()
+    return ended, ended - count(**{REAPED_TAG: "true"})
 
 
 def build_finetune_sensor(job_name: str, running_by_default: bool) -> dg.SensorDefinition:
@@ -29,17 +42,21 @@ def build_finetune_sensor(job_name: str, running_by_default: bool) -> dg.SensorD
         description=(
             "Counts ready samples (completed, not yet in a version) with a short read-only "
             "query; when they reach QE_FINETUNE_THRESHOLD it requests one run of the release "
-            "job, which cuts the next dataset version and fine-tunes on it. Fires once per "
-            "crossing (run key = next version @ newest completion), never while a release run is "
-            "in flight. Stopped by default: turn it on here (Automation → this sensor → toggle) "
-            "or set QE_FINETUNE_SENSOR_RUNNING=true."
+            "job, which cuts the next dataset version and fine-tunes on it. A committed version "
+            "whose release never ended (its run died) is released first, oldest first. Fires "
+            "once per crossing (run key = version @ newest completion), never while a release "
+            "run is in flight (runs of a dead `qe run` are marked failed first). Stopped by "
+            "default: turn it on here (Automation → this sensor → toggle) or set "
+            "QE_FINETUNE_SENSOR_RUNNING=true."
         ),
     )
     def finetune_threshold_sensor(
         context: dg.SensorEvaluationContext, settings: PipelineSettings
     ) -> dg.SensorResult | dg.SkipReason:
+        for run_id in reap_dead_runs(context.instance):
+            context.log.info(f"run {run_id} of a killed `qe run` marked failed")
         in_flight = context.instance.get_run_records(
-            filters=dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT), limit=1
+            filters=dg.RunsFilter(job_name=job_name, statuses=NOT_ENDED), limit=1
         )
         if in_flight:
             return dg.SkipReason(
@@ -50,15 +67,22 @@ def build_finetune_sensor(job_name: str, running_by_default: bool) -> dg.SensorD
         try:
             # Read-only and bounded: the sensor never holds the write lock and never waits long.
             with connect(settings.database, read_only=True, wait_seconds=5) as conn:
-                state = version_state(conn)
-                ready = ready_sample_count(conn, state)
+                decision = release_decision(
+                    conn, settings.finetune_threshold, settings.finetune_backend
+                )
         except DatabaseBusy:
             return dg.SkipReason("the database is busy with a writer; looking again next tick")
-        threshold = settings.finetune_threshold
-        if ready < threshold:
-            return dg.SkipReason(f"{ready} ready samples, below the threshold of {threshold}")
-        version = version_name(state.next_number)
-        run_key = f"{version}@{state.high}"
+        if not decision.due or decision.version is None:
+            return dg.SkipReason(decision.reason)
+        version = decision.version
+        ended, failed = _ended_badly(context.instance, job_name, version)
+        if failed >= MAX_RELEASE_FAILURES:
+            return dg.SkipReason(
+                f"{failed} release runs of {version} failed; not retrying it on my own "
+                "(see those runs; `qe run --cut-version` retries it)"
+            )
+        # A failed run's key is spent: the retry needs a new one, or the daemon drops it.
+        run_key = f"{version}@{decision.state.high}" + (f"/retry{ended}" if ended else "")
         cursor = json.loads(context.cursor) if context.cursor else {}
         if cursor.get("run_key") == run_key:
             return dg.SkipReason(f"already requested {run_key}; waiting for new samples")
@@ -66,10 +90,10 @@ def build_finetune_sensor(job_name: str, running_by_default: bool) -> dg.SensorD
             run_requests=[
                 dg.RunRequest(
                     run_key=run_key,
-                    tags={"qe/dataset_version": version, "qe/ready_samples": str(ready)},
+                    tags={VERSION_TAG: version, "qe/ready_samples": str(decision.ready)},
                 )
             ],
-            cursor=json.dumps({"run_key": run_key, "ready": ready}),
+            cursor=json.dumps({"run_key": run_key, "ready": decision.ready}),
         )
 
     return finetune_threshold_sensor

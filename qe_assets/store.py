@@ -140,7 +140,7 @@ CREATE TABLE IF NOT EXISTS fine_tune_runs (
     run_id            VARCHAR PRIMARY KEY,    -- <version>-<backend>-<attempt>
     dataset_version   VARCHAR NOT NULL,
     backend           VARCHAR NOT NULL,       -- none | openai | command
-    status            VARCHAR NOT NULL,       -- running | succeeded | failed | cancelled | skipped
+    status            VARCHAR NOT NULL, -- running|succeeded|failed|cancelled|skipped|rejected
     base_model        VARCHAR,
     job_id            VARCHAR,                -- provider job id, persisted before following it
     model_id          VARCHAR,                -- the resulting fine-tuned model

@@ -18,11 +18,15 @@ SIGKILLs it several times in a row, then runs it to completion and checks every 
   samples, version numbers run 1..N without gaps, no sample is in two versions, and the union of
   all versions is every ready sample (completed ok, not a duplicate, no pending review);
 * the queue is drained (inbox and `.processing/` empty; Redis queue and processing list empty;
-  the Kafka consumer group committed every message).
+  the Kafka consumer group committed every message);
+* every committed version was released exactly once: one fine_tune_runs row (backend `none`,
+  status `skipped`), its `finetune/<run_id>/recipe.json` and split files in place, and no other
+  (half-written or temp) folder under `finetune/`.
 
 Kill points: a normal run is measured first (the `calibration` fixture), and each completed run
 refreshes the phase durations. A kill then targets the ingest phase or the export phase (delay
-drawn uniformly over that phase's measured duration after its start marker) or the whole run (the
+drawn uniformly over that phase's measured duration after its start marker), the fine-tune phase
+(which starts right after a version's commit) or the whole run (the
 delay drawn over its total duration), with a seeded random generator. If the child finished first,
 the attempt is retried with another draw, so every trial holds at least one real kill. The phase
 each kill landed in is counted and printed (`pytest -s` shows the summary line).
@@ -35,7 +39,8 @@ and 1-3 kills each (~8 s per trial). Without the variable it is skipped, because
 the `slow` marker too.
 
 The kill runs go through the asset functions directly (`ingest_pending`, `annotate_pending`,
-`complete_next_batch`, `cut_version`, as the assets call them), not through Dagster. A Dagster run
+`complete_next_batch`, then `release_while_due` with `next_release` and `claim_run`, as `qe run` and
+the assets call them), not through Dagster. A Dagster run
 (`qe run`) killed while it holds the database's writer lock must not block the next run:
 `test_killed_dagster_run_does_not_block_the_next_run` (the kernel drops the lock; the next
 `qe run` marks the dead run failed).
@@ -78,12 +83,17 @@ CI_MAX_KILLS, SLOW_MAX_KILLS = 2, 3  # kills in a row before the run to completi
 CI_TRIALS_PER_QUEUE = 5
 INGEST_BATCH = 50
 SLOW_TRIALS = int(os.environ.get("QE_SLOW_TRIALS") or 0)
-BATCH_ENV = {"QE_INGEST_BATCH_SIZE": str(INGEST_BATCH), "QE_EXPORT_BATCH_SIZE": "20"}
+BATCH_ENV = {
+    "QE_INGEST_BATCH_SIZE": str(INGEST_BATCH),
+    "QE_EXPORT_BATCH_SIZE": "20",
+    # The direct runs have no blocking checks to refuse a small version: fine-tune any size.
+    "QE_MIN_DATASET_EXAMPLES": "1",
+}
 RUN_TIMEOUT = 180.0
-TARGETS = ("ingest", "export", "anywhere")
-TARGET_WEIGHTS = (0.4, 0.4, 0.2)
+TARGETS = ("ingest", "export", "finetune", "anywhere")
+TARGET_WEIGHTS = (0.35, 0.3, 0.2, 0.15)
 # Phase markers the worker writes, in order; a phase lasts until the next one.
-PHASES = ("boot", "ingest", "annotate", "complete", "export", "done")
+PHASES = ("boot", "ingest", "annotate", "complete", "export", "finetune", "done")
 
 
 # --- the worker process ---------------------------------------------------------------------
@@ -203,8 +213,9 @@ class Durations:
     ingest_batch: float = 0.0  # seconds per ingest batch (connect, validate, commit, ack)
 
     def update(self, child: Child) -> None:
-        times = [child.phases[p] for p in PHASES]
-        measured = {p: b - a for p, a, b in zip(PHASES, times, times[1:], strict=False)}
+        seen = [p for p in PHASES if p in child.phases]  # no fine-tune when nothing was released
+        times = [child.phases[p] for p in seen]
+        measured = {p: b - a for p, a, b in zip(seen, times, times[1:], strict=False)}
         for phase, seconds in measured.items():
             self.phases[phase] = 0.5 * self.phases.get(phase, seconds) + 0.5 * seconds
         self.total = 0.5 * self.total + 0.5 * (times[-1] - child.started_at)
@@ -424,7 +435,26 @@ def check_invariants(data: Path, expected: Expected, trial_queue: TrialQueue) ->
     left = [p.name for p in [*inbox.glob("*.jsonl"), *inbox.glob(".processing/*")]]
     assert left == [], f"inbox not drained: {left}"
     trial_queue.assert_drained()
+    check_released_once(data, [v[0] for v in versions])
     return {"raw": len(raw), "rejected": sum(rejected.values()), "versions": len(versions)}
+
+
+def check_released_once(data: Path, versions: list[str]) -> None:
+    """Each committed version has exactly one fine-tune run, finished, with its complete folder."""
+    with connect(data / "qe.duckdb", read_only=True) as conn:
+        runs = conn.execute(
+            "SELECT dataset_version, backend, status, run_id, recipe FROM fine_tune_runs"
+        ).fetchall()
+    assert sorted(r[0] for r in runs) == sorted(versions), "a version released 0 or 2+ times"
+    assert {(r[1], r[2]) for r in runs} == {("none", "skipped")}, runs
+    folders = data / "finetune"
+    on_disk = {p.name for p in folders.iterdir()} if folders.exists() else set()
+    assert on_disk == {r[3] for r in runs}, f"half-written or temp folders: {on_disk}"
+    for _, _, _, run_id, recipe in runs:
+        written = json.loads((folders / run_id / "recipe.json").read_text())
+        assert written == json.loads(recipe), run_id
+        for key in ("train_chat_path", "train_records_path"):
+            assert len(Path(written[key]).read_text().splitlines()) == written["train"], run_id
 
 
 # --- trials ---------------------------------------------------------------------------------
@@ -460,7 +490,7 @@ def kill_at_random_point(
             continue
         elif target == "ingest":
             window = durations.ingest_window(pending)
-        else:
+        else:  # export, or the fine-tune right after its version's commit
             window = durations.phases[target] * 0.9
         deadline = time.monotonic() + rng.uniform(0, window)
         landed = ""

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from qe_assets.definitions import build_definitions
+from qe_assets.runner import prepare_dagster_home
 from qe_assets.settings import Settings, SettingsError
 
 
@@ -64,3 +66,11 @@ def test_defaults_follow_the_contract() -> None:
     assert str(s.database) == "data/qe.duckdb"
     assert str(Settings.from_env({"QE_DATA_DIR": "/x"}).database) == "/x/qe.duckdb"
     assert str(Settings.from_env({"QE_DUCKDB_PATH": "/y/db.duckdb"}).database) == "/y/db.duckdb"
+
+
+def test_the_dagster_home_fails_runs_that_never_start(settings: Settings) -> None:
+    # Under the daemon, a run created but never started (its process died) is failed by run
+    # monitoring after start_timeout_seconds; `qe run` and the sensor reap them headlessly.
+    instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    assert instance.run_monitoring_enabled
+    assert instance.run_monitoring_start_timeout_seconds == 180

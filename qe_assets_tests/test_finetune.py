@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -11,14 +13,18 @@ import pytest
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.utils import make_new_run_id
 
+from qe_assets.assets.finetune import claim_run
 from qe_assets.definitions import RELEASE_JOB, build_definitions
 from qe_assets.queues import FileInbox
 from qe_assets.resources import PipelineSettings
+from qe_assets.runner import DAGSTER_YAML, _owner_tags, run_pipeline
 from qe_assets.sensors import build_finetune_sensor
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets_tests.runs import materialize, metadata
+from qe_assets_tests.runs import checks, materialize, metadata, scalar
+from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_pipeline import batch
+from qe_assets_tests.test_single_writer import RUN_TIMEOUT, child_env
 
 SCRIPTS = Path(__file__).parent / "scripts"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "finetune_trl_lora.py"
@@ -128,7 +134,7 @@ def test_whole_loop_events_to_registry_row(small_threshold: Settings) -> None:
         assert lineage == 25  # model ← version ← samples ← request ids
         # The version's samples are consumed: the sensor goes quiet.
         after, _ = evaluate_sensor(settings, instance, cursor=result.cursor)
-        assert "0 ready samples" in skip_message(after)
+        assert "no sample ready" in skip_message(after)
         # Materializing again finds no version without a run: nothing happens.
         again = materialize(settings, selection=["fine_tuned_model"])
         assert metadata(again, "fine_tuned_model") == {}
@@ -201,25 +207,270 @@ def test_none_backend_refuses_a_tampered_version(settings: Settings) -> None:
 
 
 def test_a_version_failing_the_format_rules_is_never_trained_on(settings: Settings) -> None:
-    # Three samples are under the 10-example minimum: the blocking check fails the release run
-    # and skips fine_tuned_model there ...
+    # Three samples are under the 10-example minimum. Cut without its checks, the version is
+    # refused by fine_tuned_model launched on its own instead of trained on ...
     processed(settings, 3)
-    release = materialize(
-        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    cut = materialize(
+        settings, selection=dg.AssetSelection.assets("tuning_dataset").without_checks()
     )
-    assert not release.success
-    assert metadata(release, "tuning_dataset")["version"] == "v001"
-    assert not [
-        e
-        for e in release.get_asset_materialization_events()
-        if e.asset_key == dg.AssetKey("fine_tuned_model")
-    ]
-    # ... and fine_tuned_model launched on its own refuses the version instead of training on it.
+    assert metadata(cut, "tuning_dataset")["version"] == "v001"
     alone = materialize(settings, selection=["fine_tuned_model"], raise_on_error=False)
     assert not alone.success
     failure = alone.get_step_failure_events()[0].event_specific_data.error.message  # type: ignore[union-attr]
     assert "v001 breaks the dataset format rules" in failure
     assert "10" in failure
-    with connect(settings.database, read_only=True) as conn:
-        assert conn.execute("SELECT count(*) FROM fine_tune_runs").fetchall() == [(0,)]
+    assert scalar(settings, "SELECT count(*) FROM fine_tune_runs") == 0
     assert not (Path(settings.data_dir) / "finetune").exists()
+    # ... the release publishes it again (it has no run), the blocking check fails the run and
+    # skips fine_tuned_model, and records the refusal, so the version is not published for ever ...
+    release = materialize(
+        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    )
+    assert not release.success
+    assert metadata(release, "tuning_dataset")["republished"] is True
+    assert metadata(release, "fine_tuned_model") == {}
+    ((status, message),) = conn_rows(settings, "SELECT status, message FROM fine_tune_runs")
+    assert status == "rejected" and message.startswith("dataset_format_valid: 3 examples")
+    # ... and the next release cuts v002 from new samples and fine-tunes on it.
+    processed(settings, 12, prefix="g")
+    model = metadata(
+        materialize(settings, selection=["tuning_dataset", "fine_tuned_model"]), "fine_tuned_model"
+    )
+    assert (model["dataset_version"], model["status"]) == ("v002", "skipped")
+    assert not (Path(settings.data_dir) / "finetune" / "v001-none-1").exists()
+
+
+def conn_rows(settings: Settings, query: str) -> list[tuple]:
+    with connect(settings.database, read_only=True) as conn:
+        return conn.execute(query).fetchall()
+
+
+# --- a `qe run` killed right after it committed a version ----------------------------------
+
+
+def kill_after_commit(proc: subprocess.Popen[str], settings: Settings, version: str) -> None:
+    """SIGKILL `proc` as soon as `version` is in dataset_versions: the manifest is the last file
+    written before the row, so the database is polled only once it exists (the version's chart
+    is drawn after the commit, so the kill lands before the checks and the fine-tune)."""
+    manifest = settings.datasets_dir / f"rag_quality_tuning_{version}.manifest.json"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its kill"
+        if manifest.exists():
+            with connect(settings.database, read_only=True, wait_seconds=5) as conn:
+                query = "SELECT count(*) FROM dataset_versions WHERE version = ?"
+                if conn.execute(query, [version]).fetchall() == [(1,)]:
+                    break
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def released(settings: Settings) -> list[tuple[str, str, str]]:
+    with connect(settings.database, read_only=True) as conn:
+        return conn.execute(
+            "SELECT dataset_version, status, run_id FROM fine_tune_runs ORDER BY run_id"
+        ).fetchall()
+
+
+def test_a_version_committed_by_a_killed_qe_run_is_checked_and_fine_tuned_once(
+    tmp_path: Path,
+) -> None:
+    data, home = tmp_path / "data", tmp_path / "dagster_home"
+    env = child_env(data, home)
+    settings = Settings.from_env(env)
+    FileInbox(settings.inbox_dir).put(batch("k", 15))
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qe_assets.cli", "run", "--cut-version"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            text=True,
+        )
+        kill_after_commit(proc, settings, "v001")
+    assert released(settings) == [], "the kill landed after the fine-tune"
+    # What the old, non-atomic preparation could leave: a half-written run folder, no recipe.
+    half = data / "finetune" / "v001-none-1"
+    half.mkdir(parents=True)
+    (half / "train.chat.jsonl").write_text('{"messages": [')
+    (data / "finetune" / ".v001-none-1.0badf00d.tmp").mkdir()
+
+    # A plain `qe run` (threshold 1000, nothing new): v001 is published again, checked, released.
+    run = qe("run", env=env)
+    assert "release v001: v001 is committed but its none release never ended" in run.stdout
+    assert "check dataset_format_valid: passed" in run.stdout
+    assert "check dataset_no_leakage: passed" in run.stdout
+    assert released(settings) == [("v001", "skipped", "v001-none-1")]
+    recipe = json.loads((half / "recipe.json").read_text())
+    assert recipe["version"] == "v001"
+    assert len(Path(recipe["train_chat_path"]).read_text().splitlines()) == recipe["train"]
+    assert [p.name for p in (data / "finetune").iterdir()] == ["v001-none-1"]
+    assert "no sample ready for a new dataset version" in qe("run", env=env).stdout
+
+    # The next version gets its own release, and v001 is not released twice.
+    FileInbox(settings.inbox_dir).put(batch("l", 12))
+    qe("run", "--cut-version", env=env)
+    assert released(settings) == [
+        ("v001", "skipped", "v001-none-1"),
+        ("v002", "skipped", "v002-none-1"),
+    ]
+
+
+def test_an_older_unreleased_version_is_released_before_a_newer_one(settings: Settings) -> None:
+    # v001 and v002 committed, neither fine-tuned (as a crash after each commit leaves them).
+    unchecked = dg.AssetSelection.assets("tuning_dataset").without_checks()
+    processed(settings, 12)
+    materialize(settings, selection=unchecked)
+    processed(settings, 12, prefix="n")
+    materialize(settings, selection=unchecked)
+    with dg.instance_for_test() as instance:
+        result, _ = evaluate_sensor(settings, instance)
+        (request,) = run_requests(result)  # 0 ready samples, yet a release is due: v001's
+        assert request.tags["qe/dataset_version"] == "v001"
+        job = build_definitions(settings).resolve_job_def(RELEASE_JOB)
+        for version in ("v001", "v002"):
+            run = job.execute_in_process(instance=instance)
+            assert metadata(run, "tuning_dataset")["version"] == version
+            assert {c.metadata["version"].value for c in checks(run).values()} == {version}
+            assert metadata(run, "fine_tuned_model")["dataset_version"] == version
+        result, _ = evaluate_sensor(settings, instance)
+        assert "no sample ready for a new dataset version" in skip_message(result)
+    assert [(v, s) for v, s, _ in released(settings)] == [("v001", "skipped"), ("v002", "skipped")]
+
+
+# --- release runs left behind by a dead `qe run` ----------------------------------------------
+
+
+def dead_owner_tags() -> dict[str, str]:
+    """The owner tags `qe run` puts on its runs, made by a real process that has since exited."""
+    code = "import json; from qe_assets.runner import _owner_tags; print(json.dumps(_owner_tags()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+STALE = [
+    dg.DagsterRunStatus.NOT_STARTED,  # execute_in_process created it, the kill came before start
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def persistent_instance(home: Path) -> dg.DagsterInstance:
+    """An instance on disk configured as `qe run` configures a fresh DAGSTER_HOME, which a child
+    `qe run` (DAGSTER_HOME=home) shares."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def add_stale_release_runs(instance: dg.DagsterInstance) -> list[str]:
+    owner = {**dead_owner_tags(), "qe/dataset_version": "v001"}
+    run_ids = [make_new_run_id() for _ in STALE]
+    for run_id, status in zip(run_ids, STALE, strict=True):
+        instance.add_run(DagsterRun(job_name=RELEASE_JOB, run_id=run_id, status=status, tags=owner))
+    return run_ids
+
+
+def statuses(instance: dg.DagsterInstance, run_ids: list[str]) -> set[dg.DagsterRunStatus]:
+    return {instance.get_run_by_id(run_id).status for run_id in run_ids}  # type: ignore[union-attr]
+
+
+def test_the_sensor_fails_release_runs_of_a_dead_qe_run_and_fires(
+    small_threshold: Settings, tmp_path: Path
+) -> None:
+    settings = small_threshold
+    processed(settings, 25)
+    instance = persistent_instance(tmp_path / "dagster_home")
+    stale = add_stale_release_runs(instance)
+    # A release run of a live `qe run` (this process) is in flight: the sensor waits for it.
+    live = make_new_run_id()
+    instance.add_run(
+        DagsterRun(
+            job_name=RELEASE_JOB,
+            run_id=live,
+            status=dg.DagsterRunStatus.STARTED,
+            tags=_owner_tags(),
+        )
+    )
+    waiting, _ = evaluate_sensor(settings, instance)
+    assert f"release run {live} is still in flight" in skip_message(waiting)
+    assert statuses(instance, stale) == {dg.DagsterRunStatus.FAILURE}
+
+    instance.report_run_failed(instance.get_run_by_id(live), "done with it")  # type: ignore[arg-type]
+    result, _ = evaluate_sensor(settings, instance)
+    (request,) = run_requests(result)
+    assert request.tags == {"qe/dataset_version": "v001", "qe/ready_samples": "25"}
+    # The failed runs' keys are spent (the daemon would drop a request under one of them), but
+    # runs of a killed process do not count against the version ...
+    assert request.run_key.endswith(f"/retry{len(stale)}")
+    # ... while three release runs that failed on their own stop the sensor retrying it.
+    for _ in range(3):
+        instance.add_run(
+            DagsterRun(
+                job_name=RELEASE_JOB,
+                run_id=make_new_run_id(),
+                status=dg.DagsterRunStatus.FAILURE,
+                tags={"qe/dataset_version": "v001"},
+            )
+        )
+    stopped, _ = evaluate_sensor(settings, instance)
+    assert "3 release runs of v001 failed; not retrying it on my own" in skip_message(stopped)
+
+
+def test_qe_run_fails_release_runs_of_a_dead_qe_run(settings: Settings, tmp_path: Path) -> None:
+    instance = persistent_instance(tmp_path / "dagster_home")
+    stale = add_stale_release_runs(instance)
+    outcome = run_pipeline(settings, instance=instance)
+    assert outcome.success, outcome.error
+    assert statuses(instance, stale) == {dg.DagsterRunStatus.FAILURE}
+    for run_id in stale:
+        assert f"run {run_id} of a killed `qe run` marked failed" in "\n".join(outcome.summary)
+
+
+def test_a_qe_run_killed_as_its_release_run_is_created_does_not_block_the_sensor(
+    tmp_path: Path,
+) -> None:
+    data, home = tmp_path / "data", tmp_path / "dagster_home"
+    env = {**child_env(data, home), "QE_FINETUNE_THRESHOLD": "10"}
+    settings = Settings.from_env(env)
+    instance = persistent_instance(home)
+    FileInbox(settings.inbox_dir).put(batch("r", 15))
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qe_assets.cli", "run"], env=env, stdout=log, stderr=log
+        )
+        # Killed the moment its release run exists: usually still NOT_STARTED.
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not instance.get_run_records(dg.RunsFilter(job_name=RELEASE_JOB), limit=1):
+            assert proc.poll() is None and time.monotonic() < deadline, "ended before its kill"
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait(timeout=30)
+    (stale,) = instance.get_run_records(dg.RunsFilter(job_name=RELEASE_JOB))
+    print(f"\nthe release run was {stale.dagster_run.status.value} when its `qe run` died")
+
+    result, _ = evaluate_sensor(settings, instance)
+    (request,) = run_requests(result)
+    assert request.tags["qe/dataset_version"] == "v001"
+    assert statuses(instance, [stale.dagster_run.run_id]) == {dg.DagsterRunStatus.FAILURE}
+    # What the daemon does with the request, then nothing is left to release.
+    job = build_definitions(settings).resolve_job_def(RELEASE_JOB)
+    assert job.execute_in_process(instance=instance, tags=request.tags).success
+    assert [(v, s) for v, s, _ in released(settings)] == [("v001", "skipped")]
+
+
+def test_an_interrupted_fine_tune_is_resumed_not_started_again(settings: Settings) -> None:
+    processed(settings, 12)
+    assert materialize(settings, selection=["tuning_dataset"]).success
+    # What a run killed after recording its attempt leaves: a `running` row with its recipe ...
+    with connect(settings.database) as conn:
+        claim = claim_run(conn, settings, None, lambda _: None)
+    assert claim is not None
+    folder = Path(settings.data_dir) / "finetune" / claim.run_id
+    (folder / "recipe.json").unlink()  # ... and, say, a folder someone half cleaned up.
+    model = metadata(materialize(settings, selection=["fine_tuned_model"]), "fine_tuned_model")
+    assert (model["run_id"], model["status"]) == ("v001-none-1", "skipped")
+    assert released(settings) == [("v001", "skipped", "v001-none-1")]
+    assert json.loads((folder / "recipe.json").read_text())["run_id"] == "v001-none-1"

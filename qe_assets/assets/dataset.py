@@ -12,6 +12,7 @@ from dagster_duckdb import DuckDBResource
 from qe_assets.assets.complete import completions
 from qe_assets.charts import as_markdown_image, label_share_png
 from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
+from qe_assets.finetune.registry import pending_version
 from qe_assets.readiness import READY_IN_WINDOW, WINDOW_END, VersionState, version_state
 from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
@@ -167,6 +168,30 @@ def cut_version(
     return manifest
 
 
+def committed_manifest(settings: Settings, version: str) -> dict[str, Any]:
+    """A committed version's manifest, to publish that version again without cutting one."""
+    path = VersionFiles.at(settings.datasets_dir, version).manifest
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise dg.Failure(f"dataset {version} is committed but {path} is unreadable: {exc}") from exc
+
+
+def next_release(
+    duckdb_resource: DuckDBResource,
+    settings: Settings,
+    on_batch: Callable[[str, int], None] | None = None,
+) -> tuple[dict[str, Any] | None, bool]:
+    """(manifest, published again) of the version this release is for: the oldest committed one
+    with no finished fine-tune run, so its checks and fine-tune run even when the run that cut it
+    died right after the commit; else a newly cut version (None when no sample is ready)."""
+    with duckdb_writer(duckdb_resource) as conn:
+        pending = pending_version(conn, settings.finetune_backend)
+    if pending is not None:
+        return committed_manifest(settings, pending), True
+    return cut_version(duckdb_resource, settings, on_batch), False
+
+
 @dg.asset(
     deps=[completions],
     group_name="export",
@@ -176,14 +201,16 @@ def cut_version(
         "The next immutable dataset version `rag_quality_tuning_vNNN`: every completed sample "
         "not yet in a version, as the seed's JSONL record, the OpenAI chat format and a manifest "
         "(counts, label counts, sha256 per file, split, settings). Train/validation split by a "
-        "hash of the normalised question. Materializes nothing when no sample is ready."
+        "hash of the normalised question. Materializes nothing when no sample is ready. A "
+        "committed version with no finished fine-tune run (its run died after the commit) is "
+        "published again first, oldest first, so its checks and fine-tune still run."
     ),
 )
 def tuning_dataset(
     context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
 ) -> Iterator[dg.MaterializeResult]:
     with exclusive_stage(context, settings):
-        manifest = cut_version(
+        manifest, republished = next_release(
             duckdb,
             settings,
             lambda version, written: context.log.info(f"{version}: {written} samples written"),
@@ -191,6 +218,11 @@ def tuning_dataset(
     if manifest is None:
         context.log.info("no completed sample is waiting for a version; nothing to cut")
         return
+    if republished:
+        context.log.info(
+            f"{manifest['version']} is committed but has no finished "
+            f"{settings.finetune_backend} fine-tune run: published again, no new version cut"
+        )
     total = manifest["counts"]["samples"]
     files = VersionFiles.at(settings.datasets_dir, manifest["version"])
     share_rows = "\n".join(
@@ -217,9 +249,10 @@ def tuning_dataset(
             )
         ),
         "dagster/row_count": total,
+        "republished": republished,
     }
     for label, count in manifest["label_counts"].items():
         metadata[f"label_share/{label}"] = round(count / total, 4)
-    for kind, count in (manifest["pii_redactions"] or {}).items():
+    for kind, count in (manifest.get("pii_redactions") or {}).items():
         metadata[f"pii_redacted/{kind}"] = count
     yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(manifest["version"]))

@@ -1,12 +1,14 @@
-"""Stage 5, fine-tune: the newest dataset version without a finished run → a model, recorded in
+"""Stage 5, fine-tune: the oldest dataset version without a finished run → a model, recorded in
 the `fine_tune_runs` registry."""
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.dataset import tuning_dataset
@@ -25,7 +27,8 @@ from qe_assets.finetune.registry import (
     previous_model,
     save_run,
 )
-from qe_assets.resources import OpenAIResource, PipelineSettings, duckdb_writer
+from qe_assets.resources import OpenAIResource, PipelineSettings, duckdb_writer, exclusive_stage
+from qe_assets.settings import Settings
 
 SKIPPED_MESSAGE = "skipped: no backend configured"
 
@@ -34,13 +37,72 @@ def _inputs_from(row: dict[str, Any]) -> TrainingInputs:
     return TrainingInputs(**json.loads(row["recipe"]))
 
 
+@dataclass(frozen=True)
+class Claim:
+    """The run a fine-tune works on: a new attempt, or an interrupted one resumed."""
+
+    run_id: str
+    version: str
+    inputs: TrainingInputs
+    job_id: str | None
+
+
+def claim_run(
+    conn: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    dagster_run_id: str | None,
+    log: Callable[[str], None],
+) -> Claim | None:
+    """Take the oldest version without a finished run: resume its `running` attempt (same run id
+    and recipe, so a provider job created for it, even one whose id was never saved, is found and
+    followed instead of starting another), else prepare a new attempt and record it `running`.
+    Call it under the writer lock, so two runs never claim the same version."""
+    backend = settings.finetune_backend
+    version = pending_version(conn, backend)
+    if version is None:
+        log(f"every dataset version already has a finished {backend} run; nothing to do")
+        return None
+    last = latest_run(conn, version, backend)
+    if last is not None and last["status"] == "running" and last["recipe"]:
+        inputs = _inputs_from(last)
+        log(f"resuming {last['run_id']} (job {last['job_id'] or 'not saved yet'})")
+        folder = Path(inputs.train_chat_path).parent
+        if not (folder / "recipe.json").exists() or not Path(inputs.train_chat_path).exists():
+            # Its folder was removed (or is a pre-atomic half-written one): write it again.
+            inputs = _prepare(conn, settings, version, last["run_id"])
+        return Claim(last["run_id"], version, inputs, last["job_id"])
+    run_id = f"{version}-{backend}-{attempts(conn, version, backend) + 1}"
+    inputs = _prepare(conn, settings, version, run_id)
+    save_run(
+        conn,
+        run_id,
+        dataset_version=version,
+        backend=backend,
+        status="running",
+        base_model=inputs.base_model,
+        recipe=inputs.recipe(),
+        dagster_run_id=dagster_run_id,
+    )
+    return Claim(run_id, version, inputs, None)
+
+
+def _prepare(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, version: str, run_id: str
+) -> TrainingInputs:
+    previous = previous_model(conn, settings.finetune_backend, version)
+    try:
+        return prepare_inputs(conn, settings, version, run_id, previous)
+    except DatasetInvalid as exc:
+        raise dg.Failure(str(exc)) from exc
+
+
 @dg.asset(
     deps=[tuning_dataset],
     group_name="fine_tune",
     kinds={"openai", "python"},
     output_required=False,
     description=(
-        "A model fine-tuned on the newest dataset version that has none yet, with the "
+        "A model fine-tuned on the oldest dataset version that has no finished run yet, with the "
         "configured backend: `openai` (upload, create the job, follow it with a deadline; a "
         "restarted run resumes the same job), `command` (your training script through Dagster "
         "Pipes) or `none` (the default: validates the version, writes the exact recipe and "
@@ -54,41 +116,18 @@ def fine_tuned_model(
     openai: OpenAIResource,
 ) -> Iterator[dg.MaterializeResult]:
     backend = settings.finetune_backend
-    with duckdb_writer(duckdb) as conn:
-        version = pending_version(conn, backend)
-        if version is None:
-            context.log.info(f"every dataset version already has a {backend} run; nothing to do")
-            return
-        last = latest_run(conn, version, backend)
-        if last is not None and last["status"] == "running" and last["recipe"]:
-            # An interrupted attempt: same run id and recipe, so a job created for it (even one
-            # whose id was never saved) is found and followed instead of starting another.
-            run_id, inputs = last["run_id"], _inputs_from(last)
-            context.log.info(f"resuming {run_id} (job {last['job_id'] or 'not saved yet'})")
-        else:
-            run_id = f"{version}-{backend}-{attempts(conn, version, backend) + 1}"
-            try:
-                inputs = prepare_inputs(
-                    conn, settings, version, run_id, previous_model(conn, backend, version)
-                )
-            except DatasetInvalid as exc:
-                raise dg.Failure(str(exc)) from exc
-            save_run(
-                conn,
-                run_id,
-                dataset_version=version,
-                backend=backend,
-                status="running",
-                base_model=inputs.base_model,
-                recipe=inputs.recipe(),
-                dagster_run_id=context.run.run_id,
-            )
+    # Claimed under the writer lock (briefly; the training itself runs without it).
+    with exclusive_stage(context, settings), duckdb_writer(duckdb) as conn:
+        claim = claim_run(conn, settings, context.run.run_id, context.log.info)
+    if claim is None:
+        return
+    run_id, version, inputs = claim.run_id, claim.version, claim.inputs
 
     def save(**fields: Any) -> None:
         with duckdb_writer(duckdb) as conn:
             save_run(conn, run_id, **fields)
 
-    job_id: str | None = last["job_id"] if last is not None and last["run_id"] == run_id else None
+    job_id = claim.job_id
     metrics: dict[str, Any] = {}
     model_id: str | None = None
     if backend == "none":

@@ -4,6 +4,9 @@ files, and the recipe that says exactly what runs on it."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +95,52 @@ def prepare_inputs(
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         )
         raise DatasetInvalid(f"{version} breaks the dataset format rules: {shown}")
+    workdir = Path(settings.data_dir) / "finetune" / run_id
+    # Everything is written into a temp folder and renamed into place once complete, so a crash
+    # never leaves a run folder without its recipe; a complete folder of an attempt whose row was
+    # never saved is replaced by the retry (same run id).
+    remove_stale_folders(workdir.parent)
+    temp = workdir.with_name(f".{run_id}.{uuid.uuid4().hex[:8]}.tmp")
+    temp.mkdir(parents=True)
+    try:
+        inputs = _write_inputs(conn, settings, row, version, run_id, workdir, temp, previous_model)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    os.replace(temp, workdir)
+    _fsync(workdir.parent)
+    return inputs
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_folders(finetune_dir: Path) -> None:
+    """Temp folders of preparations a crash interrupted."""
+    if finetune_dir.exists():
+        for path in finetune_dir.glob(".*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_inputs(
+    conn: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    row: dict[str, Any],
+    version: str,
+    run_id: str,
+    workdir: Path,
+    temp: Path,
+    previous_model: str | None,
+) -> TrainingInputs:
+    """The split files and recipe.json in `temp`, fsynced, naming their final paths in
+    `workdir`."""
     splits = query_frame(
         conn, "SELECT sample_id, split FROM dataset_samples WHERE version = ?", [version]
     )
@@ -99,16 +148,14 @@ def prepare_inputs(
     splits = pl.concat(
         [splits, splits.with_columns(exported_sample_ids(splits["sample_id"]))]
     ).unique("sample_id", maintain_order=True)
-    workdir = Path(settings.data_dir) / "finetune" / run_id
-    workdir.mkdir(parents=True, exist_ok=True)
     targets = {
-        (split, column): workdir / f"{split}.{suffix}"
+        (split, column): f"{split}.{suffix}"
         for split in ("train", "validation")
         for column, suffix in (("chat", "chat.jsonl"), ("record", "records.jsonl"))
     }
     written: set[tuple[str, str]] = set()
     with ExitStack() as stack:
-        sinks = {key: stack.enter_context(open(path, "wb")) for key, path in targets.items()}
+        sinks = {key: stack.enter_context(open(temp / name, "wb")) for key, name in targets.items()}
         # Chat lines are written in the same order as the JSONL records: split them in step,
         # a chunk at a time, so memory stays flat however large the version is.
         chunks = zip(
@@ -133,12 +180,15 @@ def prepare_inputs(
                         )
                     )
                     written.add((split, column))
+        for sink in sinks.values():
+            sink.flush()
+            os.fsync(sink.fileno())
     paths: dict[str, str | None] = {}
-    for (split, column), path in targets.items():
+    for (split, column), name in targets.items():
         if (split, column) in written:
-            paths[f"{split}_{column}"] = str(path)
+            paths[f"{split}_{column}"] = str(workdir / name)
         else:
-            path.unlink(missing_ok=True)
+            (temp / name).unlink(missing_ok=True)
             paths[f"{split}_{column}"] = None
     if paths["train_chat"] is None or paths["train_record"] is None:
         raise DatasetInvalid(f"{version}: no training examples after the split")
@@ -166,7 +216,9 @@ def prepare_inputs(
             "command": "continuous `weight` (= confidence) per record in the JSONL file",
         },
     )
-    (workdir / "recipe.json").write_text(
-        json.dumps(inputs.recipe(), ensure_ascii=False, indent=2), encoding="utf-8"
-    )
+    with open(temp / "recipe.json", "wb") as handle:
+        handle.write(json.dumps(inputs.recipe(), ensure_ascii=False, indent=2).encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync(temp)
     return inputs

@@ -13,7 +13,9 @@ import duckdb
 
 from qe_assets.store import query_frame
 
-TERMINAL_OK = ("succeeded", "skipped")
+# A version with a row in one of these states is done for that backend: trained, recorded with
+# no backend, or refused by a blocking asset check. `failed`/`cancelled` ones are retried.
+FINISHED = ("succeeded", "skipped", "rejected")
 _JSON_FIELDS = ("recipe", "metrics")
 
 
@@ -38,7 +40,10 @@ def attempts(conn: duckdb.DuckDBPyConnection, version: str, backend: str) -> int
 
 
 def pending_version(conn: duckdb.DuckDBPyConnection, backend: str) -> str | None:
-    """The newest dataset version with no succeeded (or skipped) run for this backend."""
+    """The OLDEST dataset version with no finished run for this backend: what the release
+    publishes, checks and fine-tunes next. Oldest first, so a version committed by a run that
+    died before its fine-tune is never skipped for a newer one (each round continues from the
+    previous round's model)."""
     rows = conn.execute(
         """
         SELECT v.version FROM dataset_versions v
@@ -46,11 +51,39 @@ def pending_version(conn: duckdb.DuckDBPyConnection, backend: str) -> str | None
             SELECT 1 FROM fine_tune_runs r
             WHERE r.dataset_version = v.version AND r.backend = ? AND r.status IN ?
         )
-        ORDER BY v.number DESC LIMIT 1
+        ORDER BY v.number LIMIT 1
         """,
-        [backend, list(TERMINAL_OK)],
+        [backend, list(FINISHED)],
     ).fetchall()
     return rows[0][0] if rows else None
+
+
+def handed_over(conn: duckdb.DuckDBPyConnection, version: str, backend: str) -> bool:
+    """Whether the version's release reached an end with this backend: False when no run was
+    ever recorded, or the last one is still `running` (its process died: it must be resumed)."""
+    last = latest_run(conn, version, backend)
+    return last is not None and last["status"] != "running"
+
+
+def reject_version(
+    conn: duckdb.DuckDBPyConnection, version: str, backend: str, reason: str
+) -> None:
+    """Record that a blocking check refused the version, so later releases move on to newer
+    versions instead of publishing this one again for ever. A no-op once it is finished."""
+    if _finished(conn, version, backend):
+        return
+    run_id = f"{version}-{backend}-{attempts(conn, version, backend) + 1}"
+    save_run(
+        conn, run_id, dataset_version=version, backend=backend, status="rejected", message=reason
+    )
+
+
+def _finished(conn: duckdb.DuckDBPyConnection, version: str, backend: str) -> bool:
+    rows = conn.execute(
+        "SELECT 1 FROM fine_tune_runs WHERE dataset_version = ? AND backend = ? AND status IN ?",
+        [version, backend, list(FINISHED)],
+    ).fetchall()
+    return bool(rows)
 
 
 def previous_model(conn: duckdb.DuckDBPyConnection, backend: str, version: str) -> str | None:

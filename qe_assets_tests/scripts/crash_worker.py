@@ -18,7 +18,9 @@ fork); each child imports qe_assets and Polars itself.
 
 `direct` mode runs the same functions the assets run, in the same order and with the same
 connection handling (`writer_session` per stage, `duckdb_writer` elsewhere): ingest every queue →
-annotate → complete → export (`cut_version`). `dagster` mode runs
+annotate → complete → release while one is due (`readiness.release_while_due`, as `qe run` does):
+publish the version (`next_release`: a committed one never released, else a new cut), then the
+fine-tune with backend `none` (`claim_run`, then the `skipped` row). `dagster` mode runs
 `qe_assets.runner.run_pipeline(..., cut_version=True)` (what `qe run --cut-version` does) against
 DAGSTER_HOME.
 
@@ -36,6 +38,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dagster_duckdb import DuckDBResource
+
     from qe_assets.settings import Settings
 
 # What the zygote imports before forking: the heavy libraries that start no threads at import.
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
 # Polars, so those are imported by each child instead (~0.7 s, against ~2-5 s for all of it).
 PRELOAD = ("dagster", "dagster_duckdb", "duckdb", "pydantic", "redis", "openai")
 
-PHASES = ("boot", "ingest", "annotate", "complete", "export", "done")
+PHASES = ("boot", "ingest", "annotate", "complete", "export", "finetune", "done")
 
 
 def emit(message: dict[str, Any]) -> None:
@@ -59,8 +63,8 @@ def run_direct(settings: Settings) -> None:
 
     from qe_assets.assets.annotate import annotate_config, annotate_pending
     from qe_assets.assets.complete import complete_next_batch
-    from qe_assets.assets.dataset import cut_version
     from qe_assets.ingest import IngestReport, ingest_pending
+    from qe_assets.readiness import release_while_due
     from qe_assets.resources import PipelineSettings, duckdb_writer, writer_session
 
     settings.database.parent.mkdir(parents=True, exist_ok=True)  # as build_resources does
@@ -94,8 +98,26 @@ def run_direct(settings: Settings) -> None:
         if not scanned:
             break
     mark("export")
-    cut_version(resource, settings)
+    release_while_due(settings, lambda _: release_direct(resource, settings), cut_version=True)
     mark("done")
+
+
+def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
+    """What one release run does, without Dagster and its checks: publish (or cut) the version,
+    then fine-tune on it with backend `none`."""
+    from qe_assets.assets.dataset import next_release
+    from qe_assets.assets.finetune import SKIPPED_MESSAGE, claim_run
+    from qe_assets.finetune.registry import save_run
+    from qe_assets.resources import duckdb_writer
+
+    next_release(resource, settings)
+    mark("finetune")  # the version is committed: a kill from here on is "right after a commit"
+    with duckdb_writer(resource) as conn:
+        claim = claim_run(conn, settings, None, lambda _: None)
+    if claim is not None:
+        with duckdb_writer(resource) as conn:
+            save_run(conn, claim.run_id, status="skipped", message=SKIPPED_MESSAGE)
+    return True
 
 
 def run_dagster(settings: Settings) -> None:
