@@ -4,8 +4,9 @@ Each trial enqueues fresh demo events (`generate_events(..., bad_share=0.05)`, s
 lines and ~2 % exact re-sends), plus exact re-sends and conflicting re-sends of events from earlier
 trials. The second half of a trial's events arrives after the first kill, as production traffic
 would. On the file inbox the producer drops every file as `events.jsonl` (issue #15), also while an
-earlier `events.jsonl` is still claimed after a kill. The pipeline runs in a real child process (see `scripts/crash_worker.py`) with small batches
-(QE_INGEST_BATCH_SIZE=50, QE_EXPORT_BATCH_SIZE=20), so a run has many commit points. The test
+earlier `events.jsonl` is still claimed after a kill. The pipeline runs in a real child process
+(see `scripts/crash_worker.py`) with small batches (QE_INGEST_BATCH_SIZE=50,
+QE_EXPORT_BATCH_SIZE=20), so a run has many commit points. The test
 SIGKILLs it several times in a row, then runs it to completion and checks every invariant:
 
 * every distinct valid request_id is in raw_events exactly once, every malformed line and every
