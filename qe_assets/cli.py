@@ -10,9 +10,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qe_assets.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    import duckdb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -202,9 +207,11 @@ def _reviewer(args: argparse.Namespace) -> str:
     return args.reviewer or os.environ.get("QE_REVIEWER") or os.environ.get("USER") or "reviewer"
 
 
-def _edited_text(args: argparse.Namespace, current: str) -> str:
+def _edited_text(args: argparse.Namespace, current: str) -> tuple[str, Path | None]:
+    """The new completion, and the file it was edited in (kept until the edit is recorded, so a
+    refused edit loses no work)."""
     if args.completion is not None:
-        return str(args.completion)
+        return str(args.completion), None
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
     if not editor:
         raise UserError("give --completion TEXT, or set $EDITOR to edit interactively")
@@ -214,71 +221,102 @@ def _edited_text(args: argparse.Namespace, current: str) -> str:
 
     with tempfile.NamedTemporaryFile("w+", suffix=".txt", encoding="utf-8", delete=False) as fh:
         fh.write(current)
-        path = fh.name
-    try:
-        if subprocess.run([*shlex.split(editor), path], check=False).returncode != 0:
-            raise UserError(f"{editor} exited with an error; nothing changed", EXIT_FAILED)
-        return Path(path).read_text(encoding="utf-8")
-    finally:
-        Path(path).unlink(missing_ok=True)
+        path = Path(fh.name)
+    if subprocess.run([*shlex.split(editor), str(path)], check=False).returncode != 0:
+        path.unlink(missing_ok=True)
+        raise UserError(f"{editor} exited with an error; nothing changed", EXIT_FAILED)
+    return path.read_text(encoding="utf-8"), path
 
 
-def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+def _review_read(args: argparse.Namespace, settings: Settings) -> int:
+    """list / show: one short read-only connection, never the writer's."""
     import polars as pl
 
     from qe_assets import review
-    from qe_assets.store import connect, ensure_schema
+    from qe_assets.store import connect
+
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        if args.action == "list":
+            status = None if args.status == "all" else args.status
+            frame = review.list_queue(conn, status=status, label=args.label, limit=args.limit)
+            with pl.Config(
+                tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160
+            ):
+                print(frame)
+            return EXIT_OK
+        item = review.show(conn, args.sample_id)
+    sample, queued = item.sample, item.review
+    print(
+        f"sample {sample['sample_id']}  label={sample['label']}  "
+        f"confidence={sample['confidence']:.3f}  route={sample['route']}"
+        + (f"  in {item.released_in}" if item.released_in else "")
+    )
+    print(
+        f"review: {queued['status']} ({queued['reason']})"
+        + (f" by {queued['reviewer']}" if queued["reviewer"] else "")
+    )
+    print("\n--- prompt ---\n" + sample["prompt"])
+    print("\n--- original answer ---\n" + sample["original_answer"])
+    if item.completion:
+        c = item.completion
+        print(f"\n--- completion ({c['mode']}, {c['status']}) ---\n" + (c["completion"] or ""))
+    return EXIT_OK
+
+
+def _review_write(
+    args: argparse.Namespace, settings: Settings
+) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    """A reviewer's write: the writer lock every stage takes, one short transaction, released.
+    Waits at most --wait seconds in all, saying once that it waits."""
+    from qe_assets.store import writer_connection
+
+    def waiting(holder: str) -> None:
+        _err(f"database busy with a writer ({holder}), waiting up to {args.wait:.0f}s ...")
+
+    return writer_connection(settings.database, wait_seconds=args.wait, on_wait=waiting)
+
+
+def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) -> int:
+    """Read with a short read-only connection, close it, let the person edit for as long as
+    they like, then write in one short transaction if nobody decided on the sample meanwhile."""
+    from qe_assets import review
+    from qe_assets.store import connect
+
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        item = review.open_item(conn, args.sample_id)
+    current = (item.completion or {}).get("completion") or item.sample["original_answer"]
+    text, path = _edited_text(args, current)
+    try:
+        with _review_write(args, settings) as conn:
+            review.edit(conn, args.sample_id, text, reviewer, args.note, seen=item.token)
+    except review.ReviewError as exc:
+        kept = f"; your text is kept in {path}" if path is not None and text.strip() else ""
+        raise UserError(f"{exc}{kept}", EXIT_FAILED) from exc
+    if path is not None:
+        path.unlink(missing_ok=True)
+    print(f"edited {args.sample_id}: a human completion by {reviewer}")
+    return EXIT_OK
+
+
+def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets import review
 
     if not settings.database.exists():
         raise UserError(f"no database at {settings.database} yet: run `qe run` first")
-    with connect(settings.database, wait_seconds=args.wait) as conn:
-        ensure_schema(conn)
-        try:
-            if args.action == "list":
-                status = None if args.status == "all" else args.status
-                frame = review.list_queue(conn, status=status, label=args.label, limit=args.limit)
-                with pl.Config(
-                    tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160
-                ):
-                    print(frame)
-                return EXIT_OK
-            if args.action == "show":
-                item = review.show(conn, args.sample_id)
-                sample, queued = item.sample, item.review
-                print(
-                    f"sample {sample['sample_id']}  label={sample['label']}  "
-                    f"confidence={sample['confidence']:.3f}  route={sample['route']}"
-                )
-                print(
-                    f"review: {queued['status']} ({queued['reason']})"
-                    + (f" by {queued['reviewer']}" if queued["reviewer"] else "")
-                )
-                print("\n--- prompt ---\n" + sample["prompt"])
-                print("\n--- original answer ---\n" + sample["original_answer"])
-                if item.completion:
-                    c = item.completion
-                    print(
-                        f"\n--- completion ({c['mode']}, {c['status']}) ---\n"
-                        + (c["completion"] or "")
-                    )
-                return EXIT_OK
-            reviewer = _reviewer(args)
-            if args.action == "edit":
-                item = review.show(conn, args.sample_id)
-                current = (item.completion or {}).get("completion") or item.sample[
-                    "original_answer"
-                ]
-                review.edit(conn, args.sample_id, _edited_text(args, current), reviewer, args.note)
-                print(f"edited {args.sample_id}: a human completion by {reviewer}")
-                return EXIT_OK
-            action = review.accept if args.action == "accept" else review.reject
-            for sample_id in args.sample_ids:
-                action(conn, sample_id, reviewer, args.note)
-            done = "accepted" if args.action == "accept" else "rejected"
-            print(f"{done} {len(args.sample_ids)} sample(s) as {reviewer}")
-            return EXIT_OK
-        except review.ReviewError as exc:
-            raise UserError(str(exc), EXIT_FAILED) from exc
+    try:
+        if args.action in ("list", "show"):
+            return _review_read(args, settings)
+        reviewer = _reviewer(args)
+        if args.action == "edit":
+            return _review_edit(args, settings, reviewer)
+        action = review.accept if args.action == "accept" else review.reject
+        with _review_write(args, settings) as conn:
+            action(conn, args.sample_ids, reviewer, args.note)
+        done = "accepted" if args.action == "accept" else "rejected"
+        print(f"{done} {len(set(args.sample_ids))} sample(s) as {reviewer}")
+        return EXIT_OK
+    except review.ReviewError as exc:
+        raise UserError(str(exc), EXIT_FAILED) from exc
 
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
