@@ -18,6 +18,7 @@ from qe_assets.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     import duckdb
+    import polars as pl
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -79,12 +80,18 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     import duckdb
-    import polars as pl
 
-    from qe_assets.store import connect, query_frame
+    from qe_assets import adhoc
+    from qe_assets.store import connect
 
     if not settings.database.exists():
         raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    if args.format == "parquet" and not args.output:
+        raise UserError("--format parquet needs --output FILE")
+    try:
+        statement = adhoc.read_statement(args.query, allow_files=args.allow_files)
+    except (adhoc.AdHocError, duckdb.Error) as exc:  # the query's fault: exit 1, as at run time
+        raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
     waited = False
 
     def on_wait(remaining: float) -> None:
@@ -93,23 +100,41 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
             _err(f"database busy with a writer, waiting up to {remaining:.0f}s ...")
             waited = True
 
+    config = adhoc.WITH_FILES if args.allow_files else adhoc.SANDBOX
     with connect(
-        settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait
+        settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait, config=config
     ) as conn:
         try:
-            frame = query_frame(conn, args.query)
+            if statement.type in adhoc.FILE_KINDS:
+                conn.execute(statement.query)
+                print(f"{statement.type.name} done")
+                return EXIT_OK
+            frame = adhoc.result_frame(
+                conn.sql(statement.query), nested_as_json=args.format in ("table", "csv")
+            )
+        except duckdb.PermissionException as exc:
+            raise UserError(
+                f"{str(exc).splitlines()[0]} (qe sql reads the database's tables only; "
+                "--allow-files lifts this)",
+                EXIT_FAILED,
+            ) from exc
         except duckdb.Error as exc:
             raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
+        except adhoc.AdHocError as exc:
+            raise UserError(str(exc), EXIT_FAILED) from exc
+    _write_frame(frame, args)
+    return EXIT_OK
+
+
+def _write_frame(frame: pl.DataFrame, args: argparse.Namespace) -> None:
+    import polars as pl
+
     if args.format == "table":
         with pl.Config(
             tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=160
         ):
             print(frame)
-        return EXIT_OK
-    if args.format == "parquet" and not args.output:
-        raise UserError("--format parquet needs --output FILE")
+        return
     target = args.output or sys.stdout
     if args.format == "csv":
         frame.write_csv(target)
@@ -119,7 +144,6 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
         frame.write_parquet(args.output)
     if args.output:
         print(f"wrote {frame.height} rows to {args.output}")
-    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -362,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write to this file instead of standard output")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.add_argument(
+        "--allow-files",
+        action="store_true",
+        help="let the query read and write files (read_csv, COPY … TO, EXPORT DATABASE)",
+    )
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("status", help="counts per table, queue depth, latest dataset version")
