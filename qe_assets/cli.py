@@ -343,14 +343,32 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
         raise UserError(str(exc), EXIT_FAILED) from exc
 
 
+def _dagster_dev_command(host: str, port: int) -> list[str]:
+    """`dagster dev` of this environment: the interpreter running `qe`, not a `dagster` looked up
+    on PATH (none there on a fresh clone whose venv is not activated). The workspace file is
+    the project's, wherever `qe ui` is started from."""
+    import importlib.util
+
+    for module, package in (("dagster", "dagster"), ("dagster_webserver", "dagster-webserver")):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{package} is not installed in {sys.prefix}: run `make install`")
+    workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+    location = (
+        ["-w", str(workspace)]
+        if workspace.is_file()
+        else ["-m", "qe_assets.definitions", "-a", "defs"]
+    )
+    return [sys.executable, "-m", "dagster", "dev", "-h", host, "-p", str(port), *location]
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.runner import prepare_dagster_home
 
     home = prepare_dagster_home(settings)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
-    command = ["dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
-    print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}")
-    os.execvpe(command[0], command, env)
+    command = _dagster_dev_command(args.host, args.port)
+    print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
+    os.execve(command[0], command, env)
     return EXIT_OK  # pragma: no cover - exec does not return
 
 
