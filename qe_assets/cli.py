@@ -67,15 +67,66 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.runner import run_pipeline
 
-    outcome = run_pipeline(
-        settings, cut_version=args.cut_version, log_level="WARNING" if args.quiet else "INFO"
-    )
+    try:
+        outcome = run_pipeline(
+            settings, cut_version=args.cut_version, log_level="WARNING" if args.quiet else "INFO"
+        )
+    except Exception as exc:
+        # Dagster's own SQLite or a write of ours failing for space ends here, not in a step.
+        if (full := _disk_full(settings, *_chain(exc))) is not None:
+            raise UserError(full, EXIT_FAILED) from exc
+        raise
     for line in outcome.summary:
         print(line)
     if not outcome.success:
-        _err(f"run {outcome.run_id} failed: {outcome.error}")
+        full = _disk_full(settings, outcome.error or "")
+        _err(full or f"run {outcome.run_id} failed: {outcome.error}")
         return EXIT_FAILED
     return EXIT_OK
+
+
+# What SQLite (Dagster's instance), DuckDB and the OS say when a disk fills up. SQLite often says
+# only "disk I/O error": that counts as full when the disk has (next to) nothing left.
+_FULL = ("no space left on device", "database or disk is full", "disk quota exceeded")
+_MAYBE_FULL = ("disk i/o error",)
+_NEARLY_EMPTY = 1 << 20
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and every cause and context behind it."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+
+
+def _disk_full(settings: Settings, *errors: BaseException | str) -> str | None:
+    """One line for a full disk under the data directory or DAGSTER_HOME, else None."""
+    import errno
+    import shutil
+
+    texts = [str(e).lower() for e in errors]
+    certain = any(
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in errors
+    )
+    certain = certain or any(marker in t for t in texts for marker in _FULL)
+    if not certain and not any(marker in t for t in texts for marker in _MAYBE_FULL):
+        return None
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home)
+    places = [_nearest_existing(settings.database.parent), _nearest_existing(home)]
+    free, place = min((shutil.disk_usage(p).free, p) for p in places)
+    if not certain and free >= _NEARLY_EMPTY:
+        return None
+    return (
+        f"disk full at {place} ({free // 1024} KiB free): free space and re-run; "
+        "nothing committed was lost"
+    )
 
 
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
