@@ -155,26 +155,33 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     with connect(
         settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait, config=config
     ) as conn:
-        try:
-            if statement.type in adhoc.FILE_KINDS:
-                conn.execute(statement.query)
-                print(f"{statement.type.name} done")
-                return EXIT_OK
-            frame = adhoc.result_frame(
-                conn.sql(statement.query), nested_as_json=args.format in ("table", "csv")
-            )
-        except duckdb.PermissionException as exc:
-            raise UserError(
-                f"{str(exc).splitlines()[0]} (qe sql reads the database's tables only; "
-                "--allow-files lifts this)",
-                EXIT_FAILED,
-            ) from exc
-        except duckdb.Error as exc:
-            raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
-        except adhoc.AdHocError as exc:
-            raise UserError(str(exc), EXIT_FAILED) from exc
-    _write_frame(frame, args)
+        frame = _run_statement(conn, statement, args)
+    if frame is not None:
+        _write_frame(frame, args)
     return EXIT_OK
+
+
+def _run_statement(
+    conn: duckdb.DuckDBPyConnection, statement: duckdb.Statement, args: argparse.Namespace
+) -> pl.DataFrame | None:
+    """The statement's rows (None for a COPY/EXPORT, which --allow-files lets through)."""
+    import duckdb
+
+    from qe_assets import adhoc
+
+    try:
+        if statement.type in adhoc.FILE_KINDS:
+            conn.execute(statement.query)
+            print(f"{statement.type.name} done")
+            return None
+        return adhoc.result_frame(
+            conn.sql(statement.query), nested_as_json=args.format in ("table", "csv")
+        )
+    except duckdb.PermissionException as exc:
+        hint = "qe sql reads the database's tables only; --allow-files lifts this"
+        raise UserError(f"{str(exc).splitlines()[0]} ({hint})", EXIT_FAILED) from exc
+    except (duckdb.Error, adhoc.AdHocError) as exc:
+        raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
 
 
 def _write_frame(frame: pl.DataFrame, args: argparse.Namespace) -> None:
