@@ -34,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,13 @@ from qe_assets.queues import FileInbox
 from qe_assets.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.runner import DAGSTER_YAML, prepare_dagster_home
 from qe_assets.settings import Settings
-from qe_assets.store import connect, writer_lock
+from qe_assets.store import (
+    DatabaseBusy,
+    connect,
+    holds_writer_lock,
+    writer_connection,
+    writer_lock,
+)
 from qe_assets_tests.runs import column, exportable_sample_ids, stored_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,3 +410,36 @@ def test_reviewers_deciding_while_a_run_writes_never_fail_it(tmp_path: Path) -> 
         f"{times['reviewed']:.1f}s with {REVIEWERS} reviewers ({len(decisions)} decisions, "
         f"slowest {slowest:.1f}s, median {median:.1f}s)"
     )
+
+
+def test_writer_connection_queues_on_the_writer_lock(tmp_path: Path) -> None:
+    """Every short write outside a stage takes the stage's lock: bounded, naming the holder, and
+    without waiting for itself when its own process holds the lock (a stage's queries, on the
+    stage's thread or a worker thread)."""
+    database = tmp_path / "qe.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(database)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with (
+            pytest.raises(DatabaseBusy, match=f"pid {holder.pid} on"),
+            writer_connection(database, wait_seconds=0.5),
+        ):
+            pass
+        assert 0.5 <= time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+    def query() -> list[tuple[int]]:
+        with writer_connection(database, wait_seconds=0.5) as conn:
+            return conn.execute("SELECT 42").fetchall()
+
+    with writer_lock(database):
+        assert holds_writer_lock(database)
+        assert query() == [(42,)]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            assert pool.submit(query).result(timeout=30) == [(42,)]
+    assert not holds_writer_lock(database)
