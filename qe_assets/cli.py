@@ -362,7 +362,7 @@ def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) ->
     """Read with a short read-only connection, close it, let the person edit for as long as
     they like, then write in one short transaction if nobody decided on the sample meanwhile."""
     from qe_assets import review
-    from qe_assets.store import connect
+    from qe_assets.store import DatabaseBusy, connect
 
     with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
         item = review.open_item(conn, args.sample_id)
@@ -371,9 +371,10 @@ def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) ->
     try:
         with _review_write(args, settings) as conn:
             review.edit(conn, args.sample_id, text, reviewer, args.note, seen=item.token)
-    except review.ReviewError as exc:
+    except (review.ReviewError, DatabaseBusy) as exc:
         kept = f"; your text is kept in {path}" if path is not None and text.strip() else ""
-        raise UserError(f"{exc}{kept}", EXIT_FAILED) from exc
+        code = EXIT_BUSY if isinstance(exc, DatabaseBusy) else EXIT_FAILED
+        raise UserError(f"{exc}{kept}", code) from exc
     if path is not None:
         path.unlink(missing_ok=True)
     print(f"edited {args.sample_id}: a human completion by {reviewer}")
