@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+from dagster._utils.error import SerializableErrorInfo
 
 from qe_assets.settings import Settings
 
@@ -147,6 +148,16 @@ def _summarise(result: dg.ExecuteInProcessResult) -> list[str]:
     return lines
 
 
+def _with_root_cause(error: SerializableErrorInfo) -> str:
+    """Dagster's step error names only the op; the cause at the bottom says what went wrong
+    (`qe run` tells a full disk from it)."""
+    root = error
+    while root.cause is not None:
+        root = root.cause
+    message = error.message.strip()
+    return message if root is error else f"{message} {root.message.strip()}"
+
+
 def _execute(
     defs: dg.Definitions,
     job_name: str,
@@ -165,7 +176,7 @@ def _execute(
     outcome.summary.extend(_summarise(result))
     if not result.success:
         failures = [
-            e.step_failure_data.error.message.strip()
+            _with_root_cause(e.step_failure_data.error)
             for e in result.all_events
             if e.is_step_failure and e.step_failure_data and e.step_failure_data.error
         ]
