@@ -425,12 +425,12 @@ def _dagster_dev_command(host: str, port: int) -> list[str]:
 
 def _age_seconds(text: str) -> float:
     """`30d`, `12h`, `45m` or `0d` as seconds; anything else is a usage error."""
-    import re
+    from qe_assets.settings import parse_duration
 
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhm])\s*", text)
-    if match is None:
+    seconds = parse_duration(text)
+    if seconds is None:
         raise UserError(f"--older-than {text!r}: give a number of days, hours or minutes: 30d")
-    return float(match.group(1)) * {"d": 86_400, "h": 3_600, "m": 60}[match.group(2)]
+    return seconds
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:

@@ -71,6 +71,29 @@ def _bool(name: str) -> Callable[[str], bool]:
     return parse
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+
+
+def parse_duration(text: str) -> float | None:
+    """`90s`, `45m`, `1h`, `30d` or plain seconds as seconds; None when it is none of those."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if match is None:
+        return None
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def _duration(name: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        seconds = parse_duration(raw)
+        if seconds is None:
+            raise SettingsError(
+                f"{name} must be a duration such as 90s, 45m, 1h or 2d; got {raw!r}"
+            )
+        return seconds
+
+    return parse
+
+
 def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
     def parse(raw: str) -> dict[str, Any]:
         try:
@@ -220,6 +243,16 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         "QE_FINETUNE_SENSOR_RUNNING",
         _bool("QE_FINETUNE_SENSOR_RUNNING"),
     ),
+    "finetune_allow_naive": ("QE_FINETUNE_ALLOW_NAIVE", _bool("QE_FINETUNE_ALLOW_NAIVE")),
+    "queue_sensor_running": ("QE_QUEUE_SENSOR_RUNNING", _bool("QE_QUEUE_SENSOR_RUNNING")),
+    "sensor_interval_seconds": (
+        "QE_SENSOR_INTERVAL_SECONDS",
+        _int("QE_SENSOR_INTERVAL_SECONDS", 5),
+    ),
+    "max_queue_age_seconds": ("QE_MAX_QUEUE_AGE", _duration("QE_MAX_QUEUE_AGE")),
+    "max_review_age_seconds": ("QE_MAX_REVIEW_AGE", _duration("QE_MAX_REVIEW_AGE")),
+    "max_review_backlog": ("QE_MAX_REVIEW_BACKLOG", _int("QE_MAX_REVIEW_BACKLOG")),
+    "max_reject_share": ("QE_MAX_REJECT_SHARE", _float("QE_MAX_REJECT_SHARE")),
     "finetune_hyperparameters": (
         "QE_FINETUNE_HYPERPARAMETERS",
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
@@ -293,7 +326,15 @@ class Settings(BaseModel):
     finetune_backend: str = "none"
     finetune_base_model: str = "gpt-4o-mini-2024-07-18"
     finetune_suffix: str = "qe"
-    finetune_sensor_running: bool = False
+    # The loop runs by itself under `make ui`: both sensors start running (set false to stop).
+    finetune_sensor_running: bool = True
+    finetune_allow_naive: bool = False
+    queue_sensor_running: bool = True
+    sensor_interval_seconds: int = 30
+    max_queue_age_seconds: float = 3_600.0
+    max_review_age_seconds: float = 86_400.0
+    max_review_backlog: int = 1_000
+    max_reject_share: float = 0.2
     finetune_hyperparameters: dict[str, Any] = {}
     finetune_command: str | None = None
     finetune_poll_seconds: float = 30.0

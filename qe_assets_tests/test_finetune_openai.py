@@ -30,6 +30,7 @@ def openai_settings(
             "finetune_deadline_seconds": 10.0,
             "finetune_hyperparameters": {"n_epochs": 2},
             "llm_max_retries": 0,
+            "finetune_allow_naive": True,  # no LLM here: every completion is naive
         }
     )
 
