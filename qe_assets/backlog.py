@@ -45,7 +45,8 @@ def look_at_queues(queues: list[EventQueue]) -> QueueLook:
             continue
         if backlog.waiting == 0:
             continue
-        waiting[queue.name] = f"{backlog.waiting} {backlog.unit}"
+        unit = backlog.unit.removesuffix("s") if backlog.waiting == 1 else backlog.unit
+        waiting[queue.name] = f"{backlog.waiting} {unit}"
         if backlog.oldest_at is None:
             unknown.append(queue.name)
         else:
