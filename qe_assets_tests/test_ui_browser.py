@@ -82,7 +82,13 @@ def dagster_dev(
         for key, value in os.environ.items()
         if not key.startswith(("QE_", "OPENAI_", "DAGSTER_"))
     }
-    env.update(QE_DATA_DIR=str(data_dir), QE_FINETUNE_THRESHOLD="20")
+    # The test clicks the jobs itself: the sensors that would run them hands-free stay off.
+    env.update(
+        QE_DATA_DIR=str(data_dir),
+        QE_FINETUNE_THRESHOLD="20",
+        QE_QUEUE_SENSOR_RUNNING="false",
+        QE_FINETUNE_SENSOR_RUNNING="false",
+    )
     server = DagsterDev(home, env, tmp_path / "dagster_dev.log")
     try:
         server.start(timeout=90)
