@@ -36,10 +36,7 @@ from qe_assets.finetune.registry import (
 from qe_assets.resources import OpenAIResource, PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
 
-SKIPPED_MESSAGE = (
-    "skipped: no backend configured (QE_FINETUNE_BACKEND=openai or command trains; the recipe "
-    "was written)"
-)
+SKIPPED_MESSAGE = "skipped: no backend configured"
 
 
 def _inputs_from(row: dict[str, Any]) -> TrainingInputs:
@@ -204,7 +201,10 @@ def fine_tuned_model(
     if status == "skipped":
         # Nothing was trained: no model to show as materialized, but the reason and the recipe
         # stay visible on the asset (an observation) and in the run's log.
-        context.log.info(f"{version}: {message}; the recipe is at {metadata['recipe_path']}")
+        context.log.info(
+            f"{version}: {message} (QE_FINETUNE_BACKEND=openai or command trains); the recipe "
+            f"is at {metadata['recipe_path']}"
+        )
         context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata=metadata))
         return
     yield dg.MaterializeResult(
