@@ -21,9 +21,10 @@ from qe_assets.resources import PipelineSettings
 from qe_assets.sensors import RETRY_FAILED_AFTER_SECONDS, build_queue_sensor
 from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect
-from qe_assets_tests.conftest import RedisServer, free_port
+from qe_assets_tests.conftest import KafkaBroker, RedisServer, free_port
 from qe_assets_tests.runs import checks, materialize, metadata, scalar
 from qe_assets_tests.test_finetune import processed, run_requests, skip_message
+from qe_assets_tests.test_kafka_queue import EXACT_DEPTH
 from qe_assets_tests.test_pipeline import batch
 
 
@@ -226,3 +227,22 @@ def test_a_real_backend_refuses_naive_completions_unless_allowed(settings: Setti
     assert "QE_FINETUNE_ALLOW_NAIVE=true" in message
     # Nothing was claimed: no half-started run for the version.
     assert scalar(command, "SELECT count(*) FROM fine_tune_runs") == 0
+
+
+def test_queue_sensor_reads_kafka_lag_without_consuming(
+    settings: Settings, kafka_broker: KafkaBroker
+) -> None:
+    topic = kafka_broker.new_topic(partitions=1)
+    url = kafka_broker.url(topic, **EXACT_DEPTH)
+    from qe_assets.queues.kafka_queue import KafkaQueue
+
+    queue = KafkaQueue(url)
+    queue.put(batch("k", 3))
+    on_kafka = settings.model_copy(update={"queue_url": url})
+    with dg.instance_for_test() as instance:
+        result = evaluate(on_kafka, instance)
+        (request,) = run_requests(result)
+        assert request.tags["qe/waiting"] == "3 events in kafka"
+        freshness = evaluations(result)["queue_freshness"]
+        assert freshness.passed and "unknown (kafka)" in (freshness.description or "")
+    assert queue.depth() == 3  # the group's offsets did not move
