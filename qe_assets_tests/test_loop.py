@@ -17,6 +17,7 @@ from dagster._core.utils import make_new_run_id
 
 from qe_assets.definitions import PIPELINE_JOB, build_definitions
 from qe_assets.queues import FileInbox, RedisQueue
+from qe_assets.queues.kafka_queue import KafkaQueue
 from qe_assets.resources import PipelineSettings
 from qe_assets.sensors import RETRY_FAILED_AFTER_SECONDS, build_queue_sensor
 from qe_assets.settings import Settings, SettingsError
@@ -234,8 +235,6 @@ def test_queue_sensor_reads_kafka_lag_without_consuming(
 ) -> None:
     topic = kafka_broker.new_topic(partitions=1)
     url = kafka_broker.url(topic, **EXACT_DEPTH)
-    from qe_assets.queues.kafka_queue import KafkaQueue
-
     queue = KafkaQueue(url)
     queue.put(batch("k", 3))
     on_kafka = settings.model_copy(update={"queue_url": url})
