@@ -9,6 +9,7 @@ Behaviour of a chat request, first match wins:
 1. the next reply queued with `plan(...)`;
 2. `responder(request)`, when set and it returns a `Reply`;
 3. the default: a deterministic answer derived from the prompt.
+`EvalModels` is a responder that serves several models of known quality and a pairwise judge.
 Every chat reply waits `latency` seconds first (plus the reply's own `delay`).
 """
 
@@ -19,6 +20,7 @@ import email.parser
 import email.policy
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -142,6 +144,62 @@ class FineTuneJob:
 
 def default_answer(request: ChatRequest) -> str:
     return f"Regenerated answer {request.prompt_hash[:12]} for: {request.prompt[-60:]}"
+
+
+ANSWER_BLOCK = re.compile(r"<<<BEGIN ANSWER ([12])>>>\n(.*?)\n<<<END ANSWER \1>>>", re.DOTALL)
+QUALITY = re.compile(r"quality (\d+)")
+JUDGE_GARBAGE = "I think the first one is better."  # not JSON: breaks the judge contract
+
+
+@dataclass
+class EvalModels:
+    """A responder serving several models and a pairwise judge, for the evaluation gate.
+
+    `quality` maps model-name prefixes (longest match wins) to a quality; a model answers
+    `Answer of quality Q: <prompt hash>`, so two models of equal quality give identical answers.
+    A prefix mapped to None is a failing model (HTTP 500 on every call). The judge
+    (`judge_model`) follows the pairwise contract: it reads the two answers between the
+    `<<<BEGIN ANSWER n>>>` markers and names the one of higher quality, "tie" when equal.
+    `garbage_every` > 0 makes the judge's first `garbage_times` replies to every such-th
+    prompt (by hash) unparseable.
+    """
+
+    quality: dict[str, int | None]
+    judge_model: str = "judge"
+    garbage_every: int = 0
+    garbage_times: int = 0
+
+    def quality_of(self, model: str) -> int | None:
+        matches = [p for p in self.quality if model.startswith(p)]
+        if not matches:
+            raise KeyError(f"no quality for model {model!r}")
+        return self.quality[max(matches, key=len)]
+
+    def __call__(self, request: ChatRequest) -> Reply:
+        if request.model == self.judge_model:
+            return self.judge(request)
+        quality = self.quality_of(request.model)
+        if quality is None:
+            return Reply.server_error(500)
+        return Reply.ok(f"Answer of quality {quality}: {request.prompt_hash[:12]}")
+
+    def garbled(self, request: ChatRequest) -> bool:
+        return (
+            self.garbage_every > 0
+            and int(request.prompt_hash[:8], 16) % self.garbage_every == 0
+            and request.seen <= self.garbage_times
+        )
+
+    def judge(self, request: ChatRequest) -> Reply:
+        if self.garbled(request):
+            return Reply.ok(JUDGE_GARBAGE)
+        answers = dict(ANSWER_BLOCK.findall(request.prompt))
+        scores = {n: int(m.group(1)) if (m := QUALITY.search(a)) else 0 for n, a in answers.items()}
+        if len(scores) != 2:
+            return Reply.ok(json.dumps({"winner": "tie", "reason": "answers not found"}))
+        one, two = scores["1"], scores["2"]
+        winner = "tie" if one == two else ("1" if one > two else "2")
+        return Reply.ok(json.dumps({"winner": winner, "reason": f"quality {one} vs {two}"}))
 
 
 class OpenAIServer:
