@@ -157,9 +157,10 @@ class EvalModels:
 
     `quality` maps model-name prefixes (longest match wins) to a quality; a model answers
     `Answer of quality Q: <prompt hash>`, so two models of equal quality give identical answers.
-    A prefix mapped to None is a failing model (HTTP 500 on every call). The judge
-    (`judge_model`) follows the pairwise contract: it reads the two answers between the
-    `<<<BEGIN ANSWER n>>>` markers and names the one of higher quality, "tie" when equal.
+    A prefix mapped to None is a failing model (HTTP 500 on every call). The judge (any model
+    whose name starts with `judge_model`) follows the pairwise contract: it reads the two
+    answers between the `<<<BEGIN ANSWER n>>>` markers and names the one of higher quality,
+    "tie" when equal.
     `garbage_every` > 0 makes the judge's first `garbage_times` replies to every such-th
     prompt (by hash) unparseable.
     """
@@ -176,7 +177,7 @@ class EvalModels:
         return self.quality[max(matches, key=len)]
 
     def __call__(self, request: ChatRequest) -> Reply:
-        if request.model == self.judge_model:
+        if request.model.startswith(self.judge_model):
             return self.judge(request)
         quality = self.quality_of(request.model)
         if quality is None:
@@ -647,11 +648,14 @@ class RemoteServer:
 
 
 @contextmanager
-def spawned(*, latency: float = 0.0) -> Iterator[RemoteServer]:
+def spawned(
+    *, latency: float = 0.0, eval_models: dict[str, int | None] | None = None
+) -> Iterator[RemoteServer]:
     """The server in a child process: its request handling then does not compete with the
     client under test for one interpreter's GIL (what a benchmark needs)."""
+    extra = ["--eval-models", json.dumps(eval_models)] if eval_models else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "qe_assets_tests.openai_server", "--latency", str(latency)],
+        [sys.executable, "-m", "qe_assets_tests.openai_server", "--latency", str(latency), *extra],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -667,8 +671,14 @@ def spawned(*, latency: float = 0.0) -> Iterator[RemoteServer]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the fake OpenAI API until killed.")
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument(
+        "--eval-models",
+        help='serve EvalModels with this quality map, e.g. {"ft:": 3, "": 1}',
+    )
     args = parser.parse_args()
     server = OpenAIServer(latency=args.latency).start()
+    if args.eval_models:
+        server.responder = EvalModels(json.loads(args.eval_models))
     print(server.port, flush=True)
     threading.Event().wait()
 

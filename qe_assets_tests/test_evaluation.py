@@ -192,6 +192,20 @@ def test_no_backend_means_no_evaluation(settings: Settings) -> None:
     assert any("nothing to evaluate: QE_FINETUNE_BACKEND=none trains nothing" in m for m in logs)
 
 
+def test_no_judge_configured_means_no_evaluation_and_the_release_still_succeeds(
+    eval_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    settings = eval_settings.model_copy(update={"eval_judge_model": None})
+    processed(settings, 60)
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize(settings, selection=RELEASE, instance=instance)
+    assert result.success and metadata(result, "model_evaluation") == {}
+    assert metadata(result, "fine_tuned_model")["status"] == "succeeded"
+    logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("nothing to evaluate: no judge model: set QE_EVAL_JUDGE_MODEL" in m for m in logs)
+    assert promotions(settings) == []
+
+
 def rounds_of_events(round_: int) -> list[str]:
     """60 events whose questions overlap the previous round's by half (same normalised question,
     new request id, different answer), so held-out questions come back in later versions."""

@@ -50,10 +50,12 @@ class Plan:
     candidate: Candidate | None = None
     baseline: str | None = None
     items: pl.DataFrame | None = None
+    judge: str | None = None
     skip: str | None = None
+    warn: bool = False  # the skip is a configuration gap, not a normal state
 
 
-def plan_evaluation(duckdb: DuckDBResource, settings: Settings) -> Plan:
+def plan_evaluation(duckdb: DuckDBResource, settings: Settings, key_set: bool) -> Plan:
     backend = settings.finetune_backend
     with duckdb_writer(duckdb) as conn:
         candidate = latest_candidate(conn, backend)
@@ -65,16 +67,16 @@ def plan_evaluation(duckdb: DuckDBResource, settings: Settings) -> Plan:
     baseline = production or candidate.base_model or settings.finetune_base_model
     if candidate.model_id == production:
         return Plan(skip=f"{candidate.model_id} is already the production model")
-    return Plan(candidate, baseline, items)
-
-
-def judge_model_of(settings: Settings) -> str:
+    # Not configured: nothing is promoted, and the release that trained the model still ends.
     judge = settings.eval_judge_model or settings.llm_judge_model or settings.llm_model
     if not judge:
-        raise dg.Failure(
-            "model_evaluation needs a judge model: set QE_EVAL_JUDGE_MODEL (or QE_LLM_MODEL)"
+        return Plan(skip="no judge model: set QE_EVAL_JUDGE_MODEL (or QE_LLM_MODEL)", warn=True)
+    if not key_set:
+        return Plan(
+            skip="OPENAI_API_KEY is not set (any value for a local server without keys)",
+            warn=True,
         )
-    return judge
+    return Plan(candidate, baseline, items, judge)
 
 
 def served(settings: Settings, model: str) -> str:
@@ -227,12 +229,14 @@ def model_evaluation(
     settings: PipelineSettings,
     openai: OpenAIResource,
 ) -> Iterator[dg.MaterializeResult]:
-    plan = plan_evaluation(duckdb, settings)
+    plan = plan_evaluation(duckdb, settings, openai.configured)
     if plan.skip is not None:
-        context.log.info(f"nothing to evaluate: {plan.skip}")
+        (context.log.warning if plan.warn else context.log.info)(
+            f"nothing to evaluate: {plan.skip}"
+        )
         return
-    assert plan.candidate is not None and plan.baseline is not None and plan.items is not None
-    judge = judge_model_of(settings)
+    assert plan.candidate and plan.baseline and plan.items is not None and plan.judge
+    judge = plan.judge
     candidate, items = plan.candidate.model_id, plan.items
     eval_id = evaluation_id(candidate, plan.baseline, judge, items["sample_id"].to_list())
     pairing = Pairing(
