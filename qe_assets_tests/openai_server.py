@@ -149,6 +149,7 @@ def default_answer(request: ChatRequest) -> str:
 ANSWER_BLOCK = re.compile(r"<<<BEGIN ANSWER ([12])>>>\n(.*?)\n<<<END ANSWER \1>>>", re.DOTALL)
 QUALITY = re.compile(r"quality (\d+)")
 JUDGE_GARBAGE = "I think the first one is better."  # not JSON: breaks the judge contract
+EMPTY_ANSWERS = -1  # an EvalModels quality: the model answers with an empty string
 
 
 @dataclass
@@ -157,7 +158,8 @@ class EvalModels:
 
     `quality` maps model-name prefixes (longest match wins) to a quality; a model answers
     `Answer of quality Q: <prompt hash>`, so two models of equal quality give identical answers.
-    A prefix mapped to None is a failing model (HTTP 500 on every call). The judge (any model
+    A prefix mapped to None is a failing model (HTTP 500 on every call), one mapped to
+    EMPTY_ANSWERS answers with nothing. The judge (any model
     whose name starts with `judge_model`) follows the pairwise contract: it reads the two
     answers between the `<<<BEGIN ANSWER n>>>` markers and names the one of higher quality,
     "tie" when equal.
@@ -169,6 +171,7 @@ class EvalModels:
     judge_model: str = "judge"
     garbage_every: int = 0
     garbage_times: int = 0
+    judge_down: bool = False  # the judge answers HTTP 500
 
     def quality_of(self, model: str) -> int | None:
         matches = [p for p in self.quality if model.startswith(p)]
@@ -182,6 +185,8 @@ class EvalModels:
         quality = self.quality_of(request.model)
         if quality is None:
             return Reply.server_error(500)
+        if quality == EMPTY_ANSWERS:
+            return Reply.empty()
         return Reply.ok(f"Answer of quality {quality}: {request.prompt_hash[:12]}")
 
     def garbled(self, request: ChatRequest) -> bool:
@@ -192,6 +197,8 @@ class EvalModels:
         )
 
     def judge(self, request: ChatRequest) -> Reply:
+        if self.judge_down:
+            return Reply.server_error(500)
         if self.garbled(request):
             return Reply.ok(JUDGE_GARBAGE)
         answers = dict(ANSWER_BLOCK.findall(request.prompt))

@@ -10,7 +10,7 @@ from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event
-from qe_assets_tests.openai_server import EvalModels, OpenAIServer
+from qe_assets_tests.openai_server import EMPTY_ANSWERS, EvalModels, OpenAIServer, Reply, running
 from qe_assets_tests.runs import checks, column, materialize, metadata, scalar
 from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_finetune import processed
@@ -168,6 +168,65 @@ def test_a_failing_model_gives_failed_items_and_no_promotion(
     assert meta["decision"] == "insufficient_data"
     assert not checks(result)["candidate_beats_production"].passed
     assert promotions(eval_settings) == []
+
+
+def test_empty_answers_are_failures_not_wins(
+    eval_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    result = release(eval_settings, openai_server, EvalModels({"ft:": EMPTY_ANSWERS, BASE: 1}))
+    meta = metadata(result, "model_evaluation")
+    assert meta["wins"] == meta["n"] == 0 and meta["decision"] == "insufficient_data"
+    assert meta["error/candidate:EmptyCompletion"] == meta["failed"] > 0
+    assert promotions(eval_settings) == []
+
+
+def test_endpoint_down_finishes_with_every_item_failed(
+    eval_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    with running() as gone:
+        dead_url = gone.base_url  # closed once the block ends: connection refused
+    settings = eval_settings.model_copy(update={"eval_base_url": dead_url})
+    result = release(settings, openai_server, EvalModels({"ft:": 3, BASE: 1}))
+    meta = metadata(result, "model_evaluation")
+    assert meta["n"] == 0 and meta["decision"] == "insufficient_data"
+    assert meta["error/candidate:APIConnectionError,baseline:APIConnectionError"] == meta["failed"]
+    assert not checks(result)["candidate_beats_production"].passed
+
+
+def test_a_separate_endpoint_serves_the_adapter_under_a_mapped_name(
+    eval_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    with running() as serving:
+        serving.responder = EvalModels({"qe-adapter": 3, BASE: 1})
+        processed(eval_settings, 120)
+        # The fine-tune job runs on one server; its model id is known once it has succeeded.
+        assert materialize(eval_settings, selection=["tuning_dataset", "fine_tuned_model"]).success
+        model_id = scalar(eval_settings, "SELECT model_id FROM fine_tune_runs")
+        settings = eval_settings.model_copy(
+            update={"eval_base_url": serving.base_url, "eval_model_map": {model_id: "qe-adapter"}}
+        )
+        serving.plan(Reply.rate_limited(0.05), Reply.rate_limited(0.05))
+        result = materialize(settings, selection=["model_evaluation"])
+        served_models = {r.json()["model"] for r in serving.chat_requests()}
+    meta = metadata(result, "model_evaluation")
+    assert meta["candidate"] == model_id and meta["decision"] == "promote" and meta["failed"] == 0
+    assert served_models == {"qe-adapter", BASE, "judge"}
+    assert openai_server.chat_requests() == []
+    # Two 429s were retried after Retry-After: one request more each, no item lost.
+    assert meta["calls"] == 3 * meta["n"] + 2
+
+
+def test_answers_paid_for_are_not_asked_again_after_a_failed_judge(
+    eval_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    first = release(eval_settings, openai_server, EvalModels({"ft:": 3, BASE: 1}, judge_down=True))
+    held = metadata(first, "model_evaluation")["failed"]
+    assert held > 0 and metadata(first, "model_evaluation")["n"] == 0
+    openai_server.reset()
+    openai_server.responder = EvalModels({"ft:": 3, BASE: 1})
+    again = metadata(materialize(eval_settings, selection=["model_evaluation"]), "model_evaluation")
+    asked = {r.json()["model"] for r in openai_server.chat_requests()}
+    assert asked == {"judge"} and again["n"] == held and again["decision"] == "promote"
 
 
 def test_too_few_items_is_insufficient_data(
