@@ -3,6 +3,8 @@ local OpenAI-compatible server serving a fine-tune job, several models and a pai
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 
@@ -348,3 +350,16 @@ def test_people_promote_and_roll_back_with_reviewer_and_reason(
     assert "lower bound" in rows[0][3]
     no_reason = qe("models", "promote", BASE, env=env, check=False)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["models"], ["models", "list"], ["models", "promote"], ["models", "rollback"]]
+)
+def test_models_help_and_no_database_are_one_liners(command: list[str], tmp_path: Path) -> None:
+    env = {"QE_DATA_DIR": str(tmp_path / "data")}
+    help_text = qe(*command, "--help", env=env).stdout
+    assert help_text.startswith(f"usage: qe {' '.join(command)}") and "options:" in help_text
+    if command == ["models", "list"]:
+        missing = qe(*command, env=env, check=False)
+        assert missing.returncode == 2 and missing.stderr.startswith("qe: no database at")
+        assert missing.stderr.count("\n") == 1
