@@ -16,23 +16,19 @@ from qe_assets_tests.openai_server import EMPTY_ANSWERS, EvalModels, OpenAIServe
 from qe_assets_tests.runs import checks, column, materialize, metadata, scalar
 from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_finetune import processed
+from qe_assets_tests.test_finetune_openai import openai_settings  # noqa: F401 (a fixture)
 
-KEY = "sk-test-eval-4455"
 BASE = "gpt-4o-mini-2024-07-18"
 RELEASE = ["tuning_dataset", "fine_tuned_model", "model_evaluation"]
 
 
 @pytest.fixture
-def eval_settings(
-    settings: Settings, openai_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch
-) -> Settings:
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    return settings.model_copy(
+def eval_settings(request: pytest.FixtureRequest) -> Settings:
+    """The openai fine-tune backend on the test server (its job gives the candidate's id), a
+    large held-out share so a few dozen events make an evaluation set."""
+    base: Settings = request.getfixturevalue("openai_settings")
+    return base.model_copy(
         update={
-            "finetune_backend": "openai",
-            "openai_base_url": openai_server.base_url,
-            "finetune_poll_seconds": 0.01,
-            "finetune_deadline_seconds": 10.0,
             "llm_max_retries": 1,
             "llm_timeout_seconds": 5.0,
             "eval_share": 0.5,

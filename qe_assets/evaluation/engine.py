@@ -174,18 +174,14 @@ async def _run(
     client = make_client()
     evaluation = _Evaluation(client, pairing, cache)
     results: list[ItemResult] = []
-    pending: list[ItemResult] = []
+    committed = 0
     try:
         tasks = [asyncio.create_task(evaluation.evaluate(item)) for item in items]
         for finished in asyncio.as_completed(tasks):
-            pending.append(await finished)
-            if len(pending) >= pairing.batch_size:
-                await asyncio.to_thread(commit, pending)
-                results += pending
-                pending = []
-        if pending:
-            await asyncio.to_thread(commit, pending)
-            results += pending
+            results.append(await finished)
+            if len(results) - committed >= pairing.batch_size or len(results) == len(tasks):
+                await asyncio.to_thread(commit, results[committed:])
+                committed = len(results)
     finally:
         await client.close()
     return results

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from qe_assets.evaluation.metrics import LOSS, TIE, WIN
+from qe_assets.llm import json_reply
 from qe_assets.transforms.completions import JUDGE_PARAMETERS, neutralise_text
 
 PAIRWISE_KEYS = ("system", "intro", "reminder")
@@ -77,16 +78,8 @@ def pairwise_request(model: str, item: JudgeItem, answer_1: str, answer_2: str) 
 def parse_pairwise(text: str | None) -> tuple[str, str] | None:
     """(winner "1" | "2" | "tie", reason) from a strict JSON reply, or None when it is not one.
     A Markdown code fence around the object is tolerated, as for the scoring judge."""
-    if text is None:
-        return None
-    body = text.strip()
-    if body.startswith("```"):
-        body = body.strip("`").removeprefix("json").strip()
-    try:
-        reply = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(reply, dict):
+    reply = json_reply(text)
+    if reply is None:
         return None
     winner, reason = reply.get("winner"), reply.get("reason", "")
     if isinstance(winner, int) and not isinstance(winner, bool):
