@@ -261,6 +261,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "eval_base_url": ("QE_EVAL_BASE_URL", str.strip),
     "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
     "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", str.strip),
+    "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
     "llm_price_input_per_1m": (
         "QE_LLM_PRICE_INPUT_PER_1M",
         _float("QE_LLM_PRICE_INPUT_PER_1M", 0.0, None),
@@ -336,6 +337,7 @@ class Settings(BaseModel):
     eval_base_url: str | None = None  # None: OPENAI_BASE_URL
     eval_model_map: dict[str, str] = {}  # model id → name the endpoint serves it under
     eval_judge_model: str | None = None  # None: QE_LLM_JUDGE_MODEL, else QE_LLM_MODEL
+    eval_icl_examples: int = 0  # k train examples in an ICL baseline's prompt; 0: no ICL baseline
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

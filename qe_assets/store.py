@@ -208,6 +208,9 @@ CREATE TABLE IF NOT EXISTS model_evaluations (
     completion_tokens BIGINT NOT NULL,
     estimated_cost   DOUBLE NOT NULL,
     dagster_run_id   VARCHAR,
+    -- production: the gate's comparison; icl: against production with k train examples in its
+    -- prompt (reported, never gating)
+    comparison       VARCHAR NOT NULL DEFAULT 'production',
     created_at       TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS evaluation_items (

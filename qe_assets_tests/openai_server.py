@@ -172,6 +172,7 @@ class EvalModels:
     garbage_every: int = 0
     garbage_times: int = 0
     judge_down: bool = False  # the judge answers HTTP 500
+    icl_bonus: int = 0  # quality added when the request carries example turns (an ICL prompt)
 
     def quality_of(self, model: str) -> int | None:
         matches = [p for p in self.quality if model.startswith(p)]
@@ -187,6 +188,8 @@ class EvalModels:
             return Reply.server_error(500)
         if quality == EMPTY_ANSWERS:
             return Reply.empty()
+        if len(request.messages) > 2:
+            quality += self.icl_bonus
         return Reply.ok(f"Answer of quality {quality}: {request.prompt_hash[:12]}")
 
     def garbled(self, request: ChatRequest) -> bool:

@@ -227,6 +227,40 @@ def test_answers_paid_for_are_not_asked_again_after_a_failed_judge(
     assert asked == {"judge"} and again["n"] == held and again["decision"] == "promote"
 
 
+def test_an_icl_baseline_is_reported_beside_the_gate(
+    eval_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    settings = eval_settings.model_copy(update={"eval_icl_examples": 2})
+    # In-context examples lift the base model above the candidate: reported, not gating.
+    result = release(settings, openai_server, EvalModels({"ft:": 3, BASE: 1}, icl_bonus=3))
+    meta = metadata(result, "model_evaluation")
+    assert meta["decision"] == "promote" and meta["icl/baseline"] == f"{BASE}+icl2"
+    assert meta["icl/n"] == meta["n"] and meta["icl/win_rate"] == 0.0
+    assert checks(result)["candidate_beats_production"].passed
+    with connect(settings.database, read_only=True) as conn:
+        rows = conn.execute(
+            "SELECT comparison, baseline, decision FROM model_evaluations ORDER BY comparison"
+        ).fetchall()
+        train = set(
+            column(
+                conn,
+                "SELECT s.prompt FROM dataset_samples d JOIN annotated_samples s "
+                "USING (sample_id) WHERE d.split = 'train'",
+            )
+        )
+    assert rows == [("icl", f"{BASE}+icl2", "block"), ("production", BASE, "promote")]
+    icl_requests = [
+        r.json() for r in openai_server.chat_requests() if len(r.json()["messages"]) > 2
+    ]
+    assert icl_requests and all(r["model"] == BASE for r in icl_requests)
+    shots = icl_requests[0]["messages"][1:-1]
+    assert [m["role"] for m in shots] == ["user", "assistant"] * 2
+    assert {shots[0]["content"], shots[2]["content"]} <= train
+    # The candidate's answers were asked once for both comparisons.
+    candidate_calls = [r for r in openai_server.chat_requests() if r.json()["model"] != BASE]
+    assert len([r for r in candidate_calls if r.json()["model"] != "judge"]) == meta["n"]
+
+
 def test_too_few_items_is_insufficient_data(
     eval_settings: Settings, openai_server: OpenAIServer
 ) -> None:

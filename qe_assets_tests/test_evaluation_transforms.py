@@ -169,6 +169,7 @@ def test_evaluation_settings_are_validated_at_load() -> None:
         ("QE_EVAL_SHARE", "x"),
         ("QE_EVAL_MODEL_MAP", '{"a": 1}'),
         ("QE_EVAL_MODEL_MAP", "[1]"),
+        ("QE_EVAL_ICL_EXAMPLES", "-1"),
     ]:
         with pytest.raises(SettingsError, match=variable):
             Settings.from_env({variable: raw})

@@ -4,7 +4,7 @@ evaluation set, judged pairwise; the blocking check promotes it only when it mea
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
@@ -20,6 +20,7 @@ from qe_assets.evaluation.registry import (
     cached_answers,
     evaluation_items,
     evaluation_of_run,
+    icl_examples,
     latest_candidate,
     production_model,
     record_promotion,
@@ -143,7 +144,7 @@ def _row(
     row = {
         "evaluation_id": eval_id,
         "candidate": plan.candidate.model_id,
-        "baseline": plan.baseline,
+        "baseline": pairing.baseline,
         "dataset_version": plan.candidate.dataset_version,
         **{k: getattr(overall, k) for k in ("n", "wins", "ties", "losses", "failed")},
         "win_rate": overall.win_rate,
@@ -160,14 +161,10 @@ def _row(
     return row, labels
 
 
-def _metadata(
-    row: dict[str, Any],
-    labels: dict[str, Tally],
-    frame: pl.DataFrame,
-    prompts: dict[str, str],
-    results: list[ItemResult],
-    elapsed: float,
-) -> "dict[str, dg.RawMetadataValue]":
+def _metadata(compared: "Compared", items: pl.DataFrame) -> "dict[str, dg.RawMetadataValue]":
+    row, labels, frame = compared.row, compared.labels, compared.frame
+    results, elapsed = compared.results, compared.elapsed
+    prompts = dict(zip(items["sample_id"], items["question"], strict=True))
     calls = spend(results, 0.0, 0.0)
     metadata: dict[str, dg.RawMetadataValue] = {
         key: row[key]
@@ -236,25 +233,66 @@ def model_evaluation(
         )
         return
     assert plan.candidate and plan.baseline and plan.items is not None and plan.judge
-    judge = plan.judge
-    candidate, items = plan.candidate.model_id, plan.items
-    eval_id = evaluation_id(candidate, plan.baseline, judge, items["sample_id"].to_list())
     pairing = Pairing(
-        candidate=candidate,
+        candidate=plan.candidate.model_id,
         baseline=plan.baseline,
-        candidate_served=served(settings, candidate),
+        candidate_served=served(settings, plan.candidate.model_id),
         baseline_served=served(settings, plan.baseline),
-        judge_model=judge,
+        judge_model=plan.judge,
         max_tokens=settings.llm_max_tokens,
         concurrency=settings.llm_concurrency,
         batch_size=settings.llm_batch_size,
     )
+    compared = _compare(context, duckdb, settings, openai, plan, pairing, "production")
+    metadata = _metadata(compared, plan.items)
+    if settings.eval_icl_examples:
+        with duckdb_writer(duckdb) as conn:
+            shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
+        icl = replace(
+            pairing,
+            baseline=f"{plan.baseline}+icl{len(shots) // 2}",
+            baseline_shots=tuple(shots),
+        )
+        row = _compare(context, duckdb, settings, openai, plan, icl, "icl").row
+        for key in ("baseline", "evaluation_id", "n", "failed", "win_rate", "ci_low"):
+            metadata[f"icl/{key}"] = round(row[key], 4) if isinstance(row[key], float) else row[key]
+    yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(compared.eval_id))
+
+
+@dataclass(frozen=True)
+class Compared:
+    eval_id: str
+    row: dict[str, Any]
+    labels: dict[str, Tally]
+    frame: pl.DataFrame
+    results: list[ItemResult]
+    elapsed: float
+
+
+def _compare(
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    settings: Settings,
+    openai: OpenAIResource,
+    plan: Plan,
+    pairing: Pairing,
+    comparison: str,
+) -> Compared:
+    """One comparison over the whole set: answers, verdicts, items committed as they come, the
+    evaluation row saved."""
+    assert plan.items is not None
+    items = plan.items
+    eval_id = evaluation_id(
+        pairing.candidate, pairing.baseline, pairing.judge_model, items["sample_id"].to_list()
+    )
     context.log.info(
-        f"evaluating {candidate} against {plan.baseline} on {items.height} held-out prompts "
-        f"(judge {judge}, concurrency {pairing.concurrency})"
+        f"evaluating {pairing.candidate} against {pairing.baseline} on {items.height} held-out "
+        f"prompts (judge {pairing.judge_model}, concurrency {pairing.concurrency})"
     )
     with duckdb_writer(duckdb) as conn:
-        cache = cached_answers(conn, [pairing.candidate_served, pairing.baseline_served, judge])
+        cache = cached_answers(
+            conn, [pairing.candidate_served, pairing.baseline_served, pairing.judge_model]
+        )
     started = time.monotonic()
     results = (
         evaluate_pairs(
@@ -270,14 +308,11 @@ def model_evaluation(
     elapsed = time.monotonic() - started
     frame = item_frame(results)
     row, labels = _row(eval_id, plan, pairing, frame, settings, results, context.run.run_id)
+    row["comparison"] = comparison
     with duckdb_writer(duckdb) as conn:
         save_evaluation(conn, row)
-    context.log.info(f"evaluation {eval_id}: {row['decision']} ({row['reason']})")
-    prompts = dict(zip(items["sample_id"], items["question"], strict=True))
-    yield dg.MaterializeResult(
-        metadata=_metadata(row, labels, frame, prompts, results, elapsed),
-        data_version=dg.DataVersion(eval_id),
-    )
+    context.log.info(f"evaluation {eval_id} ({comparison}): {row['decision']} ({row['reason']})")
+    return Compared(eval_id, row, labels, frame, results, elapsed)
 
 
 def gate_decision(row: dict[str, Any], settings: Settings) -> Decision:

@@ -46,6 +46,8 @@ class Pairing:
     max_tokens: int
     concurrency: int
     batch_size: int
+    # Turns put before the prompt in the baseline's requests only: the ICL baseline's examples.
+    baseline_shots: tuple[dict[str, str], ...] = ()
 
 
 @dataclass
@@ -66,12 +68,22 @@ class ItemResult:
     cache_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def answer_request(model: str, system: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """What a model is asked: the training files' system message and the sample's prompt,
-    temperature 0 so the answers, and the verdicts on them, are reproducible."""
+def answer_request(
+    model: str,
+    system: str,
+    prompt: str,
+    max_tokens: int,
+    shots: tuple[dict[str, str], ...] = (),
+) -> dict[str, Any]:
+    """What a model is asked: the training files' system message, any example turns, and the
+    sample's prompt, temperature 0 so the answers, and the verdicts on them, are reproducible."""
     return {
         "model": model,
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        "messages": [
+            {"role": "system", "content": system},
+            *shots,
+            {"role": "user", "content": prompt},
+        ],
         "temperature": 0.0,
         "max_tokens": max_tokens,
     }
@@ -120,8 +132,8 @@ class _Evaluation:
         p = self.pairing
         result = ItemResult(item["sample_id"], item["label"])
         requests = [
-            answer_request(model, item["system"], item["prompt"], p.max_tokens)
-            for model in (p.candidate_served, p.baseline_served)
+            answer_request(model, item["system"], item["prompt"], p.max_tokens, shots)
+            for model, shots in ((p.candidate_served, ()), (p.baseline_served, p.baseline_shots))
         ]
         answers = await asyncio.gather(*(self.call(r, result) for r in requests))
         errors = []

@@ -76,6 +76,24 @@ def cached_answers(conn: duckdb.DuckDBPyConnection, models: list[str]) -> dict[s
     return dict(rows)
 
 
+def icl_examples(conn: duckdb.DuckDBPyConnection, version: str, k: int) -> list[dict[str, str]]:
+    """k (prompt, completion) pairs of the version's train split as chat turns: the ICL
+    baseline's examples. Chosen by a hash of the sample id, so every run shows the same ones."""
+    rows = conn.execute(
+        """
+        SELECT s.prompt, c.completion FROM dataset_samples d
+        JOIN annotated_samples s USING (sample_id) JOIN completions c USING (sample_id)
+        WHERE d.version = ? AND d.split = 'train' AND c.completion IS NOT NULL
+        ORDER BY md5(d.sample_id) LIMIT ?
+        """,
+        [version, k],
+    ).fetchall()
+    turns: list[dict[str, str]] = []
+    for prompt, completion in rows:
+        turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return turns
+
+
 def save_evaluation(conn: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
     """Insert or replace one evaluation (a re-run of the same comparison replaces its row)."""
     values = {**row, "per_label": json.dumps(row["per_label"], ensure_ascii=False)}
@@ -91,7 +109,8 @@ def save_evaluation(conn: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> Non
 def evaluation_of_run(conn: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
     rows = query_frame(
         conn,
-        "SELECT * FROM model_evaluations WHERE dagster_run_id = ? ORDER BY created_at DESC LIMIT 1",
+        "SELECT * FROM model_evaluations WHERE dagster_run_id = ? "
+        "AND comparison = 'production' ORDER BY created_at DESC LIMIT 1",
         [run_id],
     ).rows(named=True)
     return rows[0] if rows else None
@@ -131,7 +150,7 @@ def rollback_target(conn: duckdb.DuckDBPyConnection) -> str | None:
 
 MODELS_QUERY = """
     WITH latest_eval AS (
-        SELECT * FROM model_evaluations
+        SELECT * FROM model_evaluations WHERE comparison = 'production'
         QUALIFY row_number() OVER (PARTITION BY candidate ORDER BY created_at DESC) = 1
     ),
     production AS (SELECT model FROM promoted_models ORDER BY promotion_id DESC LIMIT 1)
