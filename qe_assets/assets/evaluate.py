@@ -233,6 +233,11 @@ def model_evaluation(
         )
         return
     assert plan.candidate and plan.baseline and plan.items is not None and plan.judge
+    if plan.items.is_empty():
+        context.log.warning(
+            "the evaluation set is empty (QE_EVAL_SHARE holds nothing out yet): recorded as "
+            "insufficient_data, nothing promoted"
+        )
     pairing = Pairing(
         candidate=plan.candidate.model_id,
         baseline=plan.baseline,
