@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -86,6 +87,16 @@ def evaluation_bench(args: argparse.Namespace) -> list[str]:
         server.reset()
         verdicts = metadata(materialize(judged, selection=evaluation), "model_evaluation")
         verdict_calls = server.chat_count
+    return _evaluation_report(args, full, verdicts, full_calls, verdict_calls)
+
+
+def _evaluation_report(
+    args: argparse.Namespace,
+    full: dict[str, Any],
+    verdicts: dict[str, Any],
+    full_calls: int,
+    verdict_calls: int,
+) -> list[str]:
     items = full["n"] + full["failed"]
     full_bound = args.concurrency / (3 * args.latency)
     judge_bound = args.concurrency / args.latency

@@ -12,6 +12,7 @@ from __future__ import annotations
 import duckdb
 import polars as pl
 
+from qe_assets.store import owned_copy
 from qe_assets.transforms.dataset import EVALUATION_SPLIT, TRAIN_SPLIT
 
 
@@ -55,4 +56,6 @@ def hold_out(
             """
         ).pl()["question_key"]
     conn.unregister("holdout_keys")
-    return apply_holdout(batch, frozen, trained)
+    kept, held = apply_holdout(batch, frozen, trained)
+    # Kept until the cut commits: own buffers, so the batch's prompts can be freed meanwhile.
+    return kept, held.select(owned_copy("sample_id"), owned_copy("question_key"))
