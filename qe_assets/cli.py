@@ -423,6 +423,68 @@ def _dagster_dev_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "dagster", "dev", "-h", host, "-p", str(port), *location]
 
 
+def _models_list(settings: Settings, wait: float) -> int:
+    import duckdb
+    import polars as pl
+
+    from qe_assets.evaluation.registry import MODELS_QUERY
+    from qe_assets.store import connect, query_frame
+
+    with connect(settings.database, read_only=True, wait_seconds=wait) as conn:
+        try:
+            frame = query_frame(conn, MODELS_QUERY)
+        except duckdb.CatalogException:  # a store from before the evaluation gate
+            frame = pl.DataFrame()
+    if frame.is_empty():
+        print("no fine-tuned or promoted model yet")
+        return EXIT_OK
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=70, tbl_width_chars=200):
+        print(frame)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.evaluation import registry
+    from qe_assets.store import connect, ensure_schema, writer_lock
+
+    if not settings.database.exists():
+        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    if args.action == "list":
+        return _models_list(settings, args.wait)
+    reviewer = _reviewer(args)
+
+    def waiting(holder: str) -> None:
+        _err(f"waiting for the DuckDB writer lock, held by {holder}")
+
+    with (
+        writer_lock(settings.database, on_wait=waiting),
+        connect(settings.database, wait_seconds=args.wait) as conn,
+    ):
+        ensure_schema(conn)
+        current = registry.production_model(conn)
+        if args.action == "promote":
+            model, action = args.model, registry.PROMOTE_ACTION
+            if not registry.known_model(conn, model):
+                raise UserError(
+                    f"{model}: no such model (not a trained, base or earlier production model)",
+                    EXIT_FAILED,
+                )
+            if model == current:
+                print(f"{model} is already the production model; nothing recorded")
+                return EXIT_OK
+        else:
+            model, action = registry.rollback_target(conn), registry.ROLLBACK_ACTION
+            if model is None:
+                raise UserError(
+                    f"nothing to roll back to: {current or 'no model'} is the only "
+                    "production model on record",
+                    EXIT_FAILED,
+                )
+        registry.record_promotion(conn, model, reviewer, action=action, reason=args.reason)
+    print(f"{action}: {model} is the production model (was {current or 'none'}), by {reviewer}")
+    return EXIT_OK
+
+
 def _age_seconds(text: str) -> float:
     """`30d`, `12h`, `45m` or `0d` as seconds; anything else is a usage error."""
     from qe_assets.settings import parse_duration
@@ -529,6 +591,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--note")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("models", help="models, their evaluations and production: list, promote")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every model, its version, evaluation and production flag")
+    r = actions.add_parser("promote", help="make MODEL the production model (recorded)")
+    r.add_argument("model", metavar="MODEL", help="a model_id from `qe models list`")
+    r = actions.add_parser("rollback", help="return to the model in production before this one")
+    for r in (actions.choices["promote"], actions.choices["rollback"]):
+        r.add_argument("--reason", required=True, help="why; recorded in promoted_models")
+        r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
         "purge", help="redact the stored text of samples already in a version, past an age"

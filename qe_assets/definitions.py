@@ -8,6 +8,7 @@ from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
 from qe_assets.assets.complete import completions
 from qe_assets.assets.dataset import tuning_dataset
+from qe_assets.assets.evaluate import candidate_beats_production, model_evaluation
 from qe_assets.assets.finetune import fine_tuned_model
 from qe_assets.checks import DATASET_CHECKS
 from qe_assets.resources import build_resources
@@ -17,9 +18,9 @@ from qe_assets.settings import Settings
 PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
 PROCESSING_ASSETS = [raw_events, annotated_samples, completions]
-RELEASE_ASSETS = [tuning_dataset, fine_tuned_model]
+RELEASE_ASSETS = [tuning_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
-ASSET_CHECKS = [*DATASET_CHECKS]
+ASSET_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

@@ -107,6 +107,17 @@ def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
     return parse
 
 
+def _model_map(raw: str) -> dict[str, str]:
+    value = _json_object("QE_EVAL_MODEL_MAP")(raw)
+    bad = [key for key, name in value.items() if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise SettingsError(
+            f"QE_EVAL_MODEL_MAP must map model ids to served model names (non-empty strings); "
+            f"{bad[0]!r} does not"
+        )
+    return value
+
+
 def _memory_size(raw: str) -> str:
     value = raw.strip().replace(" ", "")
     if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?B|%)", value, flags=re.IGNORECASE):
@@ -277,6 +288,13 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "llm_judge": ("QE_LLM_JUDGE", _bool("QE_LLM_JUDGE")),
     "llm_judge_model": ("QE_LLM_JUDGE_MODEL", str.strip),
     "llm_judge_margin": ("QE_LLM_JUDGE_MARGIN", _float("QE_LLM_JUDGE_MARGIN", 0.0, 10.0)),
+    "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
+    "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
+    "eval_margin": ("QE_EVAL_MARGIN", _float("QE_EVAL_MARGIN", 0.0, 0.5)),
+    "eval_base_url": ("QE_EVAL_BASE_URL", str.strip),
+    "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
+    "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", str.strip),
+    "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
     "llm_price_input_per_1m": (
         "QE_LLM_PRICE_INPUT_PER_1M",
         _float("QE_LLM_PRICE_INPUT_PER_1M", 0.0, None),
@@ -352,6 +370,15 @@ class Settings(BaseModel):
     llm_judge_margin: float = 1.0
     llm_price_input_per_1m: float = 0.0
     llm_price_output_per_1m: float = 0.0
+    # The evaluation gate (docs/evaluation.md). 0 holds nothing out: set a share to build the
+    # frozen evaluation set; held-out questions never reach a training file.
+    eval_share: float = 0.0
+    eval_min_items: int = 50
+    eval_margin: float = 0.0
+    eval_base_url: str | None = None  # None: OPENAI_BASE_URL
+    eval_model_map: dict[str, str] = {}  # model id → name the endpoint serves it under
+    eval_judge_model: str | None = None  # None: QE_LLM_JUDGE_MODEL, else QE_LLM_MODEL
+    eval_icl_examples: int = 0  # k train examples in an ICL baseline's prompt; 0: no ICL baseline
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -180,6 +180,63 @@ CREATE TABLE IF NOT EXISTS llm_cache (
     completion_tokens  BIGINT NOT NULL,
     created_at         TIMESTAMP NOT NULL
 );
+-- The evaluation gate (qe_assets/evaluation). Added with IF NOT EXISTS, so an existing store
+-- gains them on its next write connection.
+CREATE TABLE IF NOT EXISTS evaluation_set (
+    sample_id        VARCHAR PRIMARY KEY,  -- held out of every training file, for good
+    question_key     VARCHAR NOT NULL,     -- later samples with this question are held out too
+    dataset_version  VARCHAR NOT NULL,     -- the cut that held it out
+    added_at         TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_evaluations (
+    evaluation_id    VARCHAR PRIMARY KEY,  -- sha256(candidate, baseline, judge, items): re-runs
+    candidate        VARCHAR NOT NULL,     -- fine_tune_runs.model_id
+    baseline         VARCHAR NOT NULL,     -- the production model (or the base model)
+    dataset_version  VARCHAR,              -- the candidate's training version
+    n                INTEGER NOT NULL,     -- judged pairs: wins + ties + losses
+    wins             INTEGER NOT NULL,
+    ties             INTEGER NOT NULL,
+    losses           INTEGER NOT NULL,
+    failed           INTEGER NOT NULL,     -- not judged: an answer or the verdict failed
+    win_rate         DOUBLE NOT NULL,      -- (wins + ties / 2) / n
+    ci_low           DOUBLE NOT NULL,      -- 95 % Wilson lower bound of win_rate
+    decision         VARCHAR NOT NULL,     -- promote | block | insufficient_data
+    reason           VARCHAR NOT NULL,
+    judge_model      VARCHAR NOT NULL,
+    per_label        JSON NOT NULL,
+    prompt_tokens    BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    estimated_cost   DOUBLE NOT NULL,
+    dagster_run_id   VARCHAR,
+    -- production: the gate's comparison; icl: against production with k train examples in its
+    -- prompt (reported, never gating)
+    comparison       VARCHAR NOT NULL DEFAULT 'production',
+    created_at       TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluation_items (
+    evaluation_id    VARCHAR NOT NULL,
+    sample_id        VARCHAR NOT NULL,
+    label            VARCHAR NOT NULL,
+    candidate_answer VARCHAR,
+    baseline_answer  VARCHAR,
+    candidate_first  BOOLEAN NOT NULL,     -- the candidate's answer was shown as answer 1
+    verdict          VARCHAR NOT NULL,     -- win | loss | tie | failed (the candidate's side)
+    winner           VARCHAR,              -- the judge's "1" | "2" | "tie"
+    reason           VARCHAR,
+    error            VARCHAR,              -- why a failed item was not judged
+    PRIMARY KEY (evaluation_id, sample_id)
+);
+CREATE SEQUENCE IF NOT EXISTS promoted_models_seq;
+-- Append-only: the newest row names the production model (promotions and rollbacks alike).
+CREATE TABLE IF NOT EXISTS promoted_models (
+    promotion_id     BIGINT NOT NULL DEFAULT nextval('promoted_models_seq'),
+    model            VARCHAR NOT NULL,
+    promoted_at      TIMESTAMP NOT NULL,
+    promoted_by      VARCHAR NOT NULL,     -- gate | the person who ran qe models
+    evaluation_id    VARCHAR,              -- the evaluation that passed (gate)
+    action           VARCHAR NOT NULL,     -- promote | rollback
+    reason           VARCHAR
+);
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
 """

@@ -13,6 +13,7 @@ from pydantic import Field
 from qe_assets.assets import RELEASE_GROUP
 from qe_assets.assets.complete import completions
 from qe_assets.charts import as_markdown_image, label_share_png
+from qe_assets.evaluation.holdout import hold_out
 from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
 from qe_assets.readiness import (
     READY_IN_WINDOW,
@@ -105,10 +106,18 @@ def cut_version(
     modes: dict[str, int] = {}
     redacted: dict[str, int] = {}
     members: list[pl.DataFrame] = []
+    held_out: list[pl.DataFrame] = []
     last_seq = state.low
     with VersionWriter(directory, version) as writer:
         for batch in _ready_batches(duckdb_resource, state, settings.export_batch_size):
-            batch = assign_split(batch, settings.validation_share)
+            batch_seq = int(batch["completion_seq"].max())  # type: ignore[arg-type]
+            batch = assign_split(batch, settings.validation_share, settings.eval_share)
+            with duckdb_writer(duckdb_resource) as conn:
+                batch, held = hold_out(conn, batch)  # the evaluation set leaves every file
+            held_out.append(held)
+            if batch.is_empty():
+                last_seq = batch_seq
+                continue
             # The stored ids: dataset_samples keys on them whatever the files show.
             stored = batch.select(owned_copy("sample_id"), "split")
             if settings.pii_redaction:
@@ -133,7 +142,7 @@ def cut_version(
             for mode, count in batch.group_by("mode").len().iter_rows():
                 modes[mode] = modes.get(mode, 0) + count
             members.append(stored)
-            last_seq = int(batch["completion_seq"].max())
+            last_seq = batch_seq
             if on_batch is not None:
                 on_batch(version, sum(m.height for m in members))
         if not members:
@@ -170,6 +179,12 @@ def cut_version(
             )
             conn.execute(
                 "INSERT INTO dataset_samples SELECT ?, sample_id, split FROM version_samples",
+                [version],
+            )
+            conn.register("held_out", pl.concat(held_out))
+            conn.execute(
+                "INSERT INTO evaluation_set SELECT sample_id, question_key, ?, now()::TIMESTAMP "
+                "FROM held_out ON CONFLICT DO NOTHING",
                 [version],
             )
     return manifest
