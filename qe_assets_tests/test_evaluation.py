@@ -279,8 +279,10 @@ def test_no_backend_means_no_evaluation(settings: Settings) -> None:
     instance = dg.DagsterInstance.ephemeral()
     result = materialize(settings, selection=RELEASE, instance=instance)
     assert metadata(result, "model_evaluation") == {}
-    logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
-    assert any("nothing to evaluate: QE_FINETUNE_BACKEND=none trains nothing" in m for m in logs)
+    # With backend none fine_tuned_model materializes no model (an observation says why), so the
+    # evaluation step does not even run.
+    skipped = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"]
+    assert "model_evaluation" in skipped
 
 
 def test_no_judge_configured_means_no_evaluation_and_the_release_still_succeeds(
