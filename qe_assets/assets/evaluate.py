@@ -13,7 +13,7 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.finetune import fine_tuned_model
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
-from qe_assets.evaluation.metrics import Decision, Tally, decide, label_table
+from qe_assets.evaluation.metrics import INSUFFICIENT, Decision, Tally, decide, label_table
 from qe_assets.evaluation.registry import (
     GATE,
     Candidate,
@@ -361,9 +361,16 @@ def candidate_beats_production(
             )
     if promoted:
         context.log.info(f"{row['candidate']} promoted to production by the gate")
+    # A worse candidate fails the release run (red, someone should look); too few pairs to decide
+    # is a warning: nothing is promoted, and a hold-out set still filling up is not a failure.
+    severity = (
+        dg.AssetCheckSeverity.WARN
+        if decision.decision == INSUFFICIENT
+        else dg.AssetCheckSeverity.ERROR
+    )
     return dg.AssetCheckResult(
         passed=decision.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
+        severity=severity,
         description=decision.reason,
         metadata={
             "evaluation_id": row["evaluation_id"],
