@@ -325,3 +325,16 @@ def test_the_weighted_loss_is_the_weighted_mean_of_the_per_sample_losses(
     expected = (alone * weights).sum() / weights.sum()
     assert float(weighted) == pytest.approx(float(expected), rel=1e-5)
     assert float(weighted) != pytest.approx(float(alone.mean()), rel=1e-3)  # weights matter
+
+
+def test_without_qe_trl_model_the_run_fails_saying_so(
+    settings: Settings, server: OpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QE_TRL_MODEL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
+    FileInbox(settings.inbox_dir).put(events(20))
+    result = materialize(in_process_settings(settings, server, SFT), raise_on_error=False)
+    assert not result.success
+    with connect(settings.database, read_only=True) as conn:
+        ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
+    assert status == "failed" and "QE_TRL_MODEL must name the model to adapt" in message
