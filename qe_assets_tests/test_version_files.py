@@ -186,3 +186,23 @@ def test_the_preference_check_blocks_a_broken_pair_file(
 )
 def test_preference_line_rules(line: dict, flavour: str, problem: str) -> None:
     assert (preference_line_problem(line, flavour) or "").startswith(problem)
+
+
+def test_the_rejected_answer_of_a_pair_is_redacted(
+    settings: Settings, openai_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-version-files")
+    settings = llm(settings, openai_server, llm_judge=True)
+    openai_server.responder = judge_every_third_refused
+    events = [
+        {**json.loads(x), "answer": f"Mail bo.li{i}@example.com for it."}
+        for i, x in enumerate(batch("p", 15))
+    ]
+    FileInbox(settings.inbox_dir).put([json.dumps(e) for e in events])
+    result = materialize(settings)
+    assert checks(result)["preference_format_valid"].passed
+    files = VersionFiles.at(settings.datasets_dir, "v001")
+    pairs = lines(files.preference)
+    assert len(pairs) == 10  # 15 rewrites, every third refused by the judge
+    assert {p["rejected"][0]["content"] for p in pairs} == {"Mail [EMAIL] for it."}
+    assert "@example.com" not in files.split_file("train", "openai_preference").read_text("utf-8")
