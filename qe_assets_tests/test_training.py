@@ -206,14 +206,18 @@ def test_qe_run_trains_a_lora_adapter_that_lowers_the_validation_loss(
 
 
 def trained_in_process(
-    settings: Settings, server: OpenAIServer, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    server: OpenAIServer,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    count: int = EVENTS,
 ) -> tuple[dict[str, Any], float]:
     """The whole graph in process (the same definitions `qe run` uses), the training command
     run through Pipes as a subprocess that reads its own variables."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
-    FileInbox(settings.inbox_dir).put(events(EVENTS))
+    FileInbox(settings.inbox_dir).put(events(count))
     started = time.monotonic()
     result = materialize(settings)
     elapsed = time.monotonic() - started
@@ -338,3 +342,25 @@ def test_without_qe_trl_model_the_run_fails_saying_so(
     with connect(settings.database, read_only=True) as conn:
         ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
     assert status == "failed" and "QE_TRL_MODEL must name the model to adapt" in message
+
+
+def test_gradient_accumulation_does_not_scale_the_reported_loss(
+    settings: Settings,
+    server: OpenAIServer,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With learning rate 0 the model stays the untrained one, so the training loss must equal
+    its loss on held-out data (both ~ln(vocabulary)); a trainer that took the example's batch
+    mean for an already accumulated loss would report it twice as large."""
+    frozen = {**HYPERPARAMETERS, "n_epochs": 1, "learning_rate": 0.0}
+    frozen["gradient_accumulation_steps"] = 2
+    env = {"QE_TRL_MODEL": str(tiny_model), "QE_TRL_OUTPUT_DIR": str(tmp_path / "models")}
+    configured = in_process_settings(settings, server, SFT).model_copy(
+        update={"finetune_hyperparameters": frozen}
+    )
+    result, _ = trained_in_process(configured, server, env, monkeypatch, count=80)
+    metrics = result["metrics"]
+    assert metrics["train_loss"] == pytest.approx(metrics["base_eval_loss"], rel=0.02)
+    assert metrics["eval_loss"] == pytest.approx(metrics["base_eval_loss"], rel=1e-4)
