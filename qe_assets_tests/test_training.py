@@ -259,6 +259,16 @@ def test_the_chat_file_trains_with_assistant_only_loss(
         f"\nchat/SFT: {elapsed:.1f}s; eval loss {metrics['base_eval_loss']:.3f} -> "
         f"{metrics['eval_loss']:.3f}"
     )
+    # The next round trains the v001 adapter further on v002.
+    later = [x.replace('"t-', '"u-').replace("case ", "later case ") for x in events(60)]
+    FileInbox(settings.inbox_dir).put(later)
+    assert materialize(in_process_settings(settings, server, SFT)).success
+    with connect(settings.database, read_only=True) as conn:
+        ((recipe, model_id, status),) = conn.execute(
+            "SELECT recipe, model_id, status FROM fine_tune_runs WHERE dataset_version = 'v002'"
+        ).fetchall()
+    assert status == "succeeded" and json.loads(recipe)["previous_model"] == result["model_id"]
+    assert_adapter(model_id)
 
 
 def test_dpo_on_the_preference_pairs(
