@@ -43,8 +43,8 @@ def build_tiny_model(folder: Path, texts: Iterable[str], vocab_size: int = 1024)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=96,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
