@@ -10,9 +10,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qe_assets.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    import duckdb
+    import polars as pl
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -61,25 +67,82 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.runner import run_pipeline
 
-    outcome = run_pipeline(
-        settings, cut_version=args.cut_version, log_level="WARNING" if args.quiet else "INFO"
-    )
+    try:
+        outcome = run_pipeline(
+            settings, cut_version=args.cut_version, log_level="WARNING" if args.quiet else "INFO"
+        )
+    except Exception as exc:
+        # Dagster's own SQLite or a write of ours failing for space ends here, not in a step.
+        if (full := _disk_full(settings, *_chain(exc))) is not None:
+            raise UserError(full, EXIT_FAILED) from exc
+        raise
     for line in outcome.summary:
         print(line)
     if not outcome.success:
-        _err(f"run {outcome.run_id} failed: {outcome.error}")
+        full = _disk_full(settings, outcome.error or "")
+        _err(full or f"run {outcome.run_id} failed: {outcome.error}")
         return EXIT_FAILED
     return EXIT_OK
 
 
+# What SQLite (Dagster's instance), DuckDB and the OS say when a disk fills up. SQLite often says
+# only "disk I/O error": that counts as full when the disk has (next to) nothing left.
+_FULL = ("no space left on device", "database or disk is full", "disk quota exceeded")
+_MAYBE_FULL = ("disk i/o error",)
+_NEARLY_EMPTY = 1 << 20
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and every cause and context behind it."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+
+
+def _disk_full(settings: Settings, *errors: BaseException | str) -> str | None:
+    """One line for a full disk under the data directory or DAGSTER_HOME, else None."""
+    import errno
+    import shutil
+
+    texts = [str(e).lower() for e in errors]
+    certain = any(
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in errors
+    )
+    certain = certain or any(marker in t for t in texts for marker in _FULL)
+    if not certain and not any(marker in t for t in texts for marker in _MAYBE_FULL):
+        return None
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home)
+    places = [_nearest_existing(settings.database.parent), _nearest_existing(home)]
+    free, place = min((shutil.disk_usage(p).free, p) for p in places)
+    if not certain and free >= _NEARLY_EMPTY:
+        return None
+    return (
+        f"disk full at {place} ({free // 1024} KiB free): free space and re-run; "
+        "nothing committed was lost"
+    )
+
+
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     import duckdb
-    import polars as pl
 
-    from qe_assets.store import connect, query_frame
+    from qe_assets import adhoc
+    from qe_assets.store import connect
 
     if not settings.database.exists():
         raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    if args.format == "parquet" and not args.output:
+        raise UserError("--format parquet needs --output FILE")
+    try:
+        statement = adhoc.read_statement(args.query, allow_files=args.allow_files)
+    except (adhoc.AdHocError, duckdb.Error) as exc:  # the query's fault: exit 1, as at run time
+        raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
     waited = False
 
     def on_wait(remaining: float) -> None:
@@ -88,23 +151,48 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
             _err(f"database busy with a writer, waiting up to {remaining:.0f}s ...")
             waited = True
 
+    config = adhoc.WITH_FILES if args.allow_files else adhoc.SANDBOX
     with connect(
-        settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait
+        settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait, config=config
     ) as conn:
-        try:
-            frame = query_frame(conn, args.query)
-        except duckdb.Error as exc:
-            raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
+        frame = _run_statement(conn, statement, args)
+    if frame is not None:
+        _write_frame(frame, args)
+    return EXIT_OK
+
+
+def _run_statement(
+    conn: duckdb.DuckDBPyConnection, statement: duckdb.Statement, args: argparse.Namespace
+) -> pl.DataFrame | None:
+    """The statement's rows (None for a COPY/EXPORT, which --allow-files lets through)."""
+    import duckdb
+
+    from qe_assets import adhoc
+
+    try:
+        if statement.type in adhoc.FILE_KINDS:
+            conn.execute(statement.query)
+            print(f"{statement.type.name} done")
+            return None
+        return adhoc.result_frame(
+            conn.sql(statement.query), nested_as_json=args.format in ("table", "csv")
+        )
+    except duckdb.PermissionException as exc:
+        hint = "qe sql reads the database's tables only; --allow-files lifts this"
+        raise UserError(f"{str(exc).splitlines()[0]} ({hint})", EXIT_FAILED) from exc
+    except (duckdb.Error, adhoc.AdHocError) as exc:
+        raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
+
+
+def _write_frame(frame: pl.DataFrame, args: argparse.Namespace) -> None:
+    import polars as pl
+
     if args.format == "table":
         with pl.Config(
             tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=160
         ):
             print(frame)
-        return EXIT_OK
-    if args.format == "parquet" and not args.output:
-        raise UserError("--format parquet needs --output FILE")
+        return
     target = args.output or sys.stdout
     if args.format == "csv":
         frame.write_csv(target)
@@ -114,7 +202,6 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
         frame.write_parquet(args.output)
     if args.output:
         print(f"wrote {frame.height} rows to {args.output}")
-    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -205,9 +292,11 @@ def _reviewer(args: argparse.Namespace) -> str:
     return args.reviewer or os.environ.get("QE_REVIEWER") or os.environ.get("USER") or "reviewer"
 
 
-def _edited_text(args: argparse.Namespace, current: str) -> str:
+def _edited_text(args: argparse.Namespace, current: str) -> tuple[str, Path | None]:
+    """The new completion, and the file it was edited in (kept until the edit is recorded, so a
+    refused edit loses no work)."""
     if args.completion is not None:
-        return str(args.completion)
+        return str(args.completion), None
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
     if not editor:
         raise UserError("give --completion TEXT, or set $EDITOR to edit interactively")
@@ -217,81 +306,193 @@ def _edited_text(args: argparse.Namespace, current: str) -> str:
 
     with tempfile.NamedTemporaryFile("w+", suffix=".txt", encoding="utf-8", delete=False) as fh:
         fh.write(current)
-        path = fh.name
-    try:
-        if subprocess.run([*shlex.split(editor), path], check=False).returncode != 0:
-            raise UserError(f"{editor} exited with an error; nothing changed", EXIT_FAILED)
-        return Path(path).read_text(encoding="utf-8")
-    finally:
-        Path(path).unlink(missing_ok=True)
+        path = Path(fh.name)
+    if subprocess.run([*shlex.split(editor), str(path)], check=False).returncode != 0:
+        path.unlink(missing_ok=True)
+        raise UserError(f"{editor} exited with an error; nothing changed", EXIT_FAILED)
+    return path.read_text(encoding="utf-8"), path
 
 
-def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+def _review_read(args: argparse.Namespace, settings: Settings) -> int:
+    """list / show: one short read-only connection, never the writer's."""
     import polars as pl
 
     from qe_assets import review
-    from qe_assets.store import connect, ensure_schema
+    from qe_assets.store import connect
+
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        if args.action == "list":
+            status = None if args.status == "all" else args.status
+            frame = review.list_queue(conn, status=status, label=args.label, limit=args.limit)
+            with pl.Config(
+                tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160
+            ):
+                print(frame)
+            return EXIT_OK
+        item = review.show(conn, args.sample_id)
+    sample, queued = item.sample, item.review
+    print(
+        f"sample {sample['sample_id']}  label={sample['label']}  "
+        f"confidence={sample['confidence']:.3f}  route={sample['route']}"
+        + (f"  in {item.released_in}" if item.released_in else "")
+    )
+    print(
+        f"review: {queued['status']} ({queued['reason']})"
+        + (f" by {queued['reviewer']}" if queued["reviewer"] else "")
+    )
+    print("\n--- prompt ---\n" + sample["prompt"])
+    print("\n--- original answer ---\n" + sample["original_answer"])
+    if item.completion:
+        c = item.completion
+        print(f"\n--- completion ({c['mode']}, {c['status']}) ---\n" + (c["completion"] or ""))
+    return EXIT_OK
+
+
+def _review_write(
+    args: argparse.Namespace, settings: Settings
+) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    """A reviewer's write: the writer lock every stage takes, one short transaction, released.
+    Waits at most --wait seconds in all, saying once that it waits."""
+    from qe_assets.store import writer_connection
+
+    def waiting(holder: str) -> None:
+        _err(f"database busy with a writer ({holder}), waiting up to {args.wait:.0f}s ...")
+
+    return writer_connection(settings.database, wait_seconds=args.wait, on_wait=waiting)
+
+
+def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) -> int:
+    """Read with a short read-only connection, close it, let the person edit for as long as
+    they like, then write in one short transaction if nobody decided on the sample meanwhile."""
+    from qe_assets import review
+    from qe_assets.store import DatabaseBusy, connect
+
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        item = review.open_item(conn, args.sample_id)
+    current = (item.completion or {}).get("completion") or item.sample["original_answer"]
+    text, path = _edited_text(args, current)
+    try:
+        with _review_write(args, settings) as conn:
+            review.edit(conn, args.sample_id, text, reviewer, args.note, seen=item.token)
+    except (review.ReviewError, DatabaseBusy) as exc:
+        kept = f"; your text is kept in {path}" if path is not None and text.strip() else ""
+        code = EXIT_BUSY if isinstance(exc, DatabaseBusy) else EXIT_FAILED
+        raise UserError(f"{exc}{kept}", code) from exc
+    if path is not None:
+        path.unlink(missing_ok=True)
+    print(f"edited {args.sample_id}: a human completion by {reviewer}")
+    return EXIT_OK
+
+
+def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets import review
 
     if not settings.database.exists():
         raise UserError(f"no database at {settings.database} yet: run `qe run` first")
-    with connect(settings.database, wait_seconds=args.wait) as conn:
-        ensure_schema(conn)
+    try:
+        if args.action in ("list", "show"):
+            return _review_read(args, settings)
+        reviewer = _reviewer(args)
+        if args.action == "edit":
+            return _review_edit(args, settings, reviewer)
+        action = review.accept if args.action == "accept" else review.reject
+        with _review_write(args, settings) as conn:
+            action(conn, args.sample_ids, reviewer, args.note)
+        done = "accepted" if args.action == "accept" else "rejected"
+        print(f"{done} {len(set(args.sample_ids))} sample(s) as {reviewer}")
+        return EXIT_OK
+    except review.ReviewError as exc:
+        raise UserError(str(exc), EXIT_FAILED) from exc
+
+
+def _dagster_dev_command(host: str, port: int) -> list[str]:
+    """`dagster dev` of this environment: the interpreter running `qe`, not a `dagster` looked up
+    on PATH (none there on a fresh clone whose venv is not activated). The workspace file is
+    the project's, wherever `qe ui` is started from."""
+    import importlib.util
+
+    for module, package in (("dagster", "dagster"), ("dagster_webserver", "dagster-webserver")):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{package} is not installed in {sys.prefix}: run `make install`")
+    workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+    location = (
+        ["-w", str(workspace)]
+        if workspace.is_file()
+        else ["-m", "qe_assets.definitions", "-a", "defs"]
+    )
+    return [sys.executable, "-m", "dagster", "dev", "-h", host, "-p", str(port), *location]
+
+
+def _models_list(settings: Settings, wait: float) -> int:
+    import duckdb
+    import polars as pl
+
+    from qe_assets.evaluation.registry import MODELS_QUERY
+    from qe_assets.store import connect, query_frame
+
+    with connect(settings.database, read_only=True, wait_seconds=wait) as conn:
         try:
-            if args.action == "list":
-                status = None if args.status == "all" else args.status
-                frame = review.list_queue(conn, status=status, label=args.label, limit=args.limit)
-                with pl.Config(
-                    tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160
-                ):
-                    print(frame)
-                return EXIT_OK
-            if args.action == "show":
-                item = review.show(conn, args.sample_id)
-                sample, queued = item.sample, item.review
-                print(
-                    f"sample {sample['sample_id']}  label={sample['label']}  "
-                    f"confidence={sample['confidence']:.3f}  route={sample['route']}"
+            frame = query_frame(conn, MODELS_QUERY)
+        except duckdb.CatalogException:  # a store from before the evaluation gate
+            frame = pl.DataFrame()
+    if frame.is_empty():
+        print("no fine-tuned or promoted model yet")
+        return EXIT_OK
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=70, tbl_width_chars=200):
+        print(frame)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.evaluation import registry
+    from qe_assets.store import connect, ensure_schema, writer_lock
+
+    if not settings.database.exists():
+        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    if args.action == "list":
+        return _models_list(settings, args.wait)
+    reviewer = _reviewer(args)
+
+    def waiting(holder: str) -> None:
+        _err(f"waiting for the DuckDB writer lock, held by {holder}")
+
+    with (
+        writer_lock(settings.database, on_wait=waiting),
+        connect(settings.database, wait_seconds=args.wait) as conn,
+    ):
+        ensure_schema(conn)
+        current = registry.production_model(conn)
+        if args.action == "promote":
+            model, action = args.model, registry.PROMOTE_ACTION
+            if not registry.known_model(conn, model):
+                raise UserError(
+                    f"{model}: no such model (not a trained, base or earlier production model)",
+                    EXIT_FAILED,
                 )
-                print(
-                    f"review: {queued['status']} ({queued['reason']})"
-                    + (f" by {queued['reviewer']}" if queued["reviewer"] else "")
+            if model == current:
+                print(f"{model} is already the production model; nothing recorded")
+                return EXIT_OK
+        else:
+            model, action = registry.rollback_target(conn), registry.ROLLBACK_ACTION
+            if model is None:
+                raise UserError(
+                    f"nothing to roll back to: {current or 'no model'} is the only "
+                    "production model on record",
+                    EXIT_FAILED,
                 )
-                print("\n--- prompt ---\n" + sample["prompt"])
-                print("\n--- original answer ---\n" + sample["original_answer"])
-                if item.completion:
-                    c = item.completion
-                    print(
-                        f"\n--- completion ({c['mode']}, {c['status']}) ---\n"
-                        + (c["completion"] or "")
-                    )
-                return EXIT_OK
-            reviewer = _reviewer(args)
-            if args.action == "edit":
-                item = review.show(conn, args.sample_id)
-                current = (item.completion or {}).get("completion") or item.sample[
-                    "original_answer"
-                ]
-                review.edit(conn, args.sample_id, _edited_text(args, current), reviewer, args.note)
-                print(f"edited {args.sample_id}: a human completion by {reviewer}")
-                return EXIT_OK
-            action = review.accept if args.action == "accept" else review.reject
-            for sample_id in args.sample_ids:
-                action(conn, sample_id, reviewer, args.note)
-            done = "accepted" if args.action == "accept" else "rejected"
-            print(f"{done} {len(args.sample_ids)} sample(s) as {reviewer}")
-            return EXIT_OK
-        except review.ReviewError as exc:
-            raise UserError(str(exc), EXIT_FAILED) from exc
+        registry.record_promotion(conn, model, reviewer, action=action, reason=args.reason)
+    print(f"{action}: {model} is the production model (was {current or 'none'}), by {reviewer}")
+    return EXIT_OK
 
 
 def _age_seconds(text: str) -> float:
     """`30d`, `12h`, `45m` or `0d` as seconds; anything else is a usage error."""
-    import re
+    from qe_assets.settings import parse_duration
 
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhm])\s*", text)
-    if match is None:
+    seconds = parse_duration(text)
+    if seconds is None:
         raise UserError(f"--older-than {text!r}: give a number of days, hours or minutes: 30d")
-    return float(match.group(1)) * {"d": 86_400, "h": 3_600, "m": 60}[match.group(2)]
+    return seconds
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
@@ -316,9 +517,9 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
 
     home = prepare_dagster_home(settings)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
-    command = ["dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
-    print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}")
-    os.execvpe(command[0], command, env)
+    command = _dagster_dev_command(args.host, args.port)
+    print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
+    os.execve(command[0], command, env)
     return EXIT_OK  # pragma: no cover - exec does not return
 
 
@@ -354,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write to this file instead of standard output")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.add_argument(
+        "--allow-files",
+        action="store_true",
+        help="let the query read and write files (read_csv, COPY … TO, EXPORT DATABASE)",
+    )
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("status", help="counts per table, queue depth, latest dataset version")
@@ -385,6 +591,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--note")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("models", help="models, their evaluations and production: list, promote")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every model, its version, evaluation and production flag")
+    r = actions.add_parser("promote", help="make MODEL the production model (recorded)")
+    r.add_argument("model", metavar="MODEL", help="a model_id from `qe models list`")
+    r = actions.add_parser("rollback", help="return to the model in production before this one")
+    for r in (actions.choices["promote"], actions.choices["rollback"]):
+        r.add_argument("--reason", required=True, help="why; recorded in promoted_models")
+        r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
         "purge", help="redact the stored text of samples already in a version, past an age"

@@ -8,18 +8,19 @@ from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
 from qe_assets.assets.complete import completions
 from qe_assets.assets.dataset import tuning_dataset
+from qe_assets.assets.evaluate import candidate_beats_production, model_evaluation
 from qe_assets.assets.finetune import fine_tuned_model
 from qe_assets.checks import DATASET_CHECKS
 from qe_assets.resources import build_resources
-from qe_assets.sensors import build_finetune_sensor
+from qe_assets.sensors import build_finetune_sensor, build_queue_sensor
 from qe_assets.settings import Settings
 
 PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
 PROCESSING_ASSETS = [raw_events, annotated_samples, completions]
-RELEASE_ASSETS = [tuning_dataset, fine_tuned_model]
+RELEASE_ASSETS = [tuning_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
-ASSET_CHECKS = [*DATASET_CHECKS]
+ASSET_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -47,8 +48,19 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         assets=ASSETS,
         asset_checks=ASSET_CHECKS,
         jobs=[pipeline, release_job],
-        sensors=[build_finetune_sensor(RELEASE_JOB, settings.finetune_sensor_running)],
+        sensors=[
+            build_queue_sensor(
+                PIPELINE_JOB, settings.queue_sensor_running, settings.sensor_interval_seconds
+            ),
+            build_finetune_sensor(
+                RELEASE_JOB, settings.finetune_sensor_running, settings.sensor_interval_seconds
+            ),
+        ],
         resources=build_resources(settings),
+        # "Materialize all" on the lineage page runs the implicit asset job, which would use the
+        # multiprocess executor: a process per step (20x slower here) for steps that take turns
+        # on DuckDB's single writer anyway.
+        executor=dg.in_process_executor,
     )
 
 

@@ -122,22 +122,29 @@ def request_key(request: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def parse_verdict(text: str | None) -> tuple[float, float] | None:
-    """(score of the original, score of the new answer) from the judge's JSON, or None.
-
-    Strict: one JSON object with numeric score_a and score_b in 1..10; a Markdown code fence
-    around it is tolerated because many models add one even when told not to.
-    """
+def json_reply(text: str | None) -> dict[str, Any] | None:
+    """The one JSON object a judge replied, or None. A Markdown code fence around it is
+    tolerated because many models add one even when told not to."""
     if text is None:
         return None
     body = text.strip()
     if body.startswith("```"):
         body = body.strip("`").removeprefix("json").strip()
     try:
-        verdict = json.loads(body)
+        reply = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(verdict, dict):
+    return reply if isinstance(reply, dict) else None
+
+
+def parse_verdict(text: str | None) -> tuple[float, float] | None:
+    """(score of the original, score of the new answer) from the judge's JSON, or None.
+
+    Strict: one JSON object with numeric score_a and score_b in 1..10; a Markdown code fence
+    around it is tolerated because many models add one even when told not to.
+    """
+    verdict = json_reply(text)
+    if verdict is None:
         return None
     scores = verdict.get("score_a"), verdict.get("score_b")
     if not all(

@@ -13,7 +13,7 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
-from qe_assets.store import WRITER_CONFIG, WriterSession, ensure_schema, writer_lock
+from qe_assets.store import WRITER_CONFIG, WriterSession, writer_connection, writer_lock
 
 if TYPE_CHECKING:  # imported when a client is made: ~0.7 s that naive runs need not pay
     import openai
@@ -31,16 +31,28 @@ class PipelineSettings(dg.ConfigurableResource, Settings):
         return [configured, FileInbox(self.inbox_dir)]
 
 
+class QeDuckDBResource(DuckDBResource):
+    """`DuckDBResource` whose connections wait like every other writer of the project.
+
+    dagster_duckdb's own `get_connection` retries `duckdb.connect` ten times over ~100 s without
+    the writer lock, so a run failed with "Could not set lock" whenever reviewers held the file.
+    Here each connection is a `writer_connection`: the writer lock (already held inside a stage),
+    then a bounded wait for short readers."""
+
+    @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with writer_connection(self.database, config=self.connection_config) as conn:
+            yield conn
+
+
 @contextmanager
 def duckdb_writer(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short-lived write connection with the schema in place; closed even when the body fails,
-    so the file lock is never held past the transaction that needed it."""
-    with resource.get_connection() as conn:
-        try:
-            ensure_schema(conn)
-            yield conn
-        finally:
-            conn.close()
+    """A short-lived write connection with the schema in place, under the writer lock (see
+    `writer_connection`); closed even when the body fails, so the file lock is never held past
+    the transaction that needed it. Any `DuckDBResource` gets the project's waiting, not
+    dagster_duckdb's retries."""
+    with writer_connection(resource.database, config=resource.connection_config) as conn:
+        yield conn
 
 
 def writer_session(resource: DuckDBResource) -> WriterSession:
@@ -118,7 +130,7 @@ class OpenAIResource(dg.ConfigurableResource):
 def build_resources(settings: Settings) -> dict[str, Any]:
     settings.database.parent.mkdir(parents=True, exist_ok=True)
     return {
-        "duckdb": DuckDBResource(
+        "duckdb": QeDuckDBResource(
             database=str(settings.database),
             connection_config={**WRITER_CONFIG, "memory_limit": settings.duckdb_memory_limit},
         ),

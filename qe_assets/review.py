@@ -13,6 +13,7 @@ Each action renews the completion's `seq`, so the next version picks it up by wa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,13 @@ class ReviewItem:
     sample: dict[str, Any]
     review: dict[str, Any]
     completion: dict[str, Any] | None
+    released_in: str | None = None  # the dataset version that already holds the sample
+
+    @property
+    def token(self) -> tuple[Any, ...]:
+        """What a reviewer saw: an edit made from it applies only if this is still so."""
+        seq = self.completion["seq"] if self.completion else None
+        return (self.review["status"], self.review["reviewed_at"], seq)
 
 
 def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
@@ -96,10 +104,27 @@ def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
         raise ReviewError(f"sample {sample_id!r} is not in the review queue")
     completion = query_frame(
         conn,
-        "SELECT completion, mode, status, model FROM completions WHERE sample_id = ?",
+        "SELECT completion, mode, status, model, seq FROM completions WHERE sample_id = ?",
         [sample_id],
     ).rows(named=True)
-    return ReviewItem(sample[0], review[0], completion[0] if completion else None)
+    released = conn.execute(
+        "SELECT min(version) FROM dataset_samples WHERE sample_id = ?", [sample_id]
+    ).fetchall()[0][0]
+    return ReviewItem(sample[0], review[0], completion[0] if completion else None, released)
+
+
+def open_item(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
+    """The sample, if a review decision on it can still change a dataset.
+
+    A sample goes into one version only and a version is never rewritten, so a decision on a
+    sample some version holds would change nothing: refused rather than recorded silently."""
+    item = show(conn, sample_id)
+    if item.released_in is not None:
+        raise ReviewError(
+            f"sample {sample_id!r} is already in {item.released_in}, which is never rewritten "
+            "(a sample goes into one version only)"
+        )
+    return item
 
 
 def _record(
@@ -136,21 +161,79 @@ def _upsert_completion(
     )
 
 
-def accept(
-    conn: duckdb.DuckDBPyConnection, sample_id: str, reviewer: str, note: str | None = None
+Decision = Callable[[duckdb.DuckDBPyConnection, ReviewItem, str, "str | None"], None]
+
+
+def _apply(
+    conn: duckdb.DuckDBPyConnection,
+    decide: Decision,
+    sample_ids: str | Sequence[str],
+    reviewer: str,
+    note: str | None,
 ) -> None:
-    item = show(conn, sample_id)
+    """Every sample checked first, then all decided in one transaction: all or nothing."""
+    ids = [sample_ids] if isinstance(sample_ids, str) else list(dict.fromkeys(sample_ids))
+    items, problems = [], []
+    for sample_id in ids:
+        try:
+            items.append(open_item(conn, sample_id))
+        except ReviewError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ReviewError("; ".join(problems) + ("; nothing changed" if len(ids) > 1 else ""))
+    with transaction(conn):
+        for item in items:
+            decide(conn, item, reviewer, note)
+
+
+def _accept(
+    conn: duckdb.DuckDBPyConnection, item: ReviewItem, reviewer: str, note: str | None
+) -> None:
     current = item.completion
     if current is not None and current["status"] == "ok" and current["completion"]:
         completion, mode, model = current["completion"], current["mode"], current["model"]
     else:
         naive = naive_completions(pl.DataFrame([item.sample]), load_templates()).row(0, named=True)
         completion, mode, model = naive["completion"], naive["mode"], None
-    with transaction(conn):
-        _upsert_completion(
-            conn, sample_id, completion=completion, mode=mode, status="ok", model=model
-        )
-        _record(conn, sample_id, ACCEPTED, reviewer, note)
+    sample_id = item.sample["sample_id"]
+    _upsert_completion(conn, sample_id, completion=completion, mode=mode, status="ok", model=model)
+    _record(conn, sample_id, ACCEPTED, reviewer, note)
+
+
+def _reject(
+    conn: duckdb.DuckDBPyConnection, item: ReviewItem, reviewer: str, note: str | None
+) -> None:
+    current = item.completion or {}
+    sample_id = item.sample["sample_id"]
+    _upsert_completion(
+        conn,
+        sample_id,
+        completion=current.get("completion"),
+        mode=current.get("mode") or HUMAN,
+        status=REJECTED,
+        model=current.get("model"),
+    )
+    _record(conn, sample_id, REJECTED, reviewer, note)
+
+
+def accept(
+    conn: duckdb.DuckDBPyConnection,
+    sample_ids: str | Sequence[str],
+    reviewer: str,
+    note: str | None = None,
+) -> None:
+    """Keep the samples' completions (an existing ok one, else the naive one) for training."""
+    _apply(conn, _accept, sample_ids, reviewer, note)
+
+
+def reject(
+    conn: duckdb.DuckDBPyConnection,
+    sample_ids: str | Sequence[str],
+    reviewer: str,
+    note: str | None = None,
+) -> None:
+    """Keep the samples out of every dataset."""
+    _apply(conn, _reject, sample_ids, reviewer, note)
 
 
 def edit(
@@ -159,32 +242,25 @@ def edit(
     completion: str,
     reviewer: str,
     note: str | None = None,
+    *,
+    seen: tuple[Any, ...] | None = None,
 ) -> None:
+    """Make `completion` the sample's human completion. With `seen` (the `token` of the item
+    the reviewer edited from), refuse if someone decided on the sample in the meantime."""
     if not completion.strip():
         raise ReviewError("the edited completion is empty; use reject to drop the sample")
-    show(conn, sample_id)
+    item = open_item(conn, sample_id)
+    if seen is not None and item.token != seen:
+        by = f" by {item.review['reviewer']}" if item.review["reviewer"] else ""
+        raise ReviewError(
+            f"sample {sample_id!r} changed while you were editing (now {item.review['status']}"
+            f"{by}); nothing changed"
+        )
     with transaction(conn):
         _upsert_completion(
             conn, sample_id, completion=completion.strip(), mode=HUMAN, status="ok", model=reviewer
         )
         _record(conn, sample_id, EDITED, reviewer, note)
-
-
-def reject(
-    conn: duckdb.DuckDBPyConnection, sample_id: str, reviewer: str, note: str | None = None
-) -> None:
-    item = show(conn, sample_id)
-    current = item.completion or {}
-    with transaction(conn):
-        _upsert_completion(
-            conn,
-            sample_id,
-            completion=current.get("completion"),
-            mode=current.get("mode") or HUMAN,
-            status=REJECTED,
-            model=current.get("model"),
-        )
-        _record(conn, sample_id, REJECTED, reviewer, note)
 
 
 def acceptance_by_label(conn: duckdb.DuckDBPyConnection) -> dict[str, dict[str, float]]:

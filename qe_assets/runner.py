@@ -6,8 +6,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+from dagster._utils.error import SerializableErrorInfo
 
 from qe_assets.settings import Settings
 
@@ -133,18 +135,34 @@ class RunOutcome:
 
 def _summarise(result: dg.ExecuteInProcessResult) -> list[str]:
     lines = []
-    for event in result.get_asset_materialization_events():
-        materialization = event.materialization
-        if materialization is None:
-            continue
-        metadata = materialization.metadata
+    # Observations too: an asset that made nothing (fine_tuned_model with backend none) says so
+    # in one.
+    asset_events = [
+        *(e.materialization for e in result.get_asset_materialization_events()),
+        *(
+            e.asset_observation_data.asset_observation
+            for e in result.get_asset_observation_events()
+        ),
+    ]
+    for asset_event in asset_events:
+        metadata = asset_event.metadata
         shown = [f"{key}={metadata[key].value}" for key in SUMMARY_KEYS if key in metadata]
-        lines.append(f"{materialization.asset_key.to_user_string()}: {', '.join(shown)}")
+        lines.append(f"{asset_event.asset_key.to_user_string()}: {', '.join(shown)}")
     for evaluation in result.get_asset_check_evaluations():
         verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
         detail = f": {evaluation.description}" if evaluation.description else ""
         lines.append(f"check {evaluation.check_name}: {verdict}{detail}")
     return lines
+
+
+def _with_root_cause(error: SerializableErrorInfo) -> str:
+    """Dagster's step error names only the op; the cause at the bottom says what went wrong
+    (`qe run` tells a full disk from it)."""
+    root = error
+    while root.cause is not None:
+        root = root.cause
+    message = error.message.strip()
+    return message if root is error else f"{message} {root.message.strip()}"
 
 
 def _execute(
@@ -154,18 +172,22 @@ def _execute(
     outcome: RunOutcome,
     log_level: str,
     tags: dict[str, str] | None = None,
+    ops: dict[str, Any] | None = None,
 ) -> bool:
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if ops:
+        run_config["ops"] = ops
     result = defs.resolve_job_def(job_name).execute_in_process(
         instance=instance,
         raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        run_config=run_config,
         tags={**_owner_tags(), **(tags or {})},
     )
     outcome.run_id = result.run_id
     outcome.summary.extend(_summarise(result))
     if not result.success:
         failures = [
-            e.step_failure_data.error.message.strip()
+            _with_root_cause(e.step_failure_data.error)
             for e in result.all_events
             if e.is_step_failure and e.step_failure_data and e.step_failure_data.error
         ]
@@ -211,7 +233,9 @@ def _release(
     def release(decision: ReleaseDecision) -> bool:
         outcome.summary.append(f"release {decision.version}: {decision.reason}")
         tags = {VERSION_TAG: str(decision.version)}
-        return _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags)
+        # The same rule decides again inside the run; --cut-version lifts its threshold there.
+        ops = {"tuning_dataset": {"config": {"force": cut_version}}}
+        return _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags, ops)
 
     done, last = release_while_due(settings, release, cut_version=cut_version)
     if not done:

@@ -73,6 +73,29 @@ def _bool(name: str) -> Callable[[str], bool]:
     return parse
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+
+
+def parse_duration(text: str) -> float | None:
+    """`90s`, `45m`, `1h`, `30d` or plain seconds as seconds; None when it is none of those."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if match is None:
+        return None
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def _duration(name: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        seconds = parse_duration(raw)
+        if seconds is None:
+            raise SettingsError(
+                f"{name} must be a duration such as 90s, 45m, 1h or 2d; got {raw!r}"
+            )
+        return seconds
+
+    return parse
+
+
 def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
     def parse(raw: str) -> dict[str, Any]:
         try:
@@ -84,6 +107,17 @@ def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
         return value
 
     return parse
+
+
+def _model_map(raw: str) -> dict[str, str]:
+    value = _json_object("QE_EVAL_MODEL_MAP")(raw)
+    bad = [key for key, name in value.items() if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise SettingsError(
+            f"QE_EVAL_MODEL_MAP must map model ids to served model names (non-empty strings); "
+            f"{bad[0]!r} does not"
+        )
+    return value
 
 
 def _memory_size(raw: str) -> str:
@@ -222,6 +256,16 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         "QE_FINETUNE_SENSOR_RUNNING",
         _bool("QE_FINETUNE_SENSOR_RUNNING"),
     ),
+    "finetune_allow_naive": ("QE_FINETUNE_ALLOW_NAIVE", _bool("QE_FINETUNE_ALLOW_NAIVE")),
+    "queue_sensor_running": ("QE_QUEUE_SENSOR_RUNNING", _bool("QE_QUEUE_SENSOR_RUNNING")),
+    "sensor_interval_seconds": (
+        "QE_SENSOR_INTERVAL_SECONDS",
+        _int("QE_SENSOR_INTERVAL_SECONDS", 5),
+    ),
+    "max_queue_age_seconds": ("QE_MAX_QUEUE_AGE", _duration("QE_MAX_QUEUE_AGE")),
+    "max_review_age_seconds": ("QE_MAX_REVIEW_AGE", _duration("QE_MAX_REVIEW_AGE")),
+    "max_review_backlog": ("QE_MAX_REVIEW_BACKLOG", _int("QE_MAX_REVIEW_BACKLOG")),
+    "max_reject_share": ("QE_MAX_REJECT_SHARE", _float("QE_MAX_REJECT_SHARE")),
     "finetune_hyperparameters": (
         "QE_FINETUNE_HYPERPARAMETERS",
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
@@ -247,6 +291,13 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "llm_judge": ("QE_LLM_JUDGE", _bool("QE_LLM_JUDGE")),
     "llm_judge_model": ("QE_LLM_JUDGE_MODEL", str.strip),
     "llm_judge_margin": ("QE_LLM_JUDGE_MARGIN", _float("QE_LLM_JUDGE_MARGIN", 0.0, 10.0)),
+    "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
+    "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
+    "eval_margin": ("QE_EVAL_MARGIN", _float("QE_EVAL_MARGIN", 0.0, 0.5)),
+    "eval_base_url": ("QE_EVAL_BASE_URL", str.strip),
+    "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
+    "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", str.strip),
+    "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
     "llm_price_input_per_1m": (
         "QE_LLM_PRICE_INPUT_PER_1M",
         _float("QE_LLM_PRICE_INPUT_PER_1M", 0.0, None),
@@ -296,7 +347,15 @@ class Settings(BaseModel):
     finetune_backend: str = "none"
     finetune_base_model: str = "gpt-4o-mini-2024-07-18"
     finetune_suffix: str = "qe"
-    finetune_sensor_running: bool = False
+    # The loop runs by itself under `make ui`: both sensors start running (set false to stop).
+    finetune_sensor_running: bool = True
+    finetune_allow_naive: bool = False
+    queue_sensor_running: bool = True
+    sensor_interval_seconds: int = 30
+    max_queue_age_seconds: float = 3_600.0
+    max_review_age_seconds: float = 86_400.0
+    max_review_backlog: int = 1_000
+    max_reject_share: float = 0.2
     finetune_hyperparameters: dict[str, Any] = {}
     finetune_command: str | None = None
     finetune_method: str = "sft"
@@ -315,6 +374,15 @@ class Settings(BaseModel):
     llm_judge_margin: float = 1.0
     llm_price_input_per_1m: float = 0.0
     llm_price_output_per_1m: float = 0.0
+    # The evaluation gate (docs/evaluation.md). 0 holds nothing out: set a share to build the
+    # frozen evaluation set; held-out questions never reach a training file.
+    eval_share: float = 0.0
+    eval_min_items: int = 50
+    eval_margin: float = 0.0
+    eval_base_url: str | None = None  # None: OPENAI_BASE_URL
+    eval_model_map: dict[str, str] = {}  # model id → name the endpoint serves it under
+    eval_judge_model: str | None = None  # None: QE_LLM_JUDGE_MODEL, else QE_LLM_MODEL
+    eval_icl_examples: int = 0  # k train examples in an ICL baseline's prompt; 0: no ICL baseline
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

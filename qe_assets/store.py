@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -180,6 +180,63 @@ CREATE TABLE IF NOT EXISTS llm_cache (
     completion_tokens  BIGINT NOT NULL,
     created_at         TIMESTAMP NOT NULL
 );
+-- The evaluation gate (qe_assets/evaluation). Added with IF NOT EXISTS, so an existing store
+-- gains them on its next write connection.
+CREATE TABLE IF NOT EXISTS evaluation_set (
+    sample_id        VARCHAR PRIMARY KEY,  -- held out of every training file, for good
+    question_key     VARCHAR NOT NULL,     -- later samples with this question are held out too
+    dataset_version  VARCHAR NOT NULL,     -- the cut that held it out
+    added_at         TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_evaluations (
+    evaluation_id    VARCHAR PRIMARY KEY,  -- sha256(candidate, baseline, judge, items): re-runs
+    candidate        VARCHAR NOT NULL,     -- fine_tune_runs.model_id
+    baseline         VARCHAR NOT NULL,     -- the production model (or the base model)
+    dataset_version  VARCHAR,              -- the candidate's training version
+    n                INTEGER NOT NULL,     -- judged pairs: wins + ties + losses
+    wins             INTEGER NOT NULL,
+    ties             INTEGER NOT NULL,
+    losses           INTEGER NOT NULL,
+    failed           INTEGER NOT NULL,     -- not judged: an answer or the verdict failed
+    win_rate         DOUBLE NOT NULL,      -- (wins + ties / 2) / n
+    ci_low           DOUBLE NOT NULL,      -- 95 % Wilson lower bound of win_rate
+    decision         VARCHAR NOT NULL,     -- promote | block | insufficient_data
+    reason           VARCHAR NOT NULL,
+    judge_model      VARCHAR NOT NULL,
+    per_label        JSON NOT NULL,
+    prompt_tokens    BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    estimated_cost   DOUBLE NOT NULL,
+    dagster_run_id   VARCHAR,
+    -- production: the gate's comparison; icl: against production with k train examples in its
+    -- prompt (reported, never gating)
+    comparison       VARCHAR NOT NULL DEFAULT 'production',
+    created_at       TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluation_items (
+    evaluation_id    VARCHAR NOT NULL,
+    sample_id        VARCHAR NOT NULL,
+    label            VARCHAR NOT NULL,
+    candidate_answer VARCHAR,
+    baseline_answer  VARCHAR,
+    candidate_first  BOOLEAN NOT NULL,     -- the candidate's answer was shown as answer 1
+    verdict          VARCHAR NOT NULL,     -- win | loss | tie | failed (the candidate's side)
+    winner           VARCHAR,              -- the judge's "1" | "2" | "tie"
+    reason           VARCHAR,
+    error            VARCHAR,              -- why a failed item was not judged
+    PRIMARY KEY (evaluation_id, sample_id)
+);
+CREATE SEQUENCE IF NOT EXISTS promoted_models_seq;
+-- Append-only: the newest row names the production model (promotions and rollbacks alike).
+CREATE TABLE IF NOT EXISTS promoted_models (
+    promotion_id     BIGINT NOT NULL DEFAULT nextval('promoted_models_seq'),
+    model            VARCHAR NOT NULL,
+    promoted_at      TIMESTAMP NOT NULL,
+    promoted_by      VARCHAR NOT NULL,     -- gate | the person who ran qe models
+    evaluation_id    VARCHAR,              -- the evaluation that passed (gate)
+    action           VARCHAR NOT NULL,     -- promote | rollback
+    reason           VARCHAR
+);
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
 """
@@ -342,6 +399,26 @@ def writer_lock_path(database: str | Path) -> Path:
     return Path(f"{database}.writer.lock")
 
 
+# Writer locks this process holds (lock path -> holds), so that a query a stage makes through
+# `writer_connection` while its `writer_lock` is taken does not wait for itself. Process-wide, not
+# per thread: a stage's LLM pages and commits run on worker threads.
+_HELD: dict[str, int] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def holds_writer_lock(database: str | Path) -> bool:
+    with _HELD_GUARD:
+        return _HELD.get(str(writer_lock_path(database).absolute()), 0) > 0
+
+
+def _mark_held(path: Path, step: int) -> None:
+    key = str(path.absolute())
+    with _HELD_GUARD:
+        _HELD[key] = _HELD.get(key, 0) + step
+        if _HELD[key] <= 0:
+            del _HELD[key]
+
+
 @contextmanager
 def writer_lock(
     database: str | Path,
@@ -349,19 +426,23 @@ def writer_lock(
     on_wait: Callable[[str], None] | None = None,
     poll_seconds: float = 0.1,
     report_seconds: float = 30.0,
+    wait_seconds: float | None = None,
 ) -> Iterator[None]:
-    """The right to run one writing stage against `database`, exclusive across the processes of
-    this host, held for the whole stage.
+    """The right to write to `database`, exclusive across the processes of this host: held by a
+    writing stage for the whole stage, and by every other write (a run's queries between stages,
+    a reviewer's transaction) for its one short transaction (see `writer_connection`).
 
     DuckDB's own file lock guards a transaction, not a stage: a stage that claims queue records,
     commits and acks over many short transactions must not interleave with another run's. A
     kernel lock (flock) does this without races and is released by the kernel when its holder
     exits or is killed, so a crash never leaves it taken. `on_wait(holder)` is called when the
-    lock is busy, and again every `report_seconds` while waiting.
+    lock is busy, and again every `report_seconds` while waiting. Stages wait as long as it takes
+    (another run's stage ends); with `wait_seconds`, `DatabaseBusy` is raised after that long.
     """
     path = writer_lock_path(database)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
     try:
         reported_at: float | None = None
         while True:
@@ -370,6 +451,12 @@ def writer_lock(
                 break
             except BlockingIOError:
                 now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    holder = os.pread(fd, 256, 0).decode("utf-8", errors="replace").strip()
+                    raise DatabaseBusy(
+                        f"{database} stayed locked by a writer ({holder or 'another process'}) "
+                        f"for {wait_seconds:.0f}s"
+                    ) from None
                 if on_wait is not None and (
                     reported_at is None or now - reported_at >= report_seconds
                 ):
@@ -380,9 +467,43 @@ def writer_lock(
         # Who holds it, for the next waiter's message; never read for correctness.
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield
+        _mark_held(path, 1)
+        try:
+            yield
+        finally:
+            _mark_held(path, -1)
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def writer_connection(
+    database: str | Path,
+    *,
+    config: Mapping[str, Any] | None = None,
+    wait_seconds: float | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One short write connection with the schema in place, under the writer lock (taken here
+    unless this process holds it already, as a stage does), closed before the lock is released.
+
+    Every write outside a stage's `WriterSession` comes through here, so writers never race on
+    DuckDB's own file lock: they queue on the writer lock, and only short read-only readers
+    (`qe sql`, the sensor) can make `open_connection` wait. `wait_seconds` bounds both waits
+    (None: as long as a stage takes for the lock, then `open_connection`'s default).
+    """
+    lock = (
+        nullcontext()
+        if holds_writer_lock(database)
+        else writer_lock(database, wait_seconds=wait_seconds, on_wait=on_wait)
+    )
+    started = time.monotonic()
+    with lock:
+        spent = time.monotonic() - started
+        left = 60.0 if wait_seconds is None else max(0.0, wait_seconds - spent)
+        with connect(database, config=config, wait_seconds=left) as conn:
+            ensure_schema(conn)
+            yield conn
 
 
 def table_counts(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:

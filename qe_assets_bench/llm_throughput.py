@@ -6,6 +6,11 @@ a fixed latency.
 With concurrency C and latency L the bound is C / L calls/s; the target is 90 % of it. A second
 run must make no calls at all, and so must a run that re-completes everything from the cache.
 Exits 1 when a target is missed.
+
+Then the evaluation gate (`--eval-items`, 0 to skip): `model_evaluation` on a frozen set of about
+that many prompts, the server serving a candidate, the base model and a pairwise judge. Each item
+is two answers (in parallel) and one verdict, so the bound is C / (3 L) items/s for a full
+evaluation and C / L items judged/s when the answers are cached (a second judge model).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -45,6 +51,80 @@ def events(count: int) -> list[str]:
     ]
 
 
+def evaluation_bench(args: argparse.Namespace) -> list[str]:
+    """Items evaluated and judged per second by the real `model_evaluation` asset; returns the
+    targets missed."""
+    base = "bench-base"
+    with (
+        tempfile.TemporaryDirectory(prefix="qe-bench-eval-") as tmp,
+        spawned(eval_models={"ft:": 3, base: 1}) as server,
+    ):
+        settings = Settings(
+            data_dir=str(Path(tmp) / "data"),
+            openai_base_url=server.base_url,
+            finetune_backend="openai",
+            finetune_base_model=base,
+            finetune_poll_seconds=0.01,
+            eval_share=0.5,
+            eval_judge_model="judge",
+            llm_concurrency=args.concurrency,
+            llm_batch_size=args.batch_size,
+            llm_timeout_seconds=30.0,
+            llm_max_retries=2,
+        )
+        FileInbox(settings.inbox_dir).put(events(2 * args.eval_items))
+        # Through the real stages to a fine-tuned model (a job on the server), no latency yet.
+        stages = ["raw_events", "annotated_samples", "completions", "tuning_dataset"]
+        assert materialize(settings, selection=[*stages, "fine_tuned_model"]).success
+        server.set_latency(args.latency)
+        server.reset()
+        # Without the gate check: a promotion would leave nothing to compare the second time.
+        evaluation = dg.AssetSelection.assets("model_evaluation").without_checks()
+        full = metadata(materialize(settings, selection=evaluation), "model_evaluation")
+        full_calls = server.chat_count
+        # A second judge: the answers come from the cache, only verdicts are asked.
+        judged = settings.model_copy(update={"eval_judge_model": "judge-2"})
+        server.reset()
+        verdicts = metadata(materialize(judged, selection=evaluation), "model_evaluation")
+        verdict_calls = server.chat_count
+    return _evaluation_report(args, full, verdicts, full_calls, verdict_calls)
+
+
+def _evaluation_report(
+    args: argparse.Namespace,
+    full: dict[str, Any],
+    verdicts: dict[str, Any],
+    full_calls: int,
+    verdict_calls: int,
+) -> list[str]:
+    items = full["n"] + full["failed"]
+    full_bound = args.concurrency / (3 * args.latency)
+    judge_bound = args.concurrency / args.latency
+    full_rate, judge_rate = float(full["items_per_s"]), float(verdicts["items_per_s"])
+    print(
+        f"\nEvaluation gate: {items} held-out items, concurrency {args.concurrency}, "
+        f"{args.latency * 1000:.0f} ms per call"
+    )
+    print(
+        f"  answered + judged  {full_rate:>8.1f} items/s  {full_calls} calls; bound "
+        f"{full_bound:.1f} ({full_rate / full_bound:.0%})"
+    )
+    print(
+        f"  judged (answers cached)  {judge_rate:>8.1f} items/s  {verdict_calls} calls; bound "
+        f"{judge_bound:.1f} ({judge_rate / judge_bound:.0%})"
+    )
+    missed = []
+    for name, rate, bound in (
+        ("evaluated", full_rate, full_bound),
+        ("judged", judge_rate, judge_bound),
+    ):
+        if rate < args.target_share * bound:
+            missed.append(f"items {name} {rate:.1f}/s < {args.target_share:.0%} of {bound:.1f}")
+    if full_calls != 3 * items or verdict_calls != items:
+        missed.append(f"expected {3 * items} and {items} calls, got {full_calls}, {verdict_calls}")
+    return missed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=5000)
@@ -52,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.2, help="seconds per call")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--target-share", type=float, default=0.9)
+    parser.add_argument("--eval-items", type=int, default=2500, help="0: skip the gate's bench")
+    parser.add_argument("--only-eval", action="store_true", help="only the gate's bench")
     args = parser.parse_args(argv)
+
+    os.environ["OPENAI_API_KEY"] = FAKE_KEY
+    if args.only_eval:
+        missed = evaluation_bench(args)
+        for failure in missed:
+            print(f"FAILED: {failure}", file=sys.stderr)
+        return 1 if missed else 0
 
     os.environ["OPENAI_API_KEY"] = FAKE_KEY
     with tempfile.TemporaryDirectory(prefix="qe-bench-") as tmp, spawned() as server:
@@ -126,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"calls on re-runs: {second_calls} and {replay_calls}, expected 0")
     if calls != train or replay["new_completions"] != train:
         failures.append(f"expected {train} calls and completions, got {calls}")
+    if args.eval_items:
+        failures += evaluation_bench(args)
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -42,14 +42,19 @@ class DagsterDev:
         except FileNotFoundError:
             return ""
 
-    def start(self, timeout: float = 90.0) -> None:
-        dagster = Path(sys.executable).with_name("dagster")
-        command = [str(dagster), "dev", "-h", "127.0.0.1", "-p", str(self.port)]
-        command += ["-w", "workspace.yaml"]
+    def start(
+        self, timeout: float = 90.0, command: list[str] | None = None, cwd: Path = PROJECT_ROOT
+    ) -> None:
+        """Start `command` (default: the venv's `dagster dev` on `self.port`) and wait until the
+        webserver serves the loaded code location."""
+        if command is None:
+            dagster = Path(sys.executable).with_name("dagster")
+            command = [str(dagster), "dev", "-h", "127.0.0.1", "-p", str(self.port)]
+            command += ["-w", "workspace.yaml"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command,
-                cwd=PROJECT_ROOT,
+                cwd=cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

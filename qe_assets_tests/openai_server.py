@@ -9,6 +9,7 @@ Behaviour of a chat request, first match wins:
 1. the next reply queued with `plan(...)`;
 2. `responder(request)`, when set and it returns a `Reply`;
 3. the default: a deterministic answer derived from the prompt.
+`EvalModels` is a responder that serves several models of known quality and a pairwise judge.
 Every chat reply waits `latency` seconds first (plus the reply's own `delay`).
 """
 
@@ -19,6 +20,7 @@ import email.parser
 import email.policy
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -142,6 +144,73 @@ class FineTuneJob:
 
 def default_answer(request: ChatRequest) -> str:
     return f"Regenerated answer {request.prompt_hash[:12]} for: {request.prompt[-60:]}"
+
+
+ANSWER_BLOCK = re.compile(r"<<<BEGIN ANSWER ([12])>>>\n(.*?)\n<<<END ANSWER \1>>>", re.DOTALL)
+QUALITY = re.compile(r"quality (\d+)")
+JUDGE_GARBAGE = "I think the first one is better."  # not JSON: breaks the judge contract
+EMPTY_ANSWERS = -1  # an EvalModels quality: the model answers with an empty string
+
+
+@dataclass
+class EvalModels:
+    """A responder serving several models and a pairwise judge, for the evaluation gate.
+
+    `quality` maps model-name prefixes (longest match wins) to a quality; a model answers
+    `Answer of quality Q: <prompt hash>`, so two models of equal quality give identical answers.
+    A prefix mapped to None is a failing model (HTTP 500 on every call), one mapped to
+    EMPTY_ANSWERS answers with nothing. The judge (any model
+    whose name starts with `judge_model`) follows the pairwise contract: it reads the two
+    answers between the `<<<BEGIN ANSWER n>>>` markers and names the one of higher quality,
+    "tie" when equal.
+    `garbage_every` > 0 makes the judge's first `garbage_times` replies to every such-th
+    prompt (by hash) unparseable.
+    """
+
+    quality: dict[str, int | None]
+    judge_model: str = "judge"
+    garbage_every: int = 0
+    garbage_times: int = 0
+    judge_down: bool = False  # the judge answers HTTP 500
+    icl_bonus: int = 0  # quality added when the request carries example turns (an ICL prompt)
+
+    def quality_of(self, model: str) -> int | None:
+        matches = [p for p in self.quality if model.startswith(p)]
+        if not matches:
+            raise KeyError(f"no quality for model {model!r}")
+        return self.quality[max(matches, key=len)]
+
+    def __call__(self, request: ChatRequest) -> Reply:
+        if request.model.startswith(self.judge_model):
+            return self.judge(request)
+        quality = self.quality_of(request.model)
+        if quality is None:
+            return Reply.server_error(500)
+        if quality == EMPTY_ANSWERS:
+            return Reply.empty()
+        if len(request.messages) > 2:
+            quality += self.icl_bonus
+        return Reply.ok(f"Answer of quality {quality}: {request.prompt_hash[:12]}")
+
+    def garbled(self, request: ChatRequest) -> bool:
+        return (
+            self.garbage_every > 0
+            and int(request.prompt_hash[:8], 16) % self.garbage_every == 0
+            and request.seen <= self.garbage_times
+        )
+
+    def judge(self, request: ChatRequest) -> Reply:
+        if self.judge_down:
+            return Reply.server_error(500)
+        if self.garbled(request):
+            return Reply.ok(JUDGE_GARBAGE)
+        answers = dict(ANSWER_BLOCK.findall(request.prompt))
+        scores = {n: int(m.group(1)) if (m := QUALITY.search(a)) else 0 for n, a in answers.items()}
+        if len(scores) != 2:
+            return Reply.ok(json.dumps({"winner": "tie", "reason": "answers not found"}))
+        one, two = scores["1"], scores["2"]
+        winner = "tie" if one == two else ("1" if one > two else "2")
+        return Reply.ok(json.dumps({"winner": winner, "reason": f"quality {one} vs {two}"}))
 
 
 class OpenAIServer:
@@ -614,11 +683,14 @@ class RemoteServer:
 
 
 @contextmanager
-def spawned(*, latency: float = 0.0) -> Iterator[RemoteServer]:
+def spawned(
+    *, latency: float = 0.0, eval_models: dict[str, int | None] | None = None
+) -> Iterator[RemoteServer]:
     """The server in a child process: its request handling then does not compete with the
     client under test for one interpreter's GIL (what a benchmark needs)."""
+    extra = ["--eval-models", json.dumps(eval_models)] if eval_models else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "qe_assets_tests.openai_server", "--latency", str(latency)],
+        [sys.executable, "-m", "qe_assets_tests.openai_server", "--latency", str(latency), *extra],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -634,8 +706,14 @@ def spawned(*, latency: float = 0.0) -> Iterator[RemoteServer]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the fake OpenAI API until killed.")
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument(
+        "--eval-models",
+        help='serve EvalModels with this quality map, e.g. {"ft:": 3, "": 1}',
+    )
     args = parser.parse_args()
     server = OpenAIServer(latency=args.latency).start()
+    if args.eval_models:
+        server.responder = EvalModels(json.loads(args.eval_models))
     print(server.port, flush=True)
     threading.Event().wait()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.test_pipeline import batch
 
@@ -109,3 +112,98 @@ def test_run_shows_progress_on_stderr_and_quiet_only_the_summary(tmp_path: Path)
     quiet = qe("run", "--cut-version", "--quiet", env=quiet_env)
     assert "samples written" not in quiet.stderr and "annotated" not in quiet.stderr
     assert "version=v001" in quiet.stdout
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    """Refused as a query error: exit 1, one `qe:` line naming why, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("qe: ") and fragment in lines[0], lines
+    assert "Traceback" not in result.stdout
+
+
+def test_sql_reads_our_tables_and_nothing_else(tmp_path: Path) -> None:
+    env = {"QE_DATA_DIR": str(tmp_path / "data")}
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(line(make_event(f"r{i}")) for i in range(3)) + b"\n")
+    qe("enqueue", str(events), env=env)
+    qe("run", env=env)
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("a dataset line\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t")
+    other = tmp_path / "other.duckdb"
+    with connect(other) as conn:
+        conn.execute("CREATE TABLE precious AS SELECT 42 AS answer")
+
+    copy = qe("sql", f"COPY raw_events TO '{victim}'", env=env, check=False)
+    assert_refused(copy, "not COPY; COPY … TO / EXPORT DATABASE need --allow-files")
+    export = qe("sql", f"EXPORT DATABASE '{tmp_path / 'export'}'", env=env, check=False)
+    assert_refused(export, "not EXPORT")
+    attach = qe("sql", f"ATTACH '{other}' AS o (READ_WRITE)", env=env, check=False)
+    assert_refused(attach, "read-only: one SELECT (or EXPLAIN), not ATTACH")
+    several = f"ATTACH '{other}' AS o (READ_WRITE); DELETE FROM o.precious; SELECT 1"
+    assert_refused(qe("sql", several, env=env, check=False), "exactly one statement, not 3")
+    assert_refused(qe("sql", "SELECT 1; SELECT 2", env=env, check=False), "not 2")
+    unlock = qe("sql", "SET enable_external_access = true", env=env, check=False)
+    assert_refused(unlock, "not SET")
+    # A plain SELECT may name files too (table functions, 'file' as a table): DuckDB refuses.
+    for query in (
+        f"SELECT * FROM read_text('{secret}')",
+        f"SELECT * FROM '{other}'",
+        "SELECT * FROM read_text('/etc/shadow')",
+    ):
+        refused = qe("sql", query, env=env, check=False)
+        assert_refused(refused, "file system operations are disabled")
+        assert "s3cr3t" not in refused.stdout + refused.stderr
+    assert victim.read_text() == "a dataset line\n"
+    assert not (tmp_path / "export").exists()
+    with connect(other, read_only=True) as conn:
+        assert conn.execute("SELECT answer FROM precious").fetchall() == [(42,)]
+
+    # The explicit way out, for people who want files.
+    target = tmp_path / "ids.csv"
+    allowed = qe(
+        "sql",
+        f"COPY (SELECT request_id FROM raw_events ORDER BY 1) TO '{target}'",
+        "--allow-files",
+        env=env,
+    )
+    assert "COPY done" in allowed.stdout
+    assert target.read_text().split() == ["request_id", "r0", "r1", "r2"]
+    assert (
+        "s3cr3t"
+        in qe(
+            "sql",
+            f"SELECT * FROM read_text('{secret}')",
+            "--allow-files",
+            "--format",
+            "json",
+            env=env,
+        ).stdout
+    )
+    still = qe("sql", f"ATTACH '{other}' AS o (READ_WRITE)", "--allow-files", env=env, check=False)
+    assert_refused(still, "not ATTACH")
+
+
+def test_sql_writes_nested_columns_as_json_in_csv_and_tables(tmp_path: Path) -> None:
+    env = {"QE_DATA_DIR": str(tmp_path / "data")}
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(line(make_event("r0", question='Comma, "quote"?')) + b"\n")
+    qe("enqueue", str(events), env=env)
+    qe("run", env=env)
+    query = "SELECT request_id, docs, labels, interval 1 day AS waited FROM raw_events"
+    docs = [
+        {"id": d["id"], "content": d["content"], "score": d["score"], "meta": None}
+        for d in make_event()["docs"]
+    ]
+
+    as_csv = qe("sql", query, "--format", "csv", env=env)
+    (row,) = csv.DictReader(io.StringIO(as_csv.stdout))
+    assert json.loads(row["docs"]) == docs and json.loads(row["labels"]) == ["factuality_error"]
+    assert row["waited"] == "1 day"
+    (record,) = map(json.loads, qe("sql", query, "--format", "json", env=env).stdout.splitlines())
+    assert record["docs"] == docs and record["labels"] == ["factuality_error"]
+    table = qe("sql", query, env=env).stdout
+    assert '"content":"Refunds are accepted within 30 days."' in table
+    assert_refused(qe("sql", "SELECT 1 AS x, 2 AS x", env=env, check=False), "'x' appears twice")

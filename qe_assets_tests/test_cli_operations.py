@@ -14,16 +14,19 @@ session's `redis-server`, a DuckDB file in a temp dir, Dagster runs recorded in 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 import redis
 
+from qe_assets.demo import generate_events, write_jsonl
 from qe_assets.settings import REDIS_LIST, Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.conftest import free_port
@@ -353,3 +356,60 @@ def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "range\n"
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+# ----- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 60 MB tmpfs of its own, so the test can fill it without touching the machine's disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A filler file taking all but `leave` bytes of the disk."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        while (free := shutil.disk_usage(disk).free) > leave:
+            try:
+                fh.write(b"\0" * min(1 << 20, free - leave))
+                fh.flush()
+            except OSError:
+                break
+    return filler
+
+
+def test_run_on_a_full_disk_says_so_in_one_line_and_loses_nothing(small_disk: Path) -> None:
+    data = small_disk / "data"
+    env = {"QE_DATA_DIR": str(data)}
+    first, second = generate_events(100, seed=4), generate_events(1_500, seed=5)
+    write_jsonl(data / "inbox" / "first.jsonl", first)
+    qe("run", "-q", env=env)
+    write_jsonl(data / "inbox" / "second.jsonl", second)
+
+    # No byte left: Dagster's own SQLite fails before any step ("disk I/O error").
+    filler = fill(small_disk, leave=0)
+    full = qe("run", "-q", env=env, code=1)
+    assert_one_line_error(full, f"disk full at {data}", "free space and re-run")
+    filler.unlink()
+    # A little left: the instance records the run, DuckDB's commit of a batch fails in a step.
+    filler = fill(small_disk, leave=1_500_000)
+    mid_step = qe("run", "-q", env=env, code=1)
+    assert mid_step.stderr.strip().splitlines()[-1].startswith(f"qe: disk full at {data}")
+    filler.unlink()
+
+    qe("run", "-q", env=env)
+    with connect(data / "qe.duckdb", read_only=True) as conn:
+        ((stored,),) = conn.execute("SELECT count(DISTINCT request_id) FROM raw_events").fetchall()
+    assert stored == len({json.loads(text)["request_id"] for text in first + second})

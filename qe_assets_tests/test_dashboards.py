@@ -96,9 +96,11 @@ def test_raw_events_counts_new_rows_duplicates_rejected_and_queue_depth(run: Run
         run.settings,
         "SELECT (SELECT count(*) FROM raw_events), (SELECT count(*) FROM rejected_events)",
     )
-    assert (values["total_rows"], values["rejected_total"]) == (raw, rejected) == (48, 3)
+    rejected_meta = metadata(run.result, "rejected_events")
+    assert (values["total_rows"], rejected_meta["rejected_total"]) == (raw, rejected) == (48, 3)
+    assert rejected_meta["dagster/row_count"] == rejected
     by_field = dict(rows(run.settings, "SELECT field, count(*) FROM rejected_events GROUP BY 1"))
-    assert values["rejected_by_field"] == by_field
+    assert rejected_meta["rejected_by_field"] == by_field
     assert by_field == {"payload": 1, "evaluation.score": 1, "request_id": 1}
 
 
@@ -222,11 +224,17 @@ def test_review_outcomes_become_kept_share_per_label_and_shrink_the_queue(
         review.accept(conn, ids["factuality_error"], "ann")
         review.reject(conn, ids["incomplete_answer"], "ann")
         review.edit(conn, ids["low_relevance"], "A better answer.", "ann")
-    after = raw_metadata(
-        materialize(settings, selection=dg.AssetSelection.assets("annotated_samples")),
-        "annotated_samples",
-    )
-    assert after["review_queue_size"].value == 1
+    result = materialize(settings, selection=dg.AssetSelection.assets("annotated_samples"))
+    assert raw_metadata(result, "annotated_samples")["review_queue_size"].value == 1
+    # Selected alone, annotated_samples reports nothing for review_queue (the subset).
+    assert not [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.materialization.asset_key == dg.AssetKey("review_queue")
+    ]
+    result = materialize(settings, selection=dg.AssetSelection.assets("review_queue"))
+    after = raw_metadata(result, "review_queue")
+    assert after["pending"].value == 1
     kept = {k.split("/", 1)[1]: v for k, v in after.items() if k.startswith("review_kept_share/")}
     assert all(isinstance(v, dg.FloatMetadataValue) for v in kept.values())
     assert {label: v.value for label, v in kept.items()} == {

@@ -31,6 +31,7 @@ def openai_settings(
             "finetune_deadline_seconds": 10.0,
             "finetune_hyperparameters": {"n_epochs": 2},
             "llm_max_retries": 0,
+            "finetune_allow_naive": True,  # no LLM here: every completion is naive
         }
     )
 
@@ -217,7 +218,9 @@ def test_dpo_uploads_the_preference_splits_and_names_the_method(
 def test_dpo_without_preference_pairs_fails_with_the_reason(
     openai_settings: Settings, openai_server: OpenAIServer
 ) -> None:
-    settings = openai_settings.model_copy(update={"finetune_method": "dpo"})
+    settings = openai_settings.model_copy(
+        update={"finetune_method": "dpo", "finetune_allow_naive": True}
+    )
     processed(settings, 15)  # naive completions: never a pair
     result = materialize(
         settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False

@@ -16,10 +16,15 @@ from qe_assets_tests.test_events import BAD_INPUTS
 
 
 def materialize(settings: Settings) -> dict:
+    """The metadata of raw_events and rejected_events (one step writes both), merged."""
     result = dg.materialize([raw_events], resources=build_resources(settings))
     assert result.success
-    (event,) = result.get_asset_materialization_events()
-    return {k: v.value for k, v in event.materialization.metadata.items()}
+    events = result.get_asset_materialization_events()
+    assert {e.materialization.asset_key.to_user_string() for e in events} == {
+        "raw_events",
+        "rejected_events",
+    }
+    return {k: v.value for e in events for k, v in e.materialization.metadata.items()}
 
 
 def rows(settings: Settings, query: str) -> list[tuple]:

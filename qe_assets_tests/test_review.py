@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,133 @@ def test_review_cli_round_trip(reviewed_store: Settings, tmp_path: Path) -> None
     assert (
         scalar(reviewed_store, "SELECT count(*) FROM review_queue WHERE reviewer = 'cli-user'") == 4
     )
+
+
+def qe_cli(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qe_assets.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# Stands for a person: writes a marker when the editor opens, then waits (bounded) until the test
+# lets it save.
+SLOW_EDITOR = """#!/bin/sh
+touch "$QE_TEST_DIR/editor-open"
+i=0
+while [ ! -e "$QE_TEST_DIR/editor-close" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+printf 'Written while the pipeline kept going.' > "$1"
+"""
+
+
+def test_an_open_editor_holds_no_connection(reviewed_store: Settings, tmp_path: Path) -> None:
+    """`qe review edit` reads, closes, and only then opens $EDITOR: readers, a run and other
+    reviewers go on meanwhile; the edit is then refused, since the sample changed under it."""
+    editor = tmp_path / "editor.sh"
+    editor.write_text(SLOW_EDITOR)
+    editor.chmod(0o755)
+    env = {
+        **os.environ,
+        "QE_DATA_DIR": reviewed_store.data_dir,
+        "QE_REVIEWER": "slow",
+        "EDITOR": str(editor),
+        "QE_TEST_DIR": str(tmp_path),
+    }
+    edit = subprocess.Popen(
+        [sys.executable, "-m", "qe_assets.cli", "review", "edit", "low-3#overconfidence"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "editor-open").exists():
+            assert edit.poll() is None and time.monotonic() < deadline, edit.communicate()
+            time.sleep(0.05)
+        started = time.monotonic()
+        query = qe_cli(env, "sql", "SELECT count(*) FROM review_queue", "--wait", "5")
+        assert query.returncode == 0, query.stderr
+        result = materialize(reviewed_store)  # a writer: every stage opens write connections
+        assert result.success
+        other = qe_cli(
+            env | {"QE_REVIEWER": "quick"},
+            "review",
+            "--wait",
+            "5",
+            "accept",
+            "low-3#overconfidence",
+        )
+        assert other.returncode == 0, other.stderr
+        assert time.monotonic() - started < 60
+        (tmp_path / "editor-close").touch()
+        stdout, stderr = edit.communicate(timeout=60)
+    finally:
+        if edit.poll() is None:
+            edit.kill()
+    assert edit.returncode == 1, (stdout, stderr)
+    message = one_line(subprocess.CompletedProcess([], 1, stdout, stderr))
+    assert "changed while you were editing (now accepted by quick)" in message
+    kept = Path(message.rsplit("kept in ", 1)[1])
+    assert kept.read_text() == "Written while the pipeline kept going."
+    kept.unlink()
+    assert (
+        scalar(
+            reviewed_store,
+            "SELECT reviewer FROM review_queue WHERE sample_id = 'low-3#overconfidence'",
+        )
+        == "quick"
+    )
+
+
+def test_accepting_a_known_and_an_unknown_id_changes_nothing(reviewed_store: Settings) -> None:
+    env = {**os.environ, "QE_DATA_DIR": reviewed_store.data_dir}
+    result = qe_cli(env, "review", "accept", "low-0#factuality_error", "bogus-id")
+    assert result.returncode == 1
+    assert one_line(result) == "qe: no sample 'bogus-id'; nothing changed"
+    assert (
+        scalar(reviewed_store, "SELECT count(*) FROM review_queue WHERE status <> 'pending'") == 0
+    )
+    both = qe_cli(env, "review", "reject", "low-0#factuality_error", "low-1#incomplete_answer")
+    assert both.returncode == 0 and "rejected 2 sample(s)" in both.stdout
+
+
+def test_a_sample_already_in_a_version_is_refused(reviewed_store: Settings) -> None:
+    """A sample goes into one version, and a version is never rewritten: a later decision on it
+    could change no dataset, so it is refused instead of recorded and reported as done."""
+    settings = reviewed_store.model_copy(update={"min_dataset_examples": 1})
+    with connect(settings.database) as conn:
+        review.accept(conn, "low-0#factuality_error", "ann")
+    assert metadata(materialize(settings), "tuning_dataset")["version"] == "v002"
+    env = {**os.environ, "QE_DATA_DIR": settings.data_dir}
+    for args in (
+        ("edit", "low-0#factuality_error", "--completion", "Too late."),
+        ("reject", "low-0#factuality_error"),
+        ("accept", "low-0#factuality_error"),
+    ):
+        result = qe_cli(env, "review", *args)
+        assert result.returncode == 1, result
+        assert one_line(result) == (
+            "qe: sample 'low-0#factuality_error' is already in v002, which is never rewritten "
+            "(a sample goes into one version only)"
+        )
+    assert (
+        scalar(
+            settings, "SELECT status FROM review_queue WHERE sample_id = 'low-0#factuality_error'"
+        )
+        == "accepted"
+    )
+    shown = qe_cli(env, "review", "show", "low-0#factuality_error")
+    assert "in v002" in shown.stdout.splitlines()[0]

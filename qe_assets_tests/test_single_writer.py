@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +48,13 @@ from qe_assets.queues import FileInbox
 from qe_assets.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.runner import DAGSTER_YAML, prepare_dagster_home
 from qe_assets.settings import Settings
-from qe_assets.store import connect, writer_lock
+from qe_assets.store import (
+    DatabaseBusy,
+    connect,
+    holds_writer_lock,
+    writer_connection,
+    writer_lock,
+)
 from qe_assets_tests.runs import column, exportable_sample_ids, stored_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,3 +299,147 @@ def test_writer_lock_is_exclusive_across_processes_and_dropped_when_its_holder_d
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+# Reviewers against a run (issue #15, item 7): a run of RUN_EVENTS demo events, once alone and once
+# while REVIEWERS `qe review accept` loops decide the pending samples over and over.
+RUN_EVENTS = 4_000
+REVIEWERS = 3
+PENDING = 30
+QE = (sys.executable, "-m", "qe_assets.cli")
+REVIEW_WAIT = 90  # each reviewer command's --wait: a bound, not what a decision should take
+
+
+@dataclass(frozen=True)
+class Decision:
+    returncode: int
+    seconds: float
+    stderr: str
+
+
+def review_loop(env: dict[str, str], ids: list[str], run: subprocess.Popen[str]) -> list[Decision]:
+    """`qe review accept ID` for each id, over and over until the run ends (one pass at least).
+    The run has no version to cut, so accepting again is allowed and changes nothing."""
+    decisions: list[Decision] = []
+    while not decisions or run.poll() is None:
+        for sample_id in ids:
+            started = time.monotonic()
+            done = subprocess.run(
+                [*QE, "review", "--wait", str(REVIEW_WAIT), "accept", sample_id],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=REVIEW_WAIT + 60,
+            )
+            decisions.append(Decision(done.returncode, time.monotonic() - started, done.stderr))
+    return decisions
+
+
+def timed_run(env: dict[str, str], ids: list[str], reviewers: int) -> tuple[float, list[Decision]]:
+    """`qe run` over the inbox, with `reviewers` review loops on `ids` alongside; its seconds."""
+    started = time.monotonic()
+    run = subprocess.Popen(
+        [sys.executable, "-m", "qe_assets.cli", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    decisions: list[list[Decision]] = [[] for _ in range(reviewers)]
+    loops = [
+        threading.Thread(
+            target=lambda n=n: decisions[n].extend(review_loop(env, ids[n::reviewers], run))
+        )
+        for n in range(reviewers)
+    ]
+    try:
+        for loop in loops:
+            loop.start()
+        stdout, stderr = run.communicate(timeout=RUN_TIMEOUT * 2)
+        elapsed = time.monotonic() - started
+        for loop in loops:
+            loop.join(timeout=REVIEW_WAIT + 60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, f"qe run failed ({run.returncode}):\n{stdout}\n{stderr}"
+    for text in (stdout, stderr):
+        assert LOCK_FAILURE.search(text) is None and "Traceback" not in text, text
+    return elapsed, [d for loop in decisions for d in loop]
+
+
+def test_reviewers_deciding_while_a_run_writes_never_fail_it(tmp_path: Path) -> None:
+    """Reviewers take the writer lock for one short transaction; every connection of the run
+    waits on that lock too, so neither side fails on DuckDB's file lock, and reviewers wait at
+    most for one stage."""
+    from qe_assets_tests.runs import materialize
+    from qe_assets_tests.test_pipeline import batch
+
+    prepared = tmp_path / "prepared"
+    FileInbox(prepared / "inbox").put(batch("low", PENDING, score=0.2))
+    materialize(Settings(data_dir=str(prepared)))
+    with connect(prepared / "qe.duckdb", read_only=True) as conn:
+        ids = column(conn, "SELECT sample_id FROM review_queue WHERE status = 'pending'")
+    assert len(ids) == PENDING
+    times: dict[str, float] = {}
+    decisions: list[Decision] = []
+    for name, reviewers in (("alone", 0), ("reviewed", REVIEWERS)):
+        data = tmp_path / name
+        shutil.copytree(prepared, data)
+        FileInbox(data / "inbox").put(generate_events(RUN_EVENTS, seed=17, doc_chars=(60, 200)))
+        # No version is cut (the threshold is out of reach), so deciding again stays allowed.
+        env = {**child_env(data, tmp_path / f"home-{name}"), "QE_FINETUNE_THRESHOLD": "1000000"}
+        times[name], decided = timed_run(env, ids, reviewers)
+        decisions += decided
+
+    assert len(decisions) >= PENDING
+    failed = [d for d in decisions if d.returncode != 0]
+    assert not failed, f"{len(failed)} review commands failed, first: {failed[0]}"
+    slowest = max(d.seconds for d in decisions)
+    median = sorted(d.seconds for d in decisions)[len(decisions) // 2]
+    assert slowest < REVIEW_WAIT / 2, f"a review command took {slowest:.1f}s"
+    with connect(tmp_path / "reviewed" / "qe.duckdb", read_only=True) as conn:
+        statuses = dict(conn.execute("SELECT sample_id, status FROM review_queue").fetchall())
+        ((raw,),) = conn.execute("SELECT count(*) FROM raw_events").fetchall()
+    assert {statuses[i] for i in ids} == {"accepted"}
+    assert raw > PENDING + RUN_EVENTS * 0.9
+    print(
+        f"\nqe run over {RUN_EVENTS:,} events: {times['alone']:.1f}s alone, "
+        f"{times['reviewed']:.1f}s with {REVIEWERS} reviewers ({len(decisions)} decisions, "
+        f"slowest {slowest:.1f}s, median {median:.1f}s)"
+    )
+
+
+def test_writer_connection_queues_on_the_writer_lock(tmp_path: Path) -> None:
+    """Every short write outside a stage takes the stage's lock: bounded, naming the holder, and
+    without waiting for itself when its own process holds the lock (a stage's queries, on the
+    stage's thread or a worker thread)."""
+    database = tmp_path / "qe.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(database)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with (
+            pytest.raises(DatabaseBusy, match=f"pid {holder.pid} on"),
+            writer_connection(database, wait_seconds=0.5),
+        ):
+            pass
+        assert 0.5 <= time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+    def query() -> list[tuple[int]]:
+        with writer_connection(database, wait_seconds=0.5) as conn:
+            return conn.execute("SELECT 42").fetchall()
+
+    with writer_lock(database):
+        assert holds_writer_lock(database)
+        assert query() == [(42,)]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            assert pool.submit(query).result(timeout=30) == [(42,)]
+    assert not holds_writer_lock(database)

@@ -35,6 +35,8 @@ ROOT = Path(__file__).parent.parent
 SFT = ROOT / "examples" / "finetune_trl_lora.py"
 DPO = ROOT / "examples" / "finetune_trl_dpo.py"
 EVENTS = 300
+# Up to the fine-tune (with the dataset checks); the evaluation gate after it is not ours here.
+TRAINING = ["raw_events", "annotated_samples", "completions", "tuning_dataset", "fine_tuned_model"]
 HYPERPARAMETERS = {
     "n_epochs": 2,
     "batch_size": 8,
@@ -186,7 +188,11 @@ def test_qe_run_trains_a_lora_adapter_that_lowers_the_validation_loss(
         timeout=600,
     )
     elapsed = time.monotonic() - started
-    assert run.returncode == 0, run.stderr[-4000:]
+    # After the fine-tune the evaluation gate (docs/evaluation.md) judges the candidate; with no
+    # held-out set (QE_EVAL_SHARE=0) it blocks for lack of data and `qe run` exits 1. The
+    # training, what this test is about, must have succeeded either way.
+    gate = "model_evaluation: candidate_beats_production"
+    assert run.returncode == 0 or gate in run.stderr, run.stderr[-4000:]
     result = the_run(data / "qe.duckdb")
     assert result["status"] == "succeeded", result
     assert_adapter(result["model_id"])
@@ -219,7 +225,7 @@ def trained_in_process(
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
     FileInbox(settings.inbox_dir).put(events(count))
     started = time.monotonic()
-    result = materialize(settings)
+    result = materialize(settings, selection=TRAINING)
     elapsed = time.monotonic() - started
     assert metadata(result, "fine_tuned_model")["status"] == "succeeded"
     return the_run(settings.database), elapsed
@@ -262,7 +268,7 @@ def test_the_chat_file_trains_with_assistant_only_loss(
     # The next round trains the v001 adapter further on v002.
     later = [x.replace('"t-', '"u-').replace("case ", "later case ") for x in events(60)]
     FileInbox(settings.inbox_dir).put(later)
-    assert materialize(in_process_settings(settings, server, SFT)).success
+    assert materialize(in_process_settings(settings, server, SFT), selection=TRAINING).success
     with connect(settings.database, read_only=True) as conn:
         ((recipe, model_id, status),) = conn.execute(
             "SELECT recipe, model_id, status FROM fine_tune_runs WHERE dataset_version = 'v002'"
@@ -347,7 +353,9 @@ def test_without_qe_trl_model_the_run_fails_saying_so(
     monkeypatch.delenv("QE_TRL_MODEL", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
     FileInbox(settings.inbox_dir).put(events(20))
-    result = materialize(in_process_settings(settings, server, SFT), raise_on_error=False)
+    result = materialize(
+        in_process_settings(settings, server, SFT), selection=TRAINING, raise_on_error=False
+    )
     assert not result.success
     with connect(settings.database, read_only=True) as conn:
         ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()

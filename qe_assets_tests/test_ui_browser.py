@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -86,7 +88,13 @@ def dagster_dev(
         for key, value in os.environ.items()
         if not key.startswith(("QE_", "OPENAI_", "DAGSTER_"))
     }
-    env.update(QE_DATA_DIR=str(data_dir), QE_FINETUNE_THRESHOLD="20")
+    # The test clicks the jobs itself: the sensors that would run them hands-free stay off.
+    env.update(
+        QE_DATA_DIR=str(data_dir),
+        QE_FINETUNE_THRESHOLD="20",
+        QE_QUEUE_SENSOR_RUNNING="false",
+        QE_FINETUNE_SENSOR_RUNNING="false",
+    )
     server = DagsterDev(home, env, tmp_path / "dagster_dev.log")
     try:
         server.start(timeout=90)
@@ -229,3 +237,44 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
     for name, path in shots.items():
         assert path.stat().st_size > 10_000, path
         print(f"screenshot {name}: {path}")
+
+
+def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:
+    """`make ui` on a fresh clone: `qe ui` by absolute path, PATH without the venv, started
+    outside the project directory. It runs the dagster of its own environment."""
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "QE_DATA_DIR": str(tmp_path / "data"),
+    }
+    dev = DagsterDev(tmp_path / "dagster_home", env, tmp_path / "qe-ui.log")
+    qe = Path(sys.executable).with_name("qe")
+    try:
+        dev.start(
+            command=[str(qe), "ui", "--host", "127.0.0.1", "--port", str(dev.port)], cwd=tmp_path
+        )
+        assert "DAGSTER_HOME=" in dev.log_tail() and f"127.0.0.1:{dev.port}" in dev.log_tail()
+        assert (tmp_path / "dagster_home" / "dagster.yaml").exists()
+        assert dev.process is not None
+        group = dev.process.pid
+    finally:
+        dev.stop()
+    # Stopped cleanly: nothing of its process group (webserver, daemon, code server) lives on.
+    deadline = time.monotonic() + 10
+    while (left := live_members(group)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left running: {left}"
+
+
+def live_members(group: int) -> list[str]:
+    """Processes of process group `group` that are not zombies (pid and command name)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(f"{stat.parent.name} {name}")
+    return found

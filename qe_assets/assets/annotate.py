@@ -1,7 +1,7 @@
 """Stage 2, annotate: new raw events → annotated_samples, batch by batch, by watermark."""
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
@@ -9,14 +9,15 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from qe_assets.assets.capture import raw_events
+from qe_assets.assets import PIPELINE_GROUP, check_result, only_selected
+from qe_assets.backlog import review_age, review_backlog, review_size
 from qe_assets.resources import (
     PipelineSettings,
     duckdb_writer,
     exclusive_stage,
     writer_session,
 )
-from qe_assets.review import PENDING, acceptance_by_label, enqueue_for_review
+from qe_assets.review import acceptance_by_label, enqueue_for_review
 from qe_assets.store import (
     ConnectionFactory,
     frame_query,
@@ -157,22 +158,60 @@ def redacted_outcomes(reviewed: dict[str, dict[str, float]]) -> dict[str, dict[s
     }
 
 
-@dg.asset(
-    deps=[raw_events],
-    group_name="annotate",
-    kinds={"duckdb", "polars"},
-    description=(
-        "One sample per new raw event: primary label by priority (English or Chinese labels), "
-        "top-k context documents by score, a correction instruction per label and language, the "
-        "prompt (context + instruction + question), confidence = min(1, score × factor), and "
-        "the route: `train`, or `review` for a human when the confidence is under the gate "
-        "(those, plus a spot-check share of `train` samples, enter `review_queue`). "
-        "Exact duplicates are kept once; the others point at it in `duplicate_of`."
-    ),
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "annotated_samples",
+            deps=["raw_events"],
+            group_name=PIPELINE_GROUP,
+            kinds={"duckdb", "polars"},
+            description=(
+                "One sample per new raw event: primary label by priority (English or Chinese "
+                "labels), top-k context documents by score, a correction instruction per label "
+                "and language, the prompt (context + instruction + question), confidence = "
+                "min(1, score × factor), and the route: `train`, or `review` for a human when the "
+                "confidence is under the gate. Exact duplicates are kept once; the others point "
+                "at it in `duplicate_of`."
+            ),
+        ),
+        dg.AssetSpec(
+            "review_queue",
+            deps=["raw_events"],
+            group_name=PIPELINE_GROUP,
+            kinds={"duckdb"},
+            description=(
+                "Samples waiting for a person (`qe review`): the low-confidence ones, plus a "
+                "spot-check share of `train` samples. Written with `annotated_samples`; a sample "
+                "stays out of every version until it is decided."
+            ),
+        ),
+    ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "review_backlog_size",
+            asset="review_queue",
+            description="Warns when more than QE_MAX_REVIEW_BACKLOG samples wait for review.",
+        ),
+        dg.AssetCheckSpec(
+            "review_backlog_age",
+            asset="review_queue",
+            description=(
+                "Warns when the oldest pending review is older than QE_MAX_REVIEW_AGE; also "
+                "reported by the queue sensor between runs."
+            ),
+        ),
+    ],
+    can_subset=True,
 )
 def annotated_samples(
     context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    yield from only_selected(context, _annotate_stage(context, duckdb, settings))
+
+
+def _annotate_stage(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     config = annotate_config(settings)
     labels: Counter[str] = Counter()
     routes: Counter[str] = Counter()
@@ -197,9 +236,7 @@ def annotated_samples(
 
     with duckdb_writer(duckdb) as conn:
         ((total,),) = conn.execute("SELECT count(*) FROM annotated_samples").fetchall()
-        ((review_queue,),) = conn.execute(
-            "SELECT count(*) FROM review_queue WHERE status = ?", [PENDING]
-        ).fetchall()
+        backlog = review_backlog(conn)
         reviewed = acceptance_by_label(conn)
         # The seed's "sample production rate": train samples annotated per hour.
         ((last_hour, last_day),) = conn.execute(
@@ -218,7 +255,7 @@ def annotated_samples(
         "new_train": routes.get("train", 0),
         "new_review": routes.get("review", 0),
         "new_duplicates": int(duplicates),
-        "review_queue_size": int(review_queue),
+        "review_queue_size": backlog.pending,
         "train_samples_last_hour": int(last_hour),
         "train_samples_per_hour_24h": round(last_day / 24, 2),
         "total_samples": int(total),
@@ -228,8 +265,24 @@ def annotated_samples(
     # One numeric entry per label so the Plots tab charts each over time.
     for label, count in labels.items():
         metadata[f"new_label/{label}"] = count
+    yield dg.MaterializeResult(asset_key="annotated_samples", metadata=metadata)
+    review: dict[str, dg.RawMetadataValue] = {
+        "pending": backlog.pending,
+        "dagster/row_count": backlog.pending,
+        "new_review": routes.get("review", 0),
+    }
     for label, outcome in reviewed.items():
-        metadata[f"review_kept_share/{label}"] = outcome["kept_share"]
+        review[f"review_kept_share/{label}"] = outcome["kept_share"]
     if reviewed:
-        metadata["review_outcomes"] = dg.MetadataValue.json(reviewed)
-    return dg.MaterializeResult(metadata=metadata)
+        review["review_outcomes"] = dg.MetadataValue.json(reviewed)
+    yield dg.MaterializeResult(asset_key="review_queue", metadata=review)
+    yield check_result(
+        "review_queue",
+        "review_backlog_size",
+        review_size(backlog, settings.max_review_backlog),
+    )
+    yield check_result(
+        "review_queue",
+        "review_backlog_age",
+        review_age(backlog, settings.max_review_age_seconds),
+    )

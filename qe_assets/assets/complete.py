@@ -14,7 +14,7 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from qe_assets.assets.annotate import annotated_samples
+from qe_assets.assets import PIPELINE_GROUP
 from qe_assets.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
 from qe_assets.resources import (
     OpenAIResource,
@@ -293,8 +293,8 @@ def run_llm_completions(
 
 
 @dg.asset(
-    deps=[annotated_samples],
-    group_name="complete",
+    deps=["annotated_samples"],
+    group_name=PIPELINE_GROUP,
     kinds={"duckdb", "polars", "openai"},
     description=(
         "A completion for every new `train` sample. Naive mode (the offline default): a "

@@ -8,9 +8,12 @@ from typing import Any
 import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
+from pydantic import Field
 
+from qe_assets.assets import RELEASE_GROUP
 from qe_assets.assets.complete import completions
 from qe_assets.charts import as_markdown_image, label_share_png
+from qe_assets.evaluation.holdout import hold_out
 from qe_assets.export import (
     VersionFiles,
     VersionWriter,
@@ -18,8 +21,13 @@ from qe_assets.export import (
     remove_uncommitted,
     version_name,
 )
-from qe_assets.finetune.registry import pending_version
-from qe_assets.readiness import READY_IN_WINDOW, WINDOW_END, VersionState, version_state
+from qe_assets.readiness import (
+    READY_IN_WINDOW,
+    WINDOW_END,
+    VersionState,
+    release_decision,
+    version_state,
+)
 from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
 from qe_assets.store import owned_copy, query_frame, transaction
@@ -134,10 +142,18 @@ def cut_version(
     redacted: dict[str, int] = {}
     pair_counts: dict[str, int] = {}
     members: list[pl.DataFrame] = []
+    held_out: list[pl.DataFrame] = []
     last_seq = state.low
     with VersionWriter(directory, version) as writer:
         for batch in _ready_batches(duckdb_resource, state, settings.export_batch_size):
-            batch = assign_split(batch, settings.validation_share)
+            batch_seq = int(batch["completion_seq"].max())  # type: ignore[arg-type]
+            batch = assign_split(batch, settings.validation_share, settings.eval_share)
+            with duckdb_writer(duckdb_resource) as conn:
+                batch, held = hold_out(conn, batch)  # the evaluation set leaves every file
+            held_out.append(held)
+            if batch.is_empty():
+                last_seq = batch_seq
+                continue
             # The stored ids: dataset_samples keys on them whatever the files show.
             stored = batch.select(owned_copy("sample_id"), "split")
             if settings.pii_redaction:
@@ -171,7 +187,7 @@ def cut_version(
             for mode, count in batch.group_by("mode").len().iter_rows():
                 modes[mode] = modes.get(mode, 0) + count
             members.append(stored)
-            last_seq = int(batch["completion_seq"].max())
+            last_seq = batch_seq
             if on_batch is not None:
                 on_batch(version, sum(m.height for m in members))
         if not members:
@@ -211,6 +227,12 @@ def cut_version(
                 "INSERT INTO dataset_samples SELECT ?, sample_id, split FROM version_samples",
                 [version],
             )
+            conn.register("held_out", pl.concat(held_out))
+            conn.execute(
+                "INSERT INTO evaluation_set SELECT sample_id, question_key, ?, now()::TIMESTAMP "
+                "FROM held_out ON CONFLICT DO NOTHING",
+                [version],
+            )
     return manifest
 
 
@@ -227,20 +249,41 @@ def next_release(
     duckdb_resource: DuckDBResource,
     settings: Settings,
     on_batch: Callable[[str, int], None] | None = None,
-) -> tuple[dict[str, Any] | None, bool]:
-    """(manifest, published again) of the version this release is for: the oldest committed one
-    with no finished fine-tune run, so its checks and fine-tune run even when the run that cut it
-    died right after the commit; else a newly cut version (None when no sample is ready)."""
+    *,
+    force: bool = False,
+) -> tuple[dict[str, Any] | None, bool, str]:
+    """(manifest, published again, why) of the version this release is for, by the release rule
+    (`readiness.release_decision`, the sensor's and `qe run`'s too): a committed version whose
+    release never ended is published again, so its checks and fine-tune run even when the run
+    that cut it died right after the commit; else a new cut, only once the ready samples reach
+    QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due)."""
     with duckdb_writer(duckdb_resource) as conn:
-        pending = pending_version(conn, settings.finetune_backend)
-    if pending is not None:
-        return committed_manifest(settings, pending), True
-    return cut_version(duckdb_resource, settings, on_batch), False
+        decision = release_decision(
+            conn, settings.finetune_threshold, settings.finetune_backend, cut_version=force
+        )
+    if decision.due and decision.republish and decision.version is not None:
+        return committed_manifest(settings, decision.version), True, decision.reason
+    if not decision.due:
+        return None, False, decision.reason
+    return cut_version(duckdb_resource, settings, on_batch), False, decision.reason
+
+
+class ReleaseConfig(dg.Config):
+    """Run config of `tuning_dataset` (the launchpad shows it)."""
+
+    force: bool = Field(
+        default=False,
+        description=(
+            "Cut a version from every ready sample even below QE_FINETUNE_THRESHOLD (what "
+            '`qe run --cut-version` passes). Off: a run that includes this asset ("Materialize '
+            'all" too) cuts only when the threshold is reached.'
+        ),
+    )
 
 
 @dg.asset(
     deps=[completions],
-    group_name="export",
+    group_name=RELEASE_GROUP,
     kinds={"duckdb", "polars", "file"},
     output_required=False,
     description=(
@@ -256,16 +299,20 @@ def next_release(
     ),
 )
 def tuning_dataset(
-    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+    context: dg.AssetExecutionContext,
+    config: ReleaseConfig,
+    duckdb: DuckDBResource,
+    settings: PipelineSettings,
 ) -> Iterator[dg.MaterializeResult]:
     with exclusive_stage(context, settings):
-        manifest, republished = next_release(
+        manifest, republished, reason = next_release(
             duckdb,
             settings,
             lambda version, written: context.log.info(f"{version}: {written} samples written"),
+            force=config.force,
         )
     if manifest is None:
-        context.log.info("no completed sample is waiting for a version; nothing to cut")
+        context.log.info(f"no version cut: {reason}")
         return
     if republished:
         context.log.info(

@@ -11,9 +11,15 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
+from qe_assets.assets import RELEASE_GROUP
 from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.finetune.command_backend import model_of, run_command
-from qe_assets.finetune.inputs import DatasetInvalid, TrainingInputs, prepare_inputs
+from qe_assets.finetune.inputs import (
+    DatasetInvalid,
+    TrainingInputs,
+    naive_refusal,
+    prepare_inputs,
+)
 from qe_assets.finetune.openai_backend import (
     FineTuneFailed,
     FineTuneStillRunning,
@@ -71,6 +77,9 @@ def claim_run(
             # Its folder was removed (or is a pre-atomic half-written one): write it again.
             inputs = _prepare(conn, settings, version, last["run_id"])
         return Claim(last["run_id"], version, inputs, last["job_id"])
+    refusal = naive_refusal(conn, version, backend, settings.finetune_allow_naive)
+    if refusal is not None:
+        raise dg.Failure(refusal)
     run_id = f"{version}-{backend}-{attempts(conn, version, backend) + 1}"
     inputs = _prepare(conn, settings, version, run_id)
     save_run(
@@ -98,7 +107,7 @@ def _prepare(
 
 @dg.asset(
     deps=[tuning_dataset],
-    group_name="fine_tune",
+    group_name=RELEASE_GROUP,
     kinds={"openai", "python"},
     output_required=False,
     description=(
@@ -106,7 +115,9 @@ def _prepare(
         "configured backend: `openai` (upload, create the job, follow it with a deadline; a "
         "restarted run resumes the same job), `command` (your training script through Dagster "
         "Pipes) or `none` (the default: validates the version, writes the exact recipe and "
-        "records the run as skipped). Every attempt is a row in `fine_tune_runs`."
+        "records the run as skipped — an observation, not a materialization: no model exists). "
+        "A real backend refuses a version whose completions are mostly `naive` unless "
+        "QE_FINETUNE_ALLOW_NAIVE=true. Every attempt is a row in `fine_tune_runs`."
     ),
 )
 def fine_tuned_model(
@@ -187,6 +198,15 @@ def fine_tuned_model(
         metadata["message"] = message
     numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     metadata.update({f"metric/{k}": v for k, v in numeric.items()})
+    if status == "skipped":
+        # Nothing was trained: no model to show as materialized, but the reason and the recipe
+        # stay visible on the asset (an observation) and in the run's log.
+        context.log.info(
+            f"{version}: {message} (QE_FINETUNE_BACKEND=openai or command trains); the recipe "
+            f"is at {metadata['recipe_path']}"
+        )
+        context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata=metadata))
+        return
     yield dg.MaterializeResult(
         metadata=metadata, data_version=dg.DataVersion(model_id or f"{version}:{status}")
     )

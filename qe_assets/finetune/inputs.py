@@ -99,6 +99,36 @@ def verified_version(conn: duckdb.DuckDBPyConnection, version: str) -> dict[str,
     return {**row, "manifest": manifest}
 
 
+# A version whose completions are mostly `naive` (the original wrong answer behind a prefix)
+# teaches a model little: a real backend trains on it only when asked to.
+NAIVE_MAX_SHARE = 0.5
+
+
+def naive_refusal(
+    conn: duckdb.DuckDBPyConnection, version: str, backend: str, allow_naive: bool
+) -> str | None:
+    """Why `backend` must not train on `version`, or None: more than half of its completions are
+    naive and QE_FINETUNE_ALLOW_NAIVE is off. The `none` backend trains nothing and is never
+    refused."""
+    if backend == "none" or allow_naive:
+        return None
+    ((total, naive),) = conn.execute(
+        """
+        SELECT count(*), count(*) FILTER (c.mode = 'naive')
+        FROM dataset_samples d JOIN completions c USING (sample_id) WHERE d.version = ?
+        """,
+        [version],
+    ).fetchall()
+    if not total or naive / total <= NAIVE_MAX_SHARE:
+        return None
+    return (
+        f"{version}: {naive} of {total} completions are naive (the original answer behind a "
+        f"prefix), so {backend} would learn little from it; regenerate them with an LLM "
+        "(OPENAI_API_KEY, QE_LLM_MODEL) or review them, or set QE_FINETUNE_ALLOW_NAIVE=true to "
+        "train on them anyway"
+    )
+
+
 def prepare_inputs(
     conn: duckdb.DuckDBPyConnection,
     settings: Settings,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from qe_assets.queues.base import Batch, EventQueue, QueueUnavailable
+from qe_assets.queues.base import Backlog, Batch, EventQueue, QueueUnavailable
 from qe_assets.queues.inbox import FileInbox, write_atomically
 from qe_assets.queues.redis_queue import RedisQueue
 from qe_assets.settings import Settings
 
 __all__ = [
+    "Backlog",
     "Batch",
     "EventQueue",
     "FileInbox",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -27,6 +29,29 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits in a queue, from one short read: enough for a sensor to decide whether to start
+    an ingest run, and for the freshness check to say how long the oldest event has waited."""
+
+    waiting: int  # items waiting, claimed ones included (0 = nothing to do)
+    unit: str  # what `waiting` counts: "events", or "files" for the inbox (lines are not read)
+    oldest_at: datetime | None = None  # when the oldest waiting item arrived, where it is known
+
+
+def event_time(payload: bytes | str | None) -> datetime | None:
+    """The `timestamp` a producer put on a queued event (UTC), or None when it has none or the
+    payload does not parse: only the freshness check uses it, never the ingest."""
+    if payload is None:
+        return None
+    try:
+        stamp = json.loads(payload).get("timestamp")
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 class QueueUnavailable(RuntimeError):
@@ -54,4 +79,8 @@ class EventQueue(Protocol):
 
     def depth(self) -> int:
         """Records waiting (claimed ones included)."""
+        ...
+
+    def backlog(self) -> Backlog:
+        """A cheap look at what waits (no record is read in full); raises QueueUnavailable."""
         ...

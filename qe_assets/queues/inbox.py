@@ -15,6 +15,7 @@ device named `*.jsonl` is refused (one `rejected_events` row naming it, no conte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -26,7 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
-from qe_assets.queues.base import Batch
+from qe_assets.queues.base import Backlog, Batch
 
 PROCESSING = ".processing"
 ARCHIVE = "archive"
@@ -222,6 +223,16 @@ class FileInbox:
                 chunk = following
         if line_no == 0:  # an empty file: nothing to commit, archive it straight away
             self._archive(claimed)
+
+    def backlog(self) -> Backlog:
+        """Files waiting, claimed ones included, and the oldest one's modification time: file
+        metadata only, so a sensor can look every few seconds at any inbox size."""
+        times: list[float] = []
+        for path in self.pending_files():
+            with contextlib.suppress(FileNotFoundError):  # claimed or archived meanwhile
+                times.append(path.lstat().st_mtime)
+        oldest = datetime.fromtimestamp(min(times), UTC) if times else None
+        return Backlog(len(times), "files", oldest)
 
     def depth(self) -> int:
         """Records waiting: lines of claimed and ready files, one for each entry to refuse."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import confluent_kafka as ck
 
-from qe_assets.queues.base import Batch, QueueUnavailable
+from qe_assets.queues.base import Backlog, Batch, QueueUnavailable
 from qe_assets.settings import SettingsError, kafka_environment, parse_kafka_url
 
 _LOG = logging.getLogger("qe_assets.queues.kafka")
@@ -274,6 +274,11 @@ class KafkaQueue:
                     records, sources, last = [], [], {}
         finally:
             claim.done_reading()
+
+    def backlog(self) -> Backlog:
+        """The consumer lag; how long the oldest message waited is not read (it would mean
+        fetching it), so the freshness check says so instead of guessing."""
+        return Backlog(self.depth(), "events")
 
     def depth(self) -> int:
         """Consumer lag: messages after the group's committed offsets, summed over partitions."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import redis
 
-from qe_assets.queues.base import Batch, QueueUnavailable
+from qe_assets.queues.base import Backlog, Batch, QueueUnavailable, event_time
 from qe_assets.settings import REDIS_LIST
 
 # Moves up to N records from the head of the queue to the tail of the processing list in one
@@ -125,6 +125,21 @@ class RedisQueue:
                 f"the host crashes; {_ADVICE}"
             )
         return None
+
+    def backlog(self) -> Backlog:
+        """Queued plus claimed records, and the `timestamp` of the oldest one (the head of the
+        processing list, else of the queue) when its producer stamped it, as `capture` does."""
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.llen(self.key)
+                pipe.llen(self.processing_key)
+                pipe.lindex(self.processing_key, 0)
+                pipe.lindex(self.key, 0)
+                queued, claimed, claimed_head, queued_head = pipe.execute()
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"redis queue {self.key!r} unavailable: {exc}") from exc
+        head = claimed_head if claimed_head is not None else queued_head
+        return Backlog(int(queued) + int(claimed), "events", event_time(head))
 
     def depth(self) -> int:
         try:

@@ -12,6 +12,8 @@ from qe_assets.transforms.annotate import sample_id_parts
 from qe_assets.transforms.pii import redact_series
 
 TRAIN_SPLIT, VALIDATION_SPLIT = "train", "validation"
+# Held out of every file for the evaluation gate (the `evaluation_set` table, never exported).
+EVALUATION_SPLIT = "evaluation"
 # Columns of the seed's JSONL record (CONTRACT §4), in file order; `weight` extends it for
 # trainers that take a per-sample loss weight.
 RECORD_COLUMNS = ("sample_id", "prompt", "completion", "label", "confidence", "score", "weight")
@@ -21,16 +23,21 @@ _BUCKETS = 10_000
 PSEUDONYM_PREFIX = "pii-"
 
 
-def assign_split(frame: pl.DataFrame, validation_share: float) -> pl.DataFrame:
+def assign_split(
+    frame: pl.DataFrame, validation_share: float, evaluation_share: float = 0.0
+) -> pl.DataFrame:
     """Add `split` from `question_key` (hex digest of the normalised question).
 
     The bucket depends on the question alone, so the same question lands on the same side in
-    every version, and never on both.
+    every version, and never on both. Validation takes the lowest buckets, evaluation the
+    highest, so changing one share never moves a question into the other.
     """
     bucket = pl.col("question_key").str.slice(0, 8).str.to_integer(base=16) % _BUCKETS
     return frame.with_columns(
         split=pl.when(bucket < round(validation_share * _BUCKETS))
         .then(pl.lit(VALIDATION_SPLIT))
+        .when(bucket >= _BUCKETS - round(evaluation_share * _BUCKETS))
+        .then(pl.lit(EVALUATION_SPLIT))
         .otherwise(pl.lit(TRAIN_SPLIT))
     )
 

@@ -110,7 +110,7 @@ def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
     from qe_assets.finetune.registry import save_run
     from qe_assets.resources import duckdb_writer
 
-    next_release(resource, settings)
+    next_release(resource, settings, force=True)  # as `qe run --cut-version`
     mark("finetune")  # the version is committed: a kill from here on is "right after a commit"
     with duckdb_writer(resource) as conn:
         claim = claim_run(conn, settings, None, lambda _: None)

@@ -1,0 +1,75 @@
+"""`qe sql`: one read statement against our tables, and its result in a form every output takes.
+
+"Read-only" used to mean only that our database was opened read-only: `COPY … TO` and `EXPORT
+DATABASE` wrote any file, `ATTACH … (READ_WRITE)` changed other databases, `read_text` read any
+file, and `;` ran several statements. Now DuckDB's own parser must find exactly one statement of a
+read kind, and the connection has no file system access (`enable_external_access=false`, locked
+so the query cannot turn it back on). `--allow-files` gives file access back, and COPY/EXPORT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import duckdb
+import polars as pl
+
+READ_KINDS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+FILE_KINDS = (duckdb.StatementType.COPY, duckdb.StatementType.EXPORT)
+
+# Only the tables of the database that was opened, and the query cannot change that.
+SANDBOX: Mapping[str, bool] = {"enable_external_access": False, "lock_configuration": True}
+WITH_FILES: Mapping[str, bool] = {"lock_configuration": True}
+
+# DuckDB types Polars cannot take, or only as bytes: shown as DuckDB's own text for them.
+_AS_TEXT = {"interval", "union", "bignum", "bit", "time with time zone", "blob"}
+# Nested types, kept as they are in json/parquet and written as JSON text in csv and tables.
+_NESTED = {"list", "struct", "map", "array"}
+
+
+class AdHocError(ValueError):
+    """A query qe sql will not run, or a result it cannot show; one line for the user."""
+
+
+def read_statement(query: str, *, allow_files: bool) -> duckdb.Statement:
+    """The query's one statement, if it is of a kind qe sql runs (a syntax error is raised as
+    DuckDB's own `ParserException`, like any other error in the query)."""
+    statements = duckdb.extract_statements(query)
+    if len(statements) != 1:
+        raise AdHocError(f"qe sql runs exactly one statement, not {len(statements)}")
+    (statement,) = statements
+    allowed = READ_KINDS + FILE_KINDS if allow_files else READ_KINDS
+    if statement.type not in allowed:
+        kind = statement.type.name
+        extra = "" if allow_files else "; COPY … TO / EXPORT DATABASE need --allow-files"
+        raise AdHocError(f"qe sql is read-only: one SELECT (or EXPLAIN), not {kind}{extra}")
+    return statement
+
+
+def result_frame(relation: duckdb.DuckDBPyRelation, *, nested_as_json: bool) -> pl.DataFrame:
+    """The relation as a Polars frame: types Polars lacks as text, nested values as JSON text
+    when the output (csv, a printed table) has no room for nesting."""
+    names = relation.columns
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise AdHocError(f"column {twice[0]!r} appears twice in the result: name them apart (AS)")
+    exprs = [
+        _output_expression(n, t.id, nested_as_json)
+        for n, t in zip(names, relation.types, strict=True)
+    ]
+    if any(expr != _quoted(n) for expr, n in zip(exprs, names, strict=True)):
+        relation = relation.project(", ".join(exprs))
+    return relation.pl()
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _output_expression(name: str, type_id: str, nested_as_json: bool) -> str:
+    column = _quoted(name)
+    if type_id in _AS_TEXT:
+        return f"CAST({column} AS VARCHAR) AS {column}"
+    if nested_as_json and type_id in _NESTED:
+        return f"CAST(to_json({column}) AS VARCHAR) AS {column}"
+    return column

@@ -1,0 +1,212 @@
+"""Answer every evaluation prompt with two models and have the judge compare each pair.
+
+The machinery is the completions stage's (`qe_assets.llm`): one `AsyncOpenAI` client, `chat()`
+under a semaphore of `concurrency` calls in flight, the client's own retries (429/5xx, timeouts,
+`Retry-After`), answers cached in `llm_cache` under the sha256 of the exact request, failures
+returned as data. Finished items are handed to `commit` in batches (run in a worker thread), so a
+killed evaluation keeps what it paid for and a re-run makes no call it already made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qe_assets.evaluation.judge import (
+    JudgeItem,
+    candidate_first,
+    candidate_verdict,
+    pairwise_request,
+    parse_pairwise,
+)
+from qe_assets.evaluation.metrics import FAILED, TIE
+from qe_assets.llm import MALFORMED_VERDICT, CallOutcome, chat, request_key
+
+if TYPE_CHECKING:
+    import openai
+
+ANSWER_PURPOSE, JUDGE_PURPOSE = "eval_answer", "eval_judge"
+# A reply that does not parse is asked once more (a fresh call: failures are never cached), then
+# the pair counts as failed.
+JUDGE_TRIES = 2
+IDENTICAL = "identical answers: a tie without a judge call"
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Who is compared and how: model ids as recorded, names as the endpoint serves them."""
+
+    candidate: str
+    baseline: str
+    candidate_served: str
+    baseline_served: str
+    judge_model: str
+    max_tokens: int
+    concurrency: int
+    batch_size: int
+    # Turns put before the prompt in the baseline's requests only: the ICL baseline's examples.
+    baseline_shots: tuple[dict[str, str], ...] = ()
+
+
+@dataclass
+class ItemResult:
+    sample_id: str
+    label: str
+    candidate_answer: str | None = None
+    baseline_answer: str | None = None
+    candidate_first: bool = True
+    verdict: str = FAILED
+    winner: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    calls: int = 0  # requests sent (retries included); 0: everything came from the cache
+    judge_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def answer_request(
+    model: str,
+    system: str,
+    prompt: str,
+    max_tokens: int,
+    shots: tuple[dict[str, str], ...] = (),
+) -> dict[str, Any]:
+    """What a model is asked: the training files' system message, any example turns, and the
+    sample's prompt, temperature 0 so the answers, and the verdicts on them, are reproducible."""
+    return {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": system},
+            *shots,
+            {"role": "user", "content": prompt},
+        ],
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+    }
+
+
+Commit = Callable[[list[ItemResult]], None]
+
+
+class _Evaluation:
+    def __init__(self, client: openai.AsyncOpenAI, pairing: Pairing, cache: dict[str, str]) -> None:
+        self.client = client
+        self.pairing = pairing
+        self.cache = cache
+        self.slots = asyncio.Semaphore(pairing.concurrency)
+
+    async def call(
+        self, request: dict[str, Any], result: ItemResult, *, fresh: bool = False
+    ) -> tuple[str, CallOutcome]:
+        key = request_key(request)
+        cached = None if fresh else self.cache.get(key)
+        if cached is not None:
+            return key, CallOutcome(content=cached, cached=True)
+        outcome = await chat(self.client, self.slots, request)
+        result.calls += outcome.attempts
+        result.prompt_tokens += outcome.prompt_tokens
+        result.completion_tokens += outcome.completion_tokens
+        return key, outcome
+
+    def _keep(self, result: ItemResult, key: str, purpose: str, model: str, out: CallOutcome):
+        if out.cached or not out.ok or out.content is None:
+            return
+        self.cache[key] = out.content
+        result.cache_rows.append(
+            {
+                "cache_key": key,
+                "purpose": purpose,
+                "model": model,
+                "content": out.content,
+                "finish_reason": out.finish_reason,
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.completion_tokens,
+            }
+        )
+
+    async def evaluate(self, item: dict[str, Any]) -> ItemResult:
+        p = self.pairing
+        result = ItemResult(item["sample_id"], item["label"])
+        requests = [
+            answer_request(model, item["system"], item["prompt"], p.max_tokens, shots)
+            for model, shots in ((p.candidate_served, ()), (p.baseline_served, p.baseline_shots))
+        ]
+        answers = await asyncio.gather(*(self.call(r, result) for r in requests))
+        errors = []
+        for (key, out), who, request in zip(
+            answers, ("candidate", "baseline"), requests, strict=True
+        ):
+            self._keep(result, key, ANSWER_PURPOSE, request["model"], out)
+            if not out.ok:
+                errors.append(f"{who}:{out.error}")
+        result.candidate_answer, result.baseline_answer = (
+            None if out.content is None else out.content.strip() for _, out in answers
+        )
+        if errors:
+            result.error = ",".join(errors)
+            return result
+        if result.candidate_answer == result.baseline_answer:
+            result.verdict, result.winner, result.reason = TIE, "tie", IDENTICAL
+            return result
+        await self.judge(item, result)
+        return result
+
+    async def judge(self, item: dict[str, Any], result: ItemResult) -> None:
+        p = self.pairing
+        first = candidate_first(item["sample_id"], p.candidate, p.baseline)
+        pair = (result.candidate_answer, result.baseline_answer)
+        answer_1, answer_2 = pair if first else pair[::-1]
+        judged = JudgeItem(item["language"], item["question"], item["documents"], item["reference"])
+        request = pairwise_request(p.judge_model, judged, answer_1 or "", answer_2 or "")
+        result.candidate_first = first
+        for attempt in range(JUDGE_TRIES):
+            key, out = await self.call(request, result, fresh=attempt > 0)
+            result.judge_calls += 0 if out.cached else 1
+            parsed = parse_pairwise(out.content) if out.ok else None
+            if parsed is not None:
+                self._keep(result, key, JUDGE_PURPOSE, p.judge_model, out)
+                result.winner, result.reason = parsed
+                result.verdict = candidate_verdict(parsed[0], first)
+                result.error = None
+                return
+            result.error = f"judge:{out.error or MALFORMED_VERDICT}"
+
+
+async def _run(
+    make_client: Callable[[], openai.AsyncOpenAI],
+    pairing: Pairing,
+    items: list[dict[str, Any]],
+    cache: dict[str, str],
+    commit: Commit,
+) -> list[ItemResult]:
+    client = make_client()
+    evaluation = _Evaluation(client, pairing, cache)
+    results: list[ItemResult] = []
+    committed = 0
+    try:
+        tasks = [asyncio.create_task(evaluation.evaluate(item)) for item in items]
+        for finished in asyncio.as_completed(tasks):
+            results.append(await finished)
+            if len(results) - committed >= pairing.batch_size or len(results) == len(tasks):
+                await asyncio.to_thread(commit, results[committed:])
+                committed = len(results)
+    finally:
+        await client.close()
+    return results
+
+
+def evaluate_pairs(
+    make_client: Callable[[], openai.AsyncOpenAI],
+    pairing: Pairing,
+    items: list[dict[str, Any]],
+    cache: dict[str, str],
+    commit: Commit,
+) -> list[ItemResult]:
+    """Every item answered by both models and judged; `cache` maps request keys to the answers
+    already paid for (it is filled as the run goes). Items need sample_id, label, language,
+    system, prompt, question, documents (list of texts) and reference (or None)."""
+    return asyncio.run(_run(make_client, pairing, items, cache, commit))

@@ -1,0 +1,178 @@
+"""The gate's tables: the evaluation set's prompts, evaluations, items, and `promoted_models`.
+
+`promoted_models` is append-only and its newest row names the production model, whether a gate,
+a person's promotion or a rollback wrote it; the A/B rollout reads it the same way
+(`production_model`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from qe_assets.store import query_frame
+
+GATE = "gate"
+PROMOTE_ACTION, ROLLBACK_ACTION = "promote", "rollback"
+# A reference answer is one a person wrote or a judge approved (ok after judging).
+_ITEMS = """
+    SELECT e.sample_id, s.label, s.language, s.prompt, s.question,
+           list_transform(s.context_docs, lambda d: d.content) AS documents,
+           CASE WHEN c.status = 'ok' AND (c.mode = 'human' OR (c.mode = 'llm'
+                     AND c.judge_model IS NOT NULL)) THEN c.completion END AS reference
+    FROM evaluation_set e JOIN annotated_samples s USING (sample_id)
+    LEFT JOIN completions c USING (sample_id)
+    ORDER BY e.sample_id
+"""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model_id: str
+    dataset_version: str
+    base_model: str | None
+    run_id: str
+
+
+def latest_candidate(conn: duckdb.DuckDBPyConnection, backend: str) -> Candidate | None:
+    """The newest model the backend trained: what the gate evaluates."""
+    rows = conn.execute(
+        """
+        SELECT r.model_id, r.dataset_version, r.base_model, r.run_id FROM fine_tune_runs r
+        JOIN dataset_versions v ON v.version = r.dataset_version
+        WHERE r.backend = ? AND r.status = 'succeeded' AND r.model_id IS NOT NULL
+        ORDER BY v.number DESC, r.updated_at DESC LIMIT 1
+        """,
+        [backend],
+    ).fetchall()
+    return Candidate(*rows[0]) if rows else None
+
+
+def production_model(conn: duckdb.DuckDBPyConnection) -> str | None:
+    """The model in production: the newest `promoted_models` row; None when none was ever
+    promoted."""
+    rows = conn.execute(
+        "SELECT model FROM promoted_models ORDER BY promotion_id DESC LIMIT 1"
+    ).fetchall()
+    return rows[0][0] if rows else None
+
+
+def evaluation_items(conn: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """The frozen set's prompts with what the judge needs (reference answer when there is one)."""
+    return query_frame(conn, _ITEMS)
+
+
+def cached_answers(conn: duckdb.DuckDBPyConnection, models: list[str]) -> dict[str, str]:
+    """cache_key → content of the evaluation calls these models already answered."""
+    rows = conn.execute(
+        "SELECT cache_key, content FROM llm_cache "
+        "WHERE purpose IN ('eval_answer', 'eval_judge') AND model IN ?",
+        [models],
+    ).fetchall()
+    return dict(rows)
+
+
+def icl_examples(conn: duckdb.DuckDBPyConnection, version: str, k: int) -> list[dict[str, str]]:
+    """k (prompt, completion) pairs of the version's train split as chat turns: the ICL
+    baseline's examples. Chosen by a hash of the sample id, so every run shows the same ones."""
+    rows = conn.execute(
+        """
+        SELECT s.prompt, c.completion FROM dataset_samples d
+        JOIN annotated_samples s USING (sample_id) JOIN completions c USING (sample_id)
+        WHERE d.version = ? AND d.split = 'train' AND c.completion IS NOT NULL
+        ORDER BY md5(d.sample_id) LIMIT ?
+        """,
+        [version, k],
+    ).fetchall()
+    turns: list[dict[str, str]] = []
+    for prompt, completion in rows:
+        turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return turns
+
+
+def save_evaluation(conn: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
+    """Insert or replace one evaluation (a re-run of the same comparison replaces its row)."""
+    values = {**row, "per_label": json.dumps(row["per_label"], ensure_ascii=False)}
+    columns = ", ".join(values)
+    marks = ", ".join("?" for _ in values)
+    conn.execute(
+        f"INSERT OR REPLACE INTO model_evaluations ({columns}, created_at) "
+        f"VALUES ({marks}, now()::TIMESTAMP)",
+        list(values.values()),
+    )
+
+
+def evaluation_of_run(conn: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
+    rows = query_frame(
+        conn,
+        "SELECT * FROM model_evaluations WHERE dagster_run_id = ? "
+        "AND comparison = 'production' ORDER BY created_at DESC LIMIT 1",
+        [run_id],
+    ).rows(named=True)
+    return rows[0] if rows else None
+
+
+def record_promotion(
+    conn: duckdb.DuckDBPyConnection,
+    model: str,
+    by: str,
+    *,
+    action: str = PROMOTE_ACTION,
+    evaluation_id: str | None = None,
+    reason: str | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO promoted_models (model, promoted_at, promoted_by, evaluation_id, action, "
+        "reason) VALUES (?, now()::TIMESTAMP, ?, ?, ?, ?)",
+        [model, by, evaluation_id, action, reason],
+    )
+
+
+def rollback_target(conn: duckdb.DuckDBPyConnection) -> str | None:
+    """The model that was in production before the current one, or None (nothing to roll back
+    to). Promotions stack up and a rollback pops one, so two rollbacks in a row go two
+    promotions back."""
+    stack: list[str] = []
+    rows = conn.execute(
+        "SELECT model, action FROM promoted_models ORDER BY promotion_id"
+    ).fetchall()
+    for model, action in rows:
+        if action == ROLLBACK_ACTION and stack:
+            stack.pop()
+        if not stack or stack[-1] != model:
+            stack.append(model)
+    return stack[-2] if len(stack) >= 2 else None
+
+
+MODELS_QUERY = """
+    WITH latest_eval AS (
+        SELECT * FROM model_evaluations WHERE comparison = 'production'
+        QUALIFY row_number() OVER (PARTITION BY candidate ORDER BY created_at DESC) = 1
+    ),
+    production AS (SELECT model FROM promoted_models ORDER BY promotion_id DESC LIMIT 1)
+    SELECT r.model_id AS model, r.dataset_version, r.backend,
+           e.decision, round(e.win_rate, 3) AS win_rate, round(e.ci_low, 3) AS ci_low, e.n,
+           e.baseline, r.model_id IN (SELECT model FROM production) AS production
+    FROM fine_tune_runs r LEFT JOIN latest_eval e ON e.candidate = r.model_id
+    WHERE r.status = 'succeeded' AND r.model_id IS NOT NULL
+    UNION ALL
+    SELECT p.model, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+    FROM production p
+    WHERE p.model NOT IN (SELECT model_id FROM fine_tune_runs WHERE model_id IS NOT NULL)
+    ORDER BY dataset_version NULLS FIRST, model
+"""
+
+
+def known_model(conn: duckdb.DuckDBPyConnection, model: str) -> bool:
+    """A model a person may promote: one we trained, a base model we trained from, or one that
+    was in production before."""
+    rows = conn.execute(
+        "SELECT 1 FROM fine_tune_runs WHERE (model_id = ? AND status = 'succeeded') "
+        "OR base_model = ? UNION ALL SELECT 1 FROM promoted_models WHERE model = ?",
+        [model, model, model],
+    ).fetchall()
+    return bool(rows)
