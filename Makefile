@@ -12,6 +12,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_EVENTS ?= 3000
 DEMO_SEED ?= 7
 PYTEST_ARGS ?=
+# The train extra's torch: this machine's wheel mirror holds the CPU build. Elsewhere, set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's pulls ~3 GB of CUDA).
+TORCH_INDEX ?=
 
 .PHONY: help install system-deps demo test test-fast lint format ui bench clean
 
@@ -21,10 +24,11 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# pip's "Location ... is ignored" lines are noise from this machine's mirror config.
-	$(BIN)/pip install -q -e ".[test]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/pip install -q -e ".[test,train]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+	  2>&1 | { grep -v '^WARNING: Location' || true; }
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its test extras
+install: $(STAMP) ## create .venv and install the project with its test and train extras
 
 system-deps: ## install redis-server, chromium and postgresql (apt) when they are missing
 	@missing=""; \
@@ -53,8 +57,8 @@ test: install system-deps ## install everything the tests need and run the whole
 	$(BIN)/ruff check qe_assets qe_assets_tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install ## the suite without slow-marked trials
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: install ## the suite without slow trials and real training (`train` marker)
+	$(BIN)/python -m pytest -m "not slow and not train" $(PYTEST_ARGS)
 
 lint: install ## ruff check and format check
 	$(BIN)/ruff check qe_assets qe_assets_tests

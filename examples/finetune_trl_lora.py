@@ -1,20 +1,27 @@
 """LoRA supervised fine-tuning with TRL, run by qe_assets' `command` backend through Dagster Pipes.
 
+    pip install -e ".[train]"                 # torch, transformers, trl, peft, accelerate
     export QE_FINETUNE_BACKEND=command
     export QE_FINETUNE_COMMAND="python examples/finetune_trl_lora.py"
-    export QE_TRL_MODEL=Qwen/Qwen2.5-0.5B-Instruct     # a Hugging Face model to adapt
-    pip install "trl>=0.20" peft transformers datasets torch accelerate   # on the GPU box
+    export QE_TRL_MODEL=Qwen/Qwen2.5-0.5B-Instruct     # required: the model to adapt
 
-The recipe arrives as Pipes extras: `train_records_path` / `validation_records_path` (the seed's
-records: prompt, completion, label, confidence, score, weight), the chat files, the dataset version
-and `hyperparameters` (`n_epochs`, `learning_rate_multiplier` are mapped; `lora_r`, `lora_alpha`,
-`learning_rate`, `batch_size` are read too). Each sample's loss is multiplied by its `weight`
-(= the annotation confidence; seed §7.3: trust confident samples more). The adapter is saved under
-`$QE_TRL_OUTPUT_DIR/<run_id>` (default `data/models`) and reported as `model_path` with the final
-losses as metrics; qe_assets records both in `fine_tune_runs`.
+The recipe arrives as Pipes extras (see qe_assets/finetune/inputs.py). `QE_TRL_DATA` picks the
+file: `records` (default; prompt/completion with the sample's `weight`, trained as one user turn
+and one assistant turn through the model's chat template, loss on the completion only) or `chat`
+(the OpenAI chat lines, loss on the assistant turns only: `assistant_only_loss`). Either way each
+sample's loss is multiplied by its `weight` (= the annotation confidence; seed §7.3: trust
+confident samples more): a batch's loss is the weighted mean of its samples' mean token losses.
 
-`QE_TRL_DRY_RUN=1` reads and checks the records, reports their counts and weights, and trains
-nothing: handy to try the wiring on a machine without a GPU (the test suite does this).
+Hyperparameters (`QE_FINETUNE_HYPERPARAMETERS`): `n_epochs`, `learning_rate_multiplier`,
+`batch_size` (OpenAI's names; `"auto"` keeps the default), `learning_rate`, `lora_r`,
+`lora_alpha`, `max_length` (default 1024; longer samples are truncated, and counted in the log),
+`gradient_accumulation_steps`, `gradient_checkpointing`, `max_steps`. bf16 is used only where
+the GPU supports it.
+
+The adapter is saved under `$QE_TRL_OUTPUT_DIR/<run_id>` (default `data/models`) and reported as
+`model_path` with `train_loss`, `eval_loss` and `base_eval_loss` (the validation loss before
+training) as metrics; qe_assets records them in `fine_tune_runs`. The next round continues from
+that adapter. `QE_TRL_DRY_RUN=1` checks the records and trains nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 from dagster_pipes import PipesContext, open_dagster_pipes
 
 
-def read_records(path: str | None) -> list[dict[str, Any]]:
+def read_lines(path: str | None) -> list[dict[str, Any]]:
     if not path:
         return []
     with open(path, encoding="utf-8") as handle:
@@ -43,89 +50,171 @@ def check_records(records: list[dict[str, Any]], name: str) -> None:
             raise ValueError(f"{name} line {number}: weight {record['weight']} outside [0, 1]")
 
 
-def train(pipes: PipesContext, recipe: dict[str, Any], train_rows: list, eval_rows: list) -> None:
-    # Imported here so a dry run needs none of the heavy packages.
+def hyper(recipe: dict[str, Any], key: str, default: Any, cast: type = float) -> Any:
+    """A hyperparameter, or the default when it is missing or OpenAI's "auto"."""
+    value = (recipe.get("hyperparameters") or {}).get(key)
+    return default if value in (None, "auto") else cast(value)
+
+
+def model_name() -> str:
+    name = os.environ.get("QE_TRL_MODEL")
+    if not name:
+        # The recipe's base_model is the OpenAI backend's (gpt-4o-mini…): not loadable here.
+        raise SystemExit("QE_TRL_MODEL must name the model to adapt (a Hugging Face id or folder)")
+    return name
+
+
+def weighted_loss(logits: Any, labels: Any, weights: Any) -> Any:
+    """Σ wᵢ·lossᵢ / Σ wᵢ, lossᵢ = sample i's mean next-token loss over its labelled tokens."""
     import torch
+
+    logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100
+    ).view(labels.size())
+    mask = (labels != -100).float()
+    per_sample = (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return (per_sample * weights).sum() / weights.sum().clamp(min=1e-6)
+
+
+class WeightedCollator:
+    """TRL's collator returns only input_ids, attention_mask and labels: carry `weight` past it."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        weights = torch.tensor([float(e.get("weight", 1.0)) for e in examples])
+        batch = self.base([{k: v for k, v in e.items() if k != "weight"} for e in examples])
+        batch["weight"] = weights
+        return batch
+
+
+def rows(recipe: dict[str, Any], split: str, data: str) -> list[dict[str, Any]]:
+    """The split's samples as conversational TRL rows, each with its weight."""
+    records = read_lines(recipe.get(f"{split}_records_path"))
+    check_records(records, split)
+    if data == "chat":
+        # The chat lines are written in the same order as the records: the weight comes along.
+        chats = read_lines(recipe.get(f"{split}_chat_path"))
+        return [
+            {"messages": c["messages"], "weight": float(r["weight"])}
+            for c, r in zip(chats, records, strict=True)
+        ]
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "completion": [{"role": "assistant", "content": r["completion"]}],
+            "weight": float(r["weight"]),
+        }
+        for r in records
+    ]
+
+
+def load_model(recipe: dict[str, Any]) -> tuple[Any, Any]:
+    """(model or its name, LoRA config): a new adapter on QE_TRL_MODEL, or the previous round's
+    adapter (recipe `previous_model`, a folder this script wrote) trained further."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    previous = recipe.get("previous_model")
+    if previous and (Path(previous) / "adapter_config.json").exists():
+        base = AutoModelForCausalLM.from_pretrained(model_name())
+        return PeftModel.from_pretrained(base, previous, is_trainable=True), None
+    config = LoraConfig(
+        r=hyper(recipe, "lora_r", 16, int),
+        lora_alpha=hyper(recipe, "lora_alpha", 32, int),
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return model_name(), config
+
+
+def common_args(recipe: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """TrainingArguments shared by the SFT and DPO examples."""
+    import torch
+
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": hyper(recipe, "n_epochs", 1.0),
+        "max_steps": hyper(recipe, "max_steps", -1, int),
+        "learning_rate": hyper(recipe, "learning_rate", 2e-4)
+        * hyper(recipe, "learning_rate_multiplier", 1.0),
+        "per_device_train_batch_size": hyper(recipe, "batch_size", 4, int),
+        "per_device_eval_batch_size": hyper(recipe, "batch_size", 4, int),
+        "gradient_accumulation_steps": hyper(recipe, "gradient_accumulation_steps", 1, int),
+        # TRL's default saves GPU memory; on a tiny model it only costs time.
+        "gradient_checkpointing": hyper(recipe, "gradient_checkpointing", True, bool),
+        "max_length": hyper(recipe, "max_length", 1024, int),
+        # TRL turns bf16 on by default; CPUs and pre-Ampere GPUs cannot run it.
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "report_to": [],
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "seed": 0,
+    }
+
+
+def train(pipes: PipesContext, recipe: dict[str, Any]) -> dict[str, Any]:
+    # Imported here so a dry run needs none of the heavy packages.
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    hyper = recipe.get("hyperparameters") or {}
-    model_name = os.environ.get("QE_TRL_MODEL") or recipe["base_model"]
+    data = os.environ.get("QE_TRL_DATA", "records")
     output_dir = Path(os.environ.get("QE_TRL_OUTPUT_DIR", "data/models")) / recipe["run_id"]
 
     class WeightedSFTTrainer(SFTTrainer):
-        """Per-sample loss × weight, averaged over the batch."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):  # type: ignore[override]
-            weights = inputs.pop("weight").to(model.device, dtype=torch.float32)
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            logits = outputs.logits[:, :-1, :].contiguous()
-            labels = inputs["labels"][:, 1:].contiguous()
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.view(-1, logits.size(-1)),
-                labels.view(-1),
-                reduction="none",
-                ignore_index=-100,
-            ).view(labels.size())
-            mask = (labels != -100).float()
-            per_sample = (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-            loss = (per_sample * weights).sum() / weights.sum().clamp(min=1e-6)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            weights = inputs.pop("weight").to(model.device)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = weighted_loss(outputs.logits, labels, weights)
             return (loss, outputs) if return_outputs else loss
 
-    def to_dataset(rows: list[dict[str, Any]]) -> Dataset:
-        return Dataset.from_list(
-            [
-                {"prompt": r["prompt"], "completion": r["completion"], "weight": float(r["weight"])}
-                for r in rows
-            ]
-        )
-
-    config = SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=float(hyper.get("n_epochs", 1)),
-        learning_rate=float(hyper.get("learning_rate", 2e-4))
-        * float(hyper.get("learning_rate_multiplier", 1.0)),
-        per_device_train_batch_size=int(hyper.get("batch_size", 4)),
-        completion_only_loss=True,
-        remove_unused_columns=False,  # keep `weight` for compute_loss
-        report_to=[],
-        logging_steps=10,
-    )
+    train_rows, eval_rows = rows(recipe, "train", data), rows(recipe, "validation", data)
+    model, peft_config = load_model(recipe)
     trainer = WeightedSFTTrainer(
-        model=model_name,
-        args=config,
-        train_dataset=to_dataset(train_rows),
-        eval_dataset=to_dataset(eval_rows) if eval_rows else None,
-        peft_config=LoraConfig(
-            r=int(hyper.get("lora_r", 16)),
-            lora_alpha=int(hyper.get("lora_alpha", 32)),
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
+        model=model,
+        args=SFTConfig(
+            **common_args(recipe, output_dir),
+            completion_only_loss=data == "records",
+            assistant_only_loss=data == "chat",
+            remove_unused_columns=False,  # keep `weight` for the collator
         ),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        peft_config=peft_config,
     )
-    result = trainer.train()
-    metrics = {"train_loss": float(result.training_loss)}
+    trainer.data_collator = WeightedCollator(trainer.data_collator)
+    # Our loss is a batch mean, not scaled by the token count of the whole accumulated step:
+    # the trainer must divide it by the accumulation steps (else loss and gradients double).
+    trainer.loss_is_scaled_for_ga = False
+    truncated = sum(
+        len(ids) >= trainer.args.max_length for ids in trainer.train_dataset["input_ids"]
+    )
+    if truncated:
+        pipes.log.warning(f"{truncated} train samples cut at max_length={trainer.args.max_length}")
+    metrics: dict[str, Any] = {"data": data, "truncated_samples": truncated}
+    if eval_rows:
+        metrics["base_eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    metrics["train_loss"] = float(trainer.train().training_loss)
     if eval_rows:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     trainer.save_model(str(output_dir))
-    pipes.report_asset_materialization(
-        metadata={"model_path": str(output_dir), "base_model": model_name, **metrics}
-    )
+    return {"model_path": str(output_dir), "base_model": model_name(), **metrics}
 
 
 def main() -> None:
     with open_dagster_pipes() as pipes:
         recipe = pipes.extras
-        train_rows = read_records(recipe["train_records_path"])
-        eval_rows = read_records(recipe.get("validation_records_path"))
-        check_records(train_rows, "train")
-        check_records(eval_rows, "validation")
-        weights = [float(r["weight"]) for r in train_rows]
-        pipes.log.info(
-            f"{recipe['version']}: {len(train_rows)} train / {len(eval_rows)} validation records"
-        )
         if os.environ.get("QE_TRL_DRY_RUN") == "1":
+            train_rows = read_lines(recipe["train_records_path"])
+            eval_rows = read_lines(recipe.get("validation_records_path"))
+            check_records(train_rows, "train")
+            check_records(eval_rows, "validation")
+            weights = [float(r["weight"]) for r in train_rows]
             pipes.report_asset_materialization(
                 metadata={
                     "dry_run": True,
@@ -135,7 +224,8 @@ def main() -> None:
                 }
             )
             return
-        train(pipes, recipe, train_rows, eval_rows)
+        pipes.log.info(f"{recipe['version']}: {recipe['train']} train / {recipe['validation']} val")
+        pipes.report_asset_materialization(metadata=train(pipes, recipe))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.dataset import tuning_dataset
-from qe_assets.export import VersionFiles, version_format_problems
+from qe_assets.export import VersionFiles, preference_format_problems, version_format_problems
 from qe_assets.finetune.registry import pending_version, reject_version
 from qe_assets.resources import PipelineSettings, duckdb_writer
 from qe_assets.transforms.validation import (
@@ -93,6 +93,34 @@ def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> 
     problems, examples = version_format_problems(latest.files, settings.min_dataset_examples)
     result = _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, examples=examples)
     return _refuse(duckdb, settings, "dataset_format_valid", result)
+
+
+@dg.asset_check(
+    asset=tuning_dataset,
+    blocking=True,
+    description=(
+        "Blocking: every preference pair follows its provider's format: TRL's conversational "
+        "preference format (`prompt` messages ending with a user message, `chosen` and "
+        "`rejected` one assistant message each) in the version's preference files, OpenAI's "
+        "preference fine-tuning format (`input.messages`, `preferred_output`, "
+        "`non_preferred_output`) in its per-split OpenAI files; chosen differs from rejected; "
+        "the pair count matches the manifest."
+    ),
+)
+def preference_format_valid(
+    duckdb: DuckDBResource, settings: PipelineSettings
+) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        latest = latest_version(conn, settings.finetune_backend)
+    if latest is None:
+        return _no_version()
+    problems, pairs = preference_format_problems(latest.files)
+    manifest = json.loads(latest.files.manifest.read_text("utf-8"))
+    expected = (manifest.get("preference") or {}).get("pairs", 0)
+    if pairs != expected:
+        problems.append(f"{pairs} preference pairs on disk, the manifest says {expected}")
+    result = _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, pairs=pairs)
+    return _refuse(duckdb, settings, "preference_format_valid", result)
 
 
 @dg.asset_check(
@@ -201,4 +229,10 @@ def label_drift(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetC
     )
 
 
-DATASET_CHECKS = [dataset_format_valid, dataset_no_leakage, label_distribution, label_drift]
+DATASET_CHECKS = [
+    dataset_format_valid,
+    preference_format_valid,
+    dataset_no_leakage,
+    label_distribution,
+    label_drift,
+]

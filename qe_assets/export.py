@@ -1,9 +1,12 @@
-"""Immutable dataset versions on disk: `rag_quality_tuning_vNNN.{jsonl,chat.jsonl,manifest.json}`.
+"""Immutable dataset versions on disk: `rag_quality_tuning_vNNN.{jsonl,chat.jsonl,
+preference.jsonl,manifest.json}` with every sample, and the folder `rag_quality_tuning_vNNN/`
+with the same formats per split and a dataset card (`datasets.load_dataset(<folder>)`).
 
-Files are written under temporary names, fsynced and renamed into place; the manifest comes last
-and the DuckDB row after it. A crash before that row leaves files of a version the database never
-heard of: `remove_uncommitted` deletes them before the next cut reuses the number, so every file on
-disk belongs to a committed version and a committed version is never rewritten.
+Files are written under temporary names (the folder as a temp folder), fsynced and renamed into
+place; the manifest comes last and the DuckDB row after it. A crash before that row leaves files
+of a version the database never heard of: `remove_uncommitted` deletes them before the next cut
+reuses the number, so every file on disk belongs to a committed version and a committed version
+is never rewritten.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import io
 import json
 import os
 import re
+import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -22,10 +26,25 @@ from typing import IO, Any
 
 import polars as pl
 
-from qe_assets.transforms.validation import chat_format_problems, record_problems
+from qe_assets.transforms.validation import (
+    chat_format_problems,
+    preference_problems,
+    record_problems,
+)
 
 DATASET_NAME = "rag_quality_tuning"
-_VERSION_FILE = re.compile(rf"^{DATASET_NAME}_v(\d{{3,}})\.(jsonl|chat\.jsonl|manifest\.json)$")
+_VERSION_FILE = re.compile(
+    rf"^{DATASET_NAME}_v(\d{{3,}})(\.(jsonl|chat\.jsonl|preference\.jsonl|manifest\.json))?$"
+)
+SPLITS = ("train", "validation")
+# The per-split files of a version's folder: format → file name after `<split>.`.
+SPLIT_FORMATS = {
+    "records": "jsonl",
+    "chat": "chat.jsonl",
+    "preference": "preference.jsonl",
+    "openai_preference": "openai_preference.jsonl",
+}
+CARD = "README.md"
 
 
 def version_name(number: int) -> str:
@@ -43,8 +62,21 @@ class VersionFiles:
         stem = directory / f"{DATASET_NAME}_{version}"
         return cls(Path(f"{stem}.jsonl"), Path(f"{stem}.chat.jsonl"), Path(f"{stem}.manifest.json"))
 
-    def all(self) -> tuple[Path, Path, Path]:
-        return (self.jsonl, self.chat, self.manifest)
+    @property
+    def preference(self) -> Path:
+        """Every preference pair of the version, in TRL's conversational preference format."""
+        return self.jsonl.with_name(self.jsonl.name.removesuffix(".jsonl") + ".preference.jsonl")
+
+    @property
+    def folder(self) -> Path:
+        """The per-split files and the dataset card."""
+        return self.jsonl.with_name(self.jsonl.name.removesuffix(".jsonl"))
+
+    def split_file(self, split: str, fmt: str) -> Path:
+        return self.folder / f"{split}.{SPLIT_FORMATS[fmt]}"
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.jsonl, self.chat, self.preference, self.manifest, self.folder)
 
 
 def remove_uncommitted(directory: Path, committed: Iterable[str]) -> list[Path]:
@@ -57,7 +89,10 @@ def remove_uncommitted(directory: Path, committed: Iterable[str]) -> list[Path]:
         match = _VERSION_FILE.match(path.name)
         stale_temp = path.name.startswith(f".{DATASET_NAME}_") and path.name.endswith(".tmp")
         if stale_temp or (match and f"v{match.group(1)}" not in keep):
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
     return removed
 
@@ -71,6 +106,7 @@ class _Sink:
     final: Path
     temp: Path
     handle: IO[bytes]
+    name: str = ""  # as the manifest names it: relative to the datasets directory
     digest: Any = field(default_factory=hashlib.sha256)
     size: int = 0
     lines: int = 0
@@ -91,7 +127,7 @@ class _Sink:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.final.name,
+            "name": self.name or self.final.name,
             "sha256": self.digest.hexdigest(),
             "bytes": self.size,
             "lines": self.lines,
@@ -107,7 +143,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class VersionWriter:
-    """Streams one version's two line files chunk by chunk, then publishes them with the manifest.
+    """Streams one version's line files chunk by chunk, then publishes them with the manifest.
 
     Use as a context manager: leaving it without `publish` (an error) removes the temp files.
     """
@@ -119,47 +155,83 @@ class VersionWriter:
         existing = [p for p in self.files.all() if p.exists()]
         if existing:
             raise FileExistsError(f"dataset {version} already exists: {existing[0]}")
-        self._sinks: dict[str, _Sink] = {}
+        self._sinks: dict[str | tuple[str, str], _Sink] = {}
+        self._temp_folder = directory / f".{self.files.folder.name}.{uuid.uuid4().hex[:8]}.tmp"
 
     def __enter__(self) -> VersionWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4().hex[:8]
-        for key, final in (("jsonl", self.files.jsonl), ("chat", self.files.chat)):
+        flat = (("jsonl", self.files.jsonl), ("chat", self.files.chat))
+        for key, final in (*flat, ("preference", self.files.preference)):
             temp = self.directory / f".{final.name}.{tag}.tmp"
             self._sinks[key] = _Sink(final, temp, open(temp, "wb"))
+        self._temp_folder.mkdir()
+        for split in SPLITS:
+            for fmt in SPLIT_FORMATS:
+                final = self.files.split_file(split, fmt)
+                temp = self._temp_folder / final.name
+                name = f"{final.parent.name}/{final.name}"
+                self._sinks[(split, fmt)] = _Sink(final, temp, open(temp, "wb"), name)
         return self
 
-    def write(self, records: pl.DataFrame, chat_lines: pl.Series) -> None:
-        if records.height != chat_lines.len():
-            raise ValueError("records and chat lines must describe the same samples")
-        self._sinks["jsonl"].write_lines(
-            records.select(pl.struct(pl.all()).struct.json_encode()).to_series()
+    def write(
+        self,
+        records: pl.DataFrame,
+        chat_lines: pl.Series,
+        splits: pl.Series,
+        preference: pl.DataFrame | None = None,
+    ) -> None:
+        """A batch: its records and chat lines (same samples, same order), each sample's split,
+        and its preference pairs (`trl`, `openai` lines and `split`), if any."""
+        if not records.height == chat_lines.len() == splits.len():
+            raise ValueError("records, chat lines and splits must describe the same samples")
+        lines = pl.DataFrame(
+            {
+                "records": records.select(pl.struct(pl.all()).struct.json_encode()).to_series(),
+                "chat": chat_lines,
+                "split": splits,
+            }
         )
-        self._sinks["chat"].write_lines(chat_lines)
+        self._sinks["jsonl"].write_lines(lines["records"])
+        self._sinks["chat"].write_lines(lines["chat"])
+        frames = {"records": lines, "chat": lines}
+        if preference is not None and preference.height:
+            self._sinks["preference"].write_lines(preference["trl"])
+            pairs = preference.rename({"trl": "preference", "openai": "openai_preference"})
+            frames |= {"preference": pairs, "openai_preference": pairs}
+        for split in SPLITS:
+            for fmt, frame in frames.items():
+                part = frame.filter(pl.col("split") == split)[fmt]
+                if part.len():
+                    self._sinks[(split, fmt)].write_lines(part)
 
-    def publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """fsync and rename the line files, then write the manifest (with their hashes) last."""
-        manifest = {**manifest, "files": {}}
+    def publish(
+        self, manifest: dict[str, Any], card: Callable[[dict[str, Any]], str]
+    ) -> dict[str, Any]:
+        """fsync and rename the line files and the folder (with `card(manifest)` as its
+        README.md), then write the manifest (with every file's hash) last."""
+        manifest = {**manifest, "files": {}, "split_files": {split: {} for split in SPLITS}}
         for key, sink in self._sinks.items():
             sink.handle.flush()
             os.fsync(sink.handle.fileno())
             sink.handle.close()
-            manifest["files"][key] = sink.describe()
-        for sink in self._sinks.values():
-            os.replace(sink.temp, sink.final)
+            if isinstance(key, tuple):
+                manifest["split_files"][key[0]][key[1]] = sink.describe()
+            else:
+                manifest["files"][key] = sink.describe()
+        body = card(manifest).encode("utf-8")
+        _write_synced(self._temp_folder / CARD, body)
+        manifest["files"]["card"] = _described(f"{self.files.folder.name}/{CARD}", body)
+        _fsync_dir(self._temp_folder)
+        for key, sink in self._sinks.items():
+            if not isinstance(key, tuple):
+                os.replace(sink.temp, sink.final)
+        os.replace(self._temp_folder, self.files.folder)
         body = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True).encode("utf-8")
-        temp = self.directory / f".{self.files.manifest.name}.tmp"
-        with open(temp, "wb") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self.files.manifest)
+        _write_synced(self.directory / f".{self.files.manifest.name}.tmp", body)
+        os.replace(self.directory / f".{self.files.manifest.name}.tmp", self.files.manifest)
         _fsync_dir(self.directory)
-        manifest["files"]["manifest"] = {
-            "name": self.files.manifest.name,
-            "sha256": hashlib.sha256(body).hexdigest(),
-            "bytes": len(body),
-        }
+        manifest["files"]["manifest"] = _described(self.files.manifest.name, body)
         self._sinks.clear()
         return manifest
 
@@ -168,6 +240,18 @@ class VersionWriter:
             sink.handle.close()
             sink.temp.unlink(missing_ok=True)
         self._sinks.clear()
+        shutil.rmtree(self._temp_folder, ignore_errors=True)
+
+
+def _write_synced(path: Path, body: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(body)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _described(name: str, body: bytes) -> dict[str, Any]:
+    return {"name": name, "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
 
 
 def sha256_file(path: Path) -> str:
@@ -223,3 +307,91 @@ def version_format_problems(files: VersionFiles, min_examples: int) -> tuple[lis
     if examples < min_examples:
         problems.insert(0, f"{examples} examples, fewer than the minimum of {min_examples}")
     return problems, examples
+
+
+def preference_format_problems(files: VersionFiles) -> tuple[list[str], int]:
+    """(problems, pairs) of a version's preference files: the TRL file of the whole version and
+    each split's TRL and OpenAI files, under the providers' format rules."""
+    targets = [(files.preference, "trl")] + [
+        (files.split_file(split, fmt), flavour)
+        for split in SPLITS
+        for fmt, flavour in (("preference", "trl"), ("openai_preference", "openai"))
+    ]
+    problems: list[str] = []
+    pairs = 0
+    for path, flavour in targets:
+        name = path.relative_to(files.jsonl.parent).as_posix()
+        first = 1
+        try:
+            for chunk in line_chunks(path):
+                problems += preference_problems(chunk, flavour, name, first)
+                first += len(chunk)
+        except OSError as exc:
+            problems.append(f"{name} is not readable: {exc}")
+        if path == files.preference:
+            pairs = first - 1
+    return problems, pairs
+
+
+def split_file_problems(files: VersionFiles, manifest: dict[str, Any]) -> list[str]:
+    """Per-split files and card missing or differing from the sha256 the manifest holds (the
+    manifest itself is checked against the committed row by the caller)."""
+    expected = [
+        entry for split in manifest.get("split_files", {}).values() for entry in split.values()
+    ]
+    if "card" in manifest.get("files", {}):
+        expected.append(manifest["files"]["card"])
+    problems = []
+    for entry in expected:
+        path = files.jsonl.parent / entry["name"]
+        if not path.exists():
+            problems.append(f"{entry['name']} is missing")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['name']} differs from the sha256 in its manifest")
+    return problems
+
+
+def dataset_card(manifest: dict[str, Any]) -> str:
+    """README.md of a version's folder: YAML `configs` so that `datasets.load_dataset(<folder>)`
+    gives `train` and `validation` (records by default; `chat`, `preference`,
+    `openai_preference` by name), and a short description."""
+    lines = ["---", f"pretty_name: {DATASET_NAME} {manifest['version']}", "configs:"]
+    for fmt in SPLIT_FORMATS:
+        present = [s for s in SPLITS if manifest["split_files"][s][fmt]["lines"]]
+        if not present:
+            continue  # a config needs at least one split with data
+        lines.append(f"- config_name: {'default' if fmt == 'records' else fmt}")
+        lines.append("  data_files:")
+        for split in present:
+            lines += [f"  - split: {split}", f"    path: {split}.{SPLIT_FORMATS[fmt]}"]
+    counts = {
+        fmt: {s: manifest["split_files"][s][fmt]["lines"] for s in SPLITS} for fmt in SPLIT_FORMATS
+    }
+    lines += [
+        "---",
+        "",
+        f"# {DATASET_NAME} {manifest['version']}",
+        "",
+        "Corrections of low-quality RAG answers, exported by qe_assets. The split is a hash of the",
+        "normalised question: a question is always on the same side.",
+        "",
+        "| config | file | train | validation |",
+        "|---|---|---:|---:|",
+        *(
+            f"| {'default' if fmt == 'records' else fmt} | `<split>.{name}` "
+            f"| {counts[fmt]['train']} | {counts[fmt]['validation']} |"
+            for fmt, name in SPLIT_FORMATS.items()
+        ),
+        "",
+        "* `default`: prompt, completion, label, confidence, score, weight (= confidence).",
+        "* `chat`: OpenAI chat fine-tuning format (`messages`).",
+        "* `preference`: TRL conversational preference format (`prompt`, `chosen`, `rejected`):",
+        "  chosen = a human's edit or a judge-approved rewrite, rejected = the original answer.",
+        "* `openai_preference`: OpenAI preference fine-tuning format (`input`,",
+        "  `preferred_output`, `non_preferred_output`).",
+        "",
+        f"The manifest `../{DATASET_NAME}_{manifest['version']}.manifest.json` holds the sha256",
+        "of every file and the settings the version was built with.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ READY = f"""
 # maps skip the rest of history: a plain join read every prompt ever written once per batch
 # (3.9 s a batch on a 1M-sample store, 0.6 s this way).
 _WINDOW = """
-    SELECT seq, sample_id, completion, mode, status FROM completions
+    SELECT seq, sample_id, completion, mode, status, judge_verdict FROM completions
     WHERE seq > $low AND seq <= $high ORDER BY seq LIMIT $limit
 """
 READY_IN_WINDOW = f"""
@@ -40,7 +40,9 @@ READY_IN_WINDOW = f"""
         FROM annotated_samples s SEMI JOIN c USING (sample_id)
     )
     SELECT c.seq AS completion_seq, c.sample_id, s.prompt, c.completion, s.label, s.confidence,
-           s.score, s.language, s.question_key, c.mode
+           s.score, s.language, s.question_key, c.mode, s.original_answer,
+           -- An ok completion with a verdict is one the judge approved: a preference pair.
+           c.judge_verdict IS NOT NULL AS judged
     FROM c JOIN annotated_samples s USING (sample_id)
     WHERE s.seq BETWEEN (SELECT first_seq FROM span) AND (SELECT last_seq FROM span)
       AND {_READY_CONDITIONS}

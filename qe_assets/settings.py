@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import BaseModel, ConfigDict
 
 FINETUNE_BACKENDS = ("none", "openai", "command")
+# sft: the chat/record files; dpo: the preference pairs (chosen = correction, rejected = original).
+FINETUNE_METHODS = ("sft", "dpo")
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 REDIS_LIST = "quality_events"
 
@@ -269,6 +271,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
     ),
     "finetune_command": ("QE_FINETUNE_COMMAND", str.strip),
+    "finetune_method": ("QE_FINETUNE_METHOD", _choice("QE_FINETUNE_METHOD", FINETUNE_METHODS)),
     "finetune_poll_seconds": (
         "QE_FINETUNE_POLL_SECONDS",
         _float("QE_FINETUNE_POLL_SECONDS", 0.0, None),
@@ -355,6 +358,7 @@ class Settings(BaseModel):
     max_reject_share: float = 0.2
     finetune_hyperparameters: dict[str, Any] = {}
     finetune_command: str | None = None
+    finetune_method: str = "sft"
     finetune_poll_seconds: float = 30.0
     finetune_deadline_seconds: float = 4 * 3600.0
     llm_model: str | None = None

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -445,12 +445,37 @@ class OpenAIServer:
             known = body.get("training_file") in self._files
         if not known:
             raise _HTTPError(400, "invalid_request_error", "training_file does not exist")
+        method = (body.get("method") or {}).get("type", "supervised")
+        for key in ("training_file", "validation_file"):
+            if body.get(key) and (problem := self._file_shape_problem(body[key], method)):
+                raise _HTTPError(400, "invalid_request_error", f"{key}: {problem}")
         job_id = self._next_id("ftjob")
         job = FineTuneJob(body=body, script=list(self.job_script), created_at=int(time.time()))
         self._job_event(job, f"Created fine-tuning job: {job_id}")
         with self._lock:
             self._jobs[job_id] = job
         return self._job_object(job_id, job)
+
+    # The keys every line must have, per fine-tuning method (OpenAI's documented file formats),
+    # so a job on the wrong file is refused as the real API refuses it.
+    LINE_KEYS: ClassVar[dict[str, set[str]]] = {
+        "supervised": {"messages"},
+        "dpo": {"input", "preferred_output", "non_preferred_output"},
+    }
+
+    def _file_shape_problem(self, file_id: str, method: str) -> str | None:
+        with self._lock:
+            data = self._file_bytes.get(file_id, b"")
+        expected = self.LINE_KEYS.get(method)
+        if expected is None:
+            return f"unknown method {method}"
+        for number, raw in enumerate(data.splitlines(), start=1):
+            line = json.loads(raw)
+            if set(line) - {"metadata"} != expected:
+                return f"line {number} is not a {method} example (keys {sorted(line)})"
+            if method == "dpo" and not line["input"].get("messages"):
+                return f"line {number}: input.messages is empty"
+        return None
 
     def _job(self, job_id: str) -> FineTuneJob:
         with self._lock:

@@ -427,7 +427,19 @@ def check_invariants(data: Path, expected: Expected, trial_queue: TrialQueue) ->
         ids = [json.loads(x)["sample_id"] for x in Path(jsonl).read_text().splitlines()]
         assert len(ids) == count == len(Path(chat).read_text().splitlines()), version
         assert set(ids) == members[version], version
-        assert json.loads(Path(manifest).read_text())["version"] == version
+        written = json.loads(Path(manifest).read_text())
+        assert written["version"] == version
+        # The preference file and the version's folder (per-split files, card): what the
+        # manifest, itself checked against the committed row above, says they hold.
+        folder = Path(jsonl).with_name(Path(jsonl).name.removesuffix(".jsonl"))
+        entries = [written["files"]["preference"], written["files"]["card"]]
+        entries += [e for split in written["split_files"].values() for e in split.values()]
+        for entry in entries:
+            assert sha256(Path(manifest).parent / entry["name"]) == entry["sha256"], entry
+        assert {p.name for p in folder.iterdir()} == {
+            Path(e["name"]).name for e in entries if "/" in e["name"]
+        }, version
+        listed.update({written["files"]["preference"]["name"], folder.name})
     datasets = data / "datasets"
     on_disk = {p.name for p in datasets.iterdir()} if datasets.exists() else set()
     assert on_disk == listed, f"orphans or temp files: {sorted(on_disk - listed)}"

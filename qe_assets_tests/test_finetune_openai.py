@@ -8,11 +8,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from qe_assets.settings import Settings
+from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect
-from qe_assets_tests.openai_server import OpenAIServer
+from qe_assets_tests.openai_server import ChatRequest, OpenAIServer, Reply
 from qe_assets_tests.runs import materialize, metadata
 from qe_assets_tests.test_finetune import processed
+from qe_assets_tests.test_llm import JUDGE_MARKER, llm
 
 KEY = "sk-test-finetune-7788"
 
@@ -183,3 +184,55 @@ def test_cancelled_job_is_recorded_as_cancelled(
     assert row["status"] == "cancelled"
     # The provider's events are kept for the post-mortem, as for a successful job.
     assert json.loads(row["metrics"])["events"]
+
+
+def approve_every_rewrite(request: ChatRequest) -> Reply | None:
+    if JUDGE_MARKER in request.prompt:
+        return Reply.ok('{"score_a": 2, "score_b": 9, "reason": "grounded"}')
+    return None  # the server's default rewrite
+
+
+def test_dpo_uploads_the_preference_splits_and_names_the_method(
+    openai_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    settings = llm(openai_settings, openai_server, llm_judge=True)
+    settings = settings.model_copy(update={"finetune_method": "dpo"})
+    openai_server.responder = approve_every_rewrite
+    processed(settings, 40)
+    result = materialize(settings, selection=["tuning_dataset", "fine_tuned_model"])
+    assert metadata(result, "fine_tuned_model")["status"] == "succeeded"
+    row = run_row(settings)
+    (create,) = jobs(openai_server)
+    body = create.json()
+    # The server refuses a DPO job whose files are not preference examples (OpenAI's format).
+    assert body["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2}}}
+    recipe = json.loads(row["recipe"])
+    assert recipe["method"] == "dpo" and recipe["preference_pairs"] == 40
+    folder = Path(recipe["jsonl_path"]).with_suffix("")
+    for key, split in (("training_file_id", "train"), ("validation_file_id", "validation")):
+        uploaded = openai_server.file_content(row[key])
+        assert uploaded == (folder / f"{split}.openai_preference.jsonl").read_bytes()
+        assert b'"non_preferred_output"' in uploaded
+
+
+def test_dpo_without_preference_pairs_fails_with_the_reason(
+    openai_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    settings = openai_settings.model_copy(
+        update={"finetune_method": "dpo", "finetune_allow_naive": True}
+    )
+    processed(settings, 15)  # naive completions: never a pair
+    result = materialize(
+        settings, selection=["tuning_dataset", "fine_tuned_model"], raise_on_error=False
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "QE_FINETUNE_METHOD=dpo but the version has no preference pair" in str(
+        failure.event_specific_data
+    )
+    assert jobs(openai_server) == []
+
+
+def test_an_unknown_finetune_method_fails_at_load() -> None:
+    with pytest.raises(SettingsError, match="QE_FINETUNE_METHOD must be one of sft, dpo"):
+        Settings.from_env({"QE_FINETUNE_METHOD": "ppo"})

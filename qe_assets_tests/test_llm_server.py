@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -53,7 +55,10 @@ def test_upload_then_fine_tune_to_success(
 
 
 def test_failing_and_cancelled_jobs(client: openai.OpenAI, openai_server: OpenAIServer) -> None:
-    uploaded = client.files.create(file=("t.jsonl", b"{}\n"), purpose="fine-tune")
+    # A well-formed file (the server checks each line's keys): the job fails by its script.
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    line = json.dumps({"messages": messages}).encode()
+    uploaded = client.files.create(file=("t.jsonl", line + b"\n"), purpose="fine-tune")
     openai_server.job_script = ["validating_files", "failed"]
     failing = client.fine_tuning.jobs.create(model="base", training_file=uploaded.id)
     failed = client.fine_tuning.jobs.retrieve(failing.id)

@@ -465,16 +465,22 @@ def test_no_seeded_pii_reaches_a_dataset_file(tmp_path: Path) -> None:
         prompts = [r[0] for r in conn.execute("SELECT prompt FROM annotated_samples").fetchall()]
     assert len(prompts) == 12 and all(value in prompts[0] for value in SEEDED.values())
 
-    files = sorted(p for p in settings.datasets_dir.iterdir() if p.is_file())
-    assert [p.name for p in files] == [
+    files = sorted(
+        (p for p in settings.datasets_dir.rglob("*") if p.is_file()),
+        key=lambda p: p.relative_to(settings.datasets_dir).as_posix(),
+    )
+    names = [p.relative_to(settings.datasets_dir).as_posix() for p in files]
+    assert names[:4] == [
         "rag_quality_tuning_v001.chat.jsonl",
         "rag_quality_tuning_v001.jsonl",
         "rag_quality_tuning_v001.manifest.json",
+        "rag_quality_tuning_v001.preference.jsonl",
     ]
+    assert len(names) == 4 + 9  # and the version folder: 8 split files and the card
     for path in files:
         body = path.read_text(encoding="utf-8")
         # The files hold JSON: search the decoded text too, so an escape cannot hide a value.
-        documents = body.splitlines() if path.suffix == ".jsonl" else [body]
+        documents = {".jsonl": body.splitlines(), ".json": [body]}.get(path.suffix, [])
         decoded = "\n".join(json.dumps(json.loads(d), ensure_ascii=False) for d in documents)
         for kind, value in SEEDED.items():
             assert value not in body and value not in decoded, f"{kind} leaked into {path.name}"
@@ -553,7 +559,7 @@ def test_no_pii_in_ids_labels_files_or_run_storage(tmp_path: Path) -> None:
 
     exported = [p for p in settings.datasets_dir.rglob("*") if p.is_file()]
     finetune = [p for p in (Path(settings.data_dir) / "finetune").rglob("*") if p.is_file()]
-    assert len(exported) == 3 and any(p.name == "train.chat.jsonl" for p in finetune)
+    assert len(exported) == 13 and any(p.name == "train.chat.jsonl" for p in finetune)
     # The split files still find every sample's side, pseudonymous ids included.
     split_lines = [
         len(p.read_text(encoding="utf-8").splitlines())
@@ -564,7 +570,7 @@ def test_no_pii_in_ids_labels_files_or_run_storage(tmp_path: Path) -> None:
     leaks: list[str] = []
     for path in exported + finetune:
         body = path.read_text(encoding="utf-8")
-        lines = body.splitlines() if path.name.endswith(".jsonl") else [body]
+        lines = {".jsonl": body.splitlines(), ".json": [body]}.get(path.suffix, [])
         decoded = "\n".join(json.dumps(json.loads(x), ensure_ascii=False) for x in lines if x)
         leaks += _leaks(body + decoded, path.name)
     assert leaks == []

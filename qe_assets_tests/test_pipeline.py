@@ -328,4 +328,4 @@ def test_version_writer_refuses_null_lines_so_the_two_files_stay_in_step(tmp_pat
         VersionWriter(tmp_path, "rag_quality_tuning_v001") as writer,
         pytest.raises(ValueError, match=r"rag_quality_tuning_v001\.chat\.jsonl: 1 lines"),
     ):
-        writer.write(pl.DataFrame({"sample_id": ["a", "b"]}), null_line)
+        writer.write(pl.DataFrame({"sample_id": ["a", "b"]}), null_line, pl.Series(["train"] * 2))

@@ -42,7 +42,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ASSETS = ("raw_events", "annotated_samples", "completions", "tuning_dataset", "fine_tuned_model")
-CHECKS = ("dataset_format_valid", "dataset_no_leakage", "label_distribution", "label_drift")
+CHECKS = (
+    "dataset_format_valid",
+    "preference_format_valid",
+    "dataset_no_leakage",
+    "label_distribution",
+    "label_drift",
+)
 DEMO_EVENTS = 300
 RUN_TIMEOUT = 150.0  # seconds per run; both jobs run in process and take a few seconds here
 UI_TIMEOUT_MS = 30_000
@@ -200,13 +206,13 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
             # 2. Launch the pipeline from the UI: ingests the inbox, annotates, completes.
             _launch_job(page, server, "qe_pipeline", shots["pipeline_run"])
 
-            # 3. Launch the release: cuts v001 and runs the four dataset checks.
+            # 3. Launch the release: cuts v001 and runs the dataset checks.
             _launch_job(page, server, "qe_release", shots["release_run"])
 
             # 4. The checks' results on the asset page.
             page.goto(f"{server.url}/assets/tuning_dataset")
             page.get_by_role("tab", name=re.compile("^Checks")).click()
-            expect(page.get_by_text("Checks (4)")).to_be_visible()
+            expect(page.get_by_text(f"Checks ({len(CHECKS)})")).to_be_visible()
             for check in CHECKS:
                 # A row of the checks list: the status icon, the name, its latest status.
                 row = page.locator("div").filter(has_text=re.compile(rf"^(?:{check})+Succeeded$"))
@@ -214,11 +220,11 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
             expect(page.get_by_text("Passed", exact=True).first).to_be_visible()
             page.screenshot(path=shots["checks"])
 
-            # 5. The graph again: everything materialized, 4 / 4 checks passed.
+            # 5. The graph again: everything materialized, every check passed.
             page.goto(f"{server.url}/asset-groups")
             page.locator("button:has([aria-label='panel_show_right'])").click()
             _expand_all_groups(page)
-            expect(page.get_by_text("4 / 4 Passed")).to_be_visible()
+            expect(page.get_by_text(f"{len(CHECKS)} / {len(CHECKS)} Passed")).to_be_visible()
             page.screenshot(path=shots["graph_after"])
         except Exception:
             failure = tmp_path / "failure.png"

@@ -14,7 +14,13 @@ from qe_assets.assets import RELEASE_GROUP
 from qe_assets.assets.complete import completions
 from qe_assets.charts import as_markdown_image, label_share_png
 from qe_assets.evaluation.holdout import hold_out
-from qe_assets.export import VersionFiles, VersionWriter, remove_uncommitted, version_name
+from qe_assets.export import (
+    VersionFiles,
+    VersionWriter,
+    dataset_card,
+    remove_uncommitted,
+    version_name,
+)
 from qe_assets.readiness import (
     READY_IN_WINDOW,
     WINDOW_END,
@@ -32,6 +38,8 @@ from qe_assets.transforms.dataset import (
     assign_split,
     chat_lines,
     label_counts,
+    preference_lines,
+    preference_pairs,
     records,
     redact_identifiers,
 )
@@ -53,6 +61,33 @@ def _ready_batches(
         if not batch.is_empty():
             yield batch
         low = int(window_end)
+
+
+def _pairs(batch: pl.DataFrame, settings: Settings, redacted: dict[str, int]) -> pl.DataFrame:
+    """The batch's trustworthy preference pairs; the rejected answers redacted like the rest."""
+    pairs = preference_pairs(batch)
+    if settings.pii_redaction and pairs.height:
+        pairs, found = redact(pairs, ["original_answer"])
+        for kind, count in found.items():
+            redacted[kind] = redacted.get(kind, 0) + count
+        pairs = preference_pairs(pairs)  # redaction may have made the two answers equal
+    return pairs
+
+
+def _preference_summary(counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "pairs": counts.get(TRAIN_SPLIT, 0) + counts.get(VALIDATION_SPLIT, 0),
+        TRAIN_SPLIT: counts.get(TRAIN_SPLIT, 0),
+        VALIDATION_SPLIT: counts.get(VALIDATION_SPLIT, 0),
+        "chosen_from": {mode: counts.get(mode, 0) for mode in ("human", "llm")},
+        "rule": "chosen = a human edit or a judge-approved LLM rewrite; rejected = the original "
+        "answer; naive completions never form a pair",
+        "formats": {
+            "preference": "TRL conversational preference (prompt, chosen, rejected)",
+            "openai_preference": "OpenAI preference fine-tuning "
+            "(input.messages, preferred_output, non_preferred_output)",
+        },
+    }
 
 
 def _manifest(
@@ -105,6 +140,7 @@ def cut_version(
     labels: dict[str, int] = {}
     modes: dict[str, int] = {}
     redacted: dict[str, int] = {}
+    pair_counts: dict[str, int] = {}
     members: list[pl.DataFrame] = []
     held_out: list[pl.DataFrame] = []
     last_seq = state.low
@@ -128,6 +164,7 @@ def cut_version(
                 batch, in_labels = redact_identifiers(batch)
                 for kind in found:
                     redacted[kind] = redacted.get(kind, 0) + found[kind] + in_labels[kind]
+            pairs = _pairs(batch, settings, redacted)
             writer.write(
                 records(batch),
                 chat_lines(
@@ -136,7 +173,15 @@ def cut_version(
                     system_message=settings.chat_system_message,
                     weight_threshold=settings.chat_weight_threshold,
                 ),
+                batch["split"],
+                preference_lines(
+                    pairs, templates, system_message=settings.chat_system_message
+                ).with_columns(pairs["split"]),
             )
+            for key, count in pairs.group_by("mode").len().iter_rows():
+                pair_counts[key] = pair_counts.get(key, 0) + count
+            for key, count in pairs.group_by("split").len().iter_rows():
+                pair_counts[key] = pair_counts.get(key, 0) + count
             for name, count in label_counts(batch).items():
                 labels[name] = labels.get(name, 0) + count
             for mode, count in batch.group_by("mode").len().iter_rows():
@@ -152,7 +197,8 @@ def cut_version(
         labels = dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))
         manifest = _manifest(version, settings, labels, modes, splits, (state.low, last_seq))
         manifest["pii_redactions"] = redacted if settings.pii_redaction else None
-        manifest = writer.publish(manifest)
+        manifest["preference"] = _preference_summary(pair_counts)
+        manifest = writer.publish(manifest, dataset_card)
     files = VersionFiles.at(directory, version)
     with duckdb_writer(duckdb_resource) as conn:
         conn.register("version_samples", samples)
@@ -242,8 +288,11 @@ class ReleaseConfig(dg.Config):
     output_required=False,
     description=(
         "The next immutable dataset version `rag_quality_tuning_vNNN`: every completed sample "
-        "not yet in a version, as the seed's JSONL record, the OpenAI chat format and a manifest "
-        "(counts, label counts, sha256 per file, split, settings). Train/validation split by a "
+        "not yet in a version, as the seed's JSONL record, the OpenAI chat format, preference "
+        "pairs (a human edit or judge-approved rewrite against the original answer; TRL and "
+        "OpenAI formats) and a manifest (counts, label counts, sha256 per file, split, "
+        "settings); the folder `rag_quality_tuning_vNNN/` holds each format per split with a "
+        "dataset card for `datasets.load_dataset`. Train/validation split by a "
         "hash of the normalised question. Materializes nothing when no sample is ready. A "
         "committed version with no finished fine-tune run (its run died after the commit) is "
         "published again first, oldest first, so its checks and fine-tune still run."
@@ -285,6 +334,9 @@ def tuning_dataset(
         "chat_path": dg.MetadataValue.path(str(files.chat)),
         "manifest_path": dg.MetadataValue.path(str(files.manifest)),
         "jsonl_sha256": manifest["files"]["jsonl"]["sha256"],
+        "preference_path": dg.MetadataValue.path(str(files.preference)),
+        "split_folder": dg.MetadataValue.path(str(files.folder)),
+        "preference_pairs": (manifest.get("preference") or {}).get("pairs", 0),
         "label_counts": dg.MetadataValue.json(manifest["label_counts"]),
         "label_share": dg.MetadataValue.md(
             "| label | samples | share |\n|---|---:|---:|\n" + share_rows

@@ -11,6 +11,7 @@ import shlex
 from typing import Any
 
 import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError  # not exported by dagster
 
 from qe_assets.finetune.inputs import TrainingInputs
 
@@ -20,12 +21,19 @@ MODEL_KEYS = ("model_id", "model_path")
 def run_command(
     context: dg.AssetExecutionContext, command: str, inputs: TrainingInputs
 ) -> dict[str, Any]:
-    """Run the command; returns the metadata it reported (values unwrapped)."""
-    invocation = dg.PipesSubprocessClient().run(
-        context=context,
-        command=shlex.split(command),
-        extras=inputs.recipe(),
-    )
+    """Run the command; returns the metadata it reported (values unwrapped). A failed command
+    raises with the exception the script reported through Pipes, when it reported one."""
+    try:
+        invocation = dg.PipesSubprocessClient().run(
+            context=context,
+            command=shlex.split(command),
+            extras=inputs.recipe(),
+        )
+    except DagsterPipesExecutionError as exc:
+        reported = reported_exception(context)
+        if reported is None:
+            raise
+        raise RuntimeError(f"{exc}: {reported}") from exc
     reported: dict[str, Any] = {}
     for result in invocation.get_results():
         for key, value in (getattr(result, "metadata", None) or {}).items():
@@ -37,4 +45,17 @@ def model_of(reported: dict[str, Any]) -> str | None:
     for key in MODEL_KEYS:
         if reported.get(key):
             return str(reported[key])
+    return None
+
+
+def reported_exception(context: dg.AssetExecutionContext) -> str | None:
+    """The last exception the external process reported when closing Pipes, e.g. a missing
+    setting of the training script, as "Class: message"."""
+    for record in reversed(
+        context.instance.all_logs(context.run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+    ):
+        event = record.dagster_event
+        data = event.engine_event_data if event is not None else None
+        if data is not None and data.error is not None and "pipes closed" in (event.message or ""):
+            return data.error.message.strip()
     return None

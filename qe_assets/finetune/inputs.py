@@ -15,7 +15,13 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.export import VersionFiles, line_chunks, sha256_file, version_format_problems
+from qe_assets.export import (
+    VersionFiles,
+    line_chunks,
+    sha256_file,
+    split_file_problems,
+    version_format_problems,
+)
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame
 from qe_assets.transforms.dataset import exported_sample_ids
@@ -45,10 +51,23 @@ class TrainingInputs:
     validation: int
     previous_model: str | None = None
     weighting: dict[str, Any] = field(default_factory=dict)
+    # sft trains on the chat/record files, dpo on the preference pairs (QE_FINETUNE_METHOD). The
+    # pairs are the version's own per-split files (verified against its manifest); recipes
+    # written before they existed load with the defaults.
+    method: str = "sft"
+    preference_pairs: int = 0
+    train_preference_path: str | None = None
+    validation_preference_path: str | None = None
+    train_openai_preference_path: str | None = None
+    validation_openai_preference_path: str | None = None
 
     def recipe(self) -> dict[str, Any]:
         """JSON-able description of the run: inputs, model, settings; no secrets."""
         return asdict(self)
+
+
+def _files_of(row: dict[str, Any]) -> VersionFiles:
+    return VersionFiles(Path(row["jsonl_path"]), Path(row["chat_path"]), Path(row["manifest_path"]))
 
 
 def verified_version(conn: duckdb.DuckDBPyConnection, version: str) -> dict[str, Any]:
@@ -72,7 +91,12 @@ def verified_version(conn: duckdb.DuckDBPyConnection, version: str) -> dict[str,
             raise DatasetInvalid(f"{version}: {path} is missing")
         if sha256_file(path) != row[sha_key]:
             raise DatasetInvalid(f"{version}: {path.name} differs from its committed sha256")
-    return row
+    # The committed manifest holds the sha256 of every other file of the version.
+    files = _files_of(row)
+    manifest = json.loads(files.manifest.read_text("utf-8"))
+    if problems := split_file_problems(files, manifest):
+        raise DatasetInvalid(f"{version}: {'; '.join(problems[:3])}")
+    return {**row, "manifest": manifest}
 
 
 # A version whose completions are mostly `naive` (the original wrong answer behind a prefix)
@@ -116,9 +140,7 @@ def prepare_inputs(
     row = verified_version(conn, version)
     # The blocking check stops a release run, but fine_tuned_model can be launched on its own:
     # never train on, or upload, a version that breaks the format rules.
-    files = VersionFiles(
-        Path(row["jsonl_path"]), Path(row["chat_path"]), Path(row["manifest_path"])
-    )
+    files = _files_of(row)
     problems, _ = version_format_problems(files, settings.min_dataset_examples)
     if problems:
         shown = "; ".join(problems[:5]) + (
@@ -142,6 +164,24 @@ def prepare_inputs(
     os.replace(temp, workdir)
     _fsync(workdir.parent)
     return inputs
+
+
+def _preference_inputs(row: dict[str, Any], method: str) -> dict[str, Any]:
+    """The recipe's preference fields: the version's per-split pair files that hold pairs."""
+    files = _files_of(row)
+    counted = row["manifest"].get("split_files", {})
+    fields: dict[str, Any] = {"method": method}
+    for split in ("train", "validation"):
+        for fmt, key in (("preference", "preference"), ("openai_preference", "openai_preference")):
+            lines = counted.get(split, {}).get(fmt, {}).get("lines", 0)
+            fields[f"{split}_{key}_path"] = str(files.split_file(split, fmt)) if lines else None
+    fields["preference_pairs"] = (row["manifest"].get("preference") or {}).get("pairs", 0)
+    if method == "dpo" and fields["train_preference_path"] is None:
+        raise DatasetInvalid(
+            f"{row['version']}: QE_FINETUNE_METHOD=dpo but the version has no preference pair on "
+            "its train side (pairs come from human edits and judge-approved LLM rewrites)"
+        )
+    return fields
 
 
 def _fsync(path: Path) -> None:
@@ -223,6 +263,7 @@ def _write_inputs(
     if paths["train_chat"] is None or paths["train_record"] is None:
         raise DatasetInvalid(f"{version}: no training examples after the split")
     inputs = TrainingInputs(
+        **_preference_inputs(row, settings.finetune_method),
         run_id=run_id,
         version=version,
         backend=settings.finetune_backend,

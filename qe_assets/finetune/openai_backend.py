@@ -1,4 +1,5 @@
-"""The `openai` backend: upload the chat files, create a fine-tuning job, follow it with bounded
+"""The `openai` backend: upload the chat files (or, with `QE_FINETUNE_METHOD=dpo`, the preference
+pairs in OpenAI's preference format), create a fine-tuning job, follow it with bounded
 polling. The job id is saved before anything waits on it, so a restarted run follows the same job.
 """
 
@@ -54,19 +55,31 @@ def find_job(client: openai.OpenAI, run_id: str) -> str | None:
     return None
 
 
+def training_files(inputs: TrainingInputs) -> tuple[str, str | None]:
+    """(training, validation) files to upload: the chat splits for sft, the version's OpenAI
+    preference splits for dpo."""
+    if inputs.method == "dpo":
+        if inputs.train_openai_preference_path is None:
+            raise ValueError(f"{inputs.version}: no preference pairs to train on with dpo")
+        return inputs.train_openai_preference_path, inputs.validation_openai_preference_path
+    return inputs.train_chat_path, inputs.validation_chat_path
+
+
 def start_job(client: openai.OpenAI, inputs: TrainingInputs, save: Save) -> str:
     """Upload, create the job, save its id; returns the job id (an existing one if found)."""
     existing = find_job(client, inputs.run_id)
     if existing is not None:
         save(job_id=existing)
         return existing
-    training_file = _upload(client, inputs.train_chat_path)
-    validation_file = (
-        _upload(client, inputs.validation_chat_path) if inputs.validation_chat_path else None
-    )
+    train_path, validation_path = training_files(inputs)
+    training_file = _upload(client, train_path)
+    validation_file = _upload(client, validation_path) if validation_path else None
     save(training_file_id=training_file, validation_file_id=validation_file)
     options: dict[str, Any] = {}
-    if inputs.hyperparameters:
+    if inputs.method == "dpo":
+        # Preference fine-tuning needs the method named even with no hyperparameters.
+        options["method"] = {"type": "dpo", "dpo": {"hyperparameters": inputs.hyperparameters}}
+    elif inputs.hyperparameters:
         options["method"] = {
             "type": "supervised",
             "supervised": {"hyperparameters": inputs.hyperparameters},

@@ -47,6 +47,26 @@ def records(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(*RECORD_COLUMNS[:-1], pl.col("confidence").alias("weight"))
 
 
+def _prompt_messages(frame: pl.DataFrame, templates: Templates, system_message: bool) -> list:
+    """The system (optional) and user messages of each sample, as encoded JSON objects."""
+    parts = [pl.struct(role=pl.lit("user"), content=pl.col("prompt")).struct.json_encode()]
+    if system_message:
+        # Looked up per row rather than joined: a join would copy every prompt of the batch.
+        system = pl.col("language").replace_strict(
+            templates.system, default=None, return_dtype=pl.String
+        )
+        parts.insert(0, pl.struct(role=pl.lit("system"), content=system).struct.json_encode())
+    return parts
+
+
+def _json_list(parts: list) -> pl.Expr:
+    return pl.concat_str([pl.lit("["), pl.concat_str(parts, separator=","), pl.lit("]")])
+
+
+def _assistant(column: str) -> pl.Expr:
+    return pl.struct(role=pl.lit("assistant"), content=pl.col(column)).struct.json_encode()
+
+
 def chat_lines(
     frame: pl.DataFrame,
     templates: Templates,
@@ -63,20 +83,50 @@ def chat_lines(
     if weight_threshold is not None:
         assistant["weight"] = (pl.col("confidence") >= weight_threshold).cast(pl.Int8)
     parts = [
-        pl.struct(role=pl.lit("user"), content=pl.col("prompt")).struct.json_encode(),
+        *_prompt_messages(frame, templates, system_message),
         pl.struct(**assistant).struct.json_encode(),
     ]
-    if system_message:
-        # Looked up per row rather than joined: a join would copy every prompt of the batch.
-        system = pl.col("language").replace_strict(
-            templates.system, default=None, return_dtype=pl.String
-        )
-        parts.insert(0, pl.struct(role=pl.lit("system"), content=system).struct.json_encode())
     return frame.select(
-        pl.concat_str(
-            [pl.lit('{"messages":['), pl.concat_str(parts, separator=","), pl.lit("]}")]
-        ).alias("line")
+        pl.concat_str([pl.lit('{"messages":'), _json_list(parts), pl.lit("}")]).alias("line")
     ).to_series()
+
+
+def preference_pairs(frame: pl.DataFrame) -> pl.DataFrame:
+    """The samples that make a trustworthy preference pair: the completion (*chosen*) is a
+    human's edit or an LLM rewrite the judge approved, the original answer that triggered the
+    quality event is *rejected*. A naive completion holds the original answer itself, and an
+    unjudged rewrite is not known to be better: neither forms a pair."""
+    trusted = (pl.col("mode") == "human") | ((pl.col("mode") == "llm") & pl.col("judged"))
+    original = pl.col("original_answer").fill_null("").str.strip_chars()
+    return frame.filter(
+        trusted & (original != "") & (pl.col("completion").str.strip_chars() != original)
+    )
+
+
+def preference_lines(
+    pairs: pl.DataFrame, templates: Templates, *, system_message: bool = True
+) -> pl.DataFrame:
+    """Per pair, `trl`: TRL's conversational preference format {"prompt": [system?, user],
+    "chosen": [assistant], "rejected": [assistant]}; `openai`: OpenAI's preference fine-tuning
+    format {"input": {"messages": [...]}, "preferred_output": [...],
+    "non_preferred_output": [...]}."""
+    prompt = _json_list(_prompt_messages(pairs, templates, system_message))
+    chosen = _json_list([_assistant("completion")])
+    rejected = _json_list([_assistant("original_answer")])
+    return pairs.select(
+        pl.concat_str(
+            [
+                *(pl.lit('{"prompt":'), prompt, pl.lit(',"chosen":'), chosen),
+                *(pl.lit(',"rejected":'), rejected, pl.lit("}")),
+            ]
+        ).alias("trl"),
+        pl.concat_str(
+            [
+                *(pl.lit('{"input":{"messages":'), prompt, pl.lit('},"preferred_output":'), chosen),
+                *(pl.lit(',"non_preferred_output":'), rejected, pl.lit("}")),
+            ]
+        ).alias("openai"),
+    )
 
 
 def label_counts(frame: pl.DataFrame) -> dict[str, int]:

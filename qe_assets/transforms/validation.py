@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import polars as pl
@@ -133,3 +134,75 @@ def total_variation(previous: dict[str, int], current: dict[str, int]) -> float:
     """Total variation distance between two label distributions (0 = same, 1 = disjoint)."""
     p, q = label_shares(previous), label_shares(current)
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+# Preference formats, from the providers' documentation: TRL's conversational preference dataset
+# (`prompt` messages, `chosen` / `rejected` completions as assistant messages) and OpenAI's
+# preference fine-tuning (DPO) input (`input.messages`, `preferred_output`,
+# `non_preferred_output`, each output exactly one assistant message).
+PREFERENCE_KEYS = {
+    "trl": ("prompt", "chosen", "rejected"),
+    "openai": ("input", "preferred_output", "non_preferred_output"),
+}
+
+OPENAI_INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
+
+
+def _messages_problem(messages: object, where: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"{where} is not a non-empty list of messages"
+    for message in messages:
+        if not isinstance(message, dict) or set(message) - set(MESSAGE_KEYS):
+            return f"{where} holds a message that is not a {{role, content}} object"
+        if message.get("role") not in CHAT_ROLES:
+            return f"{where} holds a role other than system/user/assistant"
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return f"{where} holds empty or missing content"
+    return None
+
+
+def _output_problem(output: object, where: str) -> str | None:
+    problem = _messages_problem(output, where)
+    if problem is None and (len(output) != 1 or output[0]["role"] != "assistant"):  # type: ignore[arg-type, index]
+        problem = f"{where} is not exactly one assistant message"
+    return problem
+
+
+def preference_line_problem(line: object, flavour: str) -> str | None:
+    """Why one preference line breaks the `flavour` ("trl" or "openai") format, or None."""
+    keys = PREFERENCE_KEYS[flavour]
+    if not isinstance(line, dict) or set(line) != set(keys):
+        return f"keys other than {', '.join(keys)}"
+    prompt = line[keys[0]]
+    if flavour == "openai":
+        if not isinstance(prompt, dict) or set(prompt) - set(OPENAI_INPUT_KEYS):
+            return "input is not an object with messages"
+        prompt = prompt.get("messages")
+    problem = _messages_problem(prompt, keys[0])
+    if problem is None and prompt[-1]["role"] != "user":  # type: ignore[index]
+        problem = f"{keys[0]} does not end with a user message"
+    problem = problem or _output_problem(line[keys[1]], keys[1])
+    problem = problem or _output_problem(line[keys[2]], keys[2])
+    if problem is None and line[keys[1]][0]["content"] == line[keys[2]][0]["content"]:
+        problem = f"{keys[1]} and {keys[2]} are the same answer"
+    return problem
+
+
+def preference_problems(
+    lines: list[bytes], flavour: str, name: str, first_line: int = 1
+) -> list[str]:
+    """Problems of a chunk of preference lines, each naming the lines (a few of them) it is on."""
+    found: dict[str, list[int]] = {}
+    for number, raw in enumerate(lines, start=first_line):
+        try:
+            problem = preference_line_problem(json.loads(raw), flavour)
+        except ValueError:
+            problem = "not a JSON object"
+        if problem is not None:
+            found.setdefault(problem, []).append(number)
+    return [
+        f"{name}: {problem} on lines {', '.join(map(str, numbers[:_SHOWN]))}"
+        + (f" and {len(numbers) - _SHOWN} more" if len(numbers) > _SHOWN else "")
+        for problem, numbers in found.items()
+    ]
