@@ -56,10 +56,8 @@ def test_the_key_appears_nowhere_after_a_whole_run(
         text=True,
         timeout=240,
     )
-    # Since the evaluation gate: with no held-out set (QE_EVAL_SHARE=0) it blocks for lack of
-    # data after the fine-tune and `qe run` exits 1; every stage this test searches has run.
-    gate = "model_evaluation: candidate_beats_production"
-    assert run.returncode == 0 or gate in run.stderr, run.stderr[-3000:]
+    # With no held-out set the gate has too few pairs to decide: a warning, the run succeeds.
+    assert run.returncode == 0, run.stderr[-3000:]
 
     # Every stage that holds the key really ran and really sent it.
     assert openai_server.requests, "the LLM server saw no request"
