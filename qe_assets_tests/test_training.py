@@ -188,11 +188,9 @@ def test_qe_run_trains_a_lora_adapter_that_lowers_the_validation_loss(
         timeout=600,
     )
     elapsed = time.monotonic() - started
-    # After the fine-tune the evaluation gate (docs/evaluation.md) judges the candidate; with no
-    # held-out set (QE_EVAL_SHARE=0) it blocks for lack of data and `qe run` exits 1. The
-    # training, what this test is about, must have succeeded either way.
-    gate = "model_evaluation: candidate_beats_production"
-    assert run.returncode == 0 or gate in run.stderr, run.stderr[-4000:]
+    # No judge and no held-out set: the evaluation gate has nothing to decide (a warning at
+    # most), so the run succeeds with the adapter trained and nothing promoted.
+    assert run.returncode == 0, run.stderr[-4000:]
     result = the_run(data / "qe.duckdb")
     assert result["status"] == "succeeded", result
     assert_adapter(result["model_id"])
