@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import polars as pl
 
+from qe_assets.queues.inbox import fsync_dir
 from qe_assets.transforms.validation import (
     chat_format_problems,
     preference_problems,
@@ -134,14 +135,6 @@ class _Sink:
         }
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class VersionWriter:
     """Streams one version's line files chunk by chunk, then publishes them with the manifest.
 
@@ -222,7 +215,7 @@ class VersionWriter:
         body = card(manifest).encode("utf-8")
         _write_synced(self._temp_folder / CARD, body)
         manifest["files"]["card"] = _described(f"{self.files.folder.name}/{CARD}", body)
-        _fsync_dir(self._temp_folder)
+        fsync_dir(self._temp_folder)
         for key, sink in self._sinks.items():
             if not isinstance(key, tuple):
                 os.replace(sink.temp, sink.final)
@@ -230,7 +223,7 @@ class VersionWriter:
         body = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True).encode("utf-8")
         _write_synced(self.directory / f".{self.files.manifest.name}.tmp", body)
         os.replace(self.directory / f".{self.files.manifest.name}.tmp", self.files.manifest)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         manifest["files"]["manifest"] = _described(self.files.manifest.name, body)
         self._sinks.clear()
         return manifest

@@ -22,6 +22,7 @@ from qe_assets.export import (
     split_file_problems,
     version_format_problems,
 )
+from qe_assets.queues.inbox import fsync_dir
 from qe_assets.settings import Settings
 from qe_assets.store import query_frame
 from qe_assets.transforms.dataset import exported_sample_ids
@@ -162,7 +163,7 @@ def prepare_inputs(
     if workdir.exists():
         shutil.rmtree(workdir)
     os.replace(temp, workdir)
-    _fsync(workdir.parent)
+    fsync_dir(workdir.parent)
     return inputs
 
 
@@ -182,14 +183,6 @@ def _preference_inputs(row: dict[str, Any], method: str) -> dict[str, Any]:
             "its train side (pairs come from human edits and judge-approved LLM rewrites)"
         )
     return fields
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_stale_folders(finetune_dir: Path) -> None:
@@ -291,5 +284,5 @@ def _write_inputs(
         handle.write(json.dumps(inputs.recipe(), ensure_ascii=False, indent=2).encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync(temp)
+    fsync_dir(temp)
     return inputs

@@ -38,7 +38,8 @@ _STAMP = "%Y%m%dT%H%M%S%f"
 _CLAIM_NAME = re.compile(r"(?P<stamp>\d{8}T\d{12})-[0-9a-f]{12}@(?P<name>.+)")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable: the files' own fsync does not cover it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,7 +55,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _open_regular(path: Path) -> BinaryIO:
