@@ -342,7 +342,13 @@ def test_broker_fault_mid_ingest_fails_within_the_timeout_and_doubles_nothing(
         report = ingest_pending(KafkaQueue(url), writer(settings), batch_size=50)
         with connect(settings.database, read_only=True) as conn:
             stored_once(conn, [f"r{i}" for i in range(200)])
-        assert report.new == 200 - len(stored) and KafkaQueue(url).depth() == 0
+        assert report.new == 200 - len(stored)
+        # Right after SIGCONT the broker may not take the last batch's offset commit within the
+        # queue's timeout (the ack gives up, bounded): those records are then read once more and
+        # recognised as stored. Nothing new, nothing doubled, and then the lag is 0.
+        again = ingest_pending(KafkaQueue(url), writer(settings), batch_size=50)
+        assert again.new == 0 and again.rejected == 0
+        assert KafkaQueue(url).depth() == 0
     finally:
         broker.stop()
 
