@@ -259,16 +259,16 @@ def _rejection(source: str, payload: str, field: str, reason: str, rid: str | No
 
 
 # Content identity of a re-send: the typed fields, so key order and whitespace do not matter.
-# Computed by DuckDB (its JSON rendering is the stored fingerprints' definition); only the key
-# and the digest come back, so the batch's text is never copied through a query result.
-_FINGERPRINT = """
-SELECT pos,
-       sha256(to_json({'request_id': request_id, 'question': question, 'docs': docs,
-                       'answer': answer, 'score': score, 'labels': labels,
-                       'checks': checks::JSON, 'timestamp': timestamp_given,
-                       'extra': extra::JSON})) AS fingerprint
-FROM batch_events
+# A DuckDB expression over the columns of `ValidatedRecords.events` (its JSON rendering is the
+# stored fingerprints' definition): the ingester computes it inside the store's INSERT.
+FINGERPRINT_SQL = """
+sha256(to_json({'request_id': request_id, 'question': question, 'docs': docs,
+                'answer': answer, 'score': score, 'labels': labels,
+                'checks': checks::JSON, 'timestamp': timestamp_given,
+                'extra': extra::JSON}))
 """
+# Only the key and the digest come back, so the batch's text is never copied through a result.
+_FINGERPRINT = f"SELECT pos, {FINGERPRINT_SQL} AS fingerprint FROM batch_events"
 
 _EVENT_COLUMNS: dict[str, pl.DataType] = {
     "pos": pl.Int64(),

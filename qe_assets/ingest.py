@@ -12,30 +12,68 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import duckdb
 import polars as pl
 
 from qe_assets.events import (
+    FINGERPRINT_SQL,
     REJECTED_SCHEMA,
-    ParsedRecords,
     ValidatedRecords,
-    parse_records,
     validate_records,
 )
 from qe_assets.queues import Batch, EventQueue
-from qe_assets.store import ConnectionFactory, ensure_schema, query_frame, transaction
-from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_events
+from qe_assets.store import ConnectionFactory, ensure_schema, register_frame, transaction
 
-_RAW_COLUMNS = (
-    "request_id, question, docs, answer, evaluation, score, labels, checks, timestamp, extra, "
-    "fingerprint, source"
-)
 CONFLICT_REASON = (
     "request_id: conflicting duplicate (an event with this request_id and different content "
     "was ingested first)"
 )
+
+# Idempotency on request_id, decided by the store in the commit's transaction: the first arrival
+# of an id wins; a later event with the same content (fingerprint) is a `duplicate`, one with
+# different content a `conflict`, whether the first arrived earlier or in this batch. Only
+# (fingerprint, status) is kept, one row per event in batch order: the batch's text stays in the
+# registered frame, and the inserts pair the two by position.
+_CLASSIFY = f"""
+CREATE OR REPLACE TEMP TABLE batch_status AS
+WITH incoming AS (
+    SELECT pos, request_id, {FINGERPRINT_SQL} AS fingerprint FROM batch_events
+)
+SELECT i.fingerprint,
+       CASE WHEN r.fingerprint IS NULL AND row_number() OVER same_id = 1 THEN 'new'
+            WHEN i.fingerprint = coalesce(r.fingerprint, first_value(i.fingerprint) OVER same_id)
+                THEN 'duplicate'
+            ELSE 'conflict' END AS status
+FROM incoming i LEFT JOIN raw_events r USING (request_id)
+WINDOW same_id AS (PARTITION BY i.request_id ORDER BY i.pos)
+ORDER BY i.pos
+"""
+# In batch order (a positional join keeps it), so `seq` follows arrival.
+_INSERT_NEW = """
+INSERT INTO raw_events (request_id, question, docs, answer, evaluation, score, labels, checks,
+                        timestamp, extra, fingerprint, source, ingested_at)
+SELECT b.request_id, b.question, b.docs, b.answer, b.evaluation, b.score, b.labels, b.checks,
+       coalesce(b.timestamp_given, $ts), b.extra, s.fingerprint, b.source, $ts
+FROM batch_events b POSITIONAL JOIN batch_status s
+WHERE s.status = 'new'
+"""
+# The validator's rejections and the refused inputs, plus the conflicts. A replay after a crash
+# finds its rows present (the id is a content key) and adds nothing.
+_INSERT_REJECTED = """
+INSERT INTO rejected_events
+SELECT sha256(source || chr(10) || payload), source, payload, field, reason, request_id, $ts
+FROM (
+    SELECT source, payload, field, reason, request_id FROM rejected_rows
+    UNION ALL
+    SELECT b.source, b.payload, 'request_id', $reason, b.request_id
+    FROM batch_events b POSITIONAL JOIN batch_status s
+    WHERE s.status = 'conflict'
+)
+ON CONFLICT DO NOTHING
+"""
+_STATUS_COUNTS = "SELECT status, count(*) FROM batch_status GROUP BY status"
 
 
 @dataclass
@@ -76,63 +114,44 @@ def commit_batch(
     sources: list[str],
     *,
     received_at: datetime | None = None,
-    parsed: ParsedRecords | None = None,
+    validated: ValidatedRecords | None = None,
     refused: Sequence[tuple[str, str]] = (),
 ) -> IngestReport:
     """Write one batch in a single transaction; returns what happened to it.
 
-    Pass `parsed` (from `parse_records`) to validate before taking the write lock. `refused`
-    inputs (source, reason) were never read: each is one rejected row with an empty payload.
+    Pass `validated` (from `validate_records`) to validate before taking the write lock. The
+    store fingerprints, classifies and inserts the batch in SQL, reading the validated frame
+    where it lies. `refused` inputs (source, reason) were never read: each is one rejected row
+    with an empty payload.
     """
-    received_at = received_at or datetime.now(UTC).replace(tzinfo=None)
-    if parsed is None:
-        parsed = parse_records(records, sources, received_at=received_at)
-    events = parsed.events
-    ids = events.select("request_id").unique()
-    conn.register("batch_ids", ids)
-    stored = query_frame(
-        conn,
-        "SELECT r.request_id, r.fingerprint FROM raw_events r "
-        "SEMI JOIN batch_ids USING (request_id)",
-    )
-    classified = classify_events(events, stored)
-    new_rows = classified.filter(pl.col("status") == NEW).drop("status")
-    conflicts = classified.filter(pl.col("status") == CONFLICT).select(
-        "source",
-        pl.col("payload"),
-        pl.lit("request_id").alias("field"),
-        pl.lit(CONFLICT_REASON).alias("reason"),
-        "request_id",
-    )
-    rejected = pl.concat([parsed.rejected, conflicts, _refused_rows(refused)], how="vertical")
-
-    conn.register("new_rows", new_rows)
-    conn.register("rejected_rows", rejected)
-    with transaction(conn):
-        conn.execute(
-            f"INSERT INTO raw_events ({_RAW_COLUMNS}, ingested_at) "
-            f"SELECT {_RAW_COLUMNS}, $ts FROM new_rows",
-            {"ts": received_at},
-        )
-        conn.execute(
-            """
-            INSERT INTO rejected_events
-            SELECT sha256(source || chr(10) || payload), source, payload, field, reason,
-                   request_id, $ts
-            FROM rejected_rows
-            ON CONFLICT DO NOTHING
-            """,
-            {"ts": received_at},
-        )
-
-    reasons = rejected.group_by("field").len()
+    if validated is None:
+        validated = validate_records(records, sources, received_at=received_at)
+    received_at = validated.received_at
+    rejected = pl.concat([validated.rejected, _refused_rows(refused)], how="vertical")
+    register_frame(conn, "batch_events", validated.events)
+    register_frame(conn, "rejected_rows", rejected)
+    params = {"ts": received_at}
+    try:
+        with transaction(conn):
+            conn.execute(_CLASSIFY)
+            ((new,),) = conn.execute(_INSERT_NEW, params).fetchall()
+            conn.execute(_INSERT_REJECTED, {**params, "reason": CONFLICT_REASON})
+            statuses = dict(conn.execute(_STATUS_COUNTS).fetchall())
+    finally:
+        # Registered views pin the batch's memory until the connection closes.
+        conn.unregister("batch_events")
+        conn.unregister("rejected_rows")
+    conflicts = statuses.get("conflict", 0)
+    reasons = dict(rejected.group_by("field").len().iter_rows())
+    if conflicts:
+        reasons["request_id"] = reasons.get("request_id", 0) + conflicts
     return IngestReport(
         batches=1,
         read=len(records),
-        new=new_rows.height,
-        duplicates=int((classified["status"] == DUPLICATE).sum()),
-        rejected=rejected.height,
-        reasons=dict(zip(reasons["field"].to_list(), reasons["len"].to_list(), strict=True)),
+        new=int(new),
+        duplicates=statuses.get("duplicate", 0),
+        rejected=rejected.height + conflicts,
+        reasons=reasons,
     )
 
 
@@ -146,23 +165,18 @@ def ingest_pending(
     """Drain the queue batch by batch; each batch holds the write lock only for its commit.
 
     Batches are validated before the write lock is taken, so readers get in while we parse. On a
-    queue that `reads_ahead`, a batch is fingerprinted and committed on a helper thread while the
-    next one is claimed and validated; acks still follow their commits, one batch after another.
+    queue that `reads_ahead`, a batch is committed (fingerprinted and classified by the store)
+    on a helper thread while the next one is claimed and validated; acks still follow their
+    commits, one batch after another.
     """
     total = IngestReport()
     with connection() as conn:
         ensure_schema(conn)
 
     def commit(batch: Batch, validated: ValidatedRecords) -> IngestReport:
-        parsed = validated.fingerprinted()  # before the connection: readers still get in
         with connection() as conn:
             return commit_batch(
-                conn,
-                batch.records,
-                batch.sources,
-                received_at=validated.received_at,
-                parsed=parsed,
-                refused=batch.refused,
+                conn, batch.records, batch.sources, validated=validated, refused=batch.refused
             )
 
     def finish(batch: Batch, committed: Future[IngestReport]) -> None:

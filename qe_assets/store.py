@@ -532,6 +532,14 @@ def query_frame(
     return relation.pl()
 
 
+def register_frame(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> None:
+    """Make `frame` readable by SQL on `conn` as `name`, in place.
+
+    Handed over as Arrow with Polars' own string views: registering the frame itself converts
+    every string column to classic Arrow strings first, a copy of all the batch's text."""
+    conn.register(name, frame.to_arrow(compat_level=pl.CompatLevel.newest()))
+
+
 def owned_copy(column: str) -> pl.Expr:
     """The string column rebuilt into buffers of its own.
 
@@ -570,7 +578,7 @@ def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     threads may call it at once; the frames are visible to that connection only."""
     with _private_database().cursor() as conn:
         for name, frame in frames.items():
-            conn.register(name, frame)
+            register_frame(conn, name, frame)
         return query_frame(conn, query)
 
 

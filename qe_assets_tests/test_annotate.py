@@ -13,21 +13,20 @@ from hypothesis import strategies as st
 
 from qe_assets.assets.annotate import (
     annotate_config,
+    annotated_batch,
     commit_samples,
-    keyed_samples,
     read_new_events,
 )
 from qe_assets.events import parse_records
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
-from qe_assets.store import connect
+from qe_assets.store import connect, ensure_schema
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import (
     REVIEW,
     TRAIN,
     AnnotateConfig,
     annotate_events,
-    mark_duplicates,
     sample_id,
     sample_id_parts,
     select_context,
@@ -136,13 +135,30 @@ def test_select_context_handles_empty_and_null_scores() -> None:
     assert out[0] == [] and out[1][0]["id"] == "a"
 
 
-def test_duplicates_within_batch_and_against_history() -> None:
-    samples = pl.DataFrame(
-        {"sample_id": ["s1", "s2", "s3", "s4"], "dedup_key": ["k", "k", "m", "old"]}
-    )
-    kept = pl.DataFrame({"dedup_key": ["old"], "sample_id": ["s0"]})
-    marked = mark_duplicates(samples, kept)
-    assert marked["duplicate_of"].to_list() == [None, "s1", None, "s0"]
+def test_duplicates_within_batch_and_against_history(tmp_path: Path) -> None:
+    """The store keys each sample and points a duplicate at the kept one: the batch's first of a
+    dedup_key, or one kept by an earlier batch."""
+    same = {"question": "How many days?", "answer": "Two."}
+    first = annotate(make_event("a1", **same), make_event("a2", **same), make_event("b"))
+    later = annotate(make_event("a3", **same), make_event("c", question="Other?"))
+    with connect(tmp_path / "qe.duckdb") as conn:
+        ensure_schema(conn)
+        written = commit_samples(conn, first, 3, 0.0)
+        assert written.height == 3 and written["duplicate_of"].null_count() == 2
+        assert commit_samples(conn, later, 5, 0.0).height == 2
+        rows = conn.execute(
+            "SELECT request_id, duplicate_of, dedup_key = md5(?) FROM annotated_samples "
+            "ORDER BY seq",
+            [first["dedup_text"][0]],
+        ).fetchall()
+    kept = first["sample_id"][0]
+    assert rows == [
+        ("a1", None, True),
+        ("a2", kept, True),
+        ("b", None, False),
+        ("a3", kept, True),
+        ("c", None, False),
+    ]
 
 
 def test_dedup_text_ignores_case_and_whitespace_but_not_content() -> None:
@@ -210,8 +226,8 @@ def test_a_key_already_stored_is_neither_written_nor_counted_again(tmp_path: Pat
     materialize(settings, selection=dg.AssetSelection.assets("raw_events"))
     with connect(settings.database) as conn:
         raw = read_new_events(conn, 0, 10)
-        keyed = keyed_samples(raw, annotate_config(settings))
-        assert commit_samples(conn, keyed, 2, 0.0).height == 2
+        batch = annotated_batch(raw, annotate_config(settings))
+        assert commit_samples(conn, batch, 2, 0.0).height == 2
         # The same rows again (a replay): nothing new is written, so nothing is reported.
-        assert commit_samples(conn, keyed, 2, 0.0).height == 0
+        assert commit_samples(conn, batch, 2, 0.0).height == 0
         assert conn.execute("SELECT count(*) FROM annotated_samples").fetchall() == [(2,)]

@@ -20,22 +20,22 @@ from qe_assets.resources import (
 from qe_assets.review import acceptance_by_label, enqueue_for_review
 from qe_assets.store import (
     ConnectionFactory,
-    frame_query,
     query_frame,
+    register_frame,
     set_watermark,
     transaction,
     watermark,
 )
 from qe_assets.templates import load_templates
-from qe_assets.transforms.annotate import AnnotateConfig, annotate_events, mark_duplicates
+from qe_assets.transforms.annotate import AnnotateConfig, annotate_events
 from qe_assets.transforms.dataset import redacted_label_counts
 
 STAGE = "annotated_samples"
-_COLUMNS = (
+_SAMPLE_COLUMNS = (
     "sample_id, request_id, event_seq, label, labels, language, question, original_answer, "
-    "context_docs, instruction, prompt, score, confidence, route, route_reason, question_key, "
-    "dedup_key, duplicate_of"
+    "context_docs, instruction, prompt, score, confidence, route, route_reason"
 )
+_COLUMNS = f"{_SAMPLE_COLUMNS}, question_key, dedup_key, duplicate_of"
 
 
 def annotate_config(settings: PipelineSettings) -> AnnotateConfig:
@@ -49,60 +49,82 @@ def annotate_config(settings: PipelineSettings) -> AnnotateConfig:
 
 
 def read_new_events(conn: duckdb.DuckDBPyConnection, after: int, limit: int) -> pl.DataFrame:
-    """The next raw events past `after` (a raw_events.seq), in ingest order."""
-    return query_frame(
+    """The next raw events past `after` (a raw_events.seq), in ingest order.
+
+    The batch's last seq first, from the seq column alone: then the rows are read by a range
+    that the scan prunes by itself, and no sort has to carry their documents around."""
+    ((last,),) = conn.execute(
+        "SELECT max(seq) FROM (SELECT seq FROM raw_events WHERE seq > ? ORDER BY seq LIMIT ?)",
+        [after, limit],
+    ).fetchall()
+    rows = query_frame(
         conn,
         """
         SELECT request_id, seq, question, docs, answer, score, labels
-        FROM raw_events WHERE seq > ? ORDER BY seq LIMIT ?
+        FROM raw_events WHERE seq > ? AND seq <= ?
         """,
-        [after, limit],
+        [after, last if last is not None else after],
     )
+    return rows if rows["seq"].is_sorted() else rows.sort("seq")
 
 
-def keyed_samples(raw: pl.DataFrame, config: AnnotateConfig) -> pl.DataFrame:
-    """Annotated samples of `raw` with their split and duplicate keys; touches no store."""
-    samples = annotate_events(raw, config, load_templates())
-    # md5 in DuckDB: stable across library versions, unlike Polars' hash. Only the two hashed
-    # columns go there and back, in row order whatever DuckDB's insertion-order setting.
-    keys = frame_query(
-        "SELECT md5(question_norm) AS question_key, md5(dedup_text) AS dedup_key "
-        "FROM texts ORDER BY row",
-        texts=samples.select("question_norm", "dedup_text").with_row_index("row"),
-    )
-    return samples.hstack(keys)
+def annotated_batch(raw: pl.DataFrame, config: AnnotateConfig) -> pl.DataFrame:
+    """Annotated samples of `raw`, before their keys (see `commit_samples`); touches no store."""
+    return annotate_events(raw, config, load_templates())
+
+
+# The batch's keys and duplicates, decided by the store in the INSERT that writes it. md5 in
+# DuckDB: stable across library versions, unlike Polars' hash. The first sample of a dedup_key
+# is kept: an earlier kept one from the store, else the batch's first; the others point at it in
+# duplicate_of. Only the narrow key columns are joined and sorted; the samples' text is paired
+# with them by position, in batch order. RETURNING names the rows really written: the stage's
+# counts are of those, and only those enter the review queue (a sample_id already stored is
+# skipped, never counted twice).
+_WRITTEN = dict.fromkeys(("sample_id", "label", "route", "duplicate_of"), pl.String)
+_INSERT_SAMPLES = f"""
+WITH keys AS (
+    SELECT batch_row, sample_id, md5(question_norm) AS question_key, md5(dedup_text) AS dedup_key
+    FROM batch_samples
+), kept AS (
+    SELECT dedup_key, arg_min(sample_id, seq) AS earlier
+    FROM annotated_samples SEMI JOIN keys USING (dedup_key)
+    WHERE duplicate_of IS NULL
+    GROUP BY dedup_key
+), marked AS (
+    SELECT k.question_key, k.dedup_key,
+           coalesce(kept.earlier, CASE WHEN row_number() OVER same_key > 1
+                                       THEN first_value(k.sample_id) OVER same_key END)
+               AS duplicate_of
+    FROM keys k LEFT JOIN kept USING (dedup_key)
+    WINDOW same_key AS (PARTITION BY k.dedup_key ORDER BY k.batch_row)
+    ORDER BY k.batch_row
+)
+INSERT INTO annotated_samples ({_COLUMNS}, annotated_at)
+SELECT {_SAMPLE_COLUMNS}, question_key, dedup_key, duplicate_of, now()::TIMESTAMP
+FROM batch_samples POSITIONAL JOIN marked
+ON CONFLICT DO NOTHING
+RETURNING sample_id, label, route, duplicate_of
+"""
 
 
 def commit_samples(
-    conn: duckdb.DuckDBPyConnection, keyed: pl.DataFrame, last_seq: int, spot_share: float
+    conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, last_seq: int, spot_share: float
 ) -> pl.DataFrame:
-    """Mark duplicates against the kept samples, write the batch, queue its review samples and
-    move the watermark to `last_seq`, in one transaction; returns the rows written."""
-    conn.register("keyed_batch", keyed)
-    kept = query_frame(
-        conn,
-        "SELECT s.dedup_key, s.sample_id FROM annotated_samples s "
-        "SEMI JOIN keyed_batch USING (dedup_key) WHERE s.duplicate_of IS NULL",
-    )
-    samples = mark_duplicates(keyed, kept)
-    conn.register("new_samples", samples)
-    with transaction(conn):
-        # RETURNING names the rows really written: the stage's counts are of those, and only
-        # those enter the review queue (a key already stored is skipped, never counted twice).
-        inserted = conn.execute(
-            f"INSERT INTO annotated_samples ({_COLUMNS}, annotated_at) "
-            f"SELECT {_COLUMNS}, now()::TIMESTAMP FROM new_samples ON CONFLICT DO NOTHING "
-            "RETURNING sample_id"
-        ).fetchnumpy()["sample_id"]
-        if len(inserted) < samples.height:
-            written = pl.Series(inserted, dtype=pl.String)
-            samples = samples.filter(pl.col("sample_id").is_in(written.implode())).unique(
-                "sample_id", keep="first", maintain_order=True
+    """Key the batch, mark its duplicates against the kept samples, write it, queue its review
+    samples and move the watermark to `last_seq`, in one transaction; returns the rows written
+    (sample_id, label, route, duplicate_of)."""
+    register_frame(conn, "batch_samples", samples.with_row_index("batch_row"))
+    try:
+        with transaction(conn):
+            written = pl.DataFrame(
+                conn.execute(_INSERT_SAMPLES).fetchall(), schema=_WRITTEN, orient="row"
             )
-            conn.register("new_samples", samples)
-        enqueue_for_review(conn, "new_samples", spot_share)
-        set_watermark(conn, STAGE, last_seq)
-    return samples
+            register_frame(conn, "new_samples", written)
+            enqueue_for_review(conn, "new_samples", spot_share)
+            set_watermark(conn, STAGE, last_seq)
+    finally:
+        conn.unregister("batch_samples")
+    return written
 
 
 def annotate_pending(
@@ -116,24 +138,24 @@ def annotate_pending(
     """Annotate every raw event past the watermark, batch by batch; returns how many.
 
     Each connection reads the batch after the one it commits, then commits on a helper thread
-    while this thread annotates what it read (Polars, and DuckDB for the md5 keys, on the other
-    core); the connection then closes behind us (see `WriterSession`). Batches still commit one
-    after another, each with its watermark, so a crash replays at most the uncommitted ones.
+    while this thread annotates what it read (Polars, on the other core); the connection then
+    closes behind us (see `WriterSession`). Batches still commit one after another, each with its
+    watermark, so a crash replays at most the uncommitted ones.
     """
     with connection() as conn:
         raw = read_new_events(conn, watermark(conn, STAGE), batch_size)
     if raw.is_empty():
         return 0
-    keyed: pl.DataFrame | None = keyed_samples(raw, config)
+    batch: pl.DataFrame | None = annotated_batch(raw, config)
     last_seq = int(raw["seq"].max())
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate-commit") as committer:
-        while keyed is not None:
+        while batch is not None:
             with connection() as conn:
                 ahead = read_new_events(conn, last_seq, batch_size)
-                committed = committer.submit(commit_samples, conn, keyed, last_seq, spot_share)
+                committed = committer.submit(commit_samples, conn, batch, last_seq, spot_share)
                 try:
-                    keyed = None if ahead.is_empty() else keyed_samples(ahead, config)
+                    batch = None if ahead.is_empty() else annotated_batch(ahead, config)
                 except BaseException as exc:
                     # The commit must end before its connection does; its failure is kept too.
                     if (error := committed.exception()) is not None:

@@ -1,5 +1,5 @@
 """Stage 2, annotate: raw events → sample skeletons with label, context, instruction, prompt,
-confidence and route. Pure Polars; the asset adds keys (hashes) and writes.
+confidence and route. Pure Polars; the store adds keys (hashes) and duplicates as it writes.
 """
 
 from __future__ import annotations
@@ -179,24 +179,3 @@ def annotate_events(
     )
     frame = templates.attach(frame, "instructions", "instruction")
     return build_prompts(frame, templates)
-
-
-def mark_duplicates(samples: pl.DataFrame, kept: pl.DataFrame) -> pl.DataFrame:
-    """Set `duplicate_of` to the sample kept for the same `dedup_key`.
-
-    `kept` holds (dedup_key, sample_id) of earlier samples that were kept. Within the batch the
-    first occurrence is kept. Needs sample_id and dedup_key on `samples`, in arrival order.
-    """
-    earlier = kept.select("dedup_key", pl.col("sample_id").alias("_earlier"))
-    return (
-        samples.join(earlier, on="dedup_key", how="left", maintain_order="left")
-        .with_columns(
-            duplicate_of=pl.coalesce(
-                "_earlier",
-                pl.when(~pl.col("dedup_key").is_first_distinct()).then(
-                    pl.col("sample_id").first().over("dedup_key")
-                ),
-            )
-        )
-        .drop("_earlier")
-    )
