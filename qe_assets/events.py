@@ -192,10 +192,10 @@ class ParsedRecords:
 
 @dataclass(frozen=True)
 class ValidatedRecords:
-    """A batch after validation, before its events get their fingerprints (`fingerprinted`).
+    """A batch after validation, before its events get their fingerprints.
 
-    The two steps are apart so that the ingester can fingerprint one batch (DuckDB, no Python)
-    on a helper thread while it validates the next (Python).
+    The ingester hands this to the store, whose INSERT fingerprints it (`FINGERPRINT_SQL`);
+    `fingerprinted` computes the same digests apart from any store (`parse_records`).
     """
 
     events: pl.DataFrame  # _EVENT_COLUMNS plus docs and labels, timestamp as given

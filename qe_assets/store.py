@@ -550,7 +550,7 @@ def owned_copy(column: str) -> pl.Expr:
 
 
 # The private in-memory DuckDB of `frame_query`, one per process (a forked child makes its own):
-# a new database per call cost ~20 ms and fresh memory for every batch's fingerprints and keys.
+# a new database per call cost time and fresh memory for every call.
 _PRIVATE_LOCK = threading.Lock()
 _private: tuple[int, duckdb.DuckDBPyConnection] | None = None
 # A parent's database as a forked child inherits it: never used, and never freed either, since
