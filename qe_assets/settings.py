@@ -219,6 +219,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "queue_url": ("QE_QUEUE_URL", _queue_url),
     "queue_consumer": ("QE_QUEUE_CONSUMER", str.strip),
     "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
+    "count_flush_seconds": (
+        "QE_COUNT_FLUSH_SECONDS",
+        _float("QE_COUNT_FLUSH_SECONDS", 0.05, 3600.0),
+    ),
     "ingest_batch_size": ("QE_INGEST_BATCH_SIZE", _int("QE_INGEST_BATCH_SIZE")),
     "min_confidence": ("QE_MIN_CONFIDENCE", _float("QE_MIN_CONFIDENCE")),
     "confidence_factor": ("QE_CONFIDENCE_FACTOR", _float("QE_CONFIDENCE_FACTOR", 0.0, None)),
@@ -326,6 +330,8 @@ class Settings(BaseModel):
     queue_url: str | None = None
     queue_consumer: str = "default"
     capture_threshold: float = 0.7
+    # How often a producer process sends its per-model answer counts (docs/rollout.md).
+    count_flush_seconds: float = 5.0
     ingest_batch_size: int = 5_000
     min_confidence: float = 0.6
     confidence_factor: float = 1.5
