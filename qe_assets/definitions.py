@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from qe_assets.assets.ab_test import ab_test
 from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
 from qe_assets.assets.complete import completions
@@ -17,7 +18,8 @@ from qe_assets.settings import Settings
 
 PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
-PROCESSING_ASSETS = [raw_events, annotated_samples, completions]
+# ab_test (group release) runs with every ingest: new events and count records are its input.
+PROCESSING_ASSETS = [raw_events, annotated_samples, completions, ab_test]
 RELEASE_ASSETS = [tuning_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
 ASSET_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
@@ -31,7 +33,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     pipeline = dg.define_asset_job(
         PIPELINE_JOB,
         selection=dg.AssetSelection.assets(*PROCESSING_ASSETS),
-        description="Ingest the queue, annotate and complete what is new.",
+        description=("Ingest the queue, annotate and complete what is new; look at the A/B test."),
         executor_def=dg.in_process_executor,
     )
     release_job = dg.define_asset_job(

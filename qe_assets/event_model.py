@@ -176,7 +176,6 @@ def describe_errors(error: ValidationError) -> tuple[str, str]:
     return first_field, "; ".join(parts)
 
 
-
 def validate_event(payload: dict[str, Any] | str) -> QualityEvent:
     """Validate one event (for producers); raises pydantic.ValidationError naming the fields."""
     if isinstance(payload, str):

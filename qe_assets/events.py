@@ -340,5 +340,3 @@ def primary_label(labels: pl.Expr) -> pl.Expr:
     for label in KNOWN_LABELS[1:]:
         chain = chain.when(labels.list.contains(label)).then(pl.lit(label))
     return chain.otherwise(labels.list.first()).fill_null(UNSPECIFIED)
-
-
