@@ -242,19 +242,19 @@ def gate_passed(conn: duckdb.DuckDBPyConnection, model: str) -> str | None:
 
 
 def current_state(conn: duckdb.DuckDBPyConnection) -> RolloutState:
-    production = production_model(conn)
+    """The state rollout.json should hold. Before any promotion, production is the model the
+    newest test ran against (the base model the gate compared with)."""
     test = active_test(conn)
     rows = conn.execute(
-        "SELECT decision, decided_by, decided_at FROM ab_decisions "
+        "SELECT production, decision, decided_by, decided_at FROM ab_decisions "
         "ORDER BY decision_id DESC LIMIT 1"
     ).fetchall()
-    decision, by, at = rows[0] if rows else (None, None, None)
+    tested, decision, by, at = rows[0] if rows else (None, None, None, None)
+    production = production_model(conn) or tested
     stamp = at.isoformat() + "Z" if at is not None else None
     if test is None:
         return RolloutState(production, None, 0.0, decision, by, stamp)
-    return RolloutState(
-        production or test.production, test.candidate, test.share, decision, by, stamp
-    )
+    return RolloutState(production, test.candidate, test.share, decision, by, stamp)
 
 
 def sync_state_file(conn: duckdb.DuckDBPyConnection, path: Path) -> RolloutState:
