@@ -7,7 +7,7 @@
 3. the request path: `capture` p50/p99 with model counting against without, on the file inbox
    and on Redis (a redis-server started here on a free loopback port).
 
-`python -m qe_assets_bench.rollout [--simulations 200] [--captures 3000]`.
+`python -m qe_assets_bench.rollout [--simulations 200] [--captures 5000] [--flush-seconds 5]`.
 """
 
 from __future__ import annotations
@@ -103,24 +103,45 @@ def _event(i: int, score: float) -> dict:
     }
 
 
-def capture_latency(settings_kwargs: dict, captures: int, with_model: bool) -> dict[str, float]:
-    """p50 / p99 (ms) of `capture` calls, a fifth of them low-score (captured, the rest
-    skipped), with or without `model=` (counting)."""
+def capture_latency(
+    settings_kwargs: dict, captures: int, flush_seconds: float, root: Path
+) -> dict[bool, dict[str, float]]:
+    """Latency (ms) of `capture` calls without (False) and with (True) `model=` counting, the
+    two interleaved call by call in one process so that both see the same load on a shared
+    machine. A fifth of the calls are low-score (captured), the rest skipped. Per side: p99 of
+    all calls, p99 of the captured ones, mean of the skipped ones (counting is all the work
+    those do)."""
     from qe_assets.capture import QualityCapture
     from qe_assets.settings import Settings
 
-    capture = QualityCapture(Settings(**settings_kwargs))
+    def make(side: str) -> QualityCapture:
+        data = root / side
+        return QualityCapture(
+            Settings(data_dir=str(data), count_flush_seconds=flush_seconds, **settings_kwargs)
+        )
+
+    captures_by_side = {False: make("plain"), True: make("counted")}
     rng = random.Random(7)
-    times: list[float] = []
-    for i in range(captures):
-        score = 0.3 if rng.random() < 0.2 else 0.9
-        extra = {"model": "m-candidate" if i % 2 else "m-production"} if with_model else {}
+    times: dict[bool, tuple[list[float], list[float]]] = {False: ([], []), True: ([], [])}
+    for i in range(2 * captures):
+        with_model = bool(i % 2)
+        low = rng.random() < 0.2
+        extra = {"model": "m-candidate" if i % 4 == 1 else "m-production"} if with_model else {}
+        event = {**_event(i, 0.3 if low else 0.9), **extra}
         started = time.perf_counter()
-        capture.capture_event({**_event(i, score), **extra})
-        times.append((time.perf_counter() - started) * 1000)
-    capture.counter.close()
-    times.sort()
-    return {"p50_ms": times[len(times) // 2], "p99_ms": times[int(0.99 * (len(times) - 1))]}
+        captures_by_side[with_model].capture_event(event)
+        times[with_model][0 if low else 1].append((time.perf_counter() - started) * 1000)
+    captures_by_side[True].counter.close()
+    result = {}
+    for side, (captured, skipped) in times.items():
+        every = sorted(captured + skipped)
+        captured.sort()
+        result[side] = {
+            "p99_ms": every[int(0.99 * (len(every) - 1))],
+            "captured_p99_ms": captured[int(0.99 * (len(captured) - 1))],
+            "skipped_mean_ms": statistics.fmean(skipped),
+        }
+    return result
 
 
 def _redis_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str] | None:
@@ -147,9 +168,11 @@ def _redis_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     return process, f"redis://127.0.0.1:{port}/0"
 
 
-def capture_overhead(captures: int, rounds: int = 3) -> list[tuple[str, dict, dict]]:
-    """(queue, without counting, with counting) for the inbox and Redis; each measured `rounds`
-    times alternately, the median p99 kept (the machine is shared)."""
+def capture_overhead(
+    captures: int, flush_seconds: float, rounds: int = 5
+) -> list[tuple[str, dict, dict]]:
+    """(queue, without counting, with counting) for the inbox and Redis: the median over
+    `rounds` of each figure."""
     results = []
     with tempfile.TemporaryDirectory(prefix="qe-bench-rollout-") as tmp:
         server = _redis_server(Path(tmp))
@@ -158,17 +181,17 @@ def capture_overhead(captures: int, rounds: int = 3) -> list[tuple[str, dict, di
             queues.append(("redis", {"queue_url": server[1]}))
         try:
             for name, extra in queues:
-                runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-                for r in range(rounds):
-                    for with_model in (False, True):
-                        data = Path(tmp) / f"{name}-{r}-{with_model}"
-                        kwargs = {"data_dir": str(data), **extra}
-                        runs[with_model].append(capture_latency(kwargs, captures, with_model))
+                runs = [
+                    capture_latency(extra, captures, flush_seconds, Path(tmp) / f"{name}-{r}")
+                    for r in range(rounds)
+                ]
 
-                def median(rows: list[dict[str, float]]) -> dict[str, float]:
-                    return {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+                def median(side: bool, runs: list = runs) -> dict[str, float]:
+                    return {
+                        k: statistics.median(run[side][k] for run in runs) for k in runs[0][side]
+                    }
 
-                results.append((name, median(runs[False]), median(runs[True])))
+                results.append((name, median(False), median(True)))
         finally:
             if server is not None:
                 server[0].terminate()
@@ -179,7 +202,10 @@ def capture_overhead(captures: int, rounds: int = 3) -> list[tuple[str, dict, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulations", type=int, default=200)
-    parser.add_argument("--captures", type=int, default=3_000)
+    parser.add_argument("--captures", type=int, default=5_000)
+    parser.add_argument(
+        "--flush-seconds", type=float, default=5.0, help="QE_COUNT_FLUSH_SECONDS while measuring"
+    )
     args = parser.parse_args()
     policy = Policy()
     print(f"A/B rollout, default policy: {policy}")
@@ -200,12 +226,16 @@ def main() -> None:
             f"answers median {need['candidate_answers_median']:,.0f}"
         )
     print(f"(simulations took {time.perf_counter() - started:.1f} s)")
-    for name, without, counted in capture_overhead(args.captures):
+    for name, without, counted in capture_overhead(args.captures, args.flush_seconds):
         ratio = counted["p99_ms"] / without["p99_ms"] - 1
+        captured = counted["captured_p99_ms"] / without["captured_p99_ms"] - 1
         print(
-            f"capture on {name}, {args.captures:,} calls (20 % captured): p50 "
-            f"{without['p50_ms']:.3f} → {counted['p50_ms']:.3f} ms, p99 {without['p99_ms']:.3f} "
-            f"→ {counted['p99_ms']:.3f} ms with counting ({ratio:+.1%})"
+            f"capture on {name}, {args.captures:,} calls (20 % captured), flush every "
+            f"{args.flush_seconds:g} s, interleaved, median of 5 rounds, without → with "
+            f"counting: p99 {without['p99_ms']:.3f} → {counted['p99_ms']:.3f} ms ({ratio:+.1%}); "
+            f"captured calls p99 {without['captured_p99_ms']:.3f} → "
+            f"{counted['captured_p99_ms']:.3f} ms ({captured:+.1%}); skipped calls mean "
+            f"{without['skipped_mean_ms'] * 1000:.1f} → {counted['skipped_mean_ms'] * 1000:.1f} µs"
         )
 
 
