@@ -532,6 +532,8 @@ def _rollout_change(
             EXIT_FAILED,
         )
     production = test.production if test is not None and test.candidate == model else current
+    # Before any promotion: the model the last test ran against (the gate's base model).
+    production = production or ab.current_state(conn).production
     if production is None:
         raise UserError(f"no production model on record to test {model} against", EXIT_FAILED)
     ab.start_test(conn, model, production, share, by, args.reason, decision=ab.SET_SHARE)

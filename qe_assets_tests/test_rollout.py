@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 
 from qe_assets.answer_counts import RECORD_PREFIX
+from qe_assets.assets.ab_test import look_at_test
 from qe_assets.capture import CaptureStatus, QualityCapture
-from qe_assets.evaluation.sequential import CONTINUE, PROMOTE, ROLLBACK, Policy
+from qe_assets.evaluation.registry import record_promotion
+from qe_assets.evaluation.rollout_registry import start_test
+from qe_assets.evaluation.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
 from qe_assets.queues import FileInbox
 from qe_assets.rollout import RolloutState, Router, bucket, write_state
 from qe_assets.settings import Settings
-from qe_assets.store import connect
+from qe_assets.store import connect, ensure_schema
 from qe_assets_bench.rollout import simulate
 from qe_assets_tests.conftest import RedisServer
 from qe_assets_tests.factories import make_event
@@ -274,6 +277,36 @@ def test_an_equal_candidate_is_never_promoted_in_twenty_looks() -> None:
 def test_a_worse_candidate_is_rolled_back() -> None:
     outcomes = [simulate(0.2, 0.3, seed, Policy(), looks=20) for seed in range(20)]
     assert all(o.decision == ROLLBACK for o in outcomes)
+
+
+def test_the_ramp_moves_on_only_after_enough_answers_at_a_share_and_while_safe() -> None:
+    policy = Policy(min_answers=200, ramp=(0.05, 0.25, 0.5), ramp_max_harm=0.01)
+    even = Arms(4000, 800, 400, 80)  # equal rates, no evidence either way
+    assert decide(even, 0.05, 0, policy).share == 0.25
+    assert decide(even, 0.05, 300, policy).share == 0.05  # only 100 answers at this share
+    assert decide(even, 0.5, 0, policy).share == 0.5  # the top of the ramp
+    slightly_worse = Arms(4000, 800, 400, 88)  # 22 % vs 20 %: not significant, not safe
+    ramped = decide(slightly_worse, 0.05, 0, policy)
+    assert ramped.decision == CONTINUE and ramped.share == 0.05
+    few = decide(Arms(4000, 800, 150, 0), 0.05, 0, policy)
+    assert few.decision == CONTINUE and few.reason.startswith("collecting")
+
+
+def test_a_test_stops_when_someone_promotes_another_model_meanwhile(settings: Settings) -> None:
+    with connect(settings.database) as conn:
+        ensure_schema(conn)
+        start_test(conn, "cand", "prod", 0.25, "gate", "passed")
+        record_promotion(conn, "other", "ana", reason="hotfix")
+        look = look_at_test(conn, settings, None)
+        assert look.test is None and look.state == RolloutState(
+            "other", None, 0.0, "set_share", "ab_test", look.state.updated_at
+        )
+        reason = conn.execute(
+            "SELECT reason FROM ab_decisions ORDER BY decision_id DESC LIMIT 1"
+        ).fetchall()[0][0]
+    assert "production changed to other" in reason
+    state = json.loads(Path(settings.data_dir, "rollout.json").read_text())
+    assert (state["production"], state["candidate"]) == ("other", None)
 
 
 # --- ab_test in real materializations ---------------------------------------------------------

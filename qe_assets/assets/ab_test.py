@@ -13,7 +13,7 @@ from qe_assets.assets import RELEASE_GROUP
 from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
 from qe_assets.evaluation import rollout_registry as ab
-from qe_assets.evaluation.registry import record_promotion
+from qe_assets.evaluation.registry import production_model, record_promotion
 from qe_assets.evaluation.sequential import PROMOTE, Arms, Decision, decide
 from qe_assets.resources import PipelineSettings, duckdb_writer
 from qe_assets.rollout import RolloutState, state_path
@@ -58,6 +58,18 @@ def look_at_test(conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: st
     then write rollout.json from the tables. Without a test only the file is synced."""
     path = state_path(settings)
     test = ab.active_test(conn)
+    production = production_model(conn)
+    if test is not None and production is not None and production != test.production:
+        # Someone promoted another model meanwhile: the production arm no longer gets traffic.
+        ab.stop_test(
+            conn,
+            test,
+            ab.AB_TEST,
+            f"production changed to {production} during the test; stopped (give the candidate "
+            "traffic again with `qe models rollout`)",
+            decision=ab.SET_SHARE,
+        )
+        test = None
     if test is None:
         return Look(ab.sync_state_file(conn, path), history=ab.newest_test_rows(conn))
     arms = ab.arm_counts(conn, test)

@@ -215,15 +215,22 @@ def start_test(
     )
 
 
-def stop_test(conn: duckdb.DuckDBPyConnection, test: ActiveTest, by: str, reason: str) -> None:
-    """A person's rollback of the running test: share 0, production unchanged."""
+def stop_test(
+    conn: duckdb.DuckDBPyConnection,
+    test: ActiveTest,
+    by: str,
+    reason: str,
+    *,
+    decision: str = ROLLBACK,
+) -> None:
+    """End the running test: share 0, production unchanged (a person's rollback by default)."""
     record_decision(
         conn,
         candidate=test.candidate,
         production=test.production,
         share=0.0,
         arms=arm_counts(conn, test),
-        decision=ROLLBACK,
+        decision=decision,
         reason=reason,
         by=by,
         started_at=test.started_at,
