@@ -14,7 +14,7 @@ from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
 from qe_assets.evaluation import rollout_registry as ab
 from qe_assets.evaluation.registry import production_model, record_promotion
-from qe_assets.evaluation.sequential import PROMOTE, Arms, Decision, decide
+from qe_assets.evaluation.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide
 from qe_assets.resources import PipelineSettings, duckdb_writer
 from qe_assets.rollout import RolloutState, state_path
 from qe_assets.settings import Settings
@@ -174,38 +174,10 @@ def look_metadata(look: Look) -> "dict[str, dg.RawMetadataValue]":
     return metadata
 
 
-def harm_check(look: Look, settings: Settings) -> dg.AssetCheckResult:
-    worse = look.decision is not None and look.decision.harmful
-    description = (
-        "no candidate has traffic"
-        if look.decision is None
-        else f"{'significantly worse' if worse else 'not significantly worse'}: "
-        f"{look.decision.reason}"
-    )
-    return dg.AssetCheckResult(
-        check_name=HARM_CHECK,
-        passed=not worse,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=description,
-        metadata={"alpha": settings.ab_alpha, "rolled_back": worse},
-    )
-
-
 @dg.asset(
     deps=[raw_events, annotated_samples],
     group_name=RELEASE_GROUP,
     kinds={"duckdb", "python"},
-    check_specs=[
-        dg.AssetCheckSpec(
-            HARM_CHECK,
-            asset="ab_test",
-            description=(
-                "Warns when the candidate's low-score rate is significantly worse than "
-                "production's (the mSPRT rejects equal rates at QE_AB_ALPHA with the candidate "
-                "worse); the same evidence rolls the candidate back to share 0."
-            ),
-        )
-    ],
     description=(
         "The online A/B test of the canary candidate (QE_ROLLOUT=canary, or `qe models "
         "rollout`) against production, from the quality events themselves: answers and "
@@ -228,6 +200,39 @@ def ab_test(
             f"A/B {look.test.candidate} vs {look.test.production}: {look.decision.decision} "
             f"({look.decision.reason}); share now {look.state.share:.0%}"
         )
-    return dg.MaterializeResult(
-        metadata=look_metadata(look), check_results=[harm_check(look, settings)]
+    return dg.MaterializeResult(metadata=look_metadata(look))
+
+
+@dg.asset_check(
+    asset=ab_test,
+    name=HARM_CHECK,
+    description=(
+        "Warns when the candidate's low-score rate is significantly worse than production's "
+        "(the mSPRT rejects equal rates at QE_AB_ALPHA with the candidate worse); the same "
+        "evidence rolls the candidate back to share 0. Judges this run's look, else the "
+        "newest one."
+    ),
+)
+def candidate_not_worse(
+    context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        row = ab.newest_look(conn, context.run.run_id)
+    if row is None:
+        return dg.AssetCheckResult(passed=True, description="the A/B test has not looked yet")
+    worse = row["decision"] == ROLLBACK
+    verdict = "significantly worse" if worse else "not significantly worse"
+    return dg.AssetCheckResult(
+        passed=not worse,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{row['candidate']} {verdict}: {row['reason']}",
+        metadata={
+            "candidate": row["candidate"],
+            "production": row["production"],
+            "decision": row["decision"],
+            "rate_candidate": float(row["rate_candidate"] or 0.0),
+            "rate_production": float(row["rate_production"] or 0.0),
+            "statistic": float(row["statistic"] or 0.0),
+            "alpha": settings.ab_alpha,
+        },
     )

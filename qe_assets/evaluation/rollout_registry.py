@@ -237,6 +237,18 @@ def stop_test(
     )
 
 
+def newest_look(conn: duckdb.DuckDBPyConnection, run_id: str | None) -> dict[str, Any] | None:
+    """The A/B test's decision of this Dagster run, else its newest decision; None before any."""
+    cursor = conn.execute(
+        "SELECT * FROM ab_decisions WHERE decided_by = ? "
+        "ORDER BY (dagster_run_id IS NOT DISTINCT FROM ?) DESC, decision_id DESC LIMIT 1",
+        [AB_TEST, run_id],
+    )
+    names = [d[0] for d in cursor.description]
+    rows = cursor.fetchall()
+    return dict(zip(names, rows[0], strict=True)) if rows else None
+
+
 def gate_passed(conn: duckdb.DuckDBPyConnection, model: str) -> str | None:
     """The id of the newest gate evaluation of `model` when it passed (only such a candidate
     may get traffic), else None."""
