@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -409,3 +410,19 @@ def test_people_set_the_share_and_stop_the_test_recorded(canary: tuple[Settings,
     ]
     assert scalar(settings, "SELECT count(*) FROM promoted_models") == 0
     assert "the last test" in qe("models", "list", env=env).stdout
+
+
+def test_counts_and_events_travel_through_kafka(settings: Settings, kafka_broker: Any) -> None:
+    topic = kafka_broker.new_topic(partitions=3)
+    on_kafka = settings.model_copy(
+        update={"queue_url": kafka_broker.url(topic), "count_flush_seconds": 3600}
+    )
+    capture = QualityCapture(on_kafka)
+    path = Path(settings.data_dir, "rollout.json")
+    write_state(path, RolloutState("prod", "cand", 0.5))
+    rates = {"prod": 0.2, "cand": 0.1}
+    served = serve(capture, Router(path, default="x"), rates, 200, random.Random(3), "k")
+    materialize(on_kafka, selection=["raw_events"])
+    materialize(on_kafka, selection=["raw_events"])  # nothing read twice
+    assert stored_counts(on_kafka) == {m: tuple(c) for m, c in served.items()}
+    assert not FileInbox(settings.inbox_dir).ready_files()  # nothing had to be spooled
