@@ -426,3 +426,13 @@ def test_counts_and_events_travel_through_kafka(settings: Settings, kafka_broker
     materialize(on_kafka, selection=["raw_events"])  # nothing read twice
     assert stored_counts(on_kafka) == {m: tuple(c) for m, c in served.items()}
     assert not FileInbox(settings.inbox_dir).ready_files()  # nothing had to be spooled
+
+
+def test_the_rollout_bench_runs_on_a_small_scale() -> None:
+    from qe_assets_bench.rollout import answers_to_decide, capture_overhead, false_promotions
+
+    assert set(false_promotions(Policy(), 5)) == {"false_promotion_rate", "false_rollback_rate"}
+    assert answers_to_decide(Policy(), 3, 0.5)["power"] == 1.0
+    measured = capture_overhead(40, flush_seconds=0.05, rounds=1)
+    assert [name for name, *_ in measured] == ["inbox", "redis"]
+    assert all(side["p99_ms"] > 0 for _, *sides in measured for side in sides)
