@@ -177,6 +177,11 @@ def test_every_answer_is_counted_once_skipped_ones_included(settings: Settings) 
     assert stored_counts(settings) == {m: tuple(c) for m, c in served.items()}
     low_events = sum(c[1] for c in served.values())
     assert scalar(settings, "SELECT count(*) FROM raw_events WHERE model IS NOT NULL") == low_events
+    # `model` is also kept among the extra fields, as before it was a field: same fingerprints.
+    assert scalar(settings, "SELECT count(*) FROM raw_events WHERE extra->>'model' = model") == (
+        low_events
+    )
+    assert metadata(result, "raw_events")["new_count_rows"] == len(served)
     # A malformed count record is rejected naming its field, not taken for an event.
     bad = RECORD_PREFIX.decode() + ',"flush_id":"x","counts":{"m":{"answers":1,"low":2}}}'
     FileInbox(settings.inbox_dir).put([bad])
