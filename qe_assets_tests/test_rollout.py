@@ -441,3 +441,21 @@ def test_the_rollout_bench_runs_on_a_small_scale() -> None:
     measured = capture_overhead(40, flush_seconds=0.05, rounds=1)
     assert [name for name, *_ in measured] == ["inbox", "redis"]
     assert all(side["p99_ms"] > 0 for _, *sides in measured for side in sides)
+
+
+def test_a_look_without_new_counts_records_nothing(settings: Settings) -> None:
+    with connect(settings.database) as conn:
+        ensure_schema(conn)
+        start_test(conn, "cand", "prod", 0.25, "gate", "passed")
+        for flush in ("f1", "f1", "f2", "f2"):  # a new flush before every other look
+            conn.execute(
+                "INSERT INTO answer_counts VALUES (?, 'cand', 10, 1, 0.7, 'p', now()::TIMESTAMP, "
+                "now()::TIMESTAMP + INTERVAL 1 HOUR, 's', now()::TIMESTAMP) "
+                "ON CONFLICT DO NOTHING",
+                [flush],
+            )
+            look_at_test(conn, settings, None)
+        rows = conn.execute(
+            "SELECT decision, answers_candidate FROM ab_decisions ORDER BY decision_id"
+        ).fetchall()
+    assert rows == [("start", 0), ("continue", 10), ("continue", 20)]

@@ -75,16 +75,18 @@ def look_at_test(conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: st
     arms = ab.arm_counts(conn, test)
     decision = decide(arms, test.share, test.answers_at_share, settings.ab_policy())
     per_label = per_label_rates(ab.label_counts(conn, test, settings.capture_threshold), arms)
-    with transaction(conn):
-        ab.record_test_decision(conn, test, arms, decision, per_label, run_id)
-        if decision.decision == PROMOTE:
-            record_promotion(
-                conn,
-                test.candidate,
-                ab.AB_TEST,
-                evaluation_id=ab.gate_passed(conn, test.candidate),
-                reason=decision.reason,
-            )
+    # No answer counted since the last look and nothing to change: no row (and no new look).
+    if not ab.nothing_new(conn, arms, decision):
+        with transaction(conn):
+            ab.record_test_decision(conn, test, arms, decision, per_label, run_id)
+            if decision.decision == PROMOTE:
+                record_promotion(
+                    conn,
+                    test.candidate,
+                    ab.AB_TEST,
+                    evaluation_id=ab.gate_passed(conn, test.candidate),
+                    reason=decision.reason,
+                )
     return Look(
         ab.sync_state_file(conn, path),
         test,

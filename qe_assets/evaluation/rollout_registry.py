@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 
 from qe_assets.evaluation.registry import production_model
-from qe_assets.evaluation.sequential import PROMOTE, ROLLBACK, Arms, Decision
+from qe_assets.evaluation.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Decision
 from qe_assets.rollout import RolloutState, write_state
 
 AB_TEST = "ab_test"
@@ -158,6 +158,20 @@ def record_decision(
             utc_now(),
         ],
     )
+
+
+def nothing_new(conn: duckdb.DuckDBPyConnection, arms: Arms, decision: Decision) -> bool:
+    """The test's last row already holds these counts, and the decision changes nothing."""
+    rows = newest_test_rows(conn)
+    if not rows or decision.decision != CONTINUE or decision.share != rows[-1]["share"]:
+        return False
+    last = rows[-1]
+    return (
+        last["answers_production"],
+        last["low_production"],
+        last["answers_candidate"],
+        last["low_candidate"],
+    ) == (arms.answers_production, arms.low_production, arms.answers_candidate, arms.low_candidate)
 
 
 def record_test_decision(
