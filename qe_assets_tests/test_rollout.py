@@ -459,3 +459,16 @@ def test_a_look_without_new_counts_records_nothing(settings: Settings) -> None:
             "SELECT decision, answers_candidate FROM ab_decisions ORDER BY decision_id"
         ).fetchall()
     assert rows == [("start", 0), ("continue", 10), ("continue", 20)]
+
+
+def test_direct_rollout_promotes_at_once_and_the_router_follows(
+    eval_settings: Settings,  # noqa: F811
+    openai_server: OpenAIServer,
+) -> None:
+    assert eval_settings.rollout_mode == "direct"  # the default
+    result = release(eval_settings, openai_server, EvalModels({"ft:": 3, BASE: 1}))
+    candidate = metadata(result, "model_evaluation")["candidate"]
+    assert checks(result)["candidate_beats_production"].metadata["promoted"].value is True
+    router = Router(Path(eval_settings.data_dir, "rollout.json"), default=BASE, check_seconds=0)
+    assert router.state() == RolloutState(candidate, None, 0.0)
+    assert {router.choose_model(f"r{i}") for i in range(100)} == {candidate}
