@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import duckdb
     import polars as pl
 
+    from qe_assets.evaluation.rollout_registry import ActiveTest
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
@@ -477,21 +479,117 @@ def _models_list(settings: Settings, wait: float) -> int:
             frame = query_frame(conn, MODELS_QUERY)
         except duckdb.CatalogException:  # a store from before the evaluation gate
             frame = pl.DataFrame()
+        rollout = _rollout_lines(conn)
     if frame.is_empty():
         print("no fine-tuned or promoted model yet")
-        return EXIT_OK
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=70, tbl_width_chars=200):
-        print(frame)
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=70, tbl_width_chars=200):
+            print(frame)
+    for line in rollout:
+        print(line)
     return EXIT_OK
 
 
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+def _rollout_lines(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    """The A/B rollout state for `qe models list`: the running test and its last look."""
+    import duckdb
+
+    from qe_assets.evaluation import rollout_registry as ab
+
+    try:
+        test = ab.active_test(conn)
+        rows = ab.newest_test_rows(conn)
+    except duckdb.CatalogException:  # a store from before the rollout
+        return []
+    if not rows:
+        return ["rollout: no A/B test yet"]
+    last = rows[-1]
+    looked = (
+        f"last look {last['decided_at']:%Y-%m-%d %H:%M} UTC: {last['decision']} by "
+        f"{last['decided_by']} ({last['reason']})"
+    )
+    if test is None:
+        return [
+            f"rollout: no candidate has traffic; the last test ({last['candidate']}) "
+            f"ended: {looked}"
+        ]
+    return [
+        f"rollout: {test.candidate} at {test.share:.0%} of traffic against {test.production}, "
+        f"since {test.started_at:%Y-%m-%d %H:%M} UTC",
+        f"  {looked}",
+    ]
+
+
+def _models_change(args: argparse.Namespace, conn: duckdb.DuckDBPyConnection, by: str) -> str:
+    """Record one `qe models promote|rollback|rollout` under the writer lock; what happened."""
     from qe_assets.evaluation import registry
+    from qe_assets.evaluation import rollout_registry as ab
+
+    current = registry.production_model(conn)
+    test = ab.active_test(conn)
+    if args.action == "rollout":
+        return _rollout_change(args, conn, by, current, test)
+    if args.action == "rollback" and test is not None:
+        ab.stop_test(conn, test, by, args.reason)
+        return f"rollback: {test.candidate} gets no traffic any more; {test.production} stays"
+    if args.action == "promote":
+        model, action = args.model, registry.PROMOTE_ACTION
+        if not registry.known_model(conn, model):
+            raise UserError(
+                f"{model}: no such model (not a trained, base or earlier production model)",
+                EXIT_FAILED,
+            )
+        if model == current:
+            return f"{model} is already the production model; nothing recorded"
+    else:
+        model, action = registry.rollback_target(conn), registry.ROLLBACK_ACTION
+        if model is None:
+            raise UserError(
+                f"nothing to roll back to: {current or 'no model'} is the only "
+                "production model on record",
+                EXIT_FAILED,
+            )
+    registry.record_promotion(conn, model, by, action=action, reason=args.reason)
+    return f"{action}: {model} is the production model (was {current or 'none'}), by {by}"
+
+
+def _rollout_change(
+    args: argparse.Namespace,
+    conn: duckdb.DuckDBPyConnection,
+    by: str,
+    current: str | None,
+    test: ActiveTest | None,
+) -> str:
+    from qe_assets.evaluation import rollout_registry as ab
+
+    model, share = args.model, args.share
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"--share {share}: give a share of traffic between 0 and 1, e.g. 0.1")
+    if model == current:
+        raise UserError(f"{model} is the production model already; nothing to roll out")
+    if ab.gate_passed(conn, model) is None:
+        raise UserError(
+            f"{model}: only a candidate that passed the evaluation gate may get traffic "
+            "(see `qe models list`)",
+            EXIT_FAILED,
+        )
+    production = test.production if test is not None and test.candidate == model else current
+    # Before any promotion: the model the last test ran against (the gate's base model).
+    production = production or ab.current_state(conn).production
+    if production is None:
+        raise UserError(f"no production model on record to test {model} against", EXIT_FAILED)
+    ab.start_test(conn, model, production, share, by, args.reason, decision=ab.SET_SHARE)
+    return f"rollout: {model} at {share:.0%} of traffic against {production}, by {by}"
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.evaluation.rollout_registry import sync_state_file
+    from qe_assets.rollout import state_path
     from qe_assets.store import connect, ensure_schema, writer_lock
 
     if not settings.database.exists():
         raise UserError(f"no database at {settings.database} yet: run `qe run` first")
-    if args.action == "list":
+    if args.action in (None, "list"):
         return _models_list(settings, args.wait)
     reviewer = _reviewer(args)
 
@@ -503,27 +601,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         connect(settings.database, wait_seconds=args.wait) as conn,
     ):
         ensure_schema(conn)
-        current = registry.production_model(conn)
-        if args.action == "promote":
-            model, action = args.model, registry.PROMOTE_ACTION
-            if not registry.known_model(conn, model):
-                raise UserError(
-                    f"{model}: no such model (not a trained, base or earlier production model)",
-                    EXIT_FAILED,
-                )
-            if model == current:
-                print(f"{model} is already the production model; nothing recorded")
-                return EXIT_OK
-        else:
-            model, action = registry.rollback_target(conn), registry.ROLLBACK_ACTION
-            if model is None:
-                raise UserError(
-                    f"nothing to roll back to: {current or 'no model'} is the only "
-                    "production model on record",
-                    EXIT_FAILED,
-                )
-        registry.record_promotion(conn, model, reviewer, action=action, reason=args.reason)
-    print(f"{action}: {model} is the production model (was {current or 'none'}), by {reviewer}")
+        message = _models_change(args, conn, reviewer)
+        sync_state_file(conn, state_path(settings))
+    print(message)
     return EXIT_OK
 
 
@@ -634,14 +714,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_review)
 
-    p = sub.add_parser("models", help="models, their evaluations and production: list, promote")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="every model, its version, evaluation and production flag")
+    p = sub.add_parser(
+        "models", help="models, evaluations, production and the A/B rollout: list, promote, …"
+    )
+    actions = p.add_subparsers(dest="action", required=False, metavar="ACTION")
+    actions.add_parser(
+        "list", help="every model, its evaluation, production flag and the rollout (default)"
+    )
     r = actions.add_parser("promote", help="make MODEL the production model (recorded)")
     r.add_argument("model", metavar="MODEL", help="a model_id from `qe models list`")
-    r = actions.add_parser("rollback", help="return to the model in production before this one")
-    for r in (actions.choices["promote"], actions.choices["rollback"]):
-        r.add_argument("--reason", required=True, help="why; recorded in promoted_models")
+    r = actions.add_parser(
+        "rollback",
+        help="stop the running A/B test (share 0); without one, return to the model in "
+        "production before this one",
+    )
+    r = actions.add_parser(
+        "rollout", help="give a gate-passed MODEL this share of traffic in the A/B test"
+    )
+    r.add_argument("model", metavar="MODEL", help="a model_id that passed the evaluation gate")
+    r.add_argument("--share", type=float, required=True, help="0 to 1, e.g. 0.1 (0 stops it)")
+    for r in (actions.choices[a] for a in ("promote", "rollback", "rollout")):
+        r.add_argument(
+            "--reason", required=True, help="why; recorded in promoted_models / ab_decisions"
+        )
         r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_models)

@@ -13,15 +13,20 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from qe_assets.evaluation.sequential import Policy
 
 FINETUNE_BACKENDS = ("none", "openai", "command")
 # sft: the chat/record files; dpo: the preference pairs (chosen = correction, rejected = original).
 FINETUNE_METHODS = ("sft", "dpo")
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
+# direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
+ROLLOUT_MODES = ("direct", "canary")
 REDIS_LIST = "quality_events"
 
 
@@ -118,6 +123,18 @@ def _model_map(raw: str) -> dict[str, str]:
             f"{bad[0]!r} does not"
         )
     return value
+
+
+def _ramp(raw: str) -> list[float]:
+    name = "QE_AB_RAMP"
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    shares = tuple(_number(name, part, lo=0.0, hi=1.0, integer=False) for part in parts)
+    if not shares or any(s <= 0 for s in shares) or list(shares) != sorted(set(shares)):
+        raise SettingsError(
+            f"{name} must be increasing shares in (0, 1] separated by commas, such as "
+            f"0.05,0.25,0.5; got {raw!r}"
+        )
+    return list(shares)
 
 
 def _memory_size(raw: str) -> str:
@@ -219,6 +236,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "queue_url": ("QE_QUEUE_URL", _queue_url),
     "queue_consumer": ("QE_QUEUE_CONSUMER", str.strip),
     "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
+    "count_flush_seconds": (
+        "QE_COUNT_FLUSH_SECONDS",
+        _float("QE_COUNT_FLUSH_SECONDS", 0.05, 3600.0),
+    ),
     "ingest_batch_size": ("QE_INGEST_BATCH_SIZE", _int("QE_INGEST_BATCH_SIZE")),
     "min_confidence": ("QE_MIN_CONFIDENCE", _float("QE_MIN_CONFIDENCE")),
     "confidence_factor": ("QE_CONFIDENCE_FACTOR", _float("QE_CONFIDENCE_FACTOR", 0.0, None)),
@@ -298,6 +319,12 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
     "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", str.strip),
     "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
+    "rollout_mode": ("QE_ROLLOUT", _choice("QE_ROLLOUT", ROLLOUT_MODES)),
+    "ab_ramp": ("QE_AB_RAMP", _ramp),
+    "ab_alpha": ("QE_AB_ALPHA", _float("QE_AB_ALPHA", 0.001, 0.5)),
+    "ab_tau": ("QE_AB_TAU", _float("QE_AB_TAU", 0.001, 1.0)),
+    "ab_min_answers": ("QE_AB_MIN_ANSWERS", _int("QE_AB_MIN_ANSWERS")),
+    "ab_ramp_max_harm": ("QE_AB_RAMP_MAX_HARM", _float("QE_AB_RAMP_MAX_HARM", 0.0, 1.0)),
     "llm_price_input_per_1m": (
         "QE_LLM_PRICE_INPUT_PER_1M",
         _float("QE_LLM_PRICE_INPUT_PER_1M", 0.0, None),
@@ -326,6 +353,8 @@ class Settings(BaseModel):
     queue_url: str | None = None
     queue_consumer: str = "default"
     capture_threshold: float = 0.7
+    # How often a producer process sends its per-model answer counts (docs/rollout.md).
+    count_flush_seconds: float = 5.0
     ingest_batch_size: int = 5_000
     min_confidence: float = 0.6
     confidence_factor: float = 1.5
@@ -384,6 +413,25 @@ class Settings(BaseModel):
     eval_model_map: dict[str, str] = {}  # model id → name the endpoint serves it under
     eval_judge_model: str | None = None  # None: QE_LLM_JUDGE_MODEL, else QE_LLM_MODEL
     eval_icl_examples: int = 0  # k train examples in an ICL baseline's prompt; 0: no ICL baseline
+    # The A/B rollout (docs/rollout.md): canary makes a gate-passed candidate an A/B test.
+    rollout_mode: str = "direct"
+    ab_ramp: list[float] = [0.05, 0.25, 0.5]  # the candidate's traffic shares, in turn
+    ab_alpha: float = 0.05  # P(ever promoting an equal candidate) ≤ this
+    ab_tau: float = 0.05  # the difference of low-score rates the mSPRT is tuned to find
+    ab_min_answers: int = 200  # per arm before deciding; at a share before ramping on
+    ab_ramp_max_harm: float = 0.01  # ramp only while candidate rate − production rate ≤ this
+
+    def ab_policy(self) -> Policy:
+        """The test's knobs as `qe_assets.evaluation.sequential.Policy`."""
+        from qe_assets.evaluation.sequential import Policy
+
+        return Policy(
+            alpha=self.ab_alpha,
+            tau=self.ab_tau,
+            min_answers=self.ab_min_answers,
+            ramp=tuple(self.ab_ramp),
+            ramp_max_harm=self.ab_ramp_max_harm,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

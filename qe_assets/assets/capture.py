@@ -102,6 +102,9 @@ def _ingest_stage(
             "duplicates": total.duplicates,
             "rejected": total.rejected,
             "records_read": total.read,
+            # Producers' per-model answer counts (docs/rollout.md): rows read, rows new.
+            "count_rows": total.count_rows,
+            "new_count_rows": total.new_count_rows,
             "batches": total.batches,
             "total_rows": counts["raw_events"],
             "queue_depth_left": depth,
