@@ -30,8 +30,8 @@ OVERALL = "overall"
 # One row per scope: the whole window, then each label's own window. `decided` holds every human
 # decision on a completion the judge scored; the margin is applied here, so a changed
 # QE_LLM_JUDGE_MARGIN re-reads the history with the rule now in force.
-_AGREEMENT = """
-WITH decided AS (
+# DECIDED is shared with the dashboards' agreement-over-time chart.
+DECIDED = """
     SELECT s.label, q.sample_id, q.reviewed_at,
            q.status = 'accepted' AS human_ok,
            c.judge_completion_score - c.judge_original_score >= $margin AS judge_ok
@@ -40,7 +40,9 @@ WITH decided AS (
     JOIN annotated_samples s USING (sample_id)
     WHERE q.status IN ('accepted', 'edited', 'rejected')
       AND c.judge_original_score IS NOT NULL AND c.judge_completion_score IS NOT NULL
-),
+"""
+_AGREEMENT = f"""
+WITH decided AS ({DECIDED}),
 ranked AS (
     SELECT *,
            row_number() OVER (ORDER BY reviewed_at DESC, sample_id DESC) AS overall_rank,
