@@ -38,12 +38,14 @@ from qe_assets.store import connect, writer_connection
 from qe_assets.web.dashboards import dashboard_routes
 from qe_assets.web.links import DASHBOARDS_PATH
 from qe_assets_tests.openai_server import running
-from qe_assets_tests.runs import materialize
+from qe_assets_tests.runs import materialize, metadata
 from qe_assets_tests.test_calibration import approving_judge
 from qe_assets_tests.test_llm import UP_TO_COMPLETIONS, llm, put
 from qe_assets_tests.test_pipeline import batch
 from qe_assets_tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, _unavailable
 
+LINKED = ("rejected_events", "annotated_samples", "review_queue", "completions", "tuning_dataset")
+linked_urls: dict[str, str | None] = {}  # asset → its metadata's dashboards URL, from the first run
 DOCS_SCREENSHOT = Path(__file__).parents[1] / "docs" / "img" / "dashboards.png"
 CHARTS = ("samples", "labels", "rejects", "backlog", "completions", "judge", "evaluations")
 # Per sample: when a person decided on it (0-2 days and 0-4 hours back), and when it was made
@@ -109,7 +111,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         min_dataset_examples=1,
     )
     FileInbox(settings.inbox_dir).put(batch("a", 24) + batch("low", 4, score=0.2) + ["{nope"])
-    materialize(settings, selection=UP_TO_COMPLETIONS)
+    first = materialize(settings)  # the whole graph, as `qe run --cut-version`
+    linked_urls.update({asset: metadata(first, asset).get("dashboards") for asset in LINKED})
     with running() as server, pytest.MonkeyPatch.context() as env:
         env.setenv("OPENAI_API_KEY", "sk-test-dashboards")
         server.responder = approving_judge
@@ -153,6 +156,18 @@ def served(store: Settings) -> Iterator[Served]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def test_assets_link_their_charts(store: Settings) -> None:
+    base = "http://127.0.0.1:8787/dashboards/#"
+    expected = {
+        "rejected_events": base + "rejects",
+        "annotated_samples": base + "labels",
+        "review_queue": base + "backlog",
+        "completions": base + "completions",
+        "tuning_dataset": base + "samples",
+    }
+    assert linked_urls == expected
 
 
 def get_json(url: str) -> tuple[int, Any]:
