@@ -176,6 +176,10 @@ def merged_labels(calibration: Calibration, rename: Mapping[str, str]) -> dict[s
     return merged
 
 
+def gate_state(gate: JudgeGate) -> str:
+    return "open" if gate.trusted else ("all" if gate.route_all else "some labels")
+
+
 def agreement_metadata(
     calibration: Calibration, gate: JudgeGate, labels: Iterable[tuple[str, Agreement]]
 ) -> dict[str, float | int | str]:
@@ -183,7 +187,7 @@ def agreement_metadata(
     overall = calibration.overall
     metadata: dict[str, float | int | str] = {
         "judge/decisions": overall.decisions,
-        "judge/gate": "open" if gate.trusted else ("all" if gate.route_all else "some labels"),
+        "judge/gate": gate_state(gate),
     }
     if overall.rate is not None:
         metadata["judge/agreement"] = round(overall.rate, 4)

@@ -20,6 +20,7 @@ from qe_assets.calibration import (
     JudgeGate,
     agreement_metadata,
     calibrate,
+    gate_state,
     merged_labels,
 )
 from qe_assets.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
@@ -49,7 +50,6 @@ from qe_assets.transforms.dataset import redacted_labels
 from qe_assets.web.links import dashboard_url
 
 STAGE = "completions"
-JUDGE_AGREEMENT_CHECK = "judge_agreement"
 _COLUMNS = "sample_id, completion, mode, status, model, error, attempts"
 _LLM_COLUMNS = ", ".join(LLM_COMPLETION_SCHEMA)
 _CACHE_COLUMNS = (
@@ -346,18 +346,6 @@ def run_llm_completions(
         "wait in the review queue (reason `judge_check`). Review samples wait for a human; "
         "duplicates are skipped."
     ),
-    check_specs=[
-        dg.AssetCheckSpec(
-            JUDGE_AGREEMENT_CHECK,
-            asset="completions",
-            description=(
-                "Warns when the judge agrees with the reviewers' accept/reject on less than "
-                "QE_JUDGE_MIN_AGREEMENT of the last QE_JUDGE_AGREEMENT_WINDOW decisions, overall "
-                "or for a label (once there are QE_JUDGE_MIN_DECISIONS of them); while it fails, "
-                "the judge's approvals go to review instead of straight into versions."
-            ),
-        )
-    ],
 )
 def completions(
     context: dg.AssetExecutionContext,
@@ -384,8 +372,22 @@ def completions(
     labels = merged_labels(calibration, rename).items()
     metadata.update(agreement_metadata(calibration, gate, labels))
     metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "completions"))
-    check = dg.AssetCheckResult(
-        check_name=JUDGE_AGREEMENT_CHECK,
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(
+    asset=completions,
+    description=(
+        "Warns when the judge agrees with the reviewers' accept/reject on less than "
+        "QE_JUDGE_MIN_AGREEMENT of the last QE_JUDGE_AGREEMENT_WINDOW decisions, overall or for "
+        "a label (once there are QE_JUDGE_MIN_DECISIONS of them); while it fails, the judge's "
+        "approvals go to review instead of straight into versions (docs/judge-calibration.md)."
+    ),
+)
+def judge_agreement(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        calibration, gate = calibrate(conn, settings)
+    return dg.AssetCheckResult(
         passed=gate.trusted,
         severity=dg.AssetCheckSeverity.WARN,
         description="; ".join(gate.problems) if gate.problems else None,
@@ -394,12 +396,9 @@ def completions(
             "agreement": round(calibration.overall.rate or 0.0, 4),
             "min_agreement": settings.judge_min_agreement,
             "min_decisions": settings.judge_min_decisions,
-            "gate": str(metadata["judge/gate"]),
+            "gate": gate_state(gate),
         },
     )
-    key = dg.AssetCheckKey(dg.AssetKey("completions"), JUDGE_AGREEMENT_CHECK)
-    selected = key in context.selected_asset_check_keys
-    return dg.MaterializeResult(metadata=metadata, check_results=[check] if selected else None)
 
 
 def _complete_new_samples(
