@@ -100,7 +100,7 @@ def version_ids(result: dg.ExecuteInProcessResult, settings: Settings) -> set[st
     return {json.loads(line)["sample_id"] for line in path.read_text("utf-8").splitlines()}
 
 
-def sample_ids(settings: Settings, topics: list[str]) -> list[str]:
+def sample_ids(topics: list[str]) -> list[str]:
     return [f"req-{topic}#factuality_error" for topic in topics]
 
 
@@ -128,7 +128,7 @@ def test_an_untrusted_judge_sends_its_approvals_to_review_until_agreement_recove
     result = materialize(settings, selection=UP_TO_COMPLETIONS)
     assert metadata(result, "completions")["judge/gate"] == "open"
     assert checks(result)["judge_agreement"].passed
-    ids = sample_ids(settings, first)
+    ids = sample_ids(first)
     decide(settings, accept=ids[:2], reject=ids[2:])
     with connect(settings.database, read_only=True) as conn:
         calibration = judge_agreement(conn, margin=1.0, window=10)
@@ -159,7 +159,7 @@ def test_an_untrusted_judge_sends_its_approvals_to_review_until_agreement_recove
     check = checks(result)["judge_agreement"]
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert "judge agrees with reviewers on 0% of the last 10 decisions" in str(check.description)
-    held = sample_ids(settings, second)
+    held = sample_ids(second)
     assert {queue(settings)[i] for i in held} == {(JUDGE_CHECK, review.PENDING)}
     assert version_ids(materialize(settings, selection=cut), settings) == set(ids[:2])
 
@@ -176,7 +176,7 @@ def test_an_untrusted_judge_sends_its_approvals_to_review_until_agreement_recove
         0,
     )
     assert checks(result)["judge_agreement"].passed
-    assert not set(sample_ids(settings, third)) & set(queue(settings))
+    assert not set(sample_ids(third)) & set(queue(settings))
     assert version_ids(materialize(settings, selection=cut), settings) == set(
-        held + sample_ids(settings, third)
+        held + sample_ids(third)
     )
