@@ -37,12 +37,12 @@ FILL = """
 INSERT INTO annotated_samples
 SELECT 'r' || i || '#' || label, 'r' || i, i, label, [label], 'en', 'q', 'a', [], 'i', 'p', 0.5,
        conf, CASE WHEN conf < 0.6 THEN 'review' ELSE 'train' END, NULL, md5(i::VARCHAR), 'd' || i,
-       NULL, at, i
+       NULL, made_at, i
 FROM (
     SELECT i, (['factuality_error', 'incomplete_answer', 'low_relevance', 'overconfidence',
                 'unspecified'])[1 + i % 5] AS label,
            (i % 100) / 100.0 AS conf,
-           now()::TIMESTAMP - INTERVAL 30 DAY + INTERVAL 1 SECOND * (i * 2592000 // $n) AS at
+           now()::TIMESTAMP - INTERVAL 30 DAY + INTERVAL 1 SECOND * (i * 2592000 // $n) AS made_at
     FROM range($n) t(i)
 );
 INSERT INTO completions (sample_id, completion, mode, status, model, error, attempts, created_at,
@@ -68,7 +68,9 @@ def build(database: Path, n: int) -> float:
     started = time.perf_counter()
     with connect(database) as conn:
         ensure_schema(conn)
-        conn.execute(FILL, {"n": n})
+        for statement in filter(str.strip, FILL.split(";")):
+            params = {"n": n} if "$n" in statement else None
+            conn.execute(statement, params)
     return time.perf_counter() - started
 
 
@@ -95,12 +97,14 @@ def measure(n: int) -> None:
                 started = time.perf_counter()
                 calibration, _ = calibrate(conn, settings)
                 runs.append(time.perf_counter() - started)
-        print(f"  agreement ({calibration.overall.decisions} decisions in the window): {best(runs)}")
+        decisions = calibration.overall.decisions
+        print(f"  agreement ({decisions} decisions in the window): {best(runs)}")
         print(f"  page GET /dashboards/?bucket=day: {page_load(settings)}")
 
 
 def page_load(settings: Settings) -> str:
-    app = Starlette(routes=[Mount("/dashboards", routes=dashboard_routes(settings, cache_seconds=0))])
+    routes = dashboard_routes(settings, cache_seconds=0)
+    app = Starlette(routes=[Mount("/dashboards", routes=routes)])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

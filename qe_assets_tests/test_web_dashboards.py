@@ -35,8 +35,9 @@ from qe_assets import review
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect, writer_connection
-from qe_assets.web.dashboards import dashboard_routes
+from qe_assets.web.dashboards import Dashboards, dashboard_routes
 from qe_assets.web.links import DASHBOARDS_PATH
+from qe_assets_bench.dashboards import build
 from qe_assets_tests.openai_server import running
 from qe_assets_tests.runs import materialize, metadata
 from qe_assets_tests.test_calibration import approving_judge
@@ -325,3 +326,26 @@ def test_the_charts_render_in_chromium_offline(store: Settings, served: Served) 
             browser.close()
     assert not errors, errors
     assert not elsewhere, f"the page asked for something off its server: {elsewhere}"
+
+
+def test_a_refresh_waits_out_a_write_connection_of_its_own_process(store: Settings) -> None:
+    """The review app writes from the process that serves the dashboards; DuckDB refuses a
+    read-only connection beside a write one there, so the refresh waits for it (briefly)."""
+    board = Dashboards(store, cache_seconds=0)
+    results: list[Any] = []
+    with writer_connection(store.database):
+        reader = threading.Thread(target=lambda: results.append(board.figures("day", 60)))
+        reader.start()
+        time.sleep(0.3)
+        assert not results  # still waiting: the write connection is open
+    reader.join(timeout=10)
+    assert results and results[0]["charts"][0]["figure"] is not None
+
+
+def test_the_bench_store_charts(tmp_path: Path) -> None:
+    """The dashboards benchmark's synthetic store has what every bucketed chart reads."""
+    settings = Settings(data_dir=str(tmp_path))
+    build(settings.database, 2_000)
+    payload = Dashboards(settings, cache_seconds=0).figures("day", 60)
+    drawn = {chart["id"] for chart in payload["charts"] if chart["figure"] is not None}
+    assert {"samples", "labels", "rejects", "backlog", "completions", "judge"} <= drawn
