@@ -68,10 +68,11 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix qe_assets qe_assets_tests
 	$(BIN)/ruff format qe_assets qe_assets_tests
 
-bench: install ## benchmarks: the pipeline vs the seed and one-pass anchors, LLM throughput, rollout
+bench: install ## benchmarks: the pipeline vs the seed and one-pass anchors, LLM throughput, rollout, dashboards
 	$(BIN)/python -m qe_assets_bench.pipeline $(BENCH_ARGS)
 	$(BIN)/python -m qe_assets_bench.llm_throughput
 	$(BIN)/python -m qe_assets_bench.rollout
+	$(BIN)/python -m qe_assets_bench.dashboards
 
 ui: install ## dagster dev on 127.0.0.1 with DAGSTER_HOME under $(QE_DATA_DIR)
 	$(BIN)/qe ui

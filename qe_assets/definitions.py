@@ -7,7 +7,7 @@ import dagster as dg
 from qe_assets.assets.ab_test import ab_test, candidate_not_worse
 from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
-from qe_assets.assets.complete import completions
+from qe_assets.assets.complete import completions, judge_agreement
 from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.assets.evaluate import candidate_beats_production, model_evaluation
 from qe_assets.assets.finetune import fine_tuned_model
@@ -23,7 +23,7 @@ PROCESSING_ASSETS = [raw_events, annotated_samples, completions, ab_test]
 RELEASE_ASSETS = [tuning_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
 RELEASE_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
-ASSET_CHECKS = [*RELEASE_CHECKS, candidate_not_worse]
+ASSET_CHECKS = [*RELEASE_CHECKS, candidate_not_worse, judge_agreement]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

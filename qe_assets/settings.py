@@ -211,6 +211,17 @@ def kafka_environment(environ: Mapping[str, str] | None = None) -> dict[str, str
     }
 
 
+def _serve_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise SettingsError(
+            f"QE_SERVE_URL must be the base URL of `qe serve`, such as http://127.0.0.1:8787; "
+            f"got {raw!r}"
+        )
+    return value
+
+
 def _queue_url(raw: str) -> str:
     value = raw.strip()
     if value.startswith("kafka://"):
@@ -312,6 +323,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "llm_judge": ("QE_LLM_JUDGE", _bool("QE_LLM_JUDGE")),
     "llm_judge_model": ("QE_LLM_JUDGE_MODEL", str.strip),
     "llm_judge_margin": ("QE_LLM_JUDGE_MARGIN", _float("QE_LLM_JUDGE_MARGIN", 0.0, 10.0)),
+    "judge_min_agreement": ("QE_JUDGE_MIN_AGREEMENT", _float("QE_JUDGE_MIN_AGREEMENT")),
+    "judge_min_decisions": ("QE_JUDGE_MIN_DECISIONS", _int("QE_JUDGE_MIN_DECISIONS")),
+    "judge_agreement_window": ("QE_JUDGE_AGREEMENT_WINDOW", _int("QE_JUDGE_AGREEMENT_WINDOW")),
+    "serve_url": ("QE_SERVE_URL", _serve_url),
     "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
     "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
     "eval_margin": ("QE_EVAL_MARGIN", _float("QE_EVAL_MARGIN", 0.0, 0.5)),
@@ -403,6 +418,14 @@ class Settings(BaseModel):
     llm_judge_margin: float = 1.0
     llm_price_input_per_1m: float = 0.0
     llm_price_output_per_1m: float = 0.0
+    # The judge measured against reviewers (docs/judge-calibration.md): below this agreement over
+    # the last `judge_agreement_window` decisions (once there are `judge_min_decisions`), the
+    # judge's approvals wait for a person instead of going straight into versions.
+    judge_min_agreement: float = 0.8
+    judge_min_decisions: int = 30
+    judge_agreement_window: int = 200
+    # Where `qe serve` answers: the dashboards linked from the assets' metadata.
+    serve_url: str = "http://127.0.0.1:8787"
     # The evaluation gate (docs/evaluation.md): the share of questions held out for the frozen
     # evaluation set; they never reach a training file. 5 % gives the gate its 50 items once about
     # 1,000 samples were released; 0 holds nothing out (the gate then has nothing to judge).
@@ -441,7 +464,14 @@ class Settings(BaseModel):
             raw = env.get(variable)
             if raw is not None and raw.strip():
                 values[name] = parse(raw)
-        return cls(**values)
+        settings = cls(**values)
+        if settings.judge_agreement_window < settings.judge_min_decisions:
+            raise SettingsError(
+                f"QE_JUDGE_AGREEMENT_WINDOW ({settings.judge_agreement_window}) must be at least "
+                f"QE_JUDGE_MIN_DECISIONS ({settings.judge_min_decisions}): agreement is measured "
+                "over the last QE_JUDGE_AGREEMENT_WINDOW decisions"
+            )
+        return settings
 
     def settings(self) -> Settings:
         """The plain settings (also on the Dagster resource that inherits these fields)."""

@@ -15,6 +15,14 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets import PIPELINE_GROUP
+from qe_assets.calibration import (
+    JUDGE_CHECK,
+    JudgeGate,
+    agreement_metadata,
+    calibrate,
+    gate_state,
+    merged_labels,
+)
 from qe_assets.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
 from qe_assets.resources import (
     OpenAIResource,
@@ -30,6 +38,7 @@ from qe_assets.transforms.completions import (
     LLM,
     LLM_COMPLETION_SCHEMA,
     NAIVE,
+    OK,
     judge_frames,
     llm_completion_rows,
     llm_totals,
@@ -37,6 +46,8 @@ from qe_assets.transforms.completions import (
     regeneration_requests,
 )
 from qe_assets.transforms.completions import cache_rows as llm_cache_rows
+from qe_assets.transforms.dataset import redacted_labels
+from qe_assets.web.links import dashboard_url
 
 STAGE = "completions"
 _COLUMNS = "sample_id, completion, mode, status, model, error, attempts"
@@ -64,6 +75,17 @@ _LLM_UPSERT = f"""
     WHERE completions.status = '{FAILED}' AND completions.mode = '{LLM}'
 """
 _SAMPLE_COLUMNS = "s.sample_id, s.seq, s.language, s.prompt, s.question, s.original_answer"
+# While the judge is not trusted (qe_assets.calibration), its approvals of the batch wait for a
+# person. The seq span lets the zone maps of annotated_samples skip the rest of history.
+_HOLD_FOR_REVIEW = f"""
+    INSERT INTO review_queue (sample_id, reason, status, queued_at)
+    SELECT r.sample_id, '{JUDGE_CHECK}', 'pending', now()::TIMESTAMP
+    FROM llm_rows r JOIN annotated_samples s USING (sample_id)
+    WHERE r.status = '{OK}' AND r.judge_model IS NOT NULL
+      AND s.seq BETWEEN $low AND $high
+      AND ($all OR list_contains($labels, s.label))
+    ON CONFLICT DO NOTHING
+"""
 
 
 def complete_next_batch(conn: duckdb.DuckDBPyConnection, batch_size: int) -> tuple[int, int]:
@@ -216,9 +238,11 @@ def commit_llm_batch(
     config: LLMConfig,
     outcomes: pl.DataFrame,
     new_watermark: int | None,
-) -> pl.DataFrame:
+    gate: JudgeGate | None = None,
+) -> tuple[pl.DataFrame, int]:
     """Write a batch of outcomes, their cache entries and the watermark in one transaction;
-    returns the completions rows written."""
+    with an untrusted judge (`gate`), queue its approvals for review in the same transaction.
+    Returns the completions rows written and how many were held for review."""
     rows = llm_completion_rows(
         outcomes,
         model=config.model,
@@ -236,9 +260,20 @@ def commit_llm_batch(
                 "ON CONFLICT DO NOTHING"
             )
             conn.execute(_LLM_UPSERT)
+            held = 0
+            if gate is not None and not gate.trusted and not outcomes.is_empty():
+                ((held,),) = conn.execute(
+                    _HOLD_FOR_REVIEW,
+                    {
+                        "low": outcomes["seq"].min(),
+                        "high": outcomes["seq"].max(),
+                        "all": gate.route_all,
+                        "labels": sorted(gate.labels),
+                    },
+                ).fetchall()
             if new_watermark is not None and new_watermark > watermark(conn, STAGE):
                 set_watermark(conn, STAGE, new_watermark)
-    return rows
+    return rows, int(held)
 
 
 def run_llm_completions(
@@ -246,16 +281,20 @@ def run_llm_completions(
     duckdb_resource: DuckDBResource,
     config: LLMConfig,
     openai_resource: OpenAIResource,
+    gate: JudgeGate | None = None,
 ) -> "dict[str, dg.RawMetadataValue]":
     pager = LLMPager(duckdb_resource, config)
+    held_total = 0
 
     def commit(outcomes: pl.DataFrame, new_watermark: int | None) -> None:
-        rows = commit_llm_batch(duckdb_resource, config, outcomes, new_watermark)
+        nonlocal held_total
+        rows, held = commit_llm_batch(duckdb_resource, config, outcomes, new_watermark, gate)
+        held_total += held
         statuses = dict(rows.group_by("status").len().iter_rows())
         hits = int(outcomes["cached"].sum())
         context.log.info(
-            f"committed {rows.height} LLM completions {statuses} ({hits} from cache); "
-            f"watermark {new_watermark}"
+            f"committed {rows.height} LLM completions {statuses} ({hits} from cache, {held} "
+            f"judge approvals held for review); watermark {new_watermark}"
         )
 
     started = time.monotonic()
@@ -287,6 +326,7 @@ def run_llm_completions(
         "samples_scanned": int(totals["samples"]),
         "model": config.model,
         "judge_model": config.judge_model or "off",
+        "judge/held_for_review": held_total,
     }
     metadata.update({f"llm/{name}": value for name, value in totals.items()})
     return metadata
@@ -301,8 +341,10 @@ def run_llm_completions(
         "label-specific prefix in the sample's language followed by the original answer. LLM "
         "mode (QE_LLM_MODEL + OPENAI_API_KEY): the answer regenerated from the sample's prompt, "
         "cached, committed in batches, optionally kept only when a judge scores it better than "
-        "the original; failed calls are stored as `failed` and retried on the next run. Review "
-        "samples wait for a human; duplicates are skipped."
+        "the original; failed calls are stored as `failed` and retried on the next run. While "
+        "the judge agrees with the reviewers less than QE_JUDGE_MIN_AGREEMENT, its approvals "
+        "wait in the review queue (reason `judge_check`). Review samples wait for a human; "
+        "duplicates are skipped."
     ),
 )
 def completions(
@@ -312,17 +354,51 @@ def completions(
     openai: OpenAIResource,
 ) -> dg.MaterializeResult:
     with exclusive_stage(context, settings):
-        metadata = _complete_new_samples(context, duckdb, settings, openai)
+        with duckdb_writer(duckdb) as conn:
+            _, gate = calibrate(conn, settings)  # what this run's judge approvals obey
+        metadata = _complete_new_samples(context, duckdb, settings, openai, gate)
     with duckdb_writer(duckdb) as conn:
         rows = conn.execute(
             "SELECT mode, status, count(*) FROM completions GROUP BY ALL"
         ).fetchall()
+        calibration, gate = calibrate(conn, settings)
     total = sum(count for _, _, count in rows)
     metadata["total_completions"] = total
     metadata["dagster/row_count"] = total
     for mode, status, count in rows:
         metadata[f"total/{mode}/{status}"] = count
+    # Labels are free text: what holds PII must not reach Dagster's run storage.
+    rename = redacted_labels(calibration.per_label) if settings.pii_redaction else {}
+    labels = merged_labels(calibration, rename).items()
+    metadata.update(agreement_metadata(calibration, gate, labels))
+    metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "completions"))
     return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(
+    asset=completions,
+    description=(
+        "Warns when the judge agrees with the reviewers' accept/reject on less than "
+        "QE_JUDGE_MIN_AGREEMENT of the last QE_JUDGE_AGREEMENT_WINDOW decisions, overall or for "
+        "a label (once there are QE_JUDGE_MIN_DECISIONS of them); while it fails, the judge's "
+        "approvals go to review instead of straight into versions (docs/judge-calibration.md)."
+    ),
+)
+def judge_agreement(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        calibration, gate = calibrate(conn, settings)
+    return dg.AssetCheckResult(
+        passed=gate.trusted,
+        severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(gate.problems) if gate.problems else None,
+        metadata={
+            "decisions": calibration.overall.decisions,
+            "agreement": round(calibration.overall.rate or 0.0, 4),
+            "min_agreement": settings.judge_min_agreement,
+            "min_decisions": settings.judge_min_decisions,
+            "gate": gate_state(gate),
+        },
+    )
 
 
 def _complete_new_samples(
@@ -330,6 +406,7 @@ def _complete_new_samples(
     duckdb: DuckDBResource,
     settings: PipelineSettings,
     openai: OpenAIResource,
+    gate: JudgeGate,
 ) -> dict[str, Any]:
     metadata: dict[str, Any]
     if settings.llm_model and openai.configured:
@@ -338,7 +415,7 @@ def _complete_new_samples(
             f"completions mode: llm (model {config.model}, concurrency {config.concurrency}, "
             f"batch {config.batch_size}, judge {config.judge_model or 'off'})"
         )
-        metadata = {"mode": LLM, **run_llm_completions(context, duckdb, config, openai)}
+        metadata = {"mode": LLM, **run_llm_completions(context, duckdb, config, openai, gate)}
     else:
         missing = "QE_LLM_MODEL" if not settings.llm_model else "OPENAI_API_KEY"
         log = context.log.warning if settings.llm_model else context.log.info

@@ -44,6 +44,7 @@ from qe_assets.transforms.dataset import (
     redact_identifiers,
 )
 from qe_assets.transforms.pii import redact
+from qe_assets.web.links import dashboard_url
 
 
 def _ready_batches(
@@ -353,6 +354,7 @@ def tuning_dataset(
         ),
         "dagster/row_count": total,
         "republished": republished,
+        "dashboards": dg.MetadataValue.url(dashboard_url(settings, "samples")),
     }
     for label, count in manifest["label_counts"].items():
         metadata[f"label_share/{label}"] = round(count / total, 4)

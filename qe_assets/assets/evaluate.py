@@ -44,6 +44,7 @@ from qe_assets.rollout import state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
 from qe_assets.templates import load_templates
+from qe_assets.web.links import dashboard_url
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,7 @@ def model_evaluation(
     )
     compared = _compare(context, duckdb, settings, openai, plan, pairing, "production")
     metadata = _metadata(compared, plan.items)
+    metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "evaluations"))
     if settings.eval_icl_examples:
         with duckdb_writer(duckdb) as conn:
             shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
