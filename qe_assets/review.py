@@ -4,25 +4,31 @@ Samples enter the queue when annotated: every non-duplicate `review` sample (con
 gate) and a deterministic spot-check share of `train` samples. A pending sample is held out of
 dataset versions. A reviewer then
 
-* accepts it: its completion (an existing one, else the naive one) goes into the next version;
+* accepts it: its completion (an existing one — an LLM-proposed one included — else the naive
+  one) goes into the next version;
 * edits it: the reviewer's text becomes a `human` completion, which nothing overwrites;
 * rejects it: its completion is marked `rejected` and never reaches a dataset.
 
 Each action renews the completion's `seq`, so the next version picks it up by watermark.
+
+In LLM mode a review sample also gets a completion with status `proposed` (see
+`qe_assets.assets.complete`): shown to the reviewer, never exported (only `ok` completions are),
+until a person accepts it here, which makes it `ok`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 import polars as pl
 
+from qe_assets import review_queue
 from qe_assets.store import query_frame, transaction
 from qe_assets.templates import load_templates
-from qe_assets.transforms.completions import HUMAN, naive_completions
+from qe_assets.transforms.completions import HUMAN, OK, PROPOSED, naive_completions
 
 PENDING, ACCEPTED, EDITED, REJECTED = "pending", "accepted", "edited", "rejected"
 LOW_CONFIDENCE, SPOT_CHECK = "low_confidence", "spot_check"
@@ -60,18 +66,16 @@ def list_queue(
     label: str | None = None,
     limit: int = 20,
 ) -> pl.DataFrame:
-    return query_frame(
-        conn,
-        """
-        SELECT q.sample_id, q.reason, q.status, s.label, round(s.confidence, 3) AS confidence,
-               s.language, left(s.question, 60) AS question, q.reviewer, q.reviewed_at
-        FROM review_queue q JOIN annotated_samples s USING (sample_id)
-        WHERE ($status IS NULL OR q.status = $status) AND ($label IS NULL OR s.label = $label)
-        ORDER BY s.confidence, q.queued_at, q.sample_id
-        LIMIT $limit
-        """,
-        {"status": status, "label": label, "limit": limit},
+    """The first `limit` samples of the queue in priority order (see `review_queue`)."""
+    rows = review_queue.page(
+        conn, review_queue.QueueFilter(status=status, label=label), limit=limit
     )
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def token_text(token: tuple[Any, ...]) -> str:
+    """A ReviewItem token as text, for a web form to send back."""
+    return "|".join("" if part is None else str(part) for part in token)
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
     sample = query_frame(
         conn,
         "SELECT sample_id, request_id, label, labels, language, confidence, score, route, "
-        "route_reason, prompt, original_answer FROM annotated_samples WHERE sample_id = ?",
+        "route_reason, question, context_docs, prompt, original_answer "
+        "FROM annotated_samples WHERE sample_id = ?",
         [sample_id],
     ).rows(named=True)
     if not sample:
@@ -104,7 +109,8 @@ def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
         raise ReviewError(f"sample {sample_id!r} is not in the review queue")
     completion = query_frame(
         conn,
-        "SELECT completion, mode, status, model, seq FROM completions WHERE sample_id = ?",
+        "SELECT completion, mode, status, model, seq, judge_model, judge_original_score, "
+        "judge_completion_score, judge_verdict FROM completions WHERE sample_id = ?",
         [sample_id],
     ).rows(named=True)
     released = conn.execute(
@@ -170,13 +176,18 @@ def _apply(
     sample_ids: str | Sequence[str],
     reviewer: str,
     note: str | None,
+    seen: Mapping[str, str] | None = None,
 ) -> None:
-    """Every sample checked first, then all decided in one transaction: all or nothing."""
+    """Every sample checked first, then all decided in one transaction: all or nothing.
+    `seen` (sample id → `token_text` of what the reviewer saw) refuses samples that changed."""
     ids = [sample_ids] if isinstance(sample_ids, str) else list(dict.fromkeys(sample_ids))
     items, problems = [], []
     for sample_id in ids:
         try:
-            items.append(open_item(conn, sample_id))
+            item = open_item(conn, sample_id)
+            if seen is not None and sample_id in seen:
+                _check_unchanged(item, seen[sample_id])
+            items.append(item)
         except ReviewError as exc:
             problems.append(str(exc))
     if problems:
@@ -186,11 +197,21 @@ def _apply(
             decide(conn, item, reviewer, note)
 
 
+def _check_unchanged(item: ReviewItem, seen: str) -> None:
+    if token_text(item.token) != seen:
+        by = f" by {item.review['reviewer']}" if item.review["reviewer"] else ""
+        raise ReviewError(
+            f"sample {item.sample['sample_id']!r} changed while you were looking at it (now "
+            f"{item.review['status']}{by}); nothing changed"
+        )
+
+
 def _accept(
     conn: duckdb.DuckDBPyConnection, item: ReviewItem, reviewer: str, note: str | None
 ) -> None:
     current = item.completion
-    if current is not None and current["status"] == "ok" and current["completion"]:
+    # A proposed completion becomes ok here, and only here: a person has read it.
+    if current is not None and current["status"] in (OK, PROPOSED) and current["completion"]:
         completion, mode, model = current["completion"], current["mode"], current["model"]
     else:
         naive = naive_completions(pl.DataFrame([item.sample]), load_templates()).row(0, named=True)
@@ -221,9 +242,12 @@ def accept(
     sample_ids: str | Sequence[str],
     reviewer: str,
     note: str | None = None,
+    *,
+    seen: Mapping[str, str] | None = None,
 ) -> None:
-    """Keep the samples' completions (an existing ok one, else the naive one) for training."""
-    _apply(conn, _accept, sample_ids, reviewer, note)
+    """Keep the samples' completions (an existing ok or proposed one, else the naive one) for
+    training."""
+    _apply(conn, _accept, sample_ids, reviewer, note, seen)
 
 
 def reject(
@@ -231,9 +255,11 @@ def reject(
     sample_ids: str | Sequence[str],
     reviewer: str,
     note: str | None = None,
+    *,
+    seen: Mapping[str, str] | None = None,
 ) -> None:
     """Keep the samples out of every dataset."""
-    _apply(conn, _reject, sample_ids, reviewer, note)
+    _apply(conn, _reject, sample_ids, reviewer, note, seen)
 
 
 def edit(
@@ -243,19 +269,22 @@ def edit(
     reviewer: str,
     note: str | None = None,
     *,
-    seen: tuple[Any, ...] | None = None,
+    seen: tuple[Any, ...] | str | None = None,
 ) -> None:
     """Make `completion` the sample's human completion. With `seen` (the `token` of the item
-    the reviewer edited from), refuse if someone decided on the sample in the meantime."""
+    the reviewer edited from, or its `token_text`), refuse if someone decided on the sample in
+    the meantime."""
     if not completion.strip():
         raise ReviewError("the edited completion is empty; use reject to drop the sample")
     item = open_item(conn, sample_id)
-    if seen is not None and item.token != seen:
-        by = f" by {item.review['reviewer']}" if item.review["reviewer"] else ""
-        raise ReviewError(
-            f"sample {sample_id!r} changed while you were editing (now {item.review['status']}"
-            f"{by}); nothing changed"
-        )
+    if seen is not None:
+        seen_text = seen if isinstance(seen, str) else token_text(seen)
+        if token_text(item.token) != seen_text:
+            by = f" by {item.review['reviewer']}" if item.review["reviewer"] else ""
+            raise ReviewError(
+                f"sample {sample_id!r} changed while you were editing (now "
+                f"{item.review['status']}{by}); nothing changed"
+            )
     with transaction(conn):
         _upsert_completion(
             conn, sample_id, completion=completion.strip(), mode=HUMAN, status="ok", model=reviewer
