@@ -646,7 +646,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         require_safe_bind(args.host, token)
     except InsecureBind as exc:
         raise UserError(str(exc)) from exc
-    app = create_app(settings, token=token)
+    app = create_app(settings, token=token, write_wait_seconds=args.write_wait)
     print(f"review page on http://{args.host}:{args.port}/review", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return EXIT_OK
@@ -815,6 +815,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="another address than the loopback needs QE_SERVE_TOKEN (docs/review.md)",
     )
     p.add_argument("--port", type=int, default=8787)
+    p.add_argument(
+        "--write-wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a decision waits for a run's writer lock before the page retries it",
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 
