@@ -37,6 +37,7 @@ def decide_by_keyboard(page: Page, key: str, note: str | None = None) -> str:
     sample's page has loaded."""
     from playwright.sync_api import expect
 
+    page.locator("body[data-keys=ready]").wait_for()
     sample = page.locator("#sample-id").inner_text()
     page.keyboard.press(key)
     if note is not None:

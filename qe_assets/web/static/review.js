@@ -98,4 +98,5 @@
       event.preventDefault();
     }
   });
+  document.body.dataset.keys = "ready"; // shortcuts are live (tests wait for this)
 })();
