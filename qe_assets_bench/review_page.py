@@ -121,7 +121,7 @@ def page_loads(workdir: Path, pending: int, repeat: int) -> bool:
     return ok
 
 
-def clear_by_keyboard(workdir: Path, count: int) -> None:
+def clear_by_keyboard(workdir: Path, count: int, screenshots: Path | None = None) -> None:
     from qe_assets_tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS
 
     try:
@@ -140,6 +140,12 @@ def clear_by_keyboard(workdir: Path, count: int) -> None:
         )
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         expect.set_options(timeout=15_000)
+        if screenshots is not None:  # the pictures of docs/review.md
+            screenshots.mkdir(parents=True, exist_ok=True)
+            page.goto(f"{server.url}/review?reviewer=ann")
+            page.screenshot(path=screenshots / "review-queue.png")
+            page.goto(f"{server.url}/review/item?pos=0&min_judge_score=1")
+            page.screenshot(path=screenshots / "review.png")
         page.goto(f"{server.url}/review/item?pos=0&reviewer=bench")
         started = time.monotonic()
         for i in range(count):
@@ -171,13 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pending", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--keyboard", type=int, default=100, help="0 skips the browser part")
+    parser.add_argument(
+        "--screenshots", type=Path, help="save the queue and a sample view here (docs/img)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="qe-bench-review-") as tmp:
         workdir = Path(tmp)
         print(f"review page, {args.pending:,} pending samples:")
         ok = page_loads(workdir, args.pending, args.repeat)
         if args.keyboard:
-            clear_by_keyboard(workdir, args.keyboard)
+            clear_by_keyboard(workdir, args.keyboard, args.screenshots)
     return 0 if ok else 1
 
 

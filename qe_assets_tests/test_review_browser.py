@@ -123,7 +123,7 @@ def test_review_by_keyboard_edit_and_bulk_reject(
             page.goto(f"{server.url}/review")
             page.locator("#filters select[name=label]").select_option("low_relevance")
             page.get_by_role("button", name="Filter").click()
-            expect(page.locator("#total")).to_contain_text(f"of {len(bulk)} shown")
+            expect(page.locator("#total")).to_contain_text(f"of {len(bulk)} matching")
             page.locator("#bulk select[name=bulk_action]").select_option("reject")
             page.locator("#bulk input[name=note]").fill("off topic, all of them")
             page.locator("#bulk-submit").click()
