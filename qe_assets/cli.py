@@ -475,20 +475,24 @@ def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) ->
     return EXIT_OK
 
 
+def _check_selection(args: argparse.Namespace) -> None:
+    """Ids, or --all-matching with filters: a usage error (exit 2, with usage) otherwise."""
+    filtered = any(v is not None for v in (args.label, args.reason, args.max_confidence))
+    if args.sample_ids and (args.all_matching or filtered):
+        args.usage_error("give sample ids or --all-matching with filters, not both")
+    if not args.all_matching and filtered:
+        args.usage_error("filters select samples only with --all-matching")
+    if not args.all_matching and not args.sample_ids:
+        args.usage_error("give one or more SAMPLE_IDs, or --all-matching with filters")
+
+
 def _decision_ids(args: argparse.Namespace, settings: Settings) -> list[str]:
     """The ids named, or with --all-matching every pending sample the filters match, after a
     confirmation that states the count (--yes, or y at a terminal)."""
     from qe_assets import review_queue
     from qe_assets.store import connect
 
-    filtered = any(v is not None for v in (args.label, args.reason, args.max_confidence))
-    if args.sample_ids and (args.all_matching or filtered):
-        raise UserError("give sample ids or --all-matching with filters, not both")
     if not args.all_matching:
-        if filtered:
-            raise UserError("filters select samples only with --all-matching")
-        if not args.sample_ids:
-            raise UserError("give one or more SAMPLE_IDs, or --all-matching with filters")
         return list(args.sample_ids)
     queue_filter = _queue_filter(args, review_queue.PENDING)
     with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
@@ -508,6 +512,8 @@ def _decision_ids(args: argparse.Namespace, settings: Settings) -> list[str]:
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets import review
 
+    if args.action in ("accept", "reject"):
+        _check_selection(args)
     if not settings.database.exists():
         raise UserError(f"no database at {settings.database} yet: run `qe run` first")
     try:
@@ -771,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="every pending sample the filters match (asks to confirm the count)",
         )
         r.add_argument("--yes", "-y", action="store_true", help="confirm --all-matching")
+        r.set_defaults(usage_error=r.error)
         r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
         r.add_argument("--note")
     r = actions.add_parser("edit", help="write a better completion ($EDITOR or --completion)")

@@ -18,7 +18,7 @@ until a person accepts it here, which makes it `ok`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,8 @@ def list_queue(
     rows = review_queue.page(
         conn, review_queue.QueueFilter(status=status, label=label), limit=limit
     )
+    if not rows:
+        return pl.DataFrame(schema={"sample_id": pl.String, "status": pl.String})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
@@ -167,12 +169,110 @@ def _upsert_completion(
     )
 
 
-Decision = Callable[[duckdb.DuckDBPyConnection, ReviewItem, str, "str | None"], None]
+# What the checks and decisions of a list of samples read, one row per id in one query: a
+# bulk decision on thousands of samples must hold the writer lock for a moment, not a minute.
+_ITEMS = """
+    SELECT i.sample_id, i.n, s.sample_id IS NOT NULL AS known, s.language, s.label,
+           s.original_answer, q.sample_id IS NOT NULL AS queued, q.status, q.reviewer,
+           q.reviewed_at, c.completion, c.mode, c.status AS completion_status, c.model, c.seq,
+           d.version AS released_in
+    FROM decision_ids i
+    LEFT JOIN annotated_samples s USING (sample_id)
+    LEFT JOIN review_queue q USING (sample_id)
+    LEFT JOIN completions c USING (sample_id)
+    LEFT JOIN (
+        SELECT sample_id, min(version) AS version FROM dataset_samples
+        WHERE sample_id IN (SELECT sample_id FROM decision_ids) GROUP BY 1
+    ) d USING (sample_id)
+    ORDER BY i.n
+"""
+
+
+def _items(conn: duckdb.DuckDBPyConnection, ids: list[str]) -> list[dict[str, Any]]:
+    conn.register(
+        "decision_ids", pl.DataFrame({"sample_id": ids, "n": range(len(ids))}, orient="col")
+    )
+    try:
+        return query_frame(conn, _ITEMS).rows(named=True)
+    finally:
+        conn.unregister("decision_ids")
+
+
+def _problem(row: dict[str, Any], seen: Mapping[str, str] | None) -> str | None:
+    """The same refusals as `open_item`, and a changed `seen` token, for one row of `_ITEMS`."""
+    sample_id = row["sample_id"]
+    if not row["known"]:
+        return f"no sample {sample_id!r}"
+    if not row["queued"]:
+        return f"sample {sample_id!r} is not in the review queue"
+    if row["released_in"] is not None:
+        return (
+            f"sample {sample_id!r} is already in {row['released_in']}, which is never rewritten "
+            "(a sample goes into one version only)"
+        )
+    if seen is not None and sample_id in seen:
+        token = (row["status"], row["reviewed_at"], row["seq"])
+        if token_text(token) != seen[sample_id]:
+            by = f" by {row['reviewer']}" if row["reviewer"] else ""
+            return (
+                f"sample {sample_id!r} changed while you were looking at it (now "
+                f"{row['status']}{by})"
+            )
+    return None
+
+
+def _accepted_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """The completion each accepted sample keeps: its ok or proposed one (a proposal becomes ok
+    here, and only here: a person has read it), else the naive one."""
+    keep = [r for r in rows if r["completion_status"] in (OK, PROPOSED) and r["completion"]]
+    kept_ids = {r["sample_id"] for r in keep}
+    rest = [r for r in rows if r["sample_id"] not in kept_ids]
+    frames = [
+        pl.DataFrame(
+            {
+                "sample_id": [r["sample_id"] for r in keep],
+                "completion": [r["completion"] for r in keep],
+                "mode": [r["mode"] for r in keep],
+                "model": [r["model"] for r in keep],
+            },
+            schema=_DECIDED_SCHEMA,
+        )
+    ]
+    if rest:
+        samples = pl.DataFrame(
+            [{k: r[k] for k in ("sample_id", "language", "label", "original_answer")} for r in rest]
+        )
+        naive = naive_completions(samples, load_templates())
+        frames.append(
+            naive.select("sample_id", "completion", "mode", "model").cast(_DECIDED_SCHEMA)
+        )
+    return pl.concat(frames).with_columns(status=pl.lit(OK))
+
+
+def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Rejected samples keep whatever completion text they had (for the record), marked so."""
+    return pl.DataFrame(
+        {
+            "sample_id": [r["sample_id"] for r in rows],
+            "completion": [r["completion"] for r in rows],
+            "mode": [r["mode"] or HUMAN for r in rows],
+            "model": [r["model"] for r in rows],
+        },
+        schema=_DECIDED_SCHEMA,
+    ).with_columns(status=pl.lit(REJECTED))
+
+
+_DECIDED_SCHEMA = {
+    "sample_id": pl.String,
+    "completion": pl.String,
+    "mode": pl.String,
+    "model": pl.String,
+}
 
 
 def _apply(
     conn: duckdb.DuckDBPyConnection,
-    decide: Decision,
+    status: str,
     sample_ids: str | Sequence[str],
     reviewer: str,
     note: str | None,
@@ -181,60 +281,37 @@ def _apply(
     """Every sample checked first, then all decided in one transaction: all or nothing.
     `seen` (sample id → `token_text` of what the reviewer saw) refuses samples that changed."""
     ids = [sample_ids] if isinstance(sample_ids, str) else list(dict.fromkeys(sample_ids))
-    items, problems = [], []
-    for sample_id in ids:
-        try:
-            item = open_item(conn, sample_id)
-            if seen is not None and sample_id in seen:
-                _check_unchanged(item, seen[sample_id])
-            items.append(item)
-        except ReviewError as exc:
-            problems.append(str(exc))
+    if not ids:
+        return
+    rows = _items(conn, ids)
+    problems = [p for p in (_problem(r, seen) for r in rows) if p is not None]
     if problems:
         raise ReviewError("; ".join(problems) + ("; nothing changed" if len(ids) > 1 else ""))
-    with transaction(conn):
-        for item in items:
-            decide(conn, item, reviewer, note)
-
-
-def _check_unchanged(item: ReviewItem, seen: str) -> None:
-    if token_text(item.token) != seen:
-        by = f" by {item.review['reviewer']}" if item.review["reviewer"] else ""
-        raise ReviewError(
-            f"sample {item.sample['sample_id']!r} changed while you were looking at it (now "
-            f"{item.review['status']}{by}); nothing changed"
-        )
-
-
-def _accept(
-    conn: duckdb.DuckDBPyConnection, item: ReviewItem, reviewer: str, note: str | None
-) -> None:
-    current = item.completion
-    # A proposed completion becomes ok here, and only here: a person has read it.
-    if current is not None and current["status"] in (OK, PROPOSED) and current["completion"]:
-        completion, mode, model = current["completion"], current["mode"], current["model"]
-    else:
-        naive = naive_completions(pl.DataFrame([item.sample]), load_templates()).row(0, named=True)
-        completion, mode, model = naive["completion"], naive["mode"], None
-    sample_id = item.sample["sample_id"]
-    _upsert_completion(conn, sample_id, completion=completion, mode=mode, status="ok", model=model)
-    _record(conn, sample_id, ACCEPTED, reviewer, note)
-
-
-def _reject(
-    conn: duckdb.DuckDBPyConnection, item: ReviewItem, reviewer: str, note: str | None
-) -> None:
-    current = item.completion or {}
-    sample_id = item.sample["sample_id"]
-    _upsert_completion(
-        conn,
-        sample_id,
-        completion=current.get("completion"),
-        mode=current.get("mode") or HUMAN,
-        status=REJECTED,
-        model=current.get("model"),
-    )
-    _record(conn, sample_id, REJECTED, reviewer, note)
+    decided = _accepted_rows(rows) if status == ACCEPTED else _rejected_rows(rows)
+    conn.register("decided", decided)
+    try:
+        with transaction(conn):
+            conn.execute(
+                """
+                INSERT INTO completions (sample_id, completion, mode, status, model, error,
+                                         attempts, created_at, updated_at, seq)
+                SELECT sample_id, completion, mode, status, model, NULL, 0, now()::TIMESTAMP,
+                       now()::TIMESTAMP, nextval('completions_seq')
+                FROM decided
+                ON CONFLICT (sample_id) DO UPDATE SET
+                    completion = excluded.completion, mode = excluded.mode,
+                    status = excluded.status, model = excluded.model, error = NULL,
+                    updated_at = excluded.updated_at, seq = excluded.seq
+                """
+            )
+            conn.execute(
+                "UPDATE review_queue SET status = ?, reviewer = ?, note = ?, "
+                "reviewed_at = now()::TIMESTAMP "
+                "WHERE sample_id IN (SELECT sample_id FROM decided)",
+                [status, reviewer, note],
+            )
+    finally:
+        conn.unregister("decided")
 
 
 def accept(
@@ -247,7 +324,7 @@ def accept(
 ) -> None:
     """Keep the samples' completions (an existing ok or proposed one, else the naive one) for
     training."""
-    _apply(conn, _accept, sample_ids, reviewer, note, seen)
+    _apply(conn, ACCEPTED, sample_ids, reviewer, note, seen)
 
 
 def reject(
@@ -259,7 +336,7 @@ def reject(
     seen: Mapping[str, str] | None = None,
 ) -> None:
     """Keep the samples out of every dataset."""
-    _apply(conn, _reject, sample_ids, reviewer, note, seen)
+    _apply(conn, REJECTED, sample_ids, reviewer, note, seen)
 
 
 def edit(

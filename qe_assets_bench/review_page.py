@@ -28,6 +28,7 @@ from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.review_server import serving
 
 TARGET_SECONDS = 1.0
+BULK = 2_000
 LABELS = ["factuality_error", "incomplete_answer", "low_relevance", "overconfidence"]
 DOC = "Refunds are accepted within 30 days of delivery when the item is unused. " * 6
 
@@ -118,7 +119,22 @@ def page_loads(workdir: Path, pending: int, repeat: int) -> bool:
                 ok = seconds < TARGET_SECONDS
                 flag = f"  (target < {TARGET_SECONDS:.0f} s: {'met' if ok else 'MISSED'})"
             print(f"  {name:<44} median {seconds * 1000:7.1f} ms{flag}")
+    bulk_decision(settings, BULK)
     return ok
+
+
+def bulk_decision(settings: Settings, count: int) -> None:
+    """How long a bulk reject holds the writer lock (a run waits that long at most)."""
+    from qe_assets import review, review_queue
+    from qe_assets.store import writer_connection
+
+    with connect(settings.database, read_only=True) as conn:
+        ids = review_queue.matching_ids(conn, review_queue.QueueFilter())[:count]
+    started = time.perf_counter()
+    with writer_connection(settings.database) as conn:
+        review.reject(conn, ids, "bench", "bulk")
+    elapsed = time.perf_counter() - started
+    print(f"  bulk reject of {len(ids):,} samples: writer lock held {elapsed * 1000:.0f} ms")
 
 
 def clear_by_keyboard(workdir: Path, count: int, screenshots: Path | None = None) -> None:

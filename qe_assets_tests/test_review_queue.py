@@ -152,6 +152,7 @@ def test_cli_all_matching_asks_for_the_count(store: Settings) -> None:
     )
     mixed = qe(store, "reject", "a", "--label", "factuality_error")
     assert mixed.returncode == 2 and "not both" in mixed.stderr
+    assert mixed.stderr.startswith("usage: qe review reject")
     bare = qe(store, "accept", "--max-confidence", "0.2")
     assert bare.returncode == 2 and "only with --all-matching" in bare.stderr
     with connect(store.database, read_only=True) as conn:

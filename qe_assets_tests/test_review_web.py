@@ -172,3 +172,40 @@ def test_a_decision_waits_for_a_run_then_is_retried(store: Settings, tmp_path: P
     assert scalar(store, "SELECT status FROM completions WHERE sample_id = ?", [sample]) == (
         "rejected"
     )
+
+
+def test_a_bulk_decision_applies_to_exactly_the_confirmed_samples(
+    store: Settings, tmp_path: Path
+) -> None:
+    from qe_assets import review
+    from qe_assets.store import writer_connection
+
+    with serving(store, tmp_path) as server:
+        client = Client(server.url)
+        _, queue = client.request("/review?label=factuality_error")
+        ask = {
+            "csrf": hidden(queue, "csrf"),
+            "label": "factuality_error",
+            "bulk_action": "reject",
+            "note": "bulk",
+        }
+        status, confirm = client.post("/review/bulk", ask)
+        assert status == 200
+        assert "Reject 2 pending samples matching status=pending, label=factuality_error" in (
+            confirm
+        )
+        digest = hidden(confirm, "confirm_digest")
+        # Someone decides one of them before the confirmation arrives: asked again, with 1.
+        with writer_connection(store.database) as conn:
+            review.accept(conn, "low-0#factuality_error", "bo")
+        status, again = client.post("/review/bulk", {**ask, "confirm_digest": digest})
+        assert status == 200 and "The matching samples changed" in again
+        assert "Reject 1 pending sample matching" in again
+        assert statuses(store)["evil#factuality_error"][0] == "pending"
+        status, done = client.post(
+            "/review/bulk", {**ask, "confirm_digest": hidden(again, "confirm_digest")}
+        )
+        assert status == 200 and "rejected 1 samples" in done
+    decided = statuses(store)
+    assert decided["evil#factuality_error"] == ("rejected", "tester", "bulk")
+    assert decided["low-0#factuality_error"] == ("accepted", "bo", None)
