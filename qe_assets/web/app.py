@@ -16,7 +16,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from qe_assets.settings import Settings
@@ -62,13 +62,14 @@ def _home(request: Request) -> Response:
 
 
 def _dashboards_placeholder(request: Request) -> Response:
-    page = request.app.state.templates.get_template("message.html").render(
-        request=request,
+    """The nav's "Dashboards" link until the dashboards are mounted (extra_routes win)."""
+    return review_pages.render(
+        request,
+        "message.html",
         title="Dashboards",
         message="The dashboards are not part of this build yet.",
         nav="dashboards",
     )
-    return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
 
 
 def create_app(

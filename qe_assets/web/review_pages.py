@@ -54,7 +54,9 @@ class Refused(Exception):
         self.status = status
 
 
-def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+    """A page of the app: autoescaped, with the session's CSRF token, the reviewer and the
+    app's Content-Security-Policy (a `?reviewer=` choice is kept in a cookie)."""
     from qe_assets.web.app import CSP
 
     html = request.app.state.templates.get_template(template).render(
@@ -133,11 +135,11 @@ def _guarded(
         try:
             return await handler(request)
         except Refused as exc:
-            return _render(
+            return render(
                 request, "message.html", exc.status, title="Review", message=str(exc), nav="review"
             )
         except PermissionError as exc:
-            return _render(
+            return render(
                 request, "message.html", 403, title="Refused", message=str(exc), nav="review"
             )
 
@@ -165,7 +167,7 @@ async def queue_page(request: Request) -> Response:
 
     data = await _read(request, load)
     params = _filter_params(values)
-    return _render(
+    return render(
         request,
         "queue.html",
         nav="review",
@@ -201,7 +203,7 @@ async def _item_response(
     queue_filter = _queue_filter(values)
     item, total = await _read(request, lambda conn: _item_at(conn, queue_filter, pos))
     params = _filter_params(values)
-    return _render(
+    return render(
         request,
         "item.html",
         status,
@@ -268,7 +270,7 @@ async def decide(request: Request) -> Response:
 
 def _retry(request: Request, form: dict[str, str], what: str) -> Response:
     fields = {k: v for k, v in form.items() if k != "csrf"}
-    return _render(
+    return render(
         request,
         "retry.html",
         503,
@@ -301,7 +303,7 @@ async def bulk(request: Request) -> Response:
     if not ids:
         raise Refused(409, f"no pending sample matches ({queue_filter.describe()}); nothing done")
     if confirmed != _digest(ids):
-        return _render(
+        return render(
             request,
             "confirm.html",
             nav="review",
