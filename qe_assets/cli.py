@@ -224,7 +224,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "SELECT version, sample_count, created_at FROM dataset_versions "
                 "ORDER BY number DESC LIMIT 1"
             ).fetchall()
-            ready = ready_sample_count(conn)
+            ready = ready_sample_count(conn, eval_share=settings.eval_share)
             models = conn.execute(
                 """
                 SELECT dataset_version, backend, status, coalesce(model_id, message, '')
@@ -245,6 +245,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "SELECT error, count(*) FROM completions WHERE status = 'failed' "
                 "GROUP BY 1 ORDER BY 2 DESC"
             ).fetchall()
+            conn_rows = _production_rows(conn)
         print(f"review queue: {review:,} samples waiting for a human")
         print(
             f"pending samples: {ready:,} ready for the next version "
@@ -274,6 +275,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "failed completions by error: "
                 + ", ".join(f"{error} {count:,}" for error, count in failures)
             )
+        production, evaluation = _production_line(conn_rows)
+        print(f"production model: {production}")
+        if evaluation:
+            print(f"latest evaluation: {evaluation}")
         if models:
             print("models (latest run per dataset version):")
             for version, backend, status, model in models:
@@ -289,6 +294,43 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     except QueueUnavailable as exc:
         print(f"queue ({queue.name}): unavailable ({exc})")
     return EXIT_OK
+
+
+def _production_rows(conn: duckdb.DuckDBPyConnection) -> tuple[list[tuple], list[tuple]]:
+    """The newest promotion and the newest evaluation ([] on a store from before the gate)."""
+    import duckdb
+
+    try:
+        promoted = conn.execute(
+            "SELECT model, action, promoted_by, promoted_at FROM promoted_models "
+            "ORDER BY promotion_id DESC LIMIT 1"
+        ).fetchall()
+        evaluated = conn.execute(
+            "SELECT candidate, baseline, n, win_rate, ci_low, decision FROM model_evaluations "
+            "ORDER BY created_at DESC LIMIT 1"
+        ).fetchall()
+    except duckdb.CatalogException:
+        return [], []
+    return promoted, evaluated
+
+
+def _production_line(rows: tuple[list[tuple], list[tuple]]) -> tuple[str, str | None]:
+    promoted, evaluated = rows
+    if promoted:
+        model, action, by, at = promoted[0]
+        done = "promoted" if action == "promote" else "rolled back to"
+        production = f"{model} ({done} by {by}, {at:%Y-%m-%d %H:%M} UTC)"
+    else:
+        production = "the base model (none promoted yet)"
+    if not evaluated:
+        return production, None
+    candidate, baseline, n, win_rate, ci_low, decision = evaluated[0]
+    if not n:
+        return production, f"{candidate} vs {baseline}: {decision} (no judged pair)"
+    return production, (
+        f"{candidate} vs {baseline}: {decision}, win rate {win_rate:.3f} "
+        f"(95% lower bound {ci_low:.3f}, n={n:,})"
+    )
 
 
 def _reviewer(args: argparse.Namespace) -> str:

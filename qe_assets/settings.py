@@ -377,9 +377,10 @@ class Settings(BaseModel):
     llm_propose_review: bool = True
     llm_price_input_per_1m: float = 0.0
     llm_price_output_per_1m: float = 0.0
-    # The evaluation gate (docs/evaluation.md). 0 holds nothing out: set a share to build the
-    # frozen evaluation set; held-out questions never reach a training file.
-    eval_share: float = 0.0
+    # The evaluation gate (docs/evaluation.md): the share of questions held out for the frozen
+    # evaluation set; they never reach a training file. 5 % gives the gate its 50 items once about
+    # 1,000 samples were released; 0 holds nothing out (the gate then has nothing to judge).
+    eval_share: float = 0.05
     eval_min_items: int = 50
     eval_margin: float = 0.0
     eval_base_url: str | None = None  # None: OPENAI_BASE_URL

@@ -259,7 +259,11 @@ def next_release(
     QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due)."""
     with duckdb_writer(duckdb_resource) as conn:
         decision = release_decision(
-            conn, settings.finetune_threshold, settings.finetune_backend, cut_version=force
+            conn,
+            settings.finetune_threshold,
+            settings.finetune_backend,
+            cut_version=force,
+            eval_share=settings.eval_share,
         )
     if decision.due and decision.republish and decision.version is not None:
         return committed_manifest(settings, decision.version), True, decision.reason
