@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import duckdb
     import polars as pl
 
+    from qe_assets import review, review_queue
     from qe_assets.evaluation.rollout_registry import ActiveTest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
@@ -357,23 +359,103 @@ def _edited_text(args: argparse.Namespace, current: str) -> tuple[str, Path | No
     return path.read_text(encoding="utf-8"), path
 
 
+_LIST_COLUMNS = (
+    "sample_id",
+    "priority",
+    "reason",
+    "status",
+    "label",
+    "language",
+    "confidence",
+    "judge",
+    "question",
+)
+
+
+def _queue_filter(args: argparse.Namespace, status: str | None) -> review_queue.QueueFilter:
+    from qe_assets import review_queue
+
+    return review_queue.QueueFilter(
+        status=status,
+        reason=args.reason,
+        label=args.label,
+        language=getattr(args, "language", None),
+        min_confidence=getattr(args, "min_confidence", None),
+        max_confidence=args.max_confidence,
+    )
+
+
+def _list_rows(rows: list[dict]) -> list[dict]:
+    """What `review list` prints of each row: plain values, the judge's two scores as one."""
+    out = []
+    for row in rows:
+        judged = row["judge_completion_score"] is not None
+        out.append(
+            {
+                **{name: row.get(name) for name in _LIST_COLUMNS},
+                "judge": (
+                    f"{row['judge_original_score']:g}->{row['judge_completion_score']:g}"
+                    if judged
+                    else ""
+                ),
+                "question": " ".join(str(row["question"]).split()),
+            }
+        )
+    return out
+
+
+def _print_rows(rows: list[dict], fmt: str) -> None:
+    """table: aligned columns without dtype rows; csv: a header and rows; json: one per line."""
+    import csv
+    import json
+
+    if fmt == "json":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False, default=str))
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(_LIST_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    cells = [[("" if r[c] is None else str(r[c])) for c in _LIST_COLUMNS] for r in rows]
+    widths = [
+        min(60, max(len(c), *(len(line[i]) for line in cells)) if cells else len(c))
+        for i, c in enumerate(_LIST_COLUMNS)
+    ]
+    print("  ".join(c.ljust(w) for c, w in zip(_LIST_COLUMNS, widths, strict=True)).rstrip())
+    for line in cells:
+        print("  ".join(v[:w].ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
 def _review_read(args: argparse.Namespace, settings: Settings) -> int:
     """list / show: one short read-only connection, never the writer's."""
-    import polars as pl
-
-    from qe_assets import review
+    from qe_assets import review, review_queue
     from qe_assets.store import connect
 
     with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
         if args.action == "list":
             status = None if args.status == "all" else args.status
-            frame = review.list_queue(conn, status=status, label=args.label, limit=args.limit)
-            with pl.Config(
-                tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160
-            ):
-                print(frame)
+            queue_filter = _queue_filter(args, status)
+            rows = review_queue.page(conn, queue_filter, limit=args.limit, offset=args.offset)
+            total = review_queue.count(conn, queue_filter)
+            _print_rows(_list_rows(rows), args.format)
+            if args.format == "table":
+                first = args.offset + 1 if rows else 0
+                print(
+                    f"{first:,}-{args.offset + len(rows):,} of {total:,} "
+                    f"({queue_filter.describe()}); highest priority first, see docs/review.md"
+                    if args.offset
+                    else f"{len(rows):,} of {total:,} ({queue_filter.describe()}); "
+                    "highest priority first, see docs/review.md"
+                )
             return EXIT_OK
         item = review.show(conn, args.sample_id)
+    _print_item(item)
+    return EXIT_OK
+
+
+def _print_item(item: review.ReviewItem) -> None:
     sample, queued = item.sample, item.review
     print(
         f"sample {sample['sample_id']}  label={sample['label']}  "
@@ -383,13 +465,21 @@ def _review_read(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"review: {queued['status']} ({queued['reason']})"
         + (f" by {queued['reviewer']}" if queued["reviewer"] else "")
+        + (f": {queued['note']}" if queued["note"] else "")
     )
     print("\n--- prompt ---\n" + sample["prompt"])
     print("\n--- original answer ---\n" + sample["original_answer"])
-    if item.completion:
-        c = item.completion
-        print(f"\n--- completion ({c['mode']}, {c['status']}) ---\n" + (c["completion"] or ""))
-    return EXIT_OK
+    c = item.completion
+    if not c:
+        print("\n--- completion: none yet (accept keeps the naive completion) ---")
+        return
+    kind = "proposed completion" if c["status"] == "proposed" else "completion"
+    print(f"\n--- {kind} ({c['mode']}, {c['status']}) ---\n" + (c["completion"] or ""))
+    if c.get("judge_completion_score") is not None:
+        print(
+            f"judge {c['judge_model']}: original {c['judge_original_score']:g}, "
+            f"completion {c['judge_completion_score']:g}"
+        )
 
 
 def _review_write(
@@ -428,9 +518,45 @@ def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) ->
     return EXIT_OK
 
 
+def _check_selection(args: argparse.Namespace) -> None:
+    """Ids, or --all-matching with filters: a usage error (exit 2, with usage) otherwise."""
+    filtered = any(v is not None for v in (args.label, args.reason, args.max_confidence))
+    if args.sample_ids and (args.all_matching or filtered):
+        args.usage_error("give sample ids or --all-matching with filters, not both")
+    if not args.all_matching and filtered:
+        args.usage_error("filters select samples only with --all-matching")
+    if not args.all_matching and not args.sample_ids:
+        args.usage_error("give one or more SAMPLE_IDs, or --all-matching with filters")
+
+
+def _decision_ids(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The ids named, or with --all-matching every pending sample the filters match, after a
+    confirmation that states the count (--yes, or y at a terminal)."""
+    from qe_assets import review_queue
+    from qe_assets.store import connect
+
+    if not args.all_matching:
+        return list(args.sample_ids)
+    queue_filter = _queue_filter(args, review_queue.PENDING)
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        ids = review_queue.matching_ids(conn, queue_filter)
+    if not ids:
+        raise UserError(f"no pending sample matches ({queue_filter.describe()})", EXIT_FAILED)
+    question = f"{args.action} {len(ids):,} pending samples ({queue_filter.describe()})?"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"would {question[:-1]}: add --yes to confirm")
+        answer = input(f"{question[0].upper()}{question[1:]} [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            raise UserError("nothing changed", EXIT_FAILED)
+    return ids
+
+
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets import review
 
+    if args.action in ("accept", "reject"):
+        _check_selection(args)
     if not settings.database.exists():
         raise UserError(f"no database at {settings.database} yet: run `qe run` first")
     try:
@@ -439,11 +565,12 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
         reviewer = _reviewer(args)
         if args.action == "edit":
             return _review_edit(args, settings, reviewer)
+        ids = _decision_ids(args, settings)
         action = review.accept if args.action == "accept" else review.reject
         with _review_write(args, settings) as conn:
-            action(conn, args.sample_ids, reviewer, args.note)
+            action(conn, ids, reviewer, args.note)
         done = "accepted" if args.action == "accept" else "rejected"
-        print(f"{done} {len(set(args.sample_ids))} sample(s) as {reviewer}")
+        print(f"{done} {len(set(ids))} sample(s) as {reviewer}")
         return EXIT_OK
     except review.ReviewError as exc:
         raise UserError(str(exc), EXIT_FAILED) from exc
@@ -634,15 +761,69 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from qe_assets.settings import serve_token
+    from qe_assets.web.app import create_app
+    from qe_assets.web.security import InsecureBind, require_safe_bind
+
+    token = serve_token()
+    try:
+        require_safe_bind(args.host, token)
+    except InsecureBind as exc:
+        raise UserError(str(exc)) from exc
+    app = create_app(settings, token=token, write_wait_seconds=args.write_wait)
+    print(f"review page on http://{args.host}:{args.port}/review", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    """`dagster dev`, and beside it (unless --no-review) the review page of `qe serve`; both
+    stop together: Ctrl+C, or either one ending, ends the other."""
+    import signal
+    import subprocess
+
     from qe_assets.runner import prepare_dagster_home
 
     home = prepare_dagster_home(settings)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     command = _dagster_dev_command(args.host, args.port)
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
-    os.execve(command[0], command, env)
-    return EXIT_OK  # pragma: no cover - exec does not return
+    if args.no_review:
+        os.execve(command[0], command, env)
+    review = [sys.executable, "-m", "qe_assets.cli", "serve", "--host", args.host]
+    review += ["--port", str(args.review_port)]
+    children = [subprocess.Popen(review, env=env), subprocess.Popen(command, env=env)]
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)  # dagster dev stops its daemon and servers
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return max((child.returncode or 0) for child in children) and EXIT_FAILED
+
+
+def _review_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", help="only this primary label")
+    parser.add_argument(
+        "--reason", choices=["low_confidence", "spot_check"], help="why it was queued"
+    )
+    parser.add_argument("--max-confidence", type=float, metavar="C", help="confidence <= C")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -690,20 +871,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("review", help="the human review queue: list, show, accept, edit, reject")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    r = actions.add_parser("list", help="samples in the queue, lowest confidence first")
+    r = actions.add_parser("list", help="samples in the queue, highest priority first")
     r.add_argument(
         "--status", default="pending", choices=["pending", "accepted", "edited", "rejected", "all"]
     )
-    r.add_argument("--label", help="only this primary label")
+    _review_filters(r)
+    r.add_argument("--language", help="only this language (zh, en)")
+    r.add_argument("--min-confidence", type=float, metavar="C")
     r.add_argument("--limit", type=int, default=20)
-    r = actions.add_parser("show", help="prompt, original answer and completion of a sample")
+    r.add_argument("--offset", type=int, default=0, help="skip this many (the next page)")
+    r.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    r = actions.add_parser(
+        "show", help="prompt, original answer and completion (proposed or not) of a sample"
+    )
     r.add_argument("sample_id")
     for name, text in (
-        ("accept", "keep the samples' completions for training"),
+        ("accept", "keep the samples' completions (proposed ones included) for training"),
         ("reject", "keep the samples out of every dataset"),
     ):
         r = actions.add_parser(name, help=text)
-        r.add_argument("sample_ids", nargs="+", metavar="SAMPLE_ID")
+        r.add_argument("sample_ids", nargs="*", metavar="SAMPLE_ID")
+        _review_filters(r)
+        r.add_argument(
+            "--all-matching",
+            action="store_true",
+            help="every pending sample the filters match (asks to confirm the count)",
+        )
+        r.add_argument("--yes", "-y", action="store_true", help="confirm --all-matching")
+        r.set_defaults(usage_error=r.error)
         r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
         r.add_argument("--note")
     r = actions.add_parser("edit", help="write a better completion ($EDITOR or --completion)")
@@ -747,10 +942,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 0d")
     p.set_defaults(func=cmd_purge)
 
-    p = sub.add_parser("ui", help="dagster dev on 127.0.0.1 with a persistent DAGSTER_HOME")
+    p = sub.add_parser(
+        "ui", help="dagster dev on 127.0.0.1 with a persistent DAGSTER_HOME, and the review page"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--review-port", type=int, default=8787, help="where `qe serve` listens")
+    p.add_argument("--no-review", action="store_true", help="dagster dev alone")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("serve", help="the review page (and dashboards) on 127.0.0.1:8787")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="another address than the loopback needs QE_SERVE_TOKEN (docs/review.md)",
+    )
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument(
+        "--write-wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a decision waits for a run's writer lock before the page retries it",
+    )
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -327,6 +327,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "judge_min_decisions": ("QE_JUDGE_MIN_DECISIONS", _int("QE_JUDGE_MIN_DECISIONS")),
     "judge_agreement_window": ("QE_JUDGE_AGREEMENT_WINDOW", _int("QE_JUDGE_AGREEMENT_WINDOW")),
     "serve_url": ("QE_SERVE_URL", _serve_url),
+    "llm_propose_review": ("QE_LLM_PROPOSE_REVIEW", _bool("QE_LLM_PROPOSE_REVIEW")),
     "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
     "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
     "eval_margin": ("QE_EVAL_MARGIN", _float("QE_EVAL_MARGIN", 0.0, 0.5)),
@@ -416,6 +417,8 @@ class Settings(BaseModel):
     llm_judge: bool = False
     llm_judge_model: str | None = None
     llm_judge_margin: float = 1.0
+    # LLM mode: review samples get a `proposed` completion a reviewer can accept (docs/review.md).
+    llm_propose_review: bool = True
     llm_price_input_per_1m: float = 0.0
     llm_price_output_per_1m: float = 0.0
     # The judge measured against reviewers (docs/judge-calibration.md): below this agreement over
@@ -496,3 +499,23 @@ class Settings(BaseModel):
     def documented(self) -> dict[str, Any]:
         """Variable name → value in effect, for `qe status` and manifests (holds no secrets)."""
         return {variable: getattr(self, name) for name, (variable, _) in ENVIRONMENT.items()}
+
+
+SERVE_TOKEN_VARIABLE = "QE_SERVE_TOKEN"
+
+
+def serve_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """QE_SERVE_TOKEN: the secret `qe serve` requires on every request when it binds a
+    non-loopback address. Read here rather than kept on `Settings`, whose fields reach the
+    Dagster launchpad and every dataset manifest; a secret must reach neither. Never logged."""
+    env = os.environ if environ is None else environ
+    raw = env.get(SERVE_TOKEN_VARIABLE)
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if len(value) < 16:
+        raise SettingsError(
+            f"{SERVE_TOKEN_VARIABLE} must be at least 16 characters (e.g. `openssl rand -hex "
+            "16`); the value given is shorter"
+        )
+    return value

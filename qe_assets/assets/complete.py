@@ -3,6 +3,8 @@
 Naive mode (the offline default) writes a label prefix + the original answer. LLM mode (with
 QE_LLM_MODEL and OPENAI_API_KEY set) regenerates the answer through any OpenAI-compatible
 endpoint, see `qe_assets.llm`; it also retries the samples whose calls failed on earlier runs.
+In LLM mode the samples routed to review get a completion too, stored as `proposed`: the
+reviewer sees it, and only a person's accept makes it `ok` (exportable).
 """
 
 import time
@@ -32,16 +34,18 @@ from qe_assets.resources import (
 )
 from qe_assets.store import query_frame, set_watermark, transaction, watermark
 from qe_assets.templates import load_templates
-from qe_assets.transforms.annotate import TRAIN
+from qe_assets.transforms.annotate import REVIEW, TRAIN
 from qe_assets.transforms.completions import (
     FAILED,
     LLM,
     LLM_COMPLETION_SCHEMA,
     NAIVE,
     OK,
+    PROPOSED,
     judge_frames,
     llm_completion_rows,
     llm_totals,
+    mark_proposed,
     naive_completions,
     regeneration_requests,
 )
@@ -169,7 +173,8 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
 @dataclass
 class LLMPager:
     """Hands out the LLM work a page at a time: first the LLM rows that failed before this run
-    started, then the train samples past the watermark that have no completion yet."""
+    started, then the train samples past the watermark that have no completion yet (and the
+    review samples, for a proposal, when `config.propose_review`)."""
 
     duckdb: DuckDBResource
     config: LLMConfig
@@ -213,12 +218,17 @@ class LLMPager:
             f"""
             SELECT {_SAMPLE_COLUMNS}, s.context_docs, false AS retry
             FROM annotated_samples s
-            WHERE s.seq > $low AND s.seq <= $high AND s.route = '{TRAIN}'
+            WHERE s.seq > $low AND s.seq <= $high AND s.route IN $routes
               AND s.duplicate_of IS NULL
               AND NOT EXISTS (SELECT 1 FROM completions c WHERE c.sample_id = s.sample_id)
             ORDER BY s.seq LIMIT $limit
             """,
-            {"low": self.sample_cursor, "high": high, "limit": self.config.batch_size},
+            {
+                "low": self.sample_cursor,
+                "high": high,
+                "limit": self.config.batch_size,
+                "routes": [TRAIN, REVIEW] if self.config.propose_review else [TRAIN],
+            },
         )
         if samples.is_empty():
             if self.sample_cursor is not None and high > self.sample_cursor:
@@ -241,8 +251,9 @@ def commit_llm_batch(
     gate: JudgeGate | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """Write a batch of outcomes, their cache entries and the watermark in one transaction;
-    with an untrusted judge (`gate`), queue its approvals for review in the same transaction.
-    Returns the completions rows written and how many were held for review."""
+    returns the completions rows written (review samples' ones as `proposed`) and, with an
+    untrusted judge (`gate`), how many of its approvals were queued for review in the same
+    transaction."""
     rows = llm_completion_rows(
         outcomes,
         model=config.model,
@@ -251,6 +262,15 @@ def commit_llm_batch(
     )
     cache = llm_cache_rows(outcomes, model=config.model, judge_model=config.judge_model)
     with duckdb_writer(duckdb_resource) as conn:
+        conn.register("batch_ids", rows.select("sample_id"))
+        # Decided per row at commit, from the stored route: a failed proposal retried later is
+        # proposed again, never turned into an exportable `ok` completion.
+        review_ids = query_frame(
+            conn,
+            f"SELECT sample_id FROM annotated_samples SEMI JOIN batch_ids USING (sample_id) "
+            f"WHERE route = '{REVIEW}'",
+        )["sample_id"]
+        rows = mark_proposed(rows, review_ids)
         conn.register("llm_rows", rows)
         conn.register("llm_cache_rows", cache)
         with transaction(conn):
@@ -285,11 +305,13 @@ def run_llm_completions(
 ) -> "dict[str, dg.RawMetadataValue]":
     pager = LLMPager(duckdb_resource, config)
     held_total = 0
+    proposed: list[str] = []
 
     def commit(outcomes: pl.DataFrame, new_watermark: int | None) -> None:
         nonlocal held_total
         rows, held = commit_llm_batch(duckdb_resource, config, outcomes, new_watermark, gate)
         held_total += held
+        proposed.extend(rows.filter(pl.col("status") == PROPOSED)["sample_id"].to_list())
         statuses = dict(rows.group_by("status").len().iter_rows())
         hits = int(outcomes["cached"].sum())
         context.log.info(
@@ -306,11 +328,14 @@ def run_llm_completions(
             f"OPENAI_BASE_URL and QE_LLM_MODEL. Finished samples were committed."
         ) from None
     elapsed = time.monotonic() - started
-    rows = llm_completion_rows(
-        outcomes,
-        model=config.model,
-        judge_model=config.judge_model,
-        judge_margin=config.judge_margin,
+    rows = mark_proposed(
+        llm_completion_rows(
+            outcomes,
+            model=config.model,
+            judge_model=config.judge_model,
+            judge_margin=config.judge_margin,
+        ),
+        pl.Series(proposed, dtype=pl.String),
     )
     totals = llm_totals(
         outcomes,
@@ -323,6 +348,7 @@ def run_llm_completions(
     context.log.info(f"LLM run totals: {totals}")
     metadata: dict[str, dg.RawMetadataValue] = {
         "new_completions": int(totals["ok"]),
+        "proposed_for_review": int(totals["proposed"]),
         "samples_scanned": int(totals["samples"]),
         "model": config.model,
         "judge_model": config.judge_model or "off",
@@ -343,8 +369,9 @@ def run_llm_completions(
         "cached, committed in batches, optionally kept only when a judge scores it better than "
         "the original; failed calls are stored as `failed` and retried on the next run. While "
         "the judge agrees with the reviewers less than QE_JUDGE_MIN_AGREEMENT, its approvals "
-        "wait in the review queue (reason `judge_check`). Review samples wait for a human; "
-        "duplicates are skipped."
+        "wait in the review queue (reason `judge_check`). Review samples wait for a human; in "
+        "LLM mode they get a `proposed` completion the reviewer sees, exported only once a "
+        "person accepts it. Duplicates are skipped."
     ),
 )
 def completions(
