@@ -127,6 +127,17 @@ def _float(value: str | None, name: str) -> float | None:
     return number
 
 
+# The numeric bounds a queue filter takes, by their query/CLI names.
+NUMBER_FILTERS = (
+    "min_confidence",
+    "max_confidence",
+    "min_judge_score",
+    "max_judge_score",
+    "min_age_hours",
+    "max_age_hours",
+)
+
+
 def filter_from(params: dict[str, str]) -> QueueFilter:
     """A QueueFilter from query-string or form values; ValueError names a bad field."""
     status = (params.get("status") or PENDING).strip()
@@ -135,17 +146,7 @@ def filter_from(params: dict[str, str]) -> QueueFilter:
     reason = (params.get("reason") or "").strip() or None
     if reason is not None and reason not in REASONS:
         raise ValueError(f"reason must be one of {', '.join(REASONS)}, got {reason!r}")
-    numbers = {
-        name: _float(params.get(name), name)
-        for name in (
-            "min_confidence",
-            "max_confidence",
-            "min_judge_score",
-            "max_judge_score",
-            "min_age_hours",
-            "max_age_hours",
-        )
-    }
+    numbers = {name: _float(params.get(name), name) for name in NUMBER_FILTERS}
     return QueueFilter(
         status=None if status == "all" else status,
         reason=reason,

@@ -35,12 +35,7 @@ FILTER_FIELDS = (
     "reason",
     "label",
     "language",
-    "min_confidence",
-    "max_confidence",
-    "min_judge_score",
-    "max_judge_score",
-    "min_age_hours",
-    "max_age_hours",
+    *review_queue.NUMBER_FILTERS,
     "reviewer_filter",
 )
 ACTIONS = ("accept", "edit", "reject")
