@@ -1,4 +1,10 @@
-"""The Dagster code location: assets, checks, jobs, sensors and resources of qe_assets."""
+"""The Dagster code location: assets, checks, jobs, sensors and resources of qe_assets.
+
+Importing this module builds nothing: `defs` is a `@dg.definitions` entry point that Dagster
+(workspace.yaml, `dagster dev`) calls when it loads the code location, so the settings are read
+and checked then, not at import. `build_definitions(settings)` builds the same thing for the CLI
+and the tests.
+"""
 
 from __future__ import annotations
 
@@ -64,4 +70,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location as the UI loads it: the settings from the environment."""
+    return build_definitions()

@@ -128,7 +128,8 @@ class OpenAIResource(dg.ConfigurableResource):
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
-    settings.database.parent.mkdir(parents=True, exist_ok=True)
+    """The resources for `settings`, built without touching the disk: the database's directory
+    is made by the first write connection (`store.writer_connection`), not here."""
     return {
         "duckdb": QeDuckDBResource(
             database=str(settings.database),
