@@ -25,6 +25,19 @@ INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 REDIS_LIST = "quality_events"
 
 
+def estimated_cost(
+    prompt_tokens: int,
+    completion_tokens: int,
+    price_input_per_1m: float,
+    price_output_per_1m: float,
+) -> float:
+    """The estimated LLM cost of some tokens at per-million prices (QE_LLM_PRICE_*_PER_1M): the
+    one formula behind `qe status`, the completions metadata and the evaluation's spend."""
+    return round(
+        prompt_tokens * price_input_per_1m / 1e6 + completion_tokens * price_output_per_1m / 1e6, 6
+    )
+
+
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
 

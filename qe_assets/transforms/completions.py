@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from qe_assets.settings import estimated_cost
 from qe_assets.templates import Templates
 
 NAIVE, LLM, HUMAN = "naive", "llm", "human"
@@ -323,10 +324,8 @@ def llm_totals(
         "http_requests": int(rows["attempts"].sum()),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "estimated_cost": round(
-            prompt_tokens * price_input_per_1m / 1e6
-            + completion_tokens * price_output_per_1m / 1e6,
-            6,
+        "estimated_cost": estimated_cost(
+            prompt_tokens, completion_tokens, price_input_per_1m, price_output_per_1m
         ),
         "latency_p50_ms": round(float(latency_ms.quantile(0.5) or 0.0), 1),
         "latency_p99_ms": round(float(latency_ms.quantile(0.99) or 0.0), 1),
