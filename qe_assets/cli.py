@@ -456,11 +456,11 @@ def _models_list(settings: Settings, wait: float) -> int:
     import polars as pl
 
     from qe_assets.evaluation.registry import MODELS_QUERY
-    from qe_assets.store import connect, query_frame
+    from qe_assets.store import connect, select_frame
 
     with connect(settings.database, read_only=True, wait_seconds=wait) as conn:
         try:
-            frame = query_frame(conn, MODELS_QUERY)
+            frame = select_frame(conn, MODELS_QUERY)
         except duckdb.CatalogException:  # a store from before the evaluation gate
             frame = pl.DataFrame()
     if frame.is_empty():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -13,7 +14,13 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
-from qe_assets.store import WRITER_CONFIG, WriterSession, writer_connection, writer_lock
+from qe_assets.store import (
+    WRITER_CONFIG,
+    WriterSession,
+    connect,
+    writer_connection,
+    writer_lock,
+)
 
 if TYPE_CHECKING:  # imported when a client is made: ~0.7 s that naive runs need not pay
     import openai
@@ -52,6 +59,18 @@ def duckdb_writer(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnectio
     the transaction that needed it. Any `DuckDBResource` gets the project's waiting, not
     dagster_duckdb's retries."""
     with writer_connection(resource.database, config=resource.connection_config) as conn:
+        yield conn
+
+
+@contextmanager
+def duckdb_reader(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection | None]:
+    """A short read-only connection (None while the database does not exist yet): no writer
+    lock, so a reader waits only for a writer's current transaction, never for a whole stage."""
+    if not Path(resource.database).exists():
+        yield None
+        return
+    memory = {k: v for k, v in resource.connection_config.items() if k == "memory_limit"}
+    with connect(resource.database, read_only=True, config=memory) as conn:
         yield conn
 
 

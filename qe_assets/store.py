@@ -522,14 +522,17 @@ def table_counts(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return counts
 
 
-def query_frame(
+def select_frame(
     conn: duckdb.DuckDBPyConnection, query: str, params: dict | list | None = None
 ) -> pl.DataFrame:
-    """Run a SELECT and return it as a Polars frame."""
+    """Run a SELECT on a store connection and return it as a Polars frame."""
     relation = conn.sql(query, params=params)
     if relation is None:
-        raise ValueError("query_frame needs a query that returns rows")
+        raise ValueError("select_frame needs a query that returns rows")
     return relation.pl()
+
+
+query_frame = select_frame  # the old name, for modules not yet moved to the new one
 
 
 def owned_copy(column: str) -> pl.Expr:
@@ -563,7 +566,7 @@ def _private_database() -> duckdb.DuckDBPyConnection:
         return _private[1]
 
 
-def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
+def sql_over_frames(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     """Run a query over in-memory frames in a private DuckDB: no store, no lock, no waiting.
 
     Each call has a connection of its own (a cursor of the process's private database), so
@@ -571,7 +574,10 @@ def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     with _private_database().cursor() as conn:
         for name, frame in frames.items():
             conn.register(name, frame)
-        return query_frame(conn, query)
+        return select_frame(conn, query)
+
+
+frame_query = sql_over_frames  # the old name, for modules not yet moved to the new one
 
 
 def watermark(conn: duckdb.DuckDBPyConnection, stage: str) -> int:

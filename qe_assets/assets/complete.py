@@ -22,7 +22,7 @@ from qe_assets.resources import (
     duckdb_writer,
     exclusive_stage,
 )
-from qe_assets.store import query_frame, set_watermark, transaction, watermark
+from qe_assets.store import select_frame, set_watermark, transaction, watermark
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import TRAIN
 from qe_assets.transforms.completions import (
@@ -81,7 +81,7 @@ def complete_next_batch(conn: duckdb.DuckDBPyConnection, batch_size: int) -> tup
     ).fetchall()
     if not scanned:
         return 0, 0
-    samples = query_frame(
+    samples = select_frame(
         conn,
         """
         SELECT sample_id, language, label, original_answer FROM annotated_samples
@@ -118,7 +118,7 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
         ),
     )
     # sha256 in DuckDB over the exact request JSON: columnar, and stable across versions.
-    keyed = query_frame(
+    keyed = select_frame(
         conn,
         """
         SELECT r.sample_id, r.request, sha256(r.request) AS regen_key,
@@ -135,7 +135,7 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
             judge_frames(samples, templates), on="sample_id", how="left", maintain_order="left"
         )
         conn.register("page_keys", jobs.select("regen_key"))
-        cached = query_frame(
+        cached = select_frame(
             conn,
             "SELECT cache_key, content FROM llm_cache "
             "WHERE purpose = 'judge' AND parent_key IN (SELECT regen_key FROM page_keys)",
@@ -168,7 +168,7 @@ class LLMPager:
         return page
 
     def _retries(self, conn: duckdb.DuckDBPyConnection) -> Page | None:
-        samples = query_frame(
+        samples = select_frame(
             conn,
             f"""
             SELECT {_SAMPLE_COLUMNS}, s.context_docs, true AS retry, c.seq AS completion_seq
@@ -186,7 +186,7 @@ class LLMPager:
 
     def _new_samples(self, conn: duckdb.DuckDBPyConnection) -> Page | None:
         ((high,),) = conn.execute("SELECT coalesce(max(seq), 0) FROM annotated_samples").fetchall()
-        samples = query_frame(
+        samples = select_frame(
             conn,
             f"""
             SELECT {_SAMPLE_COLUMNS}, s.context_docs, false AS retry
@@ -211,6 +211,15 @@ class LLMPager:
         return page
 
 
+def _completion_rows(outcomes: pl.DataFrame, config: LLMConfig) -> pl.DataFrame:
+    return llm_completion_rows(
+        outcomes,
+        model=config.model,
+        judge_model=config.judge_model,
+        judge_margin=config.judge_margin,
+    )
+
+
 def commit_llm_batch(
     duckdb_resource: DuckDBResource,
     config: LLMConfig,
@@ -219,12 +228,7 @@ def commit_llm_batch(
 ) -> pl.DataFrame:
     """Write a batch of outcomes, their cache entries and the watermark in one transaction;
     returns the completions rows written."""
-    rows = llm_completion_rows(
-        outcomes,
-        model=config.model,
-        judge_model=config.judge_model,
-        judge_margin=config.judge_margin,
-    )
+    rows = _completion_rows(outcomes, config)
     cache = llm_cache_rows(outcomes, model=config.model, judge_model=config.judge_model)
     with duckdb_writer(duckdb_resource) as conn:
         conn.register("llm_rows", rows)
@@ -248,9 +252,11 @@ def run_llm_completions(
     openai_resource: OpenAIResource,
 ) -> "dict[str, dg.RawMetadataValue]":
     pager = LLMPager(duckdb_resource, config)
+    committed: list[pl.DataFrame] = []  # the rows each commit wrote, for the run's totals
 
     def commit(outcomes: pl.DataFrame, new_watermark: int | None) -> None:
         rows = commit_llm_batch(duckdb_resource, config, outcomes, new_watermark)
+        committed.append(rows)
         statuses = dict(rows.group_by("status").len().iter_rows())
         hits = int(outcomes["cached"].sum())
         context.log.info(
@@ -267,12 +273,7 @@ def run_llm_completions(
             f"OPENAI_BASE_URL and QE_LLM_MODEL. Finished samples were committed."
         ) from None
     elapsed = time.monotonic() - started
-    rows = llm_completion_rows(
-        outcomes,
-        model=config.model,
-        judge_model=config.judge_model,
-        judge_margin=config.judge_margin,
-    )
+    rows = pl.concat(committed) if committed else _completion_rows(outcomes, config)
     totals = llm_totals(
         outcomes,
         rows,

@@ -30,7 +30,7 @@ from qe_assets.readiness import (
 )
 from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
-from qe_assets.store import owned_copy, query_frame, transaction
+from qe_assets.store import owned_copy, select_frame, transaction
 from qe_assets.templates import load_templates
 from qe_assets.transforms.dataset import (
     TRAIN_SPLIT,
@@ -54,7 +54,7 @@ def _ready_batches(
     while low < state.high:
         params = {"low": low, "high": state.high, "limit": batch_size}
         with duckdb_writer(duckdb_resource) as conn:
-            batch = query_frame(conn, READY_IN_WINDOW, params)
+            batch = select_frame(conn, READY_IN_WINDOW, params)
             ((window_end,),) = conn.execute(WINDOW_END, params).fetchall()
         if window_end is None:
             return

@@ -24,7 +24,7 @@ from qe_assets.export import (
 )
 from qe_assets.queues.inbox import fsync_dir
 from qe_assets.settings import Settings
-from qe_assets.store import query_frame
+from qe_assets.store import select_frame
 from qe_assets.transforms.dataset import exported_sample_ids
 
 
@@ -72,7 +72,7 @@ def _files_of(row: dict[str, Any]) -> VersionFiles:
 
 
 def verified_version(conn: duckdb.DuckDBPyConnection, version: str) -> dict[str, Any]:
-    rows = query_frame(
+    rows = select_frame(
         conn,
         "SELECT version, jsonl_path, chat_path, manifest_path, sha256, chat_sha256, "
         "manifest_sha256, sample_count, train_count, validation_count "
@@ -204,7 +204,7 @@ def _write_inputs(
 ) -> TrainingInputs:
     """The split files and recipe.json in `temp`, fsynced, naming their final paths in
     `workdir`."""
-    splits = query_frame(
+    splits = select_frame(
         conn, "SELECT sample_id, split FROM dataset_samples WHERE version = ?", [version]
     )
     # The files show a pseudonym for an id holding PII (QE_PII_REDACTION): match either form.
