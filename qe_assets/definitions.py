@@ -64,8 +64,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         ],
         resources=build_resources(settings),
         # "Materialize all" on the lineage page runs the implicit asset job, which would use the
-        # multiprocess executor: a process per step (20x slower here) for steps that take turns
-        # on DuckDB's single writer anyway.
+        # multiprocess executor: a process per step (far slower, docs/performance.md) for steps
+        # that take turns on DuckDB's single writer anyway.
         executor=dg.in_process_executor,
     )
 

@@ -28,7 +28,7 @@ READY = f"""
 # The export reads the ready samples of one window of completions ($limit of them, by seq) at a
 # time. annotated_samples is read only over the seq span of the window's samples, so its zone
 # maps skip the rest of history: a plain join read every prompt ever written once per batch
-# (3.9 s a batch on a 1M-sample store, 0.6 s this way).
+# (measured in docs/performance.md).
 _WINDOW = """
     SELECT seq, sample_id, completion, mode, status, judge_verdict FROM completions
     WHERE seq > $low AND seq <= $high ORDER BY seq LIMIT $limit

@@ -22,7 +22,7 @@ from qe_assets.store import (
     writer_lock,
 )
 
-if TYPE_CHECKING:  # imported when a client is made: ~0.7 s that naive runs need not pay
+if TYPE_CHECKING:  # imported when a client is made: start-up that naive runs need not pay
     import openai
 
 

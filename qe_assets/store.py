@@ -34,8 +34,8 @@ ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnectio
 # queue, fine-tune runs) ever update or delete rows, so there is little space to reclaim.
 # Text is stored with ZSTD: what the stages write is mostly long text (documents, prompts,
 # completions) in which the same knowledge-base passages come back again and again. DuckDB's own
-# choice (dictionary + FSST) took 4-5x longer to checkpoint a batch and gave a 6x larger file on
-# the bench's events; numeric columns keep their own encodings.
+# choice (dictionary + FSST) checkpointed far slower and gave a larger file on the bench's events
+# (docs/performance.md); numeric columns keep their own encodings.
 WRITER_CONFIG: dict[str, str | int] = {"max_vacuum_tasks": 0, "force_compression": "zstd"}
 
 SCHEMA = """
@@ -545,7 +545,8 @@ def owned_copy(column: str) -> pl.Expr:
 
 
 # The private in-memory DuckDB of `frame_query`, one per process (a forked child makes its own):
-# a new database per call cost ~20 ms and fresh memory for every batch's fingerprints and keys.
+# a new database per call cost time and fresh memory for every batch's fingerprints and keys
+# (docs/performance.md).
 _PRIVATE_LOCK = threading.Lock()
 _private: tuple[int, duckdb.DuckDBPyConnection] | None = None
 # A parent's database as a forked child inherits it: never used, and never freed either, since
