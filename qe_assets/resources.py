@@ -26,16 +26,45 @@ if TYPE_CHECKING:  # imported when a client is made: start-up that naive runs ne
     import openai
 
 
+def drained_queues(settings: Settings) -> list[EventQueue]:
+    """Where raw_events drains from: the configured queue, plus the inbox that producers spool
+    to when Redis or Kafka is down. Opens nothing until a queue is used."""
+    configured = open_queue(settings)
+    if isinstance(configured, FileInbox):
+        return [configured]
+    return [configured, FileInbox(settings.inbox_dir)]
+
+
 class PipelineSettings(dg.ConfigurableResource, Settings):
     """The pipeline's knobs (see `qe_assets.settings`), shown and overridable in the launchpad."""
 
     def queues(self) -> list[EventQueue]:
-        """Where raw_events drains from: the configured queue, plus the inbox that producers
-        spool to when Redis is down."""
-        configured = open_queue(self)
-        if isinstance(configured, FileInbox):
-            return [configured]
-        return [configured, FileInbox(self.inbox_dir)]
+        """Kept for `raw_events` until it takes the `queue` resource (`QueueResource`)."""
+        return drained_queues(self)
+
+
+class QueueResource(dg.ConfigurableResource):
+    """The event queue, one concern: where events wait (QE_QUEUE_URL, else the file inbox) and
+    this ingester's name on it. The settings stay typed and validated in `Settings`; this
+    resource carries only the fields the queue needs."""
+
+    queue_url: str | None = None
+    queue_consumer: str = "default"
+    data_dir: str = "data"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QueueResource:
+        return cls(
+            queue_url=settings.queue_url,
+            queue_consumer=settings.queue_consumer,
+            data_dir=settings.data_dir,
+        )
+
+    def queues(self) -> list[EventQueue]:
+        settings = Settings(
+            queue_url=self.queue_url, queue_consumer=self.queue_consumer, data_dir=self.data_dir
+        )
+        return drained_queues(settings)
 
 
 class QeDuckDBResource(DuckDBResource):
@@ -155,6 +184,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             connection_config={**WRITER_CONFIG, "memory_limit": settings.duckdb_memory_limit},
         ),
         "settings": PipelineSettings(**settings.model_dump()),
+        "queue": QueueResource.from_settings(settings),
         "openai": OpenAIResource(
             # Only a reference when the variable is set, so an offline setup loads without it.
             api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,

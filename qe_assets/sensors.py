@@ -25,7 +25,7 @@ from qe_assets.backlog import (
     review_backlog,
 )
 from qe_assets.readiness import release_decision
-from qe_assets.resources import PipelineSettings
+from qe_assets.resources import PipelineSettings, QueueResource
 from qe_assets.runner import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
 from qe_assets.store import DatabaseBusy, connect
 
@@ -239,11 +239,11 @@ def build_queue_sensor(
         ),
     )
     def queue_sensor(
-        context: dg.SensorEvaluationContext, settings: PipelineSettings
+        context: dg.SensorEvaluationContext, settings: PipelineSettings, queue: QueueResource
     ) -> dg.SensorResult:
         cursor = json.loads(context.cursor) if context.cursor else {}
         reported: dict[str, list[float]] = cursor.get("reported", {})
-        look = look_at_queues(settings.queues())
+        look = look_at_queues(queue.queues())
         events = _freshness_events(
             settings, queue_freshness(look, settings.max_queue_age_seconds), reported
         )
