@@ -62,7 +62,7 @@ demo: install ## generate demo events into the inbox and run the whole graph off
 	@echo; echo "datasets:  $(QE_DATA_DIR)/datasets/"; ls -1 "$(QE_DATA_DIR)/datasets/" | sed 's/^/  /'
 	@echo "database:  $(QE_DATA_DIR)/qe.duckdb   (query it: .venv/bin/qe sql \"SELECT ...\")"
 	@echo "review:    .venv/bin/qe review list"
-	@echo "UI:        make ui   → http://127.0.0.1:3000"
+	@echo "UI:        make ui   → http://127.0.0.1:3000 (Dagster), http://127.0.0.1:8787 (review)"
 
 test: install system-deps docs ## install everything the tests need, build the docs, run the whole suite
 	$(BIN)/ruff check qe_assets qe_assets_tests
@@ -79,11 +79,14 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix qe_assets qe_assets_tests
 	$(BIN)/ruff format qe_assets qe_assets_tests
 
-bench: install ## benchmarks: the pipeline vs the seed and one-pass anchors, then LLM throughput
+bench: install ## benchmarks: the pipeline vs a reference and one-pass anchors, LLM throughput, rollout, dashboards, review page
 	$(BIN)/python -m qe_assets_bench.pipeline $(BENCH_ARGS)
 	$(BIN)/python -m qe_assets_bench.llm_throughput
+	$(BIN)/python -m qe_assets_bench.rollout
+	$(BIN)/python -m qe_assets_bench.dashboards
+	$(BIN)/python -m qe_assets_bench.review_page
 
-ui: install ## dagster dev on 127.0.0.1 with DAGSTER_HOME under $(QE_DATA_DIR)
+ui: install ## dagster dev on 127.0.0.1:3000 (DAGSTER_HOME under $(QE_DATA_DIR)) + review page on :8787
 	$(BIN)/qe ui
 
 clean: ## remove runtime state under data/ (keeps data/README.md)

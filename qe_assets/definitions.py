@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dagster as dg
 
+from qe_assets.assets.ab_test import ab_test, candidate_not_worse
 from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
-from qe_assets.assets.complete import completions
+from qe_assets.assets.complete import completions, judge_agreement
 from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.assets.evaluate import candidate_beats_production, model_evaluation
 from qe_assets.assets.finetune import fine_tuned_model
@@ -23,10 +24,12 @@ from qe_assets.settings import Settings
 
 PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
-PROCESSING_ASSETS = [raw_events, annotated_samples, completions]
+# ab_test (group release) runs with every ingest: new events and count records are its input.
+PROCESSING_ASSETS = [raw_events, annotated_samples, completions, ab_test]
 RELEASE_ASSETS = [tuning_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
-ASSET_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
+RELEASE_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
+ASSET_CHECKS = [*RELEASE_CHECKS, candidate_not_worse, judge_agreement]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -36,14 +39,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     # One process, one step at a time: DuckDB has a single writer per file.
     pipeline = dg.define_asset_job(
         PIPELINE_JOB,
-        selection=dg.AssetSelection.assets(*PROCESSING_ASSETS),
-        description="Ingest the queue, annotate and complete what is new.",
+        selection=dg.AssetSelection.assets(*PROCESSING_ASSETS)
+        | dg.AssetSelection.checks(candidate_not_worse),
+        description=("Ingest the queue, annotate and complete what is new; look at the A/B test."),
         executor_def=dg.in_process_executor,
     )
     release_job = dg.define_asset_job(
         RELEASE_JOB,
         selection=dg.AssetSelection.assets(*RELEASE_ASSETS)
-        | dg.AssetSelection.checks(*ASSET_CHECKS),
+        | dg.AssetSelection.checks(*RELEASE_CHECKS),
         description=(
             "Publish a dataset version (the oldest committed one not released yet, else a new "
             "cut from every ready sample), check it and fine-tune on it."

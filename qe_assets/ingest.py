@@ -30,7 +30,10 @@ from qe_assets.transforms.dedupe import CONFLICT, DUPLICATE, NEW, classify_event
 
 _RAW_COLUMNS = (
     "request_id, question, docs, answer, evaluation, score, labels, checks, timestamp, extra, "
-    "fingerprint, source"
+    "fingerprint, source, model"
+)
+_COUNT_COLUMNS = (
+    "flush_id, model, answers, low, threshold, producer, window_start, window_end, source"
 )
 CONFLICT_REASON = (
     "request_id: conflicting duplicate (an event with this request_id and different content "
@@ -46,6 +49,9 @@ class IngestReport:
     duplicates: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    # Count records (qe_assets.answer_counts): rows read, and rows new to answer_counts.
+    count_rows: int = 0
+    new_count_rows: int = 0
 
     def add(self, other: IngestReport) -> None:
         self.batches += other.batches
@@ -53,6 +59,8 @@ class IngestReport:
         self.new += other.new
         self.duplicates += other.duplicates
         self.rejected += other.rejected
+        self.count_rows += other.count_rows
+        self.new_count_rows += other.new_count_rows
         for field_name, count in other.reasons.items():
             self.reasons[field_name] = self.reasons.get(field_name, 0) + count
 
@@ -108,6 +116,7 @@ def commit_batch(
 
     conn.register("new_rows", new_rows)
     conn.register("rejected_rows", rejected)
+    conn.register("count_rows", parsed.counts)
     with transaction(conn):
         conn.execute(
             f"INSERT INTO raw_events ({_RAW_COLUMNS}, ingested_at) "
@@ -124,6 +133,12 @@ def commit_batch(
             """,
             {"ts": received_at},
         )
+        # Exactly once by (flush_id, model): a replayed or re-sent flush adds nothing.
+        new_counts = conn.execute(
+            f"INSERT INTO answer_counts ({_COUNT_COLUMNS}, ingested_at) "
+            f"SELECT {_COUNT_COLUMNS}, $ts FROM count_rows ON CONFLICT DO NOTHING",
+            {"ts": received_at},
+        ).fetchall()[0][0]
 
     reasons = rejected.group_by("field").len()
     return IngestReport(
@@ -133,6 +148,8 @@ def commit_batch(
         duplicates=int((classified["status"] == DUPLICATE).sum()),
         rejected=rejected.height,
         reasons=dict(zip(reasons["field"].to_list(), reasons["len"].to_list(), strict=True)),
+        count_rows=parsed.counts.height,
+        new_count_rows=int(new_counts),
     )
 
 

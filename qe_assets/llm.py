@@ -63,6 +63,8 @@ class LLMConfig:
     judge_margin: float
     price_input_per_1m: float
     price_output_per_1m: float
+    # Samples routed to review get a completion too, stored as `proposed` for the reviewer.
+    propose_review: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LLMConfig:
@@ -80,6 +82,7 @@ class LLMConfig:
             judge_margin=settings.llm_judge_margin,
             price_input_per_1m=settings.llm_price_input_per_1m,
             price_output_per_1m=settings.llm_price_output_per_1m,
+            propose_review=settings.llm_propose_review,
         )
 
 

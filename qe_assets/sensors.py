@@ -106,7 +106,10 @@ def build_finetune_sensor(
             # Read-only and bounded: the sensor never holds the write lock and never waits long.
             with connect(settings.database, read_only=True, wait_seconds=5) as conn:
                 decision = release_decision(
-                    conn, settings.finetune_threshold, settings.finetune_backend
+                    conn,
+                    settings.finetune_threshold,
+                    settings.finetune_backend,
+                    eval_share=settings.eval_share,
                 )
         except DatabaseBusy:
             return dg.SkipReason("the database is busy with a writer; looking again next tick")

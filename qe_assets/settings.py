@@ -13,15 +13,20 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from qe_assets.evaluation.sequential import Policy
 
 FINETUNE_BACKENDS = ("none", "openai", "command")
 # sft: the chat/record files; dpo: the preference pairs (chosen = correction, rejected = original).
 FINETUNE_METHODS = ("sft", "dpo")
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
+# direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
+ROLLOUT_MODES = ("direct", "canary")
 REDIS_LIST = "quality_events"
 
 
@@ -160,6 +165,21 @@ def _model_map(raw: str) -> dict[str, str]:
 _ruled(_model_map, "JSON object of model id → served name (non-empty strings)")
 
 
+def _ramp(raw: str) -> list[float]:
+    name = "QE_AB_RAMP"
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    shares = tuple(_number(name, part, lo=0.0, hi=1.0, integer=False) for part in parts)
+    if not shares or any(s <= 0 for s in shares) or list(shares) != sorted(set(shares)):
+        raise SettingsError(
+            f"{name} must be increasing shares in (0, 1] separated by commas, such as "
+            f"0.05,0.25,0.5; got {raw!r}"
+        )
+    return list(shares)
+
+
+_ruled(_ramp, "increasing shares in (0, 1], comma-separated")
+
+
 def _memory_size(raw: str) -> str:
     value = raw.strip().replace(" ", "")
     if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?B|%)", value, flags=re.IGNORECASE):
@@ -236,6 +256,20 @@ def kafka_environment(environ: Mapping[str, str] | None = None) -> dict[str, str
     }
 
 
+def _serve_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise SettingsError(
+            f"QE_SERVE_URL must be the base URL of `qe serve`, such as http://127.0.0.1:8787; "
+            f"got {raw!r}"
+        )
+    return value
+
+
+_ruled(_serve_url, "`http://` or `https://` base URL")
+
+
 def _queue_url(raw: str) -> str:
     value = raw.strip()
     if value.startswith("kafka://"):
@@ -263,6 +297,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "queue_url": ("QE_QUEUE_URL", _queue_url),
     "queue_consumer": ("QE_QUEUE_CONSUMER", _text),
     "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
+    "count_flush_seconds": (
+        "QE_COUNT_FLUSH_SECONDS",
+        _float("QE_COUNT_FLUSH_SECONDS", 0.05, 3600.0),
+    ),
     "ingest_batch_size": ("QE_INGEST_BATCH_SIZE", _int("QE_INGEST_BATCH_SIZE")),
     "min_confidence": ("QE_MIN_CONFIDENCE", _float("QE_MIN_CONFIDENCE")),
     "confidence_factor": ("QE_CONFIDENCE_FACTOR", _float("QE_CONFIDENCE_FACTOR", 0.0, None)),
@@ -335,6 +373,11 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "llm_judge": ("QE_LLM_JUDGE", _bool("QE_LLM_JUDGE")),
     "llm_judge_model": ("QE_LLM_JUDGE_MODEL", _text),
     "llm_judge_margin": ("QE_LLM_JUDGE_MARGIN", _float("QE_LLM_JUDGE_MARGIN", 0.0, 10.0)),
+    "judge_min_agreement": ("QE_JUDGE_MIN_AGREEMENT", _float("QE_JUDGE_MIN_AGREEMENT")),
+    "judge_min_decisions": ("QE_JUDGE_MIN_DECISIONS", _int("QE_JUDGE_MIN_DECISIONS")),
+    "judge_agreement_window": ("QE_JUDGE_AGREEMENT_WINDOW", _int("QE_JUDGE_AGREEMENT_WINDOW")),
+    "serve_url": ("QE_SERVE_URL", _serve_url),
+    "llm_propose_review": ("QE_LLM_PROPOSE_REVIEW", _bool("QE_LLM_PROPOSE_REVIEW")),
     "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
     "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
     "eval_margin": ("QE_EVAL_MARGIN", _float("QE_EVAL_MARGIN", 0.0, 0.5)),
@@ -342,6 +385,12 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
     "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", _text),
     "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
+    "rollout_mode": ("QE_ROLLOUT", _choice("QE_ROLLOUT", ROLLOUT_MODES)),
+    "ab_ramp": ("QE_AB_RAMP", _ramp),
+    "ab_alpha": ("QE_AB_ALPHA", _float("QE_AB_ALPHA", 0.001, 0.5)),
+    "ab_tau": ("QE_AB_TAU", _float("QE_AB_TAU", 0.001, 1.0)),
+    "ab_min_answers": ("QE_AB_MIN_ANSWERS", _int("QE_AB_MIN_ANSWERS")),
+    "ab_ramp_max_harm": ("QE_AB_RAMP_MAX_HARM", _float("QE_AB_RAMP_MAX_HARM", 0.0, 1.0)),
     "llm_price_input_per_1m": (
         "QE_LLM_PRICE_INPUT_PER_1M",
         _float("QE_LLM_PRICE_INPUT_PER_1M", 0.0, None),
@@ -397,6 +446,10 @@ class Settings(BaseModel):
         0.7,
         description="`QualityCapture` sends events whose "
         "`score` is below this; the others are skipped.",
+    )
+    count_flush_seconds: float = Field(
+        5.0,
+        description="How often a producer process sends its per-model answer counts.",
     )
     ingest_batch_size: int = Field(
         5_000, description="Records per ingest / annotate / complete transaction; bounds memory."
@@ -556,18 +609,44 @@ class Settings(BaseModel):
     llm_judge_margin: float = Field(
         1.0, description="Judge score (1–10) the rewrite must gain over the original."
     )
+    llm_propose_review: bool = Field(
+        True,
+        description="LLM mode: review samples get a `proposed` completion a reviewer can accept.",
+    )
     llm_price_input_per_1m: float = Field(
         0.0, description="Price per million prompt tokens, for the cost estimate."
     )
     llm_price_output_per_1m: float = Field(
         0.0, description="Price per million completion tokens, for the cost estimate."
     )
+    # The judge measured against reviewers (docs/judge-calibration.md): below this agreement over
+    # the last `judge_agreement_window` decisions (once there are `judge_min_decisions`), the
+    # judge's approvals wait for a person instead of going straight into versions.
+    judge_min_agreement: float = Field(
+        0.8,
+        description="Below this agreement with reviewers, the judge's approvals wait for a person.",
+    )
+    judge_min_decisions: int = Field(
+        30,
+        description="Reviewer decisions needed before the judge's agreement counts.",
+    )
+    judge_agreement_window: int = Field(
+        200,
+        description="The last N reviewer decisions the judge's agreement is measured over.",
+    )
+    serve_url: str = Field(
+        "http://127.0.0.1:8787",
+        description="Where `qe serve` answers: the dashboards linked from the assets' metadata.",
+    )
     # The evaluation gate (docs/evaluation.md). 0 holds nothing out: set a share to build the
     # frozen evaluation set; held-out questions never reach a training file.
+    # 5 % gives the gate its 50 items once about 1,000 samples were released.
     eval_share: float = Field(
-        0.0,
-        description="Share of questions held out of every file into "
-        "the frozen evaluation set; 0 holds nothing out.",
+        0.05,
+        description=(
+            "Share of questions held out of every file into the frozen evaluation set; 0 holds "
+            "nothing out (the gate then has nothing to judge)."
+        ),
     )
     eval_min_items: int = Field(
         50, description="Fewer judged pairs give `insufficient_data` (nothing promoted)."
@@ -591,6 +670,49 @@ class Settings(BaseModel):
         description="k > 0 also compares the candidate with "
         "production given k train examples in its prompt (reported, not gating).",
     )
+    # The A/B rollout (docs/rollout.md): canary makes a gate-passed candidate an A/B test.
+    rollout_mode: str = Field(
+        "direct",
+        description=(
+            "`direct`: the gate promotes; `canary`: a candidate that passes the gate becomes "
+            "the A/B test's candidate at the first share of the ramp."
+        ),
+    )
+    ab_ramp: list[float] = Field(
+        [0.05, 0.25, 0.5],
+        description="The candidate's traffic shares, in turn.",
+    )
+    ab_alpha: float = Field(
+        0.05,
+        description="Bound on P(ever promoting an equal candidate).",
+    )
+    ab_tau: float = Field(
+        0.05,
+        description="The difference of low-score rates the mSPRT is tuned to find fastest.",
+    )
+    ab_min_answers: int = Field(
+        200,
+        description="Answers per arm before deciding; at a share before ramping on.",
+    )
+    ab_ramp_max_harm: float = Field(
+        0.01,
+        description=(
+            "Ramp up only while the candidate's low-score rate is at most this much above "
+            "production's."
+        ),
+    )
+
+    def ab_policy(self) -> Policy:
+        """The test's knobs as `qe_assets.evaluation.sequential.Policy`."""
+        from qe_assets.evaluation.sequential import Policy
+
+        return Policy(
+            alpha=self.ab_alpha,
+            tau=self.ab_tau,
+            min_answers=self.ab_min_answers,
+            ramp=tuple(self.ab_ramp),
+            ramp_max_harm=self.ab_ramp_max_harm,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -600,7 +722,14 @@ class Settings(BaseModel):
             raw = env.get(variable)
             if raw is not None and raw.strip():
                 values[name] = parse(raw)
-        return cls(**values)
+        settings = cls(**values)
+        if settings.judge_agreement_window < settings.judge_min_decisions:
+            raise SettingsError(
+                f"QE_JUDGE_AGREEMENT_WINDOW ({settings.judge_agreement_window}) must be at least "
+                f"QE_JUDGE_MIN_DECISIONS ({settings.judge_min_decisions}): agreement is measured "
+                "over the last QE_JUDGE_AGREEMENT_WINDOW decisions"
+            )
+        return settings
 
     def settings(self) -> Settings:
         """The plain settings (also on the Dagster resource that inherits these fields)."""
@@ -627,6 +756,26 @@ class Settings(BaseModel):
         return {variable: getattr(self, name) for name, (variable, _) in ENVIRONMENT.items()}
 
 
+SERVE_TOKEN_VARIABLE = "QE_SERVE_TOKEN"
+
+
+def serve_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """QE_SERVE_TOKEN: the secret `qe serve` requires on every request when it binds a
+    non-loopback address. Read here rather than kept on `Settings`, whose fields reach the
+    Dagster launchpad and every dataset manifest; a secret must reach neither. Never logged."""
+    env = os.environ if environ is None else environ
+    raw = env.get(SERVE_TOKEN_VARIABLE)
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if len(value) < 16:
+        raise SettingsError(
+            f"{SERVE_TOKEN_VARIABLE} must be at least 16 characters (e.g. `openssl rand -hex "
+            "16`); the value given is shorter"
+        )
+    return value
+
+
 # Variables read outside `Settings`: by the CLI, by the Kafka client builder, by the training
 # examples and by the tests. The configuration reference lists them beside the settings.
 OTHER_VARIABLES: dict[str, tuple[str, str]] = {
@@ -641,6 +790,11 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
         "`sasl.password` (`_` becomes `.`); read when a client is built, never part of the "
         "settings or the run config.",
     ),
+    "QE_SERVE_TOKEN": (
+        "unset",
+        "The secret `qe serve` requires on every request; needed to bind anything but the "
+        "loopback (16+ characters). Never a setting, never logged.",
+    ),
     "QE_REVIEWER": ("`$USER`", "Who `qe review` and `qe models` record as the reviewer."),
     "QE_TRL_MODEL": ("required", "TRL examples: the model to adapt (Hugging Face id or folder)."),
     "QE_TRL_DATA": ("`records`", "TRL examples: `records` (weighted loss) or `chat`."),
@@ -648,6 +802,14 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
     "QE_TRL_DRY_RUN": ("unset", "TRL examples: `1` checks the records and trains nothing."),
     "QE_SLOW_TRIALS": ("unset", "Tests: number of slow crash / fault trials (opt-in)."),
     "QE_FUZZ_EXAMPLES": ("60", "Tests: hypothesis examples of the fuzz test."),
+    "QE_DOCS_SCREENSHOTS": (
+        "unset",
+        "Tests: `1` makes the review page browser test write its screenshots to docs/img/.",
+    ),
+    "QE_UPDATE_SCREENSHOTS": (
+        "unset",
+        "Tests: set, the dashboards browser test writes its screenshot to docs/img/.",
+    ),
 }
 # The variables the external contract defines; every other one is an extension of it.
 CONTRACT_VARIABLES = frozenset(

@@ -237,6 +237,46 @@ CREATE TABLE IF NOT EXISTS promoted_models (
     action           VARCHAR NOT NULL,     -- promote | rollback
     reason           VARCHAR
 );
+-- The A/B rollout (qe_assets/rollout.py, docs/rollout.md). Which model answered an event: added
+-- to an existing raw_events on its next write connection (NULL for events before it).
+ALTER TABLE raw_events ADD COLUMN IF NOT EXISTS model VARCHAR;
+-- Answers per model from the producers' count records, exactly once per (flush_id, model).
+CREATE TABLE IF NOT EXISTS answer_counts (
+    flush_id      VARCHAR NOT NULL,    -- unique per flush of one producer process
+    model         VARCHAR NOT NULL,
+    answers       BIGINT NOT NULL,     -- capture calls for this model, skipped ones included
+    low           BIGINT NOT NULL,     -- of those, score < the producer's capture threshold
+    threshold     DOUBLE NOT NULL,     -- that threshold
+    producer      VARCHAR NOT NULL,    -- host:pid
+    window_start  TIMESTAMP NOT NULL,  -- UTC: the answers were counted in this window
+    window_end    TIMESTAMP NOT NULL,
+    source        VARCHAR NOT NULL,
+    ingested_at   TIMESTAMP NOT NULL,
+    PRIMARY KEY (flush_id, model)
+);
+-- Append-only: every decision of the A/B test and every change a person made; the newest row is
+-- the rollout state (rollout.json is written from it).
+CREATE SEQUENCE IF NOT EXISTS ab_decisions_seq;
+CREATE TABLE IF NOT EXISTS ab_decisions (
+    decision_id         BIGINT NOT NULL DEFAULT nextval('ab_decisions_seq'),
+    candidate           VARCHAR NOT NULL,
+    production          VARCHAR NOT NULL,
+    share               DOUBLE NOT NULL,    -- the candidate's traffic share after this decision
+    answers_production  BIGINT NOT NULL,
+    low_production      BIGINT NOT NULL,
+    answers_candidate   BIGINT NOT NULL,
+    low_candidate       BIGINT NOT NULL,
+    rate_production     DOUBLE,
+    rate_candidate      DOUBLE,
+    statistic           DOUBLE,             -- mSPRT mixture likelihood ratio (reject at 1/alpha)
+    decision            VARCHAR NOT NULL,   -- start | continue | promote | rollback | set_share
+    reason              VARCHAR NOT NULL,
+    decided_by          VARCHAR NOT NULL,   -- ab_test | gate | the person who ran qe models
+    test_started_at     TIMESTAMP NOT NULL, -- counts from here on are the test's
+    per_label           JSON,
+    dagster_run_id      VARCHAR,
+    decided_at          TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
 """

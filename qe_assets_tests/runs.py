@@ -28,7 +28,7 @@ def column(conn: Any, query: str) -> list[Any]:
 
 
 def exportable_sample_ids(conn: Any) -> set[str]:
-    """Every sample some version must hold once nothing is pending: completed ok, not a
+    """Every sample a version (or the evaluation set) must hold once nothing is pending: ok, not a
     duplicate, not waiting for a reviewer. Written independently of the export's own query."""
     return set(
         column(

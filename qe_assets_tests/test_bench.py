@@ -74,7 +74,9 @@ def test_anchors_build_our_samples(settings: Settings, events: Path, tmp_path: P
 def test_the_benchmarks_import_nothing_from_the_test_suite() -> None:
     # The shared helpers live in qe_assets.testing; the bench must run from an installed package.
     code = (
-        "import sys, qe_assets_bench.pipeline, qe_assets_bench.llm_throughput\n"
+        "import importlib, pkgutil, sys, qe_assets_bench as b\n"
+        "for m in pkgutil.iter_modules(b.__path__):\n"
+        "    importlib.import_module(f'qe_assets_bench.{m.name}')\n"
         "print(sorted(m for m in sys.modules if m.startswith('qe_assets_tests')))\n"
     )
     result = subprocess.run(

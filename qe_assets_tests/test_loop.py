@@ -187,6 +187,7 @@ def test_definitions_default_to_the_in_process_executor_and_two_groups() -> None
         "tuning_dataset": "release",
         "fine_tuned_model": "release",
         "model_evaluation": "release",
+        "ab_test": "release",
     }
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["queue_sensor"].default_status == dg.DefaultSensorStatus.RUNNING

@@ -29,6 +29,7 @@ from qe_assets.store import (
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import AnnotateConfig, annotate_events, mark_duplicates
 from qe_assets.transforms.dataset import redacted_label_counts
+from qe_assets.web.links import dashboard_url
 
 STAGE = "annotated_samples"
 _COLUMNS = (
@@ -261,6 +262,7 @@ def _annotate_stage(
         "total_samples": int(total),
         "dagster/row_count": int(total),
         "new_label_counts": dg.MetadataValue.json(dict(labels.most_common())),
+        "dashboards": dg.MetadataValue.url(dashboard_url(settings, "labels")),
     }
     # One numeric entry per label so the Plots tab charts each over time.
     for label, count in labels.items():
@@ -270,6 +272,7 @@ def _annotate_stage(
         "pending": backlog.pending,
         "dagster/row_count": backlog.pending,
         "new_review": routes.get("review", 0),
+        "dashboards": dg.MetadataValue.url(dashboard_url(settings, "backlog")),
     }
     for label, outcome in reviewed.items():
         review[f"review_kept_share/{label}"] = outcome["kept_share"]

@@ -44,6 +44,7 @@ from qe_assets.transforms.dataset import (
     redact_identifiers,
 )
 from qe_assets.transforms.pii import redact
+from qe_assets.web.links import dashboard_url
 
 
 def _ready_batches(
@@ -259,7 +260,11 @@ def next_release(
     QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due)."""
     with duckdb_writer(duckdb_resource) as conn:
         decision = release_decision(
-            conn, settings.finetune_threshold, settings.finetune_backend, cut_version=force
+            conn,
+            settings.finetune_threshold,
+            settings.finetune_backend,
+            cut_version=force,
+            eval_share=settings.eval_share,
         )
     if decision.due and decision.republish and decision.version is not None:
         return committed_manifest(settings, decision.version), True, decision.reason
@@ -349,6 +354,7 @@ def tuning_dataset(
         ),
         "dagster/row_count": total,
         "republished": republished,
+        "dashboards": dg.MetadataValue.url(dashboard_url(settings, "samples")),
     }
     for label, count in manifest["label_counts"].items():
         metadata[f"label_share/{label}"] = round(count / total, 4)

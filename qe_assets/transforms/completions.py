@@ -13,6 +13,9 @@ from qe_assets.templates import Templates
 
 NAIVE, LLM, HUMAN = "naive", "llm", "human"
 OK, FAILED = "ok", "failed"
+# An LLM completion for a sample waiting in the review queue: shown to the reviewer, never
+# exported (the export takes `ok` only) until a person accepts it.
+PROPOSED = "proposed"
 # Higher wins when a sample has completions from several sources.
 MODE_RANK = {NAIVE: 1, LLM: 2, HUMAN: 3}
 
@@ -265,6 +268,19 @@ def llm_completion_rows(
     )
 
 
+def mark_proposed(rows: pl.DataFrame, review_ids: pl.Series) -> pl.DataFrame:
+    """LLM completion rows of samples routed to review become `proposed`, whatever the judge
+    said (its verdict stays on the row for the reviewer): only a person makes them `ok`.
+    Failed rows stay failed, so the next run retries them (and proposes again)."""
+    return rows.with_columns(
+        status=pl.when(
+            pl.col("sample_id").is_in(review_ids.implode()) & (pl.col("status") != FAILED)
+        )
+        .then(pl.lit(PROPOSED))
+        .otherwise(pl.col("status"))
+    )
+
+
 def cache_rows(outcomes: pl.DataFrame, *, model: str, judge_model: str | None) -> pl.DataFrame:
     """llm_cache rows for the usable answers this batch paid for (cache hits are already there).
 
@@ -330,7 +346,7 @@ def llm_totals(
         "latency_p50_ms": round(float(latency_ms.quantile(0.5) or 0.0), 1),
         "latency_p99_ms": round(float(latency_ms.quantile(0.99) or 0.0), 1),
     }
-    for status in (OK, FAILED, REJECTED_BY_JUDGE):
+    for status in (OK, FAILED, REJECTED_BY_JUDGE, PROPOSED):
         totals[status] = int((rows["status"] == status).sum())
     errors = rows.filter(pl.col("status") == FAILED).group_by("error").len().sort("error")
     for error, count in errors.iter_rows():
