@@ -24,7 +24,7 @@ from qe_assets.backlog import (
     review_age,
     review_backlog,
 )
-from qe_assets.readiness import release_decision
+from qe_assets.readiness import settings_release_decision
 from qe_assets.resources import PipelineSettings, QueueResource
 from qe_assets.runner import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
 from qe_assets.store import DatabaseBusy, connect
@@ -105,12 +105,7 @@ def build_finetune_sensor(
         try:
             # Read-only and bounded: the sensor never holds the write lock and never waits long.
             with connect(settings.database, read_only=True, wait_seconds=5) as conn:
-                decision = release_decision(
-                    conn,
-                    settings.finetune_threshold,
-                    settings.finetune_backend,
-                    eval_share=settings.eval_share,
-                )
+                decision = settings_release_decision(conn, settings)
         except DatabaseBusy:
             return dg.SkipReason("the database is busy with a writer; looking again next tick")
         if not decision.due or decision.version is None:

@@ -25,7 +25,7 @@ from qe_assets.readiness import (
     READY_IN_WINDOW,
     WINDOW_END,
     VersionState,
-    release_decision,
+    settings_release_decision,
     version_state,
 )
 from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
@@ -259,13 +259,7 @@ def next_release(
     that cut it died right after the commit; else a new cut, only once the ready samples reach
     QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due)."""
     with duckdb_writer(duckdb_resource) as conn:
-        decision = release_decision(
-            conn,
-            settings.finetune_threshold,
-            settings.finetune_backend,
-            cut_version=force,
-            eval_share=settings.eval_share,
-        )
+        decision = settings_release_decision(conn, settings, cut_version=force)
     if decision.due and decision.republish and decision.version is not None:
         return committed_manifest(settings, decision.version), True, decision.reason
     if not decision.due:
