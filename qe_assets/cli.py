@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qe_assets.settings import Settings, SettingsError
+from qe_assets.settings import Settings, SettingsError, estimated_cost
 
 if TYPE_CHECKING:
     import duckdb
@@ -37,6 +37,29 @@ class UserError(Exception):
 
 def _err(message: str) -> None:
     print(f"qe: {message}", file=sys.stderr)
+
+
+def _where(settings: Settings) -> str:
+    """Where the data directory came from, for messages that name a path: a relative default
+    depends on the directory `qe` was started in."""
+    data_dir = Path(settings.data_dir).absolute()
+    if os.environ.get("QE_DUCKDB_PATH", "").strip():
+        return f"QE_DUCKDB_PATH={settings.database}"
+    if os.environ.get("QE_DATA_DIR", "").strip():
+        return f"QE_DATA_DIR={data_dir}"
+    return f"QE_DATA_DIR is not set: {data_dir}, under the current directory"
+
+
+def _require_store(settings: Settings, consequence: str = "run `qe run` there first") -> Path:
+    """The database's absolute path; a command that only reads or decides on existing data stops
+    here, creating nothing, when it is not there (typically `qe` started in another directory)."""
+    database = settings.database.absolute()
+    if not database.exists():
+        raise UserError(
+            f"no database at {database} yet ({_where(settings)}): {consequence}, or set "
+            "QE_DATA_DIR to the directory that holds qe.duckdb"
+        )
+    return database
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
@@ -64,7 +87,8 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
             accepted += queue.put(payloads)
         except QueueUnavailable as exc:
             raise UserError(str(exc), EXIT_FAILED) from exc
-    print(f"enqueued {accepted} records on the {queue.name} queue; {invalid} invalid")
+    target = f" ({settings.inbox_dir.absolute()})" if queue.name == "inbox" else ""
+    print(f"enqueued {accepted} records on the {queue.name} queue; {invalid} invalid{target}")
     return EXIT_FAILED if invalid and not args.keep_invalid else EXIT_OK
 
 
@@ -139,8 +163,7 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets import adhoc
     from qe_assets.store import connect
 
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    _require_store(settings)
     if args.format == "parquet" and not args.output:
         raise UserError("--format parquet needs --output FILE")
     try:
@@ -209,83 +232,91 @@ def _write_frame(frame: pl.DataFrame, args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.queues import QueueUnavailable, durability_warning, open_queue
+    print(f"database: {_require_store(settings)} ({_where(settings)})")
+    _print_store_status(args, settings)
+    _print_queue_status(settings)
+    return EXIT_OK
+
+
+def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
+    """Counts per table, the review queue, ready samples, the latest version, LLM use, the
+    production model and the models per version."""
     from qe_assets.readiness import ready_sample_count
     from qe_assets.store import connect, table_counts
 
-    print(f"database: {settings.database}")
-    if settings.database.exists():
-        with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
-            for table, count in table_counts(conn).items():
-                print(f"  {table:<18} {count:>10,}")
-            review = conn.execute(
-                "SELECT count(*) FROM review_queue WHERE status = 'pending'"
-            ).fetchall()[0][0]
-            latest = conn.execute(
-                "SELECT version, sample_count, created_at FROM dataset_versions "
-                "ORDER BY number DESC LIMIT 1"
-            ).fetchall()
-            ready = ready_sample_count(conn, eval_share=settings.eval_share)
-            models = conn.execute(
-                """
-                SELECT dataset_version, backend, status, coalesce(model_id, message, '')
-                FROM fine_tune_runs
-                QUALIFY row_number() OVER (
-                    PARTITION BY dataset_version ORDER BY updated_at DESC) = 1
-                ORDER BY dataset_version DESC LIMIT 10
-                """
-            ).fetchall()
-            completions = conn.execute(
-                """
-                SELECT mode, status, count(*), coalesce(sum(attempts), 0),
-                       coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
-                FROM completions GROUP BY ALL ORDER BY ALL
-                """
-            ).fetchall()
-            failures = conn.execute(
-                "SELECT error, count(*) FROM completions WHERE status = 'failed' "
-                "GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall()
-            conn_rows = _production_rows(conn)
-        print(f"review queue: {review:,} samples waiting for a human")
-        print(
-            f"pending samples: {ready:,} ready for the next version "
-            f"(fine-tune threshold {settings.finetune_threshold:,})"
-        )
-        if latest:
-            version, count, created = latest[0]
-            print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
-        else:
-            print("latest dataset: none yet")
-        if completions:
-            print("completions (mode, status: samples, HTTP requests, tokens in/out):")
-            for mode, status, samples, requests, tokens_in, tokens_out in completions:
-                print(
-                    f"  {mode:<6} {status:<18} {samples:>8,} {requests:>8,} "
-                    f"{tokens_in:>12,} {tokens_out:>12,}"
-                )
-            tokens_in = sum(row[4] for row in completions)
-            tokens_out = sum(row[5] for row in completions)
-            cost = (
-                tokens_in * settings.llm_price_input_per_1m
-                + tokens_out * settings.llm_price_output_per_1m
-            ) / 1e6
-            print(f"  LLM tokens {tokens_in:,} in / {tokens_out:,} out, estimated cost {cost:.4f}")
-        if failures:
-            print(
-                "failed completions by error: "
-                + ", ".join(f"{error} {count:,}" for error, count in failures)
-            )
-        production, evaluation = _production_line(conn_rows)
-        print(f"production model: {production}")
-        if evaluation:
-            print(f"latest evaluation: {evaluation}")
-        if models:
-            print("models (latest run per dataset version):")
-            for version, backend, status, model in models:
-                print(f"  {version}  {backend:<8} {status:<10} {model}")
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        for table, count in table_counts(conn).items():
+            print(f"  {table:<18} {count:>10,}")
+        review = conn.execute(
+            "SELECT count(*) FROM review_queue WHERE status = 'pending'"
+        ).fetchall()[0][0]
+        latest = conn.execute(
+            "SELECT version, sample_count, created_at FROM dataset_versions "
+            "ORDER BY number DESC LIMIT 1"
+        ).fetchall()
+        ready = ready_sample_count(conn, eval_share=settings.eval_share)
+        models = conn.execute(
+            """
+            SELECT dataset_version, backend, status, coalesce(model_id, message, '')
+            FROM fine_tune_runs
+            QUALIFY row_number() OVER (
+                PARTITION BY dataset_version ORDER BY updated_at DESC) = 1
+            ORDER BY dataset_version DESC LIMIT 10
+            """
+        ).fetchall()
+        completions = conn.execute(
+            """
+            SELECT mode, status, count(*), coalesce(sum(attempts), 0),
+                   coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+            FROM completions GROUP BY ALL ORDER BY ALL
+            """
+        ).fetchall()
+        failures = conn.execute(
+            "SELECT error, count(*) FROM completions WHERE status = 'failed' "
+            "GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+        conn_rows = _production_rows(conn)
+    print(f"review queue: {review:,} samples waiting for a human")
+    print(
+        f"pending samples: {ready:,} ready for the next version "
+        f"(fine-tune threshold {settings.finetune_threshold:,})"
+    )
+    if latest:
+        version, count, created = latest[0]
+        print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
     else:
-        print("  (not created yet)")
+        print("latest dataset: none yet")
+    if completions:
+        print("completions (mode, status: samples, HTTP requests, tokens in/out):")
+        for mode, status, samples, requests, tokens_in, tokens_out in completions:
+            print(
+                f"  {mode:<6} {status:<18} {samples:>8,} {requests:>8,} "
+                f"{tokens_in:>12,} {tokens_out:>12,}"
+            )
+        tokens_in = sum(row[4] for row in completions)
+        tokens_out = sum(row[5] for row in completions)
+        cost = estimated_cost(
+            tokens_in, tokens_out, settings.llm_price_input_per_1m, settings.llm_price_output_per_1m
+        )
+        print(f"  LLM tokens {tokens_in:,} in / {tokens_out:,} out, estimated cost {cost:.4f}")
+    if failures:
+        print(
+            "failed completions by error: "
+            + ", ".join(f"{error} {count:,}" for error, count in failures)
+        )
+    production, evaluation = _production_line(conn_rows)
+    print(f"production model: {production}")
+    if evaluation:
+        print(f"latest evaluation: {evaluation}")
+    if models:
+        print("models (latest run per dataset version):")
+        for version, backend, status, model in models:
+            print(f"  {version}  {backend:<8} {status:<10} {model}")
+
+
+def _print_queue_status(settings: Settings) -> None:
+    from qe_assets.queues import QueueUnavailable, durability_warning, open_queue
+
     queue = open_queue(settings)
     try:
         print(f"queue ({queue.name}): {queue.depth():,} pending")
@@ -294,7 +325,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"WARNING: {warning}")
     except QueueUnavailable as exc:
         print(f"queue ({queue.name}): unavailable ({exc})")
-    return EXIT_OK
 
 
 def _production_rows(conn: duckdb.DuckDBPyConnection) -> tuple[list[tuple], list[tuple]]:
@@ -557,8 +587,7 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action in ("accept", "reject"):
         _check_selection(args)
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    _require_store(settings)
     try:
         if args.action in ("list", "show"):
             return _review_read(args, settings)
@@ -599,11 +628,11 @@ def _models_list(settings: Settings, wait: float) -> int:
     import polars as pl
 
     from qe_assets.evaluation.registry import MODELS_QUERY
-    from qe_assets.store import connect, query_frame
+    from qe_assets.store import connect, select_frame
 
     with connect(settings.database, read_only=True, wait_seconds=wait) as conn:
         try:
-            frame = query_frame(conn, MODELS_QUERY)
+            frame = select_frame(conn, MODELS_QUERY)
         except duckdb.CatalogException:  # a store from before the evaluation gate
             frame = pl.DataFrame()
         rollout = _rollout_lines(conn)
@@ -714,8 +743,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.rollout import state_path
     from qe_assets.store import connect, ensure_schema, writer_lock
 
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    _require_store(settings)
     if args.action in (None, "list"):
         return _models_list(settings, args.wait)
     reviewer = _reviewer(args)
@@ -748,8 +776,7 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.purge import purge_exported
 
     age = _age_seconds(args.older_than)
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: nothing to purge")
+    _require_store(settings, "nothing to purge")
     counts = purge_exported(
         settings.database, age, config={"memory_limit": settings.duckdb_memory_limit}
     )
@@ -788,7 +815,12 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.runner import prepare_dagster_home
 
     home = prepare_dagster_home(settings)
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    # The code server must use this data directory whatever directory it starts in.
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "QE_DATA_DIR": str(Path(settings.data_dir).absolute()),
+    }
     command = _dagster_dev_command(args.host, args.port)
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
     if args.no_review:
@@ -830,7 +862,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qe",
         description="Turn low-quality RAG answers into versioned fine-tuning datasets.",
-        epilog="Configuration comes from QE_* environment variables; see README.md.",
+        epilog=(
+            "Configuration comes from QE_* environment variables (docs/configuration.md); "
+            "without QE_DATA_DIR the data directory is ./data under the current directory."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

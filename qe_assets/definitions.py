@@ -1,4 +1,10 @@
-"""The Dagster code location: assets, checks, jobs, sensors and resources of qe_assets."""
+"""The Dagster code location: assets, checks, jobs, sensors and resources of qe_assets.
+
+Importing this module builds nothing: `defs` is a `@dg.definitions` entry point that Dagster
+(workspace.yaml, `dagster dev`) calls when it loads the code location, so the settings are read
+and checked then, not at import. `build_definitions(settings)` builds the same thing for the CLI
+and the tests.
+"""
 
 from __future__ import annotations
 
@@ -62,10 +68,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         ],
         resources=build_resources(settings),
         # "Materialize all" on the lineage page runs the implicit asset job, which would use the
-        # multiprocess executor: a process per step (20x slower here) for steps that take turns
-        # on DuckDB's single writer anyway.
+        # multiprocess executor: a process per step (far slower, docs/performance.md) for steps
+        # that take turns on DuckDB's single writer anyway.
         executor=dg.in_process_executor,
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location as the UI loads it: the settings from the environment."""
+    return build_definitions()

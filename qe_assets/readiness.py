@@ -29,7 +29,7 @@ READY = f"""
 # The export reads the ready samples of one window of completions ($limit of them, by seq) at a
 # time. annotated_samples is read only over the seq span of the window's samples, so its zone
 # maps skip the rest of history: a plain join read every prompt ever written once per batch
-# (3.9 s a batch on a 1M-sample store, 0.6 s this way).
+# (measured in docs/performance.md).
 _WINDOW = """
     SELECT seq, sample_id, completion, mode, status, judge_verdict FROM completions
     WHERE seq > $low AND seq <= $high ORDER BY seq LIMIT $limit
@@ -151,6 +151,20 @@ def release_decision(
     return decide(True, f"{ready} samples ready", version=f"v{state.next_number:03d}")
 
 
+def settings_release_decision(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, *, cut_version: bool = False
+) -> ReleaseDecision:
+    """`release_decision` with the threshold, backend and hold-out share of `settings`: what the
+    sensor, `qe run` and `tuning_dataset` each ask."""
+    return release_decision(
+        conn,
+        settings.finetune_threshold,
+        settings.finetune_backend,
+        cut_version=cut_version,
+        eval_share=settings.eval_share,
+    )
+
+
 def release_while_due(
     settings: Settings,
     release: Callable[[ReleaseDecision], bool],
@@ -165,13 +179,7 @@ def release_while_due(
     done: list[ReleaseDecision] = []
     while True:
         with connect(settings.database, read_only=True) as conn:
-            decision = release_decision(
-                conn,
-                settings.finetune_threshold,
-                settings.finetune_backend,
-                cut_version=cut_version,
-                eval_share=settings.eval_share,
-            )
+            decision = settings_release_decision(conn, settings, cut_version=cut_version)
         if not decision.due or decision.version in {d.version for d in done}:
             return done, decision
         done.append(decision)

@@ -34,8 +34,8 @@ ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnectio
 # queue, fine-tune runs) ever update or delete rows, so there is little space to reclaim.
 # Text is stored with ZSTD: what the stages write is mostly long text (documents, prompts,
 # completions) in which the same knowledge-base passages come back again and again. DuckDB's own
-# choice (dictionary + FSST) took 4-5x longer to checkpoint a batch and gave a 6x larger file on
-# the bench's events; numeric columns keep their own encodings.
+# choice (dictionary + FSST) checkpointed far slower and gave a larger file on the bench's events
+# (docs/performance.md); numeric columns keep their own encodings.
 WRITER_CONFIG: dict[str, str | int] = {"max_vacuum_tasks": 0, "force_compression": "zstd"}
 
 SCHEMA = """
@@ -562,14 +562,17 @@ def table_counts(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return counts
 
 
-def query_frame(
+def select_frame(
     conn: duckdb.DuckDBPyConnection, query: str, params: dict | list | None = None
 ) -> pl.DataFrame:
-    """Run a SELECT and return it as a Polars frame."""
+    """Run a SELECT on a store connection and return it as a Polars frame."""
     relation = conn.sql(query, params=params)
     if relation is None:
-        raise ValueError("query_frame needs a query that returns rows")
+        raise ValueError("select_frame needs a query that returns rows")
     return relation.pl()
+
+
+query_frame = select_frame  # the old name, for modules not yet moved to the new one
 
 
 def owned_copy(column: str) -> pl.Expr:
@@ -582,7 +585,8 @@ def owned_copy(column: str) -> pl.Expr:
 
 
 # The private in-memory DuckDB of `frame_query`, one per process (a forked child makes its own):
-# a new database per call cost ~20 ms and fresh memory for every batch's fingerprints and keys.
+# a new database per call cost time and fresh memory for every batch's fingerprints and keys
+# (docs/performance.md).
 _PRIVATE_LOCK = threading.Lock()
 _private: tuple[int, duckdb.DuckDBPyConnection] | None = None
 # A parent's database as a forked child inherits it: never used, and never freed either, since
@@ -603,7 +607,7 @@ def _private_database() -> duckdb.DuckDBPyConnection:
         return _private[1]
 
 
-def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
+def sql_over_frames(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     """Run a query over in-memory frames in a private DuckDB: no store, no lock, no waiting.
 
     Each call has a connection of its own (a cursor of the process's private database), so
@@ -611,7 +615,10 @@ def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     with _private_database().cursor() as conn:
         for name, frame in frames.items():
             conn.register(name, frame)
-        return query_frame(conn, query)
+        return select_frame(conn, query)
+
+
+frame_query = sql_over_frames  # the old name, for modules not yet moved to the new one
 
 
 def watermark(conn: duckdb.DuckDBPyConnection, stage: str) -> int:

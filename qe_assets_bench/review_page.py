@@ -25,7 +25,7 @@ from pathlib import Path
 
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
-from qe_assets_tests.review_server import serving
+from qe_assets.testing.review_server import serving
 
 TARGET_SECONDS = 1.0
 BULK = 2_000
@@ -138,7 +138,7 @@ def bulk_decision(settings: Settings, count: int) -> None:
 
 
 def clear_by_keyboard(workdir: Path, count: int, screenshots: Path | None = None) -> None:
-    from qe_assets_tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS
+    from qe_assets.testing.browser import CHROMIUM, CHROMIUM_ARGS
 
     try:
         from playwright.sync_api import expect, sync_playwright

@@ -25,6 +25,7 @@ import pytest
 from qe_assets.demo import generate_events, write_jsonl
 from qe_assets.runner import prepare_dagster_home
 from qe_assets.settings import Settings
+from qe_assets.testing.browser import CHROMIUM, CHROMIUM_ARGS
 from qe_assets_tests.conftest import free_port
 from qe_assets_tests.dagster_dev import DagsterDev
 
@@ -33,17 +34,6 @@ if TYPE_CHECKING:  # imported in the test, so a missing package skips (or fails 
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ASSETS = ("raw_events", "annotated_samples", "completions", "tuning_dataset", "fine_tuned_model")
 CHECKS = (
     "dataset_format_valid",

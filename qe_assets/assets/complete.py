@@ -32,7 +32,7 @@ from qe_assets.resources import (
     duckdb_writer,
     exclusive_stage,
 )
-from qe_assets.store import query_frame, set_watermark, transaction, watermark
+from qe_assets.store import select_frame, set_watermark, transaction, watermark
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import REVIEW, TRAIN
 from qe_assets.transforms.completions import (
@@ -107,7 +107,7 @@ def complete_next_batch(conn: duckdb.DuckDBPyConnection, batch_size: int) -> tup
     ).fetchall()
     if not scanned:
         return 0, 0
-    samples = query_frame(
+    samples = select_frame(
         conn,
         """
         SELECT sample_id, language, label, original_answer FROM annotated_samples
@@ -144,7 +144,7 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
         ),
     )
     # sha256 in DuckDB over the exact request JSON: columnar, and stable across versions.
-    keyed = query_frame(
+    keyed = select_frame(
         conn,
         """
         SELECT r.sample_id, r.request, sha256(r.request) AS regen_key,
@@ -161,7 +161,7 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
             judge_frames(samples, templates), on="sample_id", how="left", maintain_order="left"
         )
         conn.register("page_keys", jobs.select("regen_key"))
-        cached = query_frame(
+        cached = select_frame(
             conn,
             "SELECT cache_key, content FROM llm_cache "
             "WHERE purpose = 'judge' AND parent_key IN (SELECT regen_key FROM page_keys)",
@@ -195,7 +195,7 @@ class LLMPager:
         return page
 
     def _retries(self, conn: duckdb.DuckDBPyConnection) -> Page | None:
-        samples = query_frame(
+        samples = select_frame(
             conn,
             f"""
             SELECT {_SAMPLE_COLUMNS}, s.context_docs, true AS retry, c.seq AS completion_seq
@@ -213,7 +213,7 @@ class LLMPager:
 
     def _new_samples(self, conn: duckdb.DuckDBPyConnection) -> Page | None:
         ((high,),) = conn.execute("SELECT coalesce(max(seq), 0) FROM annotated_samples").fetchall()
-        samples = query_frame(
+        samples = select_frame(
             conn,
             f"""
             SELECT {_SAMPLE_COLUMNS}, s.context_docs, false AS retry
@@ -265,7 +265,7 @@ def commit_llm_batch(
         conn.register("batch_ids", rows.select("sample_id"))
         # Decided per row at commit, from the stored route: a failed proposal retried later is
         # proposed again, never turned into an exportable `ok` completion.
-        review_ids = query_frame(
+        review_ids = select_frame(
             conn,
             f"SELECT sample_id FROM annotated_samples SEMI JOIN batch_ids USING (sample_id) "
             f"WHERE route = '{REVIEW}'",

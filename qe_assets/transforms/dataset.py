@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
-from qe_assets.store import frame_query
+from qe_assets.store import sql_over_frames
 from qe_assets.templates import Templates
 from qe_assets.transforms.annotate import sample_id_parts
 from qe_assets.transforms.pii import redact_series
@@ -148,7 +148,7 @@ def exported_sample_ids(ids: pl.Series) -> pl.Series:
     if flagged.is_empty():
         return ids
     # sha256 in DuckDB: vectorised, and stable across library versions, unlike Polars' hash.
-    pseudonyms = frame_query(
+    pseudonyms = sql_over_frames(
         f"SELECT row, '{PSEUDONYM_PREFIX}' || sha256(id) AS pseudonym FROM flagged",
         flagged=flagged,
     )
