@@ -472,3 +472,49 @@ def test_direct_rollout_promotes_at_once_and_the_router_follows(
     router = Router(Path(eval_settings.data_dir, "rollout.json"), default=BASE, check_seconds=0)
     assert router.state() == RolloutState(candidate, None, 0.0)
     assert {router.choose_model(f"r{i}") for i in range(100)} == {candidate}
+
+
+def test_a_drifting_base_rate_during_the_ramp_does_not_decide_an_equal_candidate() -> None:
+    """The ramp puts most candidate answers late; if the low-score rate rose meanwhile, pooled
+    counts would roll an equal candidate back. Compared per period of constant share, equal
+    arms show no difference at all."""
+    policy = Policy(min_answers=200)
+    early = (9500, 950, 500, 50)  # share 5 %: both arms 10 % low
+    late = (5000, 1500, 5000, 1500)  # share 50 %, later traffic: both arms 30 % low
+    pooled = Arms(*[a + b for a, b in zip(early, late, strict=True)])
+    assert decide(pooled, 0.5, 0, policy).decision == ROLLBACK  # what pooling would do
+    per_period = decide(Arms.of_periods([early, late]), 0.5, 0, policy)
+    assert per_period.decision == CONTINUE and per_period.difference == 0.0
+    assert Arms.of_periods([early, late]).answers_candidate == 5500
+    # A real improvement inside each period is still found.
+    better_late = (5000, 1500, 5000, 1250)  # 25 % vs 30 %
+    assert decide(Arms.of_periods([early, better_late]), 0.5, 0, policy).decision == PROMOTE
+
+
+def test_arm_counts_split_at_each_share_change(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from qe_assets.evaluation.rollout_registry import ActiveTest, arm_counts
+
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    settings.database.parent.mkdir(parents=True)
+    start, change = datetime(2026, 1, 1, 9), datetime(2026, 1, 1, 11)
+    rows = [  # flush id, model, answers, low, window end
+        ("f0", "prod", 50, 5, datetime(2026, 1, 1, 8)),  # before the test: not counted
+        ("f1", "prod", 950, 95, datetime(2026, 1, 1, 10)),
+        ("f1", "cand", 50, 5, datetime(2026, 1, 1, 10)),
+        ("f2", "prod", 500, 150, datetime(2026, 1, 1, 12)),
+        ("f2", "cand", 500, 150, datetime(2026, 1, 1, 12)),
+    ]
+    with connect(settings.database) as conn:
+        ensure_schema(conn)
+        conn.executemany(
+            "INSERT INTO answer_counts VALUES (?, ?, ?, ?, 0.7, 'h:1', ?, ?, 'test', now())",
+            [(f, m, n, low, end, end) for f, m, n, low, end in rows],
+        )
+        test = ActiveTest("cand", "prod", 0.5, start, 50, (change,))
+        arms = arm_counts(conn, test)
+        unsplit = arm_counts(conn, ActiveTest("cand", "prod", 0.5, start, 50))
+    assert arms.strata == ((950, 95, 50, 5), (500, 150, 500, 150))
+    assert (arms.answers_production, arms.answers_candidate) == (1450, 550)
+    assert unsplit.strata == ((1450, 245, 550, 155),)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class ActiveTest:
     share: float
     started_at: datetime
     answers_at_share: int  # the candidate's answers when the share last changed
+    # When the share changed during the test (oldest first): the arms are compared per period.
+    share_changes: tuple[datetime, ...] = ()
 
 
 def newest_test_rows(conn: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
@@ -66,23 +69,41 @@ def active_test(conn: duckdb.DuckDBPyConnection) -> ActiveTest | None:
         if row["share"] != last["share"]:
             break
         at_share = row["answers_candidate"]
+    changes = tuple(
+        row["decided_at"] for before, row in pairwise(rows) if row["share"] != before["share"]
+    )
     return ActiveTest(
-        last["candidate"], last["production"], last["share"], last["test_started_at"], at_share
+        last["candidate"],
+        last["production"],
+        last["share"],
+        last["test_started_at"],
+        at_share,
+        changes,
     )
 
 
 def arm_counts(conn: duckdb.DuckDBPyConnection, test: ActiveTest) -> Arms:
-    """Both arms' answers and low-score answers counted since the test started."""
-    rows = dict(
-        (model, (int(answers), int(low)))
-        for model, answers, low in conn.execute(
-            "SELECT model, sum(answers), sum(low) FROM answer_counts "
-            "WHERE model IN (?, ?) AND window_end >= ? GROUP BY model",
-            [test.candidate, test.production, test.started_at],
-        ).fetchall()
-    )
-    production, candidate = rows.get(test.production, (0, 0)), rows.get(test.candidate, (0, 0))
-    return Arms(production[0], production[1], candidate[0], candidate[1])
+    """Both arms' answers and low-score answers counted since the test started, per period of
+    constant share (a flush belongs to the period its window ended in)."""
+    periods = [[0, 0, 0, 0] for _ in range(len(test.share_changes) + 1)]
+    for model, period, answers, low in conn.execute(
+        """
+        SELECT model, len(list_filter($changes::TIMESTAMP[], lambda c: c < window_end)),
+               sum(answers), sum(low)
+        FROM answer_counts
+        WHERE model IN ($candidate, $production) AND window_end >= $started
+        GROUP BY ALL
+        """,
+        {
+            "changes": list(test.share_changes),
+            "candidate": test.candidate,
+            "production": test.production,
+            "started": test.started_at,
+        },
+    ).fetchall():
+        offset = 0 if model == test.production else 2
+        periods[period][offset : offset + 2] = [int(answers), int(low)]
+    return Arms.of_periods([(p[0], p[1], p[2], p[3]) for p in periods])
 
 
 def label_counts(

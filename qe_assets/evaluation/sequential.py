@@ -7,7 +7,8 @@ P(ever rejecting an equal candidate) ≤ alpha however often it is read, which i
 false-promotion guarantee we want (a Bayesian posterior with a threshold gives no such bound).
 
 With d = rate_candidate − rate_production, its variance V under H0 (pooled rate p̄:
-V = p̄(1 − p̄)(1/n_c + 1/n_p)), and a normal mixture N(0, tau²) over the true difference, the
+V = p̄(1 − p̄)(1/n_c + 1/n_p); both combined over the periods of constant share when the ramp
+moved, see `stratified_difference`), and a normal mixture N(0, tau²) over the true difference, the
 mixture likelihood ratio is
 
     Λ = sqrt(V / (V + tau²)) · exp(d² tau² / (2 V (V + tau²)))
@@ -26,12 +27,21 @@ PROMOTE, ROLLBACK, CONTINUE = "promote", "rollback", "continue"
 
 @dataclass(frozen=True)
 class Arms:
-    """Answers and low-score answers of production and candidate over the test so far."""
+    """Answers and low-score answers of production and candidate over the test so far, and the
+    same per period of constant share (`strata`, oldest first; empty: one period)."""
 
     answers_production: int
     low_production: int
     answers_candidate: int
     low_candidate: int
+    strata: tuple[tuple[int, int, int, int], ...] = ()
+
+    @classmethod
+    def of_periods(cls, periods: list[tuple[int, int, int, int]]) -> Arms:
+        """The arms of a test whose share changed between `periods` (each: answers and low of
+        production, then of the candidate)."""
+        totals = [sum(column) for column in zip(*periods, strict=True)] or [0, 0, 0, 0]
+        return cls(*totals, strata=tuple(periods))
 
     @property
     def rate_production(self) -> float | None:
@@ -67,14 +77,42 @@ class Decision:
         return self.decision == ROLLBACK
 
 
+def stratified_difference(
+    strata: tuple[tuple[int, int, int, int], ...],
+) -> tuple[float, float] | None:
+    """(d, V): the difference of low-score rates combined over periods of constant share with
+    Cochran–Mantel–Haenszel weights w = n_c·n_p / (n_c + n_p), and its variance under equal
+    rates, Σ w·p̄(1 − p̄) / (Σ w)². None when no period has answers in both arms.
+
+    Why per period: the ramp puts most of the candidate's answers late in the test, production's
+    evenly over it; when the low-score rate drifts (time of day, a new question mix), pooled
+    counts show a difference an equal candidate does not have. Within a period both arms see
+    the same traffic, so each period's difference is unbiased, and so is their weighted sum.
+    With one period this is the plain two-proportion difference and its pooled variance."""
+    weight = spread = weighted_d = 0.0
+    for n_p, low_p, n_c, low_c in strata:
+        if n_p == 0 or n_c == 0:
+            continue
+        w = n_c * n_p / (n_c + n_p)
+        pooled = (low_c + low_p) / (n_c + n_p)
+        weight += w
+        weighted_d += w * (low_c / n_c - low_p / n_p)
+        spread += w * pooled * (1.0 - pooled)
+    if weight == 0.0:
+        return None
+    return weighted_d / weight, spread / (weight * weight)
+
+
 def mixture_ratio(arms: Arms, tau: float) -> tuple[float, float | None]:
-    """(Λ, d): the mSPRT's mixture likelihood ratio and the observed difference of rates."""
-    n_c, n_p = arms.answers_candidate, arms.answers_production
-    if n_c == 0 or n_p == 0:
+    """(Λ, d): the mSPRT's mixture likelihood ratio and the observed difference of rates
+    (per period of constant share, see `stratified_difference`)."""
+    strata = arms.strata or (
+        (arms.answers_production, arms.low_production, arms.answers_candidate, arms.low_candidate),
+    )
+    combined = stratified_difference(strata)
+    if combined is None:
         return 1.0, None
-    d = arms.low_candidate / n_c - arms.low_production / n_p
-    pooled = (arms.low_candidate + arms.low_production) / (n_c + n_p)
-    variance = pooled * (1.0 - pooled) * (1.0 / n_c + 1.0 / n_p)
+    d, variance = combined
     if variance <= 0.0:  # every answer low, or none: no evidence either way
         return 1.0, d
     t2 = tau * tau
