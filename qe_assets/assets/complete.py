@@ -41,7 +41,6 @@ from qe_assets.transforms.completions import (
     LLM_COMPLETION_SCHEMA,
     NAIVE,
     OK,
-    PROPOSED,
     judge_frames,
     llm_completion_rows,
     llm_totals,
@@ -296,6 +295,10 @@ def commit_llm_batch(
     return rows, int(held)
 
 
+TOTALS_COLUMNS = ("status", "error", "attempts", "prompt_tokens", "completion_tokens")
+_TOTALS_SCHEMA = {name: LLM_COMPLETION_SCHEMA[name] for name in TOTALS_COLUMNS}
+
+
 def run_llm_completions(
     context: dg.AssetExecutionContext,
     duckdb_resource: DuckDBResource,
@@ -305,13 +308,14 @@ def run_llm_completions(
 ) -> "dict[str, dg.RawMetadataValue]":
     pager = LLMPager(duckdb_resource, config)
     held_total = 0
-    proposed: list[str] = []
+    # What each commit wrote, narrowed to what the run's totals count (no texts kept).
+    committed: list[pl.DataFrame] = []
 
     def commit(outcomes: pl.DataFrame, new_watermark: int | None) -> None:
         nonlocal held_total
         rows, held = commit_llm_batch(duckdb_resource, config, outcomes, new_watermark, gate)
         held_total += held
-        proposed.extend(rows.filter(pl.col("status") == PROPOSED)["sample_id"].to_list())
+        committed.append(rows.select(TOTALS_COLUMNS))
         statuses = dict(rows.group_by("status").len().iter_rows())
         hits = int(outcomes["cached"].sum())
         context.log.info(
@@ -328,15 +332,7 @@ def run_llm_completions(
             f"OPENAI_BASE_URL and QE_LLM_MODEL. Finished samples were committed."
         ) from None
     elapsed = time.monotonic() - started
-    rows = mark_proposed(
-        llm_completion_rows(
-            outcomes,
-            model=config.model,
-            judge_model=config.judge_model,
-            judge_margin=config.judge_margin,
-        ),
-        pl.Series(proposed, dtype=pl.String),
-    )
+    rows = pl.concat(committed) if committed else pl.DataFrame(schema=_TOTALS_SCHEMA)
     totals = llm_totals(
         outcomes,
         rows,
