@@ -11,7 +11,13 @@ Policy, in the order it is applied:
 
 `capture` never raises into the request path: the RAG answer is already on its way to the user,
 and a lost quality signal must be visible in logs and in the returned status, not as a 500.
-This module imports neither Dagster nor DuckDB, so it is cheap to import in a web service.
+
+With `model="…"` (which model answered; see `qe_assets.rollout`), the call is also counted per
+model before the threshold is applied, so skipped answers count too: the A/B test's denominator.
+Counts are flushed in the background (`qe_assets.answer_counts`), never one write per answer.
+
+This module imports neither Dagster, DuckDB nor Polars (nor a broker client unless that queue is
+configured), so it is cheap to import in a web service; a test asserts it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from qe_assets.events import describe_errors, validate_event
+from qe_assets.answer_counts import AnswerCounter
+from qe_assets.event_model import describe_errors, validate_event
 from qe_assets.queues import EventQueue, FileInbox, QueueUnavailable, open_queue
 from qe_assets.settings import Settings
 
@@ -71,6 +78,22 @@ class QualityCapture:
             queue.warm_up()
         self.spool = spool or FileInbox(self.settings.inbox_dir)
         self.queue: EventQueue = queue or self.spool
+        self.counter = AnswerCounter(
+            self._deliver_counts,
+            threshold=self.threshold,
+            interval_seconds=self.settings.count_flush_seconds,
+        )
+
+    def _deliver_counts(self, payload: str) -> None:
+        """A count record takes the events' way: the queue, else the spool; raises when both
+        fail (the counter keeps the record and tries again)."""
+        try:
+            self.queue.put([payload])
+            return
+        except (QueueUnavailable, OSError):
+            if self.queue is self.spool:
+                raise
+        self.spool.put([payload])
 
     def __call__(
         self,
@@ -81,8 +104,11 @@ class QualityCapture:
         answer: str,
         evaluation: Mapping[str, Any],
         timestamp: datetime | str | None = None,
+        model: str | None = None,
         **extra: Any,
     ) -> CaptureResult:
+        if model is not None:
+            extra["model"] = model
         event: dict[str, Any] = {
             "request_id": request_id,
             "question": question,
@@ -97,12 +123,13 @@ class QualityCapture:
 
     def capture_event(self, event: Mapping[str, Any]) -> CaptureResult:
         event = dict(event)
-        score = (event.get("evaluation") or {}).get("score")
-        if (
-            isinstance(score, int | float)
-            and not isinstance(score, bool)
-            and score >= self.threshold
-        ):
+        evaluation = event.get("evaluation")
+        score = evaluation.get("score") if isinstance(evaluation, Mapping) else None
+        numeric = isinstance(score, int | float) and not isinstance(score, bool)
+        model = event.get("model")
+        if numeric and 0.0 <= score <= 1.0 and isinstance(model, str) and model.strip():
+            self.counter.add(model, score)
+        if numeric and score >= self.threshold:
             return CaptureResult(CaptureStatus.SKIPPED)
         stamp = event.get("timestamp")
         if stamp is None:

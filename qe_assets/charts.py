@@ -11,8 +11,8 @@ from types import ModuleType
 
 @functools.cache
 def _pyplot() -> ModuleType:
-    # Imported on the first chart, not with the definitions: matplotlib costs ~0.3-0.6 s of start-up
-    # that every code-server load and CLI call would otherwise pay.
+    # Imported on the first chart, not with the definitions: matplotlib's start-up cost
+    # (docs/performance.md) would otherwise be paid by every code-server load and CLI call.
     import matplotlib
 
     matplotlib.use("Agg")  # no display here, and no GUI toolkit in a run worker

@@ -13,7 +13,7 @@ from dagster_duckdb import DuckDBResource
 from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.export import VersionFiles, preference_format_problems, version_format_problems
 from qe_assets.finetune.registry import pending_version, reject_version
-from qe_assets.resources import PipelineSettings, duckdb_writer
+from qe_assets.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.transforms.validation import (
     LabelBounds,
     label_share_problems,
@@ -45,6 +45,12 @@ def latest_version(conn: duckdb.DuckDBPyConnection, backend: str) -> LatestVersi
     previous = json.loads(rows[1][4]) if len(rows) > 1 else None
     files = VersionFiles(Path(jsonl), Path(chat), Path(manifest))
     return LatestVersion(version, files, json.loads(counts), previous)
+
+
+def _checked_version(duckdb: DuckDBResource, settings: PipelineSettings) -> LatestVersion | None:
+    """The version under check, read with a short read-only connection."""
+    with duckdb_reader(duckdb) as conn:
+        return None if conn is None else latest_version(conn, settings.finetune_backend)
 
 
 def _refuse(
@@ -86,8 +92,7 @@ def _result(
     ),
 )
 def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn, settings.finetune_backend)
+    latest = _checked_version(duckdb, settings)
     if latest is None:
         return _no_version()
     problems, examples = version_format_problems(latest.files, settings.min_dataset_examples)
@@ -110,8 +115,7 @@ def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> 
 def preference_format_valid(
     duckdb: DuckDBResource, settings: PipelineSettings
 ) -> dg.AssetCheckResult:
-    with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn, settings.finetune_backend)
+    latest = _checked_version(duckdb, settings)
     if latest is None:
         return _no_version()
     problems, pairs = preference_format_problems(latest.files)
@@ -132,9 +136,9 @@ def preference_format_valid(
     ),
 )
 def dataset_no_leakage(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn, settings.finetune_backend)
-        if latest is None:
+    with duckdb_reader(duckdb) as conn:
+        latest = None if conn is None else latest_version(conn, settings.finetune_backend)
+        if conn is None or latest is None:
             return _no_version()
         ((repeated,),) = conn.execute(
             """
@@ -183,8 +187,7 @@ def dataset_no_leakage(duckdb: DuckDBResource, settings: PipelineSettings) -> dg
     ),
 )
 def label_distribution(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn, settings.finetune_backend)
+    latest = _checked_version(duckdb, settings)
     if latest is None:
         return _no_version()
     bounds = LabelBounds(
@@ -207,8 +210,7 @@ def label_distribution(duckdb: DuckDBResource, settings: PipelineSettings) -> dg
     ),
 )
 def label_drift(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    with duckdb_writer(duckdb) as conn:
-        latest = latest_version(conn, settings.finetune_backend)
+    latest = _checked_version(duckdb, settings)
     if latest is None:
         return _no_version()
     if latest.previous_label_counts is None:

@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qe_assets.settings import Settings, SettingsError
+from qe_assets.settings import Settings, SettingsError, estimated_cost
 
 if TYPE_CHECKING:
     import duckdb
     import polars as pl
+
+    from qe_assets import review, review_queue
+    from qe_assets.evaluation.rollout_registry import ActiveTest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -33,6 +37,29 @@ class UserError(Exception):
 
 def _err(message: str) -> None:
     print(f"qe: {message}", file=sys.stderr)
+
+
+def _where(settings: Settings) -> str:
+    """Where the data directory came from, for messages that name a path: a relative default
+    depends on the directory `qe` was started in."""
+    data_dir = Path(settings.data_dir).absolute()
+    if os.environ.get("QE_DUCKDB_PATH", "").strip():
+        return f"QE_DUCKDB_PATH={settings.database}"
+    if os.environ.get("QE_DATA_DIR", "").strip():
+        return f"QE_DATA_DIR={data_dir}"
+    return f"QE_DATA_DIR is not set: {data_dir}, under the current directory"
+
+
+def _require_store(settings: Settings, consequence: str = "run `qe run` there first") -> Path:
+    """The database's absolute path; a command that only reads or decides on existing data stops
+    here, creating nothing, when it is not there (typically `qe` started in another directory)."""
+    database = settings.database.absolute()
+    if not database.exists():
+        raise UserError(
+            f"no database at {database} yet ({_where(settings)}): {consequence}, or set "
+            "QE_DATA_DIR to the directory that holds qe.duckdb"
+        )
+    return database
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
@@ -60,7 +87,8 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
             accepted += queue.put(payloads)
         except QueueUnavailable as exc:
             raise UserError(str(exc), EXIT_FAILED) from exc
-    print(f"enqueued {accepted} records on the {queue.name} queue; {invalid} invalid")
+    target = f" ({settings.inbox_dir.absolute()})" if queue.name == "inbox" else ""
+    print(f"enqueued {accepted} records on the {queue.name} queue; {invalid} invalid{target}")
     return EXIT_FAILED if invalid and not args.keep_invalid else EXIT_OK
 
 
@@ -135,8 +163,7 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets import adhoc
     from qe_assets.store import connect
 
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    _require_store(settings)
     if args.format == "parquet" and not args.output:
         raise UserError("--format parquet needs --output FILE")
     try:
@@ -205,78 +232,91 @@ def _write_frame(frame: pl.DataFrame, args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.queues import QueueUnavailable, durability_warning, open_queue
+    print(f"database: {_require_store(settings)} ({_where(settings)})")
+    _print_store_status(args, settings)
+    _print_queue_status(settings)
+    return EXIT_OK
+
+
+def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
+    """Counts per table, the review queue, ready samples, the latest version, LLM use, the
+    production model and the models per version."""
     from qe_assets.readiness import ready_sample_count
     from qe_assets.store import connect, table_counts
 
-    print(f"database: {settings.database}")
-    if settings.database.exists():
-        with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
-            for table, count in table_counts(conn).items():
-                print(f"  {table:<18} {count:>10,}")
-            review = conn.execute(
-                "SELECT count(*) FROM review_queue WHERE status = 'pending'"
-            ).fetchall()[0][0]
-            latest = conn.execute(
-                "SELECT version, sample_count, created_at FROM dataset_versions "
-                "ORDER BY number DESC LIMIT 1"
-            ).fetchall()
-            ready = ready_sample_count(conn)
-            models = conn.execute(
-                """
-                SELECT dataset_version, backend, status, coalesce(model_id, message, '')
-                FROM fine_tune_runs
-                QUALIFY row_number() OVER (
-                    PARTITION BY dataset_version ORDER BY updated_at DESC) = 1
-                ORDER BY dataset_version DESC LIMIT 10
-                """
-            ).fetchall()
-            completions = conn.execute(
-                """
-                SELECT mode, status, count(*), coalesce(sum(attempts), 0),
-                       coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
-                FROM completions GROUP BY ALL ORDER BY ALL
-                """
-            ).fetchall()
-            failures = conn.execute(
-                "SELECT error, count(*) FROM completions WHERE status = 'failed' "
-                "GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall()
-        print(f"review queue: {review:,} samples waiting for a human")
-        print(
-            f"pending samples: {ready:,} ready for the next version "
-            f"(fine-tune threshold {settings.finetune_threshold:,})"
-        )
-        if latest:
-            version, count, created = latest[0]
-            print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
-        else:
-            print("latest dataset: none yet")
-        if completions:
-            print("completions (mode, status: samples, HTTP requests, tokens in/out):")
-            for mode, status, samples, requests, tokens_in, tokens_out in completions:
-                print(
-                    f"  {mode:<6} {status:<18} {samples:>8,} {requests:>8,} "
-                    f"{tokens_in:>12,} {tokens_out:>12,}"
-                )
-            tokens_in = sum(row[4] for row in completions)
-            tokens_out = sum(row[5] for row in completions)
-            cost = (
-                tokens_in * settings.llm_price_input_per_1m
-                + tokens_out * settings.llm_price_output_per_1m
-            ) / 1e6
-            print(f"  LLM tokens {tokens_in:,} in / {tokens_out:,} out, estimated cost {cost:.4f}")
-        if failures:
-            print(
-                "failed completions by error: "
-                + ", ".join(f"{error} {count:,}" for error, count in failures)
-            )
-        if models:
-            print("models (latest run per dataset version):")
-            for version, backend, status, model in models:
-                print(f"  {version}  {backend:<8} {status:<10} {model}")
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        for table, count in table_counts(conn).items():
+            print(f"  {table:<18} {count:>10,}")
+        review = conn.execute(
+            "SELECT count(*) FROM review_queue WHERE status = 'pending'"
+        ).fetchall()[0][0]
+        latest = conn.execute(
+            "SELECT version, sample_count, created_at FROM dataset_versions "
+            "ORDER BY number DESC LIMIT 1"
+        ).fetchall()
+        ready = ready_sample_count(conn, eval_share=settings.eval_share)
+        models = conn.execute(
+            """
+            SELECT dataset_version, backend, status, coalesce(model_id, message, '')
+            FROM fine_tune_runs
+            QUALIFY row_number() OVER (
+                PARTITION BY dataset_version ORDER BY updated_at DESC) = 1
+            ORDER BY dataset_version DESC LIMIT 10
+            """
+        ).fetchall()
+        completions = conn.execute(
+            """
+            SELECT mode, status, count(*), coalesce(sum(attempts), 0),
+                   coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+            FROM completions GROUP BY ALL ORDER BY ALL
+            """
+        ).fetchall()
+        failures = conn.execute(
+            "SELECT error, count(*) FROM completions WHERE status = 'failed' "
+            "GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+        conn_rows = _production_rows(conn)
+    print(f"review queue: {review:,} samples waiting for a human")
+    print(
+        f"pending samples: {ready:,} ready for the next version "
+        f"(fine-tune threshold {settings.finetune_threshold:,})"
+    )
+    if latest:
+        version, count, created = latest[0]
+        print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
     else:
-        print("  (not created yet)")
+        print("latest dataset: none yet")
+    if completions:
+        print("completions (mode, status: samples, HTTP requests, tokens in/out):")
+        for mode, status, samples, requests, tokens_in, tokens_out in completions:
+            print(
+                f"  {mode:<6} {status:<18} {samples:>8,} {requests:>8,} "
+                f"{tokens_in:>12,} {tokens_out:>12,}"
+            )
+        tokens_in = sum(row[4] for row in completions)
+        tokens_out = sum(row[5] for row in completions)
+        cost = estimated_cost(
+            tokens_in, tokens_out, settings.llm_price_input_per_1m, settings.llm_price_output_per_1m
+        )
+        print(f"  LLM tokens {tokens_in:,} in / {tokens_out:,} out, estimated cost {cost:.4f}")
+    if failures:
+        print(
+            "failed completions by error: "
+            + ", ".join(f"{error} {count:,}" for error, count in failures)
+        )
+    production, evaluation = _production_line(conn_rows)
+    print(f"production model: {production}")
+    if evaluation:
+        print(f"latest evaluation: {evaluation}")
+    if models:
+        print("models (latest run per dataset version):")
+        for version, backend, status, model in models:
+            print(f"  {version}  {backend:<8} {status:<10} {model}")
+
+
+def _print_queue_status(settings: Settings) -> None:
+    from qe_assets.queues import QueueUnavailable, durability_warning, open_queue
+
     queue = open_queue(settings)
     try:
         print(f"queue ({queue.name}): {queue.depth():,} pending")
@@ -285,7 +325,43 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"WARNING: {warning}")
     except QueueUnavailable as exc:
         print(f"queue ({queue.name}): unavailable ({exc})")
-    return EXIT_OK
+
+
+def _production_rows(conn: duckdb.DuckDBPyConnection) -> tuple[list[tuple], list[tuple]]:
+    """The newest promotion and the newest evaluation ([] on a store from before the gate)."""
+    import duckdb
+
+    try:
+        promoted = conn.execute(
+            "SELECT model, action, promoted_by, promoted_at FROM promoted_models "
+            "ORDER BY promotion_id DESC LIMIT 1"
+        ).fetchall()
+        evaluated = conn.execute(
+            "SELECT candidate, baseline, n, win_rate, ci_low, decision FROM model_evaluations "
+            "ORDER BY created_at DESC LIMIT 1"
+        ).fetchall()
+    except duckdb.CatalogException:
+        return [], []
+    return promoted, evaluated
+
+
+def _production_line(rows: tuple[list[tuple], list[tuple]]) -> tuple[str, str | None]:
+    promoted, evaluated = rows
+    if promoted:
+        model, action, by, at = promoted[0]
+        done = "promoted" if action == "promote" else "rolled back to"
+        production = f"{model} ({done} by {by}, {at:%Y-%m-%d %H:%M} UTC)"
+    else:
+        production = "the base model (none promoted yet)"
+    if not evaluated:
+        return production, None
+    candidate, baseline, n, win_rate, ci_low, decision = evaluated[0]
+    if not n:
+        return production, f"{candidate} vs {baseline}: {decision} (no judged pair)"
+    return production, (
+        f"{candidate} vs {baseline}: {decision}, win rate {win_rate:.3f} "
+        f"(95% lower bound {ci_low:.3f}, n={n:,})"
+    )
 
 
 def _reviewer(args: argparse.Namespace) -> str:
@@ -313,23 +389,103 @@ def _edited_text(args: argparse.Namespace, current: str) -> tuple[str, Path | No
     return path.read_text(encoding="utf-8"), path
 
 
+_LIST_COLUMNS = (
+    "sample_id",
+    "priority",
+    "reason",
+    "status",
+    "label",
+    "language",
+    "confidence",
+    "judge",
+    "question",
+)
+
+
+def _queue_filter(args: argparse.Namespace, status: str | None) -> review_queue.QueueFilter:
+    from qe_assets import review_queue
+
+    return review_queue.QueueFilter(
+        status=status,
+        reason=args.reason,
+        label=args.label,
+        language=getattr(args, "language", None),
+        min_confidence=getattr(args, "min_confidence", None),
+        max_confidence=args.max_confidence,
+    )
+
+
+def _list_rows(rows: list[dict]) -> list[dict]:
+    """What `review list` prints of each row: plain values, the judge's two scores as one."""
+    out = []
+    for row in rows:
+        judged = row["judge_completion_score"] is not None
+        out.append(
+            {
+                **{name: row.get(name) for name in _LIST_COLUMNS},
+                "judge": (
+                    f"{row['judge_original_score']:g}->{row['judge_completion_score']:g}"
+                    if judged
+                    else ""
+                ),
+                "question": " ".join(str(row["question"]).split()),
+            }
+        )
+    return out
+
+
+def _print_rows(rows: list[dict], fmt: str) -> None:
+    """table: aligned columns without dtype rows; csv: a header and rows; json: one per line."""
+    import csv
+    import json
+
+    if fmt == "json":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False, default=str))
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(_LIST_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    cells = [[("" if r[c] is None else str(r[c])) for c in _LIST_COLUMNS] for r in rows]
+    widths = [
+        min(60, max(len(c), *(len(line[i]) for line in cells)) if cells else len(c))
+        for i, c in enumerate(_LIST_COLUMNS)
+    ]
+    print("  ".join(c.ljust(w) for c, w in zip(_LIST_COLUMNS, widths, strict=True)).rstrip())
+    for line in cells:
+        print("  ".join(v[:w].ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
 def _review_read(args: argparse.Namespace, settings: Settings) -> int:
     """list / show: one short read-only connection, never the writer's."""
-    import polars as pl
-
-    from qe_assets import review
+    from qe_assets import review, review_queue
     from qe_assets.store import connect
 
     with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
         if args.action == "list":
             status = None if args.status == "all" else args.status
-            frame = review.list_queue(conn, status=status, label=args.label, limit=args.limit)
-            with pl.Config(
-                tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160
-            ):
-                print(frame)
+            queue_filter = _queue_filter(args, status)
+            rows = review_queue.page(conn, queue_filter, limit=args.limit, offset=args.offset)
+            total = review_queue.count(conn, queue_filter)
+            _print_rows(_list_rows(rows), args.format)
+            if args.format == "table":
+                first = args.offset + 1 if rows else 0
+                print(
+                    f"{first:,}-{args.offset + len(rows):,} of {total:,} "
+                    f"({queue_filter.describe()}); highest priority first, see docs/review.md"
+                    if args.offset
+                    else f"{len(rows):,} of {total:,} ({queue_filter.describe()}); "
+                    "highest priority first, see docs/review.md"
+                )
             return EXIT_OK
         item = review.show(conn, args.sample_id)
+    _print_item(item)
+    return EXIT_OK
+
+
+def _print_item(item: review.ReviewItem) -> None:
     sample, queued = item.sample, item.review
     print(
         f"sample {sample['sample_id']}  label={sample['label']}  "
@@ -339,13 +495,21 @@ def _review_read(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"review: {queued['status']} ({queued['reason']})"
         + (f" by {queued['reviewer']}" if queued["reviewer"] else "")
+        + (f": {queued['note']}" if queued["note"] else "")
     )
     print("\n--- prompt ---\n" + sample["prompt"])
     print("\n--- original answer ---\n" + sample["original_answer"])
-    if item.completion:
-        c = item.completion
-        print(f"\n--- completion ({c['mode']}, {c['status']}) ---\n" + (c["completion"] or ""))
-    return EXIT_OK
+    c = item.completion
+    if not c:
+        print("\n--- completion: none yet (accept keeps the naive completion) ---")
+        return
+    kind = "proposed completion" if c["status"] == "proposed" else "completion"
+    print(f"\n--- {kind} ({c['mode']}, {c['status']}) ---\n" + (c["completion"] or ""))
+    if c.get("judge_completion_score") is not None:
+        print(
+            f"judge {c['judge_model']}: original {c['judge_original_score']:g}, "
+            f"completion {c['judge_completion_score']:g}"
+        )
 
 
 def _review_write(
@@ -384,22 +548,58 @@ def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) ->
     return EXIT_OK
 
 
+def _check_selection(args: argparse.Namespace) -> None:
+    """Ids, or --all-matching with filters: a usage error (exit 2, with usage) otherwise."""
+    filtered = any(v is not None for v in (args.label, args.reason, args.max_confidence))
+    if args.sample_ids and (args.all_matching or filtered):
+        args.usage_error("give sample ids or --all-matching with filters, not both")
+    if not args.all_matching and filtered:
+        args.usage_error("filters select samples only with --all-matching")
+    if not args.all_matching and not args.sample_ids:
+        args.usage_error("give one or more SAMPLE_IDs, or --all-matching with filters")
+
+
+def _decision_ids(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The ids named, or with --all-matching every pending sample the filters match, after a
+    confirmation that states the count (--yes, or y at a terminal)."""
+    from qe_assets import review_queue
+    from qe_assets.store import connect
+
+    if not args.all_matching:
+        return list(args.sample_ids)
+    queue_filter = _queue_filter(args, review_queue.PENDING)
+    with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
+        ids = review_queue.matching_ids(conn, queue_filter)
+    if not ids:
+        raise UserError(f"no pending sample matches ({queue_filter.describe()})", EXIT_FAILED)
+    question = f"{args.action} {len(ids):,} pending samples ({queue_filter.describe()})?"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"would {question[:-1]}: add --yes to confirm")
+        answer = input(f"{question[0].upper()}{question[1:]} [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            raise UserError("nothing changed", EXIT_FAILED)
+    return ids
+
+
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets import review
 
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
+    if args.action in ("accept", "reject"):
+        _check_selection(args)
+    _require_store(settings)
     try:
         if args.action in ("list", "show"):
             return _review_read(args, settings)
         reviewer = _reviewer(args)
         if args.action == "edit":
             return _review_edit(args, settings, reviewer)
+        ids = _decision_ids(args, settings)
         action = review.accept if args.action == "accept" else review.reject
         with _review_write(args, settings) as conn:
-            action(conn, args.sample_ids, reviewer, args.note)
+            action(conn, ids, reviewer, args.note)
         done = "accepted" if args.action == "accept" else "rejected"
-        print(f"{done} {len(set(args.sample_ids))} sample(s) as {reviewer}")
+        print(f"{done} {len(set(ids))} sample(s) as {reviewer}")
         return EXIT_OK
     except review.ReviewError as exc:
         raise UserError(str(exc), EXIT_FAILED) from exc
@@ -428,28 +628,123 @@ def _models_list(settings: Settings, wait: float) -> int:
     import polars as pl
 
     from qe_assets.evaluation.registry import MODELS_QUERY
-    from qe_assets.store import connect, query_frame
+    from qe_assets.store import connect, select_frame
 
     with connect(settings.database, read_only=True, wait_seconds=wait) as conn:
         try:
-            frame = query_frame(conn, MODELS_QUERY)
+            frame = select_frame(conn, MODELS_QUERY)
         except duckdb.CatalogException:  # a store from before the evaluation gate
             frame = pl.DataFrame()
+        rollout = _rollout_lines(conn)
     if frame.is_empty():
         print("no fine-tuned or promoted model yet")
-        return EXIT_OK
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=70, tbl_width_chars=200):
-        print(frame)
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=70, tbl_width_chars=200):
+            print(frame)
+    for line in rollout:
+        print(line)
     return EXIT_OK
 
 
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+def _rollout_lines(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    """The A/B rollout state for `qe models list`: the running test and its last look."""
+    import duckdb
+
+    from qe_assets.evaluation import rollout_registry as ab
+
+    try:
+        test = ab.active_test(conn)
+        rows = ab.newest_test_rows(conn)
+    except duckdb.CatalogException:  # a store from before the rollout
+        return []
+    if not rows:
+        return ["rollout: no A/B test yet"]
+    last = rows[-1]
+    looked = (
+        f"last look {last['decided_at']:%Y-%m-%d %H:%M} UTC: {last['decision']} by "
+        f"{last['decided_by']} ({last['reason']})"
+    )
+    if test is None:
+        return [
+            f"rollout: no candidate has traffic; the last test ({last['candidate']}) "
+            f"ended: {looked}"
+        ]
+    return [
+        f"rollout: {test.candidate} at {test.share:.0%} of traffic against {test.production}, "
+        f"since {test.started_at:%Y-%m-%d %H:%M} UTC",
+        f"  {looked}",
+    ]
+
+
+def _models_change(args: argparse.Namespace, conn: duckdb.DuckDBPyConnection, by: str) -> str:
+    """Record one `qe models promote|rollback|rollout` under the writer lock; what happened."""
     from qe_assets.evaluation import registry
+    from qe_assets.evaluation import rollout_registry as ab
+
+    current = registry.production_model(conn)
+    test = ab.active_test(conn)
+    if args.action == "rollout":
+        return _rollout_change(args, conn, by, current, test)
+    if args.action == "rollback" and test is not None:
+        ab.stop_test(conn, test, by, args.reason)
+        return f"rollback: {test.candidate} gets no traffic any more; {test.production} stays"
+    if args.action == "promote":
+        model, action = args.model, registry.PROMOTE_ACTION
+        if not registry.known_model(conn, model):
+            raise UserError(
+                f"{model}: no such model (not a trained, base or earlier production model)",
+                EXIT_FAILED,
+            )
+        if model == current:
+            return f"{model} is already the production model; nothing recorded"
+    else:
+        model, action = registry.rollback_target(conn), registry.ROLLBACK_ACTION
+        if model is None:
+            raise UserError(
+                f"nothing to roll back to: {current or 'no model'} is the only "
+                "production model on record",
+                EXIT_FAILED,
+            )
+    registry.record_promotion(conn, model, by, action=action, reason=args.reason)
+    return f"{action}: {model} is the production model (was {current or 'none'}), by {by}"
+
+
+def _rollout_change(
+    args: argparse.Namespace,
+    conn: duckdb.DuckDBPyConnection,
+    by: str,
+    current: str | None,
+    test: ActiveTest | None,
+) -> str:
+    from qe_assets.evaluation import rollout_registry as ab
+
+    model, share = args.model, args.share
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"--share {share}: give a share of traffic between 0 and 1, e.g. 0.1")
+    if model == current:
+        raise UserError(f"{model} is the production model already; nothing to roll out")
+    if ab.gate_passed(conn, model) is None:
+        raise UserError(
+            f"{model}: only a candidate that passed the evaluation gate may get traffic "
+            "(see `qe models list`)",
+            EXIT_FAILED,
+        )
+    production = test.production if test is not None and test.candidate == model else current
+    # Before any promotion: the model the last test ran against (the gate's base model).
+    production = production or ab.current_state(conn).production
+    if production is None:
+        raise UserError(f"no production model on record to test {model} against", EXIT_FAILED)
+    ab.start_test(conn, model, production, share, by, args.reason, decision=ab.SET_SHARE)
+    return f"rollout: {model} at {share:.0%} of traffic against {production}, by {by}"
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.evaluation.rollout_registry import sync_state_file
+    from qe_assets.rollout import state_path
     from qe_assets.store import connect, ensure_schema, writer_lock
 
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: run `qe run` first")
-    if args.action == "list":
+    _require_store(settings)
+    if args.action in (None, "list"):
         return _models_list(settings, args.wait)
     reviewer = _reviewer(args)
 
@@ -461,27 +756,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         connect(settings.database, wait_seconds=args.wait) as conn,
     ):
         ensure_schema(conn)
-        current = registry.production_model(conn)
-        if args.action == "promote":
-            model, action = args.model, registry.PROMOTE_ACTION
-            if not registry.known_model(conn, model):
-                raise UserError(
-                    f"{model}: no such model (not a trained, base or earlier production model)",
-                    EXIT_FAILED,
-                )
-            if model == current:
-                print(f"{model} is already the production model; nothing recorded")
-                return EXIT_OK
-        else:
-            model, action = registry.rollback_target(conn), registry.ROLLBACK_ACTION
-            if model is None:
-                raise UserError(
-                    f"nothing to roll back to: {current or 'no model'} is the only "
-                    "production model on record",
-                    EXIT_FAILED,
-                )
-        registry.record_promotion(conn, model, reviewer, action=action, reason=args.reason)
-    print(f"{action}: {model} is the production model (was {current or 'none'}), by {reviewer}")
+        message = _models_change(args, conn, reviewer)
+        sync_state_file(conn, state_path(settings))
+    print(message)
     return EXIT_OK
 
 
@@ -499,8 +776,7 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.purge import purge_exported
 
     age = _age_seconds(args.older_than)
-    if not settings.database.exists():
-        raise UserError(f"no database at {settings.database} yet: nothing to purge")
+    _require_store(settings, "nothing to purge")
     counts = purge_exported(
         settings.database, age, config={"memory_limit": settings.duckdb_memory_limit}
     )
@@ -512,22 +788,84 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from qe_assets.settings import serve_token
+    from qe_assets.web.app import create_app
+    from qe_assets.web.security import InsecureBind, require_safe_bind
+
+    token = serve_token()
+    try:
+        require_safe_bind(args.host, token)
+    except InsecureBind as exc:
+        raise UserError(str(exc)) from exc
+    app = create_app(settings, token=token, write_wait_seconds=args.write_wait)
+    print(f"review page on http://{args.host}:{args.port}/review", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    """`dagster dev`, and beside it (unless --no-review) the review page of `qe serve`; both
+    stop together: Ctrl+C, or either one ending, ends the other."""
+    import signal
+    import subprocess
+
     from qe_assets.runner import prepare_dagster_home
 
     home = prepare_dagster_home(settings)
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    # The code server must use this data directory whatever directory it starts in.
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "QE_DATA_DIR": str(Path(settings.data_dir).absolute()),
+    }
     command = _dagster_dev_command(args.host, args.port)
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
-    os.execve(command[0], command, env)
-    return EXIT_OK  # pragma: no cover - exec does not return
+    if args.no_review:
+        os.execve(command[0], command, env)
+    review = [sys.executable, "-m", "qe_assets.cli", "serve", "--host", args.host]
+    review += ["--port", str(args.review_port)]
+    children = [subprocess.Popen(review, env=env), subprocess.Popen(command, env=env)]
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)  # dagster dev stops its daemon and servers
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return max((child.returncode or 0) for child in children) and EXIT_FAILED
+
+
+def _review_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", help="only this primary label")
+    parser.add_argument(
+        "--reason", choices=["low_confidence", "spot_check"], help="why it was queued"
+    )
+    parser.add_argument("--max-confidence", type=float, metavar="C", help="confidence <= C")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qe",
         description="Turn low-quality RAG answers into versioned fine-tuning datasets.",
-        epilog="Configuration comes from QE_* environment variables; see README.md.",
+        epilog=(
+            "Configuration comes from QE_* environment variables (docs/configuration.md); "
+            "without QE_DATA_DIR the data directory is ./data under the current directory."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -568,20 +906,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("review", help="the human review queue: list, show, accept, edit, reject")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    r = actions.add_parser("list", help="samples in the queue, lowest confidence first")
+    r = actions.add_parser("list", help="samples in the queue, highest priority first")
     r.add_argument(
         "--status", default="pending", choices=["pending", "accepted", "edited", "rejected", "all"]
     )
-    r.add_argument("--label", help="only this primary label")
+    _review_filters(r)
+    r.add_argument("--language", help="only this language (zh, en)")
+    r.add_argument("--min-confidence", type=float, metavar="C")
     r.add_argument("--limit", type=int, default=20)
-    r = actions.add_parser("show", help="prompt, original answer and completion of a sample")
+    r.add_argument("--offset", type=int, default=0, help="skip this many (the next page)")
+    r.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    r = actions.add_parser(
+        "show", help="prompt, original answer and completion (proposed or not) of a sample"
+    )
     r.add_argument("sample_id")
     for name, text in (
-        ("accept", "keep the samples' completions for training"),
+        ("accept", "keep the samples' completions (proposed ones included) for training"),
         ("reject", "keep the samples out of every dataset"),
     ):
         r = actions.add_parser(name, help=text)
-        r.add_argument("sample_ids", nargs="+", metavar="SAMPLE_ID")
+        r.add_argument("sample_ids", nargs="*", metavar="SAMPLE_ID")
+        _review_filters(r)
+        r.add_argument(
+            "--all-matching",
+            action="store_true",
+            help="every pending sample the filters match (asks to confirm the count)",
+        )
+        r.add_argument("--yes", "-y", action="store_true", help="confirm --all-matching")
+        r.set_defaults(usage_error=r.error)
         r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
         r.add_argument("--note")
     r = actions.add_parser("edit", help="write a better completion ($EDITOR or --completion)")
@@ -592,14 +944,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_review)
 
-    p = sub.add_parser("models", help="models, their evaluations and production: list, promote")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="every model, its version, evaluation and production flag")
+    p = sub.add_parser(
+        "models", help="models, evaluations, production and the A/B rollout: list, promote, …"
+    )
+    actions = p.add_subparsers(dest="action", required=False, metavar="ACTION")
+    actions.add_parser(
+        "list", help="every model, its evaluation, production flag and the rollout (default)"
+    )
     r = actions.add_parser("promote", help="make MODEL the production model (recorded)")
     r.add_argument("model", metavar="MODEL", help="a model_id from `qe models list`")
-    r = actions.add_parser("rollback", help="return to the model in production before this one")
-    for r in (actions.choices["promote"], actions.choices["rollback"]):
-        r.add_argument("--reason", required=True, help="why; recorded in promoted_models")
+    r = actions.add_parser(
+        "rollback",
+        help="stop the running A/B test (share 0); without one, return to the model in "
+        "production before this one",
+    )
+    r = actions.add_parser(
+        "rollout", help="give a gate-passed MODEL this share of traffic in the A/B test"
+    )
+    r.add_argument("model", metavar="MODEL", help="a model_id that passed the evaluation gate")
+    r.add_argument("--share", type=float, required=True, help="0 to 1, e.g. 0.1 (0 stops it)")
+    for r in (actions.choices[a] for a in ("promote", "rollback", "rollout")):
+        r.add_argument(
+            "--reason", required=True, help="why; recorded in promoted_models / ab_decisions"
+        )
         r.add_argument("--reviewer", help="default: $QE_REVIEWER or $USER")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
     p.set_defaults(func=cmd_models)
@@ -610,10 +977,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 0d")
     p.set_defaults(func=cmd_purge)
 
-    p = sub.add_parser("ui", help="dagster dev on 127.0.0.1 with a persistent DAGSTER_HOME")
+    p = sub.add_parser(
+        "ui", help="dagster dev on 127.0.0.1 with a persistent DAGSTER_HOME, and the review page"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--review-port", type=int, default=8787, help="where `qe serve` listens")
+    p.add_argument("--no-review", action="store_true", help="dagster dev alone")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("serve", help="the review page (and dashboards) on 127.0.0.1:8787")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="another address than the loopback needs QE_SERVE_TOKEN (docs/review.md)",
+    )
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument(
+        "--write-wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a decision waits for a run's writer lock before the page retries it",
+    )
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,12 +1,19 @@
-"""The Dagster code location: assets, checks, jobs, sensors and resources of qe_assets."""
+"""The Dagster code location: assets, checks, jobs, sensors and resources of qe_assets.
+
+Importing this module builds nothing: `defs` is a `@dg.definitions` entry point that Dagster
+(workspace.yaml, `dagster dev`) calls when it loads the code location, so the settings are read
+and checked then, not at import. `build_definitions(settings)` builds the same thing for the CLI
+and the tests.
+"""
 
 from __future__ import annotations
 
 import dagster as dg
 
+from qe_assets.assets.ab_test import ab_test, candidate_not_worse
 from qe_assets.assets.annotate import annotated_samples
 from qe_assets.assets.capture import raw_events
-from qe_assets.assets.complete import completions
+from qe_assets.assets.complete import completions, judge_agreement
 from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.assets.evaluate import candidate_beats_production, model_evaluation
 from qe_assets.assets.finetune import fine_tuned_model
@@ -17,10 +24,12 @@ from qe_assets.settings import Settings
 
 PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
-PROCESSING_ASSETS = [raw_events, annotated_samples, completions]
+# ab_test (group release) runs with every ingest: new events and count records are its input.
+PROCESSING_ASSETS = [raw_events, annotated_samples, completions, ab_test]
 RELEASE_ASSETS = [tuning_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
-ASSET_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
+RELEASE_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
+ASSET_CHECKS = [*RELEASE_CHECKS, candidate_not_worse, judge_agreement]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -30,14 +39,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     # One process, one step at a time: DuckDB has a single writer per file.
     pipeline = dg.define_asset_job(
         PIPELINE_JOB,
-        selection=dg.AssetSelection.assets(*PROCESSING_ASSETS),
-        description="Ingest the queue, annotate and complete what is new.",
+        selection=dg.AssetSelection.assets(*PROCESSING_ASSETS)
+        | dg.AssetSelection.checks(candidate_not_worse),
+        description=("Ingest the queue, annotate and complete what is new; look at the A/B test."),
         executor_def=dg.in_process_executor,
     )
     release_job = dg.define_asset_job(
         RELEASE_JOB,
         selection=dg.AssetSelection.assets(*RELEASE_ASSETS)
-        | dg.AssetSelection.checks(*ASSET_CHECKS),
+        | dg.AssetSelection.checks(*RELEASE_CHECKS),
         description=(
             "Publish a dataset version (the oldest committed one not released yet, else a new "
             "cut from every ready sample), check it and fine-tune on it."
@@ -58,10 +68,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         ],
         resources=build_resources(settings),
         # "Materialize all" on the lineage page runs the implicit asset job, which would use the
-        # multiprocess executor: a process per step (20x slower here) for steps that take turns
-        # on DuckDB's single writer anyway.
+        # multiprocess executor: a process per step (far slower, docs/performance.md) for steps
+        # that take turns on DuckDB's single writer anyway.
         executor=dg.in_process_executor,
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location as the UI loads it: the settings from the environment."""
+    return build_definitions()

@@ -1,10 +1,10 @@
-"""Deterministic demo and benchmark quality events (CONTRACT §1) for a RAG support assistant.
+"""Deterministic demo and benchmark quality events for a RAG support assistant.
 
 `generate_events` fabricates what a producer would capture from an internal knowledge-base
 assistant: a question, the retrieved chunks, the answer and the evaluator's verdict. Roughly half
-of the events are Chinese and half English; the text comes from small vocabularies in this module,
-so no network, data file or third-party package is needed, and the same arguments always give
-byte-identical lines.
+of the events are Chinese and half English; the text comes from small vocabularies shipped in
+`qe_assets/demo_data/vocabulary.json`, so no network or third-party package is needed, and the
+same arguments always give byte-identical lines.
 
 The stream deliberately carries what a real producer sends, so the pipeline gets exercised:
 
@@ -35,29 +35,23 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from random import Random
 from typing import Any
+
+from qe_assets.events import KNOWN_LABELS, LABEL_ALIASES
 
 DEFAULT_START = datetime(2026, 11, 1, tzinfo=UTC)
 # Heavier events for benchmarks: ~7-8 KB of UTF-8 each instead of ~5.6 KB.
 BENCH_DOCS_PER_EVENT: tuple[int, int] = (3, 9)
 BENCH_DOC_CHARS: tuple[int, int] = (200, 1000)
 
-KNOWN_LABELS: tuple[str, ...] = (
-    "factuality_error",
-    "incomplete_answer",
-    "low_relevance",
-    "overconfidence",
-)
-# Mirrors the contract's alias table; overconfidence has two Chinese spellings in the wild.
+# The label rules live in events.py; the demo writes the same Chinese aliases a producer sends.
 _ZH_ALIASES: dict[str, tuple[str, ...]] = {
-    "factuality_error": ("事实性错误",),
-    "incomplete_answer": ("回答不完整",),
-    "low_relevance": ("相关性低",),
-    "overconfidence": ("可能过度自信", "过度自信"),
+    label: tuple(alias for alias, canonical in LABEL_ALIASES.items() if canonical == label)
+    for label in KNOWN_LABELS
 }
-UNKNOWN_LABELS: tuple[str, ...] = ("hallucinated_citation", "格式错误", "tone_issue", "语气不当")
 # Evaluators flag factual and completeness problems more often than tone.
 _LABEL_CUMULATIVE: tuple[float, ...] = (0.32, 0.62, 0.86)  # weights .32 .30 .24 .14
 
@@ -71,14 +65,6 @@ BAD_KINDS: tuple[str, ...] = (
     "doc_without_content",
     "invalid_timestamp",
     "json_array",
-)
-
-_EXTRA_FIELDS: tuple[dict[str, Any], ...] = (
-    {"tenant": "acme"},
-    {"channel": "web"},
-    {"tenant": "globex", "channel": "slack"},
-    {"app_version": "4.12.0"},
-    {"channel": "api", "trace": {"span_id": "7f3a9c", "sampled": True}},
 )
 
 _VARIANTS_PER_TOPIC = 4
@@ -109,412 +95,27 @@ class _Language:
     amounts: tuple[int, ...]
 
 
-_EN = _Language(
-    code="en",
-    joiner=" ",
-    cite_sep=" ",
-    fillers=(
-        "This article was last reviewed by {team} on {date}.",
-        "If the steps above do not help, contact {team} through the service desk.",
-        "The same rules apply to contractors unless their contract says otherwise.",
-        "Related articles are listed in the {topic} section of the knowledge base.",
-        "Changes to this policy are announced in the internal newsletter.",
-        "Screenshots in this article show the {region} version of the console.",
-    ),
-    answers=(
-        "According to the knowledge base: {fact}",
-        "{fact} {fact2}",
-        "Here is what the policy says. {fact}",
-        "{fact} If that does not cover your case, please contact {team}.",
-        "As far as I can tell: {fact}",
-    ),
-    vague=(
-        "It depends on your plan and region.",
-        "Please check the knowledge base for the details.",
-        "There are a few conditions; see the policy page.",
-        "Usually yes, but there are exceptions.",
-    ),
-    sure_prefix="Definitely, and this always applies: ",
-    plans=("Basic", "Pro", "Team", "Enterprise"),
-    teams=(
-        "Finance",
-        "the IT help desk",
-        "People Ops",
-        "the platform team",
-        "Security",
-        "Billing support",
-    ),
-    regions=("Europe", "North America", "Asia-Pacific", "Latin America"),
-    amounts=(50, 100, 200, 500, 1000),
-)
+def _load_vocabulary() -> dict[str, Any]:
+    """The generator's texts: demo_data/vocabulary.json, shipped with the package."""
+    raw = resources.files("qe_assets.demo_data").joinpath("vocabulary.json").read_text("utf-8")
+    return json.loads(raw)
 
-_ZH = _Language(
-    code="zh",
-    joiner="",
-    cite_sep="",
-    fillers=(
-        "本文最近一次由{team}于{date}审核。",
-        "如果以上步骤无法解决问题，请通过服务台联系{team}。",
-        "除合同另有约定外，外包人员同样适用以上规定。",
-        "更多内容请参阅知识库“{topic}”分类下的相关文章。",
-        "本政策的调整会在内部通讯中公布。",
-        "文中截图均来自{region}版本的控制台。",
-    ),
-    answers=(
-        "根据知识库：{fact}",
-        "{fact}{fact2}",
-        "相关规定如下：{fact}",
-        "{fact}如仍有疑问，请联系{team}。",
-        "据我所知，{fact}",
-    ),
-    vague=(
-        "这要看您的套餐和所在区域。",
-        "具体细节请查阅知识库。",
-        "有一些限制条件，请参考相关政策。",
-        "一般可以，但也有例外。",
-    ),
-    sure_prefix="毫无疑问，以下规定在任何情况下都适用：",
-    plans=("基础版", "专业版", "团队版", "企业版"),
-    teams=("财务部", "IT 服务台", "人力资源部", "平台组", "安全组", "计费支持组"),
-    regions=("华东", "华北", "华南", "海外"),
-    amounts=(300, 500, 1000, 2000, 5000),
-)
 
-_LANGUAGES: tuple[_Language, ...] = (_EN, _ZH)
+def _frozen(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
-# One entry per knowledge-base topic: (English texts, Chinese texts), same facts in both.
-_TOPICS: tuple[tuple[_Texts, _Texts], ...] = (
-    (
-        _Texts(
-            "Refund policy",
-            (
-                "How long does a refund take on the {plan} plan?",
-                "Can I still get a refund after {days} days?",
-                "Who approves refunds above {amount} USD?",
-                "Why was my refund request rejected?",
-            ),
-            (
-                "Refunds on the {plan} plan go back to the original payment method within "
-                "{days} business days.",
-                "Requests filed more than {days} days after purchase need approval from {team}.",
-                "Refunds above {amount} USD need a second approver before the money is released.",
-                "Partial refunds are calculated per remaining day of the billing period.",
-                "Orders paid with a voucher cannot be refunded automatically and are rejected.",
-                "Customers can follow the refund status under Billing > Orders in the console.",
-            ),
-        ),
-        _Texts(
-            "退款政策",
-            (
-                "{plan}的退款一般多久到账？",
-                "购买超过{days}天还能申请退款吗？",
-                "超过{amount}元的退款由谁审批？",
-                "我的退款申请为什么被驳回了？",
-            ),
-            (
-                "{plan}的退款会在{days}个工作日内原路退回。",
-                "购买{days}天后提交的退款申请需要{team}审批。",
-                "金额超过{amount}元的退款需要第二位审批人确认后才会放款。",
-                "部分退款按照计费周期内剩余天数折算。",
-                "使用代金券支付的订单无法自动退款，系统会直接驳回。",
-                "用户可以在控制台“账单 > 订单”页面查看退款进度。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "API rate limits",
-            (
-                "What is the API rate limit on the {plan} plan?",
-                "Why am I getting HTTP 429 from the API?",
-                "Can {team} raise our limit to {limit} requests per minute?",
-                "How is the API rate limit counted across regions?",
-            ),
-            (
-                "The {plan} plan allows {limit} requests per minute per API key.",
-                "Clients that exceed the limit receive HTTP 429 with a Retry-After header.",
-                "Limits are counted per region, so traffic in {region} does not use up the quota "
-                "of other regions.",
-                "Bursts are smoothed by a token bucket that refills every second.",
-                "Temporary increases are granted by {team} for up to {days} days.",
-                "Batch endpoints count as one request no matter how many items they carry.",
-            ),
-        ),
-        _Texts(
-            "API 限流",
-            (
-                "{plan}的 API 调用频率上限是多少？",
-                "为什么调用接口时返回 429？",
-                "能否请{team}把我们的限额提高到每分钟{limit}次？",
-                "不同区域的 API 限流是怎么计算的？",
-            ),
-            (
-                "{plan}每个 API 密钥每分钟最多可调用{limit}次。",
-                "超过限额的请求会返回 HTTP 429，并在 Retry-After 头中给出重试时间。",
-                "限流按区域分别计算，{region}的流量不会占用其他区域的额度。",
-                "突发流量由令牌桶平滑处理，令牌每秒补充一次。",
-                "临时提额由{team}审批，最长有效{days}天。",
-                "批量接口无论包含多少条数据都只计为一次调用。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "VPN setup",
-            (
-                "How do I set up the VPN on a new laptop?",
-                "The VPN disconnects every {hours} hours, is that expected?",
-                "Which VPN gateway should I use in {region}?",
-                "Why does the VPN client say my certificate has expired?",
-            ),
-            (
-                "Install the VPN client from the self-service portal and sign in with your "
-                "company account.",
-                "Sessions are closed after {hours} hours and must be authenticated again.",
-                "Staff working in {region} should pick the regional gateway to cut latency.",
-                "Device certificates renew every {days} days while the laptop is on the "
-                "corporate network.",
-                "If the certificate has expired, open a ticket with {team} to have it reissued.",
-                "Split tunnelling is disabled, so all traffic goes through the VPN while "
-                "connected.",
-            ),
-        ),
-        _Texts(
-            "VPN 配置",
-            (
-                "新电脑怎么配置公司 VPN？",
-                "VPN 每隔{hours}小时就断开，这正常吗？",
-                "在{region}办公应该选哪个 VPN 网关？",
-                "VPN 客户端提示证书过期怎么办？",
-            ),
-            (
-                "请从自助服务门户安装 VPN 客户端，并使用公司账号登录。",
-                "VPN 会话在连续使用{hours}小时后自动断开，需要重新认证。",
-                "在{region}办公的同事应选择就近网关，以降低延迟。",
-                "连接公司网络时，设备证书每{days}天自动续期一次。",
-                "证书过期后，请向{team}提交工单重新签发。",
-                "系统禁用了分流，连接 VPN 期间所有流量都会经过公司网关。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "Leave policy",
-            (
-                "How many days of annual leave do I get in my first year?",
-                "Can I carry over more than {days} days of unused leave?",
-                "Who do I notify when I take sick leave?",
-                "How far in advance must I request {n} days of leave?",
-            ),
-            (
-                "Full-time employees receive {n} days of paid annual leave per calendar year.",
-                "Up to {days} days of unused leave can be carried into the next year.",
-                "Sick leave must be reported to your manager and {team} on the first day.",
-                "Requests for more than {n} consecutive days need approval two weeks ahead.",
-                "Leave balances are shown in the HR portal and refreshed every night.",
-                "Parental leave is handled separately and does not reduce the annual allowance.",
-            ),
-        ),
-        _Texts(
-            "请假制度",
-            (
-                "入职第一年有多少天年假？",
-                "没休完的年假能结转超过{days}天吗？",
-                "请病假需要通知谁？",
-                "请{n}天假需要提前多久申请？",
-            ),
-            (
-                "全职员工每个自然年享有{n}天带薪年假。",
-                "未使用的年假最多可结转{days}天到下一年。",
-                "请病假需在缺勤当天告知直属经理和{team}。",
-                "连续请假超过{n}天的，需至少提前两周提交审批。",
-                "假期余额可在人事系统中查看，每晚自动更新。",
-                "育儿假单独计算，不占用年假额度。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "Invoices",
-            (
-                "Where can I download last month's invoice?",
-                "How do I change the company name on an invoice?",
-                "Why does the invoice differ from the {plan} plan price?",
-                "Can {team} reissue an invoice older than {days} days?",
-            ),
-            (
-                "Invoices are generated on the first day of each month and can be downloaded "
-                "from the billing page.",
-                "The company name and tax number can be edited until the invoice is issued.",
-                "The invoice adds usage charges on top of the {plan} plan base fee.",
-                "Invoices older than {days} days can only be reissued by {team}.",
-                "Each invoice lists the tax rate that applies in {region}.",
-                "A paid invoice is never edited; a credit note is issued instead.",
-            ),
-        ),
-        _Texts(
-            "发票",
-            (
-                "上个月的发票在哪里下载？",
-                "发票抬头写错了怎么修改？",
-                "为什么发票金额和{plan}的标价不一样？",
-                "超过{days}天的发票还能让{team}重开吗？",
-            ),
-            (
-                "发票在每月1日生成，可以在账单页面下载。",
-                "发票开具前可以修改公司抬头和税号。",
-                "发票金额包含{plan}基础费用以及按量计费部分。",
-                "开具超过{days}天的发票只能由{team}重新开具。",
-                "每张发票都会标注{region}适用的税率。",
-                "已付款的发票不能修改，只能开具红字发票冲销。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "Password reset",
-            (
-                "How do I reset my password if I lost my phone?",
-                "Why does the reset link say it has expired?",
-                "How often do I have to change my password?",
-                "My account is locked after {n} failed attempts, what now?",
-            ),
-            (
-                "Use the Forgot password link on the sign-in page to receive a reset email.",
-                "Reset links expire after {hours} hours and work only once.",
-                "Passwords must be changed every {days} days and cannot repeat the last five.",
-                "Accounts are locked for 30 minutes after {n} failed sign-in attempts.",
-                "If you lost your second-factor device, {team} can verify you by video call.",
-                "New passwords need at least twelve characters, including a digit and a symbol.",
-            ),
-        ),
-        _Texts(
-            "密码重置",
-            (
-                "手机丢了怎么重置密码？",
-                "重置链接为什么提示已过期？",
-                "密码多久需要更换一次？",
-                "连续输错{n}次密码账号被锁了怎么办？",
-            ),
-            (
-                "在登录页点击“忘记密码”即可收到重置邮件。",
-                "重置链接在{hours}小时后失效，且只能使用一次。",
-                "密码每{days}天必须更换一次，且不能与最近五次相同。",
-                "连续{n}次登录失败后，账号将被锁定30分钟。",
-                "如果丢失了二次验证设备，{team}可以通过视频通话核实身份。",
-                "新密码至少12位，且必须包含数字和符号。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "Data retention",
-            (
-                "How long do you keep application logs?",
-                "Is our data deleted when the {plan} subscription ends?",
-                "Can we keep audit records longer than {days} days?",
-                "Where are backups stored for customers in {region}?",
-            ),
-            (
-                "Application logs are kept for {days} days and then deleted automatically.",
-                "Customer data is erased {days} days after a {plan} subscription ends.",
-                "Audit records are retained for {n} years to meet regulatory requirements.",
-                "Backups for customers in {region} stay in that region and are encrypted at rest.",
-                "Extended retention can be requested from {team} for an additional fee.",
-                "Deletion requests are confirmed by email once every copy has been removed.",
-            ),
-        ),
-        _Texts(
-            "数据保留",
-            (
-                "应用日志会保存多久？",
-                "{plan}订阅到期后客户数据会被删除吗？",
-                "审计记录能保存超过{days}天吗？",
-                "{region}客户的备份数据存放在哪里？",
-            ),
-            (
-                "应用日志保存{days}天后自动删除。",
-                "{plan}订阅结束{days}天后，客户数据将被彻底清除。",
-                "审计记录保留{n}年，以满足监管要求。",
-                "{region}客户的备份存放在同一区域，并进行静态加密。",
-                "如需延长保留期限，可向{team}申请，另行收费。",
-                "所有副本删除完成后，系统会发送邮件确认。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "Expense reimbursement",
-            (
-                "How do I submit a taxi receipt for reimbursement?",
-                "What is the daily meal allowance for trips to {region}?",
-                "When will my expense claim be paid?",
-                "Do expenses over {amount} USD need approval from {team}?",
-            ),
-            (
-                "Expense claims are filed in the finance app with a photo of every receipt.",
-                "The meal allowance for trips to {region} is {amount} USD per day.",
-                "Approved claims are paid with the next payroll run, usually within {days} days.",
-                "Expenses above {amount} USD need pre-approval from {team}.",
-                "Receipts older than {days} days are not accepted.",
-                "Alcohol and personal entertainment are never reimbursed.",
-            ),
-        ),
-        _Texts(
-            "费用报销",
-            (
-                "打车发票怎么提交报销？",
-                "去{region}出差的每日餐补是多少？",
-                "报销款什么时候到账？",
-                "超过{amount}元的费用需要{team}审批吗？",
-            ),
-            (
-                "报销单在财务系统中提交，每张票据需拍照上传。",
-                "前往{region}出差的餐补标准为每天{amount}元。",
-                "审批通过的报销款随下一次工资发放，通常在{days}天内到账。",
-                "超过{amount}元的支出需事先获得{team}批准。",
-                "超过{days}天的票据不予受理。",
-                "酒水和个人娱乐消费一律不予报销。",
-            ),
-        ),
-    ),
-    (
-        _Texts(
-            "Single sign-on",
-            (
-                "How do I connect our identity provider for SSO?",
-                "Why are new users not provisioned after enabling SSO?",
-                "Is SSO available on the {plan} plan?",
-                "How long is an SSO session valid?",
-            ),
-            (
-                "SSO supports SAML 2.0 and OpenID Connect identity providers.",
-                "Users are provisioned on first sign-in unless SCIM sync is enabled.",
-                "SSO is included in the {plan} plan and above.",
-                "SSO sessions last {hours} hours before the identity provider is asked again.",
-                "The company domain must be verified by {team} before SSO can be enforced.",
-                "Break-glass accounts keep password sign-in in case the identity provider is down.",
-            ),
-        ),
-        _Texts(
-            "单点登录",
-            (
-                "怎么把公司的身份提供商接入单点登录？",
-                "开启 SSO 后新用户为什么没有自动开通？",
-                "{plan}支持单点登录吗？",
-                "SSO 会话有效期是多久？",
-            ),
-            (
-                "单点登录支持 SAML 2.0 和 OpenID Connect 身份提供商。",
-                "未开启 SCIM 同步时，用户在首次登录时自动开通。",
-                "{plan}及以上版本包含单点登录功能。",
-                "SSO 会话有效期为{hours}小时，到期后会重新向身份提供商认证。",
-                "强制启用 SSO 之前，需要由{team}验证公司域名。",
-                "应急账号保留密码登录，以防身份提供商故障。",
-            ),
-        ),
-    ),
+
+_VOCABULARY = _load_vocabulary()
+_LANGUAGES: tuple[_Language, ...] = tuple(
+    _Language(**_frozen(lang)) for lang in _VOCABULARY["languages"]
 )
+# One entry per knowledge-base topic: one _Texts per language (in _LANGUAGES order), same facts.
+_TOPICS: tuple[tuple[_Texts, ...], ...] = tuple(
+    tuple(_Texts(**_frozen(topic[lang.code])) for lang in _LANGUAGES)
+    for topic in _VOCABULARY["topics"]
+)
+UNKNOWN_LABELS: tuple[str, ...] = tuple(_VOCABULARY["unknown_labels"])
+_EXTRA_FIELDS: tuple[dict[str, Any], ...] = tuple(_VOCABULARY["extra_fields"])
 
 
 _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what json.dumps escapes with ensure_ascii=False

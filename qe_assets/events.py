@@ -1,4 +1,5 @@
-"""The quality event (CONTRACT §1): validation, the raw_events row shape, and label normalisation.
+"""The quality event (CONTRACT §1) for the ingester: the raw_events row shape and label
+normalisation; the pydantic model itself is in `event_model` (light enough for producers).
 
 Labels are normalised here and nowhere else: `normalised_labels` and `primary_label` are Polars
 expressions, so every table and transform that speaks of labels derives them the same way.
@@ -9,151 +10,32 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, NotRequired
+from typing import Any
 
 import polars as pl
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictStr,
-    TypeAdapter,
-    ValidationError,
-)
-from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
+from pydantic import ValidationError
 
+from qe_assets.answer_counts import is_count_record, parse_count_record
+from qe_assets.event_model import (  # noqa: F401 (re-exported: the event's one public home)
+    _DOC_KEYS,
+    _EVENT_KEYS,
+    EVENT_FIELDS,
+    KNOWN_LABELS,
+    LABEL_ALIASES,
+    UNSPECIFIED,
+    Doc,
+    Evaluation,
+    QualityEvent,
+    _DocFields,
+    _EvaluationFields,
+    _EventFields,
+    describe_errors,
+    parse_timestamp,
+    validate_event,
+)
 from qe_assets.store import frame_query
-
-# Priority order: the first of these present on an event is its primary label.
-KNOWN_LABELS: tuple[str, ...] = (
-    "factuality_error",
-    "incomplete_answer",
-    "low_relevance",
-    "overconfidence",
-)
-UNSPECIFIED = "unspecified"
-LABEL_ALIASES: dict[str, str] = {
-    "事实性错误": "factuality_error",
-    "回答不完整": "incomplete_answer",
-    "相关性低": "low_relevance",
-    "可能过度自信": "overconfidence",
-    "过度自信": "overconfidence",
-}
-
-# Strict: "0.4" or true are producer bugs to surface, not values to coerce (ints are fine).
-Score = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
-DocScore = Annotated[float, Field(allow_inf_nan=False, strict=True)]
-
-
-def _int_to_str(value: Any) -> Any:
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-def _request_id_not_blank(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-def _timestamp_iso8601(value: str | None) -> str | None:
-    if value is not None:
-        parse_timestamp(value)
-    return value
-
-
-# Many retrievers emit integer ids; accept them as their decimal text.
-DocId = Annotated[StrictStr, BeforeValidator(_int_to_str)]
-RequestId = Annotated[StrictStr, AfterValidator(_request_id_not_blank)]
-Timestamp = Annotated[StrictStr | None, AfterValidator(_timestamp_iso8601)]
-
-
-class Doc(BaseModel):
-    """One retrieved document; keys beyond id/content/score are kept in `meta`."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: DocId
-    content: StrictStr
-    score: DocScore | None = None
-
-
-class Evaluation(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    score: Score
-    labels: list[StrictStr] | None = None
-    checks: dict[str, Any] | None = None
-
-
-class QualityEvent(BaseModel):
-    """One event as producers send it; unknown top-level fields are kept verbatim."""
-
-    model_config = ConfigDict(extra="allow")
-
-    request_id: RequestId
-    question: StrictStr
-    docs: list[Doc]
-    answer: StrictStr
-    evaluation: Evaluation
-    timestamp: Timestamp = None
-
-
-# The same rules validated into plain dicts, which is what the ingester needs and about twice as
-# fast as building model instances. An optional field is absent when the record leaves it out,
-# so a result equals `QualityEvent.model_dump(exclude_unset=True)`. Error messages differ from the
-# model's in places (dict_type for model_type), so a record this rejects is judged again by
-# QualityEvent, the one source of rejection reasons.
-class _DocFields(TypedDict):
-    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
-
-    id: DocId
-    content: StrictStr
-    score: NotRequired[DocScore | None]
-
-
-class _EvaluationFields(TypedDict):
-    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
-
-    score: Score
-    labels: NotRequired[list[StrictStr] | None]
-    checks: NotRequired[dict[str, Any] | None]
-
-
-class _EventFields(TypedDict):
-    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
-
-    request_id: RequestId
-    question: StrictStr
-    docs: list[_DocFields]
-    answer: StrictStr
-    evaluation: _EvaluationFields
-    timestamp: NotRequired[Timestamp]
-
-
-EVENT_FIELDS = TypeAdapter(_EventFields)
-_DOC_KEYS = frozenset(_DocFields.__annotations__)
-_EVENT_KEYS = frozenset(_EventFields.__annotations__)
-
-
-def parse_timestamp(value: str) -> datetime:
-    """ISO-8601 → naive UTC; a timestamp without offset is taken to be UTC already."""
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not an ISO-8601 timestamp: {value[:64]!r}") from None
-    if parsed.tzinfo is not None:
-        try:
-            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-        except OverflowError:
-            # pydantic makes a field error of ValueError only; anything else crashes the batch.
-            raise ValueError(f"outside years 1-9999 in UTC: {value[:64]!r}") from None
-    return parsed
-
 
 DOC_DTYPE = pl.Struct(
     {"id": pl.String, "content": pl.String, "score": pl.Float64, "meta": pl.String}
@@ -172,6 +54,7 @@ RAW_EVENT_SCHEMA: dict[str, pl.DataType] = {
     "fingerprint": pl.String(),
     "source": pl.String(),
     "payload": pl.String(),
+    "model": pl.String(),
 }
 REJECTED_SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String(),
@@ -180,14 +63,31 @@ REJECTED_SCHEMA: dict[str, pl.DataType] = {
     "reason": pl.String(),
     "request_id": pl.String(),
 }
+# Rows of `answer_counts` (qe_assets.answer_counts): count records share the events' queue.
+COUNT_SCHEMA: dict[str, pl.DataType] = {
+    "flush_id": pl.String(),
+    "model": pl.String(),
+    "answers": pl.Int64(),
+    "low": pl.Int64(),
+    "threshold": pl.Float64(),
+    "producer": pl.String(),
+    "window_start": pl.Datetime("us"),
+    "window_end": pl.Datetime("us"),
+    "source": pl.String(),
+}
+
+
+def _no_counts() -> pl.DataFrame:
+    return pl.DataFrame(schema=COUNT_SCHEMA)
 
 
 @dataclass(frozen=True)
 class ParsedRecords:
-    """A batch split into rows for raw_events and rows for rejected_events, in input order."""
+    """A batch split into rows for raw_events, rejected_events and answer_counts."""
 
     events: pl.DataFrame
     rejected: pl.DataFrame
+    counts: pl.DataFrame = field(default_factory=_no_counts)
 
 
 @dataclass(frozen=True)
@@ -201,6 +101,7 @@ class ValidatedRecords:
     events: pl.DataFrame  # _EVENT_COLUMNS plus docs and labels, timestamp as given
     rejected: pl.DataFrame
     received_at: datetime
+    counts: pl.DataFrame = field(default_factory=_no_counts)
 
     def fingerprinted(self) -> ParsedRecords:
         fingerprints = frame_query(_FINGERPRINT, batch_events=self.events)
@@ -212,25 +113,12 @@ class ValidatedRecords:
         return ParsedRecords(
             events=rows.rename({"timestamp_given": "timestamp"}).select(list(RAW_EVENT_SCHEMA)),
             rejected=self.rejected,
+            counts=self.counts,
         )
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def describe_errors(error: ValidationError) -> tuple[str, str]:
-    """(first field, reason naming every failing field) from a pydantic error."""
-    parts: list[str] = []
-    first_field = ""
-    for item in error.errors(include_url=False):
-        loc = ".".join(str(p) for p in item["loc"]) or "payload"
-        first_field = first_field or loc
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "model_type" and loc == "payload":
-            message = "expected a JSON object"
-        parts.append(f"{loc}: {message}")
-    return first_field, "; ".join(parts)
 
 
 def _request_id_hint(text: str) -> str | None:
@@ -282,6 +170,7 @@ _EVENT_COLUMNS: dict[str, pl.DataType] = {
     "extra": pl.String(),
     "source": pl.String(),
     "payload": pl.String(),
+    "model": pl.String(),
 }
 _LABEL_COLUMNS: dict[str, pl.DataType] = {"pos": pl.Int64(), "label": pl.String()}
 _DOC_COLUMNS: dict[str, pl.DataType] = {
@@ -349,12 +238,16 @@ def validate_records(
     docs: dict[str, list[Any]] = {name: [] for name in _DOC_COLUMNS}
     labels: dict[str, list[Any]] = {name: [] for name in _LABEL_COLUMNS}
     rejected: list[dict[str, Any]] = []
+    counts: list[dict[str, Any]] = []
     # The batch allocates many objects and frees them all at once, and none is part of a cycle:
     # the cyclic collector would only walk them again and again.
     collecting = gc.isenabled()
     gc.disable()
     try:
         for pos, (raw, source) in enumerate(zip(records, sources, strict=True)):
+            if is_count_record(raw):
+                _take_counts(raw, source, counts, rejected)
+                continue
             try:
                 event = EVENT_FIELDS.validate_json(raw)
             except ValidationError:
@@ -380,6 +273,7 @@ def validate_records(
             events["extra"].append(_json(extra) if extra else None)
             events["source"].append(source)
             events["payload"].append(raw if isinstance(raw, bytes) else raw.encode())
+            events["model"].append(event.get("model"))
             for ord_, doc in enumerate(event["docs"]):
                 score = doc.get("score")
                 meta = {k: v for k, v in doc.items() if k not in _DOC_KEYS}
@@ -412,7 +306,26 @@ def validate_records(
             pl.col("labels").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["labels"])),
         )
     )
-    return ValidatedRecords(batch, pl.DataFrame(rejected, schema=REJECTED_SCHEMA), received_at)
+    return ValidatedRecords(
+        batch,
+        pl.DataFrame(rejected, schema=REJECTED_SCHEMA),
+        received_at,
+        pl.DataFrame(counts, schema=COUNT_SCHEMA),
+    )
+
+
+def _take_counts(
+    raw: bytes | str, source: str, counts: list[dict[str, Any]], rejected: list[dict[str, Any]]
+) -> None:
+    """A count record's rows into `counts`, or one rejected row naming the field."""
+    try:
+        rows = parse_count_record(raw)
+    except ValueError as exc:
+        text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
+        reason = str(exc)
+        rejected.append(_rejection(source, text, reason.split(":", 1)[0], reason, None))
+        return
+    counts.extend({**row, "source": source} for row in rows)
 
 
 def normalised_labels(labels: pl.Expr) -> pl.Expr:
@@ -427,10 +340,3 @@ def primary_label(labels: pl.Expr) -> pl.Expr:
     for label in KNOWN_LABELS[1:]:
         chain = chain.when(labels.list.contains(label)).then(pl.lit(label))
     return chain.otherwise(labels.list.first()).fill_null(UNSPECIFIED)
-
-
-def validate_event(payload: dict[str, Any] | str) -> QualityEvent:
-    """Validate one event (for producers); raises pydantic.ValidationError naming the fields."""
-    if isinstance(payload, str):
-        return QualityEvent.model_validate_json(payload)
-    return QualityEvent.model_validate(payload)

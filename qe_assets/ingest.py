@@ -26,6 +26,9 @@ from qe_assets.events import (
 from qe_assets.queues import Batch, EventQueue
 from qe_assets.store import ConnectionFactory, ensure_schema, register_frame, transaction
 
+_COUNT_COLUMNS = (
+    "flush_id, model, answers, low, threshold, producer, window_start, window_end, source"
+)
 CONFLICT_REASON = (
     "request_id: conflicting duplicate (an event with this request_id and different content "
     "was ingested first)"
@@ -53,9 +56,9 @@ ORDER BY i.pos
 # In batch order (a positional join keeps it), so `seq` follows arrival.
 _INSERT_NEW = """
 INSERT INTO raw_events (request_id, question, docs, answer, evaluation, score, labels, checks,
-                        timestamp, extra, fingerprint, source, ingested_at)
+                        timestamp, extra, fingerprint, source, model, ingested_at)
 SELECT b.request_id, b.question, b.docs, b.answer, b.evaluation, b.score, b.labels, b.checks,
-       coalesce(b.timestamp_given, $ts), b.extra, s.fingerprint, b.source, $ts
+       coalesce(b.timestamp_given, $ts), b.extra, s.fingerprint, b.source, b.model, $ts
 FROM batch_events b POSITIONAL JOIN batch_status s
 WHERE s.status = 'new'
 """
@@ -84,6 +87,9 @@ class IngestReport:
     duplicates: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    # Count records (qe_assets.answer_counts): rows read, and rows new to answer_counts.
+    count_rows: int = 0
+    new_count_rows: int = 0
 
     def add(self, other: IngestReport) -> None:
         self.batches += other.batches
@@ -91,6 +97,8 @@ class IngestReport:
         self.new += other.new
         self.duplicates += other.duplicates
         self.rejected += other.rejected
+        self.count_rows += other.count_rows
+        self.new_count_rows += other.new_count_rows
         for field_name, count in other.reasons.items():
             self.reasons[field_name] = self.reasons.get(field_name, 0) + count
 
@@ -130,6 +138,7 @@ def commit_batch(
     rejected = pl.concat([validated.rejected, _refused_rows(refused)], how="vertical")
     register_frame(conn, "batch_events", validated.events)
     register_frame(conn, "rejected_rows", rejected)
+    register_frame(conn, "count_rows", validated.counts)
     params = {"ts": received_at}
     try:
         with transaction(conn):
@@ -137,10 +146,16 @@ def commit_batch(
             ((new,),) = conn.execute(_INSERT_NEW, params).fetchall()
             conn.execute(_INSERT_REJECTED, {**params, "reason": CONFLICT_REASON})
             statuses = dict(conn.execute(_STATUS_COUNTS).fetchall())
+            # Exactly once by (flush_id, model): a replayed or re-sent flush adds nothing.
+            ((new_counts,),) = conn.execute(
+                f"INSERT INTO answer_counts ({_COUNT_COLUMNS}, ingested_at) "
+                f"SELECT {_COUNT_COLUMNS}, $ts FROM count_rows ON CONFLICT DO NOTHING",
+                params,
+            ).fetchall()
     finally:
         # Registered views pin the batch's memory until the connection closes.
-        conn.unregister("batch_events")
-        conn.unregister("rejected_rows")
+        for name in ("batch_events", "rejected_rows", "count_rows"):
+            conn.unregister(name)
     conflicts = statuses.get("conflict", 0)
     reasons = dict(rejected.group_by("field").len().iter_rows())
     if conflicts:
@@ -152,6 +167,8 @@ def commit_batch(
         duplicates=statuses.get("duplicate", 0),
         rejected=rejected.height + conflicts,
         reasons=reasons,
+        count_rows=validated.counts.height,
+        new_count_rows=int(new_counts),
     )
 
 

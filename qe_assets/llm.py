@@ -38,7 +38,7 @@ import polars as pl
 from qe_assets.settings import Settings
 from qe_assets.transforms.completions import judge_request, outcome_frame
 
-if TYPE_CHECKING:  # openai takes ~0.7 s to import; only LLM runs need it
+if TYPE_CHECKING:  # openai is slow to import (docs/performance.md); only LLM runs need it
     import openai
 
 # Answers that are not completions: the reason is stored as the sample's error class.
@@ -63,6 +63,8 @@ class LLMConfig:
     judge_margin: float
     price_input_per_1m: float
     price_output_per_1m: float
+    # Samples routed to review get a completion too, stored as `proposed` for the reviewer.
+    propose_review: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LLMConfig:
@@ -80,6 +82,7 @@ class LLMConfig:
             judge_margin=settings.llm_judge_margin,
             price_input_per_1m=settings.llm_price_input_per_1m,
             price_output_per_1m=settings.llm_price_output_per_1m,
+            propose_review=settings.llm_propose_review,
         )
 
 
@@ -194,9 +197,9 @@ async def chat(
 
     Sent with `client.post` (the client's documented raw-request method: same auth, timeouts,
     retries and Retry-After handling as `chat.completions.create`) because the typed method
-    re-walks the messages through its parameter transform on every call, about 1 ms of CPU a
-    call, which alone kept a 32-way run well short of its throughput target; our requests are
-    plain JSON already. The raw response also tells how many requests were sent.
+    re-walks the messages through its parameter transform on every call, CPU that alone kept a
+    32-way run short of its throughput target (docs/performance.md); our requests are plain JSON
+    already. The raw response also tells how many requests were sent.
     """
     import openai
 

@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.store import WriterSession, query_frame, transaction, writer_lock
+from qe_assets.store import WriterSession, select_frame, transaction, writer_lock
 from qe_assets.transforms.pii import redact
 
 BATCH_SIZE = 5_000
@@ -159,7 +159,7 @@ def _purge_cache(session: WriterSession, params: dict[str, Any]) -> int:
     deleted, after = 0, ""
     while True:
         with session.connection() as conn:
-            entries = query_frame(conn, _CACHE, {**params, "after": after})
+            entries = select_frame(conn, _CACHE, {**params, "after": after})
             if entries.is_empty():
                 return deleted
             redacted, _ = redact(entries, ["content"])
@@ -181,12 +181,12 @@ def _purge_samples_batches(session: WriterSession, params: dict[str, Any]) -> Pu
     counts, after = PurgeCounts(), 0
     while True:
         with session.connection() as conn:
-            batch = query_frame(conn, _SAMPLES, {**params, "after": after})
+            batch = select_frame(conn, _SAMPLES, {**params, "after": after})
             if batch.is_empty():
                 return counts
             conn.register("purge_batch", batch)
-            events = query_frame(conn, _EVENTS, {"age": params["age"]})
-            completions = query_frame(conn, _COMPLETIONS)
+            events = select_frame(conn, _EVENTS, {"age": params["age"]})
+            completions = select_frame(conn, _COMPLETIONS)
             with transaction(conn):
                 counts.annotated_samples += _purge_samples(conn, batch.drop("seq"))
                 counts.raw_events += _purge_events(conn, events)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import duckdb
 
 from qe_assets.settings import Settings
+from qe_assets.transforms.dataset import BUCKETS
 
 # Ready = a completion that is ok, written after the last version's watermark, for a sample that
 # is not a duplicate, not waiting for a reviewer and not in any version yet.
@@ -28,7 +29,7 @@ READY = f"""
 # The export reads the ready samples of one window of completions ($limit of them, by seq) at a
 # time. annotated_samples is read only over the seq span of the window's samples, so its zone
 # maps skip the rest of history: a plain join read every prompt ever written once per batch
-# (3.9 s a batch on a 1M-sample store, 0.6 s this way).
+# (measured in docs/performance.md).
 _WINDOW = """
     SELECT seq, sample_id, completion, mode, status, judge_verdict FROM completions
     WHERE seq > $low AND seq <= $high ORDER BY seq LIMIT $limit
@@ -70,11 +71,30 @@ def version_state(conn: duckdb.DuckDBPyConnection) -> VersionState:
     return VersionState(committed, int(number) + 1, int(low), int(high))
 
 
-def ready_sample_count(conn: duckdb.DuckDBPyConnection, state: VersionState | None = None) -> int:
-    """Samples the next version would take: what the fine-tune sensor compares to its threshold."""
+# Held out for evaluation: a question already in the frozen set, or one whose bucket falls in the
+# evaluation share (the bucket rule of `transforms.dataset.assign_split`, in SQL). A question of
+# the evaluation buckets that an earlier version already trained on stays in training at the cut;
+# it is not looked up here (that needs a join over every exported sample on each sensor tick), so
+# the count can be short by those, which only exist when QE_EVAL_SHARE was raised after a release.
+_HELD_OUT = f"""
+    (s.question_key IN (SELECT question_key FROM evaluation_set)
+     OR ('0x' || left(s.question_key, 8))::UBIGINT % {BUCKETS} >= {BUCKETS} - $eval_buckets)
+"""
+
+
+def ready_sample_count(
+    conn: duckdb.DuckDBPyConnection,
+    state: VersionState | None = None,
+    *,
+    eval_share: float = 0.0,
+) -> int:
+    """Samples the next version would train on: what the fine-tune sensor compares to its
+    threshold. Samples held out for evaluation (QE_EVAL_SHARE) never enter a training file, so
+    they do not count towards it."""
     state = state or version_state(conn)
     ((count,),) = conn.execute(
-        f"SELECT count(*) {READY}", {"low": state.low, "high": state.high}
+        f"SELECT count(*) FILTER (WHERE NOT {_HELD_OUT}) {READY}",
+        {"low": state.low, "high": state.high, "eval_buckets": round(eval_share * BUCKETS)},
     ).fetchall()
     return int(count)
 
@@ -96,7 +116,12 @@ class ReleaseDecision:
 
 
 def release_decision(
-    conn: duckdb.DuckDBPyConnection, threshold: int, backend: str, *, cut_version: bool = False
+    conn: duckdb.DuckDBPyConnection,
+    threshold: int,
+    backend: str,
+    *,
+    cut_version: bool = False,
+    eval_share: float = 0.0,
 ) -> ReleaseDecision:
     """The one release rule, shared by the sensor and `qe run`: release a committed version whose
     release never ended (no run for the backend, or a `running` one whose process died), else cut
@@ -105,7 +130,7 @@ def release_decision(
     from qe_assets.finetune.registry import handed_over, pending_version
 
     state = version_state(conn)
-    ready = ready_sample_count(conn, state)
+    ready = ready_sample_count(conn, state, eval_share=eval_share)
     pending = pending_version(conn, backend)
 
     def decide(due: bool, reason: str, version: str | None = pending) -> ReleaseDecision:
@@ -126,6 +151,20 @@ def release_decision(
     return decide(True, f"{ready} samples ready", version=f"v{state.next_number:03d}")
 
 
+def settings_release_decision(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, *, cut_version: bool = False
+) -> ReleaseDecision:
+    """`release_decision` with the threshold, backend and hold-out share of `settings`: what the
+    sensor, `qe run` and `tuning_dataset` each ask."""
+    return release_decision(
+        conn,
+        settings.finetune_threshold,
+        settings.finetune_backend,
+        cut_version=cut_version,
+        eval_share=settings.eval_share,
+    )
+
+
 def release_while_due(
     settings: Settings,
     release: Callable[[ReleaseDecision], bool],
@@ -140,12 +179,7 @@ def release_while_due(
     done: list[ReleaseDecision] = []
     while True:
         with connect(settings.database, read_only=True) as conn:
-            decision = release_decision(
-                conn,
-                settings.finetune_threshold,
-                settings.finetune_backend,
-                cut_version=cut_version,
-            )
+            decision = settings_release_decision(conn, settings, cut_version=cut_version)
         if not decision.due or decision.version in {d.version for d in done}:
             return done, decision
         done.append(decision)

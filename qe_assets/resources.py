@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -13,22 +14,57 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
-from qe_assets.store import WRITER_CONFIG, WriterSession, writer_connection, writer_lock
+from qe_assets.store import (
+    WRITER_CONFIG,
+    WriterSession,
+    connect,
+    writer_connection,
+    writer_lock,
+)
 
-if TYPE_CHECKING:  # imported when a client is made: ~0.7 s that naive runs need not pay
+if TYPE_CHECKING:  # imported when a client is made: start-up that naive runs need not pay
     import openai
+
+
+def drained_queues(settings: Settings) -> list[EventQueue]:
+    """Where raw_events drains from: the configured queue, plus the inbox that producers spool
+    to when Redis or Kafka is down. Opens nothing until a queue is used."""
+    configured = open_queue(settings)
+    if isinstance(configured, FileInbox):
+        return [configured]
+    return [configured, FileInbox(settings.inbox_dir)]
 
 
 class PipelineSettings(dg.ConfigurableResource, Settings):
     """The pipeline's knobs (see `qe_assets.settings`), shown and overridable in the launchpad."""
 
     def queues(self) -> list[EventQueue]:
-        """Where raw_events drains from: the configured queue, plus the inbox that producers
-        spool to when Redis is down."""
-        configured = open_queue(self)
-        if isinstance(configured, FileInbox):
-            return [configured]
-        return [configured, FileInbox(self.inbox_dir)]
+        """Kept for `raw_events` until it takes the `queue` resource (`QueueResource`)."""
+        return drained_queues(self)
+
+
+class QueueResource(dg.ConfigurableResource):
+    """The event queue, one concern: where events wait (QE_QUEUE_URL, else the file inbox) and
+    this ingester's name on it. The settings stay typed and validated in `Settings`; this
+    resource carries only the fields the queue needs."""
+
+    queue_url: str | None = None
+    queue_consumer: str = "default"
+    data_dir: str = "data"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QueueResource:
+        return cls(
+            queue_url=settings.queue_url,
+            queue_consumer=settings.queue_consumer,
+            data_dir=settings.data_dir,
+        )
+
+    def queues(self) -> list[EventQueue]:
+        settings = Settings(
+            queue_url=self.queue_url, queue_consumer=self.queue_consumer, data_dir=self.data_dir
+        )
+        return drained_queues(settings)
 
 
 class QeDuckDBResource(DuckDBResource):
@@ -52,6 +88,18 @@ def duckdb_writer(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnectio
     the transaction that needed it. Any `DuckDBResource` gets the project's waiting, not
     dagster_duckdb's retries."""
     with writer_connection(resource.database, config=resource.connection_config) as conn:
+        yield conn
+
+
+@contextmanager
+def duckdb_reader(resource: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection | None]:
+    """A short read-only connection (None while the database does not exist yet): no writer
+    lock, so a reader waits only for a writer's current transaction, never for a whole stage."""
+    if not Path(resource.database).exists():
+        yield None
+        return
+    memory = {k: v for k, v in resource.connection_config.items() if k == "memory_limit"}
+    with connect(resource.database, read_only=True, config=memory) as conn:
         yield conn
 
 
@@ -128,13 +176,15 @@ class OpenAIResource(dg.ConfigurableResource):
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
-    settings.database.parent.mkdir(parents=True, exist_ok=True)
+    """The resources for `settings`, built without touching the disk: the database's directory
+    is made by the first write connection (`store.writer_connection`), not here."""
     return {
         "duckdb": QeDuckDBResource(
             database=str(settings.database),
             connection_config={**WRITER_CONFIG, "memory_limit": settings.duckdb_memory_limit},
         ),
         "settings": PipelineSettings(**settings.model_dump()),
+        "queue": QueueResource.from_settings(settings),
         "openai": OpenAIResource(
             # Only a reference when the variable is set, so an offline setup loads without it.
             api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,

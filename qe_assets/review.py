@@ -4,25 +4,31 @@ Samples enter the queue when annotated: every non-duplicate `review` sample (con
 gate) and a deterministic spot-check share of `train` samples. A pending sample is held out of
 dataset versions. A reviewer then
 
-* accepts it: its completion (an existing one, else the naive one) goes into the next version;
+* accepts it: its completion (an existing one — an LLM-proposed one included — else the naive
+  one) goes into the next version;
 * edits it: the reviewer's text becomes a `human` completion, which nothing overwrites;
 * rejects it: its completion is marked `rejected` and never reaches a dataset.
 
 Each action renews the completion's `seq`, so the next version picks it up by watermark.
+
+In LLM mode a review sample also gets a completion with status `proposed` (see
+`qe_assets.assets.complete`): shown to the reviewer, never exported (only `ok` completions are),
+until a person accepts it here, which makes it `ok`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 import polars as pl
 
+from qe_assets import review_queue
 from qe_assets.store import query_frame, transaction
 from qe_assets.templates import load_templates
-from qe_assets.transforms.completions import HUMAN, naive_completions
+from qe_assets.transforms.completions import HUMAN, OK, PROPOSED, naive_completions
 
 PENDING, ACCEPTED, EDITED, REJECTED = "pending", "accepted", "edited", "rejected"
 LOW_CONFIDENCE, SPOT_CHECK = "low_confidence", "spot_check"
@@ -60,18 +66,18 @@ def list_queue(
     label: str | None = None,
     limit: int = 20,
 ) -> pl.DataFrame:
-    return query_frame(
-        conn,
-        """
-        SELECT q.sample_id, q.reason, q.status, s.label, round(s.confidence, 3) AS confidence,
-               s.language, left(s.question, 60) AS question, q.reviewer, q.reviewed_at
-        FROM review_queue q JOIN annotated_samples s USING (sample_id)
-        WHERE ($status IS NULL OR q.status = $status) AND ($label IS NULL OR s.label = $label)
-        ORDER BY s.confidence, q.queued_at, q.sample_id
-        LIMIT $limit
-        """,
-        {"status": status, "label": label, "limit": limit},
+    """The first `limit` samples of the queue in priority order (see `review_queue`)."""
+    rows = review_queue.page(
+        conn, review_queue.QueueFilter(status=status, label=label), limit=limit
     )
+    if not rows:
+        return pl.DataFrame(schema={"sample_id": pl.String, "status": pl.String})
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def token_text(token: tuple[Any, ...]) -> str:
+    """A ReviewItem token as text, for a web form to send back."""
+    return "|".join("" if part is None else str(part) for part in token)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
     sample = query_frame(
         conn,
         "SELECT sample_id, request_id, label, labels, language, confidence, score, route, "
-        "route_reason, prompt, original_answer FROM annotated_samples WHERE sample_id = ?",
+        "route_reason, question, context_docs, prompt, original_answer "
+        "FROM annotated_samples WHERE sample_id = ?",
         [sample_id],
     ).rows(named=True)
     if not sample:
@@ -104,7 +111,8 @@ def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
         raise ReviewError(f"sample {sample_id!r} is not in the review queue")
     completion = query_frame(
         conn,
-        "SELECT completion, mode, status, model, seq FROM completions WHERE sample_id = ?",
+        "SELECT completion, mode, status, model, seq, judge_model, judge_original_score, "
+        "judge_completion_score, judge_verdict FROM completions WHERE sample_id = ?",
         [sample_id],
     ).rows(named=True)
     released = conn.execute(
@@ -161,59 +169,149 @@ def _upsert_completion(
     )
 
 
-Decision = Callable[[duckdb.DuckDBPyConnection, ReviewItem, str, "str | None"], None]
+# What the checks and decisions of a list of samples read, one row per id in one query: a
+# bulk decision on thousands of samples must hold the writer lock for a moment, not a minute.
+_ITEMS = """
+    SELECT i.sample_id, i.n, s.sample_id IS NOT NULL AS known, s.language, s.label,
+           s.original_answer, q.sample_id IS NOT NULL AS queued, q.status, q.reviewer,
+           q.reviewed_at, c.completion, c.mode, c.status AS completion_status, c.model, c.seq,
+           d.version AS released_in
+    FROM decision_ids i
+    LEFT JOIN annotated_samples s USING (sample_id)
+    LEFT JOIN review_queue q USING (sample_id)
+    LEFT JOIN completions c USING (sample_id)
+    LEFT JOIN (
+        SELECT sample_id, min(version) AS version FROM dataset_samples
+        WHERE sample_id IN (SELECT sample_id FROM decision_ids) GROUP BY 1
+    ) d USING (sample_id)
+    ORDER BY i.n
+"""
+
+
+def _items(conn: duckdb.DuckDBPyConnection, ids: list[str]) -> list[dict[str, Any]]:
+    conn.register(
+        "decision_ids", pl.DataFrame({"sample_id": ids, "n": range(len(ids))}, orient="col")
+    )
+    try:
+        return query_frame(conn, _ITEMS).rows(named=True)
+    finally:
+        conn.unregister("decision_ids")
+
+
+def _problem(row: dict[str, Any], seen: Mapping[str, str] | None) -> str | None:
+    """The same refusals as `open_item`, and a changed `seen` token, for one row of `_ITEMS`."""
+    sample_id = row["sample_id"]
+    if not row["known"]:
+        return f"no sample {sample_id!r}"
+    if not row["queued"]:
+        return f"sample {sample_id!r} is not in the review queue"
+    if row["released_in"] is not None:
+        return (
+            f"sample {sample_id!r} is already in {row['released_in']}, which is never rewritten "
+            "(a sample goes into one version only)"
+        )
+    if seen is not None and sample_id in seen:
+        token = (row["status"], row["reviewed_at"], row["seq"])
+        if token_text(token) != seen[sample_id]:
+            by = f" by {row['reviewer']}" if row["reviewer"] else ""
+            return (
+                f"sample {sample_id!r} changed while you were looking at it (now "
+                f"{row['status']}{by})"
+            )
+    return None
+
+
+def _accepted_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """The completion each accepted sample keeps: its ok or proposed one (a proposal becomes ok
+    here, and only here: a person has read it), else the naive one."""
+    keep = [r for r in rows if r["completion_status"] in (OK, PROPOSED) and r["completion"]]
+    kept_ids = {r["sample_id"] for r in keep}
+    rest = [r for r in rows if r["sample_id"] not in kept_ids]
+    frames = [
+        pl.DataFrame(
+            {
+                "sample_id": [r["sample_id"] for r in keep],
+                "completion": [r["completion"] for r in keep],
+                "mode": [r["mode"] for r in keep],
+                "model": [r["model"] for r in keep],
+            },
+            schema=_DECIDED_SCHEMA,
+        )
+    ]
+    if rest:
+        samples = pl.DataFrame(
+            [{k: r[k] for k in ("sample_id", "language", "label", "original_answer")} for r in rest]
+        )
+        naive = naive_completions(samples, load_templates())
+        frames.append(
+            naive.select("sample_id", "completion", "mode", "model").cast(_DECIDED_SCHEMA)
+        )
+    return pl.concat(frames).with_columns(status=pl.lit(OK))
+
+
+def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Rejected samples keep whatever completion text they had (for the record), marked so."""
+    return pl.DataFrame(
+        {
+            "sample_id": [r["sample_id"] for r in rows],
+            "completion": [r["completion"] for r in rows],
+            "mode": [r["mode"] or HUMAN for r in rows],
+            "model": [r["model"] for r in rows],
+        },
+        schema=_DECIDED_SCHEMA,
+    ).with_columns(status=pl.lit(REJECTED))
+
+
+_DECIDED_SCHEMA = {
+    "sample_id": pl.String,
+    "completion": pl.String,
+    "mode": pl.String,
+    "model": pl.String,
+}
 
 
 def _apply(
     conn: duckdb.DuckDBPyConnection,
-    decide: Decision,
+    status: str,
     sample_ids: str | Sequence[str],
     reviewer: str,
     note: str | None,
+    seen: Mapping[str, str] | None = None,
 ) -> None:
-    """Every sample checked first, then all decided in one transaction: all or nothing."""
+    """Every sample checked first, then all decided in one transaction: all or nothing.
+    `seen` (sample id → `token_text` of what the reviewer saw) refuses samples that changed."""
     ids = [sample_ids] if isinstance(sample_ids, str) else list(dict.fromkeys(sample_ids))
-    items, problems = [], []
-    for sample_id in ids:
-        try:
-            items.append(open_item(conn, sample_id))
-        except ReviewError as exc:
-            problems.append(str(exc))
+    if not ids:
+        return
+    rows = _items(conn, ids)
+    problems = [p for p in (_problem(r, seen) for r in rows) if p is not None]
     if problems:
         raise ReviewError("; ".join(problems) + ("; nothing changed" if len(ids) > 1 else ""))
-    with transaction(conn):
-        for item in items:
-            decide(conn, item, reviewer, note)
-
-
-def _accept(
-    conn: duckdb.DuckDBPyConnection, item: ReviewItem, reviewer: str, note: str | None
-) -> None:
-    current = item.completion
-    if current is not None and current["status"] == "ok" and current["completion"]:
-        completion, mode, model = current["completion"], current["mode"], current["model"]
-    else:
-        naive = naive_completions(pl.DataFrame([item.sample]), load_templates()).row(0, named=True)
-        completion, mode, model = naive["completion"], naive["mode"], None
-    sample_id = item.sample["sample_id"]
-    _upsert_completion(conn, sample_id, completion=completion, mode=mode, status="ok", model=model)
-    _record(conn, sample_id, ACCEPTED, reviewer, note)
-
-
-def _reject(
-    conn: duckdb.DuckDBPyConnection, item: ReviewItem, reviewer: str, note: str | None
-) -> None:
-    current = item.completion or {}
-    sample_id = item.sample["sample_id"]
-    _upsert_completion(
-        conn,
-        sample_id,
-        completion=current.get("completion"),
-        mode=current.get("mode") or HUMAN,
-        status=REJECTED,
-        model=current.get("model"),
-    )
-    _record(conn, sample_id, REJECTED, reviewer, note)
+    decided = _accepted_rows(rows) if status == ACCEPTED else _rejected_rows(rows)
+    conn.register("decided", decided)
+    try:
+        with transaction(conn):
+            conn.execute(
+                """
+                INSERT INTO completions (sample_id, completion, mode, status, model, error,
+                                         attempts, created_at, updated_at, seq)
+                SELECT sample_id, completion, mode, status, model, NULL, 0, now()::TIMESTAMP,
+                       now()::TIMESTAMP, nextval('completions_seq')
+                FROM decided
+                ON CONFLICT (sample_id) DO UPDATE SET
+                    completion = excluded.completion, mode = excluded.mode,
+                    status = excluded.status, model = excluded.model, error = NULL,
+                    updated_at = excluded.updated_at, seq = excluded.seq
+                """
+            )
+            conn.execute(
+                "UPDATE review_queue SET status = ?, reviewer = ?, note = ?, "
+                "reviewed_at = now()::TIMESTAMP "
+                "WHERE sample_id IN (SELECT sample_id FROM decided)",
+                [status, reviewer, note],
+            )
+    finally:
+        conn.unregister("decided")
 
 
 def accept(
@@ -221,9 +319,12 @@ def accept(
     sample_ids: str | Sequence[str],
     reviewer: str,
     note: str | None = None,
+    *,
+    seen: Mapping[str, str] | None = None,
 ) -> None:
-    """Keep the samples' completions (an existing ok one, else the naive one) for training."""
-    _apply(conn, _accept, sample_ids, reviewer, note)
+    """Keep the samples' completions (an existing ok or proposed one, else the naive one) for
+    training."""
+    _apply(conn, ACCEPTED, sample_ids, reviewer, note, seen)
 
 
 def reject(
@@ -231,9 +332,11 @@ def reject(
     sample_ids: str | Sequence[str],
     reviewer: str,
     note: str | None = None,
+    *,
+    seen: Mapping[str, str] | None = None,
 ) -> None:
     """Keep the samples out of every dataset."""
-    _apply(conn, _reject, sample_ids, reviewer, note)
+    _apply(conn, REJECTED, sample_ids, reviewer, note, seen)
 
 
 def edit(
@@ -243,19 +346,22 @@ def edit(
     reviewer: str,
     note: str | None = None,
     *,
-    seen: tuple[Any, ...] | None = None,
+    seen: tuple[Any, ...] | str | None = None,
 ) -> None:
     """Make `completion` the sample's human completion. With `seen` (the `token` of the item
-    the reviewer edited from), refuse if someone decided on the sample in the meantime."""
+    the reviewer edited from, or its `token_text`), refuse if someone decided on the sample in
+    the meantime."""
     if not completion.strip():
         raise ReviewError("the edited completion is empty; use reject to drop the sample")
     item = open_item(conn, sample_id)
-    if seen is not None and item.token != seen:
-        by = f" by {item.review['reviewer']}" if item.review["reviewer"] else ""
-        raise ReviewError(
-            f"sample {sample_id!r} changed while you were editing (now {item.review['status']}"
-            f"{by}); nothing changed"
-        )
+    if seen is not None:
+        seen_text = seen if isinstance(seen, str) else token_text(seen)
+        if token_text(item.token) != seen_text:
+            by = f" by {item.review['reviewer']}" if item.review["reviewer"] else ""
+            raise ReviewError(
+                f"sample {sample_id!r} changed while you were editing (now "
+                f"{item.review['status']}{by}); nothing changed"
+            )
     with transaction(conn):
         _upsert_completion(
             conn, sample_id, completion=completion.strip(), mode=HUMAN, status="ok", model=reviewer

@@ -66,6 +66,8 @@ SUMMARY_KEYS = (
     "status",
     "model_id",
     "message",
+    "decision",
+    "current_share",
 )
 
 

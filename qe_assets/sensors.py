@@ -11,6 +11,7 @@ Neither holds the DuckDB writer lock: a queue's metadata, or a short read-only q
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -23,8 +24,8 @@ from qe_assets.backlog import (
     review_age,
     review_backlog,
 )
-from qe_assets.readiness import release_decision
-from qe_assets.resources import PipelineSettings
+from qe_assets.readiness import settings_release_decision
+from qe_assets.resources import PipelineSettings, QueueResource
 from qe_assets.runner import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
 from qe_assets.store import DatabaseBusy, connect
 
@@ -49,8 +50,19 @@ def _ended_badly(instance: dg.DagsterInstance, job_name: str, version: str) -> t
     return ended, ended - count(**{REAPED_TAG: "true"})
 
 
-def _status(running: bool) -> dg.DefaultSensorStatus:
-    return dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+def _sensor(
+    name: str, job_name: str, running_by_default: bool, interval_seconds: int, description: str
+) -> Callable[..., dg.SensorDefinition]:
+    """The decorator both sensors share: their job, interval and default status from settings."""
+    return dg.sensor(
+        name=name,
+        job_name=job_name,
+        minimum_interval_seconds=interval_seconds,
+        default_status=(
+            dg.DefaultSensorStatus.RUNNING if running_by_default else dg.DefaultSensorStatus.STOPPED
+        ),
+        description=description,
+    )
 
 
 def run_in_flight(instance: dg.DagsterInstance, job_name: str) -> str | None:
@@ -66,12 +78,12 @@ def run_in_flight(instance: dg.DagsterInstance, job_name: str) -> str | None:
 def build_finetune_sensor(
     job_name: str, running_by_default: bool, interval_seconds: int
 ) -> dg.SensorDefinition:
-    @dg.sensor(
-        name="finetune_threshold_sensor",
-        job_name=job_name,
-        minimum_interval_seconds=interval_seconds,
-        default_status=_status(running_by_default),
-        description=(
+    @_sensor(
+        "finetune_threshold_sensor",
+        job_name,
+        running_by_default,
+        interval_seconds,
+        (
             "Counts ready samples (completed, not yet in a version) with a short read-only "
             "query; when they reach QE_FINETUNE_THRESHOLD it requests one run of the release "
             "job, which cuts the next dataset version and fine-tunes on it. A committed version "
@@ -93,9 +105,7 @@ def build_finetune_sensor(
         try:
             # Read-only and bounded: the sensor never holds the write lock and never waits long.
             with connect(settings.database, read_only=True, wait_seconds=5) as conn:
-                decision = release_decision(
-                    conn, settings.finetune_threshold, settings.finetune_backend
-                )
+                decision = settings_release_decision(conn, settings)
         except DatabaseBusy:
             return dg.SkipReason("the database is busy with a writer; looking again next tick")
         if not decision.due or decision.version is None:
@@ -211,12 +221,12 @@ def _ingest_request(
 def build_queue_sensor(
     job_name: str, running_by_default: bool, interval_seconds: int
 ) -> dg.SensorDefinition:
-    @dg.sensor(
-        name="queue_sensor",
-        job_name=job_name,
-        minimum_interval_seconds=interval_seconds,
-        default_status=_status(running_by_default),
-        description=(
+    @_sensor(
+        "queue_sensor",
+        job_name,
+        running_by_default,
+        interval_seconds,
+        (
             "Starts the ingest job when events wait in the queue (inbox files, Redis list "
             "length, Kafka consumer lag: metadata only, never the database lock). Never while a "
             "run of the job is queued or running; one run per backlog (run key: the last ended "
@@ -227,11 +237,11 @@ def build_queue_sensor(
         ),
     )
     def queue_sensor(
-        context: dg.SensorEvaluationContext, settings: PipelineSettings
+        context: dg.SensorEvaluationContext, settings: PipelineSettings, queue: QueueResource
     ) -> dg.SensorResult:
         cursor = json.loads(context.cursor) if context.cursor else {}
         reported: dict[str, list[float]] = cursor.get("reported", {})
-        look = look_at_queues(settings.queues())
+        look = look_at_queues(queue.queues())
         events = _freshness_events(
             settings, queue_freshness(look, settings.max_queue_age_seconds), reported
         )

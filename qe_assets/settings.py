@@ -13,16 +13,34 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from qe_assets.evaluation.sequential import Policy
 
 FINETUNE_BACKENDS = ("none", "openai", "command")
 # sft: the chat/record files; dpo: the preference pairs (chosen = correction, rejected = original).
 FINETUNE_METHODS = ("sft", "dpo")
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
+# direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
+ROLLOUT_MODES = ("direct", "canary")
 REDIS_LIST = "quality_events"
+
+
+def estimated_cost(
+    prompt_tokens: int,
+    completion_tokens: int,
+    price_input_per_1m: float,
+    price_output_per_1m: float,
+) -> float:
+    """The estimated LLM cost of some tokens at per-million prices (QE_LLM_PRICE_*_PER_1M): the
+    one formula behind `qe status`, the completions metadata and the evaluation's spend."""
+    return round(
+        prompt_tokens * price_input_per_1m / 1e6 + completion_tokens * price_output_per_1m / 1e6, 6
+    )
 
 
 class SettingsError(ValueError):
@@ -43,12 +61,36 @@ def _number(name: str, raw: str, *, lo: float | None, hi: float | None, integer:
     return value
 
 
+def _ruled(parse: Callable[[str], Any], rule: str) -> Callable[[str], Any]:
+    """Attach the human-readable rule a parser enforces; the configuration reference prints it."""
+    parse.rule = rule  # type: ignore[attr-defined]
+    return parse
+
+
+def _bounds(lo: float | None, hi: float | None) -> str:
+    if hi is None:
+        return f"≥ {lo:g}" if lo is not None else "any"
+    return f"{lo:g} to {hi:g}"
+
+
 def _float(name: str, lo: float | None = 0.0, hi: float | None = 1.0) -> Callable[[str], Any]:
-    return lambda raw: _number(name, raw, lo=lo, hi=hi, integer=False)
+    return _ruled(
+        lambda raw: _number(name, raw, lo=lo, hi=hi, integer=False), f"number, {_bounds(lo, hi)}"
+    )
 
 
 def _int(name: str, lo: int = 1) -> Callable[[str], Any]:
-    return lambda raw: _number(name, raw, lo=lo, hi=None, integer=True)
+    return _ruled(
+        lambda raw: _number(name, raw, lo=lo, hi=None, integer=True),
+        f"integer, {_bounds(lo, None)}",
+    )
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+_ruled(_text, "text")
 
 
 def _choice(name: str, options: tuple[str, ...]) -> Callable[[str], str]:
@@ -58,7 +100,7 @@ def _choice(name: str, options: tuple[str, ...]) -> Callable[[str], str]:
             raise SettingsError(f"{name} must be one of {', '.join(options)}; got {raw!r}")
         return value
 
-    return parse
+    return _ruled(parse, "one of " + ", ".join(f"`{option}`" for option in options))
 
 
 def _bool(name: str) -> Callable[[str], bool]:
@@ -70,7 +112,7 @@ def _bool(name: str) -> Callable[[str], bool]:
             return False
         raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
-    return parse
+    return _ruled(parse, "true/false (also 1/0, yes/no, on/off)")
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
@@ -93,7 +135,7 @@ def _duration(name: str) -> Callable[[str], float]:
             )
         return seconds
 
-    return parse
+    return _ruled(parse, "duration: `90s`, `45m`, `1h`, `2d` or seconds")
 
 
 def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
@@ -106,7 +148,7 @@ def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
             raise SettingsError(f"{name} must be a JSON object, got {raw!r}")
         return value
 
-    return parse
+    return _ruled(parse, "JSON object")
 
 
 def _model_map(raw: str) -> dict[str, str]:
@@ -120,6 +162,24 @@ def _model_map(raw: str) -> dict[str, str]:
     return value
 
 
+_ruled(_model_map, "JSON object of model id → served name (non-empty strings)")
+
+
+def _ramp(raw: str) -> list[float]:
+    name = "QE_AB_RAMP"
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    shares = tuple(_number(name, part, lo=0.0, hi=1.0, integer=False) for part in parts)
+    if not shares or any(s <= 0 for s in shares) or list(shares) != sorted(set(shares)):
+        raise SettingsError(
+            f"{name} must be increasing shares in (0, 1] separated by commas, such as "
+            f"0.05,0.25,0.5; got {raw!r}"
+        )
+    return list(shares)
+
+
+_ruled(_ramp, "increasing shares in (0, 1], comma-separated")
+
+
 def _memory_size(raw: str) -> str:
     value = raw.strip().replace(" ", "")
     if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?B|%)", value, flags=re.IGNORECASE):
@@ -129,6 +189,8 @@ def _memory_size(raw: str) -> str:
         )
     return value
 
+
+_ruled(_memory_size, "size (`512MB`, `4GiB`) or share of RAM (`25%`)")
 
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 KAFKA_HOST = re.compile(r"[^\s:@/]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
@@ -194,6 +256,20 @@ def kafka_environment(environ: Mapping[str, str] | None = None) -> dict[str, str
     }
 
 
+def _serve_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise SettingsError(
+            f"QE_SERVE_URL must be the base URL of `qe serve`, such as http://127.0.0.1:8787; "
+            f"got {raw!r}"
+        )
+    return value
+
+
+_ruled(_serve_url, "`http://` or `https://` base URL")
+
+
 def _queue_url(raw: str) -> str:
     value = raw.strip()
     if value.startswith("kafka://"):
@@ -211,14 +287,20 @@ def _queue_url(raw: str) -> str:
     return value
 
 
+_ruled(_queue_url, "`redis://`, `rediss://`, `unix://` or `kafka://` URL")
+
 # field name → (environment variable, parser). Defaults live on the model below.
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "data_dir": ("QE_DATA_DIR", str.strip),
-    "duckdb_path": ("QE_DUCKDB_PATH", str.strip),
+    "data_dir": ("QE_DATA_DIR", _text),
+    "duckdb_path": ("QE_DUCKDB_PATH", _text),
     "duckdb_memory_limit": ("QE_DUCKDB_MEMORY_LIMIT", _memory_size),
     "queue_url": ("QE_QUEUE_URL", _queue_url),
-    "queue_consumer": ("QE_QUEUE_CONSUMER", str.strip),
+    "queue_consumer": ("QE_QUEUE_CONSUMER", _text),
     "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
+    "count_flush_seconds": (
+        "QE_COUNT_FLUSH_SECONDS",
+        _float("QE_COUNT_FLUSH_SECONDS", 0.05, 3600.0),
+    ),
     "ingest_batch_size": ("QE_INGEST_BATCH_SIZE", _int("QE_INGEST_BATCH_SIZE")),
     "min_confidence": ("QE_MIN_CONFIDENCE", _float("QE_MIN_CONFIDENCE")),
     "confidence_factor": ("QE_CONFIDENCE_FACTOR", _float("QE_CONFIDENCE_FACTOR", 0.0, None)),
@@ -250,8 +332,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         "QE_FINETUNE_BACKEND",
         _choice("QE_FINETUNE_BACKEND", FINETUNE_BACKENDS),
     ),
-    "finetune_base_model": ("QE_FINETUNE_BASE_MODEL", str.strip),
-    "finetune_suffix": ("QE_FINETUNE_SUFFIX", str.strip),
+    "finetune_base_model": ("QE_FINETUNE_BASE_MODEL", _text),
+    "finetune_suffix": ("QE_FINETUNE_SUFFIX", _text),
     "finetune_sensor_running": (
         "QE_FINETUNE_SENSOR_RUNNING",
         _bool("QE_FINETUNE_SENSOR_RUNNING"),
@@ -270,7 +352,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         "QE_FINETUNE_HYPERPARAMETERS",
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
     ),
-    "finetune_command": ("QE_FINETUNE_COMMAND", str.strip),
+    "finetune_command": ("QE_FINETUNE_COMMAND", _text),
     "finetune_method": ("QE_FINETUNE_METHOD", _choice("QE_FINETUNE_METHOD", FINETUNE_METHODS)),
     "finetune_poll_seconds": (
         "QE_FINETUNE_POLL_SECONDS",
@@ -280,8 +362,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         "QE_FINETUNE_DEADLINE_SECONDS",
         _float("QE_FINETUNE_DEADLINE_SECONDS", 0.0, None),
     ),
-    "llm_model": ("QE_LLM_MODEL", str.strip),
-    "openai_base_url": ("OPENAI_BASE_URL", str.strip),
+    "llm_model": ("QE_LLM_MODEL", _text),
+    "openai_base_url": ("OPENAI_BASE_URL", _text),
     "llm_concurrency": ("QE_LLM_CONCURRENCY", _int("QE_LLM_CONCURRENCY")),
     "llm_batch_size": ("QE_LLM_BATCH_SIZE", _int("QE_LLM_BATCH_SIZE")),
     "llm_timeout_seconds": ("QE_LLM_TIMEOUT_SECONDS", _float("QE_LLM_TIMEOUT_SECONDS", 0.0, None)),
@@ -289,15 +371,26 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "llm_temperature": ("QE_LLM_TEMPERATURE", _float("QE_LLM_TEMPERATURE", 0.0, 2.0)),
     "llm_max_tokens": ("QE_LLM_MAX_TOKENS", _int("QE_LLM_MAX_TOKENS")),
     "llm_judge": ("QE_LLM_JUDGE", _bool("QE_LLM_JUDGE")),
-    "llm_judge_model": ("QE_LLM_JUDGE_MODEL", str.strip),
+    "llm_judge_model": ("QE_LLM_JUDGE_MODEL", _text),
     "llm_judge_margin": ("QE_LLM_JUDGE_MARGIN", _float("QE_LLM_JUDGE_MARGIN", 0.0, 10.0)),
+    "judge_min_agreement": ("QE_JUDGE_MIN_AGREEMENT", _float("QE_JUDGE_MIN_AGREEMENT")),
+    "judge_min_decisions": ("QE_JUDGE_MIN_DECISIONS", _int("QE_JUDGE_MIN_DECISIONS")),
+    "judge_agreement_window": ("QE_JUDGE_AGREEMENT_WINDOW", _int("QE_JUDGE_AGREEMENT_WINDOW")),
+    "serve_url": ("QE_SERVE_URL", _serve_url),
+    "llm_propose_review": ("QE_LLM_PROPOSE_REVIEW", _bool("QE_LLM_PROPOSE_REVIEW")),
     "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
     "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
     "eval_margin": ("QE_EVAL_MARGIN", _float("QE_EVAL_MARGIN", 0.0, 0.5)),
-    "eval_base_url": ("QE_EVAL_BASE_URL", str.strip),
+    "eval_base_url": ("QE_EVAL_BASE_URL", _text),
     "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
-    "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", str.strip),
+    "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", _text),
     "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
+    "rollout_mode": ("QE_ROLLOUT", _choice("QE_ROLLOUT", ROLLOUT_MODES)),
+    "ab_ramp": ("QE_AB_RAMP", _ramp),
+    "ab_alpha": ("QE_AB_ALPHA", _float("QE_AB_ALPHA", 0.001, 0.5)),
+    "ab_tau": ("QE_AB_TAU", _float("QE_AB_TAU", 0.001, 1.0)),
+    "ab_min_answers": ("QE_AB_MIN_ANSWERS", _int("QE_AB_MIN_ANSWERS")),
+    "ab_ramp_max_harm": ("QE_AB_RAMP_MAX_HARM", _float("QE_AB_RAMP_MAX_HARM", 0.0, 1.0)),
     "llm_price_input_per_1m": (
         "QE_LLM_PRICE_INPUT_PER_1M",
         _float("QE_LLM_PRICE_INPUT_PER_1M", 0.0, None),
@@ -318,71 +411,308 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    data_dir: str = "data"
-    duckdb_path: str | None = None
+    # Each description is the variable's line in the configuration reference (docs/configuration.md,
+    # generated by `make docs`) and its help text in the Dagster launchpad.
+    data_dir: str = Field(
+        "data",
+        description="Directory that holds all state: the database, "
+        "inbox, datasets, fine-tune runs and the Dagster home of `qe ui`.",
+    )
+    duckdb_path: str | None = Field(
+        None,
+        description="The DuckDB database; unset: "
+        "`$QE_DATA_DIR/qe.duckdb`. The writer lock file lives next to it.",
+    )
     # DuckDB's default (80 % of RAM) lets its page cache grow with history; a bound keeps a run's
     # memory flat, and larger-than-memory work spills to disk.
-    duckdb_memory_limit: str = "1GB"
-    queue_url: str | None = None
-    queue_consumer: str = "default"
-    capture_threshold: float = 0.7
-    ingest_batch_size: int = 5_000
-    min_confidence: float = 0.6
-    confidence_factor: float = 1.5
-    context_top_k: int = 3
-    context_max_chars: int = 500
-    instruction_language: str = "auto"
-    validation_share: float = 0.1
-    spot_check_share: float = 0.02
-    chat_system_message: bool = True
-    chat_weight_threshold: float | None = None
-    export_batch_size: int = 10_000
-    pii_redaction: bool = True
-    max_label_share: float = 0.8
-    max_unspecified_share: float = 0.2
-    max_unknown_label_share: float = 0.1
-    max_label_drift: float = 0.3
-    min_dataset_examples: int = 10
-    finetune_threshold: int = 1000
-    finetune_backend: str = "none"
-    finetune_base_model: str = "gpt-4o-mini-2024-07-18"
-    finetune_suffix: str = "qe"
+    duckdb_memory_limit: str = Field(
+        "1GB",
+        description="DuckDB memory limit of the pipeline's "
+        "connections; bigger work spills to disk.",
+    )
+    queue_url: str | None = Field(
+        None,
+        description="The event queue. Unset: the file inbox "
+        "`$QE_DATA_DIR/inbox/`. `redis://HOST:PORT/DB`: the list `quality_events`. "
+        "`kafka://HOST:PORT[,HOST:PORT…][/TOPIC][?property=value…]`: a Kafka topic "
+        "(default `quality_events`), see Queues.",
+    )
+    queue_consumer: str = Field(
+        "default",
+        description="Names this ingester's Redis processing "
+        "list (`quality_events:processing:<name>`) or Kafka consumer group (`qe_assets.<name>`).",
+    )
+    capture_threshold: float = Field(
+        0.7,
+        description="`QualityCapture` sends events whose "
+        "`score` is below this; the others are skipped.",
+    )
+    count_flush_seconds: float = Field(
+        5.0,
+        description="How often a producer process sends its per-model answer counts.",
+    )
+    ingest_batch_size: int = Field(
+        5_000, description="Records per ingest / annotate / complete transaction; bounds memory."
+    )
+    min_confidence: float = Field(
+        0.6,
+        description="Sample gate: a sample with lower confidence "
+        "is routed to human review instead of training.",
+    )
+    confidence_factor: float = Field(1.5, description="`confidence = min(1, score × factor)`.")
+    context_top_k: int = Field(3, description="Documents (highest score first) in the prompt.")
+    context_max_chars: int = Field(500, description="Characters kept per document in the prompt.")
+    instruction_language: str = Field(
+        "auto",
+        description="Language of the correction "
+        "instruction: `auto` (Chinese when the question has a Han character), `zh`, `en`.",
+    )
+    validation_share: float = Field(
+        0.1,
+        description="Share of questions (by hash of the "
+        "normalised question) in the validation split.",
+    )
+    spot_check_share: float = Field(
+        0.02, description="Share of `train` samples held for a human spot check (deterministic)."
+    )
+    chat_system_message: bool = Field(
+        True, description="Include a system message in the chat file."
+    )
+    chat_weight_threshold: float | None = Field(
+        None,
+        description="Set: the chat file's "
+        "assistant `weight` is 1 when confidence ≥ it, else 0 (the only weights OpenAI accepts).",
+    )
+    export_batch_size: int = Field(
+        10_000,
+        description="Completions read per export window: at "
+        "most that many samples in memory at once.",
+    )
+    pii_redaction: bool = Field(
+        True,
+        description="Redact e-mail, phone, CN ID, card numbers and "
+        "IPs from exported prompts, completions and labels, and pseudonymise exported sample ids "
+        "that hold PII.",
+    )
+    max_label_share: float = Field(
+        0.8, description="`label_distribution` warns when one label is above this share."
+    )
+    max_unspecified_share: float = Field(
+        0.2, description="`label_distribution` warns when `unspecified` is above this share."
+    )
+    max_unknown_label_share: float = Field(
+        0.1, description="`label_distribution` warns when unknown labels are above this share."
+    )
+    max_label_drift: float = Field(
+        0.3,
+        description="`label_drift` warns when the total "
+        "variation distance to the previous version's label shares is above this.",
+    )
+    min_dataset_examples: int = Field(
+        10, description="`dataset_format_valid` fails a version with fewer chat examples."
+    )
+    finetune_threshold: int = Field(
+        1000,
+        description="Ready samples (ok completions not yet in "
+        "a version, not waiting for review) that trigger a new version and a fine-tune.",
+    )
+    finetune_backend: str = Field(
+        "none",
+        description="`none` (write the recipe only), `openai` "
+        "(a fine-tuning job) or `command` (`QE_FINETUNE_COMMAND` through Dagster Pipes).",
+    )
+    finetune_base_model: str = Field(
+        "gpt-4o-mini-2024-07-18",
+        description="Base model of "
+        "fine-tuning jobs; a round continues from the newest model of the same backend.",
+    )
+    finetune_suffix: str = Field("qe", description="Suffix of `openai` fine-tuning jobs.")
     # The loop runs by itself under `make ui`: both sensors start running (set false to stop).
-    finetune_sensor_running: bool = True
-    finetune_allow_naive: bool = False
-    queue_sensor_running: bool = True
-    sensor_interval_seconds: int = 30
-    max_queue_age_seconds: float = 3_600.0
-    max_review_age_seconds: float = 86_400.0
-    max_review_backlog: int = 1_000
-    max_reject_share: float = 0.2
-    finetune_hyperparameters: dict[str, Any] = {}
-    finetune_command: str | None = None
-    finetune_method: str = "sft"
-    finetune_poll_seconds: float = 30.0
-    finetune_deadline_seconds: float = 4 * 3600.0
-    llm_model: str | None = None
-    openai_base_url: str | None = None
-    llm_concurrency: int = 16
-    llm_batch_size: int = 200
-    llm_timeout_seconds: float = 60.0
-    llm_max_retries: int = 4
-    llm_temperature: float = 0.2
-    llm_max_tokens: int = 1024
-    llm_judge: bool = False
-    llm_judge_model: str | None = None
-    llm_judge_margin: float = 1.0
-    llm_price_input_per_1m: float = 0.0
-    llm_price_output_per_1m: float = 0.0
+    finetune_sensor_running: bool = Field(
+        True,
+        description="Start the release sensor "
+        "(`finetune_threshold_sensor`) running; the UI toggle overrides it.",
+    )
+    finetune_allow_naive: bool = Field(
+        False,
+        description="Let `openai` / `command` train on a "
+        "version whose completions are mostly `naive`.",
+    )
+    queue_sensor_running: bool = Field(
+        True,
+        description="Start the ingestion sensor "
+        "(`queue_sensor`) running; the UI toggle overrides it.",
+    )
+    sensor_interval_seconds: int = Field(30, description="How often both sensors look, in seconds.")
+    max_queue_age_seconds: float = Field(
+        3_600.0,
+        description="`queue_freshness` warns when the oldest waiting event is older (default 1h).",
+    )
+    max_review_age_seconds: float = Field(
+        86_400.0,
+        description="`review_backlog_age` warns "
+        "when the oldest pending review is older (default 24h).",
+    )
+    max_review_backlog: int = Field(
+        1_000, description="`review_backlog_size` warns when more samples wait for review."
+    )
+    max_reject_share: float = Field(
+        0.2,
+        description="`reject_share_by_source` warns when a "
+        "queue kind's rejected share over the last day is above this.",
+    )
+    finetune_hyperparameters: dict[str, Any] = Field(
+        {}, description="Hyperparameters of `openai` fine-tuning jobs."
+    )
+    finetune_command: str | None = Field(
+        None,
+        description="The training command of the "
+        "`command` backend, e.g. `python examples/finetune_trl_lora.py`.",
+    )
+    finetune_method: str = Field(
+        "sft",
+        description="`sft` (chat/record files) or `dpo` (the "
+        "preference pairs; `openai` sends `method: dpo`).",
+    )
+    finetune_poll_seconds: float = Field(30.0, description="Polling interval of an `openai` job.")
+    finetune_deadline_seconds: float = Field(
+        4 * 3600.0,
+        description="How long one run follows "
+        "an `openai` job; past it the asset fails and a re-run resumes the same job.",
+    )
+    llm_model: str | None = Field(
+        None,
+        description="With `OPENAI_API_KEY`: the model that "
+        "rewrites answers in `completions`; unset: naive completions.",
+    )
+    openai_base_url: str | None = Field(
+        None,
+        description="An OpenAI-compatible endpoint (vLLM, "
+        "Ollama, llama.cpp server, …); unset: OpenAI.",
+    )
+    llm_concurrency: int = Field(16, description="LLM calls in flight.")
+    llm_batch_size: int = Field(200, description="Samples per LLM commit.")
+    llm_timeout_seconds: float = Field(60.0, description="Timeout of one LLM request.")
+    llm_max_retries: int = Field(4, description="The openai client's retries per request.")
+    llm_temperature: float = Field(
+        0.2, description="Generation temperature (part of the cache key)."
+    )
+    llm_max_tokens: int = Field(1024, description="Generation token limit (part of the cache key).")
+    llm_judge: bool = Field(
+        False,
+        description="Judge each rewrite against the original; a "
+        "rewrite not better by the margin becomes `rejected_by_judge`.",
+    )
+    llm_judge_model: str | None = Field(
+        None, description="The judge's model; unset: `QE_LLM_MODEL`."
+    )
+    llm_judge_margin: float = Field(
+        1.0, description="Judge score (1–10) the rewrite must gain over the original."
+    )
+    llm_propose_review: bool = Field(
+        True,
+        description="LLM mode: review samples get a `proposed` completion a reviewer can accept.",
+    )
+    llm_price_input_per_1m: float = Field(
+        0.0, description="Price per million prompt tokens, for the cost estimate."
+    )
+    llm_price_output_per_1m: float = Field(
+        0.0, description="Price per million completion tokens, for the cost estimate."
+    )
+    # The judge measured against reviewers (docs/judge-calibration.md): below this agreement over
+    # the last `judge_agreement_window` decisions (once there are `judge_min_decisions`), the
+    # judge's approvals wait for a person instead of going straight into versions.
+    judge_min_agreement: float = Field(
+        0.8,
+        description="Below this agreement with reviewers, the judge's approvals wait for a person.",
+    )
+    judge_min_decisions: int = Field(
+        30,
+        description="Reviewer decisions needed before the judge's agreement counts.",
+    )
+    judge_agreement_window: int = Field(
+        200,
+        description="The last N reviewer decisions the judge's agreement is measured over.",
+    )
+    serve_url: str = Field(
+        "http://127.0.0.1:8787",
+        description="Where `qe serve` answers: the dashboards linked from the assets' metadata.",
+    )
     # The evaluation gate (docs/evaluation.md). 0 holds nothing out: set a share to build the
     # frozen evaluation set; held-out questions never reach a training file.
-    eval_share: float = 0.0
-    eval_min_items: int = 50
-    eval_margin: float = 0.0
-    eval_base_url: str | None = None  # None: OPENAI_BASE_URL
-    eval_model_map: dict[str, str] = {}  # model id → name the endpoint serves it under
-    eval_judge_model: str | None = None  # None: QE_LLM_JUDGE_MODEL, else QE_LLM_MODEL
-    eval_icl_examples: int = 0  # k train examples in an ICL baseline's prompt; 0: no ICL baseline
+    # 5 % gives the gate its 50 items once about 1,000 samples were released.
+    eval_share: float = Field(
+        0.05,
+        description=(
+            "Share of questions held out of every file into the frozen evaluation set; 0 holds "
+            "nothing out (the gate then has nothing to judge)."
+        ),
+    )
+    eval_min_items: int = Field(
+        50, description="Fewer judged pairs give `insufficient_data` (nothing promoted)."
+    )
+    eval_margin: float = Field(
+        0.0, description="The win rate's 95 % lower bound must exceed 0.5 + margin for promotion."
+    )
+    eval_base_url: str | None = Field(
+        None,
+        description="Where the candidate and production "
+        "models are asked; unset: `OPENAI_BASE_URL`.",
+    )
+    eval_model_map: dict[str, str] = Field(
+        {}, description="Model id → the name the endpoint serves it under."
+    )
+    eval_judge_model: str | None = Field(
+        None, description="The pairwise judge; unset: `QE_LLM_JUDGE_MODEL`, else `QE_LLM_MODEL`."
+    )
+    eval_icl_examples: int = Field(
+        0,
+        description="k > 0 also compares the candidate with "
+        "production given k train examples in its prompt (reported, not gating).",
+    )
+    # The A/B rollout (docs/rollout.md): canary makes a gate-passed candidate an A/B test.
+    rollout_mode: str = Field(
+        "direct",
+        description=(
+            "`direct`: the gate promotes; `canary`: a candidate that passes the gate becomes "
+            "the A/B test's candidate at the first share of the ramp."
+        ),
+    )
+    ab_ramp: list[float] = Field(
+        [0.05, 0.25, 0.5],
+        description="The candidate's traffic shares, in turn.",
+    )
+    ab_alpha: float = Field(
+        0.05,
+        description="Bound on P(ever promoting an equal candidate).",
+    )
+    ab_tau: float = Field(
+        0.05,
+        description="The difference of low-score rates the mSPRT is tuned to find fastest.",
+    )
+    ab_min_answers: int = Field(
+        200,
+        description="Answers per arm before deciding; at a share before ramping on.",
+    )
+    ab_ramp_max_harm: float = Field(
+        0.01,
+        description=(
+            "Ramp up only while the candidate's low-score rate is at most this much above "
+            "production's."
+        ),
+    )
+
+    def ab_policy(self) -> Policy:
+        """The test's knobs as `qe_assets.evaluation.sequential.Policy`."""
+        from qe_assets.evaluation.sequential import Policy
+
+        return Policy(
+            alpha=self.ab_alpha,
+            tau=self.ab_tau,
+            min_answers=self.ab_min_answers,
+            ramp=tuple(self.ab_ramp),
+            ramp_max_harm=self.ab_ramp_max_harm,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -392,7 +722,14 @@ class Settings(BaseModel):
             raw = env.get(variable)
             if raw is not None and raw.strip():
                 values[name] = parse(raw)
-        return cls(**values)
+        settings = cls(**values)
+        if settings.judge_agreement_window < settings.judge_min_decisions:
+            raise SettingsError(
+                f"QE_JUDGE_AGREEMENT_WINDOW ({settings.judge_agreement_window}) must be at least "
+                f"QE_JUDGE_MIN_DECISIONS ({settings.judge_min_decisions}): agreement is measured "
+                "over the last QE_JUDGE_AGREEMENT_WINDOW decisions"
+            )
+        return settings
 
     def settings(self) -> Settings:
         """The plain settings (also on the Dagster resource that inherits these fields)."""
@@ -417,3 +754,82 @@ class Settings(BaseModel):
     def documented(self) -> dict[str, Any]:
         """Variable name → value in effect, for `qe status` and manifests (holds no secrets)."""
         return {variable: getattr(self, name) for name, (variable, _) in ENVIRONMENT.items()}
+
+
+SERVE_TOKEN_VARIABLE = "QE_SERVE_TOKEN"
+
+
+def serve_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """QE_SERVE_TOKEN: the secret `qe serve` requires on every request when it binds a
+    non-loopback address. Read here rather than kept on `Settings`, whose fields reach the
+    Dagster launchpad and every dataset manifest; a secret must reach neither. Never logged."""
+    env = os.environ if environ is None else environ
+    raw = env.get(SERVE_TOKEN_VARIABLE)
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if len(value) < 16:
+        raise SettingsError(
+            f"{SERVE_TOKEN_VARIABLE} must be at least 16 characters (e.g. `openssl rand -hex "
+            "16`); the value given is shorter"
+        )
+    return value
+
+
+# Variables read outside `Settings`: by the CLI, by the Kafka client builder, by the training
+# examples and by the tests. The configuration reference lists them beside the settings.
+OTHER_VARIABLES: dict[str, tuple[str, str]] = {
+    "OPENAI_API_KEY": (
+        "unset",
+        "The key of the OpenAI-compatible endpoint (LLM completions, judge, `openai` backend, "
+        "evaluation). Passed only as a `dg.EnvVar` reference: never logged or stored.",
+    ),
+    "QE_KAFKA_*": (
+        "unset",
+        "librdkafka properties that must not be in the URL, e.g. `QE_KAFKA_SASL_PASSWORD` → "
+        "`sasl.password` (`_` becomes `.`); read when a client is built, never part of the "
+        "settings or the run config.",
+    ),
+    "QE_SERVE_TOKEN": (
+        "unset",
+        "The secret `qe serve` requires on every request; needed to bind anything but the "
+        "loopback (16+ characters). Never a setting, never logged.",
+    ),
+    "QE_REVIEWER": ("`$USER`", "Who `qe review` and `qe models` record as the reviewer."),
+    "QE_TRL_MODEL": ("required", "TRL examples: the model to adapt (Hugging Face id or folder)."),
+    "QE_TRL_DATA": ("`records`", "TRL examples: `records` (weighted loss) or `chat`."),
+    "QE_TRL_OUTPUT_DIR": ("`data/models`", "TRL examples: where adapters are written."),
+    "QE_TRL_DRY_RUN": ("unset", "TRL examples: `1` checks the records and trains nothing."),
+    "QE_SLOW_TRIALS": ("unset", "Tests: number of slow crash / fault trials (opt-in)."),
+    "QE_FUZZ_EXAMPLES": ("60", "Tests: hypothesis examples of the fuzz test."),
+    "QE_DOCS_SCREENSHOTS": (
+        "unset",
+        "Tests: `1` makes the review page browser test write its screenshots to docs/img/.",
+    ),
+    "QE_UPDATE_SCREENSHOTS": (
+        "unset",
+        "Tests: set, the dashboards browser test writes its screenshot to docs/img/.",
+    ),
+}
+# The variables the external contract defines; every other one is an extension of it.
+CONTRACT_VARIABLES = frozenset(
+    {
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "QE_CAPTURE_THRESHOLD",
+        "QE_DATA_DIR",
+        "QE_DUCKDB_PATH",
+        "QE_EVAL_MARGIN",
+        "QE_EVAL_MIN_ITEMS",
+        "QE_FINETUNE_ALLOW_NAIVE",
+        "QE_FINETUNE_BACKEND",
+        "QE_FINETUNE_BASE_MODEL",
+        "QE_FINETUNE_METHOD",
+        "QE_FINETUNE_THRESHOLD",
+        "QE_LLM_MODEL",
+        "QE_MAX_QUEUE_AGE",
+        "QE_MIN_CONFIDENCE",
+        "QE_QUEUE_URL",
+        "QE_ROLLOUT",
+    }
+)

@@ -34,8 +34,8 @@ ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnectio
 # queue, fine-tune runs) ever update or delete rows, so there is little space to reclaim.
 # Text is stored with ZSTD: what the stages write is mostly long text (documents, prompts,
 # completions) in which the same knowledge-base passages come back again and again. DuckDB's own
-# choice (dictionary + FSST) took 4-5x longer to checkpoint a batch and gave a 6x larger file on
-# the bench's events; numeric columns keep their own encodings.
+# choice (dictionary + FSST) checkpointed far slower and gave a larger file on the bench's events
+# (docs/performance.md); numeric columns keep their own encodings.
 WRITER_CONFIG: dict[str, str | int] = {"max_vacuum_tasks": 0, "force_compression": "zstd"}
 
 SCHEMA = """
@@ -236,6 +236,46 @@ CREATE TABLE IF NOT EXISTS promoted_models (
     evaluation_id    VARCHAR,              -- the evaluation that passed (gate)
     action           VARCHAR NOT NULL,     -- promote | rollback
     reason           VARCHAR
+);
+-- The A/B rollout (qe_assets/rollout.py, docs/rollout.md). Which model answered an event: added
+-- to an existing raw_events on its next write connection (NULL for events before it).
+ALTER TABLE raw_events ADD COLUMN IF NOT EXISTS model VARCHAR;
+-- Answers per model from the producers' count records, exactly once per (flush_id, model).
+CREATE TABLE IF NOT EXISTS answer_counts (
+    flush_id      VARCHAR NOT NULL,    -- unique per flush of one producer process
+    model         VARCHAR NOT NULL,
+    answers       BIGINT NOT NULL,     -- capture calls for this model, skipped ones included
+    low           BIGINT NOT NULL,     -- of those, score < the producer's capture threshold
+    threshold     DOUBLE NOT NULL,     -- that threshold
+    producer      VARCHAR NOT NULL,    -- host:pid
+    window_start  TIMESTAMP NOT NULL,  -- UTC: the answers were counted in this window
+    window_end    TIMESTAMP NOT NULL,
+    source        VARCHAR NOT NULL,
+    ingested_at   TIMESTAMP NOT NULL,
+    PRIMARY KEY (flush_id, model)
+);
+-- Append-only: every decision of the A/B test and every change a person made; the newest row is
+-- the rollout state (rollout.json is written from it).
+CREATE SEQUENCE IF NOT EXISTS ab_decisions_seq;
+CREATE TABLE IF NOT EXISTS ab_decisions (
+    decision_id         BIGINT NOT NULL DEFAULT nextval('ab_decisions_seq'),
+    candidate           VARCHAR NOT NULL,
+    production          VARCHAR NOT NULL,
+    share               DOUBLE NOT NULL,    -- the candidate's traffic share after this decision
+    answers_production  BIGINT NOT NULL,
+    low_production      BIGINT NOT NULL,
+    answers_candidate   BIGINT NOT NULL,
+    low_candidate       BIGINT NOT NULL,
+    rate_production     DOUBLE,
+    rate_candidate      DOUBLE,
+    statistic           DOUBLE,             -- mSPRT mixture likelihood ratio (reject at 1/alpha)
+    decision            VARCHAR NOT NULL,   -- start | continue | promote | rollback | set_share
+    reason              VARCHAR NOT NULL,
+    decided_by          VARCHAR NOT NULL,   -- ab_test | gate | the person who ran qe models
+    test_started_at     TIMESTAMP NOT NULL, -- counts from here on are the test's
+    per_label           JSON,
+    dagster_run_id      VARCHAR,
+    decided_at          TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
@@ -522,14 +562,17 @@ def table_counts(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return counts
 
 
-def query_frame(
+def select_frame(
     conn: duckdb.DuckDBPyConnection, query: str, params: dict | list | None = None
 ) -> pl.DataFrame:
-    """Run a SELECT and return it as a Polars frame."""
+    """Run a SELECT on a store connection and return it as a Polars frame."""
     relation = conn.sql(query, params=params)
     if relation is None:
-        raise ValueError("query_frame needs a query that returns rows")
+        raise ValueError("select_frame needs a query that returns rows")
     return relation.pl()
+
+
+query_frame = select_frame  # the old name, for modules not yet moved to the new one
 
 
 def register_frame(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> None:
@@ -571,7 +614,7 @@ def _private_database() -> duckdb.DuckDBPyConnection:
         return _private[1]
 
 
-def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
+def sql_over_frames(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     """Run a query over in-memory frames in a private DuckDB: no store, no lock, no waiting.
 
     Each call has a connection of its own (a cursor of the process's private database), so
@@ -579,7 +622,10 @@ def frame_query(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
     with _private_database().cursor() as conn:
         for name, frame in frames.items():
             register_frame(conn, name, frame)
-        return query_frame(conn, query)
+        return select_frame(conn, query)
+
+
+frame_query = sql_over_frames  # the old name, for modules not yet moved to the new one
 
 
 def watermark(conn: duckdb.DuckDBPyConnection, stage: str) -> int:

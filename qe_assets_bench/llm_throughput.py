@@ -28,9 +28,9 @@ import dagster as dg
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets_tests.factories import line, make_event
-from qe_assets_tests.openai_server import spawned
-from qe_assets_tests.runs import materialize, metadata
+from qe_assets.testing.factories import line, make_event
+from qe_assets.testing.openai_server import spawned
+from qe_assets.testing.runs import materialize, metadata
 
 # The benchmark never talks to a real endpoint, so it never needs (or reads) a real key.
 FAKE_KEY = "sk-bench-not-a-secret"

@@ -190,8 +190,10 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    # No spot checks by default, so counts in tests are exact; test_review covers them.
-    return Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0)
+    # Spot checks and the evaluation hold-out are off, so tests count exact samples per version;
+    # the tests of those features (and every `qe run` test, which reads the environment) turn
+    # them on.
+    return Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0, eval_share=0.0)
 
 
 @pytest.fixture

@@ -7,59 +7,11 @@ from typing import Any
 
 import dagster as dg
 
-from qe_assets.definitions import ASSET_CHECKS, ASSETS
-from qe_assets.resources import build_resources
 from qe_assets.settings import Settings
 from qe_assets.store import connect
+from qe_assets.testing.runs import materialize, metadata
 
-
-def materialize(
-    settings: Settings,
-    selection: str | list[str] | dg.AssetSelection | None = None,
-    instance: dg.DagsterInstance | None = None,
-    raise_on_error: bool = True,
-    force: bool = True,
-) -> dg.ExecuteInProcessResult:
-    """All assets and checks of the code location (or a selection), as the UI would run them.
-
-    With `force` (the default: most tests want a version from a few samples), `tuning_dataset`
-    cuts below the threshold, as `qe run --cut-version` asks it to; `force=False` is the UI's
-    plain "Materialize all"."""
-    assets = [*ASSETS, *ASSET_CHECKS]
-    resources = build_resources(settings)
-    graph = dg.Definitions(assets=assets, resources=resources).resolve_asset_graph()
-    selected = dg.AssetSelection.from_coercible(selection or "*").resolve(graph)
-    run_config = (
-        {"ops": {"tuning_dataset": {"config": {"force": force}}}}
-        if dg.AssetKey("tuning_dataset") in selected
-        else None
-    )
-    return dg.materialize(
-        assets,
-        selection=selection,
-        resources=resources,
-        instance=instance,
-        raise_on_error=raise_on_error,
-        run_config=run_config,
-    )
-
-
-def metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
-    """What the asset last reported: its materialization, else its observation (what
-    `fine_tuned_model` reports when nothing was trained)."""
-    key = dg.AssetKey(asset)
-    events = [
-        e.materialization
-        for e in result.get_asset_materialization_events()
-        if e.materialization.asset_key == key
-    ] or [
-        e.asset_observation_data.asset_observation
-        for e in result.get_asset_observation_events()
-        if e.asset_observation_data.asset_observation.asset_key == key
-    ]
-    if not events:
-        return {}
-    return {k: v.value for k, v in events[-1].metadata.items()}
+__all__ = ["materialize", "metadata"]  # shared with the benchmarks; the rest is test-only
 
 
 def checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
@@ -76,7 +28,7 @@ def column(conn: Any, query: str) -> list[Any]:
 
 
 def exportable_sample_ids(conn: Any) -> set[str]:
-    """Every sample some version must hold once nothing is pending: completed ok, not a
+    """Every sample a version (or the evaluation set) must hold once nothing is pending: ok, not a
     duplicate, not waiting for a reviewer. Written independently of the export's own query."""
     return set(
         column(

@@ -11,7 +11,7 @@ from qe_assets.assets.annotate import STAGE, annotate_config, annotate_pending
 from qe_assets.ingest import ingest_pending
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
-from qe_assets.store import connect, query_frame, watermark
+from qe_assets.store import connect, select_frame, watermark
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.runs import failing_on_open
 
@@ -50,7 +50,7 @@ def writer(settings: Settings):
 
 def annotated(settings: Settings) -> pl.DataFrame:
     with connect(settings.database, read_only=True) as conn:
-        return query_frame(conn, f"SELECT {_COLUMNS} FROM annotated_samples ORDER BY sample_id")
+        return select_frame(conn, f"SELECT {_COLUMNS} FROM annotated_samples ORDER BY sample_id")
 
 
 def review_queue(settings: Settings) -> list[str]:

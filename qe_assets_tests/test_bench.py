@@ -7,6 +7,8 @@ hundred bench-sized events next to a real materialization of the graph.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -15,6 +17,7 @@ import pytest
 from qe_assets.demo import BENCH_DOC_CHARS, BENCH_DOCS_PER_EVENT, generate_events
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
+from qe_assets.testing.openai_server import spawned
 from qe_assets_bench.pipeline import anchor_b, anchor_c, anchor_d, build_spec
 from qe_assets_tests.runs import materialize
 
@@ -66,3 +69,29 @@ def test_anchors_build_our_samples(settings: Settings, events: Path, tmp_path: P
         )
         assert got["prompt"].null_count() == 0, name
         assert got.select(columns).equals(expected.select(columns)), name
+
+
+def test_the_benchmarks_import_nothing_from_the_test_suite() -> None:
+    # The shared helpers live in qe_assets.testing; the bench must run from an installed package.
+    code = (
+        "import importlib, pkgutil, sys, qe_assets_bench as b\n"
+        "for m in pkgutil.iter_modules(b.__path__):\n"
+        "    importlib.import_module(f'qe_assets_bench.{m.name}')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('qe_assets_tests')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_spawned_test_server_answers_the_real_client() -> None:
+    import openai
+
+    with spawned(latency=0.0) as server:
+        client = openai.OpenAI(api_key="test", base_url=server.base_url, max_retries=0)
+        reply = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hello"}]
+        )
+        assert reply.choices[0].message.content
+        assert server.chat_count == 1

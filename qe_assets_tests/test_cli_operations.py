@@ -268,10 +268,11 @@ def completion_lines(status: str) -> dict[tuple[str, str], list[int]]:
 def test_status_shows_llm_tokens_cost_and_the_fine_tune_run_of_each_version(
     tmp_path: Path, openai_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(data_dir=str(tmp_path / "data"))
+    settings = Settings(data_dir=str(tmp_path / "data"), eval_share=0.0)
     env = {
         "QE_DATA_DIR": settings.data_dir,
         "QE_SPOT_CHECK_SHARE": "0",  # every sample goes to training: exact counts
+        "QE_EVAL_SHARE": "0",
         "OPENAI_API_KEY": KEY,
         "OPENAI_BASE_URL": openai_server.base_url,
         "QE_LLM_MODEL": "test-model",

@@ -402,10 +402,16 @@ def check_invariants(data: Path, expected: Expected, trial_queue: TrialQueue) ->
 
         in_versions = column(conn, "SELECT sample_id FROM dataset_samples")
         assert len(in_versions) == len(set(in_versions)), "a sample is in two versions"
+        # A released sample ends in exactly one place: a version, or the frozen evaluation set
+        # (QE_EVAL_SHARE holds 5 % of questions out by default).
+        held_out = column(conn, "SELECT sample_id FROM evaluation_set")
+        assert len(held_out) == len(set(held_out)), "a sample is held out twice"
+        assert not set(held_out) & set(in_versions), "a held-out sample is in a version"
+        released = set(in_versions) | set(held_out)
         ready = exportable_sample_ids(conn)
-        assert set(in_versions) == ready, (
-            f"ready but in no version: {len(ready - set(in_versions))}, "
-            f"in a version but not ready: {len(set(in_versions) - ready)}"
+        assert released == ready, (
+            f"ready but in no version nor held out: {len(ready - released)}, "
+            f"released but not ready: {len(released - ready)}"
         )
 
         versions = conn.execute(

@@ -68,7 +68,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
       re-sent with other content (a conflicting duplicate → rejected).
     """
     settings = Settings(
-        data_dir=str(tmp_path_factory.mktemp("dashboards") / "data"), spot_check_share=0.0
+        data_dir=str(tmp_path_factory.mktemp("dashboards") / "data"),
+        spot_check_share=0.0,
+        eval_share=0.0,  # every sample in the version: the label counts below are exact
     )
     inbox = FileInbox(settings.inbox_dir)
     train = batch("a", 42)

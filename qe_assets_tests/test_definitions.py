@@ -38,6 +38,30 @@ def test_workspace_module_loads_with_dagster_cli(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_importing_the_definitions_builds_nothing_and_touches_no_disk(tmp_path: Path) -> None:
+    # A bad setting fails when Dagster loads the code location, not at import; and neither the
+    # import nor building the definitions creates the data directory.
+    data_dir = tmp_path / "data"
+    code = (
+        "import qe_assets.definitions as d, dagster as dg, sys\n"
+        "assert not isinstance(d.defs, dg.Definitions)\n"
+        "try:\n"
+        "    d.defs()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "    sys.exit(0)\n"
+        "sys.exit('a bad setting loaded')\n"
+    )
+    env = {"QE_DATA_DIR": str(data_dir), "QE_MIN_CONFIDENCE": "1.7", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "QE_MIN_CONFIDENCE" in result.stdout
+    build_definitions(Settings.from_env({"QE_DATA_DIR": str(data_dir)}))
+    assert not data_dir.exists()
+
+
 def test_bad_configuration_fails_at_load_with_the_variable_named() -> None:
     with pytest.raises(SettingsError, match="QE_MIN_CONFIDENCE"):
         Settings.from_env({"QE_MIN_CONFIDENCE": "1.7"})

@@ -3,6 +3,7 @@ and `make demo` itself."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from qe_assets.events import validate_event
 N = 3000
 BAD_SHARE = 0.05
 CJK = re.compile(r"[\u4e00-\u9fff]")
-# Spelled out from CONTRACT §1 rather than imported, so the test pins the contract itself.
+# Spelled out rather than imported, so the test pins the external contract itself.
 KNOWN_LABELS = ("factuality_error", "incomplete_answer", "low_relevance", "overconfidence")
 LABEL_ALIASES = {"事实性错误", "回答不完整", "相关性低", "可能过度自信", "过度自信"}
 SCHEMA_FIELDS = {"request_id", "question", "docs", "answer", "evaluation", "timestamp"}
@@ -58,6 +59,19 @@ def test_same_seed_gives_identical_output_and_other_seeds_differ() -> None:
     assert first == generate_events(200, seed=3, bad_share=0.1)
     assert first != generate_events(200, seed=4, bad_share=0.1)
     assert generate_events(50) == generate_events(50, seed=7)
+
+
+# sha256 of `python -m qe_assets.demo --count 200 --seed 7 --bad-share 0.05`: the vocabulary
+# moved from code into demo_data/vocabulary.json without changing one byte of the output.
+PINNED_SHA256 = "298af7c94e073b393161627b129f2c3ac60bfa3e59a093edd2cd289118f5f93f"
+
+
+def test_the_output_for_a_seed_is_pinned(tmp_path: Path) -> None:
+    out = tmp_path / "demo.jsonl"
+    assert (
+        demo.main(["--count", "200", "--seed", "7", "--bad-share", "0.05", "--out", str(out)]) == 0
+    )
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == PINNED_SHA256
 
 
 def test_count_and_line_shape() -> None:

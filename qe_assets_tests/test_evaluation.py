@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from qe_assets.queues import FileInbox
+from qe_assets.readiness import ready_sample_count
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event
@@ -19,6 +20,7 @@ from qe_assets_tests.test_finetune import processed
 from qe_assets_tests.test_finetune_openai import openai_settings  # noqa: F401 (a fixture)
 
 BASE = "gpt-4o-mini-2024-07-18"
+PROCESSING = ["raw_events", "annotated_samples", "completions"]
 RELEASE = ["tuning_dataset", "fine_tuned_model", "model_evaluation"]
 
 
@@ -321,10 +323,16 @@ def test_the_frozen_set_never_enters_a_later_train_split(settings: Settings) -> 
     settings = settings.model_copy(update={"eval_share": 0.3})
     for round_ in range(3):
         FileInbox(settings.inbox_dir).put(rounds_of_events(round_))
-        assert materialize(
-            settings,
-            selection=["raw_events", "annotated_samples", "completions", *RELEASE[:2]],
-        ).success
+        assert materialize(settings, selection=PROCESSING).success
+        with connect(settings.database, read_only=True) as conn:
+            # What the sensor compares to the threshold is exactly what the cut trains on: the
+            # held-out questions (new ones and ones frozen by earlier cuts) do not count.
+            ready = ready_sample_count(conn, eval_share=settings.eval_share)
+            assert ready < ready_sample_count(conn)
+        assert materialize(settings, selection=RELEASE[:2]).success
+        assert scalar(settings, "SELECT max_by(sample_count, number) FROM dataset_versions") == (
+            ready
+        )
     with connect(settings.database, read_only=True) as conn:
         versions = column(conn, "SELECT version FROM dataset_versions ORDER BY number")
         per_version = dict(
@@ -382,6 +390,9 @@ def test_people_promote_and_roll_back_with_reviewer_and_reason(
         (candidate, "bo", "rollback", "base was fine"),
     ]
     assert "lower bound" in rows[0][3]
+    status = qe("status", env=env).stdout
+    assert f"production model: {candidate} (rolled back to by bo, " in status
+    assert f"latest evaluation: {candidate} vs {BASE}: promote, win rate 1.000" in status
     no_reason = qe("models", "promote", BASE, env=env, check=False)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
 

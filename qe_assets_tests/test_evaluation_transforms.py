@@ -152,6 +152,9 @@ def test_holdout_keeps_frozen_questions_out_and_never_holds_out_trained_ones() -
 
 
 def test_evaluation_settings_are_validated_at_load() -> None:
+    defaults = Settings.from_env({})
+    # The gate has something to judge out of the box: 5 % of questions are held out.
+    assert (defaults.eval_share, defaults.eval_min_items, defaults.eval_margin) == (0.05, 50, 0)
     env = {
         "QE_EVAL_MIN_ITEMS": "30",
         "QE_EVAL_MARGIN": "0.05",

@@ -25,7 +25,7 @@ from qe_assets.transforms.completions import (
     FAILED,
     OK,
     OUTCOME_SCHEMA,
-    REJECTED,
+    REJECTED_BY_JUDGE,
     cache_rows,
     judge_frames,
     judge_request,
@@ -257,7 +257,7 @@ def test_rows_with_judge_keep_only_a_margin_win() -> None:
     status = dict(zip(rows["sample_id"], rows["status"], strict=True))
     assert status == {
         "win": OK,
-        "tie": REJECTED,
+        "tie": REJECTED_BY_JUDGE,
         "exact": OK,
         "bad": FAILED,
         "down": FAILED,

@@ -18,7 +18,7 @@ from dagster._core.utils import make_new_run_id
 from qe_assets.definitions import PIPELINE_JOB, build_definitions
 from qe_assets.queues import FileInbox, RedisQueue
 from qe_assets.queues.kafka_queue import KafkaQueue
-from qe_assets.resources import PipelineSettings
+from qe_assets.resources import PipelineSettings, QueueResource
 from qe_assets.sensors import RETRY_FAILED_AFTER_SECONDS, build_queue_sensor
 from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect
@@ -34,7 +34,10 @@ def evaluate(settings: Settings, instance: dg.DagsterInstance, cursor: str | Non
     context = dg.build_sensor_context(
         instance=instance,
         cursor=cursor,
-        resources={"settings": PipelineSettings(**settings.model_dump())},
+        resources={
+            "settings": PipelineSettings(**settings.model_dump()),
+            "queue": QueueResource.from_settings(settings),
+        },
     )
     return sensor(context)
 
@@ -184,6 +187,7 @@ def test_definitions_default_to_the_in_process_executor_and_two_groups() -> None
         "tuning_dataset": "release",
         "fine_tuned_model": "release",
         "model_evaluation": "release",
+        "ab_test": "release",
     }
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["queue_sensor"].default_status == dg.DefaultSensorStatus.RUNNING

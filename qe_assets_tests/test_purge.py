@@ -114,8 +114,9 @@ def test_purge_age_is_checked(tmp_path: Path) -> None:
     ]
     missing = qe("purge", "--older-than", "30d", env={"QE_DATA_DIR": str(tmp_path)}, check=False)
     assert missing.returncode == 2
-    assert (
-        missing.stderr.strip() == f"qe: no database at {tmp_path}/qe.duckdb yet: nothing to purge"
+    assert missing.stderr.strip() == (
+        f"qe: no database at {tmp_path}/qe.duckdb yet (QE_DATA_DIR={tmp_path}): nothing to "
+        "purge, or set QE_DATA_DIR to the directory that holds qe.duckdb"
     )
 
 

@@ -13,9 +13,9 @@ from qe_assets.store import (
     WRITER_CONFIG,
     WriterSession,
     connect,
-    frame_query,
     owned_copy,
-    query_frame,
+    select_frame,
+    sql_over_frames,
     transaction,
 )
 
@@ -81,8 +81,8 @@ def test_an_error_in_the_session_body_is_not_masked(tmp_path: Path) -> None:
     assert _count(database) == 3
 
 
-def test_frame_query_runs_sql_over_frames_without_a_store() -> None:
-    result = frame_query(
+def test_sql_over_frames_runs_without_a_store() -> None:
+    result = sql_over_frames(
         "SELECT a.k, a.v + b.v AS total FROM a JOIN b USING (k) ORDER BY k",
         a=pl.DataFrame({"k": [1, 2], "v": [10, 20]}),
         b=pl.DataFrame({"k": [2, 1], "v": [1, 2]}),
@@ -94,18 +94,18 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
 
 
-def test_frame_query_from_many_threads_sees_only_its_own_frames() -> None:
-    """frame_query shares one private database per process: concurrent calls registering the
+def test_sql_over_frames_from_many_threads_sees_only_its_own_frames() -> None:
+    """sql_over_frames shares one private database per process: concurrent calls registering the
     same name must each see their own frame, and leave nothing registered behind."""
 
     def total(n: int) -> int:
         frame = pl.DataFrame({"x": list(range(n))})
-        return int(frame_query("SELECT sum(x) AS s FROM batch", batch=frame)["s"][0])
+        return int(sql_over_frames("SELECT sum(x) AS s FROM batch", batch=frame)["s"][0])
 
     sizes = [1_000 + i for i in range(64)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(total, sizes)) == [n * (n - 1) // 2 for n in sizes]
-    views = frame_query("SELECT count(*) AS n FROM duckdb_views() WHERE NOT internal")
+    views = sql_over_frames("SELECT count(*) AS n FROM duckdb_views() WHERE NOT internal")
     assert views["n"][0] == 0
 
 
@@ -127,7 +127,7 @@ def test_owned_copy_does_not_keep_the_rest_of_the_query_result_alive(tmp_path: P
             kept = []
             before = _rss_mb()
             for batch in range(10):
-                frame = query_frame(conn, query, [batch * 5_000, (batch + 1) * 5_000])
+                frame = select_frame(conn, query, [batch * 5_000, (batch + 1) * 5_000])
                 kept.append(keep(frame))
                 del frame
             growth[name] = _rss_mb() - before

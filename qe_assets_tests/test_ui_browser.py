@@ -14,6 +14,8 @@ import os
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,6 +25,8 @@ import pytest
 from qe_assets.demo import generate_events, write_jsonl
 from qe_assets.runner import prepare_dagster_home
 from qe_assets.settings import Settings
+from qe_assets.testing.browser import CHROMIUM, CHROMIUM_ARGS
+from qe_assets_tests.conftest import free_port
 from qe_assets_tests.dagster_dev import DagsterDev
 
 if TYPE_CHECKING:  # imported in the test, so a missing package skips (or fails under CI)
@@ -30,17 +34,6 @@ if TYPE_CHECKING:  # imported in the test, so a missing package skips (or fails 
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ASSETS = ("raw_events", "annotated_samples", "completions", "tuning_dataset", "fine_tuned_model")
 CHECKS = (
     "dataset_format_valid",
@@ -249,11 +242,13 @@ def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:
     }
     dev = DagsterDev(tmp_path / "dagster_home", env, tmp_path / "qe-ui.log")
     qe = Path(sys.executable).with_name("qe")
+    review_port = free_port()
+    command = [str(qe), "ui", "--host", "127.0.0.1", "--port", str(dev.port)]
     try:
-        dev.start(
-            command=[str(qe), "ui", "--host", "127.0.0.1", "--port", str(dev.port)], cwd=tmp_path
-        )
+        dev.start(command=[*command, "--review-port", str(review_port)], cwd=tmp_path)
         assert "DAGSTER_HOME=" in dev.log_tail() and f"127.0.0.1:{dev.port}" in dev.log_tail()
+        # The review page of `qe serve` runs beside it (no database yet: it says so).
+        assert review_page_status(review_port) == 404
         assert (tmp_path / "dagster_home" / "dagster.yaml").exists()
         assert dev.process is not None
         group = dev.process.pid
@@ -264,6 +259,23 @@ def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:
     while (left := live_members(group)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"left running: {left}"
+
+
+def review_page_status(port: int) -> int:
+    """The review page's HTTP status (waiting up to 10 s for it to listen); a 404 must be the
+    page saying that there is no database yet."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/review", timeout=10) as page:
+                return int(page.status)
+        except urllib.error.HTTPError as exc:
+            assert exc.code != 404 or "no database" in exc.read().decode()
+            return exc.code
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def live_members(group: int) -> list[str]:

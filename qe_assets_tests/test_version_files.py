@@ -43,7 +43,8 @@ def v001(
 ) -> tuple[Settings, VersionFiles]:
     """30 samples regenerated and judged (20 approved), one human edit, one accepted naive."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-version-files")
-    settings = llm(settings, openai_server, llm_judge=True)
+    # Proposals off: the accepted review sample keeps its naive completion (no preference pair).
+    settings = llm(settings, openai_server, llm_judge=True, llm_propose_review=False)
     openai_server.responder = judge_every_third_refused
     FileInbox(settings.inbox_dir).put(batch("a", 30) + batch("low", 2, score=0.2))
     assert materialize(settings, selection=["raw_events", "annotated_samples", "completions"])
@@ -192,7 +193,8 @@ def test_the_rejected_answer_of_a_pair_is_redacted(
     settings: Settings, openai_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-version-files")
-    settings = llm(settings, openai_server, llm_judge=True)
+    # Proposals off: the accepted review sample keeps its naive completion (no preference pair).
+    settings = llm(settings, openai_server, llm_judge=True, llm_propose_review=False)
     openai_server.responder = judge_every_third_refused
     events = [
         {**json.loads(x), "answer": f"Mail bo.li{i}@example.com for it."}

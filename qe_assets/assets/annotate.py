@@ -20,8 +20,8 @@ from qe_assets.resources import (
 from qe_assets.review import acceptance_by_label, enqueue_for_review
 from qe_assets.store import (
     ConnectionFactory,
-    query_frame,
     register_frame,
+    select_frame,
     set_watermark,
     transaction,
     watermark,
@@ -29,6 +29,7 @@ from qe_assets.store import (
 from qe_assets.templates import load_templates
 from qe_assets.transforms.annotate import AnnotateConfig, annotate_events
 from qe_assets.transforms.dataset import redacted_label_counts
+from qe_assets.web.links import dashboard_url
 
 STAGE = "annotated_samples"
 _SAMPLE_COLUMNS = (
@@ -57,7 +58,7 @@ def read_new_events(conn: duckdb.DuckDBPyConnection, after: int, limit: int) -> 
         "SELECT max(seq) FROM (SELECT seq FROM raw_events WHERE seq > ? ORDER BY seq LIMIT ?)",
         [after, limit],
     ).fetchall()
-    rows = query_frame(
+    rows = select_frame(
         conn,
         """
         SELECT request_id, seq, question, docs, answer, score, labels
@@ -283,6 +284,7 @@ def _annotate_stage(
         "total_samples": int(total),
         "dagster/row_count": int(total),
         "new_label_counts": dg.MetadataValue.json(dict(labels.most_common())),
+        "dashboards": dg.MetadataValue.url(dashboard_url(settings, "labels")),
     }
     # One numeric entry per label so the Plots tab charts each over time.
     for label, count in labels.items():
@@ -292,6 +294,7 @@ def _annotate_stage(
         "pending": backlog.pending,
         "dagster/row_count": backlog.pending,
         "new_review": routes.get("review", 0),
+        "dashboards": dg.MetadataValue.url(dashboard_url(settings, "backlog")),
     }
     for label, outcome in reviewed.items():
         review[f"review_kept_share/{label}"] = outcome["kept_share"]

@@ -16,6 +16,7 @@ from qe_assets.resources import (
     writer_session,
 )
 from qe_assets.store import table_counts
+from qe_assets.web.links import dashboard_url
 
 
 @dg.multi_asset(
@@ -102,6 +103,9 @@ def _ingest_stage(
             "duplicates": total.duplicates,
             "rejected": total.rejected,
             "records_read": total.read,
+            # Producers' per-model answer counts (docs/rollout.md): rows read, rows new.
+            "count_rows": total.count_rows,
+            "new_count_rows": total.new_count_rows,
             "batches": total.batches,
             "total_rows": counts["raw_events"],
             "queue_depth_left": depth,
@@ -116,6 +120,7 @@ def _ingest_stage(
             "rejected_by_field": dg.MetadataValue.json(total.reasons),
             "rejected_total": counts["rejected_events"],
             "dagster/row_count": counts["rejected_events"],
+            "dashboards": dg.MetadataValue.url(dashboard_url(settings, "rejects")),
         },
     )
     look = look_at_queues(queues)

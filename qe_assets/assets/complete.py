@@ -3,6 +3,8 @@
 Naive mode (the offline default) writes a label prefix + the original answer. LLM mode (with
 QE_LLM_MODEL and OPENAI_API_KEY set) regenerates the answer through any OpenAI-compatible
 endpoint, see `qe_assets.llm`; it also retries the samples whose calls failed on earlier runs.
+In LLM mode the samples routed to review get a completion too, stored as `proposed`: the
+reviewer sees it, and only a person's accept makes it `ok` (exportable).
 """
 
 import time
@@ -15,6 +17,14 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets import PIPELINE_GROUP
+from qe_assets.calibration import (
+    JUDGE_CHECK,
+    JudgeGate,
+    agreement_metadata,
+    calibrate,
+    gate_state,
+    merged_labels,
+)
 from qe_assets.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
 from qe_assets.resources import (
     OpenAIResource,
@@ -22,21 +32,25 @@ from qe_assets.resources import (
     duckdb_writer,
     exclusive_stage,
 )
-from qe_assets.store import query_frame, set_watermark, transaction, watermark
+from qe_assets.store import select_frame, set_watermark, transaction, watermark
 from qe_assets.templates import load_templates
-from qe_assets.transforms.annotate import TRAIN
+from qe_assets.transforms.annotate import REVIEW, TRAIN
 from qe_assets.transforms.completions import (
     FAILED,
     LLM,
     LLM_COMPLETION_SCHEMA,
     NAIVE,
+    OK,
     judge_frames,
     llm_completion_rows,
     llm_totals,
+    mark_proposed,
     naive_completions,
     regeneration_requests,
 )
 from qe_assets.transforms.completions import cache_rows as llm_cache_rows
+from qe_assets.transforms.dataset import redacted_labels
+from qe_assets.web.links import dashboard_url
 
 STAGE = "completions"
 _COLUMNS = "sample_id, completion, mode, status, model, error, attempts"
@@ -64,6 +78,17 @@ _LLM_UPSERT = f"""
     WHERE completions.status = '{FAILED}' AND completions.mode = '{LLM}'
 """
 _SAMPLE_COLUMNS = "s.sample_id, s.seq, s.language, s.prompt, s.question, s.original_answer"
+# While the judge is not trusted (qe_assets.calibration), its approvals of the batch wait for a
+# person. The seq span lets the zone maps of annotated_samples skip the rest of history.
+_HOLD_FOR_REVIEW = f"""
+    INSERT INTO review_queue (sample_id, reason, status, queued_at)
+    SELECT r.sample_id, '{JUDGE_CHECK}', 'pending', now()::TIMESTAMP
+    FROM llm_rows r JOIN annotated_samples s USING (sample_id)
+    WHERE r.status = '{OK}' AND r.judge_model IS NOT NULL
+      AND s.seq BETWEEN $low AND $high
+      AND ($all OR list_contains($labels, s.label))
+    ON CONFLICT DO NOTHING
+"""
 
 
 def complete_next_batch(conn: duckdb.DuckDBPyConnection, batch_size: int) -> tuple[int, int]:
@@ -81,7 +106,7 @@ def complete_next_batch(conn: duckdb.DuckDBPyConnection, batch_size: int) -> tup
     ).fetchall()
     if not scanned:
         return 0, 0
-    samples = query_frame(
+    samples = select_frame(
         conn,
         """
         SELECT sample_id, language, label, original_answer FROM annotated_samples
@@ -118,7 +143,7 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
         ),
     )
     # sha256 in DuckDB over the exact request JSON: columnar, and stable across versions.
-    keyed = query_frame(
+    keyed = select_frame(
         conn,
         """
         SELECT r.sample_id, r.request, sha256(r.request) AS regen_key,
@@ -135,7 +160,7 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
             judge_frames(samples, templates), on="sample_id", how="left", maintain_order="left"
         )
         conn.register("page_keys", jobs.select("regen_key"))
-        cached = query_frame(
+        cached = select_frame(
             conn,
             "SELECT cache_key, content FROM llm_cache "
             "WHERE purpose = 'judge' AND parent_key IN (SELECT regen_key FROM page_keys)",
@@ -147,7 +172,8 @@ def _jobs(conn: duckdb.DuckDBPyConnection, samples: pl.DataFrame, config: LLMCon
 @dataclass
 class LLMPager:
     """Hands out the LLM work a page at a time: first the LLM rows that failed before this run
-    started, then the train samples past the watermark that have no completion yet."""
+    started, then the train samples past the watermark that have no completion yet (and the
+    review samples, for a proposal, when `config.propose_review`)."""
 
     duckdb: DuckDBResource
     config: LLMConfig
@@ -168,7 +194,7 @@ class LLMPager:
         return page
 
     def _retries(self, conn: duckdb.DuckDBPyConnection) -> Page | None:
-        samples = query_frame(
+        samples = select_frame(
             conn,
             f"""
             SELECT {_SAMPLE_COLUMNS}, s.context_docs, true AS retry, c.seq AS completion_seq
@@ -186,17 +212,22 @@ class LLMPager:
 
     def _new_samples(self, conn: duckdb.DuckDBPyConnection) -> Page | None:
         ((high,),) = conn.execute("SELECT coalesce(max(seq), 0) FROM annotated_samples").fetchall()
-        samples = query_frame(
+        samples = select_frame(
             conn,
             f"""
             SELECT {_SAMPLE_COLUMNS}, s.context_docs, false AS retry
             FROM annotated_samples s
-            WHERE s.seq > $low AND s.seq <= $high AND s.route = '{TRAIN}'
+            WHERE s.seq > $low AND s.seq <= $high AND s.route IN $routes
               AND s.duplicate_of IS NULL
               AND NOT EXISTS (SELECT 1 FROM completions c WHERE c.sample_id = s.sample_id)
             ORDER BY s.seq LIMIT $limit
             """,
-            {"low": self.sample_cursor, "high": high, "limit": self.config.batch_size},
+            {
+                "low": self.sample_cursor,
+                "high": high,
+                "limit": self.config.batch_size,
+                "routes": [TRAIN, REVIEW] if self.config.propose_review else [TRAIN],
+            },
         )
         if samples.is_empty():
             if self.sample_cursor is not None and high > self.sample_cursor:
@@ -216,9 +247,12 @@ def commit_llm_batch(
     config: LLMConfig,
     outcomes: pl.DataFrame,
     new_watermark: int | None,
-) -> pl.DataFrame:
+    gate: JudgeGate | None = None,
+) -> tuple[pl.DataFrame, int]:
     """Write a batch of outcomes, their cache entries and the watermark in one transaction;
-    returns the completions rows written."""
+    returns the completions rows written (review samples' ones as `proposed`) and, with an
+    untrusted judge (`gate`), how many of its approvals were queued for review in the same
+    transaction."""
     rows = llm_completion_rows(
         outcomes,
         model=config.model,
@@ -227,6 +261,15 @@ def commit_llm_batch(
     )
     cache = llm_cache_rows(outcomes, model=config.model, judge_model=config.judge_model)
     with duckdb_writer(duckdb_resource) as conn:
+        conn.register("batch_ids", rows.select("sample_id"))
+        # Decided per row at commit, from the stored route: a failed proposal retried later is
+        # proposed again, never turned into an exportable `ok` completion.
+        review_ids = select_frame(
+            conn,
+            f"SELECT sample_id FROM annotated_samples SEMI JOIN batch_ids USING (sample_id) "
+            f"WHERE route = '{REVIEW}'",
+        )["sample_id"]
+        rows = mark_proposed(rows, review_ids)
         conn.register("llm_rows", rows)
         conn.register("llm_cache_rows", cache)
         with transaction(conn):
@@ -236,9 +279,24 @@ def commit_llm_batch(
                 "ON CONFLICT DO NOTHING"
             )
             conn.execute(_LLM_UPSERT)
+            held = 0
+            if gate is not None and not gate.trusted and not outcomes.is_empty():
+                ((held,),) = conn.execute(
+                    _HOLD_FOR_REVIEW,
+                    {
+                        "low": outcomes["seq"].min(),
+                        "high": outcomes["seq"].max(),
+                        "all": gate.route_all,
+                        "labels": sorted(gate.labels),
+                    },
+                ).fetchall()
             if new_watermark is not None and new_watermark > watermark(conn, STAGE):
                 set_watermark(conn, STAGE, new_watermark)
-    return rows
+    return rows, int(held)
+
+
+TOTALS_COLUMNS = ("status", "error", "attempts", "prompt_tokens", "completion_tokens")
+_TOTALS_SCHEMA = {name: LLM_COMPLETION_SCHEMA[name] for name in TOTALS_COLUMNS}
 
 
 def run_llm_completions(
@@ -246,16 +304,23 @@ def run_llm_completions(
     duckdb_resource: DuckDBResource,
     config: LLMConfig,
     openai_resource: OpenAIResource,
+    gate: JudgeGate | None = None,
 ) -> "dict[str, dg.RawMetadataValue]":
     pager = LLMPager(duckdb_resource, config)
+    held_total = 0
+    # What each commit wrote, narrowed to what the run's totals count (no texts kept).
+    committed: list[pl.DataFrame] = []
 
     def commit(outcomes: pl.DataFrame, new_watermark: int | None) -> None:
-        rows = commit_llm_batch(duckdb_resource, config, outcomes, new_watermark)
+        nonlocal held_total
+        rows, held = commit_llm_batch(duckdb_resource, config, outcomes, new_watermark, gate)
+        held_total += held
+        committed.append(rows.select(TOTALS_COLUMNS))
         statuses = dict(rows.group_by("status").len().iter_rows())
         hits = int(outcomes["cached"].sum())
         context.log.info(
-            f"committed {rows.height} LLM completions {statuses} ({hits} from cache); "
-            f"watermark {new_watermark}"
+            f"committed {rows.height} LLM completions {statuses} ({hits} from cache, {held} "
+            f"judge approvals held for review); watermark {new_watermark}"
         )
 
     started = time.monotonic()
@@ -267,12 +332,7 @@ def run_llm_completions(
             f"OPENAI_BASE_URL and QE_LLM_MODEL. Finished samples were committed."
         ) from None
     elapsed = time.monotonic() - started
-    rows = llm_completion_rows(
-        outcomes,
-        model=config.model,
-        judge_model=config.judge_model,
-        judge_margin=config.judge_margin,
-    )
+    rows = pl.concat(committed) if committed else pl.DataFrame(schema=_TOTALS_SCHEMA)
     totals = llm_totals(
         outcomes,
         rows,
@@ -284,9 +344,11 @@ def run_llm_completions(
     context.log.info(f"LLM run totals: {totals}")
     metadata: dict[str, dg.RawMetadataValue] = {
         "new_completions": int(totals["ok"]),
+        "proposed_for_review": int(totals["proposed"]),
         "samples_scanned": int(totals["samples"]),
         "model": config.model,
         "judge_model": config.judge_model or "off",
+        "judge/held_for_review": held_total,
     }
     metadata.update({f"llm/{name}": value for name, value in totals.items()})
     return metadata
@@ -301,8 +363,11 @@ def run_llm_completions(
         "label-specific prefix in the sample's language followed by the original answer. LLM "
         "mode (QE_LLM_MODEL + OPENAI_API_KEY): the answer regenerated from the sample's prompt, "
         "cached, committed in batches, optionally kept only when a judge scores it better than "
-        "the original; failed calls are stored as `failed` and retried on the next run. Review "
-        "samples wait for a human; duplicates are skipped."
+        "the original; failed calls are stored as `failed` and retried on the next run. While "
+        "the judge agrees with the reviewers less than QE_JUDGE_MIN_AGREEMENT, its approvals "
+        "wait in the review queue (reason `judge_check`). Review samples wait for a human; in "
+        "LLM mode they get a `proposed` completion the reviewer sees, exported only once a "
+        "person accepts it. Duplicates are skipped."
     ),
 )
 def completions(
@@ -312,17 +377,51 @@ def completions(
     openai: OpenAIResource,
 ) -> dg.MaterializeResult:
     with exclusive_stage(context, settings):
-        metadata = _complete_new_samples(context, duckdb, settings, openai)
+        with duckdb_writer(duckdb) as conn:
+            _, gate = calibrate(conn, settings)  # what this run's judge approvals obey
+        metadata = _complete_new_samples(context, duckdb, settings, openai, gate)
     with duckdb_writer(duckdb) as conn:
         rows = conn.execute(
             "SELECT mode, status, count(*) FROM completions GROUP BY ALL"
         ).fetchall()
+        calibration, gate = calibrate(conn, settings)
     total = sum(count for _, _, count in rows)
     metadata["total_completions"] = total
     metadata["dagster/row_count"] = total
     for mode, status, count in rows:
         metadata[f"total/{mode}/{status}"] = count
+    # Labels are free text: what holds PII must not reach Dagster's run storage.
+    rename = redacted_labels(calibration.per_label) if settings.pii_redaction else {}
+    labels = merged_labels(calibration, rename).items()
+    metadata.update(agreement_metadata(calibration, gate, labels))
+    metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "completions"))
     return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(
+    asset=completions,
+    description=(
+        "Warns when the judge agrees with the reviewers' accept/reject on less than "
+        "QE_JUDGE_MIN_AGREEMENT of the last QE_JUDGE_AGREEMENT_WINDOW decisions, overall or for "
+        "a label (once there are QE_JUDGE_MIN_DECISIONS of them); while it fails, the judge's "
+        "approvals go to review instead of straight into versions (docs/judge-calibration.md)."
+    ),
+)
+def judge_agreement(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+    with duckdb_writer(duckdb) as conn:
+        calibration, gate = calibrate(conn, settings)
+    return dg.AssetCheckResult(
+        passed=gate.trusted,
+        severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(gate.problems) if gate.problems else None,
+        metadata={
+            "decisions": calibration.overall.decisions,
+            "agreement": round(calibration.overall.rate or 0.0, 4),
+            "min_agreement": settings.judge_min_agreement,
+            "min_decisions": settings.judge_min_decisions,
+            "gate": gate_state(gate),
+        },
+    )
 
 
 def _complete_new_samples(
@@ -330,6 +429,7 @@ def _complete_new_samples(
     duckdb: DuckDBResource,
     settings: PipelineSettings,
     openai: OpenAIResource,
+    gate: JudgeGate,
 ) -> dict[str, Any]:
     metadata: dict[str, Any]
     if settings.llm_model and openai.configured:
@@ -338,7 +438,7 @@ def _complete_new_samples(
             f"completions mode: llm (model {config.model}, concurrency {config.concurrency}, "
             f"batch {config.batch_size}, judge {config.judge_model or 'off'})"
         )
-        metadata = {"mode": LLM, **run_llm_completions(context, duckdb, config, openai)}
+        metadata = {"mode": LLM, **run_llm_completions(context, duckdb, config, openai, gate)}
     else:
         missing = "QE_LLM_MODEL" if not settings.llm_model else "OPENAI_API_KEY"
         log = context.log.warning if settings.llm_model else context.log.info

@@ -25,12 +25,12 @@ from qe_assets.readiness import (
     READY_IN_WINDOW,
     WINDOW_END,
     VersionState,
-    release_decision,
+    settings_release_decision,
     version_state,
 )
 from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
-from qe_assets.store import owned_copy, query_frame, transaction
+from qe_assets.store import owned_copy, select_frame, transaction
 from qe_assets.templates import load_templates
 from qe_assets.transforms.dataset import (
     TRAIN_SPLIT,
@@ -44,6 +44,7 @@ from qe_assets.transforms.dataset import (
     redact_identifiers,
 )
 from qe_assets.transforms.pii import redact
+from qe_assets.web.links import dashboard_url
 
 
 def _ready_batches(
@@ -54,7 +55,7 @@ def _ready_batches(
     while low < state.high:
         params = {"low": low, "high": state.high, "limit": batch_size}
         with duckdb_writer(duckdb_resource) as conn:
-            batch = query_frame(conn, READY_IN_WINDOW, params)
+            batch = select_frame(conn, READY_IN_WINDOW, params)
             ((window_end,),) = conn.execute(WINDOW_END, params).fetchall()
         if window_end is None:
             return
@@ -258,9 +259,7 @@ def next_release(
     that cut it died right after the commit; else a new cut, only once the ready samples reach
     QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due)."""
     with duckdb_writer(duckdb_resource) as conn:
-        decision = release_decision(
-            conn, settings.finetune_threshold, settings.finetune_backend, cut_version=force
-        )
+        decision = settings_release_decision(conn, settings, cut_version=force)
     if decision.due and decision.republish and decision.version is not None:
         return committed_manifest(settings, decision.version), True, decision.reason
     if not decision.due:
@@ -349,6 +348,7 @@ def tuning_dataset(
         ),
         "dagster/row_count": total,
         "republished": republished,
+        "dashboards": dg.MetadataValue.url(dashboard_url(settings, "samples")),
     }
     for label, count in manifest["label_counts"].items():
         metadata[f"label_share/{label}"] = round(count / total, 4)

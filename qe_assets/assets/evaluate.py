@@ -38,10 +38,13 @@ from qe_assets.evaluation.report import (
     spend,
     summarize,
 )
+from qe_assets.evaluation.rollout_registry import start_test, sync_state_file
 from qe_assets.resources import OpenAIResource, PipelineSettings, duckdb_writer
+from qe_assets.rollout import state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
 from qe_assets.templates import load_templates
+from qe_assets.web.links import dashboard_url
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,7 @@ def model_evaluation(
     )
     compared = _compare(context, duckdb, settings, openai, plan, pairing, "production")
     metadata = _metadata(compared, plan.items)
+    metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "evaluations"))
     if settings.eval_icl_examples:
         with duckdb_writer(duckdb) as conn:
             shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
@@ -337,7 +341,9 @@ def gate_decision(row: dict[str, Any], settings: Settings) -> Decision:
         "Passes when the candidate's 95 % lower bound of its win rate against production is "
         "above 0.5 + QE_EVAL_MARGIN, with at least QE_EVAL_MIN_ITEMS judged pairs, and no label "
         "with 20 or more pairs falls below a win rate of 0.4; only then is the candidate "
-        "recorded as the production model in `promoted_models` (by `gate`)."
+        "recorded as the production model in `promoted_models` (by `gate`); with "
+        "QE_ROLLOUT=canary it becomes the A/B test's candidate at the first QE_AB_RAMP share "
+        "instead, and `ab_test` decides."
     ),
 )
 def candidate_beats_production(
@@ -350,8 +356,22 @@ def candidate_beats_production(
                 passed=True, description="nothing was evaluated in this run; nothing promoted"
             )
         decision = gate_decision(row, settings)
-        promoted = decision.passed and production_model(conn) != row["candidate"]
-        if promoted:
+        passed = decision.passed and production_model(conn) != row["candidate"]
+        canary = passed and settings.rollout_mode == "canary"
+        promoted = passed and not canary
+        if canary:
+            # Traffic first, production later: the A/B test (ab_test) decides.
+            share = settings.ab_ramp[0]
+            start_test(
+                conn,
+                row["candidate"],
+                row["baseline"],
+                share,
+                GATE,
+                f"passed the gate ({decision.reason}); canary at {share:.0%}",
+                run_id=context.run.run_id,
+            )
+        elif promoted:
             record_promotion(
                 conn,
                 row["candidate"],
@@ -359,8 +379,14 @@ def candidate_beats_production(
                 evaluation_id=row["evaluation_id"],
                 reason=decision.reason,
             )
+        sync_state_file(conn, state_path(settings))
     if promoted:
         context.log.info(f"{row['candidate']} promoted to production by the gate")
+    elif canary:
+        context.log.info(
+            f"{row['candidate']} passed the gate: canary at {settings.ab_ramp[0]:.0%} of traffic "
+            "(QE_ROLLOUT=canary); ab_test decides its promotion"
+        )
     # A worse candidate fails the release run (red, someone should look); too few pairs to decide
     # is a warning: nothing is promoted, and a hold-out set still filling up is not a failure.
     severity = (
@@ -379,5 +405,6 @@ def candidate_beats_production(
             "decision": decision.decision,
             "ci_low": round(row["ci_low"], 4),
             "promoted": promoted,
+            "canary_share": settings.ab_ramp[0] if canary else 0.0,
         },
     )

@@ -3,7 +3,7 @@ the `fine_tune_runs` registry."""
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,87 +126,124 @@ def fine_tuned_model(
     settings: PipelineSettings,
     openai: OpenAIResource,
 ) -> Iterator[dg.MaterializeResult]:
-    backend = settings.finetune_backend
     # Claimed under the writer lock (briefly; the training itself runs without it).
     with exclusive_stage(context, settings), duckdb_writer(duckdb) as conn:
         claim = claim_run(conn, settings, context.run.run_id, context.log.info)
     if claim is None:
         return
-    run_id, version, inputs = claim.run_id, claim.version, claim.inputs
 
     def save(**fields: Any) -> None:
         with duckdb_writer(duckdb) as conn:
-            save_run(conn, run_id, **fields)
+            save_run(conn, claim.run_id, **fields)
 
-    job_id = claim.job_id
-    metrics: dict[str, Any] = {}
-    model_id: str | None = None
-    if backend == "none":
-        status, message = "skipped", SKIPPED_MESSAGE
-    elif backend == "openai":
-        client = openai.client()
-        try:
-            job_id = job_id or start_job(client, inputs, save)
-            outcome = follow_job(
-                client,
-                job_id,
-                poll_seconds=settings.finetune_poll_seconds,
-                deadline_seconds=settings.finetune_deadline_seconds,
-                on_status=lambda s: context.log.info(f"job {job_id}: {s}"),
-            )
-        except FineTuneStillRunning as exc:
-            save(message=str(exc))
-            raise dg.Failure(str(exc)) from exc
-        except FineTuneFailed as exc:
-            # The provider's own status (failed or cancelled) and its events, for the post-mortem.
-            failed = exc.outcome
-            save(
-                status=failed.status,
-                message=str(exc),
-                metrics={**failed.metrics, "events": failed.events},
-            )
-            raise dg.Failure(str(exc)) from exc
-        status, model_id, message = "succeeded", outcome.model_id, None
-        metrics = {**outcome.metrics, "events": outcome.events}
-    else:
-        if not settings.finetune_command:
-            raise dg.Failure("QE_FINETUNE_BACKEND=command needs QE_FINETUNE_COMMAND")
-        try:
-            metrics = run_command(context, settings.finetune_command, inputs)
-        except Exception as exc:
-            save(status="failed", message=f"training command failed: {exc}"[:2000])
-            raise
-        status, model_id, message = "succeeded", model_of(metrics), None
-    save(status=status, model_id=model_id, metrics=metrics, message=message)
-
-    metadata: dict[str, dg.RawMetadataValue] = {
-        "run_id": run_id,
-        "dataset_version": version,
-        "backend": backend,
-        "status": status,
-        "base_model": inputs.base_model,
-        "samples": inputs.samples,
-        "recipe_path": dg.MetadataValue.path(
-            str(Path(settings.data_dir) / "finetune" / run_id / "recipe.json")
-        ),
-    }
-    if model_id:
-        metadata["model_id"] = model_id
-    if job_id:
-        metadata["job_id"] = job_id
-    if message:
-        metadata["message"] = message
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    metadata.update({f"metric/{k}": v for k, v in numeric.items()})
-    if status == "skipped":
+    trained = _train(context, settings, openai, claim, save)
+    save(
+        status=trained.status,
+        model_id=trained.model_id,
+        metrics=trained.metrics,
+        message=trained.message,
+    )
+    metadata = _run_metadata(settings, claim, trained)
+    if trained.status == "skipped":
         # Nothing was trained: no model to show as materialized, but the reason and the recipe
         # stay visible on the asset (an observation) and in the run's log.
         context.log.info(
-            f"{version}: {message} (QE_FINETUNE_BACKEND=openai or command trains); the recipe "
-            f"is at {metadata['recipe_path']}"
+            f"{claim.version}: {trained.message} (QE_FINETUNE_BACKEND=openai or command trains); "
+            f"the recipe is at {metadata['recipe_path']}"
         )
         context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata=metadata))
         return
     yield dg.MaterializeResult(
-        metadata=metadata, data_version=dg.DataVersion(model_id or f"{version}:{status}")
+        metadata=metadata,
+        data_version=dg.DataVersion(trained.model_id or f"{claim.version}:{trained.status}"),
     )
+
+
+@dataclass(frozen=True)
+class Trained:
+    """How an attempt ended: what `fine_tune_runs` records and the asset reports."""
+
+    status: str
+    model_id: str | None = None
+    message: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
+
+
+def _train(
+    context: dg.AssetExecutionContext,
+    settings: Settings,
+    openai: OpenAIResource,
+    claim: Claim,
+    save: Callable[..., None],
+) -> Trained:
+    """Hand the claimed inputs to the configured backend; a failure is saved, then raised."""
+    if settings.finetune_backend == "none":
+        return Trained("skipped", message=SKIPPED_MESSAGE)
+    if settings.finetune_backend == "openai":
+        return _train_openai(context, settings, openai, claim, save)
+    if not settings.finetune_command:
+        raise dg.Failure("QE_FINETUNE_BACKEND=command needs QE_FINETUNE_COMMAND")
+    try:
+        metrics = run_command(context, settings.finetune_command, claim.inputs)
+    except Exception as exc:
+        save(status="failed", message=f"training command failed: {exc}"[:2000])
+        raise
+    return Trained("succeeded", model_id=model_of(metrics), metrics=metrics)
+
+
+def _train_openai(
+    context: dg.AssetExecutionContext,
+    settings: Settings,
+    openai: OpenAIResource,
+    claim: Claim,
+    save: Callable[..., None],
+) -> Trained:
+    """Start the job (unless the claim resumes one) and follow it up to the deadline."""
+    client = openai.client()
+    job_id = claim.job_id
+    try:
+        job_id = job_id or start_job(client, claim.inputs, save)
+        outcome = follow_job(
+            client,
+            job_id,
+            poll_seconds=settings.finetune_poll_seconds,
+            deadline_seconds=settings.finetune_deadline_seconds,
+            on_status=lambda s: context.log.info(f"job {job_id}: {s}"),
+        )
+    except FineTuneStillRunning as exc:
+        save(message=str(exc))
+        raise dg.Failure(str(exc)) from exc
+    except FineTuneFailed as exc:
+        # The provider's own status (failed or cancelled) and its events, for the post-mortem.
+        failed = exc.outcome
+        save(
+            status=failed.status,
+            message=str(exc),
+            metrics={**failed.metrics, "events": failed.events},
+        )
+        raise dg.Failure(str(exc)) from exc
+    metrics = {**outcome.metrics, "events": outcome.events}
+    return Trained("succeeded", model_id=outcome.model_id, metrics=metrics, job_id=job_id)
+
+
+def _run_metadata(
+    settings: Settings, claim: Claim, trained: Trained
+) -> "dict[str, dg.RawMetadataValue]":
+    metadata: dict[str, dg.RawMetadataValue] = {
+        "run_id": claim.run_id,
+        "dataset_version": claim.version,
+        "backend": settings.finetune_backend,
+        "status": trained.status,
+        "base_model": claim.inputs.base_model,
+        "samples": claim.inputs.samples,
+        "recipe_path": dg.MetadataValue.path(
+            str(Path(settings.data_dir) / "finetune" / claim.run_id / "recipe.json")
+        ),
+    }
+    job_id = trained.job_id or claim.job_id
+    optional = {"model_id": trained.model_id, "job_id": job_id, "message": trained.message}
+    metadata.update({k: v for k, v in optional.items() if v})
+    numeric = {k: v for k, v in trained.metrics.items() if isinstance(v, int | float)}
+    metadata.update({f"metric/{k}": v for k, v in numeric.items()})
+    return metadata

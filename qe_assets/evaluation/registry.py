@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.store import query_frame
+from qe_assets.store import select_frame
 
 GATE = "gate"
 PROMOTE_ACTION, ROLLBACK_ACTION = "promote", "rollback"
@@ -63,7 +63,7 @@ def production_model(conn: duckdb.DuckDBPyConnection) -> str | None:
 
 def evaluation_items(conn: duckdb.DuckDBPyConnection) -> pl.DataFrame:
     """The frozen set's prompts with what the judge needs (reference answer when there is one)."""
-    return query_frame(conn, _ITEMS)
+    return select_frame(conn, _ITEMS)
 
 
 def cached_answers(conn: duckdb.DuckDBPyConnection, models: list[str]) -> dict[str, str]:
@@ -107,7 +107,7 @@ def save_evaluation(conn: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> Non
 
 
 def evaluation_of_run(conn: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
-    rows = query_frame(
+    rows = select_frame(
         conn,
         "SELECT * FROM model_evaluations WHERE dagster_run_id = ? "
         "AND comparison = 'production' ORDER BY created_at DESC LIMIT 1",

@@ -18,6 +18,7 @@ from qe_assets.evaluation.metrics import (
     per_label,
     tally,
 )
+from qe_assets.settings import estimated_cost
 
 ITEM_COLUMNS = (
     "sample_id",
@@ -95,8 +96,8 @@ def spend(
         "judge_calls": sum(r.judge_calls for r in results),
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "estimated_cost": round(
-            prompt * price_input_per_1m / 1e6 + completion * price_output_per_1m / 1e6, 6
+        "estimated_cost": estimated_cost(
+            prompt, completion, price_input_per_1m, price_output_per_1m
         ),
     }
 

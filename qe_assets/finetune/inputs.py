@@ -24,7 +24,7 @@ from qe_assets.export import (
 )
 from qe_assets.queues.inbox import fsync_dir
 from qe_assets.settings import Settings
-from qe_assets.store import query_frame
+from qe_assets.store import select_frame
 from qe_assets.transforms.dataset import exported_sample_ids
 
 
@@ -72,7 +72,7 @@ def _files_of(row: dict[str, Any]) -> VersionFiles:
 
 
 def verified_version(conn: duckdb.DuckDBPyConnection, version: str) -> dict[str, Any]:
-    rows = query_frame(
+    rows = select_frame(
         conn,
         "SELECT version, jsonl_path, chat_path, manifest_path, sha256, chat_sha256, "
         "manifest_sha256, sample_count, train_count, validation_count "
@@ -204,21 +204,46 @@ def _write_inputs(
 ) -> TrainingInputs:
     """The split files and recipe.json in `temp`, fsynced, naming their final paths in
     `workdir`."""
-    splits = query_frame(
+    paths = _write_split_files(row, _version_splits(conn, version), workdir, temp)
+    if paths["train_chat"] is None or paths["train_record"] is None:
+        raise DatasetInvalid(f"{version}: no training examples after the split")
+    inputs = _training_inputs(settings, row, version, run_id, paths, previous_model)
+    with open(temp / "recipe.json", "wb") as handle:
+        handle.write(json.dumps(inputs.recipe(), ensure_ascii=False, indent=2).encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(temp)
+    return inputs
+
+
+def _version_splits(conn: duckdb.DuckDBPyConnection, version: str) -> pl.DataFrame:
+    """sample_id → split of the version's samples, under both the stored and the exported id."""
+    splits = select_frame(
         conn, "SELECT sample_id, split FROM dataset_samples WHERE version = ?", [version]
     )
     # The files show a pseudonym for an id holding PII (QE_PII_REDACTION): match either form.
-    splits = pl.concat(
+    return pl.concat(
         [splits, splits.with_columns(exported_sample_ids(splits["sample_id"]))]
     ).unique("sample_id", maintain_order=True)
-    targets = {
-        (split, column): f"{split}.{suffix}"
-        for split in ("train", "validation")
-        for column, suffix in (("chat", "chat.jsonl"), ("record", "records.jsonl"))
-    }
+
+
+_SPLIT_FILES = {
+    (split, column): f"{split}.{suffix}"
+    for split in ("train", "validation")
+    for column, suffix in (("chat", "chat.jsonl"), ("record", "records.jsonl"))
+}
+
+
+def _write_split_files(
+    row: dict[str, Any], splits: pl.DataFrame, workdir: Path, temp: Path
+) -> dict[str, str | None]:
+    """The version's records and chat lines into per-split files in `temp`, fsynced; returns
+    `<split>_<chat|record>` → final path in `workdir` (None where a split has no line)."""
     written: set[tuple[str, str]] = set()
     with ExitStack() as stack:
-        sinks = {key: stack.enter_context(open(temp / name, "wb")) for key, name in targets.items()}
+        sinks = {
+            key: stack.enter_context(open(temp / name, "wb")) for key, name in _SPLIT_FILES.items()
+        }
         # Chat lines are written in the same order as the JSONL records: split them in step,
         # a chunk at a time, so memory stays flat however large the version is.
         chunks = zip(
@@ -247,15 +272,25 @@ def _write_inputs(
             sink.flush()
             os.fsync(sink.fileno())
     paths: dict[str, str | None] = {}
-    for (split, column), name in targets.items():
+    for (split, column), name in _SPLIT_FILES.items():
         if (split, column) in written:
             paths[f"{split}_{column}"] = str(workdir / name)
         else:
             (temp / name).unlink(missing_ok=True)
             paths[f"{split}_{column}"] = None
-    if paths["train_chat"] is None or paths["train_record"] is None:
-        raise DatasetInvalid(f"{version}: no training examples after the split")
-    inputs = TrainingInputs(
+    return paths
+
+
+def _training_inputs(
+    settings: Settings,
+    row: dict[str, Any],
+    version: str,
+    run_id: str,
+    paths: dict[str, str | None],
+    previous_model: str | None,
+) -> TrainingInputs:
+    """The recipe: what the backend trains on, from what, and how."""
+    return TrainingInputs(
         **_preference_inputs(row, settings.finetune_method),
         run_id=run_id,
         version=version,
@@ -280,9 +315,3 @@ def _write_inputs(
             "command": "continuous `weight` (= confidence) per record in the JSONL file",
         },
     )
-    with open(temp / "recipe.json", "wb") as handle:
-        handle.write(json.dumps(inputs.recipe(), ensure_ascii=False, indent=2).encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_dir(temp)
-    return inputs

@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from qe_assets.store import query_frame
+from qe_assets.store import select_frame
 
 # A version with a row in one of these states is done for that backend: trained, recorded with
 # no backend, or refused by a blocking asset check. `failed`/`cancelled` ones are retried.
@@ -22,7 +22,7 @@ _JSON_FIELDS = ("recipe", "metrics")
 def latest_run(
     conn: duckdb.DuckDBPyConnection, version: str, backend: str
 ) -> dict[str, Any] | None:
-    rows = query_frame(
+    rows = select_frame(
         conn,
         "SELECT * FROM fine_tune_runs WHERE dataset_version = ? AND backend = ? "
         "ORDER BY created_at DESC, run_id DESC LIMIT 1",

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import polars as pl
 
+from qe_assets.settings import estimated_cost
 from qe_assets.templates import Templates
 
 NAIVE, LLM, HUMAN = "naive", "llm", "human"
 OK, FAILED = "ok", "failed"
+# An LLM completion for a sample waiting in the review queue: shown to the reviewer, never
+# exported (the export takes `ok` only) until a person accepts it.
+PROPOSED = "proposed"
 # Higher wins when a sample has completions from several sources.
 MODE_RANK = {NAIVE: 1, LLM: 2, HUMAN: 3}
 
@@ -47,7 +51,7 @@ def naive_completions(samples: pl.DataFrame, templates: Templates) -> pl.DataFra
 # The call itself is per sample (qe_assets.llm); what to ask, what came back and what it means
 # for each row is decided here, over whole batches.
 
-REJECTED = "rejected_by_judge"
+REJECTED_BY_JUDGE = "rejected_by_judge"
 REGENERATE, JUDGE = "regenerate", "judge"
 # The judge reads several texts in one message; each sits between markers it is told to treat as
 # data. Marker look-alikes inside the texts are broken up so no text can close its block early.
@@ -234,7 +238,7 @@ def llm_completion_rows(
         pl.when(regen_failed | judge_failed)
         .then(pl.lit(FAILED))
         .when(pl.lit(judged) & ~beats)
-        .then(pl.lit(REJECTED))
+        .then(pl.lit(REJECTED_BY_JUDGE))
         .otherwise(pl.lit(OK))
     )
     error = pl.coalesce(pl.col("error"), pl.lit("judge:") + pl.col("judge_error"))
@@ -261,6 +265,19 @@ def llm_completion_rows(
         pl.col("score_original").alias("judge_original_score"),
         pl.col("score_completion").alias("judge_completion_score"),
         pl.col("judge_content").alias("judge_verdict"),
+    )
+
+
+def mark_proposed(rows: pl.DataFrame, review_ids: pl.Series) -> pl.DataFrame:
+    """LLM completion rows of samples routed to review become `proposed`, whatever the judge
+    said (its verdict stays on the row for the reviewer): only a person makes them `ok`.
+    Failed rows stay failed, so the next run retries them (and proposes again)."""
+    return rows.with_columns(
+        status=pl.when(
+            pl.col("sample_id").is_in(review_ids.implode()) & (pl.col("status") != FAILED)
+        )
+        .then(pl.lit(PROPOSED))
+        .otherwise(pl.col("status"))
     )
 
 
@@ -323,15 +340,13 @@ def llm_totals(
         "http_requests": int(rows["attempts"].sum()),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "estimated_cost": round(
-            prompt_tokens * price_input_per_1m / 1e6
-            + completion_tokens * price_output_per_1m / 1e6,
-            6,
+        "estimated_cost": estimated_cost(
+            prompt_tokens, completion_tokens, price_input_per_1m, price_output_per_1m
         ),
         "latency_p50_ms": round(float(latency_ms.quantile(0.5) or 0.0), 1),
         "latency_p99_ms": round(float(latency_ms.quantile(0.99) or 0.0), 1),
     }
-    for status in (OK, FAILED, REJECTED):
+    for status in (OK, FAILED, REJECTED_BY_JUDGE, PROPOSED):
         totals[status] = int((rows["status"] == status).sum())
     errors = rows.filter(pl.col("status") == FAILED).group_by("error").len().sort("error")
     for error, count in errors.iter_rows():

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
-from qe_assets.store import frame_query
+from qe_assets.store import sql_over_frames
 from qe_assets.templates import Templates
 from qe_assets.transforms.annotate import sample_id_parts
 from qe_assets.transforms.pii import redact_series
@@ -17,7 +17,7 @@ EVALUATION_SPLIT = "evaluation"
 # Columns of the seed's JSONL record (CONTRACT §4), in file order; `weight` extends it for
 # trainers that take a per-sample loss weight.
 RECORD_COLUMNS = ("sample_id", "prompt", "completion", "label", "confidence", "score", "weight")
-_BUCKETS = 10_000
+BUCKETS = 10_000
 # Exported in place of a sample_id that holds PII. A stored sample_id always has a `#` and a
 # pseudonym never does, so the two can never be mistaken for one another.
 PSEUDONYM_PREFIX = "pii-"
@@ -32,11 +32,11 @@ def assign_split(
     every version, and never on both. Validation takes the lowest buckets, evaluation the
     highest, so changing one share never moves a question into the other.
     """
-    bucket = pl.col("question_key").str.slice(0, 8).str.to_integer(base=16) % _BUCKETS
+    bucket = pl.col("question_key").str.slice(0, 8).str.to_integer(base=16) % BUCKETS
     return frame.with_columns(
-        split=pl.when(bucket < round(validation_share * _BUCKETS))
+        split=pl.when(bucket < round(validation_share * BUCKETS))
         .then(pl.lit(VALIDATION_SPLIT))
-        .when(bucket >= _BUCKETS - round(evaluation_share * _BUCKETS))
+        .when(bucket >= BUCKETS - round(evaluation_share * BUCKETS))
         .then(pl.lit(EVALUATION_SPLIT))
         .otherwise(pl.lit(TRAIN_SPLIT))
     )
@@ -148,7 +148,7 @@ def exported_sample_ids(ids: pl.Series) -> pl.Series:
     if flagged.is_empty():
         return ids
     # sha256 in DuckDB: vectorised, and stable across library versions, unlike Polars' hash.
-    pseudonyms = frame_query(
+    pseudonyms = sql_over_frames(
         f"SELECT row, '{PSEUDONYM_PREFIX}' || sha256(id) AS pseudonym FROM flagged",
         flagged=flagged,
     )

@@ -67,7 +67,7 @@ def run_direct(settings: Settings) -> None:
     from qe_assets.readiness import release_while_due
     from qe_assets.resources import PipelineSettings, duckdb_writer, writer_session
 
-    settings.database.parent.mkdir(parents=True, exist_ok=True)  # as build_resources does
+    settings.database.parent.mkdir(parents=True, exist_ok=True)  # as the first writer would
     resource = DuckDBResource(database=str(settings.database))
     pipeline = PipelineSettings(**settings.model_dump())
 

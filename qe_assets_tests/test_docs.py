@@ -1,0 +1,62 @@
+"""The docs cannot drift from the code: every variable the code reads is in the generated
+configuration reference, and the README stays a newcomer's page. (`make docs` builds the site
+with --strict; `make test` runs it before the suite.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qe_assets.settings import CONTRACT_VARIABLES, ENVIRONMENT, OTHER_VARIABLES, Settings
+from qe_assets.settings_reference import reference_markdown, settings_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+# Variables that exist only inside one test's own fixture script, not for anyone to set.
+TEST_INTERNAL = {"QE_TEST_DIR"}
+
+
+def _variables_in_code() -> set[str]:
+    found: set[str] = set()
+    for folder in ("qe_assets", "qe_assets_bench", "qe_assets_tests", "examples"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            found |= set(re.findall(r"\b(QE_[A-Z0-9_]*[A-Z0-9])\b", text))
+            found |= set(re.findall(r"[\"'$](OPENAI_[A-Z0-9_]*[A-Z0-9])[\"'}]", text))
+    found |= set(re.findall(r"\b(QE_[A-Z0-9_]*[A-Z0-9])\b", (ROOT / "Makefile").read_text()))
+    # The contract's list names variables before they are implemented; they are documented
+    # once their setting exists.
+    implemented = {variable for variable, _ in ENVIRONMENT.values()} | set(OTHER_VARIABLES)
+    return found - TEST_INTERNAL - (CONTRACT_VARIABLES - implemented)
+
+
+def test_every_setting_has_a_description_and_a_rule() -> None:
+    for name, (variable, parse) in ENVIRONMENT.items():
+        assert Settings.model_fields[name].description, f"{variable}: add a description"
+        assert getattr(parse, "rule", ""), f"{variable}: its parser needs a rule (see _ruled)"
+    assert set(ENVIRONMENT) == set(Settings.model_fields), "every field needs its variable"
+    assert len(settings_rows()) == len(ENVIRONMENT)
+
+
+def test_every_variable_the_code_reads_is_in_the_reference() -> None:
+    reference = reference_markdown()
+    documented = set(re.findall(r"`((?:QE|OPENAI)_[A-Z0-9_]+)`", reference))
+    prefixes = [name[:-1] for name in OTHER_VARIABLES if name.endswith("*")]
+    missing = sorted(
+        name
+        for name in _variables_in_code()
+        if name not in documented and not any(name.startswith(p) for p in prefixes)
+    )
+    assert not missing, f"document these in qe_assets/settings.py: {missing}"
+
+
+def test_the_readme_is_short_and_self_contained() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 10 * 1024
+    assert "make test" in readme  # CI runs it; newcomers look for it
+    for phrase in ("the seed", "the article", "CONTRACT", "shared/"):
+        assert phrase not in readme, phrase
+    for target in re.findall(r"\]\((?!https?://)([^)#]+)", readme):
+        assert (ROOT / target).exists(), f"README links to a missing file: {target}"
+    docs_nav = (ROOT / "mkdocs.yml").read_text()
+    for target in re.findall(r"\]\(docs/([^)#]+\.md)", readme):
+        assert target in docs_nav, f"{target} is not in the docs site's nav"

@@ -1,0 +1,259 @@
+"""The review app's guards over real HTTP: a real `qe serve` process on a free loopback port,
+urllib as the client, the real DuckDB file and writer lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qe_assets.settings import Settings
+from qe_assets.store import writer_lock
+from qe_assets_tests.factories import line, make_event
+from qe_assets_tests.review_server import Client, hidden, review_store, serving
+from qe_assets_tests.runs import scalar
+
+TOKEN = "a-token-of-enough-length-42"
+XSS = "<script>alert('x')</script> & <b>bold</b>"
+
+
+@pytest.fixture
+def store(settings: Settings) -> Settings:
+    hostile = line(
+        make_event(
+            "evil",
+            question=XSS,
+            answer="An answer <img src=x onerror=alert(1)>.",
+            evaluation={"score": 0.1, "labels": ["factuality_error"]},
+        )
+    ).decode()
+    return review_store(settings, low=3, extra=[hostile])
+
+
+def statuses(settings: Settings) -> dict[str, tuple[str, str | None, str | None]]:
+    from qe_assets.store import connect
+
+    with connect(settings.database, read_only=True) as conn:
+        rows = conn.execute("SELECT sample_id, status, reviewer, note FROM review_queue").fetchall()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def test_posts_need_the_session_token_and_this_origin(store: Settings, tmp_path: Path) -> None:
+    before = statuses(store)
+    with serving(store, tmp_path) as server:
+        client = Client(server.url)
+        status, page = client.request("/review/item?pos=0")
+        assert status == 200
+        csrf, sample = hidden(page, "csrf"), hidden(page, "sample_id")
+        assert client.cookie("qe_csrf") == csrf
+        form = {"sample_id": sample, "seen": hidden(page, "seen"), "pos": "0"}
+        accept = {**form, "action": "accept", "note": "ok"}
+        # No token, a wrong one, a foreign origin, no origin at all: refused, nothing written.
+        assert client.post("/review/decide", accept)[0] == 403
+        assert client.post("/review/decide", {**accept, "csrf": "forged"})[0] == 403
+        evil = {"Origin": "http://evil.example"}
+        assert client.post("/review/decide", {**accept, "csrf": csrf}, evil)[0] == 403
+        no_origin = client.request("/review/decide", {**accept, "csrf": csrf})
+        assert no_origin[0] == 403
+        # Another site's page cannot reach the app by pointing its own name at 127.0.0.1.
+        rebound = client.request("/review", headers={"Host": f"evil.example:{server.port}"})
+        assert rebound[0] == 403
+        assert statuses(store) == before
+        # The real thing: recorded with reviewer ($USER of the server) and note.
+        status, page = client.post("/review/decide", {**accept, "csrf": csrf})
+        assert status == 200 and f"accepted {sample}" in page.replace("&#39;", "'")
+    assert statuses(store)[sample] == ("accepted", "tester", "ok")
+
+
+def test_everything_shown_is_escaped(store: Settings, tmp_path: Path) -> None:
+    with serving(store, tmp_path) as server:
+        client = Client(server.url)
+        status, queue = client.request("/review?label=factuality_error")
+        assert status == 200
+        assert "<script>alert" not in queue and "&lt;script&gt;alert(" in queue
+        # The hostile sample ranks first (lowest confidence among equal labels).
+        status, item = client.request("/review/item?pos=0&label=factuality_error")
+        assert hidden(item, "sample_id") == "evil#factuality_error"
+        assert "<img src=x" not in item and "&lt;img src=x onerror=alert(1)&gt;" in item
+        assert "Content-Security-Policy" not in item  # a header, not markup
+        csrf = hidden(item, "csrf")
+        note = "<i>no</i>"
+        form = {
+            "csrf": csrf,
+            "sample_id": "evil#factuality_error",
+            "seen": hidden(item, "seen"),
+            "pos": "0",
+            "action": "reject",
+            "note": note,
+            "status": "all",
+        }
+        status, _ = client.post("/review/decide", form)
+        assert status == 200
+        status, shown = client.request("/review/item?pos=0&status=rejected")
+        assert "&lt;i&gt;no&lt;/i&gt;" in shown and "<i>no</i>" not in shown
+
+
+def qe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qe_assets.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_no_public_address_without_a_token(store: Settings, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QE_")}
+    env["QE_DATA_DIR"] = store.data_dir
+    refused = qe(env, "serve", "--host", "0.0.0.0", "--port", "1")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "qe: refusing to serve on 0.0.0.0: beyond 127.0.0.1 the review page needs a token; "
+        "set QE_SERVE_TOKEN (16+ characters), then open the page once with ?token=…"
+    ]
+    short = qe({**env, "QE_SERVE_TOKEN": "short"}, "serve", "--host", "0.0.0.0")
+    assert short.returncode == 2 and "QE_SERVE_TOKEN must be at least 16" in short.stderr
+    assert "short" not in short.stderr.replace("shorter", "")  # the secret is never echoed
+
+
+def test_a_configured_token_is_required_everywhere(store: Settings, tmp_path: Path) -> None:
+    with serving(store, tmp_path, extra_env={"QE_SERVE_TOKEN": TOKEN}) as server:
+        anonymous = Client(server.url)
+        for path in ("/review", "/review/item?pos=0", "/dashboards", "/static/review.js"):
+            assert anonymous.request(path)[0] == 401, path
+        assert anonymous.request("/review?token=wrong-token-of-some-length")[0] == 401
+        assert anonymous.post("/review/decide", {"action": "accept"})[0] == 401
+        bearer = Client(server.url)
+        assert bearer.request("/review", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        browser = Client(server.url)
+        status, page = browser.request(f"/review?token={TOKEN}&label=factuality_error")
+        assert status == 200 and "Review queue" in page  # redirected, token now in a cookie
+        assert browser.cookie("qe_token") == TOKEN
+        status, item = browser.request("/review/item?pos=0")
+        assert status == 200 and TOKEN not in item
+        # The token is no CSRF token: a POST still needs the session's.
+        form = {"sample_id": hidden(item, "sample_id"), "action": "accept", "pos": "0"}
+        assert browser.post("/review/decide", form)[0] == 403
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_decision_waits_for_a_run_then_is_retried(store: Settings, tmp_path: Path) -> None:
+    """A run holding the writer lock: the page waits briefly, says it will retry, records
+    nothing; the retry form it renders (what the page re-sends by itself) then goes through."""
+    with serving(store, tmp_path, args=("--write-wait", "0.5")) as server:
+        client = Client(server.url)
+        _, item = client.request("/review/item?pos=0")
+        sample = hidden(item, "sample_id")
+        form = {
+            "csrf": hidden(item, "csrf"),
+            "sample_id": sample,
+            "seen": hidden(item, "seen"),
+            "pos": "0",
+            "action": "reject",
+            "note": "while a run wrote",
+        }
+        with writer_lock(store.database):  # what a stage holds for its whole run
+            status, page = client.post("/review/decide", form)
+            assert status == 503
+            assert "will be sent again automatically" in page and "nothing is lost" in page
+            assert statuses(store)[sample][0] == "pending"
+        retry = {
+            name: hidden(page, name)
+            for name in ("csrf", "sample_id", "seen", "pos", "action", "note")
+        }
+        assert retry == form
+        status, page = client.post("/review/decide", retry)
+        assert status == 200
+    assert statuses(store)[sample] == ("rejected", "tester", "while a run wrote")
+    assert scalar(store, "SELECT status FROM completions WHERE sample_id = ?", [sample]) == (
+        "rejected"
+    )
+
+
+def test_a_bulk_decision_applies_to_exactly_the_confirmed_samples(
+    store: Settings, tmp_path: Path
+) -> None:
+    from qe_assets import review
+    from qe_assets.store import writer_connection
+
+    with serving(store, tmp_path) as server:
+        client = Client(server.url)
+        _, queue = client.request("/review?label=factuality_error")
+        ask = {
+            "csrf": hidden(queue, "csrf"),
+            "label": "factuality_error",
+            "bulk_action": "reject",
+            "note": "bulk",
+        }
+        status, confirm = client.post("/review/bulk", ask)
+        assert status == 200
+        assert "Reject 2 pending samples matching status=pending, label=factuality_error" in (
+            confirm
+        )
+        digest = hidden(confirm, "confirm_digest")
+        # Someone decides one of them before the confirmation arrives: asked again, with 1.
+        with writer_connection(store.database) as conn:
+            review.accept(conn, "low-0#factuality_error", "bo")
+        status, again = client.post("/review/bulk", {**ask, "confirm_digest": digest})
+        assert status == 200 and "The matching samples changed" in again
+        assert "Reject 1 pending sample matching" in again
+        assert statuses(store)["evil#factuality_error"][0] == "pending"
+        status, done = client.post(
+            "/review/bulk", {**ask, "confirm_digest": hidden(again, "confirm_digest")}
+        )
+        assert status == 200 and "rejected 1 samples" in done
+    decided = statuses(store)
+    assert decided["evil#factuality_error"] == ("rejected", "tester", "bulk")
+    assert decided["low-0#factuality_error"] == ("accepted", "bo", None)
+
+
+def test_extra_routes_mount_behind_the_same_checks(store: Settings, tmp_path: Path) -> None:
+    """How the dashboards join the app: `create_app(extra_routes=…)` serves them (before the
+    placeholder) behind the token check; served here by uvicorn in a thread, over real HTTP."""
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from qe_assets.web.app import create_app
+    from qe_assets_tests.conftest import free_port
+
+    def charts(request: object) -> PlainTextResponse:
+        return PlainTextResponse("charts")
+
+    port = free_port()
+    app = create_app(store, extra_routes=[Route("/dashboards", charts)], token=TOKEN)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        client = Client(f"http://127.0.0.1:{port}")
+        assert client.request("/dashboards")[0] == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.request("/dashboards", headers=auth) == (200, "charts")
+        status, page = client.request("/review", headers=auth)
+        assert status == 200 and '<a href="/dashboards"' in page
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    # `qe serve` itself serves the dashboards behind the nav link: the page (after the
+    # trailing-slash redirect), its data from the tables and the vendored plotly.js.
+    with serving(store, tmp_path) as served:
+        client = Client(served.url)
+        status, page = client.request("/dashboards")
+        assert status == 200 and "qe_assets dashboards" in page
+        status, data = client.request("/dashboards/data.json?bucket=day")
+        assert status == 200 and json.loads(data)
+        status, script = client.request("/dashboards/vendor/plotly.min.js")
+        assert status == 200 and len(script) > 1_000_000
