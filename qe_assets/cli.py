@@ -232,8 +232,17 @@ def _write_frame(frame: pl.DataFrame, args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    print(f"database: {_require_store(settings)} ({_where(settings)})")
-    _print_store_status(args, settings)
+    # A missing store is a state to report, not an error: events may already wait in the queue
+    # before the first run. Nothing is created; the line says where it looked and what to set.
+    database = settings.database.absolute()
+    if database.exists():
+        print(f"database: {database} ({_where(settings)})")
+        _print_store_status(args, settings)
+    else:
+        print(
+            f"database: none yet at {database} ({_where(settings)}): `qe run` creates it, or "
+            "set QE_DATA_DIR to the directory that holds qe.duckdb"
+        )
     _print_queue_status(settings)
     return EXIT_OK
 

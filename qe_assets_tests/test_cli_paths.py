@@ -14,7 +14,6 @@ import pytest
 from qe_assets.testing.factories import line, make_event
 
 READ_COMMANDS = [
-    ["status"],
     ["sql", "SELECT 1"],
     ["review", "list"],
     ["review", "accept", "r-1#factuality_error"],
@@ -47,6 +46,19 @@ def test_a_read_command_in_a_directory_without_a_store_says_where_and_creates_no
     assert message.count("\n") == 0, message  # one line, no traceback
     assert f"no database at {elsewhere}/data/qe.duckdb yet" in message
     assert "QE_DATA_DIR is not set" in message and "set QE_DATA_DIR" in message
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_status_without_a_store_reports_it_and_the_queue_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = qe("status", cwd=elsewhere, env={})
+    assert result.returncode == 0, result.stderr
+    assert f"database: none yet at {elsewhere}/data/qe.duckdb" in result.stdout
+    assert "QE_DATA_DIR is not set" in result.stdout and "set QE_DATA_DIR" in result.stdout
+    assert "queue (inbox): 0 pending" in result.stdout
     assert list(elsewhere.iterdir()) == []
 
 
