@@ -303,7 +303,14 @@ def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
 
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
-    return "lock" in text or "conflicting" in text or "being used" in text
+    # "different configuration": this process has the file open with other settings (a
+    # read-only connection beside a write one); it is closed again in a moment, like a lock.
+    return (
+        "lock" in text
+        or "conflicting" in text
+        or "being used" in text
+        or "different configuration" in text
+    )
 
 
 @contextmanager

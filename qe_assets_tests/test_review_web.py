@@ -7,9 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
 
 from qe_assets.settings import Settings
 from qe_assets.store import writer_lock
@@ -257,3 +262,83 @@ def test_extra_routes_mount_behind_the_same_checks(store: Settings, tmp_path: Pa
         assert status == 200 and json.loads(data)
         status, script = client.request("/dashboards/vendor/plotly.min.js")
         assert status == 200 and len(script) > 1_000_000
+
+
+@contextmanager
+def in_thread(app: Starlette) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port in a thread of the test process (so the
+    test can reach `app.state`); yields its URL."""
+    import uvicorn
+
+    from qe_assets_tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_decisions_land_while_the_dashboards_read(store: Settings) -> None:
+    """The dashboards read under the app's connection lock: a read-only connection beside the
+    review page's write connection in one process made DuckDB refuse the write (a 500, the
+    decision lost)."""
+    from qe_assets.web.app import create_app
+
+    app = create_app(store)
+    with in_thread(app) as url:
+        client = Client(url)
+        # A dashboard read waits for the lock the review page's writes take.
+        answers: list[int] = []
+        reader = threading.Thread(
+            target=lambda: answers.append(client.request("/dashboards/data.json?buckets=7")[0])
+        )
+        with app.state.db_lock:
+            reader.start()
+            reader.join(timeout=0.5)
+            assert reader.is_alive() and not answers
+        reader.join(timeout=10)
+        assert answers == [200]
+        # Decisions posted while the dashboards read over and over (no cache: a new window each
+        # time) all land.
+        stop = threading.Event()
+        reads: list[int] = []
+
+        def read_dashboards() -> None:
+            buckets = 1
+            while not stop.is_set():
+                reads.append(Client(url).request(f"/dashboards/data.json?buckets={buckets}")[0])
+                buckets = buckets % 200 + 1
+
+        readers = [threading.Thread(target=read_dashboards) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        decided = []
+        try:
+            for _ in range(4):
+                status, page = client.request("/review/item?pos=0")
+                assert status == 200
+                form = {
+                    "csrf": hidden(page, "csrf"),
+                    "sample_id": hidden(page, "sample_id"),
+                    "seen": hidden(page, "seen"),
+                    "pos": "0",
+                    "action": "accept",
+                }
+                status, _ = client.post("/review/decide", form)
+                assert status == 200
+                decided.append(form["sample_id"])
+        finally:
+            stop.set()
+            for thread in readers:
+                thread.join(timeout=10)
+    assert reads and set(reads) == {200}
+    assert all(statuses(store)[sample][0] == "accepted" for sample in decided)
