@@ -597,9 +597,16 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
         ids = _decision_ids(args, settings)
         action = review.accept if args.action == "accept" else review.reject
         with _review_write(args, settings) as conn:
-            action(conn, ids, reviewer, args.note)
+            # --all-matching: samples decided by someone else since the listing (or while the
+            # y/N prompt waited) are skipped, not overwritten. Named ids: decided as asked.
+            skipped = action(conn, ids, reviewer, args.note, only_pending=args.all_matching)
         done = "accepted" if args.action == "accept" else "rejected"
-        print(f"{done} {len(set(ids))} sample(s) as {reviewer}")
+        extra = (
+            f"; {skipped} skipped: decided by someone else meanwhile, their decision stands"
+            if skipped
+            else ""
+        )
+        print(f"{done} {len(set(ids)) - skipped} sample(s) as {reviewer}{extra}")
         return EXIT_OK
     except review.ReviewError as exc:
         raise UserError(str(exc), EXIT_FAILED) from exc

@@ -277,13 +277,25 @@ def _apply(
     reviewer: str,
     note: str | None,
     seen: Mapping[str, str] | None = None,
-) -> None:
+    only_pending: bool = False,
+) -> int:
     """Every sample checked first, then all decided in one transaction: all or nothing.
-    `seen` (sample id → `token_text` of what the reviewer saw) refuses samples that changed."""
+    `seen` (sample id → `token_text` of what the reviewer saw) refuses samples that changed.
+
+    `only_pending` (bulk decisions): samples someone decided on since the caller listed them
+    are skipped, not overwritten; the check runs on the write connection, under the writer
+    lock, so no decision can slip in between. Returns how many were skipped."""
     ids = [sample_ids] if isinstance(sample_ids, str) else list(dict.fromkeys(sample_ids))
     if not ids:
-        return
+        return 0
     rows = _items(conn, ids)
+    skipped = 0
+    if only_pending:
+        decided = [r for r in rows if r["queued"] and r["status"] != PENDING]
+        skipped = len(decided)
+        rows = [r for r in rows if not (r["queued"] and r["status"] != PENDING)]
+        if not rows:
+            return skipped
     problems = [p for p in (_problem(r, seen) for r in rows) if p is not None]
     if problems:
         raise ReviewError("; ".join(problems) + ("; nothing changed" if len(ids) > 1 else ""))
@@ -312,6 +324,7 @@ def _apply(
             )
     finally:
         conn.unregister("decided")
+    return skipped
 
 
 def accept(
@@ -321,10 +334,11 @@ def accept(
     note: str | None = None,
     *,
     seen: Mapping[str, str] | None = None,
-) -> None:
+    only_pending: bool = False,
+) -> int:
     """Keep the samples' completions (an existing ok or proposed one, else the naive one) for
-    training."""
-    _apply(conn, ACCEPTED, sample_ids, reviewer, note, seen)
+    training. With `only_pending`, samples no longer pending are skipped: returns how many."""
+    return _apply(conn, ACCEPTED, sample_ids, reviewer, note, seen, only_pending)
 
 
 def reject(
@@ -334,9 +348,11 @@ def reject(
     note: str | None = None,
     *,
     seen: Mapping[str, str] | None = None,
-) -> None:
-    """Keep the samples out of every dataset."""
-    _apply(conn, REJECTED, sample_ids, reviewer, note, seen)
+    only_pending: bool = False,
+) -> int:
+    """Keep the samples out of every dataset. With `only_pending`, samples no longer pending
+    are skipped: returns how many."""
+    return _apply(conn, REJECTED, sample_ids, reviewer, note, seen, only_pending)
 
 
 def edit(

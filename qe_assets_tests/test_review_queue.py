@@ -3,8 +3,10 @@ file, and `qe review` over it: totals, formats, filters and --all-matching."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import subprocess
 import sys
 from typing import Any
@@ -169,3 +171,56 @@ def test_cli_all_matching_asks_for_the_count(store: Settings) -> None:
             "ORDER BY 1"
         ).fetchall()
     assert decided == [("a", "rejected", "cli", "x"), ("e", "rejected", "cli", "x")]
+
+
+def test_cli_all_matching_skips_what_another_reviewer_decided(store: Settings) -> None:
+    """Another reviewer rejects a sample while `--all-matching` waits at its y/N prompt: the
+    bulk accept leaves that decision alone and says it skipped one."""
+    import pty
+
+    from qe_assets import review
+    from qe_assets.store import writer_connection
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QE_")}
+    env.update(QE_DATA_DIR=store.data_dir, QE_REVIEWER="cli")
+    leader, follower = pty.openpty()  # a terminal, so qe asks y/N
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qe_assets.cli", "review", "accept", "--all-matching"],
+        env=env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,  # where Python writes input()'s prompt at a terminal
+    )
+    os.close(follower)
+    try:
+        asked = b""
+        while b"[y/N]" not in asked:
+            assert select.select([leader], [], [], 30)[0], f"qe did not ask: {asked!r}"
+            chunk = os.read(leader, 1024)
+            assert chunk, "qe exited before asking"
+            asked += chunk
+        assert b"Accept 5 pending samples" in asked
+        with writer_connection(store.database) as conn:
+            review.reject(conn, "a", "bo", "no")
+        os.write(leader, b"y\n")
+        process.wait(timeout=60)
+        out = asked.decode()
+        with contextlib.suppress(OSError):  # EIO once qe has exited and the terminal is gone
+            while chunk := os.read(leader, 1024):
+                out += chunk.decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
+    assert process.returncode == 0, out
+    assert out.replace("\r", "").strip().splitlines()[-1] == (
+        "accepted 4 sample(s) as cli; 1 skipped: decided by someone else meanwhile, "
+        "their decision stands"
+    )
+    with connect(store.database, read_only=True) as conn:
+        rows = dict(
+            conn.execute("SELECT sample_id, status || ' ' || reviewer FROM review_queue").fetchall()
+        )
+        kept = conn.execute("SELECT status FROM completions WHERE sample_id = 'a'").fetchall()
+    assert rows == {"a": "rejected bo", **{s: "accepted cli" for s in "bcde"}}
+    assert kept == [("rejected",)]

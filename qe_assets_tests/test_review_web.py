@@ -342,3 +342,36 @@ def test_decisions_land_while_the_dashboards_read(store: Settings) -> None:
                 thread.join(timeout=10)
     assert reads and set(reads) == {200}
     assert all(statuses(store)[sample][0] == "accepted" for sample in decided)
+
+
+def test_a_bulk_decision_skips_what_another_reviewer_decided(
+    store: Settings, tmp_path: Path
+) -> None:
+    """The confirmed bulk accept waits for a run's writer lock; meanwhile another reviewer
+    rejects one of its samples: that decision stands and the page says 1 was skipped."""
+    from qe_assets import review
+    from qe_assets.store import connect
+
+    with serving(store, tmp_path) as server:
+        client = Client(server.url)
+        _, queue = client.request("/review?label=factuality_error")
+        ask = {"csrf": hidden(queue, "csrf"), "label": "factuality_error", "bulk_action": "accept"}
+        status, confirm = client.post("/review/bulk", ask)
+        assert status == 200 and "Accept 2 pending samples" in confirm
+        confirmed = {**ask, "confirm_digest": hidden(confirm, "confirm_digest")}
+        answers: list[tuple[int, str]] = []
+        poster = threading.Thread(
+            target=lambda: answers.append(client.post("/review/bulk", confirmed))
+        )
+        with writer_lock(store.database):  # a run writing: the bulk decision waits for it
+            poster.start()
+            time.sleep(1.0)  # the page has listed the ids again and waits for the lock
+            with connect(store.database) as conn:
+                review.reject(conn, "evil#factuality_error", "bo", "no")
+        poster.join(timeout=30)
+    ((status, page),) = answers
+    assert status == 200
+    assert "accepted 1 samples" in page and "1 skipped: decided by another reviewer" in page
+    decided = statuses(store)
+    assert decided["evil#factuality_error"] == ("rejected", "bo", "no")
+    assert decided["low-0#factuality_error"][:2] == ("accepted", "tester")
