@@ -858,10 +858,10 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _review_filters(parser: argparse.ArgumentParser) -> None:
+    from qe_assets.review_queue import REASONS
+
     parser.add_argument("--label", help="only this primary label")
-    parser.add_argument(
-        "--reason", choices=["low_confidence", "spot_check"], help="why it was queued"
-    )
+    parser.add_argument("--reason", choices=REASONS, help="why it was queued")
     parser.add_argument("--max-confidence", type=float, metavar="C", help="confidence <= C")
 
 

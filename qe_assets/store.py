@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS fine_tune_runs (
 );
 CREATE TABLE IF NOT EXISTS review_queue (
     sample_id    VARCHAR PRIMARY KEY,
-    reason       VARCHAR NOT NULL,   -- low_confidence | spot_check
+    reason       VARCHAR NOT NULL,   -- low_confidence | spot_check | judge_check
     status       VARCHAR NOT NULL,   -- pending | accepted | edited | rejected
     reviewer     VARCHAR,
     note         VARCHAR,

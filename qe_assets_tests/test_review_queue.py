@@ -224,3 +224,49 @@ def test_cli_all_matching_skips_what_another_reviewer_decided(store: Settings) -
         kept = conn.execute("SELECT status FROM completions WHERE sample_id = 'a'").fetchall()
     assert rows == {"a": "rejected bo", **{s: "accepted cli" for s in "bcde"}}
     assert kept == [("rejected",)]
+
+
+def test_out_of_range_ages_and_pages_are_refused_or_capped(store: Settings) -> None:
+    """An age DuckDB cannot turn into an interval is a 400 naming the field (it was a CAST
+    overflow, a 500); a page or position past any queue is an empty page, not an OFFSET
+    overflow."""
+    from qe_assets.web.app import create_app
+    from qe_assets_tests.review_server import Client, in_thread
+
+    with in_thread(create_app(store)) as url:
+        client = Client(url)
+        for query in ("min_age_hours=1e12", "max_age_hours=1e7", "min_age_hours=-1"):
+            field, value = query.split("=")
+            status, page = client.request(f"/review?{query}")
+            assert status == 400, query
+            assert f"{field} must be from 0 to 1e+06 hours, got {float(value)!r}" in page
+        assert client.request("/review/item?pos=0&min_age_hours=1e12")[0] == 400
+        assert client.request("/review?min_age_hours=1e6")[0] == 200  # the bound itself
+        huge = "9" * 30
+        status, page = client.request(f"/review?page={huge}")
+        assert status == 200 and "Review queue" in page
+        status, page = client.request(f"/review/item?pos={huge}")
+        assert status == 200
+    listed = qe(store, "list", "--offset", huge)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr
+    assert listed.stdout.strip().splitlines()[-1].startswith("0-")
+
+
+def test_judge_check_is_a_reason_everywhere(store: Settings) -> None:
+    """`judge_check` (the judge's approvals held for a person) filters like the other reasons:
+    in the queue, on the page (its dropdown offers it) and in `qe review`."""
+    from qe_assets.calibration import JUDGE_CHECK
+    from qe_assets.web.app import create_app
+    from qe_assets_tests.review_server import Client, in_thread
+
+    with connect(store.database) as conn:
+        conn.execute("UPDATE review_queue SET reason = ? WHERE sample_id = 'c'", [JUDGE_CHECK])
+    assert review_queue.filter_from({"reason": JUDGE_CHECK}).reason == JUDGE_CHECK
+    with in_thread(create_app(store)) as url:
+        status, page = Client(url).request(f"/review?reason={JUDGE_CHECK}")
+    assert status == 200
+    assert f'<option value="{JUDGE_CHECK}" selected>' in page.replace("  ", " ")
+    assert page.count("Question ") == 1 and "Question c?" in page
+    listed = qe(store, "list", "--reason", JUDGE_CHECK, "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(x)["sample_id"] for x in listed.stdout.splitlines()] == ["c"]

@@ -9,17 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from starlette.applications import Starlette
 
 from qe_assets.settings import Settings
 from qe_assets.store import writer_lock
 from qe_assets_tests.factories import line, make_event
-from qe_assets_tests.review_server import Client, hidden, review_store, serving
+from qe_assets_tests.review_server import Client, hidden, in_thread, review_store, serving
 from qe_assets_tests.runs import scalar
 
 TOKEN = "a-token-of-enough-length-42"
@@ -262,29 +259,6 @@ def test_extra_routes_mount_behind_the_same_checks(store: Settings, tmp_path: Pa
         assert status == 200 and json.loads(data)
         status, script = client.request("/dashboards/vendor/plotly.min.js")
         assert status == 200 and len(script) > 1_000_000
-
-
-@contextmanager
-def in_thread(app: Starlette) -> Iterator[str]:
-    """`app` served by uvicorn on a free loopback port in a thread of the test process (so the
-    test can reach `app.state`); yields its URL."""
-    import uvicorn
-
-    from qe_assets_tests.conftest import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_decisions_land_while_the_dashboards_read(store: Settings) -> None:

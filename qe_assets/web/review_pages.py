@@ -168,6 +168,7 @@ async def queue_page(request: Request) -> Response:
         nav="review",
         title="Review queue",
         filters=params,
+        reasons=review_queue.REASONS,
         queue_filter=queue_filter,
         page=number,
         page_size=PAGE_SIZE,
