@@ -813,6 +813,26 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _ui_review_command(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The `qe serve` of `qe ui`, and a line to print when it cannot take the requested host.
+
+    Beyond loopback the review page needs QE_SERVE_TOKEN (`qe serve` refuses otherwise, and its
+    exit would stop dagster too): without one the page stays on 127.0.0.1, dagster keeps the
+    host asked for."""
+    from qe_assets.settings import serve_token
+    from qe_assets.web.security import is_loopback
+
+    host, notice = args.host, None
+    if not is_loopback(host) and serve_token() is None:
+        host = "127.0.0.1"
+        notice = (
+            f"review page on 127.0.0.1:{args.review_port} only, not {args.host}: set "
+            "QE_SERVE_TOKEN (16+ characters) to serve it beyond this machine"
+        )
+    command = [sys.executable, "-m", "qe_assets.cli", "serve", "--host", host]
+    return [*command, "--port", str(args.review_port)], notice
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     """`dagster dev`, and beside it (unless --no-review) the review page of `qe serve`; both
     stop together: Ctrl+C, or either one ending, ends the other."""
@@ -832,8 +852,9 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
     if args.no_review:
         os.execve(command[0], command, env)
-    review = [sys.executable, "-m", "qe_assets.cli", "serve", "--host", args.host]
-    review += ["--port", str(args.review_port)]
+    review, notice = _ui_review_command(args)
+    if notice:
+        print(notice, flush=True)
     children = [subprocess.Popen(review, env=env), subprocess.Popen(command, env=env)]
 
     def stop(signum: int, frame: object) -> None:
