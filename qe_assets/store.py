@@ -350,7 +350,7 @@ def open_connection(
     delay = 0.02
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=settings)
+            conn = duckdb.connect(str(path), read_only=read_only, config=settings)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
             if not _is_lock_error(exc):
                 raise
@@ -364,6 +364,15 @@ def open_connection(
             time.sleep(min(delay, remaining))
             # Readers poll fast: writers leave only short gaps between their transactions.
             delay = min(delay * 2, 0.05 if read_only else 0.5)
+            continue
+        try:
+            # Every TIMESTAMP the stages write is UTC (Python's datetime.now(UTC) and SQL's
+            # now()::TIMESTAMP alike); DuckDB would otherwise cast now() in the machine's zone.
+            conn.execute("SET TimeZone = 'UTC'")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
 
 class DatabaseCloseFailed(RuntimeError):
