@@ -344,6 +344,8 @@ def open_connection(
     `config` on top (memory limit and the like); readers get `config` alone."""
     path = Path(database)
     settings = {**(config or {})} if read_only else {**WRITER_CONFIG, **(config or {})}
+    # Locked only once the time zone below is set (`qe sql` locks its sandbox).
+    lock = bool(settings.pop("lock_configuration", False))
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
@@ -369,6 +371,8 @@ def open_connection(
             # Every TIMESTAMP the stages write is UTC (Python's datetime.now(UTC) and SQL's
             # now()::TIMESTAMP alike); DuckDB would otherwise cast now() in the machine's zone.
             conn.execute("SET TimeZone = 'UTC'")
+            if lock:
+                conn.execute("SET lock_configuration = true")
         except BaseException:
             conn.close()
             raise

@@ -147,6 +147,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
+from qe_assets.adhoc import SANDBOX
 from qe_assets.store import WriterSession, connect, writer_connection
 
 database = sys.argv[1]
@@ -167,6 +168,8 @@ with connect(database) as conn:
     print("connect", offset(conn))
 with connect(database, read_only=True) as conn:
     print("read_only", offset(conn))
+with connect(database, read_only=True, config=SANDBOX) as conn:  # qe sql's locked sandbox
+    print("sandbox", offset(conn))
 """
 
 
@@ -190,5 +193,11 @@ def test_every_store_connection_casts_now_in_utc(tmp_path: Path) -> None:
         name: float(value) for name, value in (x.split() for x in done.stdout.split("\n") if x)
     }
     assert offsets.pop("raw") > 3 * 3600  # the zone took effect: the test means something
-    assert offsets.keys() == {"writer_connection", "WriterSession", "connect", "read_only"}
+    assert offsets.keys() == {
+        "writer_connection",
+        "WriterSession",
+        "connect",
+        "read_only",
+        "sandbox",
+    }
     assert all(seconds < 60 for seconds in offsets.values()), offsets
