@@ -246,7 +246,19 @@ def _accepted_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
         frames.append(
             naive.select("sample_id", "completion", "mode", "model").cast(_DECIDED_SCHEMA)
         )
-    return pl.concat(frames).with_columns(status=pl.lit(OK))
+    # Only a kept ok/proposed text is the one the judge scored; the naive text replacing a
+    # rejected_by_judge (or failed) one is not, so its judge columns are cleared below.
+    return pl.concat(frames).with_columns(
+        status=pl.lit(OK), judged_text=pl.col("sample_id").is_in(list(kept_ids))
+    )
+
+
+def keeps_judged_text(completion: Mapping[str, Any] | None) -> bool:
+    """Whether accepting keeps the completion shown (ok or proposed, with text), rather than
+    the naive one: the rule of `_accepted_rows`, for the review page's wording."""
+    return bool(
+        completion and completion.get("status") in (OK, PROPOSED) and completion.get("completion")
+    )
 
 
 def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -259,7 +271,7 @@ def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
             "model": [r["model"] for r in rows],
         },
         schema=_DECIDED_SCHEMA,
-    ).with_columns(status=pl.lit(REJECTED))
+    ).with_columns(status=pl.lit(REJECTED), judged_text=pl.lit(True))
 
 
 _DECIDED_SCHEMA = {
@@ -314,6 +326,15 @@ def _apply(
                     completion = excluded.completion, mode = excluded.mode,
                     status = excluded.status, model = excluded.model, error = NULL,
                     updated_at = excluded.updated_at, seq = excluded.seq
+                """
+            )
+            # The judge's scores describe a text no longer stored: neither judge calibration
+            # nor the export may take them for a verdict on what is kept.
+            conn.execute(
+                """
+                UPDATE completions SET judge_model = NULL, judge_original_score = NULL,
+                    judge_completion_score = NULL, judge_verdict = NULL
+                WHERE sample_id IN (SELECT sample_id FROM decided WHERE NOT judged_text)
                 """
             )
             conn.execute(

@@ -270,3 +270,52 @@ def test_judge_check_is_a_reason_everywhere(store: Settings) -> None:
     listed = qe(store, "list", "--reason", JUDGE_CHECK, "--format", "json")
     assert listed.returncode == 0, listed.stderr
     assert [json.loads(x)["sample_id"] for x in listed.stdout.splitlines()] == ["c"]
+
+
+def test_accepting_a_judge_rejected_sample_is_no_verdict_on_the_judge(store: Settings) -> None:
+    """Accepting a sample whose LLM completion the judge rejected keeps the naive text, not the
+    judged one: the row loses its judge columns and judge calibration does not count it as
+    "judge said no, person said yes"; the page says what accept keeps. An accepted proposal
+    the judge scored stays a measurement."""
+    from qe_assets import review
+    from qe_assets.calibration import judge_agreement
+    from qe_assets.store import writer_connection
+    from qe_assets.web.app import create_app
+    from qe_assets_tests.review_server import Client, in_thread
+
+    with connect(store.database) as conn:
+        conn.execute(
+            """
+            INSERT INTO completions (sample_id, completion, mode, status, model, attempts,
+                created_at, updated_at, seq, judge_model, judge_original_score,
+                judge_completion_score, judge_verdict)
+            VALUES ('a', 'A rewrite the judge disliked.', 'llm', 'rejected_by_judge', 'm', 1,
+                    now()::TIMESTAMP, now()::TIMESTAMP, nextval('completions_seq'), 'j', 6, 4,
+                    '{"original": 6, "completion": 4}')
+            """
+        )
+    with in_thread(create_app(store)) as url:
+        status, page = Client(url).request("/review/item?pos=1")  # "a" ranks second
+    assert status == 200 and "A rewrite the judge disliked." in page
+    assert "accept keeps the naive completion" in page
+    with writer_connection(store.database) as conn:
+        review.accept(conn, ["a", "e"], "ann")  # "e": a proposal the judge scored 1 -> 9
+        rows = conn.execute(
+            "SELECT sample_id, mode, status, completion, judge_model, judge_original_score, "
+            "judge_completion_score, judge_verdict FROM completions ORDER BY 1"
+        ).fetchall()
+        calibration = judge_agreement(conn, margin=1.0, window=100)
+    by_id = {row[0]: row[1:] for row in rows}
+    mode, status, text, *judge = by_id["a"]
+    assert (mode, status, judge) == ("naive", "ok", [None, None, None, None])
+    assert text.endswith("The old answer.") and text != "The old answer."
+    assert by_id["e"][:2] == ("llm", "ok") and by_id["e"][3:6] == ("j", 1.0, 9.0)
+    assert calibration.overall.decisions == 1 and calibration.overall.both_ok == 1
+    assert calibration.overall.human_only == 0
+    # A row accepted that way before its judge columns were cleared is not counted either.
+    with writer_connection(store.database) as conn:
+        conn.execute(
+            "UPDATE completions SET judge_model = 'j', judge_original_score = 6, "
+            "judge_completion_score = 4 WHERE sample_id = 'a'"
+        )
+        assert judge_agreement(conn, margin=1.0, window=100).overall.decisions == 1

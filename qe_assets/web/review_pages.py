@@ -210,6 +210,7 @@ async def _item_response(
         total=total,
         filters=params,
         seen=review.token_text(item.token) if item else "",
+        keeps_shown=item is not None and review.keeps_judged_text(item.completion),
         url=_url,
         error=error,
         done=done,
