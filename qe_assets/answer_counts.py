@@ -146,11 +146,15 @@ class AnswerCounter:
         self.threshold = threshold
         self.interval = interval_seconds
         self._producer = producer
-        self._lock = threading.Lock()  # guards the counts: held for microseconds
-        self._flushing = threading.Lock()  # one flush at a time (the thread, atexit, a caller)
         self._reset()
+        _COUNTERS.add(self)
 
     def _reset(self) -> None:
+        """A fresh start: at creation and in a forked child. The locks are new too: the parent's
+        flush thread may have held one at the fork, and no thread of the child would release
+        it."""
+        self._lock = threading.Lock()  # guards the counts: held for microseconds
+        self._flushing = threading.Lock()  # one flush at a time (the thread, atexit, a caller)
         self._pid = os.getpid()
         self._counts: dict[str, list[int]] = {}
         self._pending: list[str] = []
@@ -228,6 +232,19 @@ class AnswerCounter:
         """Stop the thread and flush what is left (also run at interpreter exit)."""
         self._stop.set()
         self.flush()
+
+
+# Every counter of this process, reset in a forked child before any of its threads can run
+# (the pid checks in `add` and `flush` remain for a counter used across a fork without them).
+_COUNTERS: weakref.WeakSet[AnswerCounter] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for counter in list(_COUNTERS):
+        counter._reset()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _flush_loop(ref: weakref.ref[AnswerCounter], stop: threading.Event, interval: float) -> None:

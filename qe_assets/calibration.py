@@ -40,6 +40,10 @@ DECIDED = """
     JOIN annotated_samples s USING (sample_id)
     WHERE q.status IN ('accepted', 'edited', 'rejected')
       AND c.judge_original_score IS NOT NULL AND c.judge_completion_score IS NOT NULL
+      -- An acceptance measures the judge only when the text accepted is the one it scored (an
+      -- LLM completion): accepting a judge-rejected sample keeps the naive text instead. Such
+      -- rows lose their judge columns when decided; this also skips ones decided before that.
+      AND (q.status <> 'accepted' OR c.mode = 'llm')
 """
 _AGREEMENT = f"""
 WITH decided AS ({DECIDED}),

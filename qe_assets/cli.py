@@ -606,9 +606,16 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
         ids = _decision_ids(args, settings)
         action = review.accept if args.action == "accept" else review.reject
         with _review_write(args, settings) as conn:
-            action(conn, ids, reviewer, args.note)
+            # --all-matching: samples decided by someone else since the listing (or while the
+            # y/N prompt waited) are skipped, not overwritten. Named ids: decided as asked.
+            skipped = action(conn, ids, reviewer, args.note, only_pending=args.all_matching)
         done = "accepted" if args.action == "accept" else "rejected"
-        print(f"{done} {len(set(ids))} sample(s) as {reviewer}")
+        extra = (
+            f"; {skipped} skipped: decided by someone else meanwhile, their decision stands"
+            if skipped
+            else ""
+        )
+        print(f"{done} {len(set(ids)) - skipped} sample(s) as {reviewer}{extra}")
         return EXIT_OK
     except review.ReviewError as exc:
         raise UserError(str(exc), EXIT_FAILED) from exc
@@ -815,6 +822,26 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _ui_review_command(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The `qe serve` of `qe ui`, and a line to print when it cannot take the requested host.
+
+    Beyond loopback the review page needs QE_SERVE_TOKEN (`qe serve` refuses otherwise, and its
+    exit would stop dagster too): without one the page stays on 127.0.0.1, dagster keeps the
+    host asked for."""
+    from qe_assets.settings import serve_token
+    from qe_assets.web.security import is_loopback
+
+    host, notice = args.host, None
+    if not is_loopback(host) and serve_token() is None:
+        host = "127.0.0.1"
+        notice = (
+            f"review page on 127.0.0.1:{args.review_port} only, not {args.host}: set "
+            "QE_SERVE_TOKEN (16+ characters) to serve it beyond this machine"
+        )
+    command = [sys.executable, "-m", "qe_assets.cli", "serve", "--host", host]
+    return [*command, "--port", str(args.review_port)], notice
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     """`dagster dev`, and beside it (unless --no-review) the review page of `qe serve`; both
     stop together: Ctrl+C, or either one ending, ends the other."""
@@ -834,8 +861,9 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
     if args.no_review:
         os.execve(command[0], command, env)
-    review = [sys.executable, "-m", "qe_assets.cli", "serve", "--host", args.host]
-    review += ["--port", str(args.review_port)]
+    review, notice = _ui_review_command(args)
+    if notice:
+        print(notice, flush=True)
     children = [subprocess.Popen(review, env=env), subprocess.Popen(command, env=env)]
 
     def stop(signum: int, frame: object) -> None:
@@ -860,10 +888,10 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _review_filters(parser: argparse.ArgumentParser) -> None:
+    from qe_assets.review_queue import REASONS
+
     parser.add_argument("--label", help="only this primary label")
-    parser.add_argument(
-        "--reason", choices=["low_confidence", "spot_check"], help="why it was queued"
-    )
+    parser.add_argument("--reason", choices=REASONS, help="why it was queued")
     parser.add_argument("--max-confidence", type=float, metavar="C", help="confidence <= C")
 
 

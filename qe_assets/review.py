@@ -246,7 +246,19 @@ def _accepted_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
         frames.append(
             naive.select("sample_id", "completion", "mode", "model").cast(_DECIDED_SCHEMA)
         )
-    return pl.concat(frames).with_columns(status=pl.lit(OK))
+    # Only a kept ok/proposed text is the one the judge scored; the naive text replacing a
+    # rejected_by_judge (or failed) one is not, so its judge columns are cleared below.
+    return pl.concat(frames).with_columns(
+        status=pl.lit(OK), judged_text=pl.col("sample_id").is_in(list(kept_ids))
+    )
+
+
+def keeps_judged_text(completion: Mapping[str, Any] | None) -> bool:
+    """Whether accepting keeps the completion shown (ok or proposed, with text), rather than
+    the naive one: the rule of `_accepted_rows`, for the review page's wording."""
+    return bool(
+        completion and completion.get("status") in (OK, PROPOSED) and completion.get("completion")
+    )
 
 
 def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -259,7 +271,7 @@ def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
             "model": [r["model"] for r in rows],
         },
         schema=_DECIDED_SCHEMA,
-    ).with_columns(status=pl.lit(REJECTED))
+    ).with_columns(status=pl.lit(REJECTED), judged_text=pl.lit(True))
 
 
 _DECIDED_SCHEMA = {
@@ -277,13 +289,25 @@ def _apply(
     reviewer: str,
     note: str | None,
     seen: Mapping[str, str] | None = None,
-) -> None:
+    only_pending: bool = False,
+) -> int:
     """Every sample checked first, then all decided in one transaction: all or nothing.
-    `seen` (sample id → `token_text` of what the reviewer saw) refuses samples that changed."""
+    `seen` (sample id → `token_text` of what the reviewer saw) refuses samples that changed.
+
+    `only_pending` (bulk decisions): samples someone decided on since the caller listed them
+    are skipped, not overwritten; the check runs on the write connection, under the writer
+    lock, so no decision can slip in between. Returns how many were skipped."""
     ids = [sample_ids] if isinstance(sample_ids, str) else list(dict.fromkeys(sample_ids))
     if not ids:
-        return
+        return 0
     rows = _items(conn, ids)
+    skipped = 0
+    if only_pending:
+        decided = [r for r in rows if r["queued"] and r["status"] != PENDING]
+        skipped = len(decided)
+        rows = [r for r in rows if not (r["queued"] and r["status"] != PENDING)]
+        if not rows:
+            return skipped
     problems = [p for p in (_problem(r, seen) for r in rows) if p is not None]
     if problems:
         raise ReviewError("; ".join(problems) + ("; nothing changed" if len(ids) > 1 else ""))
@@ -304,6 +328,15 @@ def _apply(
                     updated_at = excluded.updated_at, seq = excluded.seq
                 """
             )
+            # The judge's scores describe a text no longer stored: neither judge calibration
+            # nor the export may take them for a verdict on what is kept.
+            conn.execute(
+                """
+                UPDATE completions SET judge_model = NULL, judge_original_score = NULL,
+                    judge_completion_score = NULL, judge_verdict = NULL
+                WHERE sample_id IN (SELECT sample_id FROM decided WHERE NOT judged_text)
+                """
+            )
             conn.execute(
                 "UPDATE review_queue SET status = ?, reviewer = ?, note = ?, "
                 "reviewed_at = now()::TIMESTAMP "
@@ -312,6 +345,7 @@ def _apply(
             )
     finally:
         conn.unregister("decided")
+    return skipped
 
 
 def accept(
@@ -321,10 +355,11 @@ def accept(
     note: str | None = None,
     *,
     seen: Mapping[str, str] | None = None,
-) -> None:
+    only_pending: bool = False,
+) -> int:
     """Keep the samples' completions (an existing ok or proposed one, else the naive one) for
-    training."""
-    _apply(conn, ACCEPTED, sample_ids, reviewer, note, seen)
+    training. With `only_pending`, samples no longer pending are skipped: returns how many."""
+    return _apply(conn, ACCEPTED, sample_ids, reviewer, note, seen, only_pending)
 
 
 def reject(
@@ -334,9 +369,11 @@ def reject(
     note: str | None = None,
     *,
     seen: Mapping[str, str] | None = None,
-) -> None:
-    """Keep the samples out of every dataset."""
-    _apply(conn, REJECTED, sample_ids, reviewer, note, seen)
+    only_pending: bool = False,
+) -> int:
+    """Keep the samples out of every dataset. With `only_pending`, samples no longer pending
+    are skipped: returns how many."""
+    return _apply(conn, REJECTED, sample_ids, reviewer, note, seen, only_pending)
 
 
 def edit(

@@ -25,9 +25,13 @@ from typing import Any
 
 import duckdb
 
+from qe_assets.calibration import JUDGE_CHECK
+
 PENDING = "pending"
 STATUSES = ("pending", "accepted", "edited", "rejected")
-REASONS = ("low_confidence", "spot_check")
+# Why a sample was queued: review.LOW_CONFIDENCE, review.SPOT_CHECK, and the judge's approvals
+# held for a person (qe_assets.assets.complete).
+REASONS = ("low_confidence", "spot_check", JUDGE_CHECK)
 LABEL_RISK = {
     "factuality_error": 3.0,
     "incomplete_answer": 2.0,
@@ -36,6 +40,10 @@ LABEL_RISK = {
 }
 OTHER_LABEL_RISK = 0.5
 MAX_PAGE = 500
+# Beyond this a page offset finds nothing anyway; DuckDB's OFFSET is a BIGINT.
+MAX_OFFSET = 10**9
+# Hours an age filter may name (over a century): `hours * 3.6e9` microseconds must fit a BIGINT.
+MAX_AGE_HOURS = 1e6
 
 _RISK_CASE = (
     "CASE s.label "
@@ -68,6 +76,12 @@ class QueueFilter:
     min_age_hours: float | None = None  # queued at least this long ago
     max_age_hours: float | None = None
     reviewer: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_age_hours", "max_age_hours"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_AGE_HOURS:
+                raise ValueError(f"{name} must be from 0 to {MAX_AGE_HOURS:g} hours, got {value!r}")
 
     def where(self) -> tuple[str, dict[str, Any]]:
         """The WHERE clause over q (review_queue), s (annotated_samples), c (completions)."""
@@ -206,7 +220,11 @@ def page(
 ) -> list[dict[str, Any]]:
     """One page of the filtered queue in priority order, with what a list shows of each."""
     where, params = queue_filter.where()
-    params = {**params, "limit": max(1, min(limit, MAX_PAGE)), "offset": max(0, offset)}
+    params = {
+        **params,
+        "limit": max(1, min(limit, MAX_PAGE)),
+        "offset": max(0, min(offset, MAX_OFFSET)),
+    }
     cursor = conn.execute(
         f"""
         WITH top AS (

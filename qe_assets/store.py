@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS fine_tune_runs (
 );
 CREATE TABLE IF NOT EXISTS review_queue (
     sample_id    VARCHAR PRIMARY KEY,
-    reason       VARCHAR NOT NULL,   -- low_confidence | spot_check
+    reason       VARCHAR NOT NULL,   -- low_confidence | spot_check | judge_check
     status       VARCHAR NOT NULL,   -- pending | accepted | edited | rejected
     reviewer     VARCHAR,
     note         VARCHAR,
@@ -303,7 +303,14 @@ def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
 
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
-    return "lock" in text or "conflicting" in text or "being used" in text
+    # "different configuration": this process has the file open with other settings (a
+    # read-only connection beside a write one); it is closed again in a moment, like a lock.
+    return (
+        "lock" in text
+        or "conflicting" in text
+        or "being used" in text
+        or "different configuration" in text
+    )
 
 
 @contextmanager
@@ -337,13 +344,15 @@ def open_connection(
     `config` on top (memory limit and the like); readers get `config` alone."""
     path = Path(database)
     settings = {**(config or {})} if read_only else {**WRITER_CONFIG, **(config or {})}
+    # Locked only once the time zone below is set (`qe sql` locks its sandbox).
+    lock = bool(settings.pop("lock_configuration", False))
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
     delay = 0.02
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=settings)
+            conn = duckdb.connect(str(path), read_only=read_only, config=settings)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
             if not _is_lock_error(exc):
                 raise
@@ -357,6 +366,17 @@ def open_connection(
             time.sleep(min(delay, remaining))
             # Readers poll fast: writers leave only short gaps between their transactions.
             delay = min(delay * 2, 0.05 if read_only else 0.5)
+            continue
+        try:
+            # Every TIMESTAMP the stages write is UTC (Python's datetime.now(UTC) and SQL's
+            # now()::TIMESTAMP alike); DuckDB would otherwise cast now() in the machine's zone.
+            conn.execute("SET TimeZone = 'UTC'")
+            if lock:
+                conn.execute("SET lock_configuration = true")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
 
 class DatabaseCloseFailed(RuntimeError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
-from qe_assets.testing.review_server import Client, ReviewServer, hidden, serving
+from qe_assets.testing.review_server import Client, ReviewServer, hidden, in_thread, serving
 from qe_assets_tests.runs import materialize, metadata
 from qe_assets_tests.test_pipeline import batch
 
@@ -23,4 +23,4 @@ def review_store(
     return settings
 
 
-__all__ = ["Client", "ReviewServer", "hidden", "review_store", "serving"]
+__all__ = ["Client", "ReviewServer", "hidden", "in_thread", "review_store", "serving"]

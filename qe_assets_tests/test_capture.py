@@ -89,3 +89,44 @@ def test_inbox_only_failure_returns_failed(tmp_path: Path) -> None:
     blocker.write_text("")
     result = QualityCapture(Settings(data_dir=str(blocker))).capture_event(make_event())
     assert result.status is CaptureStatus.FAILED
+
+
+FORK_WHILE_FLUSHING = """
+import os, sys, threading, time
+from qe_assets.answer_counts import AnswerCounter
+
+parent = os.getpid()
+sent = threading.Event()
+delivered = []
+
+def sink(record):
+    if os.getpid() == parent:  # the parent's delivery hangs: the flush lock stays taken
+        sent.set()
+        time.sleep(30)
+    delivered.append(record)
+
+counter = AnswerCounter(sink, threshold=0.5, interval_seconds=3600)
+counter.add("prod", 0.1)
+threading.Thread(target=counter.flush, daemon=True).start()
+assert sent.wait(10)
+pid = os.fork()
+if pid == 0:
+    counter.add("prod", 0.9)
+    ok = counter.flush() and len(delivered) == 1 and counter.pending() == {}
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+os._exit(0)
+"""
+
+
+def test_a_child_forked_during_a_flush_counts_and_flushes() -> None:
+    """The parent's flush thread holds the flush lock (its delivery hangs) when the process
+    forks: the child gets locks of its own, so its count and flush return at once."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_WHILE_FLUSHING], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr

@@ -414,3 +414,46 @@ def test_run_on_a_full_disk_says_so_in_one_line_and_loses_nothing(small_disk: Pa
     with connect(data / "qe.duckdb", read_only=True) as conn:
         ((stored,),) = conn.execute("SELECT count(DISTINCT request_id) FROM raw_events").fetchall()
     assert stored == len({json.loads(text)["request_id"] for text in first + second})
+
+
+def test_ui_keeps_the_review_page_on_loopback_without_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qe ui --host 0.0.0.0` without QE_SERVE_TOKEN: dagster gets the host, the review page
+    stays on 127.0.0.1 (`qe serve` would refuse 0.0.0.0 and its exit would stop dagster) and
+    one line says so; with a token both take the host."""
+    import time
+    import urllib.request
+
+    from qe_assets.cli import _ui_review_command, build_parser
+
+    port = free_port()
+    args = build_parser().parse_args(["ui", "--host", "0.0.0.0", "--review-port", str(port)])
+    monkeypatch.delenv("QE_SERVE_TOKEN", raising=False)
+    command, notice = _ui_review_command(args)
+    assert command[-4:] == ["--host", "127.0.0.1", "--port", str(port)]
+    assert notice == (
+        f"review page on 127.0.0.1:{port} only, not 0.0.0.0: set QE_SERVE_TOKEN (16+ "
+        "characters) to serve it beyond this machine"
+    )
+    # The command runs: the page answers on loopback instead of exiting.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QE_")}
+    env["QE_DATA_DIR"] = str(tmp_path / "data")
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert server.poll() is None, "qe serve exited"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/review.css") as r:
+                    assert r.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "qe serve did not start"
+                time.sleep(0.05)
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    monkeypatch.setenv("QE_SERVE_TOKEN", "a-token-of-enough-length-42")
+    command, notice = _ui_review_command(args)
+    assert command[-4:] == ["--host", "0.0.0.0", "--port", str(port)] and notice is None

@@ -3,8 +3,10 @@ file, and `qe review` over it: totals, formats, filters and --all-matching."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import subprocess
 import sys
 from typing import Any
@@ -169,3 +171,151 @@ def test_cli_all_matching_asks_for_the_count(store: Settings) -> None:
             "ORDER BY 1"
         ).fetchall()
     assert decided == [("a", "rejected", "cli", "x"), ("e", "rejected", "cli", "x")]
+
+
+def test_cli_all_matching_skips_what_another_reviewer_decided(store: Settings) -> None:
+    """Another reviewer rejects a sample while `--all-matching` waits at its y/N prompt: the
+    bulk accept leaves that decision alone and says it skipped one."""
+    import pty
+
+    from qe_assets import review
+    from qe_assets.store import writer_connection
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QE_")}
+    env.update(QE_DATA_DIR=store.data_dir, QE_REVIEWER="cli")
+    leader, follower = pty.openpty()  # a terminal, so qe asks y/N
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qe_assets.cli", "review", "accept", "--all-matching"],
+        env=env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,  # where Python writes input()'s prompt at a terminal
+    )
+    os.close(follower)
+    try:
+        asked = b""
+        while b"[y/N]" not in asked:
+            assert select.select([leader], [], [], 30)[0], f"qe did not ask: {asked!r}"
+            chunk = os.read(leader, 1024)
+            assert chunk, "qe exited before asking"
+            asked += chunk
+        assert b"Accept 5 pending samples" in asked
+        with writer_connection(store.database) as conn:
+            review.reject(conn, "a", "bo", "no")
+        os.write(leader, b"y\n")
+        process.wait(timeout=60)
+        out = asked.decode()
+        with contextlib.suppress(OSError):  # EIO once qe has exited and the terminal is gone
+            while chunk := os.read(leader, 1024):
+                out += chunk.decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
+    assert process.returncode == 0, out
+    assert out.replace("\r", "").strip().splitlines()[-1] == (
+        "accepted 4 sample(s) as cli; 1 skipped: decided by someone else meanwhile, "
+        "their decision stands"
+    )
+    with connect(store.database, read_only=True) as conn:
+        rows = dict(
+            conn.execute("SELECT sample_id, status || ' ' || reviewer FROM review_queue").fetchall()
+        )
+        kept = conn.execute("SELECT status FROM completions WHERE sample_id = 'a'").fetchall()
+    assert rows == {"a": "rejected bo", **{s: "accepted cli" for s in "bcde"}}
+    assert kept == [("rejected",)]
+
+
+def test_out_of_range_ages_and_pages_are_refused_or_capped(store: Settings) -> None:
+    """An age DuckDB cannot turn into an interval is a 400 naming the field (it was a CAST
+    overflow, a 500); a page or position past any queue is an empty page, not an OFFSET
+    overflow."""
+    from qe_assets.web.app import create_app
+    from qe_assets_tests.review_server import Client, in_thread
+
+    with in_thread(create_app(store)) as url:
+        client = Client(url)
+        for query in ("min_age_hours=1e12", "max_age_hours=1e7", "min_age_hours=-1"):
+            field, value = query.split("=")
+            status, page = client.request(f"/review?{query}")
+            assert status == 400, query
+            assert f"{field} must be from 0 to 1e+06 hours, got {float(value)!r}" in page
+        assert client.request("/review/item?pos=0&min_age_hours=1e12")[0] == 400
+        assert client.request("/review?min_age_hours=1e6")[0] == 200  # the bound itself
+        huge = "9" * 30
+        status, page = client.request(f"/review?page={huge}")
+        assert status == 200 and "Review queue" in page
+        status, page = client.request(f"/review/item?pos={huge}")
+        assert status == 200
+    listed = qe(store, "list", "--offset", huge)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr
+    assert listed.stdout.strip().splitlines()[-1].startswith("0-")
+
+
+def test_judge_check_is_a_reason_everywhere(store: Settings) -> None:
+    """`judge_check` (the judge's approvals held for a person) filters like the other reasons:
+    in the queue, on the page (its dropdown offers it) and in `qe review`."""
+    from qe_assets.calibration import JUDGE_CHECK
+    from qe_assets.web.app import create_app
+    from qe_assets_tests.review_server import Client, in_thread
+
+    with connect(store.database) as conn:
+        conn.execute("UPDATE review_queue SET reason = ? WHERE sample_id = 'c'", [JUDGE_CHECK])
+    assert review_queue.filter_from({"reason": JUDGE_CHECK}).reason == JUDGE_CHECK
+    with in_thread(create_app(store)) as url:
+        status, page = Client(url).request(f"/review?reason={JUDGE_CHECK}")
+    assert status == 200
+    assert f'<option value="{JUDGE_CHECK}" selected>' in page.replace("  ", " ")
+    assert page.count("Question ") == 1 and "Question c?" in page
+    listed = qe(store, "list", "--reason", JUDGE_CHECK, "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(x)["sample_id"] for x in listed.stdout.splitlines()] == ["c"]
+
+
+def test_accepting_a_judge_rejected_sample_is_no_verdict_on_the_judge(store: Settings) -> None:
+    """Accepting a sample whose LLM completion the judge rejected keeps the naive text, not the
+    judged one: the row loses its judge columns and judge calibration does not count it as
+    "judge said no, person said yes"; the page says what accept keeps. An accepted proposal
+    the judge scored stays a measurement."""
+    from qe_assets import review
+    from qe_assets.calibration import judge_agreement
+    from qe_assets.store import writer_connection
+    from qe_assets.web.app import create_app
+    from qe_assets_tests.review_server import Client, in_thread
+
+    with connect(store.database) as conn:
+        conn.execute(
+            """
+            INSERT INTO completions (sample_id, completion, mode, status, model, attempts,
+                created_at, updated_at, seq, judge_model, judge_original_score,
+                judge_completion_score, judge_verdict)
+            VALUES ('a', 'A rewrite the judge disliked.', 'llm', 'rejected_by_judge', 'm', 1,
+                    now()::TIMESTAMP, now()::TIMESTAMP, nextval('completions_seq'), 'j', 6, 4,
+                    '{"original": 6, "completion": 4}')
+            """
+        )
+    with in_thread(create_app(store)) as url:
+        status, page = Client(url).request("/review/item?pos=1")  # "a" ranks second
+    assert status == 200 and "A rewrite the judge disliked." in page
+    assert "accept keeps the naive completion" in page
+    with writer_connection(store.database) as conn:
+        review.accept(conn, ["a", "e"], "ann")  # "e": a proposal the judge scored 1 -> 9
+        rows = conn.execute(
+            "SELECT sample_id, mode, status, completion, judge_model, judge_original_score, "
+            "judge_completion_score, judge_verdict FROM completions ORDER BY 1"
+        ).fetchall()
+        calibration = judge_agreement(conn, margin=1.0, window=100)
+    by_id = {row[0]: row[1:] for row in rows}
+    mode, status, text, *judge = by_id["a"]
+    assert (mode, status, judge) == ("naive", "ok", [None, None, None, None])
+    assert text.endswith("The old answer.") and text != "The old answer."
+    assert by_id["e"][:2] == ("llm", "ok") and by_id["e"][3:6] == ("j", 1.0, 9.0)
+    assert calibration.overall.decisions == 1 and calibration.overall.both_ok == 1
+    assert calibration.overall.human_only == 0
+    # A row accepted that way before its judge columns were cleared is not counted either.
+    with writer_connection(store.database) as conn:
+        conn.execute(
+            "UPDATE completions SET judge_model = 'j', judge_original_score = 6, "
+            "judge_completion_score = 4 WHERE sample_id = 'a'"
+        )
+        assert judge_agreement(conn, margin=1.0, window=100).overall.decisions == 1

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from qe_assets.settings import Settings
 from qe_assets.store import writer_lock
 from qe_assets_tests.factories import line, make_event
-from qe_assets_tests.review_server import Client, hidden, review_store, serving
+from qe_assets_tests.review_server import Client, hidden, in_thread, review_store, serving
 from qe_assets_tests.runs import scalar
 
 TOKEN = "a-token-of-enough-length-42"
@@ -257,3 +259,93 @@ def test_extra_routes_mount_behind_the_same_checks(store: Settings, tmp_path: Pa
         assert status == 200 and json.loads(data)
         status, script = client.request("/dashboards/vendor/plotly.min.js")
         assert status == 200 and len(script) > 1_000_000
+
+
+def test_decisions_land_while_the_dashboards_read(store: Settings) -> None:
+    """The dashboards read under the app's connection lock: a read-only connection beside the
+    review page's write connection in one process made DuckDB refuse the write (a 500, the
+    decision lost)."""
+    from qe_assets.web.app import create_app
+
+    app = create_app(store)
+    with in_thread(app) as url:
+        client = Client(url)
+        # A dashboard read waits for the lock the review page's writes take.
+        answers: list[int] = []
+        reader = threading.Thread(
+            target=lambda: answers.append(client.request("/dashboards/data.json?buckets=7")[0])
+        )
+        with app.state.db_lock:
+            reader.start()
+            reader.join(timeout=0.5)
+            assert reader.is_alive() and not answers
+        reader.join(timeout=10)
+        assert answers == [200]
+        # Decisions posted while the dashboards read over and over (no cache: a new window each
+        # time) all land.
+        stop = threading.Event()
+        reads: list[int] = []
+
+        def read_dashboards() -> None:
+            buckets = 1
+            while not stop.is_set():
+                reads.append(Client(url).request(f"/dashboards/data.json?buckets={buckets}")[0])
+                buckets = buckets % 200 + 1
+
+        readers = [threading.Thread(target=read_dashboards) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        decided = []
+        try:
+            for _ in range(4):
+                status, page = client.request("/review/item?pos=0")
+                assert status == 200
+                form = {
+                    "csrf": hidden(page, "csrf"),
+                    "sample_id": hidden(page, "sample_id"),
+                    "seen": hidden(page, "seen"),
+                    "pos": "0",
+                    "action": "accept",
+                }
+                status, _ = client.post("/review/decide", form)
+                assert status == 200
+                decided.append(form["sample_id"])
+        finally:
+            stop.set()
+            for thread in readers:
+                thread.join(timeout=10)
+    assert reads and set(reads) == {200}
+    assert all(statuses(store)[sample][0] == "accepted" for sample in decided)
+
+
+def test_a_bulk_decision_skips_what_another_reviewer_decided(
+    store: Settings, tmp_path: Path
+) -> None:
+    """The confirmed bulk accept waits for a run's writer lock; meanwhile another reviewer
+    rejects one of its samples: that decision stands and the page says 1 was skipped."""
+    from qe_assets import review
+    from qe_assets.store import connect
+
+    with serving(store, tmp_path) as server:
+        client = Client(server.url)
+        _, queue = client.request("/review?label=factuality_error")
+        ask = {"csrf": hidden(queue, "csrf"), "label": "factuality_error", "bulk_action": "accept"}
+        status, confirm = client.post("/review/bulk", ask)
+        assert status == 200 and "Accept 2 pending samples" in confirm
+        confirmed = {**ask, "confirm_digest": hidden(confirm, "confirm_digest")}
+        answers: list[tuple[int, str]] = []
+        poster = threading.Thread(
+            target=lambda: answers.append(client.post("/review/bulk", confirmed))
+        )
+        with writer_lock(store.database):  # a run writing: the bulk decision waits for it
+            poster.start()
+            time.sleep(1.0)  # the page has listed the ids again and waits for the lock
+            with connect(store.database) as conn:
+                review.reject(conn, "evil#factuality_error", "bo", "no")
+        poster.join(timeout=30)
+    ((status, page),) = answers
+    assert status == 200
+    assert "accepted 1 samples" in page and "1 skipped: decided by another reviewer" in page
+    decided = statuses(store)
+    assert decided["evil#factuality_error"] == ("rejected", "bo", "no")
+    assert decided["low-0#factuality_error"][:2] == ("accepted", "tester")

@@ -139,3 +139,65 @@ def test_owned_copy_does_not_keep_the_rest_of_the_query_result_alive(tmp_path: P
     # 10 batches of 5,000 prompts are ~200 MB: "plain" keeps them, "owned" only the ids.
     assert growth["plain"] > 120, growth
     assert growth["owned"] < 40, growth
+
+
+UTC_EVERYWHERE = """
+import sys
+from datetime import UTC, datetime
+
+import duckdb
+
+from qe_assets.adhoc import SANDBOX
+from qe_assets.store import WriterSession, connect, writer_connection
+
+database = sys.argv[1]
+NOW = "SELECT now()::TIMESTAMP"
+
+def offset(conn):
+    return abs((conn.execute(NOW).fetchall()[0][0] - datetime.now(UTC).replace(tzinfo=None))
+               .total_seconds())
+
+raw = duckdb.connect()
+print("raw", offset(raw))  # DuckDB's own session zone: New York's here
+raw.close()
+with writer_connection(database) as conn:
+    print("writer_connection", offset(conn))
+with WriterSession(database) as session, session.connection() as conn:
+    print("WriterSession", offset(conn))
+with connect(database) as conn:
+    print("connect", offset(conn))
+with connect(database, read_only=True) as conn:
+    print("read_only", offset(conn))
+with connect(database, read_only=True, config=SANDBOX) as conn:  # qe sql's locked sandbox
+    print("sandbox", offset(conn))
+"""
+
+
+def test_every_store_connection_casts_now_in_utc(tmp_path: Path) -> None:
+    """`now()::TIMESTAMP` follows DuckDB's session time zone, the machine's by default, while
+    the stages write Python UTC: every connection of ours sets UTC, whatever TZ says."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TZ": "America/New_York"}
+    done = subprocess.run(
+        [sys.executable, "-c", UTC_EVERYWHERE, str(tmp_path / "tz.duckdb")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    offsets = {
+        name: float(value) for name, value in (x.split() for x in done.stdout.split("\n") if x)
+    }
+    assert offsets.pop("raw") > 3 * 3600  # the zone took effect: the test means something
+    assert offsets.keys() == {
+        "writer_connection",
+        "WriterSession",
+        "connect",
+        "read_only",
+        "sandbox",
+    }
+    assert all(seconds < 60 for seconds in offsets.values()), offsets

@@ -72,12 +72,16 @@ def create_app(
 ) -> Starlette:
     """The app over `settings.database`. With `token`, every request must carry it (see
     `qe_assets.web.security`); the caller refuses non-loopback binds without one."""
+    # One DuckDB connection of this process at a time: a read-only and a write connection to
+    # the same file cannot be open together in one process. Shared by the review pages and the
+    # dashboards.
+    db_lock = threading.Lock()
     routes: list[BaseRoute] = [
         *extra_routes,
         Route("/", _home),
         *review_pages.routes(),
         # The seed's charts over time, read-only and cached (qe_assets/web/dashboards.py).
-        Mount("/dashboards", routes=dashboard_routes(settings)),
+        Mount("/dashboards", routes=dashboard_routes(settings, db_lock=db_lock)),
         Route("/static/{name}", _static),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(SecurityMiddleware, token=token)])
@@ -85,7 +89,5 @@ def create_app(
     app.state.templates = templates()
     app.state.write_wait = write_wait_seconds
     app.state.read_wait = read_wait_seconds
-    # One DuckDB connection of this process at a time: a read-only and a write connection to
-    # the same file cannot be open together in one process.
-    app.state.db_lock = threading.Lock()
+    app.state.db_lock = db_lock
     return app

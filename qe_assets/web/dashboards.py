@@ -23,7 +23,6 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import duckdb
 import polars as pl
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -298,30 +297,29 @@ def charts(settings: Settings) -> list[Chart]:
 class Dashboards:
     """The page's state: settings, and the last figures per (bucket, buckets) for a few seconds."""
 
-    def __init__(self, settings: Settings, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        cache_seconds: float = CACHE_SECONDS,
+        db_lock: threading.Lock | None = None,
+    ) -> None:
         self.settings = settings
         self.cache_seconds = cache_seconds
         self.charts = charts(settings)
         self._cache: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        # The app's lock on its DuckDB connections: a read-only and a write connection to the
+        # same file cannot be open together in one process, so a reviewer's decision would fail
+        # while the charts read.
+        self.db_lock = db_lock if db_lock is not None else threading.Lock()
 
     def _read(self, unit: str, buckets: int) -> Series:
-        """One read-only connection, closed at once. The review app may hold a write connection
-        in this process for a moment; DuckDB refuses a read-only one beside it, so wait that out
-        like a writer's file lock."""
-        deadline = time.monotonic() + READ_WAIT_SECONDS
-        while True:
-            try:
-                with connect(
-                    self.settings.database, read_only=True, wait_seconds=READ_WAIT_SECONDS
-                ) as conn:
-                    return read_series(
-                        conn, unit, buckets, judge_margin=self.settings.llm_judge_margin
-                    )
-            except duckdb.ConnectionException as exc:
-                if "different configuration" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        """One read-only connection, closed at once, under the app's connection lock."""
+        with (
+            self.db_lock,
+            connect(self.settings.database, read_only=True, wait_seconds=READ_WAIT_SECONDS) as conn,
+        ):
+            return read_series(conn, unit, buckets, judge_margin=self.settings.llm_judge_margin)
 
     def figures(self, unit: str, buckets: int) -> dict[str, Any]:
         key = (unit, buckets)
@@ -380,12 +378,16 @@ def _bucket_links(unit: str) -> str:
 
 
 def dashboard_routes(
-    settings: Settings, *, cache_seconds: float = CACHE_SECONDS
+    settings: Settings,
+    *,
+    cache_seconds: float = CACHE_SECONDS,
+    db_lock: threading.Lock | None = None,
 ) -> list[BaseRoute]:
     """The dashboards, for the review app to mount at /dashboards (any prefix works: the page
     finds its data and scripts relative to where it is mounted). Figures are reused for
-    `cache_seconds` (0: read on every request)."""
-    board = Dashboards(settings, cache_seconds)
+    `cache_seconds` (0: read on every request). `db_lock`: the mounting app's lock on its DuckDB
+    connections (`app.state.db_lock`); standalone, the routes have one of their own."""
+    board = Dashboards(settings, cache_seconds, db_lock)
     page = Template((WEB_DIR / "templates" / "dashboards.html").read_text("utf-8"))
 
     def load(request: Request) -> tuple[dict[str, Any] | None, Response | None]:

@@ -168,6 +168,7 @@ async def queue_page(request: Request) -> Response:
         nav="review",
         title="Review queue",
         filters=params,
+        reasons=review_queue.REASONS,
         queue_filter=queue_filter,
         page=number,
         page_size=PAGE_SIZE,
@@ -209,6 +210,7 @@ async def _item_response(
         total=total,
         filters=params,
         seen=review.token_text(item.token) if item else "",
+        keeps_shown=item is not None and review.keeps_judged_text(item.completion),
         url=_url,
         error=error,
         done=done,
@@ -315,14 +317,29 @@ async def bulk(request: Request) -> Response:
     reviewer = _reviewer(request)
     note = form.get("note", "").strip() or None
     decision = review.accept if action == "accept" else review.reject
+    skipped: list[int] = []
+
+    def apply(conn: duckdb.DuckDBPyConnection) -> None:
+        # Only still-pending samples: another reviewer may have decided on some since step 1
+        # (or while this waited for a run's lock); their decision stands.
+        skipped.append(decision(conn, ids, reviewer, note, only_pending=True))
+
     try:
-        await _write(request, lambda conn: decision(conn, ids, reviewer, note))
+        await _write(request, apply)
     except review.ReviewError as exc:
         raise Refused(409, str(exc)) from None
     except DatabaseBusy:
         return _retry(request, form, f"{action} {len(ids)} samples")
-    done = f"{action}ed {len(ids)} samples ({queue_filter.describe()})".replace("eed", "ed")
+    done = f"{action}ed {len(ids) - skipped[0]} samples ({queue_filter.describe()})".replace(
+        "eed", "ed"
+    ) + _skipped_text(skipped[0])
     return RedirectResponse(_url("/review", {**params, "done": done}), 303)
+
+
+def _skipped_text(skipped: int) -> str:
+    if not skipped:
+        return ""
+    return f"; {skipped} skipped: decided by another reviewer meanwhile, their decision stands"
 
 
 def routes() -> list[BaseRoute]:
