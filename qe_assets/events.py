@@ -35,7 +35,7 @@ from qe_assets.event_model import (  # noqa: F401 (re-exported: the event's one 
     parse_timestamp,
     validate_event,
 )
-from qe_assets.store import frame_query
+from qe_assets.store import sql_over_frames
 
 DOC_DTYPE = pl.Struct(
     {"id": pl.String, "content": pl.String, "score": pl.Float64, "meta": pl.String}
@@ -104,7 +104,7 @@ class ValidatedRecords:
     counts: pl.DataFrame = field(default_factory=_no_counts)
 
     def fingerprinted(self) -> ParsedRecords:
-        fingerprints = frame_query(_FINGERPRINT, batch_events=self.events)
+        fingerprints = sql_over_frames(_FINGERPRINT, batch_events=self.events)
         rows = self.events.join(
             fingerprints, on="pos", how="left", maintain_order="left"
         ).with_columns(

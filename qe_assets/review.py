@@ -26,7 +26,7 @@ import duckdb
 import polars as pl
 
 from qe_assets import review_queue
-from qe_assets.store import query_frame, transaction
+from qe_assets.store import select_frame, transaction
 from qe_assets.templates import load_templates
 from qe_assets.transforms.completions import HUMAN, OK, PROPOSED, naive_completions
 
@@ -95,7 +95,7 @@ class ReviewItem:
 
 
 def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
-    sample = query_frame(
+    sample = select_frame(
         conn,
         "SELECT sample_id, request_id, label, labels, language, confidence, score, route, "
         "route_reason, question, context_docs, prompt, original_answer "
@@ -104,12 +104,12 @@ def show(conn: duckdb.DuckDBPyConnection, sample_id: str) -> ReviewItem:
     ).rows(named=True)
     if not sample:
         raise ReviewError(f"no sample {sample_id!r}")
-    review = query_frame(conn, "SELECT * FROM review_queue WHERE sample_id = ?", [sample_id]).rows(
+    review = select_frame(conn, "SELECT * FROM review_queue WHERE sample_id = ?", [sample_id]).rows(
         named=True
     )
     if not review:
         raise ReviewError(f"sample {sample_id!r} is not in the review queue")
-    completion = query_frame(
+    completion = select_frame(
         conn,
         "SELECT completion, mode, status, model, seq, judge_model, judge_original_score, "
         "judge_completion_score, judge_verdict FROM completions WHERE sample_id = ?",
@@ -193,7 +193,7 @@ def _items(conn: duckdb.DuckDBPyConnection, ids: list[str]) -> list[dict[str, An
         "decision_ids", pl.DataFrame({"sample_id": ids, "n": range(len(ids))}, orient="col")
     )
     try:
-        return query_frame(conn, _ITEMS).rows(named=True)
+        return select_frame(conn, _ITEMS).rows(named=True)
     finally:
         conn.unregister("decision_ids")
 

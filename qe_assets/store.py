@@ -592,9 +592,6 @@ def select_frame(
     return relation.pl()
 
 
-query_frame = select_frame  # the old name, for modules not yet moved to the new one
-
-
 def register_frame(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> None:
     """Make `frame` readable by SQL on `conn` as `name`, in place.
 
@@ -606,13 +603,13 @@ def register_frame(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFra
 def owned_copy(column: str) -> pl.Expr:
     """The string column rebuilt into buffers of its own.
 
-    Every column of a frame from `query_frame` keeps the memory of the whole query result alive,
+    Every column of a frame from `select_frame` keeps the memory of the whole query result alive,
     so a narrow column kept past its batch (ids, say) would keep every prompt of that batch too.
     """
     return pl.concat_str([pl.col(column), pl.lit("")]).alias(column)
 
 
-# The private in-memory DuckDB of `frame_query`, one per process (a forked child makes its own):
+# The private in-memory DuckDB of `sql_over_frames`, one per process (a forked child makes its own):
 # a new database per call cost time and fresh memory for every call.
 _PRIVATE_LOCK = threading.Lock()
 _private: tuple[int, duckdb.DuckDBPyConnection] | None = None
@@ -643,9 +640,6 @@ def sql_over_frames(query: str, **frames: pl.DataFrame) -> pl.DataFrame:
         for name, frame in frames.items():
             register_frame(conn, name, frame)
         return select_frame(conn, query)
-
-
-frame_query = sql_over_frames  # the old name, for modules not yet moved to the new one
 
 
 def watermark(conn: duckdb.DuckDBPyConnection, stage: str) -> int:

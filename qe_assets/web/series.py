@@ -18,7 +18,7 @@ import polars as pl
 
 from qe_assets.calibration import DECIDED
 from qe_assets.events import KNOWN_LABELS, UNSPECIFIED
-from qe_assets.store import query_frame
+from qe_assets.store import select_frame
 
 STEPS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 OTHER_LABELS = "other labels"
@@ -150,7 +150,7 @@ def filled(
     conn: duckdb.DuckDBPyConnection, counts: str, span: Window, **params: object
 ) -> pl.DataFrame:
     """bucket, series, value for every bucket of the window and every series that has data."""
-    return query_frame(conn, _FILLED.format(counts=counts), {**span.params, **params})
+    return select_frame(conn, _FILLED.format(counts=counts), {**span.params, **params})
 
 
 def _ab_decisions(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame | None, str | None]:
@@ -160,7 +160,7 @@ def _ab_decisions(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame | None,
     if not exists:
         return None, None
     try:
-        return query_frame(conn, AB_DECISIONS), None
+        return select_frame(conn, AB_DECISIONS), None
     except duckdb.BinderException as exc:  # a store written by another release of the A/B test
         return None, f"{AB_TABLE} has columns this page does not read: {exc}"
 
@@ -187,17 +187,17 @@ def read_series(
             "samples": filled(conn, SAMPLES, span),
             "labels": filled(conn, LABELS, span, labels=SHOWN_LABELS),
             "rejects": filled(conn, REJECTS, span),
-            "backlog": query_frame(conn, BACKLOG, span.params),
+            "backlog": select_frame(conn, BACKLOG, span.params),
             "modes": filled(conn, MODES, span),
         },
     )
     return Series(
         window=span,
         **bucketed,
-        agreement=query_frame(
+        agreement=select_frame(
             conn, AGREEMENT, {"unit": unit, "start": span.start, "margin": judge_margin}
         ),
-        evaluations=query_frame(conn, EVALUATIONS),
+        evaluations=select_frame(conn, EVALUATIONS),
         ab=ab,
         ab_problem=ab_problem,
     )
