@@ -36,11 +36,8 @@ def drained_queues(settings: Settings) -> list[EventQueue]:
 
 
 class PipelineSettings(dg.ConfigurableResource, Settings):
-    """The pipeline's knobs (see `qe_assets.settings`), shown and overridable in the launchpad."""
-
-    def queues(self) -> list[EventQueue]:
-        """Kept for `raw_events` until it takes the `queue` resource (`QueueResource`)."""
-        return drained_queues(self)
+    """The pipeline's knobs (see `qe_assets.settings`), shown and overridable in the launchpad;
+    it opens nothing (the queue, the store and the LLM client are resources of their own)."""
 
 
 class QueueResource(dg.ConfigurableResource):

@@ -18,6 +18,7 @@ from qe_assets.resources import (
     writer_session,
 )
 from qe_assets.review import acceptance_by_label, enqueue_for_review
+from qe_assets.settings import Settings
 from qe_assets.store import (
     ConnectionFactory,
     register_frame,
@@ -39,7 +40,7 @@ _SAMPLE_COLUMNS = (
 _COLUMNS = f"{_SAMPLE_COLUMNS}, question_key, dedup_key, duplicate_of"
 
 
-def annotate_config(settings: PipelineSettings) -> AnnotateConfig:
+def annotate_config(settings: Settings) -> AnnotateConfig:
     return AnnotateConfig(
         top_k=settings.context_top_k,
         max_chars=settings.context_max_chars,

@@ -11,6 +11,7 @@ from qe_assets.ingest import IngestReport, ingest_pending
 from qe_assets.queues import EventQueue, QueueUnavailable, durability_warning
 from qe_assets.resources import (
     PipelineSettings,
+    QueueResource,
     duckdb_writer,
     exclusive_stage,
     writer_session,
@@ -64,13 +65,19 @@ from qe_assets.web.links import dashboard_url
     can_subset=True,
 )
 def raw_events(
-    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    queue: QueueResource,
+    settings: PipelineSettings,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    yield from only_selected(context, _ingest_stage(context, duckdb, settings))
+    yield from only_selected(context, _ingest_stage(context, duckdb, queue, settings))
 
 
 def _ingest_stage(
-    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    queue: QueueResource,
+    settings: PipelineSettings,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     total = IngestReport()
 
@@ -80,12 +87,12 @@ def _ingest_stage(
             f"{report.rejected} rejected"
         )
 
-    queues = settings.queues()
+    queues = queue.queues()  # the configured queue, and the spool inbox beside Redis/Kafka
     with exclusive_stage(context, settings), writer_session(duckdb) as session:
-        for queue in queues:
+        for source in queues:
             total.add(
                 ingest_pending(
-                    queue,
+                    source,
                     session.connection,
                     batch_size=settings.ingest_batch_size,
                     on_batch=progress,
@@ -137,13 +144,13 @@ def _depth_and_durability(
 ) -> tuple[int, list[str]]:
     depth = 0
     warnings: list[str] = []
-    for queue in queues:
+    for source in queues:
         try:
-            depth += queue.depth()
+            depth += source.depth()
         except QueueUnavailable:
-            context.log.warning(f"could not read the depth of the {queue.name} queue")
+            context.log.warning(f"could not read the depth of the {source.name} queue")
             continue
-        warning = durability_warning(queue)
+        warning = durability_warning(source)
         if warning is not None:
             context.log.warning(warning)
             warnings.append(warning)

@@ -65,18 +65,17 @@ def run_direct(settings: Settings) -> None:
     from qe_assets.assets.complete import complete_next_batch
     from qe_assets.ingest import IngestReport, ingest_pending
     from qe_assets.readiness import release_while_due
-    from qe_assets.resources import PipelineSettings, duckdb_writer, writer_session
+    from qe_assets.resources import drained_queues, duckdb_writer, writer_session
 
     settings.database.parent.mkdir(parents=True, exist_ok=True)  # as the first writer would
     resource = DuckDBResource(database=str(settings.database))
-    pipeline = PipelineSettings(**settings.model_dump())
 
     def batch_done(report: IngestReport) -> None:
         mark("ingest_batch")
 
     mark("ingest")
     with writer_session(resource) as session:
-        for queue in pipeline.queues():
+        for queue in drained_queues(settings):
             ingest_pending(
                 queue,
                 session.connection,
@@ -87,7 +86,7 @@ def run_direct(settings: Settings) -> None:
     with writer_session(resource) as session:
         annotate_pending(
             session.connection,
-            annotate_config(pipeline),
+            annotate_config(settings),
             batch_size=settings.ingest_batch_size,
             spot_share=settings.spot_check_share,
         )
