@@ -635,8 +635,12 @@ def run_ours(src: Path, data_dir: Path, log: Path) -> dict[str, Any]:
     out["summary"] = [ln for ln in res["stdout"].splitlines() if ln.strip()]
     if res["rc"] != 0:
         out["error"] = " | ".join(res["stderr"].strip().splitlines()[-3:])
-    versions = sorted((data_dir / "datasets").glob("rag_quality_tuning_v*.jsonl"))
-    records = [v for v in versions if not v.name.endswith(".chat.jsonl")]
+    # The records file only: a version also writes .chat.jsonl and .preference.jsonl.
+    records = sorted(
+        v
+        for v in (data_dir / "datasets").glob("rag_quality_tuning_v*.jsonl")
+        if v.name.count(".") == 1
+    )
     out["samples"] = sum(1 for _ in records[-1].open("rb")) if records else 0
     out["version"] = records[-1].name if records else None
     return out
