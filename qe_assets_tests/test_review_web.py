@@ -217,38 +217,23 @@ def test_a_bulk_decision_applies_to_exactly_the_confirmed_samples(
 def test_extra_routes_mount_behind_the_same_checks(store: Settings, tmp_path: Path) -> None:
     """How the dashboards join the app: `create_app(extra_routes=…)` serves them (before the
     placeholder) behind the token check; served here by uvicorn in a thread, over real HTTP."""
-    import threading
-    import time
 
-    import uvicorn
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
     from qe_assets.web.app import create_app
-    from qe_assets_tests.conftest import free_port
 
     def charts(request: object) -> PlainTextResponse:
         return PlainTextResponse("charts")
 
-    port = free_port()
     app = create_app(store, extra_routes=[Route("/dashboards", charts)], token=TOKEN)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        client = Client(f"http://127.0.0.1:{port}")
+    with in_thread(app) as url:
+        client = Client(url)
         assert client.request("/dashboards")[0] == 401
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert client.request("/dashboards", headers=auth) == (200, "charts")
         status, page = client.request("/review", headers=auth)
         assert status == 200 and '<a href="/dashboards"' in page
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     # `qe serve` itself serves the dashboards behind the nav link: the page (after the
     # trailing-slash redirect), its data from the tables and the vendored plotly.js.
     with serving(store, tmp_path) as served:
