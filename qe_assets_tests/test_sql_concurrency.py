@@ -202,9 +202,22 @@ def test_sql_always_answers_while_raw_events_ingests(scenario: Scenario) -> None
 
 
 def test_sql_answers_between_write_batches(scenario: Scenario) -> None:
-    """Answering "while a run writes" means between its batches: several different partial
-    counts, and no query stuck behind the writer for more than a few batches."""
+    """Answering "while a run writes" means between its batches: every query that began and
+    ended while the writer ran saw a count (the last ones may see every row: the run still
+    reports after its last commit), they saw it grow through partial counts, and no query was
+    stuck behind the writer for more than a few batches. How many queries fit in the write
+    depends on how fast the ingest is (each `qe sql` is a new process of about 0.5 s), so the
+    test asks for growth, not for a number of them."""
+    inside = [
+        q
+        for q in scenario.queries
+        if q.during_write and q.started + q.seconds < scenario.writer_seconds
+    ]
+    seen = [q.count for q in inside]
     longest = max(q.seconds for q in scenario.queries)
-    assert len(scenario.intermediate_counts) >= 5 and longest <= 5.0, (
-        f"{len(scenario.intermediate_counts)} distinct partial counts, longest query {longest:.1f}s"
+    assert len(inside) >= 2, f"only {len(inside)} queries ran inside the write"
+    assert all(c is not None and 0 < c <= scenario.expected for c in seen), seen
+    partial = {c for c in seen if c is not None and c < scenario.expected}
+    assert len(partial) >= 2 and longest <= 5.0, (
+        f"partial counts {seen}, longest query {longest:.1f}s"
     )
