@@ -452,7 +452,9 @@ class Settings(BaseModel):
         description="How often a producer process sends its per-model answer counts.",
     )
     ingest_batch_size: int = Field(
-        5_000, description="Records per ingest / annotate / complete transaction; bounds memory."
+        5_000,
+        description="Records per ingest / annotate transaction; bounds memory "
+        "(naive completions, a short answer each, take ten times as many per transaction).",
     )
     min_confidence: float = Field(
         0.6,

@@ -8,6 +8,7 @@ right after; readers (`qe sql`, the sensor) retry for a bounded, visible wait.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
 import threading
@@ -36,7 +37,15 @@ ConnectionFactory = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnectio
 # completions) in which the same knowledge-base passages come back again and again. DuckDB's own
 # choice (dictionary + FSST) checkpointed far slower and gave a larger file on the bench's events
 # (docs/performance.md); numeric columns keep their own encodings.
-WRITER_CONFIG: dict[str, str | int] = {"max_vacuum_tasks": 0, "force_compression": "zstd"}
+# A batch commit larger than `checkpoint_threshold` checkpoints at once and skips the write-ahead
+# log (DuckDB's auto_checkpoint_skip_wal_threshold): a stage's batch (tens of MB of text) was
+# written twice, to the WAL at commit and into the file at close, and is now written once. Small
+# commits (a review decision, a watermark) still go through the WAL.
+WRITER_CONFIG: dict[str, str | int] = {
+    "max_vacuum_tasks": 0,
+    "force_compression": "zstd",
+    "checkpoint_threshold": "1MB",
+}
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS raw_events_seq;
@@ -297,8 +306,22 @@ class DatabaseBusy(RuntimeError):
     """The database stayed locked by a writer for longer than the caller was willing to wait."""
 
 
+# Which SCHEMA a store was last brought up to. Every write connection ensures the schema, and a
+# long run opens dozens; the DDL (and its INSERT) costs ~10 ms each time, reading this one row
+# well under one. Any change to SCHEMA changes the digest, so a new table or column still lands.
+_SCHEMA_DIGEST = hashlib.sha256(SCHEMA.encode("utf-8")).hexdigest()
+
+
 def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
+    """Create what SCHEMA names and the store lacks; a no-op read on a current store."""
+    try:
+        rows = conn.execute("SELECT value FROM schema_info WHERE key = 'schema_digest'").fetchall()
+    except duckdb.CatalogException:  # a new file: no schema_info yet
+        rows = []
+    if rows == [(_SCHEMA_DIGEST,)]:
+        return
     conn.execute(SCHEMA)
+    conn.execute("INSERT OR REPLACE INTO schema_info VALUES ('schema_digest', ?)", [_SCHEMA_DIGEST])
 
 
 def _is_lock_error(exc: Exception) -> bool:

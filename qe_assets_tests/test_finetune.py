@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -482,3 +484,60 @@ def test_an_interrupted_fine_tune_is_resumed_not_started_again(settings: Setting
     assert (model["run_id"], model["status"]) == ("v001-none-1", "skipped")
     assert released(settings) == [("v001", "skipped", "v001-none-1")]
     assert json.loads((folder / "recipe.json").read_text())["run_id"] == "v001-none-1"
+
+
+def _run_files(settings: Settings, run_id: str) -> dict[str, bytes]:
+    folder = Path(settings.data_dir) / "finetune" / run_id
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.jsonl"))}
+
+
+def _strip_split_files(settings: Settings, version: str) -> dict[str, bytes]:
+    """Make `version` look cut before versions had their per-split folder (manifest without
+    `split_files`, no folder, the committed manifest hash updated); returns the folder's records
+    and chat files by the names a run gives them."""
+    manifest_path = next(settings.datasets_dir.glob(f"*_{version}.manifest.json"))
+    folder = manifest_path.with_name(manifest_path.name.removesuffix(".manifest.json"))
+    saved = {
+        f"{split}.{kind}": (folder / f"{split}.{name}").read_bytes()
+        for split in ("train", "validation")
+        for kind, name in (("chat.jsonl", "chat.jsonl"), ("records.jsonl", "jsonl"))
+    }
+    manifest = json.loads(manifest_path.read_text("utf-8"))
+    del manifest["split_files"]
+    del manifest["files"]["card"]
+    manifest_path.write_text(json.dumps(manifest), "utf-8")
+    shutil.rmtree(folder)
+    digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    with connect(settings.database) as conn:
+        conn.execute(
+            "UPDATE dataset_versions SET manifest_sha256 = ? WHERE version = ?", [digest, version]
+        )
+    return saved
+
+
+def test_a_run_gets_the_version_split_files_and_a_legacy_version_is_split_again(
+    settings: Settings,
+) -> None:
+    # A version with its per-split folder: the run's files are byte-for-byte the folder's.
+    processed(settings, 30)
+    assert materialize(settings, selection=["tuning_dataset", "fine_tuned_model"]).success
+    folder = next(p for p in settings.datasets_dir.iterdir() if p.is_dir())
+    run = _run_files(settings, "v001-none-1")
+    assert run == {
+        "train.chat.jsonl": (folder / "train.chat.jsonl").read_bytes(),
+        "train.records.jsonl": (folder / "train.jsonl").read_bytes(),
+        "validation.chat.jsonl": (folder / "validation.chat.jsonl").read_bytes(),
+        "validation.records.jsonl": (folder / "validation.jsonl").read_bytes(),
+    }
+    assert all(run.values())  # both splits hold lines at this size
+    # A version cut before the folder existed is split from its flat files, to the same bytes.
+    processed(settings, 30, prefix="g")
+    cut = materialize(
+        settings, selection=dg.AssetSelection.assets("tuning_dataset").without_checks()
+    )
+    assert metadata(cut, "tuning_dataset")["version"] == "v002"
+    expected = _strip_split_files(settings, "v002")
+    assert materialize(settings, selection=["fine_tuned_model"]).success
+    assert _run_files(settings, "v002-none-1") == {
+        name: body for name, body in expected.items() if body
+    }

@@ -204,7 +204,10 @@ def _write_inputs(
 ) -> TrainingInputs:
     """The split files and recipe.json in `temp`, fsynced, naming their final paths in
     `workdir`."""
-    paths = _write_split_files(row, _version_splits(conn, version), workdir, temp)
+    if _has_split_files(row["manifest"]):
+        paths = _copy_split_files(row, workdir, temp)
+    else:  # a version cut before versions had their per-split folder
+        paths = _write_split_files(row, _version_splits(conn, version), workdir, temp)
     if paths["train_chat"] is None or paths["train_record"] is None:
         raise DatasetInvalid(f"{version}: no training examples after the split")
     inputs = _training_inputs(settings, row, version, run_id, paths, previous_model)
@@ -232,6 +235,38 @@ _SPLIT_FILES = {
     for split in ("train", "validation")
     for column, suffix in (("chat", "chat.jsonl"), ("record", "records.jsonl"))
 }
+
+
+_SPLIT_FORMAT = {"chat": "chat", "record": "records"}  # run file column → version split format
+
+
+def _has_split_files(manifest: dict[str, Any]) -> bool:
+    split_files = manifest.get("split_files") or {}
+    return all(
+        fmt in split_files.get(split, {})
+        for split in ("train", "validation")
+        for fmt in ("chat", "records")
+    )
+
+
+def _copy_split_files(row: dict[str, Any], workdir: Path, temp: Path) -> dict[str, str | None]:
+    """The version's own per-split records and chat files (hashed against its manifest by
+    `verified_version`) copied into `temp` by the kernel and fsynced: the same lines, in the same
+    order, as splitting the flat files again, without reading them through Python. Copies, not
+    links: a backend or a person touching a run's file must never change a committed version."""
+    files = _files_of(row)
+    counted = row["manifest"]["split_files"]
+    paths: dict[str, str | None] = {}
+    for (split, column), name in _SPLIT_FILES.items():
+        fmt = _SPLIT_FORMAT[column]
+        if not counted[split][fmt]["lines"]:
+            paths[f"{split}_{column}"] = None
+            continue
+        shutil.copyfile(files.split_file(split, fmt), temp / name)
+        with open(temp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+        paths[f"{split}_{column}"] = str(workdir / name)
+    return paths
 
 
 def _write_split_files(
