@@ -105,7 +105,8 @@ def _prepare(
     output_required=False,
     description=(
         "A model fine-tuned on the oldest dataset version that has no finished run yet, with the "
-        "configured backend: `openai` (upload, create the job, follow it with a deadline; a "
+        "backend of the `finetune` resource (QE_FINETUNE_BACKEND; a run may override it): "
+        "`openai` (upload, create the job, follow it with a deadline; a "
         "restarted run resumes the same job), `command` (your training script through Dagster "
         "Pipes) or `none` (the default: validates the version, writes the exact recipe and "
         "records the run as skipped — an observation, not a materialization: no model exists). "

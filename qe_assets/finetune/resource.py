@@ -32,6 +32,8 @@ from qe_assets.settings import (
 )
 
 if TYPE_CHECKING:  # the LLM client stays a resource of its own, handed in by the asset
+    import openai as openai_sdk
+
     from qe_assets.resources import OpenAIResource
 
 SKIPPED_MESSAGE = "skipped: no backend configured"
@@ -128,7 +130,7 @@ class FineTuneBackendResource(dg.ConfigurableResource):
         if self.backend == "none":
             return Trained("skipped", message=SKIPPED_MESSAGE)
         if self.backend == "openai":
-            return self._train_openai(context, claim, openai, save)
+            return self._follow_openai(context, claim, openai.client(), save)
         assert self.command  # the validator refuses `command` without one
         try:
             metrics = run_command(context, self.command, claim.inputs)
@@ -137,15 +139,14 @@ class FineTuneBackendResource(dg.ConfigurableResource):
             raise
         return Trained("succeeded", model_id=model_of(metrics), metrics=metrics)
 
-    def _train_openai(
+    def _follow_openai(
         self,
         context: dg.AssetExecutionContext,
         claim: Claim,
-        openai: OpenAIResource,
+        client: openai_sdk.OpenAI,
         save: Save,
     ) -> Trained:
         """Start the job (unless the claim resumes one) and follow it up to the deadline."""
-        client = openai.client()
         job_id = claim.job_id
         try:
             job_id = job_id or start_job(client, claim.inputs, save)
