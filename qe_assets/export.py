@@ -268,19 +268,40 @@ def line_chunks(path: Path, lines: int = LINES_PER_CHUNK) -> Iterator[list[bytes
             yield chunk
 
 
+# Version files are parsed in blocks of whole lines of about this size: cut at a newline from
+# plain reads, without a Python object per line (splitting and joining lines cost a third of a
+# check's time), and still a bounded amount in memory at once.
+BLOCK_BYTES = 16 << 20
+
+
+def line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """A file in blocks of whole lines, each about `block_bytes` (longer when one line is)."""
+    with open(path, "rb") as handle:
+        rest = b""
+        while data := handle.read(block_bytes):
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield data[:cut]
+        if rest:  # the last line, without its newline
+            yield rest
+
+
 def _json_chunks(path: Path) -> Iterator[tuple[int, pl.DataFrame | None, str | None]]:
-    """(first line number, frame or None, why it is unreadable) per chunk of a version file."""
+    """(first line number, frame or None, why it is unreadable) per block of a version file."""
     first = 1
     try:
-        for chunk in line_chunks(path):
+        for block in line_blocks(path):
+            lines = block.count(b"\n") + (not block.endswith(b"\n"))
             try:
-                frame = pl.read_ndjson(io.BytesIO(b"".join(chunk)), infer_schema_length=None)
+                frame = pl.read_ndjson(io.BytesIO(block), infer_schema_length=None)
             except pl.exceptions.PolarsError as exc:
-                last = first + len(chunk) - 1
+                last = first + lines - 1
                 yield first, None, f"{path.name} lines {first}-{last} are not JSON lines: {exc}"
             else:
                 yield first, frame, None
-            first += len(chunk)
+            first += lines
     except OSError as exc:
         yield first, None, f"{path.name} is not readable: {exc}"
 

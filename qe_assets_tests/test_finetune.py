@@ -534,6 +534,9 @@ def test_a_run_gets_the_version_split_files_and_a_legacy_version_is_split_again(
         "validation.records.jsonl": (folder / "validation.jsonl").read_bytes(),
     }
     assert all(run.values())  # both splits hold lines at this size
+    # Hard links on one file system: a run costs no copy of its version.
+    run_folder = Path(settings.data_dir) / "finetune" / "v001-none-1"
+    assert (run_folder / "train.chat.jsonl").samefile(folder / "train.chat.jsonl")
     # A version cut before the folder existed is split from its flat files, to the same bytes.
     processed(settings, 30, prefix="g")
     cut = materialize(

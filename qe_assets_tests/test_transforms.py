@@ -243,3 +243,22 @@ def test_labels_holding_pii_are_redacted_and_their_counts_merged() -> None:
         "from [EMAIL]": {"reviewed": 4, "kept_share": 0.75},
         "x": {"reviewed": 2, "kept_share": 0.5},
     }
+
+
+def test_normalised_text_matches_collapsing_every_whitespace_run() -> None:
+    # normalise_text skips lone plain spaces for speed; its output must be exactly that of the
+    # plain rule (lower-case, every Unicode whitespace run -> one space, stripped) that dedup
+    # and split keys of existing stores were computed with.
+    import random
+
+    from qe_assets.transforms.annotate import normalise_text
+
+    rng = random.Random(5)
+    alphabet = ["a", "B", "Σ", "中", "文", " ", "  ", "\t", "\n", "\r\n", "\u3000", "\u00a0"]
+    alphabet += ["\u2028", "\u0085", "\u200a", "\u202f", "\x0b", "İ", "ß", "Ⅻ"]
+    texts = ["", " ", "a", " a ", *("".join(rng.choices(alphabet, k=12)) for _ in range(3000))]
+    frame = pl.DataFrame({"t": texts})
+    reference = frame.select(
+        pl.col("t").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+    )["t"]
+    assert frame.select(normalise_text(pl.col("t")))["t"].to_list() == reference.to_list()

@@ -213,7 +213,7 @@ def _write_inputs(
     """The split files and recipe.json in `temp`, fsynced, naming their final paths in
     `workdir`."""
     if _has_split_files(row["manifest"]):
-        paths = _copy_split_files(row, workdir, temp)
+        paths = _link_split_files(row, workdir, temp)
     else:  # a version cut before versions had their per-split folder
         paths = _write_split_files(row, _version_splits(conn, version), workdir, temp)
     if paths["train_chat"] is None or paths["train_record"] is None:
@@ -257,11 +257,12 @@ def _has_split_files(manifest: dict[str, Any]) -> bool:
     )
 
 
-def _copy_split_files(row: dict[str, Any], workdir: Path, temp: Path) -> dict[str, str | None]:
+def _link_split_files(row: dict[str, Any], workdir: Path, temp: Path) -> dict[str, str | None]:
     """The version's own per-split records and chat files (hashed against its manifest by
-    `verified_version`) copied into `temp` by the kernel and fsynced: the same lines, in the same
-    order, as splitting the flat files again, without reading them through Python. Copies, not
-    links: a backend or a person touching a run's file must never change a committed version."""
+    `verified_version`), hard-linked into `temp`: the same lines in the same order as splitting
+    the flat files again, without reading or writing a byte. A version is immutable, so are its
+    links; one edited in place no longer matches the committed sha256, and the next run refuses
+    the version. Copied (and fsynced) where a link is impossible, e.g. across file systems."""
     files = _files_of(row)
     counted = row["manifest"]["split_files"]
     paths: dict[str, str | None] = {}
@@ -270,9 +271,13 @@ def _copy_split_files(row: dict[str, Any], workdir: Path, temp: Path) -> dict[st
         if not counted[split][fmt]["lines"]:
             paths[f"{split}_{column}"] = None
             continue
-        shutil.copyfile(files.split_file(split, fmt), temp / name)
-        with open(temp / name, "rb") as handle:
-            os.fsync(handle.fileno())
+        source = files.split_file(split, fmt)
+        try:
+            os.link(source, temp / name)
+        except OSError:
+            shutil.copyfile(source, temp / name)
+            with open(temp / name, "rb") as handle:
+                os.fsync(handle.fileno())
         paths[f"{split}_{column}"] = str(workdir / name)
     return paths
 

@@ -62,7 +62,13 @@ def detect_language(text: pl.Expr) -> pl.Expr:
 
 def normalise_text(text: pl.Expr) -> pl.Expr:
     """Case- and whitespace-insensitive form used for duplicate detection and the split."""
-    return text.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+    return text.str.to_lowercase().str.replace_all(_WHITESPACE_TO_COLLAPSE, " ").str.strip_chars()
+
+
+# Exactly what `\s+` → " " does (runs of two or more, or one that is not a plain space, become a
+# space), except that a lone plain space is not a match: prose, whose every space `\s+` matched
+# and rewrote, now mostly has nothing to replace, and the step takes half the time.
+_WHITESPACE_TO_COLLAPSE = r"\s{2,}|[^\S ]"
 
 
 def select_context(docs: pl.Expr, top_k: int, max_chars: int) -> pl.Expr:
