@@ -13,7 +13,12 @@ from dagster_duckdb import DuckDBResource
 from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.export import VersionFiles, preference_format_problems, version_format_problems
 from qe_assets.finetune.registry import pending_version, reject_version
-from qe_assets.resources import PipelineSettings, duckdb_reader, duckdb_writer
+from qe_assets.resources import (
+    FineTuneBackendResource,
+    PipelineSettings,
+    duckdb_reader,
+    duckdb_writer,
+)
 from qe_assets.transforms.validation import (
     LabelBounds,
     label_share_problems,
@@ -47,14 +52,19 @@ def latest_version(conn: duckdb.DuckDBPyConnection, backend: str) -> LatestVersi
     return LatestVersion(version, files, json.loads(counts), previous)
 
 
-def _checked_version(duckdb: DuckDBResource, settings: PipelineSettings) -> LatestVersion | None:
+def _checked_version(
+    duckdb: DuckDBResource, finetune: FineTuneBackendResource
+) -> LatestVersion | None:
     """The version under check, read with a short read-only connection."""
     with duckdb_reader(duckdb) as conn:
-        return None if conn is None else latest_version(conn, settings.finetune_backend)
+        return None if conn is None else latest_version(conn, finetune.name)
 
 
 def _refuse(
-    duckdb: DuckDBResource, settings: PipelineSettings, name: str, result: dg.AssetCheckResult
+    duckdb: DuckDBResource,
+    finetune: FineTuneBackendResource,
+    name: str,
+    result: dg.AssetCheckResult,
 ) -> dg.AssetCheckResult:
     """A failed blocking check refuses its version for good (a `rejected` fine_tune_runs row):
     the files are immutable, so publishing it again would fail again and hold back every newer
@@ -63,7 +73,7 @@ def _refuse(
         version = str(result.metadata["version"].value)
         with duckdb_writer(duckdb) as conn:
             reason = f"{name}: {result.description}"[:2000]
-            reject_version(conn, version, settings.finetune_backend, reason)
+            reject_version(conn, version, finetune.name, reason)
     return result
 
 
@@ -91,13 +101,15 @@ def _result(
         "confidence in [0, 1]."
     ),
 )
-def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    latest = _checked_version(duckdb, settings)
+def dataset_format_valid(
+    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendResource
+) -> dg.AssetCheckResult:
+    latest = _checked_version(duckdb, finetune)
     if latest is None:
         return _no_version()
     problems, examples = version_format_problems(latest.files, settings.min_dataset_examples)
     result = _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, examples=examples)
-    return _refuse(duckdb, settings, "dataset_format_valid", result)
+    return _refuse(duckdb, finetune, "dataset_format_valid", result)
 
 
 @dg.asset_check(
@@ -113,9 +125,9 @@ def dataset_format_valid(duckdb: DuckDBResource, settings: PipelineSettings) -> 
     ),
 )
 def preference_format_valid(
-    duckdb: DuckDBResource, settings: PipelineSettings
+    duckdb: DuckDBResource, finetune: FineTuneBackendResource
 ) -> dg.AssetCheckResult:
-    latest = _checked_version(duckdb, settings)
+    latest = _checked_version(duckdb, finetune)
     if latest is None:
         return _no_version()
     problems, pairs = preference_format_problems(latest.files)
@@ -124,7 +136,7 @@ def preference_format_valid(
     if pairs != expected:
         problems.append(f"{pairs} preference pairs on disk, the manifest says {expected}")
     result = _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, pairs=pairs)
-    return _refuse(duckdb, settings, "preference_format_valid", result)
+    return _refuse(duckdb, finetune, "preference_format_valid", result)
 
 
 @dg.asset_check(
@@ -135,9 +147,11 @@ def preference_format_valid(
         "is on the train side in one place and the validation side in another."
     ),
 )
-def dataset_no_leakage(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+def dataset_no_leakage(
+    duckdb: DuckDBResource, finetune: FineTuneBackendResource
+) -> dg.AssetCheckResult:
     with duckdb_reader(duckdb) as conn:
-        latest = None if conn is None else latest_version(conn, settings.finetune_backend)
+        latest = None if conn is None else latest_version(conn, finetune.name)
         if conn is None or latest is None:
             return _no_version()
         ((repeated,),) = conn.execute(
@@ -174,7 +188,7 @@ def dataset_no_leakage(duckdb: DuckDBResource, settings: PipelineSettings) -> dg
         samples_in_other_versions=int(repeated),
         questions_in_both_splits=int(crossing),
     )
-    return _refuse(duckdb, settings, "dataset_no_leakage", result)
+    return _refuse(duckdb, finetune, "dataset_no_leakage", result)
 
 
 @dg.asset_check(
@@ -186,8 +200,10 @@ def dataset_no_leakage(duckdb: DuckDBResource, settings: PipelineSettings) -> dg
         "evaluator or the traffic may have changed."
     ),
 )
-def label_distribution(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    latest = _checked_version(duckdb, settings)
+def label_distribution(
+    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendResource
+) -> dg.AssetCheckResult:
+    latest = _checked_version(duckdb, finetune)
     if latest is None:
         return _no_version()
     bounds = LabelBounds(
@@ -209,8 +225,10 @@ def label_distribution(duckdb: DuckDBResource, settings: PipelineSettings) -> dg
         "shares at most QE_MAX_LABEL_DRIFT (a warning)."
     ),
 )
-def label_drift(duckdb: DuckDBResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    latest = _checked_version(duckdb, settings)
+def label_drift(
+    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendResource
+) -> dg.AssetCheckResult:
+    latest = _checked_version(duckdb, finetune)
     if latest is None:
         return _no_version()
     if latest.previous_label_counts is None:

@@ -152,14 +152,19 @@ def release_decision(
 
 
 def settings_release_decision(
-    conn: duckdb.DuckDBPyConnection, settings: Settings, *, cut_version: bool = False
+    conn: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    *,
+    cut_version: bool = False,
+    backend: str | None = None,
 ) -> ReleaseDecision:
     """`release_decision` with the threshold, backend and hold-out share of `settings`: what the
-    sensor, `qe run` and `tuning_dataset` each ask."""
+    sensor, `qe run` and `tuning_dataset` each ask. `backend` is the run's fine-tune backend
+    resource's (which a launchpad override may set apart from the settings)."""
     return release_decision(
         conn,
         settings.finetune_threshold,
-        settings.finetune_backend,
+        backend or settings.finetune_backend,
         cut_version=cut_version,
         eval_share=settings.eval_share,
     )

@@ -12,6 +12,8 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
+# Lives beside its backends (qe_assets/finetune/); importable from here with the other resources.
+from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
 from qe_assets.store import (
@@ -37,7 +39,9 @@ def drained_queues(settings: Settings) -> list[EventQueue]:
 
 class PipelineSettings(dg.ConfigurableResource, Settings):
     """The pipeline's knobs (see `qe_assets.settings`), shown and overridable in the launchpad;
-    it opens nothing (the queue, the store and the LLM client are resources of their own)."""
+    it opens nothing (the queue, the store, the LLM client and the fine-tune backend are
+    resources of their own: override `finetune`, not the finetune_* fields here, to change how a
+    run trains)."""
 
 
 class QueueResource(dg.ConfigurableResource):
@@ -182,6 +186,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         ),
         "settings": PipelineSettings(**settings.model_dump()),
         "queue": QueueResource.from_settings(settings),
+        "finetune": FineTuneBackendResource.from_settings(settings),
         "openai": OpenAIResource(
             # Only a reference when the variable is set, so an offline setup loads without it.
             api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,

@@ -25,7 +25,7 @@ from qe_assets.backlog import (
     review_backlog,
 )
 from qe_assets.readiness import settings_release_decision
-from qe_assets.resources import PipelineSettings, QueueResource
+from qe_assets.resources import FineTuneBackendResource, PipelineSettings, QueueResource
 from qe_assets.runner import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
 from qe_assets.store import DatabaseBusy, connect
 
@@ -95,7 +95,9 @@ def build_finetune_sensor(
         ),
     )
     def finetune_threshold_sensor(
-        context: dg.SensorEvaluationContext, settings: PipelineSettings
+        context: dg.SensorEvaluationContext,
+        settings: PipelineSettings,
+        finetune: FineTuneBackendResource,
     ) -> dg.SensorResult | dg.SkipReason:
         in_flight = run_in_flight(context.instance, job_name)
         if in_flight:
@@ -105,7 +107,7 @@ def build_finetune_sensor(
         try:
             # Read-only and bounded: the sensor never holds the write lock and never waits long.
             with connect(settings.database, read_only=True, wait_seconds=5) as conn:
-                decision = settings_release_decision(conn, settings)
+                decision = settings_release_decision(conn, settings, backend=finetune.name)
         except DatabaseBusy:
             return dg.SkipReason("the database is busy with a writer; looking again next tick")
         if not decision.due or decision.version is None:

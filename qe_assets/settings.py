@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,9 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     from qe_assets.evaluation.sequential import Policy
 
-FINETUNE_BACKENDS = ("none", "openai", "command")
+FinetuneBackend = Literal["none", "openai", "command"]
+FINETUNE_BACKENDS: tuple[str, ...] = get_args(FinetuneBackend)
 # sft: the chat/record files; dpo: the preference pairs (chosen = correction, rejected = original).
-FINETUNE_METHODS = ("sft", "dpo")
+FinetuneMethod = Literal["sft", "dpo"]
+FINETUNE_METHODS: tuple[str, ...] = get_args(FinetuneMethod)
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 # direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
 ROLLOUT_MODES = ("direct", "canary")
@@ -45,6 +47,18 @@ def estimated_cost(
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+def finetune_backend_problem(backend: str, command: str | None) -> str | None:
+    """What is wrong with a fine-tune backend and its command, in one line naming the variable:
+    the one rule behind `Settings.from_env` and `FineTuneBackendResource` (so a launchpad
+    override is held to it too)."""
+    if backend == "command" and not (command or "").strip():
+        return (
+            "QE_FINETUNE_BACKEND=command needs QE_FINETUNE_COMMAND (the training command, "
+            "e.g. `python examples/finetune_trl_lora.py`)"
+        )
+    return None
 
 
 def _number(name: str, raw: str, *, lo: float | None, hi: float | None, integer: bool) -> Any:
@@ -731,6 +745,9 @@ class Settings(BaseModel):
                 f"QE_JUDGE_MIN_DECISIONS ({settings.judge_min_decisions}): agreement is measured "
                 "over the last QE_JUDGE_AGREEMENT_WINDOW decisions"
             )
+        problem = finetune_backend_problem(settings.finetune_backend, settings.finetune_command)
+        if problem:
+            raise SettingsError(problem)
         return settings
 
     def settings(self) -> Settings:

@@ -18,7 +18,7 @@ from dagster._core.utils import make_new_run_id
 from qe_assets.assets.finetune import SKIPPED_MESSAGE, claim_run
 from qe_assets.definitions import RELEASE_JOB, build_definitions
 from qe_assets.queues import FileInbox
-from qe_assets.resources import PipelineSettings
+from qe_assets.resources import FineTuneBackendResource, PipelineSettings
 from qe_assets.runner import DAGSTER_YAML, _owner_tags, run_pipeline
 from qe_assets.sensors import build_finetune_sensor
 from qe_assets.settings import Settings
@@ -37,7 +37,10 @@ def evaluate_sensor(settings: Settings, instance: dg.DagsterInstance, cursor: st
     context = dg.build_sensor_context(
         instance=instance,
         cursor=cursor,
-        resources={"settings": PipelineSettings(**settings.model_dump())},
+        resources={
+            "settings": PipelineSettings(**settings.model_dump()),
+            "finetune": FineTuneBackendResource.from_settings(settings),
+        },
     )
     return sensor(context), context
 
@@ -476,7 +479,8 @@ def test_an_interrupted_fine_tune_is_resumed_not_started_again(settings: Setting
     assert materialize(settings, selection=["tuning_dataset"]).success
     # What a run killed after recording its attempt leaves: a `running` row with its recipe ...
     with connect(settings.database) as conn:
-        claim = claim_run(conn, settings, None, lambda _: None)
+        backend = FineTuneBackendResource.from_settings(settings)
+        claim = claim_run(conn, settings, backend, None, lambda _: None)
     assert claim is not None
     folder = Path(settings.data_dir) / "finetune" / claim.run_id
     (folder / "recipe.json").unlink()  # ... and, say, a folder someone half cleaned up.

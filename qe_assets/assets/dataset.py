@@ -28,7 +28,12 @@ from qe_assets.readiness import (
     settings_release_decision,
     version_state,
 )
-from qe_assets.resources import PipelineSettings, duckdb_writer, exclusive_stage
+from qe_assets.resources import (
+    FineTuneBackendResource,
+    PipelineSettings,
+    duckdb_writer,
+    exclusive_stage,
+)
 from qe_assets.settings import Settings
 from qe_assets.store import owned_copy, select_frame, transaction
 from qe_assets.templates import load_templates
@@ -252,14 +257,16 @@ def next_release(
     on_batch: Callable[[str, int], None] | None = None,
     *,
     force: bool = False,
+    backend: str | None = None,
 ) -> tuple[dict[str, Any] | None, bool, str]:
     """(manifest, published again, why) of the version this release is for, by the release rule
     (`readiness.release_decision`, the sensor's and `qe run`'s too): a committed version whose
     release never ended is published again, so its checks and fine-tune run even when the run
     that cut it died right after the commit; else a new cut, only once the ready samples reach
-    QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due)."""
+    QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due). `backend`: the fine-tune
+    backend whose runs count (the settings' unless the run's `finetune` resource says)."""
     with duckdb_writer(duckdb_resource) as conn:
-        decision = settings_release_decision(conn, settings, cut_version=force)
+        decision = settings_release_decision(conn, settings, cut_version=force, backend=backend)
     if decision.due and decision.republish and decision.version is not None:
         return committed_manifest(settings, decision.version), True, decision.reason
     if not decision.due:
@@ -302,6 +309,7 @@ def tuning_dataset(
     config: ReleaseConfig,
     duckdb: DuckDBResource,
     settings: PipelineSettings,
+    finetune: FineTuneBackendResource,
 ) -> Iterator[dg.MaterializeResult]:
     with exclusive_stage(context, settings):
         manifest, republished, reason = next_release(
@@ -309,6 +317,7 @@ def tuning_dataset(
             settings,
             lambda version, written: context.log.info(f"{version}: {written} samples written"),
             force=config.force,
+            backend=finetune.name,
         )
     if manifest is None:
         context.log.info(f"no version cut: {reason}")
@@ -316,7 +325,7 @@ def tuning_dataset(
     if republished:
         context.log.info(
             f"{manifest['version']} is committed but has no finished "
-            f"{settings.finetune_backend} fine-tune run: published again, no new version cut"
+            f"{finetune.name} fine-tune run: published again, no new version cut"
         )
     total = manifest["counts"]["samples"]
     files = VersionFiles.at(settings.datasets_dir, manifest["version"])

@@ -39,7 +39,12 @@ from qe_assets.evaluation.report import (
     summarize,
 )
 from qe_assets.evaluation.rollout_registry import start_test, sync_state_file
-from qe_assets.resources import OpenAIResource, PipelineSettings, duckdb_writer
+from qe_assets.resources import (
+    FineTuneBackendResource,
+    OpenAIResource,
+    PipelineSettings,
+    duckdb_writer,
+)
 from qe_assets.rollout import state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
@@ -59,8 +64,10 @@ class Plan:
     warn: bool = False  # the skip is a configuration gap, not a normal state
 
 
-def plan_evaluation(duckdb: DuckDBResource, settings: Settings, key_set: bool) -> Plan:
-    backend = settings.finetune_backend
+def plan_evaluation(
+    duckdb: DuckDBResource, settings: Settings, finetune: FineTuneBackendResource, key_set: bool
+) -> Plan:
+    backend = finetune.name
     with duckdb_writer(duckdb) as conn:
         candidate = latest_candidate(conn, backend)
         production = production_model(conn)
@@ -68,7 +75,7 @@ def plan_evaluation(duckdb: DuckDBResource, settings: Settings, key_set: bool) -
     if candidate is None:
         why = "trains nothing" if backend == "none" else "has produced no model yet"
         return Plan(skip=f"QE_FINETUNE_BACKEND={backend} {why}: no candidate to evaluate")
-    baseline = production or candidate.base_model or settings.finetune_base_model
+    baseline = production or candidate.base_model or finetune.base_model
     if candidate.model_id == production:
         return Plan(skip=f"{candidate.model_id} is already the production model")
     # Not configured: nothing is promoted, and the release that trained the model still ends.
@@ -227,9 +234,10 @@ def model_evaluation(
     context: dg.AssetExecutionContext,
     duckdb: DuckDBResource,
     settings: PipelineSettings,
+    finetune: FineTuneBackendResource,
     openai: OpenAIResource,
 ) -> Iterator[dg.MaterializeResult]:
-    plan = plan_evaluation(duckdb, settings, openai.configured)
+    plan = plan_evaluation(duckdb, settings, finetune, openai.configured)
     if plan.skip is not None:
         (context.log.warning if plan.warn else context.log.info)(
             f"nothing to evaluate: {plan.skip}"

@@ -10,7 +10,7 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars as pl
@@ -26,6 +26,9 @@ from qe_assets.queues.inbox import fsync_dir
 from qe_assets.settings import Settings
 from qe_assets.store import select_frame
 from qe_assets.transforms.dataset import exported_sample_ids
+
+if TYPE_CHECKING:  # the resource imports this module for `TrainingInputs`
+    from qe_assets.finetune.resource import FineTuneBackendResource
 
 
 class DatasetInvalid(RuntimeError):
@@ -133,11 +136,13 @@ def naive_refusal(
 def prepare_inputs(
     conn: duckdb.DuckDBPyConnection,
     settings: Settings,
+    backend: FineTuneBackendResource,
     version: str,
     run_id: str,
     previous_model: str | None,
 ) -> TrainingInputs:
-    """Verify the version's files and write its train/validation chat files for the run."""
+    """Verify the version's files and write its train/validation chat files for the run, with
+    the recipe of `backend` (the format rules and folders come from `settings`)."""
     row = verified_version(conn, version)
     # The blocking check stops a release run, but fine_tuned_model can be launched on its own:
     # never train on, or upload, a version that breaks the format rules.
@@ -156,7 +161,9 @@ def prepare_inputs(
     temp = workdir.with_name(f".{run_id}.{uuid.uuid4().hex[:8]}.tmp")
     temp.mkdir(parents=True)
     try:
-        inputs = _write_inputs(conn, settings, row, version, run_id, workdir, temp, previous_model)
+        inputs = _write_inputs(
+            conn, settings, backend, row, version, run_id, workdir, temp, previous_model
+        )
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -195,6 +202,7 @@ def remove_stale_folders(finetune_dir: Path) -> None:
 def _write_inputs(
     conn: duckdb.DuckDBPyConnection,
     settings: Settings,
+    backend: FineTuneBackendResource,
     row: dict[str, Any],
     version: str,
     run_id: str,
@@ -210,7 +218,7 @@ def _write_inputs(
         paths = _write_split_files(row, _version_splits(conn, version), workdir, temp)
     if paths["train_chat"] is None or paths["train_record"] is None:
         raise DatasetInvalid(f"{version}: no training examples after the split")
-    inputs = _training_inputs(settings, row, version, run_id, paths, previous_model)
+    inputs = _training_inputs(settings, backend, row, version, run_id, paths, previous_model)
     with open(temp / "recipe.json", "wb") as handle:
         handle.write(json.dumps(inputs.recipe(), ensure_ascii=False, indent=2).encode("utf-8"))
         handle.flush()
@@ -323,6 +331,7 @@ def _write_split_files(
 
 def _training_inputs(
     settings: Settings,
+    backend: FineTuneBackendResource,
     row: dict[str, Any],
     version: str,
     run_id: str,
@@ -331,13 +340,13 @@ def _training_inputs(
 ) -> TrainingInputs:
     """The recipe: what the backend trains on, from what, and how."""
     return TrainingInputs(
-        **_preference_inputs(row, settings.finetune_method),
+        **_preference_inputs(row, backend.method),
         run_id=run_id,
         version=version,
-        backend=settings.finetune_backend,
-        base_model=previous_model or settings.finetune_base_model,
-        suffix=settings.finetune_suffix,
-        hyperparameters=dict(settings.finetune_hyperparameters),
+        backend=backend.name,
+        base_model=previous_model or backend.base_model,
+        suffix=backend.suffix,
+        hyperparameters=dict(backend.hyperparameters),
         jsonl_path=row["jsonl_path"],
         chat_path=row["chat_path"],
         manifest_path=row["manifest_path"],

@@ -107,12 +107,13 @@ def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
     from qe_assets.assets.dataset import next_release
     from qe_assets.assets.finetune import SKIPPED_MESSAGE, claim_run
     from qe_assets.finetune.registry import save_run
-    from qe_assets.resources import duckdb_writer
+    from qe_assets.resources import FineTuneBackendResource, duckdb_writer
 
     next_release(resource, settings, force=True)  # as `qe run --cut-version`
     mark("finetune")  # the version is committed: a kill from here on is "right after a commit"
     with duckdb_writer(resource) as conn:
-        claim = claim_run(conn, settings, None, lambda _: None)
+        backend = FineTuneBackendResource.from_settings(settings)
+        claim = claim_run(conn, settings, backend, None, lambda _: None)
     if claim is not None:
         with duckdb_writer(resource) as conn:
             save_run(conn, claim.run_id, status="skipped", message=SKIPPED_MESSAGE)

@@ -1,0 +1,173 @@
+"""The fine-tune backend as a Dagster resource, one concern: which backend trains (`none`,
+`command`, `openai`) and the knobs of the training step itself.
+
+Built from `Settings` (`from_settings`), where the QE_FINETUNE_* variables are parsed and
+validated when the definitions load; the launchpad shows these fields and a run may override
+them (`resources.finetune.config.backend`). The release knobs (threshold, sensor) stay in the
+settings: they decide when a release runs, not how it trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dagster as dg
+from pydantic import Field, model_validator
+
+from qe_assets.finetune.command_backend import model_of, run_command
+from qe_assets.finetune.inputs import TrainingInputs
+from qe_assets.finetune.openai_backend import (
+    FineTuneFailed,
+    FineTuneStillRunning,
+    follow_job,
+    start_job,
+)
+from qe_assets.settings import (
+    FinetuneBackend,
+    FinetuneMethod,
+    Settings,
+    finetune_backend_problem,
+)
+
+if TYPE_CHECKING:  # the LLM client stays a resource of its own, handed in by the asset
+    import openai as openai_sdk
+
+    from qe_assets.resources import OpenAIResource
+
+SKIPPED_MESSAGE = "skipped: no backend configured"
+
+Save = Callable[..., None]
+
+# resource field → the `Settings` field it is built from (and takes its default and help from).
+SETTINGS_FIELDS = {
+    "backend": "finetune_backend",
+    "command": "finetune_command",
+    "base_model": "finetune_base_model",
+    "suffix": "finetune_suffix",
+    "method": "finetune_method",
+    "hyperparameters": "finetune_hyperparameters",
+    "poll_seconds": "finetune_poll_seconds",
+    "deadline_seconds": "finetune_deadline_seconds",
+    "allow_naive": "finetune_allow_naive",
+}
+
+
+def _like(name: str) -> Any:
+    """A field with the default and description of the `Settings` field it mirrors."""
+    source = Settings.model_fields[SETTINGS_FIELDS[name]]
+    return Field(source.get_default(call_default_factory=True), description=source.description)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The run a fine-tune works on: a new attempt, or an interrupted one resumed."""
+
+    run_id: str
+    version: str
+    inputs: TrainingInputs
+    job_id: str | None
+
+
+@dataclass(frozen=True)
+class Trained:
+    """How an attempt ended: what `fine_tune_runs` records and the asset reports."""
+
+    status: str
+    model_id: str | None = None
+    message: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
+
+
+class FineTuneBackendResource(dg.ConfigurableResource):
+    """Which backend trains and how (QE_FINETUNE_BACKEND, _COMMAND, _BASE_MODEL, _SUFFIX,
+    _METHOD, _HYPERPARAMETERS, _POLL_SECONDS, _DEADLINE_SECONDS, _ALLOW_NAIVE). A `command`
+    backend without a command fails when the resource is built: at load time from the settings,
+    at the run's start for a launchpad override."""
+
+    backend: FinetuneBackend = _like("backend")
+    command: str | None = _like("command")
+    base_model: str = _like("base_model")
+    suffix: str = _like("suffix")
+    method: FinetuneMethod = _like("method")
+    hyperparameters: dict[str, Any] = _like("hyperparameters")
+    poll_seconds: float = _like("poll_seconds")
+    deadline_seconds: float = _like("deadline_seconds")
+    allow_naive: bool = _like("allow_naive")
+
+    @model_validator(mode="after")
+    def _usable(self) -> FineTuneBackendResource:
+        problem = finetune_backend_problem(self.backend, self.command)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FineTuneBackendResource:
+        return cls(**{name: getattr(settings, source) for name, source in SETTINGS_FIELDS.items()})
+
+    @property
+    def name(self) -> str:
+        """The backend's name, as `fine_tune_runs.backend` records it."""
+        return self.backend
+
+    @property
+    def configured(self) -> bool:
+        """Whether a run trains a model (`none` only writes the recipe)."""
+        return self.backend != "none"
+
+    def train(
+        self,
+        context: dg.AssetExecutionContext,
+        claim: Claim,
+        openai: OpenAIResource,
+        save: Save,
+    ) -> Trained:
+        """Hand the claimed inputs to the backend; a failure is saved (`save(**fields)` updates
+        the claim's `fine_tune_runs` row), then raised."""
+        if self.backend == "none":
+            return Trained("skipped", message=SKIPPED_MESSAGE)
+        if self.backend == "openai":
+            return self._follow_openai(context, claim, openai.client(), save)
+        assert self.command  # the validator refuses `command` without one
+        try:
+            metrics = run_command(context, self.command, claim.inputs)
+        except Exception as exc:
+            save(status="failed", message=f"training command failed: {exc}"[:2000])
+            raise
+        return Trained("succeeded", model_id=model_of(metrics), metrics=metrics)
+
+    def _follow_openai(
+        self,
+        context: dg.AssetExecutionContext,
+        claim: Claim,
+        client: openai_sdk.OpenAI,
+        save: Save,
+    ) -> Trained:
+        """Start the job (unless the claim resumes one) and follow it up to the deadline."""
+        job_id = claim.job_id
+        try:
+            job_id = job_id or start_job(client, claim.inputs, save)
+            outcome = follow_job(
+                client,
+                job_id,
+                poll_seconds=self.poll_seconds,
+                deadline_seconds=self.deadline_seconds,
+                on_status=lambda s: context.log.info(f"job {job_id}: {s}"),
+            )
+        except FineTuneStillRunning as exc:
+            save(message=str(exc))
+            raise dg.Failure(str(exc)) from exc
+        except FineTuneFailed as exc:
+            # The provider's own status (failed or cancelled) and its events, for the post-mortem.
+            failed = exc.outcome
+            save(
+                status=failed.status,
+                message=str(exc),
+                metrics={**failed.metrics, "events": failed.events},
+            )
+            raise dg.Failure(str(exc)) from exc
+        metrics = {**outcome.metrics, "events": outcome.events}
+        return Trained("succeeded", model_id=outcome.model_id, metrics=metrics, job_id=job_id)
