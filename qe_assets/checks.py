@@ -11,7 +11,12 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.dataset import tuning_dataset
-from qe_assets.export import VersionFiles, preference_format_problems, version_format_problems
+from qe_assets.export import (
+    VersionFiles,
+    format_stamps,
+    preference_format_problems,
+    version_format_problems,
+)
 from qe_assets.finetune.registry import pending_version, reject_version
 from qe_assets.resources import (
     FineTuneBackendResource,
@@ -107,8 +112,18 @@ def dataset_format_valid(
     latest = _checked_version(duckdb, finetune)
     if latest is None:
         return _no_version()
+    before = format_stamps(latest.files)
     problems, examples = version_format_problems(latest.files, settings.min_dataset_examples)
-    result = _result(latest.version, problems, dg.AssetCheckSeverity.ERROR, examples=examples)
+    # The files' stamps, when nothing wrote them while they were read: fine_tuned_model in the
+    # same run then trusts this verdict instead of parsing every line again.
+    stamps = before if format_stamps(latest.files) == before else None
+    result = _result(
+        latest.version,
+        problems,
+        dg.AssetCheckSeverity.ERROR,
+        examples=examples,
+        checked_files=dg.MetadataValue.json(stamps or {}),
+    )
     return _refuse(duckdb, finetune, "dataset_format_valid", result)
 
 

@@ -306,6 +306,17 @@ def _json_chunks(path: Path) -> Iterator[tuple[int, pl.DataFrame | None, str | N
         yield first, None, f"{path.name} is not readable: {exc}"
 
 
+def format_stamps(files: VersionFiles) -> dict[str, list[int]]:
+    """(size, mtime_ns, inode) of the two files the format rules read. Recorded by the check that
+    validated them: a later reader finding the same stamps (and the committed sha256) knows the
+    bytes are the ones validated, without parsing them again."""
+    stamps = {}
+    for name, path in (("jsonl", files.jsonl), ("chat", files.chat)):
+        stat = path.stat()
+        stamps[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    return stamps
+
+
 def version_format_problems(files: VersionFiles, min_examples: int) -> tuple[list[str], int]:
     """(problems, examples) of a version's chat and record files under the format rules: what the
     blocking check reports, and what fine-tuning refuses to train on."""

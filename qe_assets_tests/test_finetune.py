@@ -548,3 +548,34 @@ def test_a_run_gets_the_version_split_files_and_a_legacy_version_is_split_again(
     assert _run_files(settings, "v002-none-1") == {
         name: body for name, body in expected.items() if body
     }
+
+
+def _log_messages(instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult) -> list[str]:
+    return [entry.user_message for entry in instance.all_logs(result.run_id)]
+
+
+def test_the_fine_tune_reuses_the_format_check_only_on_the_files_it_read(
+    settings: Settings,
+) -> None:
+    not_again = "dataset_format_valid passed on these very files; not parsed again"
+    with dg.instance_for_test() as instance:
+        # A release run: the blocking check parses every line, the fine-tune trusts its verdict.
+        processed(settings, 12)
+        release = materialize(
+            settings, selection=["tuning_dataset", "fine_tuned_model"], instance=instance
+        )
+        assert any(not_again in m for m in _log_messages(instance, release))
+        stamps = checks(release)["dataset_format_valid"].metadata["checked_files"].value
+        assert set(stamps) == {"jsonl", "chat"}
+        # v002 passes its check; then its chat file is rewritten with the same bytes (same
+        # sha256, a new mtime): the verdict is about other files now, so the lines are parsed.
+        processed(settings, 12, prefix="g")
+        cut = materialize(settings, selection=["tuning_dataset"], instance=instance)
+        assert checks(cut)["dataset_format_valid"].passed
+        chat = next(settings.datasets_dir.glob("*_v002.chat.jsonl"))
+        body = chat.read_bytes()
+        chat.unlink()
+        chat.write_bytes(body)
+        alone = materialize(settings, selection=["fine_tuned_model"], instance=instance)
+        assert metadata(alone, "fine_tuned_model")["status"] == "skipped"
+        assert not any(not_again in m for m in _log_messages(instance, alone))

@@ -3,6 +3,7 @@ the `fine_tune_runs` registry."""
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,37 @@ from qe_assets.settings import Settings
 __all__ = ["SKIPPED_MESSAGE", "Claim", "Trained", "claim_run", "fine_tuned_model"]
 
 
+@dataclass(frozen=True)
+class FormatVerdict:
+    """A passed `dataset_format_valid`: the version and the stamps of the files it read."""
+
+    version: str
+    stamps: dict[str, Any]
+
+
+FORMAT_CHECK = dg.AssetCheckKey(tuning_dataset.key, "dataset_format_valid")
+
+
+def format_verdict(instance: dg.DagsterInstance) -> FormatVerdict | None:
+    """The latest `dataset_format_valid` evaluation, if it passed on files nothing was writing.
+
+    In a release run the blocking check has just parsed every line of the version; its verdict
+    lets the fine-tune skip parsing them again (the stamps say whether they are still the same
+    files, see `prepare_inputs`)."""
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([FORMAT_CHECK]).get(
+        FORMAT_CHECK
+    )
+    event = record.event if record is not None else None
+    evaluation = event.dagster_event.event_specific_data if event and event.dagster_event else None
+    if not isinstance(evaluation, dg.AssetCheckEvaluation) or not evaluation.passed:
+        return None
+    version = evaluation.metadata.get("version")
+    stamps = evaluation.metadata.get("checked_files")
+    if version is None or stamps is None or not stamps.value:
+        return None
+    return FormatVerdict(str(version.value), dict(stamps.value))
+
+
 def _inputs_from(row: dict[str, Any]) -> TrainingInputs:
     return TrainingInputs(**json.loads(row["recipe"]))
 
@@ -47,6 +79,7 @@ def claim_run(
     backend: FineTuneBackendResource,
     dagster_run_id: str | None,
     log: Callable[[str], None],
+    format_checked: FormatVerdict | None = None,
 ) -> Claim | None:
     """Take the oldest version without a finished run of `backend`: resume its `running` attempt
     (same run id and recipe, so a provider job created for it, even one whose id was never saved,
@@ -64,13 +97,13 @@ def claim_run(
         folder = Path(inputs.train_chat_path).parent
         if not (folder / "recipe.json").exists() or not Path(inputs.train_chat_path).exists():
             # Its folder was removed (or is a pre-atomic half-written one): write it again.
-            inputs = _prepare(conn, settings, backend, version, last["run_id"])
+            inputs = _prepare(conn, settings, backend, version, last["run_id"], format_checked, log)
         return Claim(last["run_id"], version, inputs, last["job_id"])
     refusal = naive_refusal(conn, version, name, backend.allow_naive)
     if refusal is not None:
         raise dg.Failure(refusal)
     run_id = f"{version}-{name}-{attempts(conn, version, name) + 1}"
-    inputs = _prepare(conn, settings, backend, version, run_id)
+    inputs = _prepare(conn, settings, backend, version, run_id, format_checked, log)
     save_run(
         conn,
         run_id,
@@ -90,10 +123,13 @@ def _prepare(
     backend: FineTuneBackendResource,
     version: str,
     run_id: str,
+    format_checked: FormatVerdict | None,
+    log: Callable[[str], None],
 ) -> TrainingInputs:
     previous = previous_model(conn, backend.name, version)
+    stamps = format_checked.stamps if format_checked and format_checked.version == version else None
     try:
-        return prepare_inputs(conn, settings, backend, version, run_id, previous)
+        return prepare_inputs(conn, settings, backend, version, run_id, previous, stamps, log)
     except DatasetInvalid as exc:
         raise dg.Failure(str(exc)) from exc
 
@@ -121,9 +157,10 @@ def fine_tuned_model(
     finetune: FineTuneBackendResource,
     openai: OpenAIResource,
 ) -> Iterator[dg.MaterializeResult]:
+    verdict = format_verdict(context.instance)
     # Claimed under the writer lock (briefly; the training itself runs without it).
     with exclusive_stage(context, settings), duckdb_writer(duckdb) as conn:
-        claim = claim_run(conn, settings, finetune, context.run.run_id, context.log.info)
+        claim = claim_run(conn, settings, finetune, context.run.run_id, context.log.info, verdict)
     if claim is None:
         return
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import polars as pl
 
 from qe_assets.export import (
     VersionFiles,
+    format_stamps,
     line_chunks,
     sha256_file,
     split_file_problems,
@@ -140,14 +142,25 @@ def prepare_inputs(
     version: str,
     run_id: str,
     previous_model: str | None,
+    format_checked: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainingInputs:
     """Verify the version's files and write its train/validation chat files for the run, with
-    the recipe of `backend` (the format rules and folders come from `settings`)."""
+    the recipe of `backend` (the format rules and folders come from `settings`).
+
+    `format_checked`: the file stamps a passed `dataset_format_valid` recorded for this version.
+    Files that still match them (and, verified here, their committed sha256) are the bytes the
+    check validated, and are not parsed again."""
     row = verified_version(conn, version)
     # The blocking check stops a release run, but fine_tuned_model can be launched on its own:
     # never train on, or upload, a version that breaks the format rules.
     files = _files_of(row)
-    problems, _ = version_format_problems(files, settings.min_dataset_examples)
+    if format_checked and format_stamps(files) == format_checked:
+        problems: list[str] = []
+        if log is not None:
+            log(f"{version}: dataset_format_valid passed on these very files; not parsed again")
+    else:
+        problems, _ = version_format_problems(files, settings.min_dataset_examples)
     if problems:
         shown = "; ".join(problems[:5]) + (
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
