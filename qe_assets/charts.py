@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import threading
 import warnings
 from types import ModuleType
 
@@ -26,6 +27,13 @@ def _pyplot() -> ModuleType:
         *plt.rcParams["font.sans-serif"],
     ]
     return plt
+
+
+def import_in_background() -> None:
+    """Start importing matplotlib on a helper thread: a step that will draw a chart after long
+    work (a version cut, most of it in Polars and in file writes, outside the GIL) no longer
+    waits for the import at its end."""
+    threading.Thread(target=_pyplot, name="import-matplotlib", daemon=True).start()
 
 
 def label_share_png(counts: dict[str, int], title: str) -> bytes:

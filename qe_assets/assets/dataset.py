@@ -12,7 +12,7 @@ from pydantic import Field
 
 from qe_assets.assets import RELEASE_GROUP
 from qe_assets.assets.complete import completions
-from qe_assets.charts import as_markdown_image, label_share_png
+from qe_assets.charts import as_markdown_image, import_in_background, label_share_png
 from qe_assets.evaluation.holdout import hold_out
 from qe_assets.export import (
     VersionFiles,
@@ -311,6 +311,7 @@ def tuning_dataset(
     settings: PipelineSettings,
     finetune: FineTuneBackendResource,
 ) -> Iterator[dg.MaterializeResult]:
+    import_in_background()  # the label chart comes at the end
     with exclusive_stage(context, settings):
         manifest, republished, reason = next_release(
             duckdb,
