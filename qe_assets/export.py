@@ -11,12 +11,15 @@ is never rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import queue
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -112,20 +115,23 @@ class _Sink:
     size: int = 0
     lines: int = 0
 
-    def write_lines(self, lines: pl.Series) -> None:
+    def pieces(self, lines: pl.Series) -> Iterator[tuple[bytes, int]]:
+        """The lines as UTF-8 bytes, a slice at a time, with the number of lines in each."""
         if lines.null_count():
             # str.join would skip them and the two line files would fall out of step.
             raise ValueError(f"{self.final.name}: {lines.null_count()} lines to write are null")
-        # A slice at a time: joined by Polars and handed over as its UTF-8 bytes, so the bytes
-        # of a whole batch never exist twice over, and never pass through a Python str (decoding
-        # Chinese text into one and encoding it back cost more than hashing and writing it).
+        # Joined by Polars and handed over as its UTF-8 bytes, so the bytes of a whole batch
+        # never exist at once, and never pass through a Python str (decoding Chinese text into
+        # one and encoding it back cost more than hashing and writing it).
         for start in range(0, lines.len(), WRITE_SLICE_LINES):
             piece = lines.slice(start, WRITE_SLICE_LINES)
-            data = piece.str.join("\n").cast(pl.Binary).item() + b"\n"
-            self.handle.write(data)
-            self.digest.update(data)
-            self.size += len(data)
-            self.lines += piece.len()
+            yield piece.str.join("\n").cast(pl.Binary).item() + b"\n", piece.len()
+
+    def put(self, data: bytes, lines: int) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        self.lines += lines
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -134,6 +140,46 @@ class _Sink:
             "bytes": self.size,
             "lines": self.lines,
         }
+
+
+# Slices handed to the writing thread and not yet written, at most (~12 MB each).
+WRITES_IN_FLIGHT = 4
+
+
+class _WritingThread:
+    """Hashes and writes the sinks' slices, in order, on a thread of its own: file writes and
+    sha256 run outside the GIL, so they overlap the next batch's read, redaction and encoding
+    instead of following them. The queue is bounded, so memory stays a few slices deep. A
+    failure is raised from the next `put` or from `finish`."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[_Sink, bytes, int] | None] = queue.Queue(WRITES_IN_FLIGHT)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="version-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, only drain what is queued
+                try:
+                    item[0].put(item[1], item[2])
+                except BaseException as exc:
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, sink: _Sink, data: bytes, lines: int) -> None:
+        self._raise()
+        self._queue.put((sink, data, lines))
+
+    def finish(self) -> None:
+        """Wait until every slice is written; raise what writing raised."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
 
 
 class VersionWriter:
@@ -151,6 +197,7 @@ class VersionWriter:
             raise FileExistsError(f"dataset {version} already exists: {existing[0]}")
         self._sinks: dict[str | tuple[str, str], _Sink] = {}
         self._temp_folder = directory / f".{self.files.folder.name}.{uuid.uuid4().hex[:8]}.tmp"
+        self._writing: _WritingThread | None = None
 
     def __enter__(self) -> VersionWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -166,7 +213,13 @@ class VersionWriter:
                 temp = self._temp_folder / final.name
                 name = f"{final.parent.name}/{final.name}"
                 self._sinks[(split, fmt)] = _Sink(final, temp, open(temp, "wb"), name)
+        self._writing = _WritingThread()
         return self
+
+    def _write(self, sink: _Sink, lines: pl.Series) -> None:
+        assert self._writing is not None, "VersionWriter is used as a context manager"
+        for data, count in sink.pieces(lines):
+            self._writing.put(sink, data, count)
 
     def write(
         self,
@@ -186,18 +239,18 @@ class VersionWriter:
                 "split": splits,
             }
         )
-        self._sinks["jsonl"].write_lines(lines["records"])
-        self._sinks["chat"].write_lines(lines["chat"])
+        self._write(self._sinks["jsonl"], lines["records"])
+        self._write(self._sinks["chat"], lines["chat"])
         frames = {"records": lines, "chat": lines}
         if preference is not None and preference.height:
-            self._sinks["preference"].write_lines(preference["trl"])
+            self._write(self._sinks["preference"], preference["trl"])
             pairs = preference.rename({"trl": "preference", "openai": "openai_preference"})
             frames |= {"preference": pairs, "openai_preference": pairs}
         for split in SPLITS:
             for fmt, frame in frames.items():
                 part = frame.filter(pl.col("split") == split)[fmt]
                 if part.len():
-                    self._sinks[(split, fmt)].write_lines(part)
+                    self._write(self._sinks[(split, fmt)], part)
 
     def publish(
         self, manifest: dict[str, Any], card: Callable[[dict[str, Any]], str]
@@ -205,6 +258,8 @@ class VersionWriter:
         """fsync and rename the line files and the folder (with `card(manifest)` as its
         README.md), then write the manifest (with every file's hash) last."""
         manifest = {**manifest, "files": {}, "split_files": {split: {} for split in SPLITS}}
+        assert self._writing is not None, "VersionWriter is used as a context manager"
+        self._writing.finish()
         for key, sink in self._sinks.items():
             sink.handle.flush()
             os.fsync(sink.handle.fileno())
@@ -230,6 +285,9 @@ class VersionWriter:
         return manifest
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._writing is not None:
+            with contextlib.suppress(Exception):  # the body's error is the one to report
+                self._writing.finish()
         for sink in self._sinks.values():
             sink.handle.close()
             sink.temp.unlink(missing_ok=True)

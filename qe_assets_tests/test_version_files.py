@@ -208,3 +208,22 @@ def test_the_rejected_answer_of_a_pair_is_redacted(
     assert len(pairs) == 10  # 15 rewrites, every third refused by the judge
     assert {p["rejected"][0]["content"] for p in pairs} == {"Mail [EMAIL] for it."}
     assert "@example.com" not in files.split_file("train", "openai_preference").read_text("utf-8")
+
+
+def test_a_failed_write_on_the_writing_thread_fails_the_cut_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    import polars as pl
+
+    from qe_assets.export import VersionWriter
+
+    records = pl.DataFrame({"sample_id": ["a", "b"], "prompt": ["p", "q"]})
+    chat = pl.Series(["{}", "{}"])
+    splits = pl.Series(["train", "validation"])
+    with pytest.raises(ValueError, match="closed file"), VersionWriter(tmp_path, "v001") as writer:
+        writer.write(records, chat, splits)
+        # What a failing disk looks like to the writing thread: its next write raises.
+        writer._sinks["chat"].handle.close()
+        writer.write(records, chat, splits)
+        writer.publish({"version": "v001"}, lambda manifest: "card")
+    assert list(tmp_path.iterdir()) == []
