@@ -3,6 +3,7 @@
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import dagster as dg
 import duckdb
@@ -149,9 +150,10 @@ def annotate_pending(
 ) -> int:
     """Annotate every raw event past the watermark, batch by batch; returns how many.
 
-    Each connection reads the batch after the one it commits, then commits on a helper thread
-    while this thread annotates what it read (Polars, on the other core); the connection then
-    closes behind us (see `WriterSession`). Batches still commit one after another, each with its
+    Each connection commits a batch on a helper thread while this thread reads the batch after
+    it (through a cursor: a connection of its own to the same database, which MVCC keeps apart
+    from the commit) and annotates it (Polars, on the other core); the connection then closes
+    behind us (see `WriterSession`). Batches still commit one after another, each with its
     watermark, so a crash replays at most the uncommitted ones.
     """
     with connection() as conn:
@@ -163,10 +165,10 @@ def annotate_pending(
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate-commit") as committer:
         while batch is not None:
-            with connection() as conn:
-                ahead = read_new_events(conn, last_seq, batch_size)
+            with connection() as conn, closing(conn.cursor()) as reader:
                 committed = committer.submit(commit_samples, conn, batch, last_seq, spot_share)
                 try:
+                    ahead = read_new_events(reader, last_seq, batch_size)
                     batch = None if ahead.is_empty() else annotated_batch(ahead, config)
                 except BaseException as exc:
                     # The commit must end before its connection does; its failure is kept too.
