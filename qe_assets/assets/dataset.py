@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +37,7 @@ from qe_assets.resources import (
 )
 from qe_assets.settings import Settings
 from qe_assets.store import owned_copy, select_frame, transaction
-from qe_assets.templates import load_templates
+from qe_assets.templates import Templates, load_templates
 from qe_assets.transforms.dataset import (
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
@@ -130,82 +131,118 @@ def _manifest(
     }
 
 
-def cut_version(
+@dataclass
+class _Tally:
+    """What a cut has written so far: the counts its manifest reports and the samples (under
+    their stored ids) and held-out samples its commit records."""
+
+    last_seq: int
+    labels: dict[str, int] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+    redacted: dict[str, int] = field(default_factory=dict)
+    pair_counts: dict[str, int] = field(default_factory=dict)
+    members: list[pl.DataFrame] = field(default_factory=list)
+    held_out: list[pl.DataFrame] = field(default_factory=list)
+
+    def add(self, written: pl.DataFrame, pairs: pl.DataFrame, stored: pl.DataFrame) -> None:
+        for column in ("mode", "split"):
+            for key, count in pairs.group_by(column).len().iter_rows():
+                self.pair_counts[key] = self.pair_counts.get(key, 0) + count
+        for name, count in label_counts(written).items():
+            self.labels[name] = self.labels.get(name, 0) + count
+        for mode, count in written.group_by("mode").len().iter_rows():
+            self.modes[mode] = self.modes.get(mode, 0) + count
+        self.members.append(stored)
+
+    @property
+    def written(self) -> int:
+        return sum(m.height for m in self.members)
+
+
+def _export_batch(
+    writer: VersionWriter,
+    batch: pl.DataFrame,
+    settings: Settings,
+    templates: Templates,
+    redacted: dict[str, int],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Write a batch's records, chat lines and preference pairs; returns the batch as written
+    (redacted) and its pairs."""
+    if settings.pii_redaction:
+        # Nothing personal leaves the store: prompts and completions are redacted, labels too and
+        # ids holding PII become pseudonyms, on the way into the files, manifest and metadata
+        # (the tables keep what was received, for audit).
+        batch, found = redact(batch, ["prompt", "completion"])
+        batch, in_labels = redact_identifiers(batch)
+        for kind in found:
+            redacted[kind] = redacted.get(kind, 0) + found[kind] + in_labels[kind]
+    pairs = _pairs(batch, settings, redacted)
+    writer.write(
+        records(batch),
+        chat_lines(
+            batch,
+            templates,
+            system_message=settings.chat_system_message,
+            weight_threshold=settings.chat_weight_threshold,
+        ),
+        batch["split"],
+        preference_lines(
+            pairs, templates, system_message=settings.chat_system_message
+        ).with_columns(pairs["split"]),
+    )
+    return batch, pairs
+
+
+def _write_batches(
     duckdb_resource: DuckDBResource,
     settings: Settings,
-    on_batch: Callable[[str, int], None] | None = None,
-) -> dict[str, Any] | None:
-    """Write and commit the next version; None when no sample is ready. `on_batch(version,
-    samples written so far)` follows progress."""
-    with duckdb_writer(duckdb_resource) as conn:
-        state = version_state(conn)
-    version = version_name(state.next_number)
-    directory = settings.datasets_dir
-    remove_uncommitted(directory, state.committed)
+    state: VersionState,
+    writer: VersionWriter,
+    on_batch: Callable[[int], None] | None,
+) -> _Tally:
+    """Every ready sample into the version's files, a batch at a time; the evaluation set's
+    share leaves every file."""
     templates = load_templates()
-    labels: dict[str, int] = {}
-    modes: dict[str, int] = {}
-    redacted: dict[str, int] = {}
-    pair_counts: dict[str, int] = {}
-    members: list[pl.DataFrame] = []
-    held_out: list[pl.DataFrame] = []
-    last_seq = state.low
-    with VersionWriter(directory, version) as writer:
-        for batch in _ready_batches(duckdb_resource, state, settings.export_batch_size):
-            batch_seq = int(batch["completion_seq"].max())  # type: ignore[arg-type]
-            batch = assign_split(batch, settings.validation_share, settings.eval_share)
-            with duckdb_writer(duckdb_resource) as conn:
-                batch, held = hold_out(conn, batch)  # the evaluation set leaves every file
-            held_out.append(held)
-            if batch.is_empty():
-                last_seq = batch_seq
-                continue
+    tally = _Tally(last_seq=state.low)
+    for batch in _ready_batches(duckdb_resource, state, settings.export_batch_size):
+        batch_seq = int(batch["completion_seq"].max())  # type: ignore[arg-type]
+        batch = assign_split(batch, settings.validation_share, settings.eval_share)
+        with duckdb_writer(duckdb_resource) as conn:
+            batch, held = hold_out(conn, batch)
+        tally.held_out.append(held)
+        if not batch.is_empty():
             # The stored ids: dataset_samples keys on them whatever the files show.
             stored = batch.select(owned_copy("sample_id"), "split")
-            if settings.pii_redaction:
-                # Nothing personal leaves the store: prompts and completions are redacted, labels
-                # too and ids holding PII become pseudonyms, on the way into the files, manifest
-                # and metadata (the tables keep what was received, for audit).
-                batch, found = redact(batch, ["prompt", "completion"])
-                batch, in_labels = redact_identifiers(batch)
-                for kind in found:
-                    redacted[kind] = redacted.get(kind, 0) + found[kind] + in_labels[kind]
-            pairs = _pairs(batch, settings, redacted)
-            writer.write(
-                records(batch),
-                chat_lines(
-                    batch,
-                    templates,
-                    system_message=settings.chat_system_message,
-                    weight_threshold=settings.chat_weight_threshold,
-                ),
-                batch["split"],
-                preference_lines(
-                    pairs, templates, system_message=settings.chat_system_message
-                ).with_columns(pairs["split"]),
-            )
-            for key, count in pairs.group_by("mode").len().iter_rows():
-                pair_counts[key] = pair_counts.get(key, 0) + count
-            for key, count in pairs.group_by("split").len().iter_rows():
-                pair_counts[key] = pair_counts.get(key, 0) + count
-            for name, count in label_counts(batch).items():
-                labels[name] = labels.get(name, 0) + count
-            for mode, count in batch.group_by("mode").len().iter_rows():
-                modes[mode] = modes.get(mode, 0) + count
-            members.append(stored)
-            last_seq = batch_seq
-            if on_batch is not None:
-                on_batch(version, sum(m.height for m in members))
-        if not members:
-            return None
-        samples = pl.concat(members)
-        splits = dict(samples.group_by("split").len().iter_rows())
-        labels = dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))
-        manifest = _manifest(version, settings, labels, modes, splits, (state.low, last_seq))
-        manifest["pii_redactions"] = redacted if settings.pii_redaction else None
-        manifest["preference"] = _preference_summary(pair_counts)
-        manifest = writer.publish(manifest, dataset_card)
-    files = VersionFiles.at(directory, version)
+            written, pairs = _export_batch(writer, batch, settings, templates, tally.redacted)
+            tally.add(written, pairs, stored)
+        tally.last_seq = batch_seq
+        if on_batch is not None and not batch.is_empty():
+            on_batch(tally.written)
+    return tally
+
+
+def _version_manifest(
+    version: str, settings: Settings, state: VersionState, tally: _Tally, splits: dict[str, int]
+) -> dict[str, Any]:
+    labels = dict(sorted(tally.labels.items(), key=lambda item: (-item[1], item[0])))
+    seq_range = (state.low, tally.last_seq)
+    manifest = _manifest(version, settings, labels, tally.modes, splits, seq_range)
+    manifest["pii_redactions"] = tally.redacted if settings.pii_redaction else None
+    manifest["preference"] = _preference_summary(tally.pair_counts)
+    return manifest
+
+
+def _commit_version(
+    duckdb_resource: DuckDBResource,
+    files: VersionFiles,
+    number: int,
+    manifest: dict[str, Any],
+    samples: pl.DataFrame,
+    tally: _Tally,
+) -> None:
+    """The commit point of a cut, after its files and manifest are in place: the version's row,
+    its samples and the held-out samples, in one transaction."""
+    splits = manifest["split"]
     with duckdb_writer(duckdb_resource) as conn:
         conn.register("version_samples", samples)
         with transaction(conn):
@@ -213,32 +250,61 @@ def cut_version(
                 "INSERT INTO dataset_versions VALUES "
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
                 [
-                    version,
-                    state.next_number,
+                    manifest["version"],
+                    number,
                     str(files.jsonl),
                     str(files.chat),
                     str(files.manifest),
                     samples.height,
-                    splits.get(TRAIN_SPLIT, 0),
-                    splits.get(VALIDATION_SPLIT, 0),
+                    splits[TRAIN_SPLIT],
+                    splits[VALIDATION_SPLIT],
                     manifest["files"]["jsonl"]["sha256"],
                     manifest["files"]["chat"]["sha256"],
                     manifest["files"]["manifest"]["sha256"],
-                    json.dumps(labels, ensure_ascii=False),
+                    json.dumps(manifest["label_counts"], ensure_ascii=False),
                     json.dumps(manifest["settings"], ensure_ascii=False),
-                    last_seq,
+                    tally.last_seq,
                 ],
             )
             conn.execute(
                 "INSERT INTO dataset_samples SELECT ?, sample_id, split FROM version_samples",
-                [version],
+                [manifest["version"]],
             )
-            conn.register("held_out", pl.concat(held_out))
+            conn.register("held_out", pl.concat(tally.held_out))
             conn.execute(
                 "INSERT INTO evaluation_set SELECT sample_id, question_key, ?, now()::TIMESTAMP "
                 "FROM held_out ON CONFLICT DO NOTHING",
-                [version],
+                [manifest["version"]],
             )
+
+
+def cut_version(
+    duckdb_resource: DuckDBResource,
+    settings: Settings,
+    on_batch: Callable[[str, int], None] | None = None,
+) -> dict[str, Any] | None:
+    """Write and commit the next version; None when no sample is ready. `on_batch(version,
+    samples written so far)` follows progress.
+
+    Files first (under temp names, renamed into place, the manifest last), then the row: a crash
+    before the commit leaves files no committed version owns, which the next cut removes."""
+    with duckdb_writer(duckdb_resource) as conn:
+        state = version_state(conn)
+    version = version_name(state.next_number)
+    directory = settings.datasets_dir
+    remove_uncommitted(directory, state.committed)
+    progress = None if on_batch is None else (lambda written: on_batch(version, written))
+    with VersionWriter(directory, version) as writer:
+        tally = _write_batches(duckdb_resource, settings, state, writer, progress)
+        if not tally.members:
+            return None
+        samples = pl.concat(tally.members)
+        splits = dict(samples.group_by("split").len().iter_rows())
+        manifest = writer.publish(
+            _version_manifest(version, settings, state, tally, splits), dataset_card
+        )
+    files = VersionFiles.at(directory, version)
+    _commit_version(duckdb_resource, files, state.next_number, manifest, samples, tally)
     return manifest
 
 
