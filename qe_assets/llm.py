@@ -316,88 +316,25 @@ class _Run:
         return self.scanned_to
 
     async def run(self, next_page: NextPage, commit: Commit) -> list[pl.DataFrame]:
-        config = self.config
-        database = asyncio.Lock()  # one DuckDB connection at a time, reads and commits alike
-        tasks: set[asyncio.Task[dict[str, Any]]] = set()
-        finished: list[dict[str, Any]] = []
-        committed: list[pl.DataFrame] = []
-        committing: asyncio.Task[None] | None = None
-        stored_watermark: int | None = None
-        exhausted = False
-        fatal: str | None = None
-
-        async def read() -> Page | None:
-            async with database:
-                return await asyncio.to_thread(next_page)
-
-        async def flush(records: list[dict[str, Any]]) -> None:
-            outcomes = outcome_frame(records)
-            self.outstanding = self.outstanding.join(
-                outcomes.select("sample_id"), on="sample_id", how="anti"
-            )
-            nonlocal stored_watermark
-            watermark = stored_watermark = self.watermark()
-            async with database:
-                await asyncio.to_thread(commit, outcomes, watermark)
-            # Texts are in DuckDB now; keep only what the run totals need.
-            committed.append(
-                outcomes.with_columns(
-                    content=pl.lit(None, dtype=pl.String),
-                    judge_content=pl.lit(None, dtype=pl.String),
-                )
-            )
-
-        # Tasks report here when done: waiting on one queue stays O(1) per finished call, where
-        # asyncio.wait over hundreds of pending tasks would re-register callbacks on each wake-up.
-        done: asyncio.Queue[asyncio.Task[dict[str, Any]]] = asyncio.Queue()
+        """Call the LLM for every page `next_page` hands out, `config.concurrency` calls at a
+        time, and commit the outcomes in batches; returns the committed outcomes (texts
+        dropped). A fatal error (bad key, unknown model) stops the run after committing what
+        finished."""
+        loop = _Loop(self, next_page, commit)
         try:
             while True:
-                # Keep a page queued behind the calls in flight, so the slots stay busy while the
-                # next page is read.
-                while (
-                    not exhausted
-                    and fatal is None
-                    and len(tasks) < config.concurrency + config.batch_size
-                ):
-                    page = await read()
-                    if page is None:
-                        exhausted = True
-                        break
-                    self._dispatch(page, tasks, done)
-                if not tasks:
+                await loop.fill()
+                if not loop.tasks:
                     break
-                ready = [await done.get()]
-                while not done.empty():
-                    ready.append(done.get_nowait())
-                for task in ready:
-                    tasks.discard(task)
-                    record = task.result()
-                    finished.append(record)
-                    if record["error"] in FATAL_ERRORS or record["judge_error"] in FATAL_ERRORS:
-                        fatal = record["error"] or record["judge_error"]
-                if fatal is not None:
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    tasks.clear()
-                if len(finished) >= config.batch_size or (finished and not tasks):
-                    # Commit in the background so dispatching continues meanwhile; commits stay
-                    # in order because each waits for the one before.
-                    if committing is not None:
-                        await committing
-                    batch, finished = finished, []
-                    committing = asyncio.create_task(flush(batch))
-            if committing is not None:
-                await committing
-            if fatal is None and self.watermark() != stored_watermark:
-                # Pages that held nothing to call (review samples only) still move the watermark.
-                await flush([])
+                await loop.collect()
+                await loop.commit_if_due()
+            await loop.finish()
         finally:
-            for task in tasks:
+            for task in loop.tasks:
                 task.cancel()
-        if fatal is not None:
-            raise LLMFatalError(fatal)
-        return committed
+        if loop.fatal is not None:
+            raise LLMFatalError(loop.fatal)
+        return loop.committed
 
     def _dispatch(
         self,
@@ -416,6 +353,93 @@ class _Run:
             task = asyncio.create_task(self.complete(job, page.judge_cache))
             task.add_done_callback(done.put_nowait)
             tasks.add(task)
+
+
+class _Loop:
+    """The state of one `_Run.run`: the calls in flight, the outcomes waiting for a commit, the
+    commit running in the background, and whether the pages or the run have ended."""
+
+    def __init__(self, run: _Run, next_page: NextPage, commit: Commit) -> None:
+        self.run = run
+        self.next_page = next_page
+        self.commit = commit
+        self.database = asyncio.Lock()  # one DuckDB connection at a time, reads and commits alike
+        self.tasks: set[asyncio.Task[dict[str, Any]]] = set()
+        # Tasks report here when done: waiting on one queue stays O(1) per finished call, where
+        # asyncio.wait over hundreds of pending tasks would re-register callbacks on each wake-up.
+        self.done: asyncio.Queue[asyncio.Task[dict[str, Any]]] = asyncio.Queue()
+        self.finished: list[dict[str, Any]] = []
+        self.committed: list[pl.DataFrame] = []
+        self.committing: asyncio.Task[None] | None = None
+        self.stored_watermark: int | None = None
+        self.exhausted = False
+        self.fatal: str | None = None
+
+    async def fill(self) -> None:
+        """Keep a page queued behind the calls in flight, so the slots stay busy while the next
+        page is read."""
+        config = self.run.config
+        while (
+            not self.exhausted
+            and self.fatal is None
+            and len(self.tasks) < config.concurrency + config.batch_size
+        ):
+            async with self.database:
+                page = await asyncio.to_thread(self.next_page)
+            if page is None:
+                self.exhausted = True
+                return
+            self.run._dispatch(page, self.tasks, self.done)
+
+    async def collect(self) -> None:
+        """Take every call that has finished (waiting for one); on a fatal error, cancel the
+        rest."""
+        ready = [await self.done.get()]
+        while not self.done.empty():
+            ready.append(self.done.get_nowait())
+        for task in ready:
+            self.tasks.discard(task)
+            record = task.result()
+            self.finished.append(record)
+            if record["error"] in FATAL_ERRORS or record["judge_error"] in FATAL_ERRORS:
+                self.fatal = record["error"] or record["judge_error"]
+        if self.fatal is not None:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.tasks.clear()
+
+    async def commit_if_due(self) -> None:
+        """Commit a batch of outcomes in the background, so dispatching continues meanwhile;
+        commits stay in order because each waits for the one before."""
+        if len(self.finished) >= self.run.config.batch_size or (self.finished and not self.tasks):
+            if self.committing is not None:
+                await self.committing
+            batch, self.finished = self.finished, []
+            self.committing = asyncio.create_task(self.flush(batch))
+
+    async def finish(self) -> None:
+        if self.committing is not None:
+            await self.committing
+        if self.fatal is None and self.run.watermark() != self.stored_watermark:
+            # Pages that held nothing to call (review samples only) still move the watermark.
+            await self.flush([])
+
+    async def flush(self, records: list[dict[str, Any]]) -> None:
+        outcomes = outcome_frame(records)
+        self.run.outstanding = self.run.outstanding.join(
+            outcomes.select("sample_id"), on="sample_id", how="anti"
+        )
+        watermark = self.stored_watermark = self.run.watermark()
+        async with self.database:
+            await asyncio.to_thread(self.commit, outcomes, watermark)
+        # Texts are in DuckDB now; keep only what the run totals need.
+        self.committed.append(
+            outcomes.with_columns(
+                content=pl.lit(None, dtype=pl.String),
+                judge_content=pl.lit(None, dtype=pl.String),
+            )
+        )
 
 
 async def _complete_all(
