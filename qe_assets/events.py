@@ -286,6 +286,19 @@ def validate_records(
     finally:
         if collecting:
             gc.enable()
+    return ValidatedRecords(
+        _event_frame(events, docs, labels),
+        pl.DataFrame(rejected, schema=REJECTED_SCHEMA),
+        received_at,
+        pl.DataFrame(counts, schema=COUNT_SCHEMA),
+    )
+
+
+def _event_frame(
+    events: dict[str, list[Any]], docs: dict[str, list[Any]], labels: dict[str, list[Any]]
+) -> pl.DataFrame:
+    """The validated events' columns as one frame: the flat documents and labels regrouped into
+    each event's lists by Polars, payloads checked as UTF-8 all at once."""
     doc_lists = (
         pl.DataFrame(docs, schema=_DOC_COLUMNS)
         .group_by("pos", maintain_order=True)
@@ -296,7 +309,7 @@ def validate_records(
         .group_by("pos", maintain_order=True)
         .agg(pl.col("label").alias("labels"))
     )
-    batch = (
+    return (
         pl.DataFrame(events, schema={**_EVENT_COLUMNS, "payload": pl.Binary()})
         .with_columns(pl.col("payload").cast(pl.String))
         .join(doc_lists, on="pos", how="left", maintain_order="left")
@@ -305,12 +318,6 @@ def validate_records(
             pl.col("docs").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["docs"])),
             pl.col("labels").fill_null(pl.lit([], dtype=RAW_EVENT_SCHEMA["labels"])),
         )
-    )
-    return ValidatedRecords(
-        batch,
-        pl.DataFrame(rejected, schema=REJECTED_SCHEMA),
-        received_at,
-        pl.DataFrame(counts, schema=COUNT_SCHEMA),
     )
 
 

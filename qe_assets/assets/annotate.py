@@ -4,6 +4,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -11,7 +13,7 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets import PIPELINE_GROUP, check_result, only_selected
-from qe_assets.backlog import review_age, review_backlog, review_size
+from qe_assets.backlog import ReviewBacklog, review_age, review_backlog, review_size
 from qe_assets.resources import (
     PipelineSettings,
     duckdb_writer,
@@ -245,35 +247,36 @@ def annotated_samples(
     yield from only_selected(context, _annotate_stage(context, duckdb, settings))
 
 
-def _annotate_stage(
-    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    config = annotate_config(settings)
-    labels: Counter[str] = Counter()
-    routes: Counter[str] = Counter()
-    new = duplicates = 0
+@dataclass
+class _Annotated:
+    """What this run annotated, batch by batch, as the stage's metadata reports it."""
 
-    def tally(batch: pl.DataFrame) -> None:
-        nonlocal new, duplicates
-        new += batch.height
-        duplicates += batch["duplicate_of"].is_not_null().sum()
-        labels.update(dict(batch.group_by("label").len().iter_rows()))
-        routes.update(dict(batch.group_by("route").len().iter_rows()))
-        context.log.info(f"annotated {batch.height} events ({new} so far)")
+    log: Callable[[str], None]
+    new: int = 0
+    duplicates: int = 0
+    labels: Counter[str] = field(default_factory=Counter)
+    routes: Counter[str] = field(default_factory=Counter)
 
-    with exclusive_stage(context, settings), writer_session(duckdb) as session:
-        annotate_pending(
-            session.connection,
-            config,
-            batch_size=settings.ingest_batch_size,
-            spot_share=settings.spot_check_share,
-            on_batch=tally,
-        )
+    def add(self, batch: pl.DataFrame) -> None:
+        self.new += batch.height
+        self.duplicates += int(batch["duplicate_of"].is_not_null().sum())
+        self.labels.update(dict(batch.group_by("label").len().iter_rows()))
+        self.routes.update(dict(batch.group_by("route").len().iter_rows()))
+        self.log(f"annotated {batch.height} events ({self.new} so far)")
 
+
+@dataclass(frozen=True)
+class _StoreFigures:
+    total: int
+    backlog: ReviewBacklog
+    reviewed: dict[str, dict[str, float]]
+    last_hour: int
+    last_day: int
+
+
+def _store_figures(duckdb: DuckDBResource) -> _StoreFigures:
     with duckdb_writer(duckdb) as conn:
         ((total,),) = conn.execute("SELECT count(*) FROM annotated_samples").fetchall()
-        backlog = review_backlog(conn)
-        reviewed = acceptance_by_label(conn)
         # The seed's "sample production rate": train samples annotated per hour.
         ((last_hour, last_day),) = conn.execute(
             """
@@ -282,38 +285,77 @@ def _annotate_stage(
             FROM annotated_samples WHERE route = 'train' AND duplicate_of IS NULL
             """
         ).fetchall()
-    if settings.pii_redaction:
-        # Labels are free text: what holds PII must not reach Dagster's run storage either.
-        labels = Counter(redacted_label_counts(labels))
-        reviewed = redacted_outcomes(reviewed)
+        return _StoreFigures(
+            int(total), review_backlog(conn), acceptance_by_label(conn), last_hour, last_day
+        )
+
+
+def _samples_metadata(
+    run: _Annotated, labels: Counter[str], store: _StoreFigures, settings: Settings
+) -> dict[str, Any]:
     metadata: dict[str, dg.RawMetadataValue] = {
-        "new_samples": new,
-        "new_train": routes.get("train", 0),
-        "new_review": routes.get("review", 0),
-        "new_duplicates": int(duplicates),
-        "review_queue_size": backlog.pending,
-        "train_samples_last_hour": int(last_hour),
-        "train_samples_per_hour_24h": round(last_day / 24, 2),
-        "total_samples": int(total),
-        "dagster/row_count": int(total),
+        "new_samples": run.new,
+        "new_train": run.routes.get("train", 0),
+        "new_review": run.routes.get("review", 0),
+        "new_duplicates": run.duplicates,
+        "review_queue_size": store.backlog.pending,
+        "train_samples_last_hour": int(store.last_hour),
+        "train_samples_per_hour_24h": round(store.last_day / 24, 2),
+        "total_samples": store.total,
+        "dagster/row_count": store.total,
         "new_label_counts": dg.MetadataValue.json(dict(labels.most_common())),
         "dashboards": dg.MetadataValue.url(dashboard_url(settings, "labels")),
     }
     # One numeric entry per label so the Plots tab charts each over time.
     for label, count in labels.items():
         metadata[f"new_label/{label}"] = count
-    yield dg.MaterializeResult(asset_key="annotated_samples", metadata=metadata)
+    return metadata
+
+
+def _review_metadata(
+    run: _Annotated,
+    reviewed: dict[str, dict[str, float]],
+    store: _StoreFigures,
+    settings: Settings,
+) -> dict[str, Any]:
     review: dict[str, dg.RawMetadataValue] = {
-        "pending": backlog.pending,
-        "dagster/row_count": backlog.pending,
-        "new_review": routes.get("review", 0),
+        "pending": store.backlog.pending,
+        "dagster/row_count": store.backlog.pending,
+        "new_review": run.routes.get("review", 0),
         "dashboards": dg.MetadataValue.url(dashboard_url(settings, "backlog")),
     }
     for label, outcome in reviewed.items():
         review[f"review_kept_share/{label}"] = outcome["kept_share"]
     if reviewed:
         review["review_outcomes"] = dg.MetadataValue.json(reviewed)
-    yield dg.MaterializeResult(asset_key="review_queue", metadata=review)
+    return review
+
+
+def _annotate_stage(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    run = _Annotated(context.log.info)
+    with exclusive_stage(context, settings), writer_session(duckdb) as session:
+        annotate_pending(
+            session.connection,
+            annotate_config(settings),
+            batch_size=settings.ingest_batch_size,
+            spot_share=settings.spot_check_share,
+            on_batch=run.add,
+        )
+    store = _store_figures(duckdb)
+    labels, reviewed = run.labels, store.reviewed
+    if settings.pii_redaction:
+        # Labels are free text: what holds PII must not reach Dagster's run storage either.
+        labels = Counter(redacted_label_counts(labels))
+        reviewed = redacted_outcomes(reviewed)
+    yield dg.MaterializeResult(
+        asset_key="annotated_samples", metadata=_samples_metadata(run, labels, store, settings)
+    )
+    yield dg.MaterializeResult(
+        asset_key="review_queue", metadata=_review_metadata(run, reviewed, store, settings)
+    )
+    backlog = store.backlog
     yield check_result(
         "review_queue",
         "review_backlog_size",
