@@ -327,8 +327,8 @@ def line_chunks(path: Path, lines: int = LINES_PER_CHUNK) -> Iterator[list[bytes
 
 
 # Version files are parsed in blocks of whole lines of about this size: cut at a newline from
-# plain reads, without a Python object per line (splitting and joining lines cost a third of a
-# check's time), and still a bounded amount in memory at once.
+# plain reads, without a Python object per line (splitting and joining lines was a large part of
+# a check's time, docs/performance.md), and still a bounded amount in memory at once.
 BLOCK_BYTES = 16 << 20
 
 

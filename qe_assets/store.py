@@ -306,9 +306,10 @@ class DatabaseBusy(RuntimeError):
     """The database stayed locked by a writer for longer than the caller was willing to wait."""
 
 
-# Which SCHEMA a store was last brought up to. Every write connection ensures the schema, and a
-# long run opens dozens; the DDL (and its INSERT) costs ~10 ms each time, reading this one row
-# well under one. Any change to SCHEMA changes the digest, so a new table or column still lands.
+# Which SCHEMA a store was last brought up to. Every write connection ensures the schema and a
+# long run opens dozens: running the DDL (and its INSERT) each time cost far more than reading
+# this one row (docs/performance.md). Any change to SCHEMA changes the digest, so a new table or
+# column still lands.
 _SCHEMA_DIGEST = hashlib.sha256(SCHEMA.encode("utf-8")).hexdigest()
 
 

@@ -85,11 +85,12 @@ def annotated_batch(raw: pl.DataFrame, config: AnnotateConfig) -> pl.DataFrame:
 # with them by position, in batch order. RETURNING names the rows really written: the stage's
 # counts are of those, and only those enter the review queue (a sample_id already stored is
 # skipped, never counted twice).
-# Skipped by a filter on the narrow keys, not ON CONFLICT DO NOTHING, which took half the stage's
-# write time on rows this wide. It looks only at the batch's event_seq range, which the zone maps
-# prune to a few row groups: a stored sample with the same sample_id has the same request_id,
-# so it came from the same raw event (request_id is raw_events' key and rows are never deleted)
-# and carries that event's seq. Should that ever not hold, the primary key still refuses the row.
+# Skipped by a filter on the narrow keys, not ON CONFLICT DO NOTHING, which was most of the
+# INSERT's time on rows this wide (docs/performance.md). It looks only at the batch's event_seq
+# range, which the zone maps prune to a few row groups: a stored sample with the same sample_id
+# has the same request_id, so it came from the same raw event (request_id is raw_events' key and
+# rows are never deleted) and carries that event's seq. Should that ever not hold, the primary
+# key still refuses the row.
 _WRITTEN = dict.fromkeys(("sample_id", "label", "route", "duplicate_of"), pl.String)
 _INSERT_SAMPLES = f"""
 WITH keys AS (
