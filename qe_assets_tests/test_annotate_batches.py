@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from qe_assets.assets.annotate import STAGE, annotate_config, annotate_pending
-from qe_assets.ingest import ingest_pending
+from qe_assets.assets.ingest import ingest_pending
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect, select_frame, watermark

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from qe_assets.assets.ingest import commit_batch, ingest_pending
 from qe_assets.capture import CaptureStatus, QualityCapture
-from qe_assets.ingest import commit_batch, ingest_pending
 from qe_assets.queues import QueueUnavailable, open_queue
 from qe_assets.queues.kafka_queue import KafkaQueue
 from qe_assets.settings import Settings, SettingsError, kafka_environment, parse_kafka_url

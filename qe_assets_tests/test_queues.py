@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qe_assets.ingest import commit_batch, ingest_pending
+from qe_assets.assets.ingest import commit_batch, ingest_pending
 from qe_assets.queues import FileInbox, QueueUnavailable, RedisQueue
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema, table_counts

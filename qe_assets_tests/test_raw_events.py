@@ -6,7 +6,7 @@ import json
 
 import dagster as dg
 
-from qe_assets.assets.capture import raw_events
+from qe_assets.assets.ingest import raw_events
 from qe_assets.queues import FileInbox, RedisQueue
 from qe_assets.resources import build_resources
 from qe_assets.settings import Settings

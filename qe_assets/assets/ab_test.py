@@ -11,7 +11,7 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets import RELEASE_GROUP
 from qe_assets.assets.annotate import annotated_samples
-from qe_assets.assets.capture import raw_events
+from qe_assets.assets.ingest import raw_events
 from qe_assets.evaluation import rollout_registry as ab
 from qe_assets.evaluation.registry import production_model, record_promotion
 from qe_assets.evaluation.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide

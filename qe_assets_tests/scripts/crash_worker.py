@@ -63,7 +63,7 @@ def run_direct(settings: Settings) -> None:
 
     from qe_assets.assets.annotate import annotate_config, annotate_pending
     from qe_assets.assets.complete import complete_next_batch
-    from qe_assets.ingest import IngestReport, ingest_pending
+    from qe_assets.assets.ingest import IngestReport, ingest_pending
     from qe_assets.readiness import release_while_due
     from qe_assets.resources import drained_queues, duckdb_writer, writer_session
 
