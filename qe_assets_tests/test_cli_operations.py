@@ -68,6 +68,7 @@ def qe(
         capture_output=True,
         text=True,
         timeout=180,
+        stdin=subprocess.DEVNULL,  # a prompt sees end of input, as in CI, never the terminal
     )
     if code is not None and result.returncode != code:
         raise AssertionError(

@@ -16,6 +16,7 @@ from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.runs import materialize, metadata, scalar
+from qe_assets_tests.test_cli_operations import qe as run_qe
 from qe_assets_tests.test_pipeline import batch
 
 
@@ -105,16 +106,10 @@ def test_spot_checked_train_samples_wait_for_review(settings: Settings) -> None:
 
 
 def test_review_cli_round_trip(reviewed_store: Settings, tmp_path: Path) -> None:
-    env = {**os.environ, "QE_DATA_DIR": reviewed_store.data_dir, "QE_REVIEWER": "cli-user"}
+    env = {"QE_DATA_DIR": reviewed_store.data_dir, "QE_REVIEWER": "cli-user"}
 
     def qe(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "qe_assets.cli", "review", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_qe("review", *args, env=env, code=None)
 
     listed = qe("list", "--limit", "10")
     assert listed.returncode == 0 and "low-0#factuality_error" in listed.stdout

@@ -17,6 +17,7 @@ from qe_assets import review_queue
 from qe_assets.review_queue import QueueFilter
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
+from qe_assets_tests.test_cli_operations import qe as run_qe
 
 # id: (label, confidence, judge original/completion scores, question key, hours waiting)
 SAMPLES: dict[str, tuple[str, float, tuple[float, float] | None, str, float]] = {
@@ -116,16 +117,8 @@ def test_filter_from_form_values_names_the_bad_field() -> None:
 
 
 def qe(store: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QE_")}
-    env.update(QE_DATA_DIR=store.data_dir, QE_REVIEWER="cli")
-    return subprocess.run(
-        [sys.executable, "-m", "qe_assets.cli", "review", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    env = {"QE_DATA_DIR": store.data_dir, "QE_REVIEWER": "cli"}
+    return run_qe("review", *args, env=env, code=None)
 
 
 def test_cli_list_totals_and_formats(store: Settings) -> None:

@@ -15,7 +15,7 @@ from qe_assets.assets.ingest import raw_events
 from qe_assets.evaluation import rollout_registry as ab
 from qe_assets.evaluation.registry import production_model, record_promotion
 from qe_assets.evaluation.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide
-from qe_assets.resources import PipelineSettings, duckdb_writer
+from qe_assets.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.rollout import RolloutState, state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
@@ -218,8 +218,8 @@ def ab_test(
 def candidate_not_worse(
     context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
 ) -> dg.AssetCheckResult:
-    with duckdb_writer(duckdb) as conn:
-        row = ab.newest_look(conn, context.run.run_id)
+    with duckdb_reader(duckdb) as conn:  # reads only: no writer lock
+        row = None if conn is None else ab.newest_look(conn, context.run.run_id)
     if row is None:
         return dg.AssetCheckResult(passed=True, description="the A/B test has not looked yet")
     worse = row["decision"] == ROLLBACK

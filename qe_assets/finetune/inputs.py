@@ -264,9 +264,7 @@ _SPLIT_FORMAT = {"chat": "chat", "record": "records"}  # run file column → ver
 def _has_split_files(manifest: dict[str, Any]) -> bool:
     split_files = manifest.get("split_files") or {}
     return all(
-        fmt in split_files.get(split, {})
-        for split in ("train", "validation")
-        for fmt in ("chat", "records")
+        _SPLIT_FORMAT[column] in split_files.get(split, {}) for split, column in _SPLIT_FILES
     )
 
 
