@@ -55,7 +55,7 @@ system-deps: ## install redis-server, chromium and postgresql (apt) when they ar
 	fi
 
 demo: install ## generate demo events into the inbox and run the whole graph offline
-	$(BIN)/python -m qe_assets.demo --count $(DEMO_EVENTS) --seed $(DEMO_SEED) --bad-share 0.01 \
+	$(BIN)/python -m qe_assets.ops.demo --count $(DEMO_EVENTS) --seed $(DEMO_SEED) --bad-share 0.01 \
 	  --out "$(QE_DATA_DIR)/inbox/demo-seed$(DEMO_SEED).jsonl"
 	$(BIN)/qe run --cut-version
 	$(BIN)/qe status

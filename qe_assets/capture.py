@@ -12,9 +12,9 @@ Policy, in the order it is applied:
 `capture` never raises into the request path: the RAG answer is already on its way to the user,
 and a lost quality signal must be visible in logs and in the returned status, not as a 500.
 
-With `model="…"` (which model answered; see `qe_assets.rollout`), the call is also counted per
+With `model="…"` (which model answered; see `qe_assets.rollout.routing`), the call is also counted per
 model before the threshold is applied, so skipped answers count too: the A/B test's denominator.
-Counts are flushed in the background (`qe_assets.answer_counts`), never one write per answer.
+Counts are flushed in the background (`qe_assets.rollout.counts`), never one write per answer.
 
 This module imports neither Dagster, DuckDB nor Polars (nor a broker client unless that queue is
 configured), so it is cheap to import in a web service; a test asserts it.
@@ -32,9 +32,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from qe_assets.answer_counts import AnswerCounter
 from qe_assets.event_model import describe_errors, validate_event
-from qe_assets.queues import EventQueue, FileInbox, QueueUnavailable, open_queue
+from qe_assets.ingest.queues import EventQueue, FileInbox, QueueUnavailable, open_queue
+from qe_assets.rollout.counts import AnswerCounter
 from qe_assets.settings import Settings
 
 log = logging.getLogger("qe_assets.capture")

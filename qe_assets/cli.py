@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     import duckdb
     import polars as pl
 
-    from qe_assets import review, review_queue
-    from qe_assets.evaluation.rollout_registry import ActiveTest
+    from qe_assets.review import decisions as review
+    from qe_assets.review import queue as review_queue
+    from qe_assets.rollout.registry import ActiveTest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -64,7 +65,7 @@ def _require_store(settings: Settings, consequence: str = "run `qe run` there fi
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.events import parse_records
-    from qe_assets.queues import QueueUnavailable, open_queue
+    from qe_assets.ingest.queues import QueueUnavailable, open_queue
 
     queue = open_queue(settings)
     accepted = invalid = 0
@@ -93,7 +94,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.runner import run_pipeline
+    from qe_assets.ops.runner import run_pipeline
 
     try:
         outcome = run_pipeline(
@@ -160,7 +161,7 @@ def _disk_full(settings: Settings, *errors: BaseException | str) -> str | None:
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     import duckdb
 
-    from qe_assets import adhoc
+    from qe_assets.ops import adhoc
     from qe_assets.store import connect
 
     _require_store(settings)
@@ -194,7 +195,7 @@ def _run_statement(
     """The statement's rows (None for a COPY/EXPORT, which --allow-files lets through)."""
     import duckdb
 
-    from qe_assets import adhoc
+    from qe_assets.ops import adhoc
 
     try:
         if statement.type in adhoc.FILE_KINDS:
@@ -250,7 +251,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
     """Counts per table, the review queue, ready samples, the latest version, LLM use, the
     production model and the models per version."""
-    from qe_assets.readiness import ready_sample_count
+    from qe_assets.release.readiness import ready_sample_count
     from qe_assets.store import connect, table_counts
 
     with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
@@ -324,7 +325,7 @@ def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _print_queue_status(settings: Settings) -> None:
-    from qe_assets.queues import QueueUnavailable, durability_warning, open_queue
+    from qe_assets.ingest.queues import QueueUnavailable, durability_warning, open_queue
 
     queue = open_queue(settings)
     try:
@@ -412,7 +413,7 @@ _LIST_COLUMNS = (
 
 
 def _queue_filter(args: argparse.Namespace, status: str | None) -> review_queue.QueueFilter:
-    from qe_assets import review_queue
+    from qe_assets.review import queue as review_queue
 
     return review_queue.QueueFilter(
         status=status,
@@ -469,7 +470,8 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
 
 def _review_read(args: argparse.Namespace, settings: Settings) -> int:
     """list / show: one short read-only connection, never the writer's."""
-    from qe_assets import review, review_queue
+    from qe_assets.review import decisions as review
+    from qe_assets.review import queue as review_queue
     from qe_assets.store import connect
 
     with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
@@ -537,7 +539,7 @@ def _review_write(
 def _review_edit(args: argparse.Namespace, settings: Settings, reviewer: str) -> int:
     """Read with a short read-only connection, close it, let the person edit for as long as
     they like, then write in one short transaction if nobody decided on the sample meanwhile."""
-    from qe_assets import review
+    from qe_assets.review import decisions as review
     from qe_assets.store import DatabaseBusy, connect
 
     with connect(settings.database, read_only=True, wait_seconds=args.wait) as conn:
@@ -571,7 +573,7 @@ def _check_selection(args: argparse.Namespace) -> None:
 def _decision_ids(args: argparse.Namespace, settings: Settings) -> list[str]:
     """The ids named, or with --all-matching every pending sample the filters match, after a
     confirmation that states the count (--yes, or y at a terminal)."""
-    from qe_assets import review_queue
+    from qe_assets.review import queue as review_queue
     from qe_assets.store import connect
 
     if not args.all_matching:
@@ -592,7 +594,7 @@ def _decision_ids(args: argparse.Namespace, settings: Settings) -> list[str]:
 
 
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets import review
+    from qe_assets.review import decisions as review
 
     if args.action in ("accept", "reject"):
         _check_selection(args)
@@ -666,7 +668,7 @@ def _rollout_lines(conn: duckdb.DuckDBPyConnection) -> list[str]:
     """The A/B rollout state for `qe models list`: the running test and its last look."""
     import duckdb
 
-    from qe_assets.evaluation import rollout_registry as ab
+    from qe_assets.rollout import registry as ab
 
     try:
         test = ab.active_test(conn)
@@ -695,7 +697,7 @@ def _rollout_lines(conn: duckdb.DuckDBPyConnection) -> list[str]:
 def _models_change(args: argparse.Namespace, conn: duckdb.DuckDBPyConnection, by: str) -> str:
     """Record one `qe models promote|rollback|rollout` under the writer lock; what happened."""
     from qe_assets.evaluation import registry
-    from qe_assets.evaluation import rollout_registry as ab
+    from qe_assets.rollout import registry as ab
 
     current = registry.production_model(conn)
     test = ab.active_test(conn)
@@ -732,7 +734,7 @@ def _rollout_change(
     current: str | None,
     test: ActiveTest | None,
 ) -> str:
-    from qe_assets.evaluation import rollout_registry as ab
+    from qe_assets.rollout import registry as ab
 
     model, share = args.model, args.share
     if not 0.0 <= share <= 1.0:
@@ -755,8 +757,8 @@ def _rollout_change(
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.evaluation.rollout_registry import sync_state_file
-    from qe_assets.rollout import state_path
+    from qe_assets.rollout.registry import sync_state_file
+    from qe_assets.rollout.routing import state_path
     from qe_assets.store import connect, ensure_schema, writer_lock
 
     _require_store(settings)
@@ -789,7 +791,7 @@ def _age_seconds(text: str) -> float:
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.purge import purge_exported
+    from qe_assets.release.purge import purge_exported
 
     age = _age_seconds(args.older_than)
     _require_store(settings, "nothing to purge")
@@ -848,7 +850,7 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import subprocess
 
-    from qe_assets.runner import prepare_dagster_home
+    from qe_assets.ops.runner import prepare_dagster_home
 
     home = prepare_dagster_home(settings)
     # The code server must use this data directory whatever directory it starts in.
@@ -888,7 +890,7 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _review_filters(parser: argparse.ArgumentParser) -> None:
-    from qe_assets.review_queue import REASONS
+    from qe_assets.review.queue import REASONS
 
     parser.add_argument("--label", help="only this primary label")
     parser.add_argument("--reason", choices=REASONS, help="why it was queued")

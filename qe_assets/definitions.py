@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dagster as dg
 
-from qe_assets.assets.ab_test import ab_test, candidate_not_worse
-from qe_assets.assets.annotate import annotated_samples
-from qe_assets.assets.complete import completions, judge_agreement
-from qe_assets.assets.dataset import tuning_dataset
-from qe_assets.assets.evaluate import candidate_beats_production, model_evaluation
-from qe_assets.assets.finetune import fine_tuned_model
-from qe_assets.assets.ingest import raw_events
-from qe_assets.checks import DATASET_CHECKS
+from qe_assets.annotate.assets import annotated_samples
+from qe_assets.annotate.complete import completions, judge_agreement
+from qe_assets.evaluation.assets import candidate_beats_production, model_evaluation
+from qe_assets.finetune.assets import fine_tuned_model
+from qe_assets.ingest.assets import raw_events
+from qe_assets.ops.sensors import build_finetune_sensor, build_queue_sensor
+from qe_assets.release.assets import tuning_dataset
+from qe_assets.release.checks import DATASET_CHECKS
 from qe_assets.resources import build_resources
-from qe_assets.sensors import build_finetune_sensor, build_queue_sensor
+from qe_assets.rollout.assets import ab_test, candidate_not_worse
 from qe_assets.settings import Settings
 
 PIPELINE_JOB = "qe_pipeline"

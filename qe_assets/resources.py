@@ -14,7 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 # Lives beside its backends (qe_assets/finetune/); importable from here with the other resources.
 from qe_assets.finetune.resource import FineTuneBackendResource
-from qe_assets.queues import EventQueue, FileInbox, open_queue
+from qe_assets.ingest.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
 from qe_assets.store import (
     WRITER_CONFIG,

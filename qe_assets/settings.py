@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from qe_assets.evaluation.sequential import Policy
+    from qe_assets.rollout.sequential import Policy
 
 FinetuneBackend = Literal["none", "openai", "command"]
 FINETUNE_BACKENDS: tuple[str, ...] = get_args(FinetuneBackend)
@@ -719,8 +719,8 @@ class Settings(BaseModel):
     )
 
     def ab_policy(self) -> Policy:
-        """The test's knobs as `qe_assets.evaluation.sequential.Policy`."""
-        from qe_assets.evaluation.sequential import Policy
+        """The test's knobs as `qe_assets.rollout.sequential.Policy`."""
+        from qe_assets.rollout.sequential import Policy
 
         return Policy(
             alpha=self.ab_alpha,

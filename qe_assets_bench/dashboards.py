@@ -28,7 +28,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from qe_assets.calibration import calibrate
+from qe_assets.review.calibration import calibrate
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets.web.dashboards import Dashboards, dashboard_routes

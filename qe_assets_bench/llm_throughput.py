@@ -25,7 +25,7 @@ from typing import Any
 
 import dagster as dg
 
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets.testing.factories import line, make_event

@@ -1,6 +1,6 @@
 """End-to-end pipeline benchmark: `python -m qe_assets_bench.pipeline [--sizes 10000,100000]`.
 
-Generates deterministic ~7.5 KB events (zh + en, `qe_assets.demo` with the BENCH sizes) once per
+Generates deterministic ~7.5 KB events (zh + en, `qe_assets.ops.demo` with the BENCH sizes) once per
 size and measures, in the same run on the same input:
 
 * (a) the seed article's pipeline, written here as the article describes it: SQLite `raw_events`
@@ -25,7 +25,7 @@ Each measured program runs in its own process under `/usr/bin/time -v` (wall tim
 peak RSS from "Maximum resident set size"). The transform of (b) and (c) is ours: labels trimmed,
 lower-cased, Chinese aliases mapped, primary label by priority, top-3 documents by score (missing
 = 0, ties in retrieval order) cut to 500 characters, instruction/prefix/headings from
-`qe_assets/templates/texts.json`, confidence = min(1, score * 1.5). It reports; it always exits 0.
+`qe_assets/lib/templates/texts.json`, confidence = min(1, score * 1.5). It reports; it always exits 0.
 """
 
 from __future__ import annotations
@@ -647,7 +647,12 @@ def run_ours(src: Path, data_dir: Path, log: Path) -> dict[str, Any]:
 
 
 def generate(path: Path, n: int, seed: int, start: datetime | None = None) -> float:
-    from qe_assets.demo import BENCH_DOC_CHARS, BENCH_DOCS_PER_EVENT, generate_events, write_jsonl
+    from qe_assets.ops.demo import (
+        BENCH_DOC_CHARS,
+        BENCH_DOCS_PER_EVENT,
+        generate_events,
+        write_jsonl,
+    )
 
     if path.exists():
         return path.stat().st_size / max(n, 1)
@@ -820,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in header:
         print(line)
     print(
-        f"events  : qe_assets.demo.generate_events(seed={SEED}, BENCH sizes), no malformed "
+        f"events  : qe_assets.ops.demo.generate_events(seed={SEED}, BENCH sizes), no malformed "
         "lines, ~2% re-sends"
     )
     print("note    : other processes (test suites) may be running on this machine")

@@ -125,7 +125,8 @@ def page_loads(workdir: Path, pending: int, repeat: int) -> bool:
 
 def bulk_decision(settings: Settings, count: int) -> None:
     """How long a bulk reject holds the writer lock (a run waits that long at most)."""
-    from qe_assets import review, review_queue
+    from qe_assets.review import decisions as review
+    from qe_assets.review import queue as review_queue
     from qe_assets.store import writer_connection
 
     with connect(settings.database, read_only=True) as conn:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qe_assets.evaluation.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
+from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
 
 
 @dataclass(frozen=True)

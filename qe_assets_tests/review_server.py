@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.testing.review_server import Client, ReviewServer, hidden, in_thread, serving
 from qe_assets_tests.runs import materialize, metadata

@@ -11,18 +11,13 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from qe_assets.assets.annotate import (
+from qe_assets.annotate.assets import (
     annotate_config,
     annotated_batch,
     commit_samples,
     read_new_events,
 )
-from qe_assets.events import parse_records
-from qe_assets.queues import FileInbox
-from qe_assets.settings import Settings
-from qe_assets.store import connect, ensure_schema
-from qe_assets.templates import load_templates
-from qe_assets.transforms.annotate import (
+from qe_assets.annotate.labels import (
     REVIEW,
     TRAIN,
     AnnotateConfig,
@@ -31,6 +26,11 @@ from qe_assets.transforms.annotate import (
     sample_id_parts,
     select_context,
 )
+from qe_assets.events import parse_records
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.lib.templates import load_templates
+from qe_assets.settings import Settings
+from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.runs import materialize, metadata
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from qe_assets.assets.annotate import STAGE, annotate_config, annotate_pending
-from qe_assets.assets.ingest import ingest_pending
-from qe_assets.queues import FileInbox
+from qe_assets.annotate.assets import STAGE, annotate_config, annotate_pending
+from qe_assets.ingest.assets import ingest_pending
+from qe_assets.ingest.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect, select_frame, watermark
 from qe_assets_tests.factories import line, make_event

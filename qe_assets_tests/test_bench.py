@@ -14,8 +14,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from qe_assets.demo import BENCH_DOC_CHARS, BENCH_DOCS_PER_EVENT, generate_events
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.ops.demo import BENCH_DOC_CHARS, BENCH_DOCS_PER_EVENT, generate_events
 from qe_assets.settings import Settings
 from qe_assets.testing.openai_server import spawned
 from qe_assets_bench.pipeline import anchor_b, anchor_c, anchor_d, build_spec

@@ -1,6 +1,6 @@
 """The judge measured against the reviewers: the agreement, the gate it sets, and the completion
 stage obeying it in both directions (real Dagster runs, a real DuckDB file, the real openai client
-against the local OpenAI-compatible server, decisions through `qe_assets.review`)."""
+against the local OpenAI-compatible server, decisions through `qe_assets.review.decisions`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from qe_assets import review
-from qe_assets.calibration import (
+from qe_assets.review import decisions as review
+from qe_assets.review.calibration import (
     JUDGE_CHECK,
     Agreement,
     Calibration,

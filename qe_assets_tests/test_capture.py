@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qe_assets.capture import CaptureStatus, QualityCapture
-from qe_assets.queues import FileInbox, RedisQueue
+from qe_assets.ingest.queues import FileInbox, RedisQueue
 from qe_assets.settings import Settings
 from qe_assets_tests.conftest import RedisServer, free_port
 from qe_assets_tests.factories import make_event
@@ -93,7 +93,7 @@ def test_inbox_only_failure_returns_failed(tmp_path: Path) -> None:
 
 FORK_WHILE_FLUSHING = """
 import os, sys, threading, time
-from qe_assets.answer_counts import AnswerCounter
+from qe_assets.rollout.counts import AnswerCounter
 
 parent = os.getpid()
 sent = threading.Event()

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from qe_assets.demo import generate_events, write_jsonl
+from qe_assets.ops.demo import generate_events, write_jsonl
 from qe_assets.settings import REDIS_LIST, Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.conftest import free_port

@@ -68,10 +68,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from qe_assets.demo import generate_events
 from qe_assets.events import validate_event
-from qe_assets.queues import EventQueue, FileInbox, RedisQueue
-from qe_assets.queues.kafka_queue import KafkaQueue
+from qe_assets.ingest.queues import EventQueue, FileInbox, RedisQueue
+from qe_assets.ingest.queues.kafka_queue import KafkaQueue
+from qe_assets.ops.demo import generate_events
 from qe_assets.settings import REDIS_LIST
 from qe_assets.store import connect
 from qe_assets_tests.conftest import KafkaBroker, RedisServer

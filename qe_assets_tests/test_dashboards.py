@@ -21,8 +21,8 @@ import dagster as dg
 import pytest
 from PIL import Image
 
-from qe_assets import review
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.review import decisions as review
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event

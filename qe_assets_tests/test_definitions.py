@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from qe_assets.definitions import build_definitions
-from qe_assets.runner import prepare_dagster_home
+from qe_assets.ops.runner import prepare_dagster_home
 from qe_assets.settings import Settings, SettingsError
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from qe_assets import demo
-from qe_assets.demo import generate_events, write_jsonl
 from qe_assets.events import validate_event
+from qe_assets.ops import demo
+from qe_assets.ops.demo import generate_events, write_jsonl
 
 N = 3000
 BAD_SHARE = 0.05
@@ -61,7 +61,7 @@ def test_same_seed_gives_identical_output_and_other_seeds_differ() -> None:
     assert generate_events(50) == generate_events(50, seed=7)
 
 
-# sha256 of `python -m qe_assets.demo --count 200 --seed 7 --bad-share 0.05`: the vocabulary
+# sha256 of `python -m qe_assets.ops.demo --count 200 --seed 7 --bad-share 0.05`: the vocabulary
 # moved from code into demo_data/vocabulary.json without changing one byte of the output.
 PINNED_SHA256 = "298af7c94e073b393161627b129f2c3ac60bfa3e59a093edd2cd289118f5f93f"
 

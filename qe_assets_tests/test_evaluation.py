@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from qe_assets.queues import FileInbox
-from qe_assets.readiness import ready_sample_count
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.release.readiness import ready_sample_count
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event

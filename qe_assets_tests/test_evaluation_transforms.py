@@ -29,13 +29,13 @@ from qe_assets.evaluation.metrics import (
     tally,
     wilson_lower_bound,
 )
-from qe_assets.settings import Settings, SettingsError
-from qe_assets.transforms.dataset import (
+from qe_assets.release.dataset import (
     EVALUATION_SPLIT,
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
     assign_split,
 )
+from qe_assets.settings import Settings, SettingsError
 
 
 def test_wilson_lower_bound_matches_the_textbook_values() -> None:

@@ -18,8 +18,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from qe_assets.queues import FileInbox, RedisQueue
-from qe_assets.runner import prepare_dagster_home
+from qe_assets.ingest.queues import FileInbox, RedisQueue
+from qe_assets.ops.runner import prepare_dagster_home
 from qe_assets.settings import Settings
 from qe_assets.store import DatabaseBusy, connect
 from qe_assets_tests.conftest import RedisServer

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from qe_assets.assets.ingest import commit_batch, ingest_pending
 from qe_assets.capture import CaptureStatus, QualityCapture
-from qe_assets.queues import QueueUnavailable, open_queue
-from qe_assets.queues.kafka_queue import KafkaQueue
+from qe_assets.ingest.assets import commit_batch, ingest_pending
+from qe_assets.ingest.queues import QueueUnavailable, open_queue
+from qe_assets.ingest.queues.kafka_queue import KafkaQueue
 from qe_assets.settings import Settings, SettingsError, kafka_environment, parse_kafka_url
 from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.conftest import KafkaBroker, free_port
@@ -128,7 +128,7 @@ def test_messages_from_other_producers_and_bad_records_are_rejected_once(
 
 CRASH_AFTER_CLAIM = """
 import os, sys
-from qe_assets.queues.kafka_queue import KafkaQueue
+from qe_assets.ingest.queues.kafka_queue import KafkaQueue
 for batch in KafkaQueue(sys.argv[1]).batches(int(sys.argv[2])):
     os._exit(9)  # died holding the batch: read from the broker, nothing committed
 """

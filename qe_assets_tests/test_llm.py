@@ -12,10 +12,10 @@ import dagster as dg
 import openai
 import pytest
 
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.lib.templates import load_templates
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets.templates import load_templates
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.openai_server import (
     CHAT_PATH,

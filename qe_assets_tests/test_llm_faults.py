@@ -80,7 +80,7 @@ def test_hostile_document_stays_quoted_and_our_instruction_intact(
     quoted_end = user.index(">>>")
     assert "PWNED" not in user[quoted_end:]
     # Our instruction follows the quote unchanged, then the question.
-    from qe_assets.templates import load_templates
+    from qe_assets.lib.templates import load_templates
 
     instruction = load_templates().instructions["en"]["factuality_error"]
     assert user[quoted_end:].startswith(f">>>\n\n{instruction}\n\n# Question\n")

@@ -10,18 +10,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from qe_assets.llm import (
-    EMPTY,
-    MALFORMED,
-    REFUSAL,
-    TRUNCATED,
-    parse_verdict,
-    read_chat_response,
-    request_key,
-    response_problem,
-)
-from qe_assets.templates import load_templates
-from qe_assets.transforms.completions import (
+from qe_assets.annotate.completions import (
     FAILED,
     OK,
     OUTCOME_SCHEMA,
@@ -36,6 +25,17 @@ from qe_assets.transforms.completions import (
     outcome_frame,
     regeneration_requests,
 )
+from qe_assets.annotate.llm import (
+    EMPTY,
+    MALFORMED,
+    REFUSAL,
+    TRUNCATED,
+    parse_verdict,
+    read_chat_response,
+    request_key,
+    response_problem,
+)
+from qe_assets.lib.templates import load_templates
 
 T = load_templates()
 DOCS_TYPE = pl.List(

@@ -1,4 +1,4 @@
-"""PII redaction (`qe_assets.transforms.pii`): what is replaced, what is kept byte for byte.
+"""PII redaction (`qe_assets.lib.pii`): what is replaced, what is kept byte for byte.
 
 The checksums are checked against independent pure-Python oracles written here (ISO 7064
 MOD 11-2 for resident IDs, Luhn for cards), over hand-picked edge cases and hypothesis-generated
@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.lib.pii import PLACEHOLDERS, redact, redact_series
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets.transforms.pii import PLACEHOLDERS, redact, redact_series
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.runs import materialize
 

@@ -9,10 +9,10 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from qe_assets.export import VersionWriter, sha256_file
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.ingest.validation import chat_format_problems
+from qe_assets.release.export import VersionWriter, sha256_file
 from qe_assets.settings import Settings
-from qe_assets.transforms.validation import chat_format_problems
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.runs import checks, materialize, metadata, scalar
 
@@ -291,7 +291,7 @@ def test_no_seeded_pii_reaches_a_dataset_file(settings: Settings) -> None:
 def test_export_walks_windows_of_completions_that_hold_no_ready_sample(settings: Settings) -> None:
     """The export reads completions a window (QE_EXPORT_BATCH_SIZE) at a time; windows where
     every sample waits for a reviewer must not end the version early."""
-    from qe_assets.review import accept
+    from qe_assets.review.decisions import accept
     from qe_assets.store import connect
 
     settings = settings.model_copy(

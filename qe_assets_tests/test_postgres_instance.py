@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 import yaml
 
-from qe_assets.demo import generate_events
-from qe_assets.queues import FileInbox
-from qe_assets.runner import DAGSTER_YAML
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.ops.demo import generate_events
+from qe_assets.ops.runner import DAGSTER_YAML
 from qe_assets_tests.conftest import free_port
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "scaling" / "dagster-postgres.yaml"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
-from qe_assets.purge import _redact_lists
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.release.purge import _redact_lists
 from qe_assets.settings import Settings
 from qe_assets.store import connect, writer_lock
 from qe_assets_tests.factories import line, make_event

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qe_assets.assets.ingest import commit_batch, ingest_pending
-from qe_assets.queues import FileInbox, QueueUnavailable, RedisQueue
+from qe_assets.ingest.assets import commit_batch, ingest_pending
+from qe_assets.ingest.queues import FileInbox, QueueUnavailable, RedisQueue
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema, table_counts
 from qe_assets_tests.conftest import RedisServer, free_port
@@ -299,7 +299,7 @@ def test_symlinks_and_other_non_regular_files_are_refused_unread(settings: Setti
 def test_which_queues_read_ahead() -> None:
     # Redis acks by deleting the consumer's whole processing list: claiming the next batch into
     # it before the ack would delete that batch too. Inbox and Kafka acks touch only their batch.
-    from qe_assets.queues.kafka_queue import KafkaQueue
+    from qe_assets.ingest.queues.kafka_queue import KafkaQueue
 
     assert FileInbox.reads_ahead is True
     assert KafkaQueue.reads_ahead is True
@@ -325,7 +325,7 @@ def test_redis_rpush_by_producer_is_ingested(
 
 CRASH_AFTER_CLAIM = """
 import os, sys
-from qe_assets.queues import RedisQueue
+from qe_assets.ingest.queues import RedisQueue
 queue = RedisQueue(sys.argv[1])
 for batch in queue.batches(int(sys.argv[2])):
     os._exit(9)  # died holding the batch: read from Redis, nothing committed

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qe_assets import review
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.review import decisions as review
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.runs import materialize, metadata, scalar

@@ -11,11 +11,11 @@ import sys
 import polars as pl
 import pytest
 
-from qe_assets import review
-from qe_assets.queues import FileInbox
+from qe_assets.annotate.completions import mark_proposed
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.review import decisions as review
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets.transforms.completions import mark_proposed
 from qe_assets_tests.openai_server import ChatRequest, OpenAIServer, Reply
 from qe_assets_tests.runs import materialize, metadata
 from qe_assets_tests.test_llm import JUDGE_MARKER, KEY, llm

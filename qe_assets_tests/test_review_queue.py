@@ -1,4 +1,4 @@
-"""The review queue's order, filters, pages and totals (qe_assets.review_queue) on a real DuckDB
+"""The review queue's order, filters, pages and totals (qe_assets.review.queue) on a real DuckDB
 file, and `qe review` over it: totals, formats, filters and --all-matching."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from qe_assets import review_queue
-from qe_assets.review_queue import QueueFilter
+from qe_assets.review import queue as review_queue
+from qe_assets.review.queue import QueueFilter
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.test_cli_operations import qe as run_qe
@@ -171,7 +171,7 @@ def test_cli_all_matching_skips_what_another_reviewer_decided(store: Settings) -
     bulk accept leaves that decision alone and says it skipped one."""
     import pty
 
-    from qe_assets import review
+    from qe_assets.review import decisions as review
     from qe_assets.store import writer_connection
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("QE_")}
@@ -248,7 +248,7 @@ def test_out_of_range_ages_and_pages_are_refused_or_capped(store: Settings) -> N
 def test_judge_check_is_a_reason_everywhere(store: Settings) -> None:
     """`judge_check` (the judge's approvals held for a person) filters like the other reasons:
     in the queue, on the page (its dropdown offers it) and in `qe review`."""
-    from qe_assets.calibration import JUDGE_CHECK
+    from qe_assets.review.calibration import JUDGE_CHECK
     from qe_assets.web.app import create_app
     from qe_assets_tests.review_server import Client, in_thread
 
@@ -270,8 +270,8 @@ def test_accepting_a_judge_rejected_sample_is_no_verdict_on_the_judge(store: Set
     judged one: the row loses its judge columns and judge calibration does not count it as
     "judge said no, person said yes"; the page says what accept keeps. An accepted proposal
     the judge scored stays a measurement."""
-    from qe_assets import review
-    from qe_assets.calibration import judge_agreement
+    from qe_assets.review import decisions as review
+    from qe_assets.review.calibration import judge_agreement
     from qe_assets.store import writer_connection
     from qe_assets.web.app import create_app
     from qe_assets_tests.review_server import Client, in_thread

@@ -180,7 +180,7 @@ def test_a_decision_waits_for_a_run_then_is_retried(store: Settings, tmp_path: P
 def test_a_bulk_decision_applies_to_exactly_the_confirmed_samples(
     store: Settings, tmp_path: Path
 ) -> None:
-    from qe_assets import review
+    from qe_assets.review import decisions as review
     from qe_assets.store import writer_connection
 
     with serving(store, tmp_path) as server:
@@ -308,7 +308,7 @@ def test_a_bulk_decision_skips_what_another_reviewer_decided(
 ) -> None:
     """The confirmed bulk accept waits for a run's writer lock; meanwhile another reviewer
     rejects one of its samples: that decision stands and the page says 1 was skipped."""
-    from qe_assets import review
+    from qe_assets.review import decisions as review
     from qe_assets.store import connect
 
     with serving(store, tmp_path) as server:

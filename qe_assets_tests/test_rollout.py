@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from qe_assets.answer_counts import RECORD_PREFIX
-from qe_assets.assets.ab_test import look_at_test
 from qe_assets.capture import CaptureStatus, QualityCapture
 from qe_assets.evaluation.registry import record_promotion
-from qe_assets.evaluation.rollout_registry import start_test
-from qe_assets.evaluation.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
-from qe_assets.queues import FileInbox
-from qe_assets.rollout import RolloutState, Router, bucket, write_state
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.rollout.assets import look_at_test
+from qe_assets.rollout.counts import RECORD_PREFIX
+from qe_assets.rollout.registry import start_test
+from qe_assets.rollout.routing import RolloutState, Router, bucket, write_state
+from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets_bench.rollout import simulate
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_capture_and_rollout_import_no_database_dataframe_or_broker_library() -> None:
     code = (
-        "import sys, qe_assets.capture, qe_assets.rollout; "
+        "import sys, qe_assets.capture, qe_assets.rollout.routing; "
         "print(','.join(m for m in ('duckdb', 'polars', 'dagster', 'redis', 'confluent_kafka') "
         "if m in sys.modules))"
     )
@@ -90,7 +90,7 @@ def test_missing_or_corrupt_state_routes_to_production_and_logs_once(
 ) -> None:
     path = tmp_path / "rollout.json"
     router = Router(path, default="base-model", check_seconds=0)
-    with caplog.at_level(logging.INFO, "qe_assets.rollout"):
+    with caplog.at_level(logging.INFO, "qe_assets.rollout.routing"):
         assert {router.choose_model(f"r{i}") for i in range(200)} == {"base-model"}
     assert len(caplog.records) == 1 and "does not exist" in caplog.text
     write_state(path, RolloutState("prod", "cand", 0.5))
@@ -98,7 +98,7 @@ def test_missing_or_corrupt_state_routes_to_production_and_logs_once(
     caplog.clear()
     for corrupt in (b'{"production": "prod", "candidate": "cand", "sha', b'{"share": 7}', b"[]"):
         path.write_bytes(corrupt)
-        with caplog.at_level(logging.INFO, "qe_assets.rollout"):
+        with caplog.at_level(logging.INFO, "qe_assets.rollout.routing"):
             picks = {router.choose_model(f"r{i}") for i in range(200)}
         # The last production a good file named keeps the traffic; the candidate gets none.
         assert picks == {"prod"}
@@ -494,7 +494,7 @@ def test_a_drifting_base_rate_during_the_ramp_does_not_decide_an_equal_candidate
 def test_arm_counts_split_at_each_share_change(tmp_path: Path) -> None:
     from datetime import datetime
 
-    from qe_assets.evaluation.rollout_registry import ActiveTest, arm_counts
+    from qe_assets.rollout.registry import ActiveTest, arm_counts
 
     settings = Settings(data_dir=str(tmp_path / "data"))
     settings.database.parent.mkdir(parents=True)

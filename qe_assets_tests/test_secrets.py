@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qe_assets.demo import generate_events
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.ops.demo import generate_events
 from qe_assets.store import connect
 from qe_assets_tests.openai_server import ChatRequest, OpenAIServer, Reply
 

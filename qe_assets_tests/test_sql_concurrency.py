@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from qe_assets.demo import generate_events, write_jsonl
+from qe_assets.ops.demo import generate_events, write_jsonl
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 

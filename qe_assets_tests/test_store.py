@@ -147,7 +147,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
-from qe_assets.adhoc import SANDBOX
+from qe_assets.ops.adhoc import SANDBOX
 from qe_assets.store import WriterSession, connect, writer_connection
 
 database = sys.argv[1]

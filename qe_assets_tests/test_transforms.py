@@ -8,10 +8,17 @@ import json
 import polars as pl
 import pytest
 
-from qe_assets.assets.annotate import redacted_outcomes
-from qe_assets.templates import load_templates
-from qe_assets.transforms.completions import naive_completions
-from qe_assets.transforms.dataset import (
+from qe_assets.annotate.assets import redacted_outcomes
+from qe_assets.annotate.completions import naive_completions
+from qe_assets.ingest.validation import (
+    LabelBounds,
+    chat_format_problems,
+    label_share_problems,
+    record_problems,
+    total_variation,
+)
+from qe_assets.lib.templates import load_templates
+from qe_assets.release.dataset import (
     assign_split,
     chat_lines,
     exported_sample_ids,
@@ -19,13 +26,6 @@ from qe_assets.transforms.dataset import (
     records,
     redact_identifiers,
     redacted_label_counts,
-)
-from qe_assets.transforms.validation import (
-    LabelBounds,
-    chat_format_problems,
-    label_share_problems,
-    record_problems,
-    total_variation,
 )
 
 T = load_templates()
@@ -251,7 +251,7 @@ def test_normalised_text_matches_collapsing_every_whitespace_run() -> None:
     # and split keys of existing stores were computed with.
     import random
 
-    from qe_assets.transforms.annotate import normalise_text
+    from qe_assets.annotate.labels import normalise_text
 
     rng = random.Random(5)
     alphabet = ["a", "B", "Σ", "中", "文", " ", "  ", "\t", "\n", "\r\n", "\u3000", "\u00a0"]

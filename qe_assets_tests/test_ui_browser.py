@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from qe_assets.demo import generate_events, write_jsonl
-from qe_assets.runner import prepare_dagster_home
+from qe_assets.ops.demo import generate_events, write_jsonl
+from qe_assets.ops.runner import prepare_dagster_home
 from qe_assets.settings import Settings
 from qe_assets.testing.browser import CHROMIUM, CHROMIUM_ARGS
 from qe_assets_tests.conftest import free_port

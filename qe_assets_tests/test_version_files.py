@@ -10,12 +10,12 @@ from pathlib import Path
 import datasets
 import pytest
 
-from qe_assets import review
-from qe_assets.export import VersionFiles
-from qe_assets.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox
+from qe_assets.ingest.validation import preference_line_problem
+from qe_assets.release.export import VersionFiles
+from qe_assets.review import decisions as review
 from qe_assets.settings import Settings
 from qe_assets.store import connect
-from qe_assets.transforms.validation import preference_line_problem
 from qe_assets_tests.openai_server import ChatRequest, OpenAIServer, Reply
 from qe_assets_tests.runs import checks, materialize, metadata
 from qe_assets_tests.test_llm import JUDGE_MARKER, llm
@@ -215,7 +215,7 @@ def test_a_failed_write_on_the_writing_thread_fails_the_cut_and_leaves_no_file(
 ) -> None:
     import polars as pl
 
-    from qe_assets.export import VersionWriter
+    from qe_assets.release.export import VersionWriter
 
     records = pl.DataFrame({"sample_id": ["a", "b"], "prompt": ["p", "q"]})
     chat = pl.Series(["{}", "{}"])

@@ -1,6 +1,6 @@
 """Answer every evaluation prompt with two models and have the judge compare each pair.
 
-The machinery is the completions stage's (`qe_assets.llm`): one `AsyncOpenAI` client, `chat()`
+The machinery is the completions stage's (`qe_assets.annotate.llm`): one `AsyncOpenAI` client, `chat()`
 under a semaphore of `concurrency` calls in flight, the client's own retries (429/5xx, timeouts,
 `Retry-After`), answers cached in `llm_cache` under the sha256 of the exact request, failures
 returned as data. Finished items are handed to `commit` in batches (run in a worker thread), so a
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qe_assets.annotate.llm import MALFORMED_VERDICT, CallOutcome, chat, request_key
 from qe_assets.evaluation.judge import (
     JudgeItem,
     candidate_first,
@@ -22,7 +23,6 @@ from qe_assets.evaluation.judge import (
     parse_pairwise,
 )
 from qe_assets.evaluation.metrics import FAILED, TIE
-from qe_assets.llm import MALFORMED_VERDICT, CallOutcome, chat, request_key
 
 if TYPE_CHECKING:
     import openai

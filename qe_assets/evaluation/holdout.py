@@ -12,8 +12,8 @@ from __future__ import annotations
 import duckdb
 import polars as pl
 
+from qe_assets.release.dataset import EVALUATION_SPLIT, TRAIN_SPLIT
 from qe_assets.store import owned_copy
-from qe_assets.transforms.dataset import EVALUATION_SPLIT, TRAIN_SPLIT
 
 
 def apply_holdout(

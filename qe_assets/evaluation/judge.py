@@ -17,9 +17,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from qe_assets.annotate.completions import JUDGE_PARAMETERS, neutralise_text
+from qe_assets.annotate.llm import json_reply
 from qe_assets.evaluation.metrics import LOSS, TIE, WIN
-from qe_assets.llm import json_reply
-from qe_assets.transforms.completions import JUDGE_PARAMETERS, neutralise_text
 
 PAIRWISE_KEYS = ("system", "intro", "reminder")
 
@@ -27,7 +27,7 @@ PAIRWISE_KEYS = ("system", "intro", "reminder")
 @cache
 def pairwise_texts() -> dict[str, dict[str, str]]:
     """language → the pairwise judge's system prompt, intro and reminder (texts.json)."""
-    text = resources.files("qe_assets.templates").joinpath("texts.json").read_text("utf-8")
+    text = resources.files("qe_assets.lib.templates").joinpath("texts.json").read_text("utf-8")
     texts = json.loads(text)["pairwise"]
     for language, keys in texts.items():
         missing = [k for k in PAIRWISE_KEYS if k not in keys]

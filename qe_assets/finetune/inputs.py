@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
-from qe_assets.export import (
+from qe_assets.ingest.queues.inbox import fsync_dir
+from qe_assets.release.dataset import exported_sample_ids
+from qe_assets.release.export import (
     VersionFiles,
     format_stamps,
     line_chunks,
@@ -24,10 +26,8 @@ from qe_assets.export import (
     split_file_problems,
     version_format_problems,
 )
-from qe_assets.queues.inbox import fsync_dir
 from qe_assets.settings import Settings
 from qe_assets.store import select_frame
-from qe_assets.transforms.dataset import exported_sample_ids
 
 if TYPE_CHECKING:  # the resource imports this module for `TrainingInputs`
     from qe_assets.finetune.resource import FineTuneBackendResource

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from qe_assets.review import pages as review_pages
 from qe_assets.settings import Settings
-from qe_assets.web import review_pages
 from qe_assets.web.dashboards import dashboard_routes
 from qe_assets.web.security import SecurityMiddleware
 

@@ -16,8 +16,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.calibration import DECIDED
 from qe_assets.events import KNOWN_LABELS, UNSPECIFIED
+from qe_assets.review.calibration import DECIDED
 from qe_assets.store import select_frame
 
 STEPS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}

@@ -21,7 +21,7 @@ connection handling (`writer_session` per stage, `duckdb_writer` elsewhere): ing
 annotate → complete → release while one is due (`readiness.release_while_due`, as `qe run` does):
 publish the version (`next_release`: a committed one never released, else a new cut), then the
 fine-tune with backend `none` (`claim_run`, then the `skipped` row). `dagster` mode runs
-`qe_assets.runner.run_pipeline(..., cut_version=True)` (what `qe run --cut-version` does) against
+`qe_assets.ops.runner.run_pipeline(..., cut_version=True)` (what `qe run --cut-version` does) against
 DAGSTER_HOME.
 
 Markers (`{"event": "phase", "phase": ..., "pid": ..., "t": monotonic}`) are written with one
@@ -61,10 +61,10 @@ def mark(phase: str) -> None:
 def run_direct(settings: Settings) -> None:
     from dagster_duckdb import DuckDBResource
 
-    from qe_assets.assets.annotate import annotate_config, annotate_pending
-    from qe_assets.assets.complete import complete_next_batch
-    from qe_assets.assets.ingest import IngestReport, ingest_pending
-    from qe_assets.readiness import release_while_due
+    from qe_assets.annotate.assets import annotate_config, annotate_pending
+    from qe_assets.annotate.complete import complete_next_batch
+    from qe_assets.ingest.assets import IngestReport, ingest_pending
+    from qe_assets.release.readiness import release_while_due
     from qe_assets.resources import drained_queues, duckdb_writer, writer_session
 
     settings.database.parent.mkdir(parents=True, exist_ok=True)  # as the first writer would
@@ -104,9 +104,9 @@ def run_direct(settings: Settings) -> None:
 def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
     """What one release run does, without Dagster and its checks: publish (or cut) the version,
     then fine-tune on it with backend `none`."""
-    from qe_assets.assets.dataset import next_release
-    from qe_assets.assets.finetune import SKIPPED_MESSAGE, claim_run
+    from qe_assets.finetune.assets import SKIPPED_MESSAGE, claim_run
     from qe_assets.finetune.registry import save_run
+    from qe_assets.release.assets import next_release
     from qe_assets.resources import FineTuneBackendResource, duckdb_writer
 
     next_release(resource, settings, force=True)  # as `qe run --cut-version`
@@ -121,7 +121,7 @@ def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
 
 
 def run_dagster(settings: Settings) -> None:
-    from qe_assets.runner import run_pipeline
+    from qe_assets.ops.runner import run_pipeline
 
     mark("ingest")  # run_pipeline has no hooks: the whole run is one phase from outside
     outcome = run_pipeline(settings, cut_version=True)

@@ -1,0 +1,245 @@
+"""Headless runs (`qe run`) through the same Dagster definitions the UI loads."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster._utils.error import SerializableErrorInfo
+
+from qe_assets.settings import Settings
+
+# Written once into a fresh DAGSTER_HOME. Writers are serialised by the database's writer lock
+# (`qe_assets.store.writer_lock`), not by a Dagster pool. Run monitoring lets the daemon
+# (`make ui`) fail runs whose worker died or that never started (start_timeout_seconds); `qe run`
+# and the sensor also reap the runs of dead `qe run` processes (`reap_dead_runs`), daemon or not.
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
+  start_timeout_seconds: 180
+"""
+# Tags `qe run` puts on its runs, so a later `qe run` can tell whether their process still lives.
+OWNER_HOST_TAG = "qe/host"
+OWNER_PROCESS_TAG = "qe/process"
+# The dataset version a release run is for (set by the sensor and by `qe run`).
+VERSION_TAG = "qe/dataset_version"
+# Put on the runs `reap_dead_runs` failed: a killed process, not a fault of the version.
+REAPED_TAG = "qe/reaped"
+# Every status a run can be left in by a process that died: `execute_in_process` creates the run
+# NOT_STARTED and a kill before it starts leaves it there.
+NOT_ENDED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+# Metadata shown per asset by `qe run`, in this order.
+SUMMARY_KEYS = (
+    "new_rows",
+    "duplicates",
+    "rejected",
+    "queue_depth_left",
+    "new_samples",
+    "new_train",
+    "new_review",
+    "new_duplicates",
+    "new_completions",
+    "mode",
+    "llm/calls",
+    "llm/failed",
+    "llm/estimated_cost",
+    "version",
+    "samples",
+    "train",
+    "validation",
+    "jsonl_path",
+    "run_id",
+    "status",
+    "model_id",
+    "message",
+    "decision",
+    "current_share",
+)
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """DAGSTER_HOME from the environment, else `$QE_DATA_DIR/dagster_home`, with dagster.yaml."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        # Atomically: two first-ever `qe run`s must not read each other's half-written file.
+        temp = home / f".dagster.yaml.{os.getpid()}.tmp"
+        temp.write_text(DAGSTER_YAML)
+        os.replace(temp, config)
+    return home
+
+
+def _process_identity(pid: int) -> str | None:
+    """pid plus its start time (Linux), so a recycled pid does not pass for the old process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return f"{pid}"
+    # Field 22 (start time) counted after the parenthesised command name, which may hold spaces.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie holds no slot and does no work
+        return None
+    return f"{pid}:{fields[19]}"
+
+
+def _owner_tags() -> dict[str, str]:
+    return {
+        OWNER_HOST_TAG: socket.gethostname(),
+        OWNER_PROCESS_TAG: _process_identity(os.getpid()) or str(os.getpid()),
+    }
+
+
+def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Fail the runs a killed `qe run` on this host left in any status short of an end (created,
+    starting, started, canceling), and free any concurrency slots they held, so the UI and the
+    sensor (which waits while a release run is in flight) do not take them for live runs. Both
+    `qe run` and the sensor call it before they look at what is in flight."""
+    host = socket.gethostname()
+    reaped = []
+    for record in instance.get_run_records(
+        dg.RunsFilter(statuses=NOT_ENDED, tags={OWNER_HOST_TAG: host})
+    ):
+        run = record.dagster_run
+        owner = run.tags.get(OWNER_PROCESS_TAG, "")
+        if not owner or _process_identity(int(owner.split(":")[0])) == owner:
+            continue
+        instance.add_run_tags(run.run_id, {REAPED_TAG: "true"})
+        instance.report_run_failed(run, "the `qe run` process that ran this run is gone")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+    return reaped
+
+
+@dataclass
+class RunOutcome:
+    success: bool
+    run_id: str
+    summary: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _summarise(result: dg.ExecuteInProcessResult) -> list[str]:
+    lines = []
+    # Observations too: an asset that made nothing (fine_tuned_model with backend none) says so
+    # in one.
+    asset_events = [
+        *(e.materialization for e in result.get_asset_materialization_events()),
+        *(
+            e.asset_observation_data.asset_observation
+            for e in result.get_asset_observation_events()
+        ),
+    ]
+    for asset_event in asset_events:
+        metadata = asset_event.metadata
+        shown = [f"{key}={metadata[key].value}" for key in SUMMARY_KEYS if key in metadata]
+        lines.append(f"{asset_event.asset_key.to_user_string()}: {', '.join(shown)}")
+    for evaluation in result.get_asset_check_evaluations():
+        verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
+        detail = f": {evaluation.description}" if evaluation.description else ""
+        lines.append(f"check {evaluation.check_name}: {verdict}{detail}")
+    return lines
+
+
+def _with_root_cause(error: SerializableErrorInfo) -> str:
+    """Dagster's step error names only the op; the cause at the bottom says what went wrong
+    (`qe run` tells a full disk from it)."""
+    root = error
+    while root.cause is not None:
+        root = root.cause
+    message = error.message.strip()
+    return message if root is error else f"{message} {root.message.strip()}"
+
+
+def _execute(
+    defs: dg.Definitions,
+    job_name: str,
+    instance: dg.DagsterInstance,
+    outcome: RunOutcome,
+    log_level: str,
+    tags: dict[str, str] | None = None,
+    ops: dict[str, Any] | None = None,
+) -> bool:
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if ops:
+        run_config["ops"] = ops
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config=run_config,
+        tags={**_owner_tags(), **(tags or {})},
+    )
+    outcome.run_id = result.run_id
+    outcome.summary.extend(_summarise(result))
+    if not result.success:
+        failures = [
+            _with_root_cause(e.step_failure_data.error)
+            for e in result.all_events
+            if e.is_step_failure and e.step_failure_data and e.step_failure_data.error
+        ]
+        outcome.success = False
+        outcome.error = "; ".join(failures) or "see the run's event log"
+    return result.success
+
+
+def run_pipeline(
+    settings: Settings,
+    *,
+    cut_version: bool = False,
+    instance: dg.DagsterInstance | None = None,
+    log_level: str = "INFO",
+) -> RunOutcome:
+    """Ingest → annotate → complete; then the release job (the one the sensor launches) as long
+    as the release rule (`readiness.release_decision`, the sensor's too) says one is due."""
+    from qe_assets.definitions import PIPELINE_JOB, build_definitions
+
+    defs = build_definitions(settings)
+    if instance is None:
+        instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    outcome = RunOutcome(success=True, run_id="")
+    for run_id in reap_dead_runs(instance):
+        outcome.summary.append(f"run {run_id} of a killed `qe run` marked failed, its slots freed")
+    if _execute(defs, PIPELINE_JOB, instance, outcome, log_level):
+        _release(settings, defs, instance, outcome, log_level, cut_version)
+    return outcome
+
+
+def _release(
+    settings: Settings,
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    outcome: RunOutcome,
+    log_level: str,
+    cut_version: bool,
+) -> None:
+    """One release run per due version (the rule in `readiness.release_while_due`)."""
+    from qe_assets.definitions import RELEASE_JOB
+    from qe_assets.release.readiness import ReleaseDecision, release_while_due
+
+    def release(decision: ReleaseDecision) -> bool:
+        outcome.summary.append(f"release {decision.version}: {decision.reason}")
+        tags = {VERSION_TAG: str(decision.version)}
+        # The same rule decides again inside the run; --cut-version lifts its threshold there.
+        ops = {"tuning_dataset": {"config": {"force": cut_version}}}
+        return _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags, ops)
+
+    done, last = release_while_due(settings, release, cut_version=cut_version)
+    if not done:
+        hint = " (use --cut-version to cut one now)" if not last.due and last.ready else ""
+        outcome.summary.append(last.reason + hint)

@@ -1,1 +1,0 @@
-"""Pure Polars transforms: DataFrames in, DataFrames out; no Dagster, no I/O."""
