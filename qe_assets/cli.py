@@ -809,9 +809,9 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from qe_assets.lib.web_security import InsecureBind, require_safe_bind
     from qe_assets.settings import serve_token
     from qe_assets.web.app import create_app
-    from qe_assets.web.security import InsecureBind, require_safe_bind
 
     token = serve_token()
     try:
@@ -830,8 +830,8 @@ def _ui_review_command(args: argparse.Namespace) -> tuple[list[str], str | None]
     Beyond loopback the review page needs QE_SERVE_TOKEN (`qe serve` refuses otherwise, and its
     exit would stop dagster too): without one the page stays on 127.0.0.1, dagster keeps the
     host asked for."""
+    from qe_assets.lib.web_security import is_loopback
     from qe_assets.settings import serve_token
-    from qe_assets.web.security import is_loopback
 
     host, notice = args.host, None
     if not is_loopback(host) and serve_token() is None:

@@ -8,19 +8,25 @@ and the tests.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import dagster as dg
 
 from qe_assets.annotate.assets import annotated_samples
 from qe_assets.annotate.complete import completions, judge_agreement
 from qe_assets.evaluation.assets import candidate_beats_production, model_evaluation
 from qe_assets.finetune.assets import fine_tuned_model
+from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.ingest.assets import raw_events
+from qe_assets.ingest.resource import QueueResource
+from qe_assets.lib.resources import OpenAIResource, PipelineSettings, QeDuckDBResource
 from qe_assets.ops.sensors import build_finetune_sensor, build_queue_sensor
 from qe_assets.release.assets import tuning_dataset
 from qe_assets.release.checks import DATASET_CHECKS
-from qe_assets.resources import build_resources
 from qe_assets.rollout.assets import ab_test, candidate_not_worse
 from qe_assets.settings import Settings
+from qe_assets.store import WRITER_CONFIG
 
 PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
@@ -78,3 +84,24 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
 def defs() -> dg.Definitions:
     """The code location as the UI loads it: the settings from the environment."""
     return build_definitions()
+
+
+def build_resources(settings: Settings) -> dict[str, Any]:
+    """The resources for `settings`, built without touching the disk: the database's directory
+    is made by the first write connection (`store.writer_connection`), not here."""
+    return {
+        "duckdb": QeDuckDBResource(
+            database=str(settings.database),
+            connection_config={**WRITER_CONFIG, "memory_limit": settings.duckdb_memory_limit},
+        ),
+        "settings": PipelineSettings(**settings.model_dump()),
+        "queue": QueueResource.from_settings(settings),
+        "finetune": FineTuneBackendResource.from_settings(settings),
+        "openai": OpenAIResource(
+            # Only a reference when the variable is set, so an offline setup loads without it.
+            api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,
+            base_url=settings.openai_base_url,
+            timeout_seconds=settings.llm_timeout_seconds,
+            max_retries=settings.llm_max_retries,
+        ),
+    }

@@ -13,13 +13,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
-
-if TYPE_CHECKING:
-    from qe_assets.rollout.sequential import Policy
 
 FinetuneBackend = Literal["none", "openai", "command"]
 FINETUNE_BACKENDS: tuple[str, ...] = get_args(FinetuneBackend)
@@ -717,18 +714,6 @@ class Settings(BaseModel):
             "production's."
         ),
     )
-
-    def ab_policy(self) -> Policy:
-        """The test's knobs as `qe_assets.rollout.sequential.Policy`."""
-        from qe_assets.rollout.sequential import Policy
-
-        return Policy(
-            alpha=self.ab_alpha,
-            tau=self.ab_tau,
-            min_answers=self.ab_min_answers,
-            ramp=tuple(self.ab_ramp),
-            ramp_max_harm=self.ab_ramp_max_harm,
-        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -44,9 +44,9 @@ from pydantic import ValidationError
 
 from qe_assets.events import validate_event
 from qe_assets.ingest.queues import FileInbox
+from qe_assets.lib.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.ops.demo import generate_events
 from qe_assets.ops.runner import DAGSTER_YAML, prepare_dagster_home
-from qe_assets.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.settings import Settings
 from qe_assets.store import (
     DatabaseBusy,

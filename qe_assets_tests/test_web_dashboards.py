@@ -32,11 +32,11 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from qe_assets.ingest.queues import FileInbox
+from qe_assets.lib.links import DASHBOARDS_PATH
 from qe_assets.review import decisions as review
 from qe_assets.settings import Settings
 from qe_assets.store import connect, writer_connection
 from qe_assets.web.dashboards import Dashboards, dashboard_routes
-from qe_assets.web.links import DASHBOARDS_PATH
 from qe_assets_bench.dashboards import build
 from qe_assets_tests.openai_server import running
 from qe_assets_tests.runs import materialize, metadata

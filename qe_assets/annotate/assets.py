@@ -13,15 +13,16 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.labels import AnnotateConfig, annotate_events
-from qe_assets.lib.stages import PIPELINE_GROUP, check_result, only_selected
-from qe_assets.lib.templates import load_templates
-from qe_assets.release.dataset import redacted_label_counts
-from qe_assets.resources import (
+from qe_assets.lib.links import dashboard_url
+from qe_assets.lib.resources import (
     PipelineSettings,
     duckdb_writer,
     exclusive_stage,
     writer_session,
 )
+from qe_assets.lib.stages import PIPELINE_GROUP, check_result, only_selected
+from qe_assets.lib.templates import load_templates
+from qe_assets.release.dataset import redacted_label_counts
 from qe_assets.review.backlog import ReviewBacklog, review_age, review_backlog, review_size
 from qe_assets.review.decisions import acceptance_by_label, enqueue_for_review
 from qe_assets.settings import Settings
@@ -33,7 +34,6 @@ from qe_assets.store import (
     transaction,
     watermark,
 )
-from qe_assets.web.links import dashboard_url
 
 STAGE = "annotated_samples"
 _SAMPLE_COLUMNS = (

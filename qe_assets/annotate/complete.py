@@ -32,15 +32,16 @@ from qe_assets.annotate.completions import (
 from qe_assets.annotate.completions import cache_rows as llm_cache_rows
 from qe_assets.annotate.labels import REVIEW, TRAIN
 from qe_assets.annotate.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
-from qe_assets.lib.stages import PIPELINE_GROUP
-from qe_assets.lib.templates import load_templates
-from qe_assets.release.dataset import redacted_labels
-from qe_assets.resources import (
+from qe_assets.lib.links import dashboard_url
+from qe_assets.lib.resources import (
     OpenAIResource,
     PipelineSettings,
     duckdb_writer,
     exclusive_stage,
 )
+from qe_assets.lib.stages import PIPELINE_GROUP
+from qe_assets.lib.templates import load_templates
+from qe_assets.release.dataset import redacted_labels
 from qe_assets.review.calibration import (
     JUDGE_CHECK,
     JudgeGate,
@@ -51,7 +52,6 @@ from qe_assets.review.calibration import (
 )
 from qe_assets.settings import Settings
 from qe_assets.store import select_frame, set_watermark, transaction, watermark
-from qe_assets.web.links import dashboard_url
 
 STAGE = "completions"
 _COLUMNS = "sample_id, completion, mode, status, model, error, attempts"

@@ -38,18 +38,14 @@ from qe_assets.evaluation.report import (
     summarize,
 )
 from qe_assets.finetune.assets import fine_tuned_model
+from qe_assets.finetune.resource import FineTuneBackendResource
+from qe_assets.lib.links import dashboard_url
+from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_writer
 from qe_assets.lib.templates import load_templates
-from qe_assets.resources import (
-    FineTuneBackendResource,
-    OpenAIResource,
-    PipelineSettings,
-    duckdb_writer,
-)
 from qe_assets.rollout.registry import start_test, sync_state_file
 from qe_assets.rollout.routing import state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
-from qe_assets.web.links import dashboard_url
 
 
 @dataclass(frozen=True)

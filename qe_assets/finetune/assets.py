@@ -30,9 +30,9 @@ from qe_assets.finetune.resource import (
     FineTuneBackendResource,
     Trained,
 )
+from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.release.assets import tuning_dataset
-from qe_assets.resources import OpenAIResource, PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.settings import Settings
 
 __all__ = ["SKIPPED_MESSAGE", "Claim", "Trained", "claim_run", "fine_tuned_model"]

@@ -34,7 +34,7 @@ from qe_assets.settings import (
 if TYPE_CHECKING:  # the LLM client stays a resource of its own, handed in by the asset
     import openai as openai_sdk
 
-    from qe_assets.resources import OpenAIResource
+    from qe_assets.lib.resources import OpenAIResource
 
 SKIPPED_MESSAGE = "skipped: no backend configured"
 

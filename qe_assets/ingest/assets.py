@@ -23,16 +23,12 @@ from qe_assets.events import (
     ValidatedRecords,
     validate_records,
 )
+from qe_assets.ingest.backlog import look_at_queues, queue_freshness, reject_share, reject_shares
 from qe_assets.ingest.queues import Batch, EventQueue, QueueUnavailable, durability_warning
+from qe_assets.ingest.resource import QueueResource
+from qe_assets.lib.links import dashboard_url
+from qe_assets.lib.resources import PipelineSettings, duckdb_writer, exclusive_stage, writer_session
 from qe_assets.lib.stages import PIPELINE_GROUP, check_result, only_selected
-from qe_assets.resources import (
-    PipelineSettings,
-    QueueResource,
-    duckdb_writer,
-    exclusive_stage,
-    writer_session,
-)
-from qe_assets.review.backlog import look_at_queues, queue_freshness, reject_share, reject_shares
 from qe_assets.store import (
     ConnectionFactory,
     ensure_schema,
@@ -40,7 +36,6 @@ from qe_assets.store import (
     table_counts,
     transaction,
 )
-from qe_assets.web.links import dashboard_url
 
 _COUNT_COLUMNS = (
     "flush_id, model, answers, low, threshold, producer, window_start, window_end, source"

@@ -1,15 +1,33 @@
-"""Asset definitions, one module per stage of the pipeline."""
+"""What every stage's assets share: the two asset groups, check verdicts and their results."""
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 
 import dagster as dg
-
-from qe_assets.review.backlog import Verdict
 
 # Two groups, matching the two jobs, so the lineage page opens on two readable boxes: what runs
 # whenever events arrive, and what runs when a release is due.
 PIPELINE_GROUP = "pipeline"
 RELEASE_GROUP = "release"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A check's outcome, for an `AssetCheckResult` (in a run) or an `AssetCheckEvaluation` (from
+    the sensor)."""
+
+    passed: bool
+    description: str
+    metadata: dict[str, str | int | float]
+
+
+def age_seconds(oldest_at: datetime | None, now: datetime) -> float | None:
+    return None if oldest_at is None else max((now - oldest_at).total_seconds(), 0.0)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 7_200 else f"{seconds / 3_600:.1f} h"
 
 
 def check_result(asset: str, name: str, verdict: Verdict) -> dg.AssetCheckResult:

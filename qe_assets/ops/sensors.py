@@ -17,16 +17,14 @@ from datetime import UTC, datetime
 import dagster as dg
 import duckdb
 
-from qe_assets.ops.runner import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
+from qe_assets.finetune.resource import FineTuneBackendResource
+from qe_assets.ingest.backlog import look_at_queues, queue_freshness
+from qe_assets.ingest.resource import QueueResource
+from qe_assets.lib.resources import PipelineSettings
+from qe_assets.lib.stages import Verdict
+from qe_assets.ops.runs import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
 from qe_assets.release.readiness import settings_release_decision
-from qe_assets.resources import FineTuneBackendResource, PipelineSettings, QueueResource
-from qe_assets.review.backlog import (
-    Verdict,
-    look_at_queues,
-    queue_freshness,
-    review_age,
-    review_backlog,
-)
+from qe_assets.review.backlog import review_age, review_backlog
 from qe_assets.store import DatabaseBusy, connect
 
 # Failed release runs of one version after which the sensor stops retrying it on its own (a fix

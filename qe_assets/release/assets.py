@@ -13,8 +13,11 @@ from pydantic import Field
 
 from qe_assets.annotate.complete import completions
 from qe_assets.evaluation.holdout import hold_out
+from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.lib.charts import as_markdown_image, import_in_background, label_share_png
+from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.pii import redact
+from qe_assets.lib.resources import PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.lib.templates import Templates, load_templates
 from qe_assets.release.dataset import (
@@ -42,15 +45,8 @@ from qe_assets.release.readiness import (
     settings_release_decision,
     version_state,
 )
-from qe_assets.resources import (
-    FineTuneBackendResource,
-    PipelineSettings,
-    duckdb_writer,
-    exclusive_stage,
-)
 from qe_assets.settings import Settings
 from qe_assets.store import owned_copy, select_frame, transaction
-from qe_assets.web.links import dashboard_url
 
 
 def _ready_batches(

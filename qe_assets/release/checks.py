@@ -11,24 +11,20 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.finetune.registry import pending_version, reject_version
+from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.ingest.validation import (
     LabelBounds,
     label_share_problems,
     label_shares,
     total_variation,
 )
+from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.release.assets import tuning_dataset
 from qe_assets.release.export import (
     VersionFiles,
     format_stamps,
     preference_format_problems,
     version_format_problems,
-)
-from qe_assets.resources import (
-    FineTuneBackendResource,
-    PipelineSettings,
-    duckdb_reader,
-    duckdb_writer,
 )
 
 

@@ -1,102 +1,17 @@
-"""What waits for the pipeline or for a person: the queue backlog and the review backlog.
+"""What waits for a person: the review backlog (the queue backlog is `qe_assets.ingest.backlog`).
 
-Shared by the queue sensor (which starts ingestion and reports freshness between runs) and the
-assets' checks (which report it after every run), so both say the same thing the same way.
-Everything here is one short read: queue metadata, or a read-only query.
+Shared by the queue sensor (which reports it between runs) and the `annotated_samples` checks
+(which report it after every run), so both say the same thing the same way. One short read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import duckdb
 
-from qe_assets.ingest.queues import EventQueue, QueueUnavailable
-
-
-@dataclass(frozen=True)
-class QueueLook:
-    """Every configured queue looked at once."""
-
-    waiting: dict[str, str] = field(default_factory=dict)  # queue name → "12 files", "40 events"
-    oldest_at: datetime | None = None
-    unknown_age: list[str] = field(default_factory=list)  # queues with work whose age is unknown
-    unreachable: dict[str, str] = field(default_factory=dict)  # queue name → error
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting)
-
-    def describe(self) -> str:
-        return ", ".join(f"{count} in {name}" for name, count in self.waiting.items()) or "empty"
-
-
-def look_at_queues(queues: list[EventQueue]) -> QueueLook:
-    waiting: dict[str, str] = {}
-    unreachable: dict[str, str] = {}
-    unknown: list[str] = []
-    oldest: list[datetime] = []
-    for queue in queues:
-        try:
-            backlog = queue.backlog()
-        except QueueUnavailable as exc:
-            unreachable[queue.name] = str(exc)
-            continue
-        if backlog.waiting == 0:
-            continue
-        unit = backlog.unit.removesuffix("s") if backlog.waiting == 1 else backlog.unit
-        waiting[queue.name] = f"{backlog.waiting} {unit}"
-        if backlog.oldest_at is None:
-            unknown.append(queue.name)
-        else:
-            oldest.append(backlog.oldest_at)
-    return QueueLook(waiting, min(oldest, default=None), unknown, unreachable)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A check's outcome, for an `AssetCheckResult` (in a run) or an `AssetCheckEvaluation` (from
-    the sensor)."""
-
-    passed: bool
-    description: str
-    metadata: dict[str, str | int | float]
-
-
-def _age(oldest_at: datetime | None, now: datetime) -> float | None:
-    return None if oldest_at is None else max((now - oldest_at).total_seconds(), 0.0)
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds < 7_200 else f"{seconds / 3_600:.1f} h"
-
-
-def queue_freshness(look: QueueLook, max_age: float, now: datetime | None = None) -> Verdict:
-    """Fails (a warning) when the oldest waiting event has waited longer than `max_age`
-    seconds, or when a queue cannot be reached (its age is then unknown)."""
-    age = _age(look.oldest_at, now or datetime.now(UTC))
-    metadata: dict[str, str | int | float] = {
-        "waiting": look.describe(),
-        "max_age_seconds": max_age,
-        "oldest_age_seconds": round(age, 1) if age is not None else -1,
-    }
-    if look.unreachable:
-        problems = "; ".join(f"{name}: {error}" for name, error in look.unreachable.items())
-        return Verdict(False, f"queue unreachable, its backlog unknown: {problems}", metadata)
-    if age is not None and age > max_age:
-        return Verdict(
-            False,
-            f"the oldest waiting event has waited {_minutes(age)}, over QE_MAX_QUEUE_AGE "
-            f"({_minutes(max_age)}): is the queue sensor running, or are runs failing?",
-            metadata,
-        )
-    if look.unknown_age:
-        unknown = ", ".join(look.unknown_age)
-        return Verdict(
-            True, f"{look.describe()}; how long it waited is unknown ({unknown})", metadata
-        )
-    return Verdict(True, f"{look.describe()}; oldest {_minutes(age or 0)} old", metadata)
+from qe_assets.lib.stages import Verdict, age_seconds, minutes
 
 
 @dataclass(frozen=True)
@@ -114,7 +29,7 @@ def review_backlog(conn: duckdb.DuckDBPyConnection) -> ReviewBacklog:
 
 
 def review_age(backlog: ReviewBacklog, max_age: float, now: datetime | None = None) -> Verdict:
-    age = _age(backlog.oldest_at, now or datetime.now(UTC))
+    age = age_seconds(backlog.oldest_at, now or datetime.now(UTC))
     metadata: dict[str, str | int | float] = {
         "pending": backlog.pending,
         "max_age_seconds": max_age,
@@ -123,11 +38,11 @@ def review_age(backlog: ReviewBacklog, max_age: float, now: datetime | None = No
     if age is not None and age > max_age:
         return Verdict(
             False,
-            f"the oldest pending review has waited {_minutes(age)}, over QE_MAX_REVIEW_AGE "
-            f"({_minutes(max_age)}): `qe review list`",
+            f"the oldest pending review has waited {minutes(age)}, over QE_MAX_REVIEW_AGE "
+            f"({minutes(max_age)}): `qe review list`",
             metadata,
         )
-    return Verdict(True, f"{backlog.pending} pending, oldest {_minutes(age or 0)} old", metadata)
+    return Verdict(True, f"{backlog.pending} pending, oldest {minutes(age or 0)} old", metadata)
 
 
 def review_size(backlog: ReviewBacklog, max_pending: int) -> Verdict:
@@ -140,49 +55,3 @@ def review_size(backlog: ReviewBacklog, max_pending: int) -> Verdict:
             metadata,
         )
     return Verdict(True, f"{backlog.pending} samples wait for review", metadata)
-
-
-def reject_shares(
-    conn: duckdb.DuckDBPyConnection, window: timedelta = timedelta(days=1)
-) -> list[tuple[str, int, int]]:
-    """(queue, events stored, records rejected) per queue kind (the first part of `source`:
-    inbox, redis, kafka) over the last `window` of ingestion."""
-    since = (datetime.now(UTC) - window).replace(tzinfo=None)
-    return conn.execute(
-        """
-        WITH stored AS (
-            SELECT split_part(source, ':', 1) AS queue, count(*) AS n
-            FROM raw_events WHERE ingested_at >= $since GROUP BY ALL
-        ), rejected AS (
-            SELECT split_part(source, ':', 1) AS queue, count(*) AS n
-            FROM rejected_events WHERE rejected_at >= $since GROUP BY ALL
-        )
-        SELECT queue, coalesce(stored.n, 0), coalesce(rejected.n, 0)
-        FROM stored FULL JOIN rejected USING (queue) ORDER BY queue
-        """,
-        {"since": since},
-    ).fetchall()
-
-
-# Fewer records than this from a queue in the window say nothing about its producers.
-MIN_RECORDS_FOR_SHARE = 20
-
-
-def reject_share(rows: list[tuple[str, int, int]], max_share: float) -> Verdict:
-    metadata: dict[str, str | int | float] = {"max_share": max_share}
-    too_high = []
-    for queue, stored, rejected in rows:
-        total = stored + rejected
-        share = rejected / total if total else 0.0
-        metadata[f"reject_share/{queue}"] = round(share, 4)
-        if total >= MIN_RECORDS_FOR_SHARE and share > max_share:
-            too_high.append(f"{queue} {share:.0%} of {total}")
-    if too_high:
-        return Verdict(
-            False,
-            f"rejected share over QE_MAX_REJECT_SHARE ({max_share:.0%}) in the last day: "
-            f'{", ".join(too_high)}; see `qe sql "SELECT field, reason, count(*) FROM '
-            f'rejected_events GROUP BY ALL"`',
-            metadata,
-        )
-    return Verdict(True, "reject share within bounds in the last day", metadata)

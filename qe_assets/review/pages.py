@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from qe_assets.lib.web_security import CSP, checked_form, csrf_token
 from qe_assets.review import decisions as review
 from qe_assets.review import queue as review_queue
 from qe_assets.store import DatabaseBusy, connect, writer_connection
-from qe_assets.web.security import checked_form, csrf_token
 
 T = TypeVar("T")
 PAGE_SIZE = 50
@@ -53,8 +53,6 @@ class Refused(Exception):
 def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
     """A page of the app: autoescaped, with the session's CSRF token, the reviewer and the
     app's Content-Security-Policy (a `?reviewer=` choice is kept in a cookie)."""
-    from qe_assets.web.app import CSP
-
     html = request.app.state.templates.get_template(template).render(
         request=request,
         csrf=csrf_token(request),

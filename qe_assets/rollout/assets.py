@@ -12,11 +12,11 @@ from dagster_duckdb import DuckDBResource
 from qe_assets.annotate.assets import annotated_samples
 from qe_assets.evaluation.registry import production_model, record_promotion
 from qe_assets.ingest.assets import raw_events
+from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.stages import RELEASE_GROUP
-from qe_assets.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.rollout import registry as ab
 from qe_assets.rollout.routing import RolloutState, state_path
-from qe_assets.rollout.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide
+from qe_assets.rollout.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide, policy_of
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
 
@@ -73,7 +73,7 @@ def look_at_test(conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: st
     if test is None:
         return Look(ab.sync_state_file(conn, path), history=ab.newest_test_rows(conn))
     arms = ab.arm_counts(conn, test)
-    decision = decide(arms, test.share, test.answers_at_share, settings.ab_policy())
+    decision = decide(arms, test.share, test.answers_at_share, policy_of(settings))
     per_label = per_label_rates(ab.label_counts(conn, test, settings.capture_threshold), arms)
     # No answer counted since the last look and nothing to change: no row (and no new look).
     if not ab.nothing_new(conn, arms, decision):

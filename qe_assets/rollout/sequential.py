@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qe_assets.settings import Settings
 
 PROMOTE, ROLLBACK, CONTINUE = "promote", "rollback", "continue"
 
@@ -173,4 +177,15 @@ def _rates(arms: Arms) -> str:
     return (
         f"low-score rate candidate {pct(arms.rate_candidate)} of {arms.answers_candidate}, "
         f"production {pct(arms.rate_production)} of {arms.answers_production}"
+    )
+
+
+def policy_of(settings: Settings) -> Policy:
+    """The test's knobs (QE_AB_*) as a `Policy`."""
+    return Policy(
+        alpha=settings.ab_alpha,
+        tau=settings.ab_tau,
+        min_answers=settings.ab_min_answers,
+        ramp=tuple(settings.ab_ramp),
+        ramp_max_harm=settings.ab_ramp_max_harm,
     )

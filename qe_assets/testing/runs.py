@@ -6,8 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from qe_assets.definitions import ASSET_CHECKS, ASSETS
-from qe_assets.resources import build_resources
+from qe_assets.definitions import ASSET_CHECKS, ASSETS, build_resources
 from qe_assets.settings import Settings
 
 

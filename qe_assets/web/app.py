@@ -19,16 +19,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from qe_assets.lib.web_security import SecurityMiddleware
 from qe_assets.review import pages as review_pages
 from qe_assets.settings import Settings
 from qe_assets.web.dashboards import dashboard_routes
-from qe_assets.web.security import SecurityMiddleware
 
-# What every page of the app allows the browser to load: only its own files, no inline script.
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
 WRITE_WAIT_SECONDS = 5.0
 READ_WAIT_SECONDS = 10.0
@@ -71,7 +66,7 @@ def create_app(
     read_wait_seconds: float = READ_WAIT_SECONDS,
 ) -> Starlette:
     """The app over `settings.database`. With `token`, every request must carry it (see
-    `qe_assets.web.security`); the caller refuses non-loopback binds without one."""
+    `qe_assets.lib.web_security`); the caller refuses non-loopback binds without one."""
     # One DuckDB connection of this process at a time: a read-only and a write connection to
     # the same file cannot be open together in one process. Shared by the review pages and the
     # dashboards.

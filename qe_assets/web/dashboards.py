@@ -1,7 +1,7 @@
 """The dashboards page of `qe serve`: the seed's charts over time, drawn in the browser.
 
 `dashboard_routes(settings)` is mounted by the review app at `/dashboards` (see
-qe_assets/web/links.py). The page carries its figures as Plotly JSON and draws them with the
+qe_assets/lib/links.py). The page carries its figures as Plotly JSON and draws them with the
 plotly.js bundle that ships inside the `plotly` Python package, served from here: nothing is
 fetched from the internet, so the page works on an offline machine.
 

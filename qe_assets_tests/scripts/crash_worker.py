@@ -64,8 +64,9 @@ def run_direct(settings: Settings) -> None:
     from qe_assets.annotate.assets import annotate_config, annotate_pending
     from qe_assets.annotate.complete import complete_next_batch
     from qe_assets.ingest.assets import IngestReport, ingest_pending
+    from qe_assets.ingest.resource import drained_queues
+    from qe_assets.lib.resources import duckdb_writer, writer_session
     from qe_assets.release.readiness import release_while_due
-    from qe_assets.resources import drained_queues, duckdb_writer, writer_session
 
     settings.database.parent.mkdir(parents=True, exist_ok=True)  # as the first writer would
     resource = DuckDBResource(database=str(settings.database))
@@ -106,8 +107,9 @@ def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
     then fine-tune on it with backend `none`."""
     from qe_assets.finetune.assets import SKIPPED_MESSAGE, claim_run
     from qe_assets.finetune.registry import save_run
+    from qe_assets.finetune.resource import FineTuneBackendResource
+    from qe_assets.lib.resources import duckdb_writer
     from qe_assets.release.assets import next_release
-    from qe_assets.resources import FineTuneBackendResource, duckdb_writer
 
     next_release(resource, settings, force=True)  # as `qe run --cut-version`
     mark("finetune")  # the version is committed: a kill from here on is "right after a commit"

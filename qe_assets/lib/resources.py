@@ -1,8 +1,10 @@
-"""Dagster resources, built from `Settings` when the definitions load."""
+"""Resources every part of the loop shares: the settings, the DuckDB store and the LLM client.
+
+The queue (`qe_assets.ingest.resource`) and the fine-tune backend (`qe_assets.finetune.resource`)
+live with their parts; `qe_assets.definitions.build_resources` puts them all together."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,12 +14,8 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-# Lives beside its backends (qe_assets/finetune/); importable from here with the other resources.
-from qe_assets.finetune.resource import FineTuneBackendResource
-from qe_assets.ingest.queues import EventQueue, FileInbox, open_queue
 from qe_assets.settings import Settings
 from qe_assets.store import (
-    WRITER_CONFIG,
     WriterSession,
     connect,
     writer_connection,
@@ -28,44 +26,11 @@ if TYPE_CHECKING:  # imported when a client is made: start-up that naive runs ne
     import openai
 
 
-def drained_queues(settings: Settings) -> list[EventQueue]:
-    """Where raw_events drains from: the configured queue, plus the inbox that producers spool
-    to when Redis or Kafka is down. Opens nothing until a queue is used."""
-    configured = open_queue(settings)
-    if isinstance(configured, FileInbox):
-        return [configured]
-    return [configured, FileInbox(settings.inbox_dir)]
-
-
 class PipelineSettings(dg.ConfigurableResource, Settings):
     """The pipeline's knobs (see `qe_assets.settings`), shown and overridable in the launchpad;
     it opens nothing (the queue, the store, the LLM client and the fine-tune backend are
     resources of their own: override `finetune`, not the finetune_* fields here, to change how a
     run trains)."""
-
-
-class QueueResource(dg.ConfigurableResource):
-    """The event queue, one concern: where events wait (QE_QUEUE_URL, else the file inbox) and
-    this ingester's name on it. The settings stay typed and validated in `Settings`; this
-    resource carries only the fields the queue needs."""
-
-    queue_url: str | None = None
-    queue_consumer: str = "default"
-    data_dir: str = "data"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> QueueResource:
-        return cls(
-            queue_url=settings.queue_url,
-            queue_consumer=settings.queue_consumer,
-            data_dir=settings.data_dir,
-        )
-
-    def queues(self) -> list[EventQueue]:
-        settings = Settings(
-            queue_url=self.queue_url, queue_consumer=self.queue_consumer, data_dir=self.data_dir
-        )
-        return drained_queues(settings)
 
 
 class QeDuckDBResource(DuckDBResource):
@@ -174,24 +139,3 @@ class OpenAIResource(dg.ConfigurableResource):
         import openai
 
         return openai.AsyncOpenAI(**self._options())
-
-
-def build_resources(settings: Settings) -> dict[str, Any]:
-    """The resources for `settings`, built without touching the disk: the database's directory
-    is made by the first write connection (`store.writer_connection`), not here."""
-    return {
-        "duckdb": QeDuckDBResource(
-            database=str(settings.database),
-            connection_config={**WRITER_CONFIG, "memory_limit": settings.duckdb_memory_limit},
-        ),
-        "settings": PipelineSettings(**settings.model_dump()),
-        "queue": QueueResource.from_settings(settings),
-        "finetune": FineTuneBackendResource.from_settings(settings),
-        "openai": OpenAIResource(
-            # Only a reference when the variable is set, so an offline setup loads without it.
-            api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,
-            base_url=settings.openai_base_url,
-            timeout_seconds=settings.llm_timeout_seconds,
-            max_retries=settings.llm_max_retries,
-        ),
-    }

@@ -28,6 +28,12 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_FORM_BYTES = 1 << 20
 
+# What every page of the app allows the browser to load: only its own files, no inline script.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
 
 class InsecureBind(ValueError):
     """`qe serve` asked to listen beyond the loopback without QE_SERVE_TOKEN."""
