@@ -645,8 +645,8 @@ def _models_list(settings: Settings, wait: float) -> int:
     import duckdb
     import polars as pl
 
-    from qe_assets.evaluation.registry import MODELS_QUERY
     from qe_assets.store import connect, select_frame
+    from qe_assets.store.evaluations import MODELS_QUERY
 
     with connect(settings.database, read_only=True, wait_seconds=wait) as conn:
         try:
@@ -696,8 +696,8 @@ def _rollout_lines(conn: duckdb.DuckDBPyConnection) -> list[str]:
 
 def _models_change(args: argparse.Namespace, conn: duckdb.DuckDBPyConnection, by: str) -> str:
     """Record one `qe models promote|rollback|rollout` under the writer lock; what happened."""
-    from qe_assets.evaluation import registry
     from qe_assets.rollout import registry as ab
+    from qe_assets.store import evaluations as registry
 
     current = registry.production_model(conn)
     test = ab.active_test(conn)

@@ -8,7 +8,6 @@ import json
 import polars as pl
 import pytest
 
-from qe_assets.evaluation.holdout import apply_holdout
 from qe_assets.evaluation.judge import (
     JudgeItem,
     candidate_first,
@@ -35,6 +34,7 @@ from qe_assets.release.dataset import (
     VALIDATION_SPLIT,
     assign_split,
 )
+from qe_assets.release.holdout import apply_holdout
 from qe_assets.settings import Settings, SettingsError
 
 

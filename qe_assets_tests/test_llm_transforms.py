@@ -10,7 +10,17 @@ import duckdb
 import polars as pl
 import pytest
 
-from qe_assets.annotate.completions import (
+from qe_assets.annotate.llm import (
+    EMPTY,
+    MALFORMED,
+    REFUSAL,
+    TRUNCATED,
+    parse_verdict,
+    read_chat_response,
+    request_key,
+    response_problem,
+)
+from qe_assets.lib.completions import (
     FAILED,
     OK,
     OUTCOME_SCHEMA,
@@ -24,16 +34,6 @@ from qe_assets.annotate.completions import (
     neutralise_text,
     outcome_frame,
     regeneration_requests,
-)
-from qe_assets.annotate.llm import (
-    EMPTY,
-    MALFORMED,
-    REFUSAL,
-    TRUNCATED,
-    parse_verdict,
-    read_chat_response,
-    request_key,
-    response_problem,
 )
 from qe_assets.lib.templates import load_templates
 

@@ -11,8 +11,8 @@ import sys
 import polars as pl
 import pytest
 
-from qe_assets.annotate.completions import mark_proposed
 from qe_assets.ingest.queues import FileInbox
+from qe_assets.lib.completions import mark_proposed
 from qe_assets.review import decisions as review
 from qe_assets.settings import Settings
 from qe_assets.store import connect

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from qe_assets.capture import CaptureStatus, QualityCapture
-from qe_assets.evaluation.registry import record_promotion
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.rollout.assets import look_at_test
 from qe_assets.rollout.counts import RECORD_PREFIX
@@ -26,6 +25,7 @@ from qe_assets.rollout.routing import RolloutState, Router, bucket, write_state
 from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
+from qe_assets.store.evaluations import record_promotion
 from qe_assets_bench.rollout import simulate
 from qe_assets_tests.conftest import RedisServer
 from qe_assets_tests.factories import make_event

@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 
 from qe_assets.annotate.assets import redacted_outcomes
-from qe_assets.annotate.completions import naive_completions
 from qe_assets.ingest.validation import (
     LabelBounds,
     chat_format_problems,
@@ -17,6 +16,8 @@ from qe_assets.ingest.validation import (
     record_problems,
     total_variation,
 )
+from qe_assets.lib.completions import naive_completions
+from qe_assets.lib.pii import redacted_label_counts
 from qe_assets.lib.templates import load_templates
 from qe_assets.release.dataset import (
     assign_split,
@@ -25,7 +26,6 @@ from qe_assets.release.dataset import (
     label_counts,
     records,
     redact_identifiers,
-    redacted_label_counts,
 )
 
 T = load_templates()

@@ -14,6 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.labels import AnnotateConfig, annotate_events
 from qe_assets.lib.links import dashboard_url
+from qe_assets.lib.pii import redacted_label_counts
 from qe_assets.lib.resources import (
     PipelineSettings,
     duckdb_writer,
@@ -22,7 +23,6 @@ from qe_assets.lib.resources import (
 )
 from qe_assets.lib.stages import PIPELINE_GROUP, check_result, only_selected
 from qe_assets.lib.templates import load_templates
-from qe_assets.release.dataset import redacted_label_counts
 from qe_assets.review.backlog import ReviewBacklog, review_age, review_backlog, review_size
 from qe_assets.review.decisions import acceptance_by_label, enqueue_for_review
 from qe_assets.settings import Settings

@@ -16,7 +16,9 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from qe_assets.annotate.completions import (
+from qe_assets.annotate.labels import REVIEW, TRAIN
+from qe_assets.annotate.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
+from qe_assets.lib.completions import (
     FAILED,
     LLM,
     LLM_COMPLETION_SCHEMA,
@@ -29,10 +31,9 @@ from qe_assets.annotate.completions import (
     naive_completions,
     regeneration_requests,
 )
-from qe_assets.annotate.completions import cache_rows as llm_cache_rows
-from qe_assets.annotate.labels import REVIEW, TRAIN
-from qe_assets.annotate.llm import LLMConfig, LLMFatalError, Page, complete_with_llm
+from qe_assets.lib.completions import cache_rows as llm_cache_rows
 from qe_assets.lib.links import dashboard_url
+from qe_assets.lib.pii import redacted_labels
 from qe_assets.lib.resources import (
     OpenAIResource,
     PipelineSettings,
@@ -41,7 +42,6 @@ from qe_assets.lib.resources import (
 )
 from qe_assets.lib.stages import PIPELINE_GROUP
 from qe_assets.lib.templates import load_templates
-from qe_assets.release.dataset import redacted_labels
 from qe_assets.review.calibration import (
     JUDGE_CHECK,
     JudgeGate,

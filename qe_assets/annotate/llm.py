@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import polars as pl
 
-from qe_assets.annotate.completions import judge_request, outcome_frame
+from qe_assets.lib.completions import judge_request, outcome_frame
 from qe_assets.settings import Settings
 
 if TYPE_CHECKING:  # openai is slow to import (docs/performance.md); only LLM runs need it

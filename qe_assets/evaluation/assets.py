@@ -13,18 +13,6 @@ from dagster_duckdb import DuckDBResource
 
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
 from qe_assets.evaluation.metrics import INSUFFICIENT, Decision, Tally, decide, label_table
-from qe_assets.evaluation.registry import (
-    GATE,
-    Candidate,
-    cached_answers,
-    evaluation_items,
-    evaluation_of_run,
-    icl_examples,
-    latest_candidate,
-    production_model,
-    record_promotion,
-    save_evaluation,
-)
 from qe_assets.evaluation.report import (
     CACHE_COLUMNS,
     ITEM_COLUMNS,
@@ -46,6 +34,18 @@ from qe_assets.rollout.registry import start_test, sync_state_file
 from qe_assets.rollout.routing import state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
+from qe_assets.store.evaluations import (
+    GATE,
+    Candidate,
+    cached_answers,
+    evaluation_items,
+    evaluation_of_run,
+    icl_examples,
+    latest_candidate,
+    production_model,
+    record_promotion,
+    save_evaluation,
+)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from qe_assets.annotate.completions import JUDGE_PARAMETERS, neutralise_text
 from qe_assets.annotate.llm import json_reply
 from qe_assets.evaluation.metrics import LOSS, TIE, WIN
+from qe_assets.lib.completions import JUDGE_PARAMETERS, neutralise_text
 
 PAIRWISE_KEYS = ("system", "intro", "reminder")
 

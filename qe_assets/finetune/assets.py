@@ -17,13 +17,6 @@ from qe_assets.finetune.inputs import (
     naive_refusal,
     prepare_inputs,
 )
-from qe_assets.finetune.registry import (
-    attempts,
-    latest_run,
-    pending_version,
-    previous_model,
-    save_run,
-)
 from qe_assets.finetune.resource import (
     SKIPPED_MESSAGE,
     Claim,
@@ -34,6 +27,13 @@ from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_wri
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.release.assets import tuning_dataset
 from qe_assets.settings import Settings
+from qe_assets.store.finetune_runs import (
+    attempts,
+    latest_run,
+    pending_version,
+    previous_model,
+    save_run,
+)
 
 __all__ = ["SKIPPED_MESSAGE", "Claim", "Trained", "claim_run", "fine_tuned_model"]
 

@@ -53,7 +53,7 @@ Decisions (the false positives and negatives we accept):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -335,3 +335,18 @@ def redact(frame: pl.DataFrame, columns: Sequence[str]) -> tuple[pl.DataFrame, d
         for kind, count in counts.items():
             totals[kind] += count
     return frame.with_columns(replaced), totals
+
+
+def redacted_labels(labels: Iterable[str]) -> dict[str, str]:
+    """Each distinct label → the label with its PII redacted (most come back unchanged)."""
+    distinct = pl.Series("label", list(dict.fromkeys(labels)), dtype=pl.String)
+    redacted, _ = redact_series(distinct)
+    return dict(zip(distinct.to_list(), redacted.to_list(), strict=True))
+
+
+def redacted_label_counts(counts: Mapping[str, float]) -> dict[str, float]:
+    """Counts per label with PII redacted from the labels; labels that become one add up."""
+    merged: dict[str, float] = {}
+    for label, redacted in redacted_labels(counts).items():
+        merged[redacted] = merged.get(redacted, 0) + counts[label]
+    return merged

@@ -12,7 +12,6 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from qe_assets.annotate.complete import completions
-from qe_assets.evaluation.holdout import hold_out
 from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.lib.charts import as_markdown_image, import_in_background, label_share_png
 from qe_assets.lib.links import dashboard_url
@@ -38,6 +37,7 @@ from qe_assets.release.export import (
     remove_uncommitted,
     version_name,
 )
+from qe_assets.release.holdout import hold_out
 from qe_assets.release.readiness import (
     READY_IN_WINDOW,
     WINDOW_END,

@@ -10,7 +10,6 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-from qe_assets.finetune.registry import pending_version, reject_version
 from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.ingest.validation import (
     LabelBounds,
@@ -26,6 +25,7 @@ from qe_assets.release.export import (
     preference_format_problems,
     version_format_problems,
 )
+from qe_assets.store.finetune_runs import pending_version, reject_version
 
 
 @dataclass(frozen=True)

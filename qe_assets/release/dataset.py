@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import polars as pl
 
 from qe_assets.annotate.labels import sample_id_parts
@@ -161,18 +159,3 @@ def redact_identifiers(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int
     file, manifest and metadata entry shows. Returns the replacements per kind in labels."""
     labels, found = redact_series(frame.get_column("label"))
     return frame.with_columns(labels, exported_sample_ids(frame.get_column("sample_id"))), found
-
-
-def redacted_labels(labels: Iterable[str]) -> dict[str, str]:
-    """Each distinct label → the label with its PII redacted (most come back unchanged)."""
-    distinct = pl.Series("label", list(dict.fromkeys(labels)), dtype=pl.String)
-    redacted, _ = redact_series(distinct)
-    return dict(zip(distinct.to_list(), redacted.to_list(), strict=True))
-
-
-def redacted_label_counts(counts: Mapping[str, float]) -> dict[str, float]:
-    """Counts per label with PII redacted from the labels; labels that become one add up."""
-    merged: dict[str, float] = {}
-    for label, redacted in redacted_labels(counts).items():
-        merged[redacted] = merged.get(redacted, 0) + counts[label]
-    return merged

@@ -127,7 +127,7 @@ def release_decision(
     release never ended (no run for the backend, or a `running` one whose process died), else cut
     a new one when the ready samples reach the threshold (or when asked to); a version whose run
     failed is retried at the next release, before any newer version is cut."""
-    from qe_assets.finetune.registry import handed_over, pending_version
+    from qe_assets.store.finetune_runs import handed_over, pending_version
 
     state = version_state(conn)
     ready = ready_sample_count(conn, state, eval_share=eval_share)

@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.annotate.completions import HUMAN, OK, PROPOSED, naive_completions
+from qe_assets.lib.completions import HUMAN, OK, PROPOSED, naive_completions
 from qe_assets.lib.templates import load_templates
 from qe_assets.review import queue as review_queue
 from qe_assets.store import select_frame, transaction

@@ -10,7 +10,6 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.assets import annotated_samples
-from qe_assets.evaluation.registry import production_model, record_promotion
 from qe_assets.ingest.assets import raw_events
 from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.stages import RELEASE_GROUP
@@ -19,6 +18,7 @@ from qe_assets.rollout.routing import RolloutState, state_path
 from qe_assets.rollout.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide, policy_of
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
+from qe_assets.store.evaluations import production_model, record_promotion
 
 HARM_CHECK = "candidate_not_worse"
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import duckdb
 
-from qe_assets.evaluation.registry import production_model
 from qe_assets.rollout.routing import RolloutState, write_state
 from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Decision
+from qe_assets.store.evaluations import production_model
 
 AB_TEST = "ab_test"
 START, SET_SHARE = "start", "set_share"

@@ -106,10 +106,10 @@ def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
     """What one release run does, without Dagster and its checks: publish (or cut) the version,
     then fine-tune on it with backend `none`."""
     from qe_assets.finetune.assets import SKIPPED_MESSAGE, claim_run
-    from qe_assets.finetune.registry import save_run
     from qe_assets.finetune.resource import FineTuneBackendResource
     from qe_assets.lib.resources import duckdb_writer
     from qe_assets.release.assets import next_release
+    from qe_assets.store.finetune_runs import save_run
 
     next_release(resource, settings, force=True)  # as `qe run --cut-version`
     mark("finetune")  # the version is committed: a kill from here on is "right after a commit"
