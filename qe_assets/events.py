@@ -17,8 +17,8 @@ from typing import Any
 import polars as pl
 from pydantic import ValidationError
 
-from qe_assets.answer_counts import is_count_record, parse_count_record
-from qe_assets.event_model import (  # noqa: F401 (re-exported: the event's one public home)
+from qe_assets.service.answer_counts import is_count_record, parse_count_record
+from qe_assets.service.event_model import (  # noqa: F401 (re-exported: the event's one public home)
     _DOC_KEYS,
     _EVENT_KEYS,
     EVENT_FIELDS,
