@@ -64,7 +64,7 @@ def _require_store(settings: Settings, consequence: str = "run `qe run` there fi
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.events import parse_records
+    from qe_assets.ingest.events import parse_records
     from qe_assets.ingest.queues import QueueUnavailable, open_queue
 
     queue = open_queue(settings)
@@ -758,7 +758,7 @@ def _rollout_change(
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from qe_assets.rollout.registry import sync_state_file
-    from qe_assets.rollout.routing import state_path
+    from qe_assets.service.rollout import state_path
     from qe_assets.store import connect, ensure_schema, writer_lock
 
     _require_store(settings)

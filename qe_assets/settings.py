@@ -6,17 +6,35 @@ with the name of the variable to fix instead of deep inside a run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The service side's settings parse with the same rules (qe_assets.service.config); the names
+# below are re-exported here, where the pipeline's code has always found them.
+from qe_assets.service.config import (  # noqa: F401
+    COUNT_FLUSH_BOUNDS,
+    DEFAULT_BASE_MODEL,
+    DEFAULT_CAPTURE_THRESHOLD,
+    DEFAULT_COUNT_FLUSH_SECONDS,
+    DEFAULT_DATA_DIR,
+    KAFKA_ENV_PREFIX,
+    KAFKA_HOST,
+    KAFKA_TOPIC,
+    REDIS_LIST,
+    KafkaTarget,
+    SettingsError,
+    kafka_environment,
+    parse_kafka_url,
+    queue_url,
+)
+from qe_assets.service.config import number as _number
 
 FinetuneBackend = Literal["none", "openai", "command"]
 FINETUNE_BACKENDS: tuple[str, ...] = get_args(FinetuneBackend)
@@ -26,7 +44,6 @@ FINETUNE_METHODS: tuple[str, ...] = get_args(FinetuneMethod)
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 # direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
 ROLLOUT_MODES = ("direct", "canary")
-REDIS_LIST = "quality_events"
 
 
 def estimated_cost(
@@ -42,10 +59,6 @@ def estimated_cost(
     )
 
 
-class SettingsError(ValueError):
-    """A configuration value is missing or malformed; the message names the variable."""
-
-
 def finetune_backend_problem(backend: str, command: str | None) -> str | None:
     """What is wrong with a fine-tune backend and its command, in one line naming the variable:
     the one rule behind `Settings.from_env` and `FineTuneBackendResource` (so a launchpad
@@ -56,20 +69,6 @@ def finetune_backend_problem(backend: str, command: str | None) -> str | None:
             "e.g. `python examples/finetune_trl_lora.py`)"
         )
     return None
-
-
-def _number(name: str, raw: str, *, lo: float | None, hi: float | None, integer: bool) -> Any:
-    kind = "an integer" if integer else "a number"
-    try:
-        value: float = int(raw) if integer else float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise SettingsError(f"{name} must be a finite number, got {raw!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise SettingsError(f"{name} must be {kind} {bounds}, got {raw!r}")
-    return value
 
 
 def _ruled(parse: Callable[[str], Any], rule: str) -> Callable[[str], Any]:
@@ -203,69 +202,6 @@ def _memory_size(raw: str) -> str:
 
 _ruled(_memory_size, "size (`512MB`, `4GiB`) or share of RAM (`25%`)")
 
-KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-KAFKA_HOST = re.compile(r"[^\s:@/]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
-KAFKA_ENV_PREFIX = "QE_KAFKA_"
-
-
-@dataclass(frozen=True)
-class KafkaTarget:
-    """Where a `kafka://` QE_QUEUE_URL points, and the librdkafka properties it carries."""
-
-    bootstrap_servers: str
-    topic: str
-    common: dict[str, str]
-    producer: dict[str, str]
-    consumer: dict[str, str]
-
-
-def parse_kafka_url(raw: str) -> KafkaTarget:
-    """`kafka://HOST:PORT[,HOST:PORT…][/TOPIC][?librdkafka.property=value…]`.
-
-    Query properties go to both clients, or to one of them with a `producer.` / `consumer.`
-    prefix. Secrets never go into the URL (it is part of the run config the UI shows): they come
-    from `QE_KAFKA_*` variables, read when the client is built (see `kafka_environment`).
-    """
-    parts = urlsplit(raw.strip())
-    hosts = [h.strip() for h in parts.netloc.split(",") if h.strip()]
-    problem = None
-    if parts.scheme != "kafka" or not hosts:
-        problem = "it needs at least one HOST:PORT"
-    elif bad := [h for h in hosts if not KAFKA_HOST.fullmatch(h)]:
-        problem = f"{bad[0]!r} is not HOST:PORT"
-    topic = parts.path.strip("/") or REDIS_LIST
-    if problem is None and not KAFKA_TOPIC.fullmatch(topic):
-        problem = f"topic {topic!r} may hold only letters, digits, '.', '_' and '-'"
-    common: dict[str, str] = {}
-    roles: dict[str, dict[str, str]] = {"producer": {}, "consumer": {}}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        role, _, name = key.partition(".")
-        target, name = (roles[role], name) if role in roles and name else (common, key)
-        if any(word in name for word in ("password", "secret", "key")):
-            problem = problem or (
-                f"{key} must not be in the URL (the UI shows it); set "
-                f"{KAFKA_ENV_PREFIX}{name.upper().replace('.', '_')} instead"
-            )
-        target[name] = value
-    if problem:
-        raise SettingsError(
-            f"QE_QUEUE_URL must look like kafka://HOST:PORT[,HOST:PORT]/TOPIC: {problem}; "
-            f"got {raw!r}"
-        )
-    return KafkaTarget(",".join(hosts), topic, common, roles["producer"], roles["consumer"])
-
-
-def kafka_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """librdkafka properties from `QE_KAFKA_SASL_PASSWORD`-style variables (`sasl.password`),
-    for what must not be in QE_QUEUE_URL; read when a client is built, never stored in
-    settings."""
-    env = os.environ if environ is None else environ
-    return {
-        name[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): value
-        for name, value in env.items()
-        if name.startswith(KAFKA_ENV_PREFIX) and value
-    }
-
 
 def _serve_url(raw: str) -> str:
     value = raw.strip().rstrip("/")
@@ -281,24 +217,7 @@ def _serve_url(raw: str) -> str:
 _ruled(_serve_url, "`http://` or `https://` base URL")
 
 
-def _queue_url(raw: str) -> str:
-    value = raw.strip()
-    if value.startswith("kafka://"):
-        parse_kafka_url(value)
-        if importlib.util.find_spec("confluent_kafka") is None:
-            raise SettingsError(
-                "QE_QUEUE_URL=kafka://… needs the Kafka client: pip install 'qe_assets[kafka]'"
-            )
-        return value
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(
-            f"QE_QUEUE_URL must look like redis://HOST:PORT/DB or kafka://HOST:PORT/TOPIC (or "
-            f"leave it unset for the file inbox); got {raw!r}"
-        )
-    return value
-
-
-_ruled(_queue_url, "`redis://`, `rediss://`, `unix://` or `kafka://` URL")
+_queue_url = _ruled(queue_url, "`redis://`, `rediss://`, `unix://` or `kafka://` URL")
 
 # field name → (environment variable, parser). Defaults live on the model below.
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -310,7 +229,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "capture_threshold": ("QE_CAPTURE_THRESHOLD", _float("QE_CAPTURE_THRESHOLD")),
     "count_flush_seconds": (
         "QE_COUNT_FLUSH_SECONDS",
-        _float("QE_COUNT_FLUSH_SECONDS", 0.05, 3600.0),
+        _float("QE_COUNT_FLUSH_SECONDS", *COUNT_FLUSH_BOUNDS),
     ),
     "ingest_batch_size": ("QE_INGEST_BATCH_SIZE", _int("QE_INGEST_BATCH_SIZE")),
     "min_confidence": ("QE_MIN_CONFIDENCE", _float("QE_MIN_CONFIDENCE")),
@@ -416,8 +335,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
 class Settings(BaseModel):
     """Typed view of the `QE_*` environment; defaults follow CONTRACT §2.
 
-    Plain pydantic so producers (`qe_assets.capture`) can use it without importing Dagster; the
-    Dagster resource `PipelineSettings` inherits these fields, so the launchpad shows them too.
+    The pipeline's settings (the RAG service reads its own few in `qe_assets.service.config`);
+    the Dagster resource `PipelineSettings` inherits these fields, so the launchpad shows them.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -425,7 +344,7 @@ class Settings(BaseModel):
     # Each description is the variable's line in the configuration reference (docs/configuration.md,
     # generated by `make docs`) and its help text in the Dagster launchpad.
     data_dir: str = Field(
-        "data",
+        DEFAULT_DATA_DIR,
         description="Directory that holds all state: the database, "
         "inbox, datasets, fine-tune runs and the Dagster home of `qe ui`.",
     )
@@ -454,12 +373,12 @@ class Settings(BaseModel):
         "list (`quality_events:processing:<name>`) or Kafka consumer group (`qe_assets.<name>`).",
     )
     capture_threshold: float = Field(
-        0.7,
+        DEFAULT_CAPTURE_THRESHOLD,
         description="`QualityCapture` sends events whose "
         "`score` is below this; the others are skipped.",
     )
     count_flush_seconds: float = Field(
-        5.0,
+        DEFAULT_COUNT_FLUSH_SECONDS,
         description="How often a producer process sends its per-model answer counts.",
     )
     ingest_batch_size: int = Field(
@@ -535,7 +454,7 @@ class Settings(BaseModel):
         "(a fine-tuning job) or `command` (`QE_FINETUNE_COMMAND` through Dagster Pipes).",
     )
     finetune_base_model: str = Field(
-        "gpt-4o-mini-2024-07-18",
+        DEFAULT_BASE_MODEL,
         description="Base model of "
         "fine-tuning jobs; a round continues from the newest model of the same backend.",
     )

@@ -111,7 +111,7 @@ def capture_latency(
     machine. A fifth of the calls are low-score (captured), the rest skipped. Per side: p99 of
     all calls, p99 of the captured ones, mean of the skipped ones (counting is all the work
     those do)."""
-    from qe_assets.capture import QualityCapture
+    from qe_assets.service.capture import QualityCapture
     from qe_assets.settings import Settings
 
     def make(side: str) -> QualityCapture:
@@ -148,7 +148,7 @@ def counting_cost(calls: int = 100_000, repeats: int = 5) -> float:
     """Microseconds counting adds to one `capture` call: skipped (high-score) calls with and
     without `model=`, best of `repeats` loops of `calls`; the best run is the least disturbed
     by other work on the machine, so this holds where p99s are noise."""
-    from qe_assets.capture import QualityCapture
+    from qe_assets.service.capture import QualityCapture
     from qe_assets.settings import Settings
 
     def best(capture: QualityCapture, extra: dict) -> float:

@@ -26,7 +26,7 @@ from qe_assets.annotate.labels import (
     sample_id_parts,
     select_context,
 )
-from qe_assets.events import parse_records
+from qe_assets.ingest.events import parse_records
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.lib.templates import load_templates
 from qe_assets.settings import Settings

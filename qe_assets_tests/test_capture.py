@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qe_assets.capture import CaptureStatus, QualityCapture
 from qe_assets.ingest.queues import FileInbox, RedisQueue
+from qe_assets.service.capture import CaptureStatus, QualityCapture
 from qe_assets.settings import Settings
 from qe_assets_tests.conftest import RedisServer, free_port
 from qe_assets_tests.factories import make_event
@@ -52,7 +52,7 @@ def test_invalid_event_is_reported_not_raised(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     capture = QualityCapture(settings)
-    with caplog.at_level(logging.WARNING, "qe_assets.capture"):
+    with caplog.at_level(logging.WARNING, "qe_assets.service.capture"):
         result = capture.capture_event(make_event(docs="oops"))
     assert result.status is CaptureStatus.INVALID
     assert result.reason and result.reason.startswith("docs:")
@@ -64,7 +64,7 @@ def test_redis_down_spools_to_inbox_and_the_request_is_not_broken(
 ) -> None:
     down = settings.model_copy(update={"queue_url": f"redis://127.0.0.1:{free_port()}/0"})
     capture = QualityCapture(down)
-    with caplog.at_level(logging.WARNING, "qe_assets.capture"):
+    with caplog.at_level(logging.WARNING, "qe_assets.service.capture"):
         result = capture.capture_event(make_event("spooled-1"))
     assert result.status is CaptureStatus.SPOOLED and result.captured
     assert "spooled" in caplog.text
@@ -78,7 +78,7 @@ def test_queue_and_spool_both_failing_returns_failed(
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the data dir should be")
     settings = Settings(data_dir=str(blocker), queue_url=f"redis://127.0.0.1:{free_port()}/0")
-    with caplog.at_level(logging.ERROR, "qe_assets.capture"):
+    with caplog.at_level(logging.ERROR, "qe_assets.service.capture"):
         result = QualityCapture(settings).capture_event(make_event())
     assert result.status is CaptureStatus.FAILED
     assert "lost" in caplog.text
@@ -93,7 +93,7 @@ def test_inbox_only_failure_returns_failed(tmp_path: Path) -> None:
 
 FORK_WHILE_FLUSHING = """
 import os, sys, threading, time
-from qe_assets.rollout.counts import AnswerCounter
+from qe_assets.service.answer_counts import AnswerCounter
 
 parent = os.getpid()
 sent = threading.Event()

@@ -68,7 +68,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from qe_assets.events import validate_event
+from qe_assets.ingest.events import validate_event
 from qe_assets.ingest.queues import EventQueue, FileInbox, RedisQueue
 from qe_assets.ingest.queues.kafka_queue import KafkaQueue
 from qe_assets.ops.demo import generate_events

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from qe_assets.events import validate_event
+from qe_assets.ingest.events import validate_event
 from qe_assets.ops import demo
 from qe_assets.ops.demo import generate_events, write_jsonl
 

@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 from pydantic import TypeAdapter
 
-from qe_assets import events as events_module
-from qe_assets.events import (
+from qe_assets.ingest import events as events_module
+from qe_assets.ingest.events import (
     Doc,
     Evaluation,
     QualityEvent,

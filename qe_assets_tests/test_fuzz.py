@@ -50,8 +50,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from qe_assets.events import EVENT_FIELDS, QualityEvent
 from qe_assets.ingest.assets import commit_batch, ingest_pending
+from qe_assets.ingest.events import EVENT_FIELDS, QualityEvent
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from qe_assets.capture import CaptureStatus, QualityCapture
 from qe_assets.ingest.assets import commit_batch, ingest_pending
 from qe_assets.ingest.queues import QueueUnavailable, open_queue
 from qe_assets.ingest.queues.kafka_queue import KafkaQueue
+from qe_assets.service.capture import CaptureStatus, QualityCapture
 from qe_assets.settings import Settings, SettingsError, kafka_environment, parse_kafka_url
 from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.conftest import KafkaBroker, free_port

@@ -37,11 +37,11 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from qe_assets.capture import CaptureStatus, QualityCapture
-from qe_assets.events import validate_event
 from qe_assets.ingest.assets import ingest_pending
+from qe_assets.ingest.events import validate_event
 from qe_assets.ingest.queues import QueueUnavailable, RedisQueue
 from qe_assets.ops.demo import generate_events
+from qe_assets.service.capture import CaptureStatus, QualityCapture
 from qe_assets.settings import REDIS_LIST, Settings
 from qe_assets.store import connect
 from qe_assets_tests.conftest import RedisServer

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from qe_assets.capture import CaptureStatus, QualityCapture
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.rollout.assets import look_at_test
-from qe_assets.rollout.counts import RECORD_PREFIX
 from qe_assets.rollout.registry import start_test
-from qe_assets.rollout.routing import RolloutState, Router, bucket, write_state
 from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
+from qe_assets.service.answer_counts import RECORD_PREFIX
+from qe_assets.service.capture import CaptureStatus, QualityCapture
+from qe_assets.service.rollout import RolloutState, Router, bucket, write_state
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets.store.evaluations import record_promotion
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_capture_and_rollout_import_no_database_dataframe_or_broker_library() -> None:
     code = (
-        "import sys, qe_assets.capture, qe_assets.rollout.routing; "
+        "import sys, qe_assets.service.capture, qe_assets.service.rollout; "
         "print(','.join(m for m in ('duckdb', 'polars', 'dagster', 'redis', 'confluent_kafka') "
         "if m in sys.modules))"
     )
@@ -90,7 +90,7 @@ def test_missing_or_corrupt_state_routes_to_production_and_logs_once(
 ) -> None:
     path = tmp_path / "rollout.json"
     router = Router(path, default="base-model", check_seconds=0)
-    with caplog.at_level(logging.INFO, "qe_assets.rollout.routing"):
+    with caplog.at_level(logging.INFO, "qe_assets.service.rollout"):
         assert {router.choose_model(f"r{i}") for i in range(200)} == {"base-model"}
     assert len(caplog.records) == 1 and "does not exist" in caplog.text
     write_state(path, RolloutState("prod", "cand", 0.5))
@@ -98,7 +98,7 @@ def test_missing_or_corrupt_state_routes_to_production_and_logs_once(
     caplog.clear()
     for corrupt in (b'{"production": "prod", "candidate": "cand", "sha', b'{"share": 7}', b"[]"):
         path.write_bytes(corrupt)
-        with caplog.at_level(logging.INFO, "qe_assets.rollout.routing"):
+        with caplog.at_level(logging.INFO, "qe_assets.service.rollout"):
             picks = {router.choose_model(f"r{i}") for i in range(200)}
         # The last production a good file named keeps the traffic; the candidate gets none.
         assert picks == {"prod"}
@@ -200,7 +200,7 @@ def test_a_blank_model_name_is_rejected_naming_the_field(settings: Settings) -> 
 PRODUCER = textwrap.dedent(
     """
     import os, sys, time
-    from qe_assets.capture import QualityCapture
+    from qe_assets.service.capture import QualityCapture
     from qe_assets.settings import Settings
     from qe_assets_tests.factories import make_event
 

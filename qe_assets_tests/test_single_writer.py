@@ -42,7 +42,7 @@ import dagster as dg
 import pytest
 from pydantic import ValidationError
 
-from qe_assets.events import validate_event
+from qe_assets.ingest.events import validate_event
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.lib.resources import RELEASED_LOCK, TOOK_LOCK, WAITING_FOR_LOCK
 from qe_assets.ops.demo import generate_events

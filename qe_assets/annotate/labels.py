@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from qe_assets.events import normalised_labels, primary_label
+from qe_assets.ingest.events import normalised_labels, primary_label
 from qe_assets.lib.completions import neutralise
 from qe_assets.lib.templates import Templates
 

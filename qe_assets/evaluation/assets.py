@@ -31,7 +31,7 @@ from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_writer
 from qe_assets.lib.templates import load_templates
 from qe_assets.rollout.registry import start_test, sync_state_file
-from qe_assets.rollout.routing import state_path
+from qe_assets.service.rollout import state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
 from qe_assets.store.evaluations import (

@@ -17,13 +17,13 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from qe_assets.events import (
+from qe_assets.ingest.backlog import look_at_queues, queue_freshness, reject_share, reject_shares
+from qe_assets.ingest.events import (
     FINGERPRINT_SQL,
     REJECTED_SCHEMA,
     ValidatedRecords,
     validate_records,
 )
-from qe_assets.ingest.backlog import look_at_queues, queue_freshness, reject_share, reject_shares
 from qe_assets.ingest.queues import Batch, EventQueue, QueueUnavailable, durability_warning
 from qe_assets.ingest.resource import QueueResource
 from qe_assets.lib.links import dashboard_url
@@ -98,7 +98,7 @@ class IngestReport:
     duplicates: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    # Count records (qe_assets.rollout.counts): rows read, and rows new to answer_counts.
+    # Count records (qe_assets.service.answer_counts): rows read, and rows new to answer_counts.
     count_rows: int = 0
     new_count_rows: int = 0
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from qe_assets.events import KNOWN_LABELS, UNSPECIFIED
+from qe_assets.ingest.events import KNOWN_LABELS, UNSPECIFIED
 
 CHAT_ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight", "name")

@@ -40,7 +40,7 @@ from pathlib import Path
 from random import Random
 from typing import Any
 
-from qe_assets.events import KNOWN_LABELS, LABEL_ALIASES
+from qe_assets.ingest.events import KNOWN_LABELS, LABEL_ALIASES
 
 DEFAULT_START = datetime(2026, 11, 1, tzinfo=UTC)
 # Heavier events for benchmarks: ~7-8 KB of UTF-8 each instead of ~5.6 KB.

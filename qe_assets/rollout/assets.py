@@ -14,8 +14,8 @@ from qe_assets.ingest.assets import raw_events
 from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.rollout import registry as ab
-from qe_assets.rollout.routing import RolloutState, state_path
 from qe_assets.rollout.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide, policy_of
+from qe_assets.service.rollout import RolloutState, state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
 from qe_assets.store.evaluations import production_model, record_promotion
@@ -188,7 +188,7 @@ def look_metadata(look: Look) -> "dict[str, dg.RawMetadataValue]":
         "stays valid however often it is read. Decides promote (the candidate becomes "
         "production in `promoted_models`, by ab_test), rollback (share 0) or continue (and the "
         "next share of QE_AB_RAMP when safe); records each look in `ab_decisions` and writes "
-        "`$QE_DATA_DIR/rollout.json`, which `qe_assets.rollout.routing.choose_model` routes by. Runs "
+        "`$QE_DATA_DIR/rollout.json`, which `qe_assets.service.rollout.choose_model` routes by. Runs "
         "with every ingest run (queue sensor, `qe run`)."
     ),
 )

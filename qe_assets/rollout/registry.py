@@ -17,8 +17,8 @@ from typing import Any
 
 import duckdb
 
-from qe_assets.rollout.routing import RolloutState, write_state
 from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Decision
+from qe_assets.service.rollout import RolloutState, write_state
 from qe_assets.store.evaluations import production_model
 
 AB_TEST = "ab_test"

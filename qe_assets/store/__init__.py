@@ -246,7 +246,7 @@ CREATE TABLE IF NOT EXISTS promoted_models (
     action           VARCHAR NOT NULL,     -- promote | rollback
     reason           VARCHAR
 );
--- The A/B rollout (qe_assets/rollout/routing.py, docs/rollout.md). Which model answered an event: added
+-- The A/B rollout (qe_assets/service/rollout.py, docs/rollout.md). Which model answered an event: added
 -- to an existing raw_events on its next write connection (NULL for events before it).
 ALTER TABLE raw_events ADD COLUMN IF NOT EXISTS model VARCHAR;
 -- Answers per model from the producers' count records, exactly once per (flush_id, model).

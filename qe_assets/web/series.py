@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.events import KNOWN_LABELS, UNSPECIFIED
+from qe_assets.ingest.events import KNOWN_LABELS, UNSPECIFIED
 from qe_assets.review.calibration import DECIDED
 from qe_assets.store import select_frame
 

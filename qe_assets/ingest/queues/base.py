@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from qe_assets.service.producers import QueueUnavailable  # noqa: F401 (its home is the service)
+
 
 @dataclass
 class Batch:
@@ -52,10 +54,6 @@ def event_time(payload: bytes | str | None) -> datetime | None:
     except (ValueError, AttributeError, TypeError):
         return None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
-class QueueUnavailable(RuntimeError):
-    """The queue backend cannot be reached; producers decide what to do about it."""
 
 
 class EventQueue(Protocol):

@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice
@@ -28,34 +28,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 from qe_assets.ingest.queues.base import Backlog, Batch
+from qe_assets.service.producers import (  # noqa: F401 (fsync_dir, write_atomically re-exported)
+    STAMP_FORMAT,
+    InboxWriter,
+    fsync_dir,
+    write_atomically,
+)
 
 PROCESSING = ".processing"
 ARCHIVE = "archive"
 REFUSED = "refused"
-_STAMP = "%Y%m%dT%H%M%S%f"
+_STAMP = STAMP_FORMAT
 # `<stamp>-<token>@<name>`: a claim by this code. Anything else in `.processing/` was claimed by
 # the code before it, which kept the producer's name (and so could replace a claimed file).
 _CLAIM_NAME = re.compile(r"(?P<stamp>\d{8}T\d{12})-[0-9a-f]{12}@(?P<name>.+)")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable: the files' own fsync does not cover it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see all of the file or none of it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -87,13 +73,14 @@ class Claimed:
     name: str  # the producer's name: record sources and the archive use it
 
 
-class FileInbox:
-    name = "inbox"
+class FileInbox(InboxWriter):
+    """The ingester's side of the inbox; `put` (what producers do) is `InboxWriter`'s."""
+
     # Acks only archive finished files; each claimed file is replayed whole after a crash.
     reads_ahead = True
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        super().__init__(root)
         self.processing = self.root / PROCESSING
         self.archive = self.root / ARCHIVE
         self._last_stamp = ""
@@ -101,19 +88,6 @@ class FileInbox:
     def _ensure(self) -> None:
         for folder in (self.root, self.processing, self.archive):
             folder.mkdir(parents=True, exist_ok=True)
-
-    def warm_up(self) -> None:
-        pass  # nothing to connect ahead: a folder
-
-    def put(self, payloads: Sequence[str]) -> int:
-        if not payloads:
-            return 0
-        self._ensure()
-        stamp = datetime.now(UTC).strftime(_STAMP)
-        target = self.root / f"{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
-        body = "".join(p if p.endswith("\n") else p + "\n" for p in payloads)
-        write_atomically(target, body.encode("utf-8"))
-        return len(payloads)
 
     def claimed_files(self) -> list[Claimed]:
         """Files claimed and not archived yet, in claim order: the old code's claims first (they

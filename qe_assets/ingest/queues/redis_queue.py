@@ -7,12 +7,13 @@ they are replayed before anything new is claimed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import redis
 
 from qe_assets.ingest.queues.base import Backlog, Batch, QueueUnavailable, event_time
-from qe_assets.settings import REDIS_LIST
+from qe_assets.service.config import REDIS_LIST
+from qe_assets.service.redis_producer import RedisProducer
 
 # Moves up to N records from the head of the queue to the tail of the processing list in one
 # atomic step: either a record is still queued or it is claimed, never both or neither.
@@ -36,8 +37,9 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisQueue:
-    name = "redis"
+class RedisQueue(RedisProducer):
+    """The ingester's side of the list; `put` (what producers do) is `RedisProducer`'s."""
+
     # One processing list per consumer: its ack deletes the whole list, so a batch must be acked
     # before the next is claimed into it.
     reads_ahead = False
@@ -50,28 +52,9 @@ class RedisQueue:
         consumer: str = "default",
         socket_timeout: float = 5.0,
     ) -> None:
-        self.key = key
+        super().__init__(url, key=key, socket_timeout=socket_timeout)
         self.processing_key = f"{key}:processing:{consumer}"
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
-        )
         self._claim = self.client.register_script(_CLAIM)
-
-    def warm_up(self) -> None:
-        pass  # nothing to connect ahead: a Redis connection opens in a millisecond
-
-    def put(self, payloads: Sequence[str]) -> int:
-        if not payloads:
-            return 0
-        try:
-            # One RPUSH per 1000 records keeps each command small and the group in order.
-            with self.client.pipeline(transaction=True) as pipe:
-                for start in range(0, len(payloads), 1000):
-                    pipe.rpush(self.key, *payloads[start : start + 1000])
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise QueueUnavailable(f"redis queue {self.key!r} unavailable: {exc}") from exc
-        return len(payloads)
 
     def _processing_batch(self) -> Batch | None:
         records = self.client.lrange(self.processing_key, 0, -1)

@@ -1,7 +1,7 @@
 """The quality event's model (CONTRACT §1) as producers see it: pydantic only.
 
-`qe_assets.capture` validates with it on the request path, so this module imports neither
-Polars, DuckDB nor Dagster; `qe_assets.events` builds the ingester's rows on top of it.
+`capture` validates with it on the request path, so it lives in the light service package
+(pydantic only); `qe_assets.ingest.events` builds the ingester's rows on top of it.
 """
 
 from __future__ import annotations

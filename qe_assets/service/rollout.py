@@ -1,8 +1,7 @@
 """Which model answers a request: the routing helper for the RAG service (docs/rollout.md).
 
 ```python
-from qe_assets.rollout.routing import choose_model
-from qe_assets.capture import capture
+from qe_assets.service import capture, choose_model
 
 model = choose_model(request_id)          # production, or the candidate for its share of ids
 answer = call_llm(model, question, docs)
@@ -21,8 +20,11 @@ model while the share holds; raising the share keeps every id that already had t
 
 A missing or unreadable file routes everything to production (the last production the file
 named, else `default`, else `QE_FINETUNE_BASE_MODEL`) and says so in one log line per problem.
+Only a regular file (or a symlink to one) of at most `MAX_STATE_BYTES` is read, without blocking
+(a FIFO is refused, not waited on) and with a nesting bound checked before parsing; whatever
+goes wrong, `choose_model` answers production and never raises.
 
-Light on purpose: standard library and pydantic only, like `capture`.
+Light on purpose: standard library only, like the rest of `qe_assets.service`.
 """
 
 from __future__ import annotations
@@ -31,20 +33,24 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qe_assets.ingest.queues.inbox import write_atomically
-from qe_assets.settings import Settings
+from qe_assets.service.config import ServiceSettings
+from qe_assets.service.producers import write_atomically
 
-log = logging.getLogger("qe_assets.rollout.routing")
+log = logging.getLogger("qe_assets.service.rollout")
 
 STATE_FILE = "rollout.json"
 STATE_VERSION = 1
 _SCALE = float(2**64)
+# The state is a few hundred bytes and three levels deep at most; anything far beyond is not ours.
+MAX_STATE_BYTES = 64 * 1024
+MAX_STATE_DEPTH = 16
 
 
 def bucket(candidate: str, request_id: str) -> float:
@@ -77,6 +83,14 @@ class RolloutState:
     @classmethod
     def from_json(cls, text: str | bytes) -> RolloutState:
         """Parse and check the file; ValueError names what is wrong."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        depth = _nesting(text)
+        if depth > MAX_STATE_DEPTH:
+            raise ValueError(f"nested {depth} levels deep, more than {MAX_STATE_DEPTH}")
         try:
             data: Any = json.loads(text)
         except ValueError as exc:
@@ -99,14 +113,63 @@ class RolloutState:
         return cls(production, candidate, float(share), **known)
 
 
-def state_path(settings: Settings) -> Path:
+def _nesting(text: str) -> int:
+    """How deep JSON arrays and objects nest in `text` (brackets inside strings do not count):
+    checked before `json.loads`, whose recursion a deeply nested file would exhaust."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def state_path(settings: Any) -> Path:
+    """`$QE_DATA_DIR/rollout.json` of any settings object with a `data_dir`."""
     return Path(settings.data_dir) / STATE_FILE
 
 
-def read_state(path: Path) -> RolloutState | None:
-    """The state in `path`, None when there is no file; ValueError when it is unreadable."""
+def read_bounded(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; OSError naming the problem for a
+    FIFO, device, directory or socket (opened without blocking, never read) or a bigger file.
+    A symlink to a regular file is followed: configuration mounts are made of them."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        return RolloutState.from_json(path.read_bytes())
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file (mode {stat.filemode(mode)})")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(f"larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def read_state(path: Path) -> RolloutState | None:
+    """The state in `path`, None when there is no file; ValueError or OSError when it is
+    unreadable."""
+    try:
+        return RolloutState.from_json(read_bounded(path))
     except FileNotFoundError:
         return None
 
@@ -133,11 +196,13 @@ class Router:
         *,
         default: str | None = None,
         check_seconds: float = 1.0,
-        settings: Settings | None = None,
+        settings: Any = None,
     ) -> None:
+        """`settings`: a `ServiceSettings` or the pipeline's `Settings`; read from the
+        environment (the service's variables only, never raising) when needed and not given."""
         if settings is None and (path is None or default is None):
-            settings = Settings.from_env()
-        self.path = Path(path) if path is not None else state_path(settings)  # type: ignore[arg-type]
+            settings = ServiceSettings.from_env()
+        self.path = Path(path) if path is not None else state_path(settings)
         # Production while no file names one: what the gate compares against then too.
         self.default = default or (settings.finetune_base_model if settings else "")
         self.check_seconds = check_seconds
@@ -157,10 +222,15 @@ class Router:
         return self._production
 
     def choose_model(self, request_id: str) -> str:
-        """The model that answers this request: production or, for its share, the candidate."""
-        self._refresh()
-        state, production = self._state, self._production
-        return state.model_for(request_id, production)
+        """The model that answers this request: production or, for its share, the candidate.
+        Never raises: whatever goes wrong answers production."""
+        try:
+            self._refresh()
+            state, production = self._state, self._production
+            return state.model_for(request_id, production)
+        except Exception as exc:
+            self._fall_back(None, f"routing failed ({type(exc).__name__}: {exc})", warn=True)
+            return self._production
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -190,7 +260,7 @@ class Router:
         self._seen = seen
         try:
             state = read_state(self.path)
-        except (ValueError, OSError) as exc:
+        except Exception as exc:  # whatever the file holds, the request path gets production
             self._fall_back(seen, f"{self.path} is unreadable ({exc})")
             return
         if state is None:
@@ -202,13 +272,15 @@ class Router:
             log.warning("rollout state readable again: %s", self._describe(state))
         self._problem = None
 
-    def _fall_back(self, seen: tuple[int, int, int] | None, problem: str) -> None:
+    def _fall_back(
+        self, seen: tuple[int, int, int] | None, problem: str, *, warn: bool = False
+    ) -> None:
         self._seen = seen
         self._state = RolloutState(production=None)
         # The last production a good file named stays production: only candidate traffic stops.
         if problem != self._problem:
             # No file is the normal state before any promotion: worth a line, not a warning.
-            level = logging.INFO if seen is None else logging.WARNING
+            level = logging.INFO if seen is None and not warn else logging.WARNING
             log.log(level, "%s: every request goes to production, %s", problem, self._production)
         self._problem = problem
 
@@ -223,11 +295,16 @@ _router: Router | None = None
 _router_lock = threading.Lock()
 
 
-def choose_model(request_id: str) -> str:
-    """`Router.choose_model` of a process-wide router configured from the environment."""
+def default_router() -> Router:
+    """The process-wide router, configured from the environment at first use."""
     global _router
     if _router is None:
         with _router_lock:
             if _router is None:
                 _router = Router()
-    return _router.choose_model(request_id)
+    return _router
+
+
+def choose_model(request_id: str) -> str:
+    """`Router.choose_model` of the process-wide router; never raises."""
+    return default_router().choose_model(request_id)

@@ -12,18 +12,19 @@ Policy, in the order it is applied:
 `capture` never raises into the request path: the RAG answer is already on its way to the user,
 and a lost quality signal must be visible in logs and in the returned status, not as a 500.
 
-With `model="…"` (which model answered; see `qe_assets.rollout.routing`), the call is also counted per
-model before the threshold is applied, so skipped answers count too: the A/B test's denominator.
-Counts are flushed in the background (`qe_assets.rollout.counts`), never one write per answer.
+With `model="…"` (which model answered; see `qe_assets.service.rollout`), the call is also
+counted per model before the threshold is applied, so skipped answers count too: the A/B test's
+denominator. Counts are flushed in the background (`answer_counts`), never one write per answer.
 
-This module imports neither Dagster, DuckDB nor Polars (nor a broker client unless that queue is
-configured), so it is cheap to import in a web service; a test asserts it.
+Part of the light service package: standard library and pydantic (and the broker client of the
+configured queue), settings from `config.ServiceSettings` only; a test installs it alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,12 +33,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from qe_assets.event_model import describe_errors, validate_event
-from qe_assets.ingest.queues import EventQueue, FileInbox, QueueUnavailable, open_queue
-from qe_assets.rollout.counts import AnswerCounter
-from qe_assets.settings import Settings
+from qe_assets.service.answer_counts import AnswerCounter
+from qe_assets.service.config import ServiceSettings, warn_once
+from qe_assets.service.event_model import describe_errors, validate_event
+from qe_assets.service.producers import InboxWriter, Producer, QueueUnavailable, open_producer
 
-log = logging.getLogger("qe_assets.capture")
+log = logging.getLogger("qe_assets.service.capture")
 
 
 class CaptureStatus(StrEnum):
@@ -64,20 +65,24 @@ class QualityCapture:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: Any = None,
         *,
-        queue: EventQueue | None = None,
-        spool: FileInbox | None = None,
+        queue: Producer | None = None,
+        spool: InboxWriter | None = None,
         queue_timeout: float = 0.5,
     ) -> None:
-        self.settings = settings or Settings.from_env()
+        """`settings`: a `ServiceSettings`, the pipeline's `Settings` (its service fields are
+        used), or None to read the service's variables from the environment."""
+        self.settings = (
+            ServiceSettings.from_env() if settings is None else ServiceSettings.of(settings)
+        )
         self.threshold = self.settings.capture_threshold
         if queue is None and self.settings.queue_url:
             # A short timeout: a stalled broker must not stall the user's request.
-            queue = open_queue(self.settings, timeout=queue_timeout)
+            queue = open_producer(self.settings, timeout=queue_timeout)
             queue.warm_up()
-        self.spool = spool or FileInbox(self.settings.inbox_dir)
-        self.queue: EventQueue = queue or self.spool
+        self.spool = spool or InboxWriter(self.settings.inbox_dir)
+        self.queue: Producer = queue or self.spool
         self.counter = AnswerCounter(
             self._deliver_counts,
             threshold=self.threshold,
@@ -122,7 +127,13 @@ class QualityCapture:
         return self.capture_event(event)
 
     def capture_event(self, event: Mapping[str, Any]) -> CaptureResult:
-        event = dict(event)
+        try:
+            return self._capture(dict(event))
+        except Exception as exc:  # never into the request path, whatever went wrong
+            log.error("quality event not captured: %s: %s", type(exc).__name__, exc)
+            return CaptureResult(CaptureStatus.FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _capture(self, event: dict[str, Any]) -> CaptureResult:
         evaluation = event.get("evaluation")
         score = evaluation.get("score") if isinstance(evaluation, Mapping) else None
         numeric = isinstance(score, int | float) and not isinstance(score, bool)
@@ -174,11 +185,37 @@ class QualityCapture:
 
 
 _default: QualityCapture | None = None
+_default_lock = threading.Lock()
+
+
+def default_capture() -> QualityCapture:
+    """The process-wide `QualityCapture`, configured from the environment at first use. When the
+    configured queue cannot even be set up (a Kafka configuration its client refuses), events go
+    to the file inbox, with one warning."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                try:
+                    _default = QualityCapture()
+                except Exception as exc:
+                    settings = ServiceSettings.from_env()
+                    warn_once(
+                        ("queue", str(exc)),
+                        "the queue could not be set up (%s); quality events go to the file "
+                        "inbox %s",
+                        exc,
+                        settings.inbox_dir,
+                    )
+                    spool = InboxWriter(settings.inbox_dir)
+                    _default = QualityCapture(settings, queue=spool, spool=spool)
+    return _default
 
 
 def capture(**kwargs: Any) -> CaptureResult:
-    """Module-level convenience: a process-wide `QualityCapture` configured from the environment."""
-    global _default
-    if _default is None:
-        _default = QualityCapture()
-    return _default(**kwargs)
+    """Module-level convenience: `default_capture()(**kwargs)`; never raises."""
+    try:
+        return default_capture()(**kwargs)
+    except Exception as exc:  # a wrong argument too: the RAG request must not fail on it
+        log.error("quality event not captured: %s: %s", type(exc).__name__, exc)
+        return CaptureResult(CaptureStatus.FAILED, f"{type(exc).__name__}: {exc}")

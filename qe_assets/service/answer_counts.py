@@ -10,7 +10,7 @@ after a crash, a re-send after a lost ack, or two processes flushing at once nev
 A process killed before a flush loses that interval's counts (answers and low-score counts
 together, so the rate stays unbiased); the events themselves go through `capture` as before.
 
-Light on purpose: standard library and pydantic only, like `capture` and `rollout`.
+Part of the light service package: standard library and pydantic only.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-log = logging.getLogger("qe_assets.rollout.counts")
+log = logging.getLogger("qe_assets.service.answer_counts")
 
 RECORD_KIND = "answer_counts"
 # Count records start with exactly these bytes (the flusher writes them so); anything else on the

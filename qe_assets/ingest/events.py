@@ -17,7 +17,8 @@ from typing import Any
 import polars as pl
 from pydantic import ValidationError
 
-from qe_assets.event_model import (  # noqa: F401 (re-exported: the event's one public home)
+from qe_assets.service.answer_counts import is_count_record, parse_count_record
+from qe_assets.service.event_model import (  # noqa: F401 (re-exported: the event's one public home)
     _DOC_KEYS,
     _EVENT_KEYS,
     EVENT_FIELDS,
@@ -34,7 +35,6 @@ from qe_assets.event_model import (  # noqa: F401 (re-exported: the event's one 
     parse_timestamp,
     validate_event,
 )
-from qe_assets.rollout.counts import is_count_record, parse_count_record
 from qe_assets.store import sql_over_frames
 
 DOC_DTYPE = pl.Struct(
@@ -63,7 +63,7 @@ REJECTED_SCHEMA: dict[str, pl.DataType] = {
     "reason": pl.String(),
     "request_id": pl.String(),
 }
-# Rows of `answer_counts` (qe_assets.rollout.counts): count records share the events' queue.
+# Rows of `answer_counts` (qe_assets.service.answer_counts): count records share the events' queue.
 COUNT_SCHEMA: dict[str, pl.DataType] = {
     "flush_id": pl.String(),
     "model": pl.String(),
