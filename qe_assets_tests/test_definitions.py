@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from qe_assets.definitions import build_definitions
+from qe_assets.ops.definitions import build_definitions
 from qe_assets.ops.runner import prepare_dagster_home
 from qe_assets.settings import Settings, SettingsError
 
@@ -43,7 +43,7 @@ def test_importing_the_definitions_builds_nothing_and_touches_no_disk(tmp_path: 
     # import nor building the definitions creates the data directory.
     data_dir = tmp_path / "data"
     code = (
-        "import qe_assets.definitions as d, dagster as dg, sys\n"
+        "import qe_assets.ops.definitions as d, dagster as dg, sys\n"
         "assert not isinstance(d.defs, dg.Definitions)\n"
         "try:\n"
         "    d.defs()\n"

@@ -15,11 +15,11 @@ import pytest
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.utils import make_new_run_id
 
-from qe_assets.definitions import RELEASE_JOB, build_definitions
 from qe_assets.finetune.assets import SKIPPED_MESSAGE, claim_run
 from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.lib.resources import PipelineSettings
+from qe_assets.ops.definitions import RELEASE_JOB, build_definitions
 from qe_assets.ops.runner import DAGSTER_YAML, run_pipeline
 from qe_assets.ops.runs import owner_tags as _owner_tags
 from qe_assets.ops.sensors import build_finetune_sensor

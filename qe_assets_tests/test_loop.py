@@ -15,11 +15,11 @@ import pytest
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.utils import make_new_run_id
 
-from qe_assets.definitions import PIPELINE_JOB, build_definitions
 from qe_assets.ingest.queues import FileInbox, RedisQueue
 from qe_assets.ingest.queues.kafka_queue import KafkaQueue
 from qe_assets.ingest.resource import QueueResource
 from qe_assets.lib.resources import PipelineSettings
+from qe_assets.ops.definitions import PIPELINE_JOB, build_definitions
 from qe_assets.ops.sensors import RETRY_FAILED_AFTER_SECONDS, build_queue_sensor
 from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect

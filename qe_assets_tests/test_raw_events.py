@@ -6,9 +6,9 @@ import json
 
 import dagster as dg
 
-from qe_assets.definitions import build_resources
 from qe_assets.ingest.assets import raw_events
 from qe_assets.ingest.queues import FileInbox, RedisQueue
+from qe_assets.ops.definitions import build_resources
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event

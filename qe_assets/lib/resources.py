@@ -1,7 +1,7 @@
 """Resources every part of the loop shares: the settings, the DuckDB store and the LLM client.
 
 The queue (`qe_assets.ingest.resource`) and the fine-tune backend (`qe_assets.finetune.resource`)
-live with their parts; `qe_assets.definitions.build_resources` puts them all together."""
+live with their parts; `qe_assets.ops.definitions.build_resources` puts them all together."""
 
 from __future__ import annotations
 

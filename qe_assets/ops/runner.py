@@ -147,7 +147,7 @@ def run_pipeline(
 ) -> RunOutcome:
     """Ingest → annotate → complete; then the release job (the one the sensor launches) as long
     as the release rule (`readiness.release_decision`, the sensor's too) says one is due."""
-    from qe_assets.definitions import PIPELINE_JOB, build_definitions
+    from qe_assets.ops.definitions import PIPELINE_JOB, build_definitions
 
     defs = build_definitions(settings)
     if instance is None:
@@ -169,7 +169,7 @@ def _release(
     cut_version: bool,
 ) -> None:
     """One release run per due version (the rule in `readiness.release_while_due`)."""
-    from qe_assets.definitions import RELEASE_JOB
+    from qe_assets.ops.definitions import RELEASE_JOB
     from qe_assets.release.readiness import ReleaseDecision, release_while_due
 
     def release(decision: ReleaseDecision) -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from qe_assets.definitions import ASSET_CHECKS, ASSETS, build_resources
+from qe_assets.ops.definitions import ASSET_CHECKS, ASSETS, build_resources
 from qe_assets.settings import Settings
 
 
