@@ -36,9 +36,24 @@ from pydantic import ValidationError
 from qe_assets.service.answer_counts import AnswerCounter
 from qe_assets.service.config import ServiceSettings, warn_once
 from qe_assets.service.event_model import describe_errors, validate_event
-from qe_assets.service.producers import InboxWriter, Producer, QueueUnavailable, open_producer
+from qe_assets.service.producers import InboxWriter, Producer, QueueUnavailable
 
 log = logging.getLogger("qe_assets.service.capture")
+
+
+def open_producer(settings: ServiceSettings, *, timeout: float) -> Producer:
+    """The producer for QE_QUEUE_URL: Redis or Kafka, else the file inbox; `timeout` bounds each
+    call to the broker (a request path wants it short)."""
+    url = settings.queue_url
+    if not url:
+        return InboxWriter(settings.inbox_dir)
+    if url.startswith("kafka://"):
+        from qe_assets.service.kafka_producer import KafkaProducer
+
+        return KafkaProducer(url, timeout=timeout)
+    from qe_assets.service.redis_producer import RedisProducer
+
+    return RedisProducer(url, socket_timeout=timeout)
 
 
 class CaptureStatus(StrEnum):

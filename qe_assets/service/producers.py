@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from qe_assets.service.config import ServiceSettings
-
 # The inbox's file names: producers' stamps, and the ingester's claim stamps.
 STAMP_FORMAT = "%Y%m%dT%H%M%S%f"
 
@@ -80,18 +78,3 @@ class InboxWriter:
         body = "".join(p if p.endswith("\n") else p + "\n" for p in payloads)
         write_atomically(target, body.encode("utf-8"))
         return len(payloads)
-
-
-def open_producer(settings: ServiceSettings, *, timeout: float) -> Producer:
-    """The producer for QE_QUEUE_URL: Redis or Kafka, else the file inbox; `timeout` bounds each
-    call to the broker (a request path wants it short)."""
-    url = settings.queue_url
-    if not url:
-        return InboxWriter(settings.inbox_dir)
-    if url.startswith("kafka://"):
-        from qe_assets.service.kafka_producer import KafkaProducer
-
-        return KafkaProducer(url, timeout=timeout)
-    from qe_assets.service.redis_producer import RedisProducer
-
-    return RedisProducer(url, socket_timeout=timeout)
