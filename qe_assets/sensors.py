@@ -34,6 +34,7 @@ from qe_assets.store import DatabaseBusy, connect
 # not count: the version did nothing wrong.
 MAX_RELEASE_FAILURES = 3
 _ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+GATE_ASSET = dg.AssetKey("model_evaluation")
 
 
 def _ended_badly(instance: dg.DagsterInstance, job_name: str, version: str) -> tuple[int, int]:
@@ -107,7 +108,9 @@ def build_finetune_sensor(
         try:
             # Read-only and bounded: the sensor never holds the write lock and never waits long.
             with connect(settings.database, read_only=True, wait_seconds=5) as conn:
-                decision = settings_release_decision(conn, settings, backend=finetune.name)
+                decision = settings_release_decision(
+                    conn, settings, backend=finetune.name, resume_gate=True
+                )
         except DatabaseBusy:
             return dg.SkipReason("the database is busy with a writer; looking again next tick")
         if not decision.due or decision.version is None:
@@ -120,7 +123,8 @@ def build_finetune_sensor(
                 "(see those runs; `qe run --cut-version` retries it)"
             )
         # A failed run's key is spent: the retry needs a new one, or the daemon drops it.
-        run_key = f"{version}@{decision.state.high}" + (f"/retry{ended}" if ended else "")
+        gate = f"/gate{decision.gate_attempts}" if decision.gate else ""
+        run_key = f"{version}@{decision.state.high}{gate}" + (f"/retry{ended}" if ended else "")
         cursor = json.loads(context.cursor) if context.cursor else {}
         if cursor.get("run_key") == run_key:
             return dg.SkipReason(f"already requested {run_key}; waiting for new samples")
@@ -129,6 +133,8 @@ def build_finetune_sensor(
                 dg.RunRequest(
                     run_key=run_key,
                     tags={VERSION_TAG: version, "qe/ready_samples": str(decision.ready)},
+                    # A gate left unfinished: evaluate again, nothing to publish or train.
+                    asset_selection=[GATE_ASSET] if decision.gate else None,
                 )
             ],
             cursor=json.dumps({"run_key": run_key, "ready": decision.ready}),
