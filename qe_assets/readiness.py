@@ -200,7 +200,9 @@ def gate_decision(
         return otherwise
     try:
         pending = gate_pending(conn, backend)
-    except duckdb.CatalogException:  # a read-only look at a store from before the gate
+    except (duckdb.CatalogException, duckdb.BinderException):
+        # A read-only look at a store from before the gate or its retry columns: the next write
+        # connection adds them.
         return otherwise
     if pending is None:
         return otherwise

@@ -4,7 +4,8 @@
   queue, and reports the freshness checks between runs.
 * `finetune_threshold_sensor` starts `qe_release` (publish a dataset version, check it, fine-tune
   on it) when the release rule says one is due: enough new samples are ready, or a committed
-  version was never released.
+  version was never released; or its `model_evaluation` alone when the newest model's gate never
+  ended.
 
 Neither holds the DuckDB writer lock: a queue's metadata, or a short read-only query.
 """
@@ -88,7 +89,9 @@ def build_finetune_sensor(
             "Counts ready samples (completed, not yet in a version) with a short read-only "
             "query; when they reach QE_FINETUNE_THRESHOLD it requests one run of the release "
             "job, which cuts the next dataset version and fine-tunes on it. A committed version "
-            "whose release never ended (its run died) is released first, oldest first. Fires "
+            "whose release never ended (its run died) is released first, oldest first; a model "
+            "whose evaluation never reached a decision (a kill, or too many failed items: at "
+            "most 3 evaluations) gets a run of `model_evaluation` alone. Fires "
             "once per crossing (run key = version @ newest completion), never while a release "
             "run is in flight (runs of a dead `qe run` are marked failed first). Running by "
             "default; QE_FINETUNE_SENSOR_RUNNING=false starts it stopped (the toggle here "
