@@ -39,6 +39,12 @@ qe_assets_tests/test_crash.py`) for that many trials, split over the three queue
 and 1-3 kills each (~8 s per trial). Without the variable it is skipped, because `make test` runs
 the `slow` marker too.
 
+The gate (issue #26): `test_sigkill_around_the_gate` trains a model per release (backend `openai`,
+its fine-tune recorded by the worker) and evaluates it with `model_evaluation`'s body against the
+local OpenAI-compatible server; kills land inside the evaluation or 0-20 ms after its decision was
+committed. After each trial no model is stranded at the gate and no promotion lacks the committed
+evaluation that decided it. The slow variant runs max(20, QE_SLOW_TRIALS / 3) trials.
+
 The kill runs go through the asset functions directly (`ingest_pending`, `annotate_pending`,
 `complete_next_batch`, then `release_while_due` with `next_release` and `claim_run`, as `qe run` and
 the assets call them), not through Dagster. A Dagster run
@@ -777,16 +783,23 @@ class GateStats:
 
 
 def kill_in_gate(
-    zygote: Zygote, env: dict[str, str], rng: random.Random, durations: Durations, stats: GateStats
+    zygote: Zygote,
+    env: dict[str, str],
+    rng: random.Random,
+    durations: Durations,
+    stats: GateStats,
+    more_work: Callable[[], None],
 ) -> None:
     """Start a run and SIGKILL it inside the evaluation (a delay drawn over its measured
-    duration) or 0-20 ms after its decision was committed; retry until a kill lands."""
+    duration) or 0-20 ms after its decision was committed; retry until a kill lands. A run that
+    finished first leaves nothing to evaluate: `more_work` enqueues events for another release."""
     for _ in range(10):
         target = rng.choice(GATE_TARGETS)
         child = zygote.start(env)
         if not zygote.wait_for(child, target):
             assert child.exit is not None and child.exit["code"] == 0, (child.exit, child.errors)
             stats.missed += 1
+            more_work()
             continue
         window = durations.phases.get("evaluate", 0.5) if target == "evaluate" else 0.02
         deadline = time.monotonic() + rng.uniform(0, window)
@@ -802,6 +815,7 @@ def kill_in_gate(
         assert child.exit is not None and child.exit["code"] == 0, (child.exit, child.errors)
         durations.update(child)
         stats.missed += 1
+        more_work()
     raise AssertionError("no kill landed in the gate in 10 attempts")
 
 
@@ -847,12 +861,17 @@ def run_gate_trials(
     with running(latency=0.005) as server:
         server.responder = gate_models()
         env = gate_env(data, server.base_url)
-        for trial in range(trials):
-            lines = generate_events(100, seed=seed * 1000 + trial, bad_share=0.05)
+        batches = iter(range(10**6))
+
+        def more_work() -> None:
+            lines = generate_events(100, seed=seed * 10**6 + next(batches), bad_share=0.05)
             expected.add(lines)
             inbox.put(lines)
+
+        for _ in range(trials):
+            more_work()
             for _ in range(rng.randint(1, 2)):
-                kill_in_gate(zygote, env, rng, durations, stats)
+                kill_in_gate(zygote, env, rng, durations, stats, more_work)
             durations.update(run_to_completion(zygote, env))
             check_invariants(data, expected, TrialQueue(inbox), ("openai", "succeeded"))
             check_gate(data, stats)
