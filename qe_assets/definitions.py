@@ -1,4 +1,4 @@
-"""The Dagster code location's entry point (workspace.yaml, `dagster dev -m qe_assets.definitions`).
+"""The Dagster code location's entry point: workspace.yaml and `dagster dev -m` load this module.
 
 Importing it builds nothing: `defs` is the lazy `@dg.definitions` of `qe_assets.ops.definitions`,
 which Dagster calls when it loads the code location.

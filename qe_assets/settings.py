@@ -311,6 +311,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
     "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
     "eval_margin": ("QE_EVAL_MARGIN", _float("QE_EVAL_MARGIN", 0.0, 0.5)),
+    "eval_max_failed_share": (
+        "QE_EVAL_MAX_FAILED_SHARE",
+        _float("QE_EVAL_MAX_FAILED_SHARE", 0.0, 1.0),
+    ),
     "eval_base_url": ("QE_EVAL_BASE_URL", _text),
     "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
     "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", _text),
@@ -585,6 +589,13 @@ class Settings(BaseModel):
     )
     eval_margin: float = Field(
         0.0, description="The win rate's 95 % lower bound must exceed 0.5 + margin for promotion."
+    )
+    eval_max_failed_share: float = Field(
+        0.05,
+        description="Largest share of held-out items that may fail for the judge, the endpoint "
+        "or the production model (left out of the count); above it the decision is "
+        "`insufficient_data` and the next run evaluates again (at most 3 times). A candidate "
+        "that answers empty, truncated, refused or filtered loses that item instead.",
     )
     eval_base_url: str | None = Field(
         None,

@@ -39,6 +39,12 @@ qe_assets_tests/test_crash.py`) for that many trials, split over the three queue
 and 1-3 kills each (~8 s per trial). Without the variable it is skipped, because `make test` runs
 the `slow` marker too.
 
+The gate (issue #26): `test_sigkill_around_the_gate` trains a model per release (backend `openai`,
+its fine-tune recorded by the worker) and evaluates it with `model_evaluation`'s body against the
+local OpenAI-compatible server; kills land inside the evaluation or 0-20 ms after its decision was
+committed. After each trial no model is stranded at the gate and no promotion lacks the committed
+evaluation that decided it. The slow variant runs max(20, QE_SLOW_TRIALS / 3) trials.
+
 The kill runs go through the asset functions directly (`ingest_pending`, `annotate_pending`,
 `complete_next_batch`, then `release_while_due` with `next_release` and `claim_run`, as `qe run` and
 the assets call them), not through Dagster. A Dagster run
@@ -91,10 +97,21 @@ BATCH_ENV = {
     "QE_MIN_DATASET_EXAMPLES": "1",
 }
 RUN_TIMEOUT = 180.0
+NO_MODEL = ("none", "skipped")  # backend and status of every release's run (the default trials)
 TARGETS = ("ingest", "export", "finetune", "anywhere")
 TARGET_WEIGHTS = (0.35, 0.3, 0.2, 0.15)
 # Phase markers the worker writes, in order; a phase lasts until the next one.
-PHASES = ("boot", "ingest", "annotate", "complete", "export", "finetune", "done")
+PHASES = (
+    "boot",
+    "ingest",
+    "annotate",
+    "complete",
+    "export",
+    "finetune",
+    "evaluate",
+    "decided",
+    "done",
+)
 
 
 # --- the worker process ---------------------------------------------------------------------
@@ -357,7 +374,9 @@ def kafka_queue(broker: KafkaBroker) -> TrialQueue:
     return TrialQueue(producer, url, False, drained)
 
 
-def check_invariants(data: Path, expected: Expected, trial_queue: TrialQueue) -> dict[str, int]:
+def check_invariants(
+    data: Path, expected: Expected, trial_queue: TrialQueue, run_kind: tuple[str, str] = NO_MODEL
+) -> dict[str, int]:
     """Every invariant of the module docstring; returns a few counts for the summary."""
     with connect(data / "qe.duckdb", read_only=True) as conn:
         raw = stored_once(conn, expected.ids)
@@ -454,18 +473,21 @@ def check_invariants(data: Path, expected: Expected, trial_queue: TrialQueue) ->
     left = [p.name for p in [*inbox.glob("*.jsonl"), *inbox.glob(".processing/*")]]
     assert left == [], f"inbox not drained: {left}"
     trial_queue.assert_drained()
-    check_released_once(data, [v[0] for v in versions])
+    check_released_once(data, [v[0] for v in versions], run_kind)
     return {"raw": len(raw), "rejected": sum(rejected.values()), "versions": len(versions)}
 
 
-def check_released_once(data: Path, versions: list[str]) -> None:
-    """Each committed version has exactly one fine-tune run, finished, with its complete folder."""
+def check_released_once(
+    data: Path, versions: list[str], run_kind: tuple[str, str] = NO_MODEL
+) -> None:
+    """Each committed version has exactly one fine-tune run, finished (`run_kind`: backend and
+    status), with its complete folder."""
     with connect(data / "qe.duckdb", read_only=True) as conn:
         runs = conn.execute(
             "SELECT dataset_version, backend, status, run_id, recipe FROM fine_tune_runs"
         ).fetchall()
     assert sorted(r[0] for r in runs) == sorted(versions), "a version released 0 or 2+ times"
-    assert {(r[1], r[2]) for r in runs} == {("none", "skipped")}, runs
+    assert {(r[1], r[2]) for r in runs} == {run_kind}, runs
     folders = data / "finetune"
     on_disk = {p.name for p in folders.iterdir()} if folders.exists() else set()
     assert on_disk == {r[3] for r in runs}, f"half-written or temp folders: {on_disk}"
@@ -713,3 +735,171 @@ def test_killed_dagster_run_does_not_block_the_next_run(tmp_path: Path, zygote: 
     statuses = [run.status for run in instance.get_runs()]
     assert dg.DagsterRunStatus.STARTED not in statuses
     assert dg.DagsterRunStatus.FAILURE in statuses
+
+
+# --- kills inside and right after the evaluation gate (issue #26) ----------------------------
+
+GATE_BASE = "gpt-4o-mini-2024-07-18"
+GATE_TARGETS = ("evaluate", "evaluate", "decided")  # inside the evaluation twice as often
+
+
+def gate_env(data: Path, server_url: str) -> dict[str, str]:
+    """A backend that makes a model (the worker records `ft:<base>:qe:<version>`), a judge on the
+    test server, a held-out share big enough for a few dozen items, small commit batches."""
+    return {
+        "QE_DATA_DIR": str(data),
+        **BATCH_ENV,
+        "QE_FINETUNE_BACKEND": "openai",
+        "QE_FINETUNE_BASE_MODEL": GATE_BASE,
+        "QE_FINETUNE_ALLOW_NAIVE": "true",
+        "OPENAI_API_KEY": "sk-test-crash",
+        "OPENAI_BASE_URL": server_url,
+        "QE_EVAL_JUDGE_MODEL": "judge",
+        "QE_EVAL_SHARE": "0.25",
+        "QE_EVAL_MIN_ITEMS": "5",
+        "QE_LLM_CONCURRENCY": "4",
+        "QE_LLM_BATCH_SIZE": "4",
+        "QE_LLM_MAX_RETRIES": "0",
+    }
+
+
+def gate_models(versions: int = 200) -> Any:
+    """Version k's model is better than k − 1's, except every third one, which is worse than
+    anything: the gate promotes most candidates and blocks some."""
+    from qe_assets_tests.openai_server import EvalModels
+
+    quality: dict[str, int | None] = {"ft:": 1, GATE_BASE: 1}
+    for k in range(1, versions):
+        quality[f"ft:{GATE_BASE}:qe:v{k:03d}"] = 0 if k % 3 == 0 else k + 1
+    return EvalModels(quality)
+
+
+@dataclass
+class GateStats:
+    kills: Counter[str] = field(default_factory=Counter)  # by the phase the kill landed in
+    missed: int = 0
+    decisions: Counter[str] = field(default_factory=Counter)
+    superseded: int = 0  # a newer model was released before this one's gate resumed
+
+
+def kill_in_gate(
+    zygote: Zygote,
+    env: dict[str, str],
+    rng: random.Random,
+    durations: Durations,
+    stats: GateStats,
+    more_work: Callable[[], None],
+) -> None:
+    """Start a run and SIGKILL it inside the evaluation (a delay drawn over its measured
+    duration) or 0-20 ms after its decision was committed; retry until a kill lands. A run that
+    finished first leaves nothing to evaluate: `more_work` enqueues events for another release."""
+    for _ in range(10):
+        target = rng.choice(GATE_TARGETS)
+        child = zygote.start(env)
+        if not zygote.wait_for(child, target):
+            assert child.exit is not None and child.exit["code"] == 0, (child.exit, child.errors)
+            stats.missed += 1
+            more_work()
+            continue
+        window = durations.phases.get("evaluate", 0.5) if target == "evaluate" else 0.02
+        deadline = time.monotonic() + rng.uniform(0, window)
+        while child.exit is None and time.monotonic() < deadline:
+            zygote.pump(min(0.005, max(deadline - time.monotonic(), 0)))
+        if child.exit is None:
+            landed = child.last_phase()
+            os.kill(child.pid, signal.SIGKILL)
+            zygote.wait_for(child, None)
+            if child.exit is not None and child.exit["signal"] == signal.SIGKILL:
+                stats.kills[landed] += 1
+                return
+        assert child.exit is not None and child.exit["code"] == 0, (child.exit, child.errors)
+        durations.update(child)
+        stats.missed += 1
+        more_work()
+    raise AssertionError("no kill landed in the gate in 10 attempts")
+
+
+def check_gate(data: Path, stats: GateStats) -> None:
+    """No model stranded at the gate, and no promotion without the committed evaluation that
+    decided it: every `promote` decision was promoted exactly once, and nothing else was."""
+    from qe_assets.store.evaluations import gate_pending
+
+    with connect(data / "qe.duckdb", read_only=True) as conn:
+        pending = gate_pending(conn, "openai")
+        assert pending is None, f"stranded: {pending.reason}"
+        evaluations = conn.execute(
+            "SELECT candidate, evaluation_id, decision FROM model_evaluations "
+            "WHERE comparison = 'production'"
+        ).fetchall()
+        promoted = conn.execute(
+            "SELECT model, promoted_by, evaluation_id FROM promoted_models"
+        ).fetchall()
+        models = column(conn, "SELECT model_id FROM fine_tune_runs WHERE model_id IS NOT NULL")
+    decided = {(c, e) for c, e, d in evaluations if d == "promote"}
+    by_gate = [(m, e) for m, by, e in promoted if by == "gate"]
+    assert {p[0] for p in promoted} <= set(models), "a promotion of a model never trained"
+    assert sorted(by_gate) == sorted(decided), (
+        f"promotions without their decision: {set(by_gate) - decided}, "
+        f"decisions without their promotion: {decided - set(by_gate)}"
+    )
+    evaluated = {c for c, _, _ in evaluations}
+    assert len(evaluated) == len(evaluations), "two gate rows for one model"
+    stats.decisions = Counter(d for _, _, d in evaluations)
+    stats.superseded = len(set(models) - evaluated)
+
+
+def run_gate_trials(
+    data: Path, zygote: Zygote, durations: Durations, *, trials: int, seed: int
+) -> GateStats:
+    from qe_assets_tests.openai_server import running
+
+    rng = random.Random(seed)
+    expected = Expected(per_payload_once=False)
+    stats = GateStats()
+    inbox = FileInbox(data / "inbox")
+    # 5 ms per call, 4 in flight: an evaluation of a few dozen items lasts long enough to land in.
+    with running(latency=0.005) as server:
+        server.responder = gate_models()
+        env = gate_env(data, server.base_url)
+        batches = iter(range(10**6))
+
+        def more_work() -> None:
+            lines = generate_events(100, seed=seed * 10**6 + next(batches), bad_share=0.05)
+            expected.add(lines)
+            inbox.put(lines)
+
+        for _ in range(trials):
+            more_work()
+            for _ in range(rng.randint(1, 2)):
+                kill_in_gate(zygote, env, rng, durations, stats, more_work)
+            durations.update(run_to_completion(zygote, env))
+            check_invariants(data, expected, TrialQueue(inbox), ("openai", "succeeded"))
+            check_gate(data, stats)
+    return stats
+
+
+def gate_report(name: str, trials: int, stats: GateStats) -> None:
+    print(
+        f"\n{name}: {trials} trials, {sum(stats.kills.values())} SIGKILLs in the gate "
+        f"(landed in {dict(stats.kills)}), runs that finished before their kill: {stats.missed}; "
+        f"gate decisions {dict(stats.decisions)}, models superseded before their gate: "
+        f"{stats.superseded}; stranded models 0, promotions without a committed evaluation 0"
+    )
+
+
+def test_sigkill_around_the_gate(tmp_path: Path, zygote: Zygote, calibration: Durations) -> None:
+    stats = run_gate_trials(tmp_path / "data", zygote, calibration, trials=3, seed=31)
+    gate_report("gate", 3, stats)
+    assert sum(stats.kills.values()) >= 3 and stats.decisions["promote"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLOW_TRIALS, reason="opt-in: set QE_SLOW_TRIALS=N (e.g. 100)")
+@pytest.mark.timeout(0)
+def test_sigkill_around_the_gate_many_trials(
+    tmp_path: Path, zygote: Zygote, calibration: Durations
+) -> None:
+    trials = max(20, SLOW_TRIALS // 3)
+    stats = run_gate_trials(tmp_path / "data", zygote, calibration, trials=trials, seed=41)
+    gate_report("slow gate", trials, stats)
+    assert sum(stats.kills.values()) >= trials

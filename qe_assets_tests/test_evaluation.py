@@ -13,7 +13,14 @@ from qe_assets.release.readiness import ready_sample_count
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event
-from qe_assets_tests.openai_server import EMPTY_ANSWERS, EvalModels, OpenAIServer, Reply, running
+from qe_assets_tests.openai_server import (
+    EMPTY_ANSWERS,
+    ChatRequest,
+    EvalModels,
+    OpenAIServer,
+    Reply,
+    running,
+)
 from qe_assets_tests.runs import checks, column, materialize, metadata, scalar
 from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_finetune import processed
@@ -170,14 +177,46 @@ def test_a_failing_model_gives_failed_items_and_no_promotion(
     assert promotions(eval_settings) == []
 
 
-def test_empty_answers_are_failures_not_wins(
+def test_empty_answers_are_losses_not_wins(
     eval_settings: Settings, openai_server: OpenAIServer
 ) -> None:
     result = release(eval_settings, openai_server, EvalModels({"ft:": EMPTY_ANSWERS, BASE: 1}))
     meta = metadata(result, "model_evaluation")
-    assert meta["wins"] == meta["n"] == 0 and meta["decision"] == "insufficient_data"
-    assert meta["error/candidate:EmptyCompletion"] == meta["failed"] > 0
+    assert meta["wins"] == meta["failed"] == 0 and meta["losses"] == meta["n"] > 0
+    assert meta["error/candidate:EmptyCompletion"] == meta["n"] and meta["decision"] == "block"
     assert promotions(eval_settings) == []
+
+
+class MostlyEmpty:
+    """Issue #26's candidate: empty answers to 4 prompts in 5 (by hash), good ones to the rest."""
+
+    def __init__(self, models: EvalModels) -> None:
+        self.models = models
+
+    def __call__(self, request: ChatRequest) -> Reply:
+        if request.model.startswith("ft:") and int(request.prompt_hash[:8], 16) % 5:
+            return Reply.empty()
+        return self.models(request)
+
+
+def test_a_candidate_that_fails_to_answer_loses_those_items(
+    eval_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    # Before the fix its empty answers were left out: its few answers all won, and it was
+    # promoted.
+    settings = eval_settings.model_copy(update={"eval_min_items": 5})
+    result = release(settings, openai_server, MostlyEmpty(EvalModels({"ft:": 3, BASE: 1})))
+    meta = metadata(result, "model_evaluation")
+    empty = meta["error/candidate:EmptyCompletion"]
+    assert empty > 2 * meta["wins"] > 0 and meta["failed"] == 0
+    assert meta["losses"] == empty and meta["n"] == meta["wins"] + empty
+    assert meta["decision"] == "block" and promotions(settings) == []
+    assert not checks(result)["candidate_beats_production"].passed
+    with connect(settings.database, read_only=True) as conn:
+        lost = conn.execute(
+            "SELECT DISTINCT verdict, reason FROM evaluation_items WHERE error IS NOT NULL"
+        ).fetchall()
+    assert lost == [("loss", "the candidate gave no usable answer (EmptyCompletion)")]
 
 
 def test_endpoint_down_finishes_with_every_item_failed(

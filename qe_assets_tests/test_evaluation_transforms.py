@@ -70,6 +70,22 @@ def test_decision_needs_enough_items_a_bound_above_the_bar_and_no_regressed_labe
     assert decide(strong, small, min_items=50, margin=0).passed
 
 
+def test_failed_items_beyond_the_allowed_share_are_insufficient_data_and_retried() -> None:
+    # Issue #26: 86 won, 349 left out as failed was a promotion; failures are bounded now.
+    outage = decide(Tally(86, 86, 0, 0, 349), {}, min_items=50, margin=0)
+    assert outage.decision == INSUFFICIENT and outage.retry
+    assert "349 of 435 items failed" in outage.reason
+    assert "QE_EVAL_MAX_FAILED_SHARE=0.05" in outage.reason
+    # Within the share the pairs decide; the share is a setting.
+    assert decide(Tally(95, 95, 0, 0, 5), {}, min_items=50, margin=0).decision == PROMOTE
+    assert decide(Tally(95, 95, 0, 0, 6), {}, min_items=50, margin=0).retry
+    assert decide(Tally(95, 95, 0, 0, 6), {}, min_items=50, margin=0, max_failed_share=0.1).passed
+    # Too few held-out items is not retried: only a new cut changes it.
+    assert not decide(Tally(10, 10, 0, 0, 0), {}, min_items=50, margin=0).retry
+    # An empty set: nothing failed, nothing to retry.
+    assert not decide(Tally(0, 0, 0, 0, 0), {}, min_items=50, margin=0).retry
+
+
 def test_per_label_groups_verdicts() -> None:
     frame = pl.DataFrame({"label": ["x", "y", "x"], "verdict": [WIN, LOSS, TIE]})
     labels = per_label(frame)
@@ -155,6 +171,7 @@ def test_evaluation_settings_are_validated_at_load() -> None:
     defaults = Settings.from_env({})
     # The gate has something to judge out of the box: 5 % of questions are held out.
     assert (defaults.eval_share, defaults.eval_min_items, defaults.eval_margin) == (0.05, 50, 0)
+    assert defaults.eval_max_failed_share == 0.05
     env = {
         "QE_EVAL_MIN_ITEMS": "30",
         "QE_EVAL_MARGIN": "0.05",
@@ -173,6 +190,7 @@ def test_evaluation_settings_are_validated_at_load() -> None:
         ("QE_EVAL_MODEL_MAP", '{"a": 1}'),
         ("QE_EVAL_MODEL_MAP", "[1]"),
         ("QE_EVAL_ICL_EXAMPLES", "-1"),
+        ("QE_EVAL_MAX_FAILED_SHARE", "1.5"),
     ]:
         with pytest.raises(SettingsError, match=variable):
             Settings.from_env({variable: raw})

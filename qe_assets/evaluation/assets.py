@@ -1,18 +1,19 @@
 """Stage 6, the evaluation gate: the newest fine-tuned model against production on the frozen
-evaluation set, judged pairwise; the blocking check promotes it only when it measurably wins."""
+evaluation set, judged pairwise; promoted (in the same transaction as the decision) only when it
+measurably wins; the blocking check reports the decision."""
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
+import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
-from qe_assets.evaluation.metrics import INSUFFICIENT, Decision, Tally, decide, label_table
+from qe_assets.evaluation.metrics import INSUFFICIENT, PROMOTE, Decision, Tally, label_table
 from qe_assets.evaluation.report import (
     CACHE_COLUMNS,
     ITEM_COLUMNS,
@@ -28,9 +29,9 @@ from qe_assets.evaluation.report import (
 from qe_assets.finetune.assets import fine_tuned_model
 from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.lib.links import dashboard_url
-from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_writer
+from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.templates import load_templates
-from qe_assets.rollout.registry import start_test, sync_state_file
+from qe_assets.rollout.registry import active_test, start_test, sync_state_file
 from qe_assets.service.rollout import state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
@@ -143,7 +144,10 @@ def _row(
     run_id: str,
 ) -> tuple[dict[str, Any], dict[str, Tally]]:
     overall, labels, decision = summarize(
-        frame, min_items=settings.eval_min_items, margin=settings.eval_margin
+        frame,
+        min_items=settings.eval_min_items,
+        margin=settings.eval_margin,
+        max_failed_share=settings.eval_max_failed_share,
     )
     cost = spend(results, settings.llm_price_input_per_1m, settings.llm_price_output_per_1m)
     assert plan.candidate is not None and plan.baseline is not None
@@ -157,6 +161,7 @@ def _row(
         "ci_low": overall.ci_low,
         "decision": decision.decision,
         "reason": decision.reason,
+        "retry": decision.retry,
         "judge_model": pairing.judge_model,
         "per_label": per_label_json(labels),
         "prompt_tokens": cost["prompt_tokens"],
@@ -212,36 +217,33 @@ def _metadata(compared: "Compared", items: pl.DataFrame) -> "dict[str, dg.RawMet
     return metadata
 
 
-@dg.asset(
-    deps=[fine_tuned_model],
-    group_name="release",
-    kinds={"openai", "duckdb"},
-    output_required=False,
-    description=(
-        "The newest fine-tuned model against production (the promoted model, else the base "
-        "model) on the frozen evaluation set: both answer every held-out prompt through an "
-        "OpenAI-compatible endpoint (QE_EVAL_BASE_URL, QE_EVAL_MODEL_MAP), a judge compares "
-        "each pair in randomised order, and the win rate, its 95 % Wilson lower bound and a "
-        "per-label table land in `model_evaluations` / `evaluation_items`. Calls are cached by "
-        "request hash, so a re-run makes none. Materializes nothing when no model was trained."
-    ),
-)
-def model_evaluation(
-    context: dg.AssetExecutionContext,
+@dataclass(frozen=True)
+class Gated:
+    """One run of the gate: the comparison with production and what it did."""
+
+    compared: "Compared"
+    promoted: bool
+    canary: bool
+    icl: dict[str, Any] | None
+
+
+def evaluate_candidate(
+    log: dg.DagsterLogManager | Any,
+    run_id: str,
     duckdb: DuckDBResource,
-    settings: PipelineSettings,
+    settings: Settings,
     finetune: FineTuneBackendResource,
     openai: OpenAIResource,
-) -> Iterator[dg.MaterializeResult]:
+) -> tuple[Plan, Gated | None]:
+    """The gate, Dagster or not (the crash trials run it directly): plan, compare with
+    production, commit the decision and its promotion in one transaction, then the ICL row."""
     plan = plan_evaluation(duckdb, settings, finetune, openai.configured)
     if plan.skip is not None:
-        (context.log.warning if plan.warn else context.log.info)(
-            f"nothing to evaluate: {plan.skip}"
-        )
-        return
+        (log.warning if plan.warn else log.info)(f"nothing to evaluate: {plan.skip}")
+        return plan, None
     assert plan.candidate and plan.baseline and plan.items is not None and plan.judge
     if plan.items.is_empty():
-        context.log.warning(
+        log.warning(
             "the evaluation set is empty (QE_EVAL_SHARE holds nothing out yet): recorded as "
             "insufficient_data, nothing promoted"
         )
@@ -255,21 +257,105 @@ def model_evaluation(
         concurrency=settings.llm_concurrency,
         batch_size=settings.llm_batch_size,
     )
-    compared = _compare(context, duckdb, settings, openai, plan, pairing, "production")
-    metadata = _metadata(compared, plan.items)
-    metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "evaluations"))
+    compared = _compare(log, run_id, duckdb, settings, openai, plan, pairing, "production")
+    with duckdb_writer(duckdb) as conn:
+        promoted, canary = commit_decision(conn, compared.row, settings, run_id)
+    if promoted:
+        log.info(f"{plan.candidate.model_id} promoted to production by the gate")
+    elif canary:
+        log.info(
+            f"{plan.candidate.model_id} passed the gate: canary at {settings.ab_ramp[0]:.0%} of "
+            "traffic (QE_ROLLOUT=canary); ab_test decides its promotion"
+        )
+    icl = None
     if settings.eval_icl_examples:
         with duckdb_writer(duckdb) as conn:
             shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
-        icl = replace(
+        icl_pairing = replace(
             pairing,
             baseline=f"{plan.baseline}+icl{len(shots) // 2}",
             baseline_shots=tuple(shots),
         )
-        row = _compare(context, duckdb, settings, openai, plan, icl, "icl").row
+        icl = _compare(log, run_id, duckdb, settings, openai, plan, icl_pairing, "icl").row
+        with duckdb_writer(duckdb) as conn:
+            save_evaluation(conn, icl)
+    return plan, Gated(compared, promoted, canary, icl)
+
+
+def commit_decision(
+    conn: duckdb.DuckDBPyConnection, row: dict[str, Any], settings: Settings, run_id: str
+) -> tuple[bool, bool]:
+    """(promoted, canary): the evaluation row and what its decision does, in one transaction,
+    so a kill leaves either neither or both (issue #26: a `promote` row without its promotion
+    stranded the model). Then rollout.json from the tables."""
+    with transaction(conn):
+        save_evaluation(conn, row)
+        passed = row["decision"] == PROMOTE and production_model(conn) != row["candidate"]
+        canary = passed and settings.rollout_mode == "canary"
+        if canary:
+            # Traffic first, production later: the A/B test (ab_test) decides.
+            share = settings.ab_ramp[0]
+            start_test(
+                conn,
+                row["candidate"],
+                row["baseline"],
+                share,
+                GATE,
+                f"passed the gate ({row['reason']}); canary at {share:.0%}",
+                run_id=run_id,
+            )
+        elif passed:
+            record_promotion(
+                conn,
+                row["candidate"],
+                GATE,
+                evaluation_id=row["evaluation_id"],
+                reason=row["reason"],
+            )
+    sync_state_file(conn, state_path(settings))
+    return passed and not canary, canary
+
+
+@dg.asset(
+    deps=[fine_tuned_model],
+    group_name="release",
+    kinds={"openai", "duckdb"},
+    output_required=False,
+    description=(
+        "The newest fine-tuned model against production (the promoted model, else the base "
+        "model) on the frozen evaluation set: both answer every held-out prompt through an "
+        "OpenAI-compatible endpoint (QE_EVAL_BASE_URL, QE_EVAL_MODEL_MAP), a judge compares "
+        "each pair in randomised order, and the win rate, its 95 % Wilson lower bound and a "
+        "per-label table land in `model_evaluations` / `evaluation_items`. A candidate that "
+        "answers nothing usable loses the item; judge and endpoint failures are left out, up "
+        "to QE_EVAL_MAX_FAILED_SHARE. The decision and its promotion (or canary) are committed "
+        "together. Calls are cached by request hash, so a re-run makes none. Materializes "
+        "nothing when no model was trained."
+    ),
+)
+def model_evaluation(
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    settings: PipelineSettings,
+    finetune: FineTuneBackendResource,
+    openai: OpenAIResource,
+) -> Iterator[dg.MaterializeResult]:
+    plan, gated = evaluate_candidate(
+        context.log, context.run.run_id, duckdb, settings, finetune, openai
+    )
+    if gated is None:
+        return
+    assert plan.items is not None
+    metadata = _metadata(gated.compared, plan.items)
+    metadata["promoted"] = gated.promoted
+    metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "evaluations"))
+    if gated.icl is not None:
+        row = gated.icl
         for key in ("baseline", "evaluation_id", "n", "failed", "win_rate", "ci_low"):
             metadata[f"icl/{key}"] = round(row[key], 4) if isinstance(row[key], float) else row[key]
-    yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(compared.eval_id))
+    yield dg.MaterializeResult(
+        metadata=metadata, data_version=dg.DataVersion(gated.compared.eval_id)
+    )
 
 
 @dataclass(frozen=True)
@@ -283,7 +369,8 @@ class Compared:
 
 
 def _compare(
-    context: dg.AssetExecutionContext,
+    log: dg.DagsterLogManager | Any,
+    run_id: str,
     duckdb: DuckDBResource,
     settings: Settings,
     openai: OpenAIResource,
@@ -291,14 +378,14 @@ def _compare(
     pairing: Pairing,
     comparison: str,
 ) -> Compared:
-    """One comparison over the whole set: answers, verdicts, items committed as they come, the
-    evaluation row saved."""
+    """One comparison over the whole set: answers, verdicts, items committed as they come, and
+    the evaluation's row (committed by the caller)."""
     assert plan.items is not None
     items = plan.items
     eval_id = evaluation_id(
         pairing.candidate, pairing.baseline, pairing.judge_model, items["sample_id"].to_list()
     )
-    context.log.info(
+    log.info(
         f"evaluating {pairing.candidate} against {pairing.baseline} on {items.height} held-out "
         f"prompts (judge {pairing.judge_model}, concurrency {pairing.concurrency})"
     )
@@ -320,79 +407,40 @@ def _compare(
     )
     elapsed = time.monotonic() - started
     frame = item_frame(results)
-    row, labels = _row(eval_id, plan, pairing, frame, settings, results, context.run.run_id)
+    row, labels = _row(eval_id, plan, pairing, frame, settings, results, run_id)
     row["comparison"] = comparison
-    with duckdb_writer(duckdb) as conn:
-        save_evaluation(conn, row)
-    context.log.info(f"evaluation {eval_id} ({comparison}): {row['decision']} ({row['reason']})")
+    log.info(f"evaluation {eval_id} ({comparison}): {row['decision']} ({row['reason']})")
     return Compared(eval_id, row, labels, frame, results, elapsed)
-
-
-def gate_decision(row: dict[str, Any], settings: Settings) -> Decision:
-    """The gate's rule applied to a stored evaluation with the settings in effect."""
-    overall = Tally(row["n"], row["wins"], row["ties"], row["losses"], row["failed"])
-    labels = {
-        label: Tally(t["n"], t["wins"], t["ties"], t["losses"], t["failed"])
-        for label, t in json.loads(row["per_label"]).items()
-    }
-    return decide(overall, labels, min_items=settings.eval_min_items, margin=settings.eval_margin)
 
 
 @dg.asset_check(
     asset=model_evaluation,
     blocking=True,
     description=(
-        "Passes when the candidate's 95 % lower bound of its win rate against production is "
-        "above 0.5 + QE_EVAL_MARGIN, with at least QE_EVAL_MIN_ITEMS judged pairs, and no label "
-        "with 20 or more pairs falls below a win rate of 0.4; only then is the candidate "
-        "recorded as the production model in `promoted_models` (by `gate`); with "
-        "QE_ROLLOUT=canary it becomes the A/B test's candidate at the first QE_AB_RAMP share "
-        "instead, and `ab_test` decides."
+        "Reports the gate's decision on this run's evaluation: passes when the candidate's 95 % "
+        "lower bound of its win rate against production is above 0.5 + QE_EVAL_MARGIN, with at "
+        "least QE_EVAL_MIN_ITEMS judged pairs, failed items within QE_EVAL_MAX_FAILED_SHARE, "
+        "and no label with 20 or more pairs below a win rate of 0.4. `model_evaluation` "
+        "committed that decision together with its promotion in `promoted_models` (by `gate`) "
+        "or, with QE_ROLLOUT=canary, the A/B test's start at the first QE_AB_RAMP share."
     ),
 )
 def candidate_beats_production(
     context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
 ) -> dg.AssetCheckResult:
-    with duckdb_writer(duckdb) as conn:
-        row = evaluation_of_run(conn, context.run.run_id)
-        if row is None:
-            return dg.AssetCheckResult(
-                passed=True, description="nothing was evaluated in this run; nothing promoted"
-            )
-        decision = gate_decision(row, settings)
-        passed = decision.passed and production_model(conn) != row["candidate"]
-        canary = passed and settings.rollout_mode == "canary"
-        promoted = passed and not canary
-        if canary:
-            # Traffic first, production later: the A/B test (ab_test) decides.
-            share = settings.ab_ramp[0]
-            start_test(
-                conn,
-                row["candidate"],
-                row["baseline"],
-                share,
-                GATE,
-                f"passed the gate ({decision.reason}); canary at {share:.0%}",
-                run_id=context.run.run_id,
-            )
-        elif promoted:
-            record_promotion(
-                conn,
-                row["candidate"],
-                GATE,
-                evaluation_id=row["evaluation_id"],
-                reason=decision.reason,
-            )
-        sync_state_file(conn, state_path(settings))
-    if promoted:
-        context.log.info(f"{row['candidate']} promoted to production by the gate")
-    elif canary:
-        context.log.info(
-            f"{row['candidate']} passed the gate: canary at {settings.ab_ramp[0]:.0%} of traffic "
-            "(QE_ROLLOUT=canary); ab_test decides its promotion"
+    with duckdb_reader(duckdb) as conn:  # reads only: the asset committed everything
+        row = None if conn is None else evaluation_of_run(conn, context.run.run_id)
+        production = None if conn is None else production_model(conn)
+        test = None if conn is None else active_test(conn)
+    if row is None:
+        return dg.AssetCheckResult(
+            passed=True, description="nothing was evaluated in this run; nothing promoted"
         )
-    # A worse candidate fails the release run (red, someone should look); too few pairs to decide
-    # is a warning: nothing is promoted, and a hold-out set still filling up is not a failure.
+    decision = Decision(row["decision"], row["reason"], bool(row.get("retry")))
+    canary = test is not None and test.candidate == row["candidate"]
+    # A worse candidate fails the release run (red, someone should look); too few pairs, or too
+    # many failed ones, is a warning: nothing is promoted, and a hold-out set still filling up
+    # (or a judge outage, evaluated again by the next run) is not the candidate's failure.
     severity = (
         dg.AssetCheckSeverity.WARN
         if decision.decision == INSUFFICIENT
@@ -408,7 +456,8 @@ def candidate_beats_production(
             "baseline": row["baseline"],
             "decision": decision.decision,
             "ci_low": round(row["ci_low"], 4),
-            "promoted": promoted,
-            "canary_share": settings.ab_ramp[0] if canary else 0.0,
+            "promoted": decision.passed and production == row["candidate"],
+            "canary_share": test.share if canary and test is not None else 0.0,
+            "retry": decision.retry,
         },
     )

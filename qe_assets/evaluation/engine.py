@@ -14,7 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qe_assets.annotate.llm import MALFORMED_VERDICT, CallOutcome, chat, request_key
+from qe_assets.annotate.llm import (
+    EMPTY,
+    FILTERED,
+    MALFORMED_VERDICT,
+    REFUSAL,
+    TRUNCATED,
+    CallOutcome,
+    chat,
+    request_key,
+)
 from qe_assets.evaluation.judge import (
     JudgeItem,
     candidate_first,
@@ -22,7 +31,7 @@ from qe_assets.evaluation.judge import (
     pairwise_request,
     parse_pairwise,
 )
-from qe_assets.evaluation.metrics import FAILED, TIE
+from qe_assets.evaluation.metrics import FAILED, LOSS, TIE
 
 if TYPE_CHECKING:
     import openai
@@ -32,6 +41,11 @@ ANSWER_PURPOSE, JUDGE_PURPOSE = "eval_answer", "eval_judge"
 # the pair counts as failed.
 JUDGE_TRIES = 2
 IDENTICAL = "identical answers: a tie without a judge call"
+# The model was reached and answered, but nothing usable: its own failure. A candidate that does
+# this loses the item (issue #26: 80 % empty answers left out of the count got promoted). Any
+# other error (HTTP, connection, timeout, a malformed body) is the endpoint's, and the item is
+# `failed`: left out of the count, within QE_EVAL_MAX_FAILED_SHARE.
+ANSWER_FAULTS = frozenset({EMPTY, TRUNCATED, REFUSAL, FILTERED})
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,10 @@ class _Evaluation:
         )
         if errors:
             result.error = ",".join(errors)
+            candidate_error = answers[0][1].error
+            if candidate_error in ANSWER_FAULTS:
+                result.verdict = LOSS
+                result.reason = f"the candidate gave no usable answer ({candidate_error})"
             return result
         if result.candidate_answer == result.baseline_answer:
             result.verdict, result.winner, result.reason = TIE, "tie", IDENTICAL

@@ -1,8 +1,10 @@
 """Win rate, its Wilson bound, per-label tables and the gate's decision: pure functions.
 
-Verdicts are from the candidate's side: `win`, `loss`, `tie` for judged pairs, `failed` when an
-answer or the judge's verdict could not be had. Failures are counted, never scored: a pair
-nobody judged is not a win.
+Verdicts are from the candidate's side: `win`, `loss`, `tie` for judged pairs, and a `loss` too
+when the candidate answered nothing usable (empty, truncated, refused, filtered: it failed the
+item). `failed` is left for what says nothing about the candidate: the judge, the endpoint or the
+production model failed. Those are counted, never scored, and bounded: above
+QE_EVAL_MAX_FAILED_SHARE of the items the gate does not decide (`insufficient_data`, retried).
 """
 
 from __future__ import annotations
@@ -80,15 +82,34 @@ def per_label(items: pl.DataFrame) -> dict[str, Tally]:
 class Decision:
     decision: str  # promote | block | insufficient_data
     reason: str
+    # insufficient_data because too many items failed (the judge or the endpoint was down): a
+    # later run evaluates again, unlike too few held-out items, which only a new cut changes.
+    retry: bool = False
 
     @property
     def passed(self) -> bool:
         return self.decision == PROMOTE
 
 
-def decide(overall: Tally, labels: dict[str, Tally], *, min_items: int, margin: float) -> Decision:
-    """The gate: enough judged pairs, a 95 % lower bound above 0.5 + margin, and no label with
-    at least LABEL_MIN_ITEMS pairs below a win rate of LABEL_FLOOR."""
+def decide(
+    overall: Tally,
+    labels: dict[str, Tally],
+    *,
+    min_items: int,
+    margin: float,
+    max_failed_share: float = 0.05,
+) -> Decision:
+    """The gate: failures within `max_failed_share` of the items, enough judged pairs, a 95 %
+    lower bound above 0.5 + margin, and no label with at least LABEL_MIN_ITEMS pairs below a
+    win rate of LABEL_FLOOR."""
+    items = overall.n + overall.failed
+    if overall.failed > max_failed_share * items:
+        return Decision(
+            INSUFFICIENT,
+            f"{overall.failed} of {items} items failed (judge, endpoint or production model), "
+            f"above QE_EVAL_MAX_FAILED_SHARE={max_failed_share:g}: evaluated again next run",
+            retry=True,
+        )
     if overall.n < min_items:
         return Decision(
             INSUFFICIENT,

@@ -9,7 +9,6 @@ import polars as pl
 
 from qe_assets.evaluation.engine import ItemResult
 from qe_assets.evaluation.metrics import (
-    FAILED,
     LOSS,
     WIN,
     Decision,
@@ -79,11 +78,14 @@ def cache_frame(results: list[ItemResult]) -> pl.DataFrame:
 
 
 def summarize(
-    items: pl.DataFrame, *, min_items: int, margin: float
+    items: pl.DataFrame, *, min_items: int, margin: float, max_failed_share: float
 ) -> tuple[Tally, dict[str, Tally], Decision]:
     overall = tally(items["verdict"])
     labels = per_label(items)
-    return overall, labels, decide(overall, labels, min_items=min_items, margin=margin)
+    decision = decide(
+        overall, labels, min_items=min_items, margin=margin, max_failed_share=max_failed_share
+    )
+    return overall, labels, decision
 
 
 def spend(
@@ -103,7 +105,8 @@ def spend(
 
 
 def error_counts(items: pl.DataFrame) -> dict[str, int]:
-    failed = items.filter(pl.col("verdict") == FAILED)
+    """Items per error: the failed ones and the ones the candidate lost by failing to answer."""
+    failed = items.filter(pl.col("error").is_not_null())
     return {str(e): int(n) for e, n in failed.group_by("error").len().sort("error").iter_rows()}
 
 

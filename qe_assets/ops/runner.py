@@ -115,6 +115,7 @@ def _execute(
     log_level: str,
     tags: dict[str, str] | None = None,
     ops: dict[str, Any] | None = None,
+    asset_selection: list[dg.AssetKey] | None = None,
 ) -> bool:
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if ops:
@@ -124,6 +125,7 @@ def _execute(
         raise_on_error=False,
         run_config=run_config,
         tags={**owner_tags(), **(tags or {})},
+        asset_selection=asset_selection,
     )
     outcome.run_id = result.run_id
     outcome.summary.extend(_summarise(result))
@@ -175,6 +177,11 @@ def _release(
     def release(decision: ReleaseDecision) -> bool:
         outcome.summary.append(f"release {decision.version}: {decision.reason}")
         tags = {VERSION_TAG: str(decision.version)}
+        if decision.gate:
+            # The version is published and trained: only its evaluation is left (the sensor's
+            # run for it selects the same asset).
+            gate = [dg.AssetKey("model_evaluation")]
+            return _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags, None, gate)
         # The same rule decides again inside the run; --cut-version lifts its threshold there.
         ops = {"tuning_dataset": {"config": {"force": cut_version}}}
         return _execute(defs, RELEASE_JOB, instance, outcome, log_level, tags, ops)

@@ -4,7 +4,8 @@
   queue, and reports the freshness checks between runs.
 * `finetune_threshold_sensor` starts `qe_release` (publish a dataset version, check it, fine-tune
   on it) when the release rule says one is due: enough new samples are ready, or a committed
-  version was never released.
+  version was never released; or its `model_evaluation` alone when the newest model's gate never
+  ended.
 
 Neither holds the DuckDB writer lock: a queue's metadata, or a short read-only query.
 """
@@ -32,6 +33,7 @@ from qe_assets.store import DatabaseBusy, connect
 # not count: the version did nothing wrong.
 MAX_RELEASE_FAILURES = 3
 _ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+GATE_ASSET = dg.AssetKey("model_evaluation")
 
 
 def _ended_badly(instance: dg.DagsterInstance, job_name: str, version: str) -> tuple[int, int]:
@@ -85,7 +87,9 @@ def build_finetune_sensor(
             "Counts ready samples (completed, not yet in a version) with a short read-only "
             "query; when they reach QE_FINETUNE_THRESHOLD it requests one run of the release "
             "job, which cuts the next dataset version and fine-tunes on it. A committed version "
-            "whose release never ended (its run died) is released first, oldest first. Fires "
+            "whose release never ended (its run died) is released first, oldest first; a model "
+            "whose evaluation never reached a decision (a kill, or too many failed items: at "
+            "most 3 evaluations) gets a run of `model_evaluation` alone. Fires "
             "once per crossing (run key = version @ newest completion), never while a release "
             "run is in flight (runs of a dead `qe run` are marked failed first). Running by "
             "default; QE_FINETUNE_SENSOR_RUNNING=false starts it stopped (the toggle here "
@@ -105,7 +109,9 @@ def build_finetune_sensor(
         try:
             # Read-only and bounded: the sensor never holds the write lock and never waits long.
             with connect(settings.database, read_only=True, wait_seconds=5) as conn:
-                decision = settings_release_decision(conn, settings, backend=finetune.name)
+                decision = settings_release_decision(
+                    conn, settings, backend=finetune.name, resume_gate=True
+                )
         except DatabaseBusy:
             return dg.SkipReason("the database is busy with a writer; looking again next tick")
         if not decision.due or decision.version is None:
@@ -118,7 +124,8 @@ def build_finetune_sensor(
                 "(see those runs; `qe run --cut-version` retries it)"
             )
         # A failed run's key is spent: the retry needs a new one, or the daemon drops it.
-        run_key = f"{version}@{decision.state.high}" + (f"/retry{ended}" if ended else "")
+        gate = f"/gate{decision.gate_attempts}" if decision.gate else ""
+        run_key = f"{version}@{decision.state.high}{gate}" + (f"/retry{ended}" if ended else "")
         cursor = json.loads(context.cursor) if context.cursor else {}
         if cursor.get("run_key") == run_key:
             return dg.SkipReason(f"already requested {run_key}; waiting for new samples")
@@ -127,6 +134,8 @@ def build_finetune_sensor(
                 dg.RunRequest(
                     run_key=run_key,
                     tags={VERSION_TAG: version, "qe/ready_samples": str(decision.ready)},
+                    # A gate left unfinished: evaluate again, nothing to publish or train.
+                    asset_selection=[GATE_ASSET] if decision.gate else None,
                 )
             ],
             cursor=json.dumps({"run_key": run_key, "ready": decision.ready}),

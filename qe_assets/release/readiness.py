@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import duckdb
 
@@ -113,6 +114,10 @@ class ReleaseDecision:
     ready: int
     reason: str
     state: VersionState
+    # The model whose gate is evaluated again (its release never reached a decision, or it was
+    # insufficient_data from failed items): the run is `model_evaluation` alone.
+    gate: str | None = None
+    gate_attempts: int = 0
 
 
 def release_decision(
@@ -157,16 +162,58 @@ def settings_release_decision(
     *,
     cut_version: bool = False,
     backend: str | None = None,
+    resume_gate: bool = False,
 ) -> ReleaseDecision:
     """`release_decision` with the threshold, backend and hold-out share of `settings`: what the
     sensor, `qe run` and `tuning_dataset` each ask. `backend` is the run's fine-tune backend
-    resource's (which a launchpad override may set apart from the settings)."""
-    return release_decision(
+    resource's (which a launchpad override may set apart from the settings). `resume_gate` (the
+    sensor and `qe run`): a release whose evaluation never reached a decision is due too, right
+    after a version whose release never ended (`gate_decision`)."""
+    backend = backend or settings.finetune_backend
+    decision = release_decision(
         conn,
         settings.finetune_threshold,
-        backend or settings.finetune_backend,
+        backend,
         cut_version=cut_version,
         eval_share=settings.eval_share,
+    )
+    if not resume_gate or (decision.republish and decision.due):
+        return decision
+    return gate_decision(conn, settings, backend, decision)
+
+
+def gate_configured(settings: Settings) -> bool:
+    """Whether `model_evaluation` can run at all (it skips, and the release ends, without a judge
+    model or OPENAI_API_KEY): otherwise a missing evaluation is nothing to resume."""
+    judge = settings.eval_judge_model or settings.llm_judge_model or settings.llm_model
+    return bool(judge) and bool(os.environ.get("OPENAI_API_KEY"))
+
+
+def gate_decision(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, backend: str, otherwise: ReleaseDecision
+) -> ReleaseDecision:
+    """A release that evaluates the newest model again when its gate never ended (issue #26: a
+    kill during or right after the evaluation, or a judge outage), else `otherwise`."""
+    from qe_assets.store.evaluations import gate_pending
+
+    if not gate_configured(settings):
+        return otherwise
+    try:
+        pending = gate_pending(conn, backend)
+    except (duckdb.CatalogException, duckdb.BinderException):
+        # A read-only look at a store from before the gate or its retry columns: the next write
+        # connection adds them.
+        return otherwise
+    if pending is None:
+        return otherwise
+    return replace(
+        otherwise,
+        due=True,
+        version=pending.candidate.dataset_version,
+        republish=False,
+        reason=pending.reason,
+        gate=pending.candidate.model_id,
+        gate_attempts=pending.attempts,
     )
 
 
@@ -184,10 +231,14 @@ def release_while_due(
     done: list[ReleaseDecision] = []
     while True:
         with connect(settings.database, read_only=True) as conn:
-            decision = settings_release_decision(conn, settings, cut_version=cut_version)
-        if not decision.due or decision.version in {d.version for d in done}:
+            decision = settings_release_decision(
+                conn, settings, cut_version=cut_version, resume_gate=True
+            )
+        seen = {(d.version, d.gate) for d in done}
+        if not decision.due or (decision.version, decision.gate) in seen:
             return done, decision
         done.append(decision)
         if not release(decision):
             return done, decision
-        cut_version = cut_version and decision.republish  # one new cut per call
+        # One new cut per call; republishing or resuming a gate cut nothing.
+        cut_version = cut_version and (decision.republish or decision.gate is not None)

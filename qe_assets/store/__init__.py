@@ -222,6 +222,10 @@ CREATE TABLE IF NOT EXISTS model_evaluations (
     comparison       VARCHAR NOT NULL DEFAULT 'production',
     created_at       TIMESTAMP NOT NULL
 );
+-- The gate's retries (issue #26): `retry` when the decision is insufficient_data because too many
+-- items failed (the next run evaluates again), `attempts` counts the evaluations of this row.
+ALTER TABLE model_evaluations ADD COLUMN IF NOT EXISTS retry BOOLEAN DEFAULT false;
+ALTER TABLE model_evaluations ADD COLUMN IF NOT EXISTS attempts INTEGER DEFAULT 1;
 CREATE TABLE IF NOT EXISTS evaluation_items (
     evaluation_id    VARCHAR NOT NULL,
     sample_id        VARCHAR NOT NULL,

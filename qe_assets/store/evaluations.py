@@ -17,6 +17,9 @@ import polars as pl
 from qe_assets.store import select_frame
 
 GATE = "gate"
+# Evaluations of one comparison that may end in insufficient_data from failed items (the judge or
+# the endpoint down) before the gate stops retrying on its own; `qe models list` shows the count.
+GATE_MAX_ATTEMPTS = 3
 PROMOTE_ACTION, ROLLBACK_ACTION = "promote", "rollback"
 # A reference answer is one a person wrote or a judge approved (ok after judging).
 _ITEMS = """
@@ -95,8 +98,17 @@ def icl_examples(conn: duckdb.DuckDBPyConnection, version: str, k: int) -> list[
 
 
 def save_evaluation(conn: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
-    """Insert or replace one evaluation (a re-run of the same comparison replaces its row)."""
-    values = {**row, "per_label": json.dumps(row["per_label"], ensure_ascii=False)}
+    """Insert or replace one evaluation (a re-run of the same comparison replaces its row and
+    counts one more attempt)."""
+    before = conn.execute(
+        "SELECT attempts FROM model_evaluations WHERE evaluation_id = ?", [row["evaluation_id"]]
+    ).fetchall()
+    attempts = (before[0][0] or 1) + 1 if before else 1
+    values = {
+        **row,
+        "per_label": json.dumps(row["per_label"], ensure_ascii=False),
+        "attempts": attempts,
+    }
     columns = ", ".join(values)
     marks = ", ".join("?" for _ in values)
     conn.execute(
@@ -148,7 +160,55 @@ def rollback_target(conn: duckdb.DuckDBPyConnection) -> str | None:
     return stack[-2] if len(stack) >= 2 else None
 
 
-MODELS_QUERY = """
+@dataclass(frozen=True)
+class GatePending:
+    """The newest model, whose gate never reached a decision that ends its release."""
+
+    candidate: Candidate
+    attempts: int  # evaluations that ended in a retry so far (0: none committed yet)
+    reason: str
+
+
+def gate_pending(conn: duckdb.DuckDBPyConnection, backend: str) -> GatePending | None:
+    """Whether the newest model's release is unfinished at the gate: no committed evaluation
+    (killed during it), insufficient_data because too many items failed (fewer than
+    GATE_MAX_ATTEMPTS times so far), or a `promote` that neither promotion nor canary followed
+    (a store written before the decision and the promotion were one transaction)."""
+    candidate = latest_candidate(conn, backend)
+    if candidate is None or production_model(conn) == candidate.model_id:
+        return None
+    rows = conn.execute(
+        "SELECT decision, retry, attempts FROM model_evaluations "
+        "WHERE candidate = ? AND comparison = 'production' ORDER BY created_at DESC LIMIT 1",
+        [candidate.model_id],
+    ).fetchall()
+    model = candidate.model_id
+    if not rows:
+        return GatePending(candidate, 0, f"{model} has no committed evaluation: evaluated again")
+    decision, retry, attempts = rows[0][0], bool(rows[0][1]), int(rows[0][2] or 1)
+    if decision == "insufficient_data" and retry and attempts < GATE_MAX_ATTEMPTS:
+        return GatePending(
+            candidate,
+            attempts,
+            f"{model}: insufficient_data from failed items after {attempts} of "
+            f"{GATE_MAX_ATTEMPTS} evaluations: evaluated again",
+        )
+    if decision == PROMOTE_ACTION and not _acted_on(conn, model):
+        return GatePending(candidate, attempts, f"{model} passed the gate but was never promoted")
+    return None
+
+
+def _acted_on(conn: duckdb.DuckDBPyConnection, model: str) -> bool:
+    """The model was ever promoted, rolled back or given traffic (a person's act counts too)."""
+    rows = conn.execute(
+        "SELECT 1 FROM promoted_models WHERE model = ? "
+        "UNION ALL SELECT 1 FROM ab_decisions WHERE candidate = ? LIMIT 1",
+        [model, model],
+    ).fetchall()
+    return bool(rows)
+
+
+MODELS_QUERY = f"""
     WITH latest_eval AS (
         SELECT * FROM model_evaluations WHERE comparison = 'production'
         QUALIFY row_number() OVER (PARTITION BY candidate ORDER BY created_at DESC) = 1
@@ -156,11 +216,15 @@ MODELS_QUERY = """
     production AS (SELECT model FROM promoted_models ORDER BY promotion_id DESC LIMIT 1)
     SELECT r.model_id AS model, r.dataset_version, r.backend,
            e.decision, round(e.win_rate, 3) AS win_rate, round(e.ci_low, 3) AS ci_low, e.n,
-           e.baseline, r.model_id IN (SELECT model FROM production) AS production
+           e.baseline, r.model_id IN (SELECT model FROM production) AS production,
+           CASE WHEN e.retry AND e.attempts < {GATE_MAX_ATTEMPTS}
+                    THEN 'retry (' || e.attempts || ' of {GATE_MAX_ATTEMPTS})'
+                WHEN e.retry THEN 'gave up after ' || e.attempts
+                WHEN e.decision IS NULL THEN 'not evaluated' END AS gate
     FROM fine_tune_runs r LEFT JOIN latest_eval e ON e.candidate = r.model_id
     WHERE r.status = 'succeeded' AND r.model_id IS NOT NULL
     UNION ALL
-    SELECT p.model, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+    SELECT p.model, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true, NULL
     FROM production p
     WHERE p.model NOT IN (SELECT model_id FROM fine_tune_runs WHERE model_id IS NOT NULL)
     ORDER BY dataset_version NULLS FIRST, model

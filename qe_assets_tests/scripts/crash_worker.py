@@ -20,7 +20,9 @@ fork); each child imports qe_assets and Polars itself.
 connection handling (`writer_session` per stage, `duckdb_writer` elsewhere): ingest every queue →
 annotate → complete → release while one is due (`readiness.release_while_due`, as `qe run` does):
 publish the version (`next_release`: a committed one never released, else a new cut), then the
-fine-tune with backend `none` (`claim_run`, then the `skipped` row). `dagster` mode runs
+fine-tune with backend `none` (`claim_run`, then the `skipped` row). With another backend (the
+gate's trials) the fine-tune records a model and `model_evaluation`'s body (`evaluate_candidate`)
+evaluates it; a release whose gate never ended only evaluates. `dagster` mode runs
 `qe_assets.ops.runner.run_pipeline(..., cut_version=True)` (what `qe run --cut-version` does) against
 DAGSTER_HOME.
 
@@ -47,7 +49,17 @@ if TYPE_CHECKING:
 # Polars, so those are imported by each child instead (~0.7 s, against ~2-5 s for all of it).
 PRELOAD = ("dagster", "dagster_duckdb", "duckdb", "pydantic", "redis", "openai")
 
-PHASES = ("boot", "ingest", "annotate", "complete", "export", "finetune", "done")
+PHASES = (
+    "boot",
+    "ingest",
+    "annotate",
+    "complete",
+    "export",
+    "finetune",
+    "evaluate",
+    "decided",
+    "done",
+)
 
 
 def emit(message: dict[str, Any]) -> None:
@@ -98,28 +110,66 @@ def run_direct(settings: Settings) -> None:
         if not scanned:
             break
     mark("export")
-    release_while_due(settings, lambda _: release_direct(resource, settings), cut_version=True)
+    release_while_due(
+        settings, lambda decision: release_direct(resource, settings, decision), cut_version=True
+    )
     mark("done")
 
 
-def release_direct(resource: DuckDBResource, settings: Settings) -> bool:
+def release_direct(resource: DuckDBResource, settings: Settings, decision: Any) -> bool:
     """What one release run does, without Dagster and its checks: publish (or cut) the version,
-    then fine-tune on it with backend `none`."""
+    then fine-tune on it with backend `none`, or, with another backend (the gate's trials),
+    record a trained model (`ft:<base>:qe:<version>`) and evaluate it as `model_evaluation`
+    does; a release whose gate never ended (`decision.gate`) only evaluates, as `qe run`."""
     from qe_assets.finetune.assets import SKIPPED_MESSAGE, claim_run
     from qe_assets.finetune.resource import FineTuneBackendResource
     from qe_assets.lib.resources import duckdb_writer
     from qe_assets.release.assets import next_release
     from qe_assets.store.finetune_runs import save_run
 
-    next_release(resource, settings, force=True)  # as `qe run --cut-version`
-    mark("finetune")  # the version is committed: a kill from here on is "right after a commit"
-    with duckdb_writer(resource) as conn:
-        backend = FineTuneBackendResource.from_settings(settings)
-        claim = claim_run(conn, settings, backend, None, lambda _: None)
-    if claim is not None:
+    backend = FineTuneBackendResource.from_settings(settings)
+    # model_evaluation runs after a fine-tune that made a model, or alone for an unfinished gate.
+    evaluate = decision.gate is not None
+    if decision.gate is None:
+        next_release(resource, settings, force=True)  # as `qe run --cut-version`
+        mark("finetune")  # the version is committed: a kill from here on is "right after a commit"
         with duckdb_writer(resource) as conn:
-            save_run(conn, claim.run_id, status="skipped", message=SKIPPED_MESSAGE)
+            claim = claim_run(conn, settings, backend, None, lambda _: None)
+        if claim is not None:
+            with duckdb_writer(resource) as conn:
+                if backend.configured:  # the fine-tune job is not under test: its model is
+                    model = f"ft:{settings.finetune_base_model}:qe:{claim.version}"
+                    save_run(conn, claim.run_id, status="succeeded", model_id=model)
+                    evaluate = True
+                else:
+                    save_run(conn, claim.run_id, status="skipped", message=SKIPPED_MESSAGE)
+    if evaluate:
+        evaluate_direct(resource, settings, backend)
     return True
+
+
+class _Log:
+    def info(self, message: str) -> None:
+        pass
+
+    warning = info
+
+
+def evaluate_direct(resource: DuckDBResource, settings: Settings, backend: Any) -> None:
+    """`model_evaluation`'s body (`evaluate_candidate`): compare, then commit the decision with
+    its promotion."""
+    from qe_assets.evaluation.assets import evaluate_candidate
+    from qe_assets.lib.resources import OpenAIResource
+
+    openai = OpenAIResource(
+        api_key=os.environ.get("OPENAI_API_KEY"),
+        base_url=settings.openai_base_url,
+        timeout_seconds=settings.llm_timeout_seconds,
+        max_retries=settings.llm_max_retries,
+    )
+    mark("evaluate")
+    evaluate_candidate(_Log(), f"direct-{os.getpid()}", resource, settings, backend, openai)
+    mark("decided")  # the decision and its promotion are committed
 
 
 def run_dagster(settings: Settings) -> None:
