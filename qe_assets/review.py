@@ -39,10 +39,13 @@ class ReviewError(ValueError):
     """A review action that cannot apply (unknown sample, not in the queue, empty edit)."""
 
 
-def enqueue_for_review(conn: duckdb.DuckDBPyConnection, samples: str, spot_share: float) -> None:
+def enqueue_for_review(
+    conn: duckdb.DuckDBPyConnection, samples: str, spot_share: float
+) -> dict[str, str]:
     """Queue the review samples and the spot-check share of the train samples of `samples`
-    (a registered relation of new annotated samples). md5 keeps the spot check stable."""
-    conn.execute(
+    (a registered relation of new annotated samples); returns sample_id → reason of the rows
+    really queued. md5 keeps the spot check stable."""
+    rows = conn.execute(
         f"""
         INSERT INTO review_queue (sample_id, reason, status, queued_at)
         SELECT sample_id,
@@ -54,9 +57,11 @@ def enqueue_for_review(conn: duckdb.DuckDBPyConnection, samples: str, spot_share
             OR ('0x' || substr(md5(sample_id), 1, 8))::UBIGINT % {_BUCKETS} < ?
         )
         ON CONFLICT DO NOTHING
+        RETURNING sample_id, reason
         """,
         [round(spot_share * _BUCKETS)],
-    )
+    ).fetchall()
+    return dict(rows)
 
 
 def list_queue(
