@@ -266,6 +266,15 @@ def keeps_judged_text(completion: Mapping[str, Any] | None) -> bool:
     )
 
 
+def accepted_text(item: ReviewItem) -> str:
+    """The completion accepting `item` would export, word for word: the one shown when it is
+    kept, else the naive one (offline, the original answer behind the label's prefix)."""
+    if item.completion is not None and keeps_judged_text(item.completion):
+        return str(item.completion["completion"])
+    sample = {k: [item.sample[k]] for k in ("sample_id", "language", "label", "original_answer")}
+    return str(naive_completions(pl.DataFrame(sample), load_templates())["completion"][0])
+
+
 def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """Rejected samples keep whatever completion text they had (for the record), marked so."""
     return pl.DataFrame(
