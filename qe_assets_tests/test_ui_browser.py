@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.error
@@ -34,7 +35,19 @@ if TYPE_CHECKING:  # imported in the test, so a missing package skips (or fails 
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
-ASSETS = ("raw_events", "annotated_samples", "completions", "tuning_dataset", "fine_tuned_model")
+ASSETS = (
+    "raw_events",
+    "annotated_samples",
+    "completions",
+    "tuning_dataset",
+    "fine_tuned_model",
+    "model_evaluation",
+    "ab_test",
+)
+# The README's picture of the graph, rewritten from this test with QE_DOCS_SCREENSHOTS=1.
+DOCS_SHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "asset-graph.png"
+# The code location's name in the UI's URLs (/locations/<name>/...), set in workspace.yaml.
+LOCATION = "qe_assets"
 CHECKS = (
     "dataset_format_valid",
     "preference_format_valid",
@@ -185,6 +198,12 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
                 lambda: page.get_by_role("button", name="Skip").click(),
             )
 
+            # 0. The location's URLs resolve under its short name.
+            names = [e["name"] for e in server.location_entries()]
+            assert names == [LOCATION], names
+            page.goto(f"{server.url}/locations/{LOCATION}/asset-groups/pipeline")
+            expect(page.get_by_text("raw_events", exact=True).first).to_be_visible()
+
             # 1. The asset graph: every group expanded, every asset shown.
             page.goto(f"{server.url}/asset-groups")
             expect(page.get_by_text("Global asset lineage")).to_be_visible()
@@ -230,6 +249,8 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
     for name, path in shots.items():
         assert path.stat().st_size > 10_000, path
         print(f"screenshot {name}: {path}")
+    if os.environ.get("QE_DOCS_SCREENSHOTS"):
+        shutil.copyfile(shots["graph"], DOCS_SHOT)
 
 
 def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:
