@@ -198,12 +198,6 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
                 lambda: page.get_by_role("button", name="Skip").click(),
             )
 
-            # 0. The location's URLs resolve under its short name.
-            names = [e["name"] for e in server.location_entries()]
-            assert names == [LOCATION], names
-            page.goto(f"{server.url}/locations/{LOCATION}/asset-groups/pipeline")
-            expect(page.get_by_text("raw_events", exact=True).first).to_be_visible()
-
             # 1. The asset graph: every group expanded, every asset shown.
             page.goto(f"{server.url}/asset-groups")
             expect(page.get_by_text("Global asset lineage")).to_be_visible()
@@ -214,6 +208,12 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
             for asset in ASSETS:
                 expect(page.get_by_text(asset, exact=True)).to_be_visible()
             page.screenshot(path=shots["graph"])
+
+            # The location's URLs resolve under its short name (workspace.yaml).
+            names = [e["name"] for e in server.location_entries()]
+            assert names == [LOCATION], names
+            page.goto(f"{server.url}/locations/{LOCATION}/asset-groups/pipeline")
+            expect(page.get_by_text("raw_events", exact=True).first).to_be_visible()
 
             # 2. Launch the pipeline from the UI: ingests the inbox, annotates, completes.
             _launch_job(page, server, "qe_pipeline", shots["pipeline_run"])
