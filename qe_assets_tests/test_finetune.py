@@ -598,3 +598,18 @@ def test_the_release_log_lines_read_plainly(small_threshold: Settings) -> None:
         below = materialize(settings, selection=["tuning_dataset"], instance=instance, force=False)
         (line,) = [m for m in _log_messages(instance, below) if "no version cut" in m]
         assert line == "no version cut: 5 ready samples, below the threshold of 20", line
+
+
+def test_the_documented_bare_python_command_runs_in_this_environment(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The docs say QE_FINETUNE_COMMAND="python examples/…": with the venv not on PATH (a fresh
+    # clone, never activated), PATH's python lacks dagster-pipes and the train extra; the
+    # command must run with the interpreter running Dagster instead.
+    settings = command_settings(settings, SCRIPTS / "pipes_train.py").model_copy(
+        update={"finetune_command": f"python {SCRIPTS / 'pipes_train.py'}"}
+    )
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    processed(settings, 15)
+    result = materialize(settings, selection=["tuning_dataset", "fine_tuned_model"])
+    assert metadata(result, "fine_tuned_model")["status"] == "succeeded"
