@@ -78,3 +78,15 @@ def test_make_help_prints_no_unexpanded_make_variables() -> None:
     assert run.returncode == 0, run.stderr
     assert "make demo" in run.stdout and "make docs-config" in run.stdout
     assert "$(" not in run.stdout, run.stdout
+
+
+def test_the_graph_diagrams_show_every_asset() -> None:
+    from qe_assets.definitions import ASSETS
+
+    assets = {key.to_user_string() for definition in ASSETS for key in definition.keys}
+    assert {"ab_test", "model_evaluation"} <= assets
+    for page in ("README.md", "docs/index.md"):
+        text = (ROOT / page).read_text(encoding="utf-8")
+        (diagram,) = re.findall(r"```mermaid\n(.*?)```", text, re.S)
+        missing = sorted(a for a in assets if not re.search(rf"\b{a}\b", diagram))
+        assert not missing, f"{page}'s diagram lacks {missing}"
