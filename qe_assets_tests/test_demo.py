@@ -311,3 +311,29 @@ def test_make_demo_runs_the_whole_graph_and_greets_with_no_failing_check(tmp_pat
     waiting = re.search(r"review queue: ([\d,]+) samples waiting", run.stdout)
     assert queued and waiting, run.stdout[-3000:]
     assert int(queued.group(1)) == int(waiting.group(1).replace(",", ""))
+
+
+def test_make_demo_installs_the_core_and_make_test_adds_the_extras(tmp_path: Path) -> None:
+    # What make would do (-n) in a venv where `make demo` already ran: the demo installs nothing
+    # more, `make test` adds the test and train extras, and a fresh venv's demo gets the core only.
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    venv.mkdir()
+
+    def plan(target: str) -> str:
+        run = subprocess.run(
+            ["make", "-n", "-C", str(root), target, f"VENV={venv}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    fresh = plan("demo")
+    assert "-m venv" in fresh and "pip install -q -e . " in fresh
+    assert "[test" not in fresh and "train]" not in fresh
+    (venv / ".installed-core").touch()
+    assert "pip install" not in plan("demo")
+    assert 'pip install -q -e ".[test,train]"' in plan("test")
+    assert "-m venv" not in plan("test")
