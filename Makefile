@@ -51,7 +51,7 @@ install-test: $(TEST_STAMP) ## add the test and train extras (pytest, playwright
 
 train: $(TRAIN_STAMP) ## add the train extra (torch, transformers, trl, peft) for the TRL fine-tune examples
 	@echo "train extra installed; fine-tune with the TRL example:"
-	@echo "  export QE_FINETUNE_BACKEND=command QE_TRL_MODEL=<a local causal LM folder>"
+	@echo "  export QE_FINETUNE_BACKEND=command QE_TRL_MODEL=<a Hugging Face model id or folder>"
 	@echo "  export QE_FINETUNE_COMMAND=\"python examples/finetune_trl_lora.py\"   # python = $(BIN)/python"
 
 $(DOCS_STAMP): $(STAMP)
