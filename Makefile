@@ -6,45 +6,70 @@ SHELL := bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
-# The docs extra has its own stamp: `make install` needs only the local wheel mirror, while
-# mkdocs-material comes from PyPI the first time `make docs` runs.
-DOCS_STAMP := $(VENV)/.docs-installed
+# One stamp per layer, so a later target adds what an earlier one left out: `make demo` needs only
+# the core (~0.9 GB); `make test` and `make train` add the test and train extras (torch,
+# transformers, trl, peft, playwright: +1.5 GB) to the same venv.
+STAMP := $(VENV)/.installed-core
+TEST_STAMP := $(VENV)/.installed-test
+TRAIN_STAMP := $(VENV)/.installed-train
+# The docs extra has its own stamp: mkdocs-material comes from PyPI the first time `make docs` runs.
+DOCS_STAMP := $(VENV)/.installed-docs
 export QE_DATA_DIR ?= $(CURDIR)/data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_EVENTS ?= 3000
+DEMO_EVENTS ?= 1500
 DEMO_SEED ?= 7
 PYTEST_ARGS ?=
 # The train extra's torch: this machine's wheel mirror holds the CPU build. Elsewhere, set
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's pulls ~3 GB of CUDA).
 TORCH_INDEX ?=
+# pip's "Location ... is ignored" lines are noise from this machine's mirror config.
+PIP_QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help install system-deps demo docs test test-fast lint format ui bench clean
+.PHONY: help install install-test train system-deps demo docs docs-config test test-fast lint format ui bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# pip's "Location ... is ignored" lines are noise from this machine's mirror config.
-	$(BIN)/pip install -q -e ".[test,train]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
-	  2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/pip install -q -e . $(PIP_QUIET)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its test and train extras
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[test,train]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+	  $(PIP_QUIET)
+	touch $(TEST_STAMP) $(TRAIN_STAMP)
+
+$(TRAIN_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[train]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+	  $(PIP_QUIET)
+	touch $(TRAIN_STAMP)
+
+install: $(STAMP) ## create .venv with the project and its core dependencies (what the demo and the UI need)
+
+install-test: $(TEST_STAMP) ## add the test and train extras (pytest, playwright, torch, trl, ...)
+
+train: $(TRAIN_STAMP) ## add the train extra (torch, transformers, trl, peft) for the TRL fine-tune examples
+	@echo "train extra installed; fine-tune with the TRL example:"
+	@echo "  export QE_FINETUNE_BACKEND=command QE_TRL_MODEL=<a Hugging Face model id or folder>"
+	@echo "  export QE_FINETUNE_COMMAND=\"python examples/finetune_trl_lora.py\"   # python = $(BIN)/python"
 
 $(DOCS_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[docs]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/pip install -q -e ".[docs]" $(PIP_QUIET)
 	touch $(DOCS_STAMP)
 
-docs: $(DOCS_STAMP) ## build the docs site into site/ (mkdocs --strict; configuration generated from settings.py)
+docs: $(DOCS_STAMP) ## build the docs site into site/ (mkdocs --strict; fails if docs/configuration.md is stale)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	@echo "docs: $(CURDIR)/site/index.html"
 
-system-deps: ## install redis-server, chromium and postgresql (apt) when they are missing
+docs-config: $(STAMP) ## regenerate docs/configuration.md from qe_assets/settings.py (a test checks it is current)
+	$(BIN)/python -m qe_assets.settings_reference --write docs/configuration.md
+
+system-deps: ## install redis-server, chromium, a CJK font and postgresql (apt) when they are missing
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium fonts-liberation"; \
+	fc-list :lang=zh 2>/dev/null | grep -q . || missing="$$missing fonts-noto-cjk"; \
 	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 \
 	  || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
@@ -54,7 +79,7 @@ system-deps: ## install redis-server, chromium and postgresql (apt) when they ar
 	    $$missing >/dev/null; \
 	fi
 
-demo: install ## generate demo events into the inbox and run the whole graph offline
+demo: $(STAMP) ## generate demo events into the inbox and run the whole graph offline
 	$(BIN)/python -m qe_assets.ops.demo --count $(DEMO_EVENTS) --seed $(DEMO_SEED) --bad-share 0.01 \
 	  --out "$(QE_DATA_DIR)/inbox/demo-seed$(DEMO_SEED).jsonl"
 	$(BIN)/qe run --cut-version
@@ -64,29 +89,29 @@ demo: install ## generate demo events into the inbox and run the whole graph off
 	@echo "review:    .venv/bin/qe review list"
 	@echo "UI:        make ui   → http://127.0.0.1:3000 (Dagster), http://127.0.0.1:8787 (review)"
 
-test: install system-deps docs ## install everything the tests need, build the docs, run the whole suite
+test: $(TEST_STAMP) system-deps docs ## install everything the tests need, build the docs, run the whole suite
 	$(BIN)/ruff check qe_assets qe_assets_tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install ## the suite without slow trials and real training (`train` marker)
+test-fast: $(TEST_STAMP) ## the suite without slow trials and real training (`train` marker)
 	$(BIN)/python -m pytest -m "not slow and not train" $(PYTEST_ARGS)
 
-lint: install ## ruff check and format check
+lint: $(TEST_STAMP) ## ruff check and format check
 	$(BIN)/ruff check qe_assets qe_assets_tests
 	$(BIN)/ruff format --check qe_assets qe_assets_tests
 
-format: install ## apply ruff fixes and formatting
+format: $(TEST_STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix qe_assets qe_assets_tests
 	$(BIN)/ruff format qe_assets qe_assets_tests
 
-bench: install ## benchmarks: the pipeline vs a reference and one-pass anchors, LLM throughput, rollout, dashboards, review page
+bench: $(TEST_STAMP) ## benchmarks: the pipeline vs a reference and one-pass anchors, LLM throughput, rollout, dashboards, review page
 	$(BIN)/python -m qe_assets_bench.pipeline $(BENCH_ARGS)
 	$(BIN)/python -m qe_assets_bench.llm_throughput
 	$(BIN)/python -m qe_assets_bench.rollout
 	$(BIN)/python -m qe_assets_bench.dashboards
 	$(BIN)/python -m qe_assets_bench.review_page
 
-ui: install ## dagster dev on 127.0.0.1:3000 (DAGSTER_HOME under $(QE_DATA_DIR)) + review page on :8787
+ui: $(STAMP) ## dagster dev on 127.0.0.1:3000 (DAGSTER_HOME under QE_DATA_DIR) + review page on :8787
 	$(BIN)/qe ui
 
 clean: ## remove runtime state under data/ (keeps data/README.md)

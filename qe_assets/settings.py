@@ -503,7 +503,8 @@ class Settings(BaseModel):
     finetune_command: str | None = Field(
         None,
         description="The training command of the "
-        "`command` backend, e.g. `python examples/finetune_trl_lora.py`.",
+        "`command` backend, e.g. `python examples/finetune_trl_lora.py`; a leading bare "
+        "`python` is the interpreter running Dagster, not PATH's.",
     )
     finetune_method: str = Field(
         "sft",
@@ -738,7 +739,8 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
     "QE_FUZZ_EXAMPLES": ("60", "Tests: hypothesis examples of the fuzz test."),
     "QE_DOCS_SCREENSHOTS": (
         "unset",
-        "Tests: `1` makes the review page browser test write its screenshots to docs/img/.",
+        "Tests: `1` makes the review page and Dagster UI browser tests write their screenshots to "
+        "docs/img/ (review.png, asset-graph.png).",
     ),
     "QE_UPDATE_SCREENSHOTS": (
         "unset",

@@ -78,30 +78,34 @@ class DagsterDev:
     def _code_location_loaded(self) -> bool:
         """The webserver answers GraphQL and the `qe_assets` location has loaded its assets."""
         try:
-            data = self.graphql(
-                """
-                query {
-                  workspaceOrError {
-                    ... on Workspace {
-                      locationEntries {
-                        name
-                        loadStatus
-                        locationOrLoadError { __typename }
-                      }
-                    }
-                  }
-                }
-                """,
-                timeout=5,
-            )
+            entries = self.location_entries(timeout=5)
         except (OSError, ValueError):
             return False
-        entries = data.get("workspaceOrError", {}).get("locationEntries") or []
         return any(
             e["loadStatus"] == "LOADED"
             and e["locationOrLoadError"]["__typename"] == "RepositoryLocation"
             for e in entries
         )
+
+    def location_entries(self, timeout: float = 10) -> list[dict[str, Any]]:
+        """The workspace's code locations: name, load status, location or its load error."""
+        data = self.graphql(
+            """
+            query {
+              workspaceOrError {
+                ... on Workspace {
+                  locationEntries {
+                    name
+                    loadStatus
+                    locationOrLoadError { __typename }
+                  }
+                }
+              }
+            }
+            """,
+            timeout=timeout,
+        )
+        return data.get("workspaceOrError", {}).get("locationEntries") or []
 
     def graphql(
         self, query: str, variables: dict[str, Any] | None = None, timeout: float = 10

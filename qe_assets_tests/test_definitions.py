@@ -98,3 +98,14 @@ def test_the_dagster_home_fails_runs_that_never_start(settings: Settings) -> Non
     instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
     assert instance.run_monitoring_enabled
     assert instance.run_monitoring_start_timeout_seconds == 180
+
+
+def test_the_code_location_is_named_qe_assets() -> None:
+    # The UI's URLs carry the location's name (/locations/qe_assets/asset-groups/...): the
+    # workspace names it, not its default "qe_assets.definitions:defs"; pyproject agrees.
+    from dagster._core.workspace.load import location_origins_from_yaml_paths
+
+    root = Path(__file__).resolve().parents[1]
+    origins = location_origins_from_yaml_paths([str(root / "workspace.yaml")])
+    assert [origin.location_name for origin in origins] == ["qe_assets"]
+    assert 'code_location_name = "qe_assets"' in (root / "pyproject.toml").read_text()

@@ -5,10 +5,11 @@ with --strict; `make test` runs it before the suite.)"""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from qe_assets.settings import CONTRACT_VARIABLES, ENVIRONMENT, OTHER_VARIABLES, Settings
-from qe_assets.settings_reference import reference_markdown, settings_rows
+from qe_assets.settings_reference import reference_markdown, settings_rows, with_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 # Variables that exist only inside one test's own fixture script, not for anyone to set.
@@ -60,3 +61,32 @@ def test_the_readme_is_short_and_self_contained() -> None:
     docs_nav = (ROOT / "mkdocs.yml").read_text()
     for target in re.findall(r"\]\(docs/([^)#]+\.md)", readme):
         assert target in docs_nav, f"{target} is not in the docs site's nav"
+
+
+def test_the_configuration_page_in_the_repository_is_current() -> None:
+    # The page is read on Git hosts as it is stored, not only in the built site: it must hold
+    # exactly what the code generates now (`make docs-config` rewrites it).
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert with_reference(page) == page, "docs/configuration.md is stale: run `make docs-config`"
+    assert "| `QE_MIN_CONFIDENCE` |" in page
+
+
+def test_make_help_prints_no_unexpanded_make_variables() -> None:
+    run = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "help"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert "make demo" in run.stdout and "make docs-config" in run.stdout
+    assert "$(" not in run.stdout, run.stdout
+
+
+def test_the_graph_diagrams_show_every_asset() -> None:
+    from qe_assets.ops.definitions import ASSETS
+
+    assets = {key.to_user_string() for definition in ASSETS for key in definition.keys}
+    assert {"ab_test", "model_evaluation"} <= assets
+    for page in ("README.md", "docs/index.md"):
+        text = (ROOT / page).read_text(encoding="utf-8")
+        (diagram,) = re.findall(r"```mermaid\n(.*?)```", text, re.S)
+        missing = sorted(a for a in assets if not re.search(rf"\b{a}\b", diagram))
+        assert not missing, f"{page}'s diagram lacks {missing}"

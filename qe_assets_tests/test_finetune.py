@@ -581,3 +581,37 @@ def test_the_fine_tune_reuses_the_format_check_only_on_the_files_it_read(
         alone = materialize(settings, selection=["fine_tuned_model"], instance=instance)
         assert metadata(alone, "fine_tuned_model")["status"] == "skipped"
         assert not any(not_again in m for m in _log_messages(instance, alone))
+
+
+def test_the_release_log_lines_read_plainly(small_threshold: Settings) -> None:
+    # What `qe run` and the UI's run log show a newcomer: a path, not a metadata object's repr;
+    # "no version cut" once, not twice.
+    settings = small_threshold
+    with dg.instance_for_test() as instance:
+        processed(settings, 12)
+        release = materialize(
+            settings, selection=["tuning_dataset", "fine_tuned_model"], instance=instance
+        )
+        recipe = Path(settings.data_dir) / "finetune" / "v001-none-1" / "recipe.json"
+        lines = _log_messages(instance, release)
+        assert any(line.endswith(f"the recipe is at {recipe}") for line in lines), lines
+        assert not any("MetadataValue" in line for line in lines)
+        processed(settings, 5, prefix="g")
+        below = materialize(settings, selection=["tuning_dataset"], instance=instance, force=False)
+        (line,) = [m for m in _log_messages(instance, below) if "no version cut" in m]
+        assert line == "no version cut: 5 ready samples, below the threshold of 20", line
+
+
+def test_the_documented_bare_python_command_runs_in_this_environment(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The docs say QE_FINETUNE_COMMAND="python examples/…": with the venv not on PATH (a fresh
+    # clone, never activated), PATH's python lacks dagster-pipes and the train extra; the
+    # command must run with the interpreter running Dagster instead.
+    settings = command_settings(settings, SCRIPTS / "pipes_train.py").model_copy(
+        update={"finetune_command": f"python {SCRIPTS / 'pipes_train.py'}"}
+    )
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    processed(settings, 15)
+    result = materialize(settings, selection=["tuning_dataset", "fine_tuned_model"])
+    assert metadata(result, "fine_tuned_model")["status"] == "succeeded"

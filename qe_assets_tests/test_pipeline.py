@@ -329,3 +329,25 @@ def test_version_writer_refuses_null_lines_so_the_two_files_stay_in_step(tmp_pat
         pytest.raises(ValueError, match=r"rag_quality_tuning_v001\.chat\.jsonl: 1 lines"),
     ):
         writer.write(pl.DataFrame({"sample_id": ["a", "b"]}), null_line, pl.Series(["train"] * 2))
+
+
+def test_review_queue_reports_every_sample_it_queued_spot_checks_included(
+    settings: Settings,
+) -> None:
+    # `qe status` counts the whole queue; the run's review_queue line must add up to it too,
+    # not count only the low-confidence samples and leave the spot checks out.
+    settings = settings.model_copy(update={"spot_check_share": 0.5})
+    FileInbox(settings.inbox_dir).put(batch("a", 40) + batch("low", 10, score=0.2))
+    result = materialize(settings, selection=["raw_events", "annotated_samples", "review_queue"])
+    assert result.success
+    queued = metadata(result, "review_queue")
+    spot = scalar(settings, "SELECT count(*) FROM review_queue WHERE reason = 'spot_check'")
+    assert spot > 0
+    assert (queued["new_low_confidence"], queued["new_spot_check"]) == (10, spot)
+    assert (
+        queued["new_queued"] == 10 + spot == scalar(settings, "SELECT count(*) FROM review_queue")
+    )
+    # The same batch again queues nothing new: only rows really queued are counted.
+    FileInbox(settings.inbox_dir).put(batch("a", 40))
+    again = materialize(settings, selection=["raw_events", "annotated_samples", "review_queue"])
+    assert metadata(again, "review_queue")["new_queued"] == 0

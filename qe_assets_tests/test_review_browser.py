@@ -20,6 +20,7 @@ import pytest
 
 from qe_assets.settings import Settings
 from qe_assets.store import connect
+from qe_assets.testing.factories import line, make_event
 from qe_assets_tests.review_server import review_store, serving
 from qe_assets_tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, browser_available
 
@@ -159,3 +160,36 @@ def test_review_by_keyboard_edit_and_bulk_reject(
             assert (mode, completion_status, completion) == ("human", "ok", EDITED)
         else:
             assert completion_status == "rejected"
+
+
+def test_chinese_text_renders_with_a_cjk_font(
+    browser_available: None, settings: Settings, tmp_path: Path
+) -> None:
+    # Half the demo is Chinese. Without a CJK font Chromium draws every Han character as the
+    # same empty box, so two different characters give the same pixels; with one they differ.
+    # `make system-deps` installs fonts-noto-cjk.
+    from playwright.sync_api import expect, sync_playwright
+
+    event = make_event(
+        "zh-1",
+        question="退货政策是什么？",
+        answer="可以在三十天内退货。",
+        evaluation={"score": 0.2, "labels": ["事实性错误"]},
+    )
+    store = review_store(settings, low=0, train=0, extra=[line(event).decode()])
+    with serving(store, tmp_path) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(bypass_csp=True)
+            page.goto(f"{server.url}/review/item?pos=0")
+            question = page.locator("p.question")
+            expect(question).to_have_text("退货政策是什么？")
+            shots = []
+            for character in ("中", "文"):
+                question.evaluate("(element, text) => { element.textContent = text; }", character)
+                shots.append(question.screenshot())
+        finally:
+            browser.close()
+    assert len(set(shots)) == 2, "Han characters render as boxes: install fonts-noto-cjk"

@@ -290,7 +290,7 @@ def test_accepting_a_judge_rejected_sample_is_no_verdict_on_the_judge(store: Set
     with in_thread(create_app(store)) as url:
         status, page = Client(url).request("/review/item?pos=1")  # "a" ranks second
     assert status == 200 and "A rewrite the judge disliked." in page
-    assert "accept keeps the naive completion" in page
+    assert "accept exports the naive one" in page
     with writer_connection(store.database) as conn:
         review.accept(conn, ["a", "e"], "ann")  # "e": a proposal the judge scored 1 -> 9
         rows = conn.execute(

@@ -3,8 +3,10 @@ urllib as the client, the real DuckDB file and writer lock."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qe_assets.settings import Settings
-from qe_assets.store import writer_lock
+from qe_assets.store import connect, writer_lock
 from qe_assets_tests.factories import line, make_event
 from qe_assets_tests.review_server import Client, hidden, in_thread, review_store, serving
 from qe_assets_tests.runs import scalar
@@ -334,3 +336,53 @@ def test_a_bulk_decision_skips_what_another_reviewer_decided(
     decided = statuses(store)
     assert decided["evil#factuality_error"] == ("rejected", "bo", "no")
     assert decided["low-0#factuality_error"][:2] == ("accepted", "tester")
+
+
+def _textarea(page: str) -> str:
+    match = re.search(
+        r'<textarea name="completion" id="completion"[^>]*>(.*?)</textarea>', page, re.S
+    )
+    assert match is not None, "no completion box"
+    return html.unescape(match.group(1))
+
+
+def test_the_edit_box_shows_exactly_what_accepting_exports(store: Settings, tmp_path: Path) -> None:
+    # Offline, a low-confidence sample has no completion yet; accepting it exports the naive one
+    # (the original answer behind the label's prefix). The box must show that text, not the
+    # bare original answer, and the page must say it is no real correction.
+    with serving(store, tmp_path) as server:
+        client = Client(server.url)
+        status, page = client.request("/review/item?pos=0&label=low_relevance")
+        assert status == 200
+        sample = hidden(page, "sample_id")
+        original = scalar(
+            store, "SELECT original_answer FROM annotated_samples WHERE sample_id = ?", [sample]
+        )
+        shown = _textarea(page)
+        assert shown != original and shown.endswith(original)
+        assert "no real correction" in page
+        form = {
+            "csrf": hidden(page, "csrf"),
+            "sample_id": sample,
+            "seen": hidden(page, "seen"),
+            "pos": "0",
+            "action": "accept",
+            "label": "low_relevance",
+        }
+        assert client.post("/review/decide", form)[0] == 200
+    exported = scalar(store, "SELECT completion FROM completions WHERE sample_id = ?", [sample])
+    assert exported == shown
+
+
+def test_the_queue_shows_how_long_each_sample_waited(store: Settings, tmp_path: Path) -> None:
+    with writer_lock(store.database), connect(store.database) as conn:
+        conn.execute(
+            "UPDATE review_queue SET queued_at = now()::TIMESTAMP - INTERVAL 3 HOUR "
+            "WHERE sample_id = (SELECT min(sample_id) FROM review_queue)"
+        )
+    with serving(store, tmp_path) as server:
+        status, page = Client(server.url).request("/review?status=all")
+    assert status == 200
+    ages = [html.unescape(a) for a in re.findall(r'<td class="age"[^>]*>([^<]*)</td>', page)]
+    assert ages and "3 h" in ages, ages
+    assert all(re.fullmatch(r"< 1 min|\d+ (min|h|d)", age) for age in ages), ages

@@ -10,8 +10,10 @@ results on the tuning_dataset asset page. Screenshots land in the test's tmp_pat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.error
@@ -34,7 +36,19 @@ if TYPE_CHECKING:  # imported in the test, so a missing package skips (or fails 
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
-ASSETS = ("raw_events", "annotated_samples", "completions", "tuning_dataset", "fine_tuned_model")
+ASSETS = (
+    "raw_events",
+    "annotated_samples",
+    "completions",
+    "tuning_dataset",
+    "fine_tuned_model",
+    "model_evaluation",
+    "ab_test",
+)
+# The README's picture of the graph, rewritten from this test with QE_DOCS_SCREENSHOTS=1.
+DOCS_SHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "asset-graph.png"
+# The code location's name in the UI's URLs (/locations/<name>/...), set in workspace.yaml.
+LOCATION = "qe_assets"
 CHECKS = (
     "dataset_format_valid",
     "preference_format_valid",
@@ -108,7 +122,9 @@ def _dismiss_community_dialog(page: Page) -> None:
         dialog.wait_for(timeout=15_000)
     except PlaywrightTimeout:
         return
-    page.get_by_role("button", name="Skip").click()
+    # The locator handler may see the dialog first and click "Skip" itself.
+    with contextlib.suppress(PlaywrightTimeout):
+        page.get_by_role("button", name="Skip").click(timeout=5_000)
     dialog.wait_for(state="hidden")
 
 
@@ -167,7 +183,7 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
     server = dagster_dev
     shots = {
         name: tmp_path / f"{name}.png"
-        for name in ("graph", "pipeline_run", "release_run", "checks", "graph_after")
+        for name in ("graph", "graph_fit", "pipeline_run", "release_run", "checks", "graph_after")
     }
 
     with sync_playwright() as playwright:
@@ -195,6 +211,18 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
             for asset in ASSETS:
                 expect(page.get_by_text(asset, exact=True)).to_be_visible()
             page.screenshot(path=shots["graph"])
+
+            # Loaded again, the expanded graph is fitted to the window: the README's picture.
+            page.reload()
+            for asset in ASSETS:
+                expect(page.get_by_text(asset, exact=True)).to_be_visible()
+            page.screenshot(path=shots["graph_fit"])
+
+            # The location's URLs resolve under its short name (workspace.yaml).
+            names = [e["name"] for e in server.location_entries()]
+            assert names == [LOCATION], names
+            page.goto(f"{server.url}/locations/{LOCATION}/asset-groups/pipeline")
+            expect(page.get_by_text("raw_events", exact=True).first).to_be_visible()
 
             # 2. Launch the pipeline from the UI: ingests the inbox, annotates, completes.
             _launch_job(page, server, "qe_pipeline", shots["pipeline_run"])
@@ -230,6 +258,8 @@ def test_ui_graph_launch_and_checks(dagster_dev: DagsterDev, tmp_path: Path) -> 
     for name, path in shots.items():
         assert path.stat().st_size > 10_000, path
         print(f"screenshot {name}: {path}")
+    if os.environ.get("QE_DOCS_SCREENSHOTS"):
+        shutil.copyfile(shots["graph_fit"], DOCS_SHOT)
 
 
 def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:

@@ -1,17 +1,20 @@
-"""MkDocs hook: render the configuration reference from `qe_assets.settings` at build time.
+"""MkDocs hook: refuse to build a site whose configuration reference is stale.
 
-docs/configuration.md holds the marker; the table comes from the field table and the per-field
-descriptions in `Settings`, so a new setting is documented the moment it exists.
+docs/configuration.md holds the reference itself (written by `make docs-config` from
+`qe_assets.settings`, so it reads the same on a Git host); this hook fails the build when the
+file differs from what the code generates now, naming the command that fixes it.
 """
 
 from __future__ import annotations
 
-MARKER = "<!-- settings-reference -->"
+from mkdocs.exceptions import PluginError
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs passes all four
-    if MARKER not in markdown:
-        return markdown
-    from qe_assets.settings_reference import reference_markdown
+    from qe_assets.settings_reference import BEGIN, with_reference
 
-    return markdown.replace(MARKER, reference_markdown())
+    if BEGIN in markdown and with_reference(markdown) != markdown:
+        raise PluginError(
+            f"{page.file.src_path} is out of date with qe_assets/settings.py: run `make docs-config`"
+        )
+    return markdown

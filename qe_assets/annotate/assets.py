@@ -13,6 +13,7 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.labels import AnnotateConfig, annotate_events
+from qe_assets.assets import PIPELINE_GROUP, check_result, only_selected
 from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.pii import redacted_label_counts
 from qe_assets.lib.resources import (
@@ -21,10 +22,14 @@ from qe_assets.lib.resources import (
     exclusive_stage,
     writer_session,
 )
-from qe_assets.lib.stages import PIPELINE_GROUP, check_result, only_selected
 from qe_assets.lib.templates import load_templates
 from qe_assets.review.backlog import ReviewBacklog, review_age, review_backlog, review_size
-from qe_assets.review.decisions import acceptance_by_label, enqueue_for_review
+from qe_assets.review.decisions import (
+    LOW_CONFIDENCE,
+    SPOT_CHECK,
+    acceptance_by_label,
+    enqueue_for_review,
+)
 from qe_assets.settings import Settings
 from qe_assets.store import (
     ConnectionFactory,
@@ -127,7 +132,8 @@ def commit_samples(
 ) -> pl.DataFrame:
     """Key the batch, mark its duplicates against the kept samples, write it, queue its review
     samples and move the watermark to `last_seq`, in one transaction; returns the rows written
-    (sample_id, label, route, duplicate_of)."""
+    (sample_id, label, route, duplicate_of, and review_reason: why it was queued for review,
+    null when it was not)."""
     register_frame(conn, "batch_samples", samples.with_row_index("batch_row"))
     try:
         with transaction(conn):
@@ -136,11 +142,15 @@ def commit_samples(
                 conn.execute(_INSERT_SAMPLES, span).fetchall(), schema=_WRITTEN, orient="row"
             )
             register_frame(conn, "new_samples", written)
-            enqueue_for_review(conn, "new_samples", spot_share)
+            queued = enqueue_for_review(conn, "new_samples", spot_share)
             set_watermark(conn, STAGE, last_seq)
     finally:
         conn.unregister("batch_samples")
-    return written
+    return written.with_columns(
+        review_reason=pl.col("sample_id").replace_strict(
+            queued, default=None, return_dtype=pl.String
+        )
+    )
 
 
 def annotate_pending(
@@ -257,12 +267,17 @@ class _Annotated:
     duplicates: int = 0
     labels: Counter[str] = field(default_factory=Counter)
     routes: Counter[str] = field(default_factory=Counter)
+    # Why each newly queued sample waits for a person: low confidence, or a spot check of a
+    # `train` sample; `qe status` counts both, so the run says both.
+    queued: Counter[str] = field(default_factory=Counter)
 
     def add(self, batch: pl.DataFrame) -> None:
         self.new += batch.height
         self.duplicates += int(batch["duplicate_of"].is_not_null().sum())
         self.labels.update(dict(batch.group_by("label").len().iter_rows()))
         self.routes.update(dict(batch.group_by("route").len().iter_rows()))
+        reasons = batch["review_reason"].drop_nulls()
+        self.queued.update(dict(reasons.value_counts().iter_rows()))
         self.log(f"annotated {batch.height} events ({self.new} so far)")
 
 
@@ -322,7 +337,9 @@ def _review_metadata(
     review: dict[str, dg.RawMetadataValue] = {
         "pending": store.backlog.pending,
         "dagster/row_count": store.backlog.pending,
-        "new_review": run.routes.get("review", 0),
+        "new_queued": sum(run.queued.values()),
+        "new_low_confidence": run.queued.get(LOW_CONFIDENCE, 0),
+        "new_spot_check": run.queued.get(SPOT_CHECK, 0),
         "dashboards": dg.MetadataValue.url(dashboard_url(settings, "backlog")),
     }
     for label, outcome in reviewed.items():

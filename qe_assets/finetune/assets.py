@@ -181,7 +181,7 @@ def fine_tuned_model(
         # stay visible on the asset (an observation) and in the run's log.
         context.log.info(
             f"{claim.version}: {trained.message} (QE_FINETUNE_BACKEND=openai or command trains); "
-            f"the recipe is at {metadata['recipe_path']}"
+            f"the recipe is at {metadata['recipe_path'].path}"
         )
         context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata=metadata))
         return

@@ -8,6 +8,7 @@ weighting) as Pipes extras and reports its metrics and the model it produced wit
 from __future__ import annotations
 
 import shlex
+import sys
 from typing import Any
 
 import dagster as dg
@@ -16,6 +17,19 @@ from dagster._core.errors import DagsterPipesExecutionError  # not exported by d
 from qe_assets.finetune.inputs import TrainingInputs
 
 MODEL_KEYS = ("model_id", "model_path")
+# A command that starts with a bare `python` runs with the interpreter running Dagster: the one
+# with the train extra installed. PATH's `python` is often not that one (a venv that was never
+# activated, or none at all on a fresh box).
+BARE_PYTHON = ("python", "python3")
+
+
+def command_argv(command: str) -> list[str]:
+    """`QE_FINETUNE_COMMAND` split like a shell would, a leading bare `python` made this
+    environment's interpreter."""
+    argv = shlex.split(command)
+    if argv and argv[0] in BARE_PYTHON:
+        argv[0] = sys.executable
+    return argv
 
 
 def run_command(
@@ -26,7 +40,7 @@ def run_command(
     try:
         invocation = dg.PipesSubprocessClient().run(
             context=context,
-            command=shlex.split(command),
+            command=command_argv(command),
             extras=inputs.recipe(),
         )
     except DagsterPipesExecutionError as exc:

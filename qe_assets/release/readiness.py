@@ -149,7 +149,7 @@ def release_decision(
     if not cut_version and ready < threshold:
         return decide(
             False,
-            f"{ready} ready samples, below the threshold of {threshold}: no version cut",
+            f"{ready} ready samples, below the threshold of {threshold}",
         )
     if pending is not None:
         return decide(True, f"{pending} has no finished {backend} run: released again first")

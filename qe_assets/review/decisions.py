@@ -39,10 +39,13 @@ class ReviewError(ValueError):
     """A review action that cannot apply (unknown sample, not in the queue, empty edit)."""
 
 
-def enqueue_for_review(conn: duckdb.DuckDBPyConnection, samples: str, spot_share: float) -> None:
+def enqueue_for_review(
+    conn: duckdb.DuckDBPyConnection, samples: str, spot_share: float
+) -> dict[str, str]:
     """Queue the review samples and the spot-check share of the train samples of `samples`
-    (a registered relation of new annotated samples). md5 keeps the spot check stable."""
-    conn.execute(
+    (a registered relation of new annotated samples); returns sample_id → reason of the rows
+    really queued. md5 keeps the spot check stable."""
+    rows = conn.execute(
         f"""
         INSERT INTO review_queue (sample_id, reason, status, queued_at)
         SELECT sample_id,
@@ -54,9 +57,11 @@ def enqueue_for_review(conn: duckdb.DuckDBPyConnection, samples: str, spot_share
             OR ('0x' || substr(md5(sample_id), 1, 8))::UBIGINT % {_BUCKETS} < ?
         )
         ON CONFLICT DO NOTHING
+        RETURNING sample_id, reason
         """,
         [round(spot_share * _BUCKETS)],
-    )
+    ).fetchall()
+    return dict(rows)
 
 
 def list_queue(
@@ -259,6 +264,15 @@ def keeps_judged_text(completion: Mapping[str, Any] | None) -> bool:
     return bool(
         completion and completion.get("status") in (OK, PROPOSED) and completion.get("completion")
     )
+
+
+def accepted_text(item: ReviewItem) -> str:
+    """The completion accepting `item` would export, word for word: the one shown when it is
+    kept, else the naive one (offline, the original answer behind the label's prefix)."""
+    if item.completion is not None and keeps_judged_text(item.completion):
+        return str(item.completion["completion"])
+    sample = {k: [item.sample[k]] for k in ("sample_id", "language", "label", "original_answer")}
+    return str(naive_completions(pl.DataFrame(sample), load_templates())["completion"][0])
 
 
 def _rejected_rows(rows: list[dict[str, Any]]) -> pl.DataFrame:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -174,8 +175,23 @@ async def queue_page(request: Request) -> Response:
         offset=(number - 1) * PAGE_SIZE,
         url=_url,
         done=values.get("done"),
+        age=waited,
+        now=datetime.now(UTC).replace(tzinfo=None),
         **data,
     )
+
+
+def waited(since: datetime, now: datetime) -> str:
+    """How long a sample has waited, as a reviewer reads it at a glance: `4 min`, `3 h`, `2 d`
+    (both times naive UTC, as the store keeps them)."""
+    minutes = max((now - since).total_seconds(), 0.0) / 60
+    if minutes < 1:
+        return "< 1 min"
+    if minutes < 120:
+        return f"{minutes:.0f} min"
+    if minutes < 48 * 60:
+        return f"{minutes / 60:.0f} h"
+    return f"{minutes / 1440:.0f} d"
 
 
 def _item_at(
@@ -210,6 +226,7 @@ async def _item_response(
         filters=params,
         seen=review.token_text(item.token) if item else "",
         keeps_shown=item is not None and review.keeps_judged_text(item.completion),
+        accepted_text=review.accepted_text(item) if item is not None else "",
         url=_url,
         error=error,
         done=done,
