@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qe_assets import versions_cli
 from qe_assets.settings import Settings, SettingsError, estimated_cost
 
 if TYPE_CHECKING:
@@ -1038,6 +1039,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a decision waits for a run's writer lock before the page retries it",
     )
     p.set_defaults(func=cmd_serve)
+    versions_cli.add_commands(sub)
     return parser
 
 

@@ -541,19 +541,21 @@ WHERE NOT EXISTS (
   AND (v.version = $checked OR EXISTS (
       SELECT 1 FROM fine_tune_runs r WHERE r.dataset_version = v.version
   ))
-  AND NOT EXISTS (
+  AND ($again OR NOT EXISTS (
       SELECT 1 FROM version_publications p
       WHERE p.version = v.version AND p.destination = $destination AND p.status = 'published'
-  )
+  ))
 ORDER BY v.number
 """
 
 
 def publishable(
-    conn: duckdb.DuckDBPyConnection, destination: str, checked: str | None
+    conn: duckdb.DuckDBPyConnection, destination: str, checked: str | None, again: bool = False
 ) -> list[tuple[str, str]]:
-    """(version, manifest sha256) of the versions to publish to `destination`, oldest first."""
-    rows = conn.execute(PUBLISHABLE, {"checked": checked, "destination": destination}).fetchall()
+    """(version, manifest sha256) of the versions to publish to `destination`, oldest first;
+    with `again`, those recorded as published too (to verify and repair their remote copy)."""
+    params = {"checked": checked, "destination": destination, "again": again}
+    rows = conn.execute(PUBLISHABLE, params).fetchall()
     return [(str(v), str(s)) for v, s in rows]
 
 

@@ -24,6 +24,7 @@ from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect
 from qe_assets_tests.runs import materialize, metadata
 from qe_assets_tests.s3_server import SECRET_KEY, S3Server
+from qe_assets_tests.test_cli_operations import assert_one_line_error, qe
 from qe_assets_tests.test_pipeline import batch
 
 
@@ -80,13 +81,37 @@ def test_release_publishes_to_s3_verified_manifest_last_and_idempotent(
     # A second release publishes v002 and uploads nothing of v001 again.
     released(settings, "b")
     assert [row[0] for row in publications(settings)] == ["v001", "v002"]
-    again = publish_versions(settings.database, settings, "v001", versions=["v001"])
-    assert again == []  # already recorded: not even looked at
-    redo = open_store(settings.publish_url)
-    from qe_assets.publish import upload_version
+    # Asked again, v001 is verified file by file and nothing is uploaded.
+    (again,) = publish_versions(settings.database, settings, None, versions=["v001"])
+    assert (again.uploaded_files, again.uploaded_bytes) == (0, 0)
 
-    done = upload_version(redo, settings.datasets_dir, "v001", sha)
-    assert done.uploaded_files == 0 and done.uploaded_bytes == 0
+
+def test_versions_cli_shows_where_each_version_lives_and_repairs_a_remote_copy(
+    tmp_path: Path, s3_env: S3Server
+) -> None:
+    bucket = s3_env.bucket("qe-cli")
+    env = {"QE_DATA_DIR": str(tmp_path / "data"), "QE_PUBLISH_URL": f"s3://{bucket}/ds"}
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(batch("c", 12)) + "\n")
+    qe("enqueue", str(events), env=env)
+    qe("run", "--cut-version", "--quiet", env=env)
+    listed = qe("versions", "list", env=env).stdout
+    assert f"s3://{bucket}/ds/{manifest_name('v001')}" in listed and "matches" in listed
+    shown = qe("versions", "show", "v001", "--deep", env=env).stdout
+    assert "remote copy matches" in shown
+    # Someone deletes a published file: show says so and fails; publish repairs it.
+    s3_env.client().delete_object(Bucket=bucket, Key="ds/rag_quality_tuning_v001.chat.jsonl")
+    broken = qe("versions", "show", "v001", env=env, code=1).stdout
+    assert (
+        "remote copy differs" in broken
+        and "rag_quality_tuning_v001.chat.jsonl is missing" in broken
+    )
+    repaired = qe("versions", "publish", "v001", "-q", env=env).stdout
+    assert "v001: s3://" in repaired and "(1 files" in repaired
+    assert "remote copy matches" in qe("versions", "show", "v001", "--deep", env=env).stdout
+    unknown = qe("versions", "publish", "v009", env=env, code=1)
+    assert_one_line_error(unknown, "v009: not publishable")
+    assert SECRET_KEY not in listed + shown + broken + repaired + unknown.stderr
 
 
 def test_publish_resumes_after_an_interrupted_upload_and_never_shows_half_a_version(

@@ -31,7 +31,7 @@ def publish_versions(
     settings: Settings,
     checked: str | None,
     *,
-    versions: list[str] | None = None,
+    versions: list[str] | None = None,  # only these, uploaded again where the copy differs
     config: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> list[Published]:
@@ -44,8 +44,14 @@ def publish_versions(
     if not destination or not database.exists():
         return []
     with connect(database, read_only=True) as conn:
-        pending = publishable(conn, destination, checked)
+        pending = publishable(conn, destination, checked, again=versions is not None)
     if versions is not None:
+        unknown = sorted(set(versions) - {v for v, _ in pending})
+        if unknown:
+            raise PublishError(
+                f"{', '.join(unknown)}: not publishable (no such version, refused by a blocking "
+                "check, superseded by `qe forget`, or not checked yet)"
+            )
         pending = [(v, s) for v, s in pending if v in versions]
     store = open_store(destination)
     done = []
