@@ -143,6 +143,68 @@ def cmd_versions(args: argparse.Namespace, settings: Settings) -> int:
     return _versions_list(args, settings)
 
 
+def _forget_terms(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(request ids, texts) from the flags; --from-file holds request ids, one a line."""
+    ids = list(args.request_id or [])
+    if args.from_file:
+        try:
+            text = open(args.from_file, encoding="utf-8").read()  # noqa: SIM115
+        except OSError as exc:
+            raise ValueError(f"--from-file {args.from_file}: {exc.strerror}") from None
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
+    return ids, list(args.match or [])
+
+
+def _print_subject(report: Any, dry_run: bool) -> None:
+    subject = report.subject
+    verb = "would touch" if dry_run else "touched"
+    print(f"forget {report.forget_id or '(dry run)'}: {len(subject.request_ids)} request ids")
+    for name, count in subject.counts.items():
+        print(f"  {name:18} {count:>8}  ({verb})")
+    for version, samples in subject.versions.items():
+        new = report.superseding.get(version, "a new version") if not dry_run else "a new version"
+        print(f"  version {version}: {len(samples)} samples → superseded by {new or 'nothing'}")
+    for version, destination, _ in subject.published:
+        print(f"  published {version} at {destination}: taken down")
+    for model, version, reason in subject.models:
+        print(f"  model {model} ({version}): flagged, {reason}")
+
+
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from qe_assets.forget import ForgetError, forget
+
+    if not settings.database.exists():
+        _err(f"no database at {settings.database.absolute()}: nothing to forget")
+        return EXIT_USAGE
+    try:
+        ids, texts = _forget_terms(args)
+        report = forget(
+            settings.database,
+            settings.datasets_dir,
+            request_ids=ids,
+            texts=texts,
+            dry_run=args.dry_run,
+            delete_remote=settings.forget_delete_remote,
+            requested_by=os.environ.get("QE_REVIEWER") or os.environ.get("USER") or "unknown",
+            config={"memory_limit": settings.duckdb_memory_limit},
+            on_wait=lambda holder: _err(f"waiting for the DuckDB writer lock, held by {holder}"),
+        )
+    except (ForgetError, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    if report.subject.empty:
+        print("nothing matches: nothing was changed")
+        return EXIT_OK
+    _print_subject(report, args.dry_run)
+    for line in report.remote:
+        print(f"  remote: {line}")
+    for problem in report.problems:
+        _err(f"{problem} (the next `qe forget` retries it)")
+    return EXIT_FAILED if report.problems else EXIT_OK
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `qe versions` (and, from qe_assets.forget, `qe forget`) on the `qe` parser."""
     p = sub.add_parser(
@@ -160,3 +222,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("versions", nargs="*", metavar="VERSION", help="only these (default: all due)")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser(
+        "forget",
+        help="remove a person's data from every table, version and published copy "
+        "(--dry-run: report only)",
+    )
+    p.add_argument("--request-id", action="append", metavar="ID", help="repeatable")
+    p.add_argument("--match", action="append", metavar="TEXT", help="text they wrote; repeatable")
+    p.add_argument("--from-file", metavar="FILE", help="request ids, one a line")
+    p.add_argument(
+        "--dry-run", action="store_true", help="say what would be touched, change nothing"
+    )
+    p.set_defaults(func=cmd_forget)
