@@ -117,7 +117,9 @@ def test_forget_supersedes_takes_down_flags_and_audits(
     # The next release checks the superseding version (no leakage against v001), and publishes it.
     result = materialize(settings, raise_on_error=False)
     assert all(e.passed for e in checks(result).values() if e.severity.value == "ERROR")
-    assert f"ds/{manifest_name('v002')}" in s3_env.objects(bucket)
+    published_now = s3_env.objects(bucket)
+    assert f"ds/{manifest_name('v002')}" in published_now
+    assert f"ds/{manifest_name('v001')}" not in published_now  # superseded: never again
     # Forgetting the same person again finds nothing left to change.
     again = forget(settings.database, settings.datasets_dir, request_ids=["a-3"], dry_run=True)
     assert again.subject.counts["versions"] == 0

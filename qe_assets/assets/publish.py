@@ -66,14 +66,18 @@ def publish_versions(
                     raise VersionGone(f"{version} was superseded by `qe forget`: not published")
                 write()
 
-        published = upload_version(
-            store,
-            settings.datasets_dir,
-            version,
-            manifest_sha256,
-            commit=commit,
-            on_file=lambda name: log(f"uploading {name}"),
-        )
+        try:
+            published = upload_version(
+                store,
+                settings.datasets_dir,
+                version,
+                manifest_sha256,
+                commit=commit,
+                on_file=lambda name: log(f"uploading {name}"),
+            )
+        except VersionGone as exc:  # its objects stay unnamed by any manifest: never read
+            log(str(exc))
+            continue
         with writer_connection(database, config=config) as conn:
             record_publication(conn, destination, manifest_sha256, published)
         log(
