@@ -81,6 +81,7 @@ class Store(Protocol):
     def stat(self, name: str) -> RemoteObject | None: ...
     def put(self, name: str, path: Path, sha256: str) -> None: ...
     def put_bytes(self, name: str, body: bytes, sha256: str) -> None: ...
+    def copy(self, source: str, name: str, sha256: str) -> None: ...
     def read(self, name: str) -> bytes | None: ...
     def digest(self, name: str) -> str | None: ...
     def delete(self, name: str) -> None: ...
@@ -173,6 +174,10 @@ class DirectoryStore:
             os.fsync(handle.fileno())
         os.replace(temp, target)
         fsync_dir(target.parent)
+
+    def copy(self, source: str, name: str, sha256: str) -> None:
+        """A copy of a stored file under another name, verified like an upload."""
+        self.put(name, self._path(source), sha256)
 
     def read(self, name: str) -> bytes | None:
         path = self._path(name)
@@ -272,6 +277,18 @@ class S3Store:
             ),
         )
 
+    def copy(self, source: str, name: str, sha256: str) -> None:
+        """A server-side copy (its metadata, the sha256, comes along): no byte through here."""
+        self._call(
+            "copy",
+            lambda: self._client.copy(
+                {"Bucket": self.bucket, "Key": self.key(source)}, self.bucket, self.key(name)
+            ),
+        )
+        copied = self.stat(name)
+        if copied is None or copied.sha256 != sha256:
+            raise PublishError(f"{SETTING}={self.url}: the copy {self.location(name)} differs")
+
     def read(self, name: str) -> bytes | None:
         got = self._call(
             "get",
@@ -361,7 +378,7 @@ class Published:
         return self.uploaded_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
-def _local_manifest(datasets_dir: Path, version: str, manifest_sha256: str) -> tuple[bytes, dict]:
+def local_manifest(datasets_dir: Path, version: str, manifest_sha256: str) -> tuple[bytes, dict]:
     path = datasets_dir / manifest_name(version)
     try:
         body = path.read_bytes()
@@ -394,7 +411,7 @@ def upload_version(
     manifest. `commit(write_manifest)` runs the manifest's write (under the writer lock, so a
     forget cannot race it); by default it is called directly."""
     started = time.monotonic()
-    body, manifest = _local_manifest(datasets_dir, version, manifest_sha256)
+    body, manifest = local_manifest(datasets_dir, version, manifest_sha256)
     marker = manifest_name(version)
     remote_manifest = store.read(marker)
     if remote_manifest is not None and hashlib.sha256(remote_manifest).hexdigest() != (

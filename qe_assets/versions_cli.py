@@ -129,6 +129,38 @@ def _versions_publish(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _versions_dvc(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from qe_assets.dvc import export_dvc
+    from qe_assets.publish import PublishError, open_store
+
+    rows = [r for r in _version_rows(settings, args.version) if r["status"] == "published"]
+    if settings.publish_url:
+        rows = [r for r in rows if r["destination"] == settings.publish_url] or rows
+    if not rows:
+        _err(f"{args.version} is not published: run `qe versions publish {args.version}` first")
+        return EXIT_FAILED
+    row = rows[0]
+    try:
+        done = export_dvc(
+            open_store(row["destination"]),
+            settings.datasets_dir,
+            row["version"],
+            row["manifest_sha256"],
+            Path(args.out),
+        )
+    except PublishError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    print(f"wrote {done.dvc_file} ({done.files} files); in the Git checkout, once:")
+    print(f"  dvc remote add -d qe {done.remote_url}")
+    if done.remote_url.startswith("s3://"):
+        print("  dvc remote modify qe endpointurl $AWS_ENDPOINT_URL_S3   # MinIO, R2, Ceph")
+    print("then: git add the .dvc file; `dvc pull` restores the version")
+    return EXIT_OK
+
+
 def cmd_versions(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.database.exists():
         _err(f"no database at {settings.database.absolute()} yet: run `qe run` there first")
@@ -138,6 +170,8 @@ def cmd_versions(args: argparse.Namespace, settings: Settings) -> int:
         return _versions_show(args, settings)
     if action == "publish":
         return _versions_publish(args, settings)
+    if action == "dvc":
+        return _versions_dvc(args, settings)
     if not hasattr(args, "no_check"):
         args.no_check = False
     return _versions_list(args, settings)
@@ -221,6 +255,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("versions", nargs="*", metavar="VERSION", help="only these (default: all due)")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    r = actions.add_parser(
+        "dvc", help="a .dvc file for a published version, so that `dvc pull` restores it"
+    )
+    r.add_argument("version", metavar="VERSION", help="e.g. v003")
+    r.add_argument("--out", default=".", help="where to write the .dvc file (a Git checkout)")
     p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser(
