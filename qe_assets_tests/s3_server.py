@@ -3,6 +3,8 @@ through boto3 exactly as AWS, MinIO or R2 would be (endpoint from AWS_ENDPOINT_U
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,13 @@ SECRET_KEY = "publish-secret-never-logged-0123456789"
 
 
 class S3Server:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, check_credentials: bool = False) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # moto checks signatures against the IAM users it knows only when told to: then every
+        # key is wrong (no user was ever created).
+        self.check_credentials = check_credentials
 
     @property
     def endpoint(self) -> str:
@@ -28,18 +33,19 @@ class S3Server:
 
     def start(self) -> None:
         log = open(self.workdir / "moto.log", "wb")  # noqa: SIM115 - kept for the process's life
+        env = {**os.environ}
+        if self.check_credentials:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
-        import botocore.exceptions
-
-        client = self.client()
         wait_until_serving(
             self.process,
-            client.list_buckets,
-            botocore.exceptions.EndpointConnectionError,
+            lambda: socket.create_connection(("127.0.0.1", self.port), 0.5).close(),
+            OSError,
             "moto server",
         )
 

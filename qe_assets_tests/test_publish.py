@@ -193,6 +193,25 @@ def test_missing_bucket_is_one_line_naming_the_setting(
     assert "does not exist" in text and SECRET_KEY not in text
 
 
+def test_wrong_credentials_are_one_line_without_the_secret(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released(settings, "a")
+    strict = S3Server(tmp_path, check_credentials=True)
+    strict.start()
+    try:
+        for name, value in strict.environment().items():
+            monkeypatch.setenv(name, value)
+        settings = settings.model_copy(update={"publish_url": "s3://any-bucket/x"})
+        with pytest.raises(PublishError) as raised:
+            publish_versions(settings.database, settings, None)
+    finally:
+        strict.stop()
+    text = str(raised.value)
+    assert text.startswith("QE_PUBLISH_URL=s3://any-bucket/x") and "\n" not in text
+    assert "refused the credentials" in text and SECRET_KEY not in text
+
+
 def test_a_remote_manifest_of_another_dataset_is_never_overwritten(
     settings: Settings, tmp_path: Path
 ) -> None:
