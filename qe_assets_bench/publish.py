@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qe_assets_bench.publish")
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--out", type=Path, help="work directory (default: a temp dir, removed)")
+    parser.add_argument(
+        "--all-train",
+        action="store_true",
+        help="every event a training sample (no review routing, spot checks or evaluation "
+        "hold-out), so N events make a version of about N samples",
+    )
     args = parser.parse_args(argv)
     work = args.out or Path(tempfile.mkdtemp(prefix="qe-bench-publish-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -57,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             generate(source, args.events, SEED)
             place_in_inbox(source, data)
             started = time.monotonic()
-            subprocess.run(
-                [str(QE), "run", "--cut-version", "--quiet"], env=qe_env(data), check=True
-            )
+            env = qe_env(data)
+            if args.all_train:
+                env |= {"QE_MIN_CONFIDENCE": "0", "QE_SPOT_CHECK_SHARE": "0", "QE_EVAL_SHARE": "0"}
+            subprocess.run([str(QE), "run", "--cut-version", "--quiet"], env=env, check=True)
             print(f"cut: {time.monotonic() - started:.1f} s")
         files = [p for p in (data / "datasets").rglob("*") if p.is_file()]
         total = sum(p.stat().st_size for p in files)
