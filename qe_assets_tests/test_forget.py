@@ -9,15 +9,16 @@ import threading
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 
-from qe_assets.evaluation.registry import ModelFlagged, record_promotion
+from qe_assets.evaluation.registry import MODELS_QUERY, ModelFlagged, record_promotion
 from qe_assets.export import VersionFiles
 from qe_assets.forget import FORGOTTEN, ForgetError, forget
 from qe_assets.publish import manifest_name
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
-from qe_assets.store import connect, writer_lock
+from qe_assets.store import connect, select_frame, writer_lock
 from qe_assets_tests.runs import checks, materialize
 from qe_assets_tests.s3_server import S3Server
 from qe_assets_tests.test_cli_operations import assert_one_line_error, qe
@@ -110,6 +111,9 @@ def test_forget_supersedes_takes_down_flags_and_audits(
     ]
     with connect(settings.database) as conn, pytest.raises(ModelFlagged, match="flagged"):
         record_promotion(conn, "ft:model-a", "gate")
+    with connect(settings.database, read_only=True) as conn:  # what `qe models` prints
+        listed = select_frame(conn, MODELS_QUERY)
+    assert listed.filter(pl.col("model") == "ft:model-a")["flagged"].to_list() == [True]
     # The audit row: what, counts, when, by whom; no id or text of the subject.
     ((audit,),) = rows(settings, "SELECT to_json(f) FROM forget_requests f")
     assert '"requested_by":"dpo"' in audit and '"matched_by":"request_id"' in audit
