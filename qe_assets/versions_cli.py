@@ -198,8 +198,9 @@ def _print_subject(report: Any, dry_run: bool) -> None:
     for version, samples in subject.versions.items():
         new = report.superseding.get(version, "a new version") if not dry_run else "a new version"
         print(f"  version {version}: {len(samples)} samples → superseded by {new or 'nothing'}")
-    for version, destination, _ in subject.published:
-        print(f"  published {version} at {destination}: taken down")
+    if dry_run:
+        for version, destination, _ in subject.published:
+            print(f"  published {version} at {destination}: would be taken down")
     for model, version, reason in subject.models:
         print(f"  model {model} ({version}): flagged, {reason}")
 
