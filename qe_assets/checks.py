@@ -173,6 +173,8 @@ def dataset_no_leakage(
             """
             SELECT count(*) FROM dataset_samples a JOIN dataset_samples b USING (sample_id)
             WHERE a.version = ? AND b.version <> ?
+              -- a version `qe forget` superseded shares its samples with its replacement
+              AND b.version NOT IN (SELECT version FROM version_supersessions)
             """,
             [latest.version, latest.version],
         ).fetchall()

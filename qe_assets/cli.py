@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qe_assets import versions_cli
 from qe_assets.settings import Settings, SettingsError, estimated_cost
 
 if TYPE_CHECKING:
@@ -721,7 +722,10 @@ def _models_change(args: argparse.Namespace, conn: duckdb.DuckDBPyConnection, by
                 "production model on record",
                 EXIT_FAILED,
             )
-    registry.record_promotion(conn, model, by, action=action, reason=args.reason)
+    try:
+        registry.record_promotion(conn, model, by, action=action, reason=args.reason)
+    except registry.ModelFlagged as exc:
+        raise UserError(str(exc), EXIT_FAILED) from None
     return f"{action}: {model} is the production model (was {current or 'none'}), by {by}"
 
 
@@ -733,6 +737,7 @@ def _rollout_change(
     test: ActiveTest | None,
 ) -> str:
     from qe_assets.evaluation import rollout_registry as ab
+    from qe_assets.evaluation.registry import ModelFlagged
 
     model, share = args.model, args.share
     if not 0.0 <= share <= 1.0:
@@ -750,7 +755,10 @@ def _rollout_change(
     production = production or ab.current_state(conn).production
     if production is None:
         raise UserError(f"no production model on record to test {model} against", EXIT_FAILED)
-    ab.start_test(conn, model, production, share, by, args.reason, decision=ab.SET_SHARE)
+    try:
+        ab.start_test(conn, model, production, share, by, args.reason, decision=ab.SET_SHARE)
+    except ModelFlagged as exc:
+        raise UserError(str(exc), EXIT_FAILED) from None
     return f"rollout: {model} at {share:.0%} of traffic against {production}, by {by}"
 
 
@@ -1038,6 +1046,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a decision waits for a run's writer lock before the page retries it",
     )
     p.set_defaults(func=cmd_serve)
+    versions_cli.add_commands(sub)
     return parser
 
 

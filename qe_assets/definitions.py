@@ -17,6 +17,7 @@ from qe_assets.assets.dataset import tuning_dataset
 from qe_assets.assets.evaluate import candidate_beats_production, model_evaluation
 from qe_assets.assets.finetune import fine_tuned_model
 from qe_assets.assets.ingest import raw_events
+from qe_assets.assets.publish import published_dataset
 from qe_assets.checks import DATASET_CHECKS
 from qe_assets.resources import build_resources
 from qe_assets.sensors import build_finetune_sensor, build_queue_sensor
@@ -26,7 +27,7 @@ PIPELINE_JOB = "qe_pipeline"
 RELEASE_JOB = "qe_release"
 # ab_test (group release) runs with every ingest: new events and count records are its input.
 PROCESSING_ASSETS = [raw_events, annotated_samples, completions, ab_test]
-RELEASE_ASSETS = [tuning_dataset, fine_tuned_model, model_evaluation]
+RELEASE_ASSETS = [tuning_dataset, published_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
 RELEASE_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
 ASSET_CHECKS = [*RELEASE_CHECKS, candidate_not_worse, judge_agreement]

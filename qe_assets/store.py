@@ -290,6 +290,47 @@ CREATE TABLE IF NOT EXISTS ab_decisions (
     dagster_run_id      VARCHAR,
     decided_at          TIMESTAMP NOT NULL
 );
+-- Where each version was published (qe_assets/publish.py, docs/publishing.md): one row per
+-- version and QE_PUBLISH_URL; `location` is the manifest, the commit marker readers look for.
+CREATE TABLE IF NOT EXISTS version_publications (
+    version          VARCHAR NOT NULL,
+    destination      VARCHAR NOT NULL,   -- QE_PUBLISH_URL when it was published (no secrets)
+    location         VARCHAR NOT NULL,
+    manifest_sha256  VARCHAR NOT NULL,
+    files            INTEGER NOT NULL,
+    bytes            BIGINT NOT NULL,
+    seconds          DOUBLE NOT NULL,    -- of the last publishing pass
+    status           VARCHAR NOT NULL,   -- published | unpublished | deleted
+    updated_at       TIMESTAMP NOT NULL,
+    PRIMARY KEY (version, destination)
+);
+-- `qe forget` (qe_assets/forget.py): versions replaced by a version without a subject's samples,
+-- models trained on them, and what each request did (no personal text).
+CREATE TABLE IF NOT EXISTS version_supersessions (
+    version        VARCHAR PRIMARY KEY,  -- the superseded version (its files stay immutable)
+    superseded_by  VARCHAR,              -- NULL: every sample of it was forgotten
+    forget_id      VARCHAR NOT NULL,
+    superseded_at  TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flagged_models (
+    model            VARCHAR NOT NULL,
+    dataset_version  VARCHAR NOT NULL,
+    forget_id        VARCHAR NOT NULL,
+    reason           VARCHAR NOT NULL,
+    flagged_at       TIMESTAMP NOT NULL,
+    PRIMARY KEY (model, forget_id)
+);
+CREATE TABLE IF NOT EXISTS forget_requests (
+    forget_id     VARCHAR PRIMARY KEY,
+    matched_by    VARCHAR NOT NULL,      -- request_id | match
+    terms         INTEGER NOT NULL,      -- how many ids or texts were given
+    terms_sha256  VARCHAR NOT NULL,      -- of the sorted terms: proves which request, holds none
+    counts        JSON NOT NULL,         -- rows and files touched, per table / kind
+    versions      JSON NOT NULL,         -- superseded -> superseding
+    models        JSON NOT NULL,         -- flagged models
+    requested_by  VARCHAR NOT NULL,
+    requested_at  TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.resources
 import itertools
+import os
 import shutil
 import socket
 import subprocess
@@ -45,7 +46,7 @@ def wait_until_serving(
             time.sleep(0.01)
 
 
-def serving(server: RedisServer | KafkaBroker) -> Iterator[Any]:
+def serving(server: Any) -> Iterator[Any]:
     """A session fixture's body: the server started, then stopped after the last test."""
     server.start()
     yield server
@@ -201,3 +202,22 @@ def openai_server() -> Iterator[OpenAIServer]:
     """A fake OpenAI-compatible endpoint on a free loopback port (see openai_server.py)."""
     with running() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto in server mode on a loopback port (qe_assets_tests/s3_server.py)."""
+    from qe_assets_tests.s3_server import S3Server
+
+    yield from serving(S3Server(tmp_path_factory.mktemp("moto")))
+
+
+@pytest.fixture
+def s3_env(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The AWS variables pointing boto3 at the loopback server (and nowhere else)."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    return s3_server

@@ -17,7 +17,7 @@ from typing import Any
 
 import duckdb
 
-from qe_assets.evaluation.registry import production_model
+from qe_assets.evaluation.registry import production_model, refuse_flagged
 from qe_assets.evaluation.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Decision
 from qe_assets.rollout import RolloutState, write_state
 
@@ -231,7 +231,10 @@ def start_test(
     run_id: str | None = None,
 ) -> None:
     """Give `candidate` traffic against `production` (a new test, or a new share of the running
-    test of the same candidate, which keeps its start and its counts)."""
+    test of the same candidate, which keeps its start and its counts). Never a model `qe forget`
+    flagged (`ModelFlagged`)."""
+    if share > 0:
+        refuse_flagged(conn, candidate)
     test = active_test(conn)
     same = test is not None and test.candidate == candidate and test.production == production
     started = test.started_at if same and test is not None else utc_now()
