@@ -11,9 +11,18 @@ import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
+from qe_assets.assets.ab_test import report_rollout_change, rollout_changed
 from qe_assets.assets.finetune import fine_tuned_model
+from qe_assets.evaluation import timeline
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
-from qe_assets.evaluation.metrics import INSUFFICIENT, Decision, Tally, decide, label_table
+from qe_assets.evaluation.metrics import (
+    INSUFFICIENT,
+    PROMOTE,
+    Decision,
+    Tally,
+    decide,
+    label_table,
+)
 from qe_assets.evaluation.registry import (
     GATE,
     Candidate,
@@ -261,6 +270,7 @@ def model_evaluation(
     )
     compared = _compare(context, duckdb, settings, openai, plan, pairing, "production")
     metadata = _metadata(compared, plan.items)
+    metadata.update(gate_outcome_metadata(duckdb, compared.row["decision"], settings))
     metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "evaluations"))
     if settings.eval_icl_examples:
         with duckdb_writer(duckdb) as conn:
@@ -332,6 +342,32 @@ def _compare(
     return Compared(eval_id, row, labels, frame, results, elapsed)
 
 
+def gate_outcome_metadata(
+    duckdb: DuckDBResource, decision: str, settings: Settings
+) -> "dict[str, dg.RawMetadataValue]":
+    """What the gate's verdict leads to, in words (the stored decision `promote` means "passed
+    the gate": with QE_ROLLOUT=canary that starts a canary, it promotes nothing), and the
+    release timeline up to this evaluation."""
+    passed = decision == PROMOTE
+    if passed and settings.rollout_mode == "canary":
+        outcome = (
+            f"passed the gate: a canary at {settings.ab_ramp[0]:.0%} of traffic starts when the "
+            "check candidate_beats_production passes (QE_ROLLOUT=canary); ab_test decides the "
+            "promotion"
+        )
+    elif passed:
+        outcome = "passed the gate: promoted to production when candidate_beats_production passes"
+    else:
+        outcome = f"not passed ({decision}): nothing promoted, no traffic"
+    with duckdb_writer(duckdb) as conn:
+        steps = timeline.release_timeline(timeline.read_rows(conn))
+    return {
+        "decision": "passed" if passed else decision,
+        "outcome": outcome,
+        "release_timeline": dg.MetadataValue.md(timeline.markdown(steps)),
+    }
+
+
 def gate_decision(row: dict[str, Any], settings: Settings) -> Decision:
     """The gate's rule applied to a stored evaluation with the settings in effect."""
     overall = Tally(row["n"], row["wins"], row["ties"], row["losses"], row["failed"])
@@ -367,9 +403,10 @@ def candidate_beats_production(
         passed = decision.passed and production_model(conn) != row["candidate"]
         canary = passed and settings.rollout_mode == "canary"
         promoted = passed and not canary
+        share = settings.ab_ramp[0]
+        changed = None
         if canary:
             # Traffic first, production later: the A/B test (ab_test) decides.
-            share = settings.ab_ramp[0]
             start_test(
                 conn,
                 row["candidate"],
@@ -379,6 +416,7 @@ def candidate_beats_production(
                 f"passed the gate ({decision.reason}); canary at {share:.0%}",
                 run_id=context.run.run_id,
             )
+            changed = f"canary {row['candidate']} started at {share:.0%} of traffic"
         elif promoted:
             record_promotion(
                 conn,
@@ -388,6 +426,15 @@ def candidate_beats_production(
                 reason=decision.reason,
             )
         sync_state_file(conn, state_path(settings))
+        if promoted:
+            changed = f"{row['candidate']} promoted to production"
+        event = rollout_changed(conn, settings, GATE, changed) if changed else None
+        steps = timeline.release_timeline(timeline.read_rows(conn))
+    if event is not None:
+        # ab_test's page says what rollout.json says now, not at its last ingest run.
+        problem = report_rollout_change(context.instance, event)
+        if problem:
+            context.log.warning(problem)
     if promoted:
         context.log.info(f"{row['candidate']} promoted to production by the gate")
     elif canary:
@@ -402,17 +449,28 @@ def candidate_beats_production(
         if decision.decision == INSUFFICIENT
         else dg.AssetCheckSeverity.ERROR
     )
+    # Say what was done, not only the rule's verdict.
+    if canary:
+        done = f"passed the gate; canary started at {share:.0%} of traffic (ab_test decides)"
+    elif promoted:
+        done = "passed the gate; promoted to production"
+    elif decision.passed:
+        done = f"passed the gate; {row['candidate']} is production already"
+    else:
+        done = f"not passed ({decision.decision}); nothing promoted"
     return dg.AssetCheckResult(
         passed=decision.passed,
         severity=severity,
-        description=decision.reason,
+        description=f"{done}: {decision.reason}",
         metadata={
             "evaluation_id": row["evaluation_id"],
             "candidate": row["candidate"],
             "baseline": row["baseline"],
-            "decision": decision.decision,
+            "decision": "passed" if decision.passed else decision.decision,
+            "outcome": done,
             "ci_low": round(row["ci_low"], 4),
             "promoted": promoted,
-            "canary_share": settings.ab_ramp[0] if canary else 0.0,
+            "canary_share": share if canary else 0.0,
+            "release_timeline": dg.MetadataValue.md(timeline.markdown(steps)),
         },
     )
