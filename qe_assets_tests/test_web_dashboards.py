@@ -319,7 +319,7 @@ def test_the_charts_render_in_chromium_offline(store: Settings, served: Served) 
             page.wait_for_selector("body[data-charts-rendered]", timeout=30_000)
             ab = page.locator("section#ab")
             assert ab.get_attribute("data-state") == "rendered"
-            assert ab.locator("g.trace").count() == 2  # the two arms
+            assert ab.locator("g.trace").count() == 3  # the two arms and Λ
             assert _non_blank(ab.locator(".chart").screenshot())[0] > 20
         finally:
             page.screenshot(path=str(Path(store.data_dir) / "dashboards-last.png"), full_page=True)
