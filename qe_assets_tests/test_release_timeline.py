@@ -6,7 +6,9 @@ changes. Real DuckDB files, real Dagster runs, the real `qe` CLI, Chromium for t
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -244,7 +246,7 @@ def canary_release(
     passes the candidate and starts its canary at 50 %."""
     settings = eval_settings.model_copy(
         # A half share and fewer answers keep the live part short (the 5 % sizing is above).
-        update={"rollout_mode": "canary", "ab_ramp": [0.5, 1.0], "ab_min_answers": 100}
+        update={"rollout_mode": "canary", "ab_ramp": [0.5], "ab_min_answers": 100}
     )
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -374,3 +376,93 @@ def test_a_person_changing_the_rollout_refreshes_ab_test(
     ab = _latest_ab_test(dg.DagsterInstance.from_config(str(home)))
     assert (ab["current_share"], ab["decision"]) == (0.0, "none")
     assert "| ✗ | canary |" in ab["release_timeline"]
+
+
+# --- the pages in Chromium --------------------------------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(420)
+def test_the_timeline_on_the_asset_page_and_the_dashboards_in_chromium(
+    canary_release: tuple[Settings, str, dg.DagsterInstance], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from qe_assets.testing.browser import CHROMIUM, CHROMIUM_ARGS
+    from qe_assets_tests.dagster_dev import DagsterDev
+    from qe_assets_tests.test_ui_browser import _dismiss_community_dialog
+    from qe_assets_tests.test_web_dashboards import served_dashboards
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian package `chromium`)")
+    settings, candidate, instance = canary_release
+    capture = QualityCapture(settings)
+    router = Router(Path(settings.data_dir, "rollout.json"), default=BASE, check_seconds=0)
+    rng = random.Random(7)
+    for look in range(2):  # two looks, still deciding: the test is running
+        serve(capture, router, {BASE: 0.3, candidate: 0.25}, 120, rng, f"ui{look}")
+        materialize(settings, selection=AB_RUN, instance=instance)
+    shots = Path(os.environ.get("QE_SHOTS_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QE_", "OPENAI_", "DAGSTER_"))}
+    env.update(
+        QE_DATA_DIR=settings.data_dir,
+        QE_QUEUE_SENSOR_RUNNING="false",
+        QE_FINETUNE_SENSOR_RUNNING="false",
+    )
+    home = Path(instance.root_directory)
+    dev = DagsterDev(home, env, tmp_path / "dagster_dev.log")
+    with served_dashboards(settings) as dashboards, sync_playwright() as playwright:
+        dev.start(timeout=120)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1800, "height": 1100})
+        page.set_default_timeout(30_000)
+        expect.set_options(timeout=30_000)
+        try:
+            # The ab_test asset page: the timeline in its latest materialization's metadata.
+            page.goto(f"{dev.url}/assets/ab_test")
+            _dismiss_community_dialog(page)
+            expect(page.get_by_text("release_timeline").first).to_be_visible()
+            expect(page.get_by_text("progress").first).to_be_visible()
+            expect(page.get_by_text(re.compile(r"Λ \d+\.\d of 20 needed")).first).to_be_visible()
+            page.screenshot(path=shots / "ab_test_asset_page.png", full_page=True)
+            shown = page.get_by_role("button", name=re.compile("Show Markdown"))
+            if shown.count():
+                # Markdown metadata opens in a dialog: the timeline's table, rendered.
+                row = page.locator("tr").filter(has_text="release_timeline")
+                row.get_by_role("button", name=re.compile("Show Markdown")).first.click()
+            dialog_or_page = page.locator("table").filter(has_text="fine-tune").last
+            expect(dialog_or_page).to_be_visible()
+            for stage in ("cut", "checks", "gate", "canary", "A/B test", "production"):
+                expect(dialog_or_page.get_by_text(stage, exact=True).first).to_be_visible()
+            page.locator("tr").filter(has_text="release_timeline").last.screenshot(
+                path=shots / "ab_test_timeline.png"
+            )
+
+            # The dashboards: the timeline panel and the A/B chart with its marks.
+            page.goto(dashboards + "?bucket=hour")
+            page.wait_for_selector("body[data-charts-rendered]")
+            panel = page.locator("section#timeline")
+            assert panel.get_attribute("data-state") == "rendered"
+            rows = panel.locator("tbody tr")
+            assert rows.count() == 7
+            assert rows.nth(3).inner_text().split("\t")[1] == "gate"
+            assert rows.nth(5).get_attribute("data-status") == "running"
+            ab = page.locator("section#ab")
+            assert ab.get_attribute("data-state") == "rendered"
+            assert (
+                ab.locator("p.note")
+                .inner_text()
+                .startswith(f"A/B test running: {candidate} at 50% of traffic")
+            )
+            labels = ab.locator("svg text").all_text_contents()
+            assert "decision at Λ 20" in labels and "share 50%" in labels, labels
+            panel.screenshot(path=shots / "dashboards_timeline.png")
+            ab.screenshot(path=shots / "dashboards_ab.png")
+            page.screenshot(path=shots / "dashboards_page.png", full_page=True)
+        except Exception:
+            page.screenshot(path=shots / "failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()
+            dev.stop()

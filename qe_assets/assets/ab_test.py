@@ -168,7 +168,17 @@ def labels_markdown(per_label: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# What the asset page shows first: what happened, how far from a decision, the timeline.
+FIRST = ("decision", "reason", "progress", "release_timeline", "current_share", "candidate")
+
+
 def look_metadata(look: Look, threshold: float) -> "dict[str, dg.RawMetadataValue]":
+    """In the order the page reads best (FIRST, then the rest)."""
+    metadata = _look_metadata(look, threshold)
+    return {k: metadata[k] for k in FIRST if k in metadata} | metadata
+
+
+def _look_metadata(look: Look, threshold: float) -> "dict[str, dg.RawMetadataValue]":
     """What the asset page shows: the state, the timeline, the decision with its threshold and
     distance, the rates as percentages with counts. `threshold`: 1 / QE_AB_ALPHA."""
     state = look.state

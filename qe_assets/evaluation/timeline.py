@@ -212,11 +212,12 @@ def _when(at: datetime | None) -> str:
 
 
 def markdown(steps: list[Step]) -> str:
-    """A table for the asset pages."""
+    """A table for the asset pages (times short: the page's column is narrow)."""
     lines = ["| | step | when (UTC) | what happened |", "|---|---|---|---|"]
     for s in steps:
         text = s.text.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {_MARK[s.status]} | {s.stage} | {_when(s.at)} | {text} |")
+        when = f"{s.at:%m-%d %H:%M}" if s.at is not None else ""
+        lines.append(f"| {_MARK[s.status]} | {s.stage} | {when} | {text} |")
     return "\n".join(lines)
 
 
