@@ -289,8 +289,11 @@ def ab_figure(series: Series, threshold: float) -> Figure:
         "side": "right",
         "showgrid": False,
         "range": [-1, math.log10(threshold) + 0.5],
+        "tickvals": [0.1, 1, 10, threshold],
+        "ticktext": ["0.1", "1", "10", f"{threshold:g}"],
     }
-    layout["margin"] = layout["margin"] | {"r": 60}
+    # Room above the plot for the event marks' labels, and right of it for Λ's axis.
+    layout["margin"] = layout["margin"] | {"r": 60, "t": 30}
     shapes = [_hline(threshold, f"decision at Λ {threshold:g}", "y2")]
     for mark in timeline.events(series.release):
         shapes.append(_vline(mark["at"].isoformat(), mark["label"]))
