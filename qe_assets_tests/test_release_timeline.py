@@ -402,7 +402,7 @@ def test_the_timeline_on_the_asset_page_and_the_dashboards_in_chromium(
     for look in range(2):  # two looks, still deciding: the test is running
         serve(capture, router, {BASE: 0.3, candidate: 0.25}, 120, rng, f"ui{look}")
         materialize(settings, selection=AB_RUN, instance=instance)
-    shots = Path(os.environ.get("QE_SHOTS_DIR") or tmp_path)
+    shots = Path(os.environ.get("SCREENSHOTS_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QE_", "OPENAI_", "DAGSTER_"))}
     env.update(
