@@ -52,6 +52,7 @@ from qe_assets.resources import (
     FineTuneBackendResource,
     OpenAIResource,
     PipelineSettings,
+    duckdb_reader,
     duckdb_writer,
 )
 from qe_assets.rollout import state_path
@@ -359,8 +360,8 @@ def gate_outcome_metadata(
         outcome = "passed the gate: promoted to production when candidate_beats_production passes"
     else:
         outcome = f"not passed ({decision}): nothing promoted, no traffic"
-    with duckdb_writer(duckdb) as conn:
-        steps = timeline.release_timeline(timeline.read_rows(conn))
+    with duckdb_reader(duckdb) as conn:  # reads only: no writer lock
+        steps = timeline.release_timeline(timeline.read_rows(conn)) if conn is not None else []
     return {
         "decision": "passed" if passed else decision,
         "outcome": outcome,
