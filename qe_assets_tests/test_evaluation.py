@@ -392,7 +392,7 @@ def test_people_promote_and_roll_back_with_reviewer_and_reason(
     assert "lower bound" in rows[0][3]
     status = qe("status", env=env).stdout
     assert f"production model: {candidate} (rolled back to by bo, " in status
-    assert f"latest evaluation: {candidate} vs {BASE}: promote, win rate 1.000" in status
+    assert f"latest evaluation: {candidate} vs {BASE}: passed the gate, win rate 1.000" in status
     no_reason = qe("models", "promote", BASE, env=env, check=False)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
 

@@ -375,7 +375,7 @@ def test_a_person_changing_the_rollout_refreshes_ab_test(
     qe("models", "rollback", "--reason", "complaints", env=env)
     ab = _latest_ab_test(dg.DagsterInstance.from_config(str(home)))
     assert (ab["current_share"], ab["decision"]) == (0.0, "none")
-    assert "| ✗ | canary |" in ab["release_timeline"]
+    assert "| rollback after 0 requests (ana: complaints) |" in ab["release_timeline"]
 
 
 # --- the pages in Chromium --------------------------------------------------------------------

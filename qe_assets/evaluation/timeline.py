@@ -187,7 +187,9 @@ def release_timeline(rows: Rows, progress: str | None = None) -> list[Step]:
             "at  after", "after"
         )
         state = DONE if last["decision"] == PROMOTE else FAILED
-        steps.append(Step("A/B test", state, f"{what} ({last['decided_by']})", last["decided_at"]))
+        who = last["decided_by"]
+        who += "" if who == "ab_test" else f": {last['reason']}"  # a person says why
+        steps.append(Step("A/B test", state, f"{what} ({who})", last["decided_at"]))
     elif last is not None and last["share"] > 0:
         what = f"running: {_requests(last):,} requests so far"
         steps.append(Step("A/B test", RUNNING, f"{what}; {progress}" if progress else what))
