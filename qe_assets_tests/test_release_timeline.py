@@ -466,3 +466,20 @@ def test_the_timeline_on_the_asset_page_and_the_dashboards_in_chromium(
         finally:
             browser.close()
             dev.stop()
+
+
+def test_a_lone_bucket_of_grouped_bars_fills_its_bucket_side_by_side() -> None:
+    """The hour view of a young store: one bucket. Its bars get the bucket's width (Plotly
+    would draw them a millisecond wide inside the ± one-bucket range), side by side."""
+    from qe_assets.web.dashboards import _one_point_range
+
+    at = "2026-12-07T16:00:00"
+    figure = {
+        "data": [{"type": "bar", "name": n, "x": [at], "y": [1]} for n in ("a", "b")],
+        "layout": {"barmode": "group", "xaxis": {"type": "date"}},
+    }
+    hour = 3_600_000
+    shaped = _one_point_range(figure, timedelta(hours=1))
+    assert [t["width"] for t in shaped["data"]] == [0.4 * hour, 0.4 * hour]
+    assert [t["offset"] for t in shaped["data"]] == [-0.4 * hour, 0.0]
+    assert shaped["layout"]["xaxis"]["range"] == ["2026-12-07T15:00:00", "2026-12-07T17:00:00"]

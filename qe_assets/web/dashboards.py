@@ -314,9 +314,20 @@ def _one_point_range(figure: Figure, pad: timedelta) -> Figure:
         return figure
     (at,) = times
     middle = datetime.fromisoformat(at)
-    figure["layout"]["xaxis"] = figure["layout"].get("xaxis", {}) | {
+    layout = figure["layout"]
+    layout["xaxis"] = layout.get("xaxis", {}) | {
         "range": [(middle - pad).isoformat(), (middle + pad).isoformat()]
     }
+    # Plotly sizes a lone bar by the (missing) gap to its neighbour: give it most of its bucket.
+    # Grouped bars then need their own offsets, side by side (milliseconds on a date axis).
+    bars = [trace for trace in figure["data"] if trace.get("type") == "bar"]
+    step = pad.total_seconds() * 1000
+    grouped = layout.get("barmode") == "group" and len(bars) > 1
+    width = 0.8 * step / (len(bars) if grouped else 1)
+    for i, trace in enumerate(bars):
+        trace["width"] = width
+        if grouped:
+            trace["offset"] = -0.4 * step + i * width
     return figure
 
 
