@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -286,6 +287,7 @@ def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
             "GROUP BY 1 ORDER BY 2 DESC"
         ).fetchall()
         conn_rows = _production_rows(conn)
+        rollout = _status_rollout(conn, settings)
     print(f"review queue: {review:,} samples waiting for a human")
     print(
         f"pending samples: {ready:,} ready for the next version "
@@ -314,10 +316,15 @@ def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
             "failed completions by error: "
             + ", ".join(f"{error} {count:,}" for error, count in failures)
         )
-    production, evaluation = _production_line(conn_rows)
+    production, evaluation = _production_line(conn_rows, rollout.base_model)
     print(f"production model: {production}")
     if evaluation:
         print(f"latest evaluation: {evaluation}")
+    print(f"rollout: {rollout.line}")
+    if rollout.steps:
+        print("release timeline:")
+        for line in rollout.steps:
+            print(line)
     if models:
         print("models (latest run per dataset version):")
         for version, backend, status, model in models:
@@ -355,23 +362,73 @@ def _production_rows(conn: duckdb.DuckDBPyConnection) -> tuple[list[tuple], list
     return promoted, evaluated
 
 
-def _production_line(rows: tuple[list[tuple], list[tuple]]) -> tuple[str, str | None]:
+def _production_line(
+    rows: tuple[list[tuple], list[tuple]], base_model: str
+) -> tuple[str, str | None]:
     promoted, evaluated = rows
     if promoted:
         model, action, by, at = promoted[0]
         done = "promoted" if action == "promote" else "rolled back to"
         production = f"{model} ({done} by {by}, {at:%Y-%m-%d %H:%M} UTC)"
     else:
-        production = "the base model (none promoted yet)"
+        production = f"{base_model or 'the base model'} (the base model; none promoted yet)"
     if not evaluated:
         return production, None
     candidate, baseline, n, win_rate, ci_low, decision = evaluated[0]
+    # The stored `promote` means "passed the gate": what followed is on the rollout line.
+    verdict = "passed the gate" if decision == "promote" else decision
     if not n:
-        return production, f"{candidate} vs {baseline}: {decision} (no judged pair)"
+        return production, f"{candidate} vs {baseline}: {verdict} (no judged pair)"
     return production, (
-        f"{candidate} vs {baseline}: {decision}, win rate {win_rate:.3f} "
+        f"{candidate} vs {baseline}: {verdict}, win rate {win_rate:.3f} "
         f"(95% lower bound {ci_low:.3f}, n={n:,})"
     )
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    line: str
+    base_model: str
+    steps: list[str]
+
+
+def _status_rollout(conn: duckdb.DuckDBPyConnection, settings: Settings) -> _Rollout:
+    """`qe status`'s rollout line (the canary and its share, or none) and the release timeline,
+    from the same rows as the asset pages and the dashboards."""
+    import duckdb
+
+    from qe_assets.evaluation import rollout_registry as ab
+    from qe_assets.evaluation import timeline
+    from qe_assets.evaluation.sequential import distance_to_decision
+
+    base = settings.finetune_base_model
+    try:
+        test = ab.active_test(conn)
+        rows = ab.newest_test_rows(conn)
+        state = ab.current_state(conn)
+    except duckdb.CatalogException:  # a store from before the rollout
+        return _Rollout("no A/B test yet", base, [])
+    # Before any promotion, production is the model the tests ran against (the base model).
+    base = (state.production if not _production_rows(conn)[0] else None) or base
+    progress = None
+    if test is None:
+        line = f"no candidate has traffic; every request goes to {state.production or base}"
+        if rows:
+            last = rows[-1]
+            line += (
+                f" (the last test, {last['candidate']}, ended {last['decided_at']:%Y-%m-%d %H:%M}"
+                f" UTC: {last['decision']} by {last['decided_by']})"
+            )
+    else:
+        arms = ab.arm_counts(conn, test)
+        distance = distance_to_decision(arms, test.share, settings.ab_policy())
+        progress = distance.text()
+        line = (
+            f"canary {test.candidate} at {test.share:.0%} of traffic against {test.production} "
+            f"since {test.started_at:%Y-%m-%d %H:%M} UTC; {progress}"
+        )
+    steps = timeline.release_timeline(timeline.read_rows(conn), progress)
+    return _Rollout(line, base, timeline.text_lines(steps))
 
 
 def _reviewer(args: argparse.Namespace) -> str:
@@ -782,8 +839,37 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         ensure_schema(conn)
         message = _models_change(args, conn, reviewer)
         sync_state_file(conn, state_path(settings))
+        event = _rollout_event(conn, settings, reviewer, message)
     print(message)
+    problem = _report_to_dagster(settings, event)
+    if problem:
+        _err(f"warning: {problem}")
     return EXIT_OK
+
+
+def _rollout_event(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, by: str, what: str
+) -> object:
+    """ab_test as it stands after a person's change, to report to Dagster."""
+    from qe_assets.assets.ab_test import rollout_changed
+
+    return rollout_changed(conn, settings, by, what)
+
+
+def _report_to_dagster(settings: Settings, event: object) -> str | None:
+    """Tell the Dagster instance of this data directory (DAGSTER_HOME) that ab_test changed, so
+    its page agrees with rollout.json at once; a problem is a warning, the change stands."""
+    import dagster as dg
+
+    from qe_assets.assets.ab_test import report_rollout_change
+    from qe_assets.runner import prepare_dagster_home
+
+    try:
+        instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    except Exception as exc:  # any: the change is recorded; Dagster is only told
+        return f"could not open the Dagster instance ({type(exc).__name__}: {exc})"
+    with instance:
+        return report_rollout_change(instance, event)  # type: ignore[arg-type]
 
 
 def _age_seconds(text: str) -> float:
@@ -850,6 +936,16 @@ def _ui_review_command(args: argparse.Namespace) -> tuple[list[str], str | None]
     return [*command, "--port", str(args.review_port)], notice
 
 
+def _ui_serve_url(review_host: str, review_port: int) -> str:
+    """Where the review page of `qe ui` listens, for the dashboards links in the assets'
+    metadata (an explicit QE_SERVE_URL, e.g. behind a proxy, wins)."""
+    if os.environ.get("QE_SERVE_URL"):
+        return os.environ["QE_SERVE_URL"]
+    host = "127.0.0.1" if review_host in ("0.0.0.0", "::", "") else review_host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{review_port}"
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     """`dagster dev`, and beside it (unless --no-review) the review page of `qe serve`; both
     stop together: Ctrl+C, or either one ending, ends the other."""
@@ -872,6 +968,8 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     review, notice = _ui_review_command(args)
     if notice:
         print(notice, flush=True)
+    # The links in the metadata point at this review port, not the default one.
+    env["QE_SERVE_URL"] = _ui_serve_url(review[review.index("--host") + 1], args.review_port)
     children = [subprocess.Popen(review, env=env), subprocess.Popen(command, env=env)]
 
     def stop(signum: int, frame: object) -> None:
