@@ -2,11 +2,16 @@
 preference.jsonl,manifest.json}` with every sample, and the folder `rag_quality_tuning_vNNN/`
 with the same formats per split and a dataset card (`datasets.load_dataset(<folder>)`).
 
-Files are written under temporary names (the folder as a temp folder), fsynced and renamed into
-place; the manifest comes last and the DuckDB row after it. A crash before that row leaves files
-of a version the database never heard of: `remove_uncommitted` deletes them before the next cut
-reuses the number, so every file on disk belongs to a committed version and a committed version
-is never rewritten.
+A version's number is claimed in DuckDB (`dataset_version_claims`) before its cut starts, and no
+later cut takes a claimed number: a name never stands for two contents, even when a cut failed
+or died after its files had their final names. Files are written under temporary names (the
+folder as a temp folder), fsynced and renamed into place; the manifest is written beside them
+under a temp name, the DuckDB row is committed, and only then is the manifest renamed into place,
+so a manifest never exists without its committed row. A failed commit removes the version's
+files; a crash before the commit leaves files of an uncommitted (claimed) number, which
+`remove_uncommitted` deletes at the next cut; a crash between the commit and the rename leaves
+the manifest under its temp name, which `settle_manifests` renames once its sha256 matches the
+committed row.
 """
 
 from __future__ import annotations
@@ -81,6 +86,27 @@ class VersionFiles:
 
     def all(self) -> tuple[Path, ...]:
         return (self.jsonl, self.chat, self.preference, self.manifest, self.folder)
+
+
+def manifest_temp(files: VersionFiles) -> Path:
+    """Where a version's manifest waits for the commit of its row."""
+    return files.manifest.with_name(f".{files.manifest.name}.tmp")
+
+
+def settle_manifests(directory: Path, committed: dict[str, str]) -> list[str]:
+    """Put in place the manifest of each committed version (version → manifest sha256 of its row)
+    whose cut died between the commit and the manifest's rename; returns those versions. A temp
+    manifest whose bytes differ from the committed sha256 is left for `remove_uncommitted`."""
+    settled = []
+    for version, digest in committed.items():
+        files = VersionFiles.at(directory, version)
+        temp = manifest_temp(files)
+        if files.manifest.exists() or not temp.exists() or sha256_file(temp) != digest:
+            continue
+        os.replace(temp, files.manifest)
+        fsync_dir(directory)
+        settled.append(version)
+    return settled
 
 
 def remove_uncommitted(directory: Path, committed: Iterable[str]) -> list[Path]:
@@ -256,7 +282,8 @@ class VersionWriter:
         self, manifest: dict[str, Any], card: Callable[[dict[str, Any]], str]
     ) -> dict[str, Any]:
         """fsync and rename the line files and the folder (with `card(manifest)` as its
-        README.md), then write the manifest (with every file's hash) last."""
+        README.md), then write the manifest (with every file's hash) under its temp name:
+        `place_manifest` puts it in place once the version's row is committed."""
         manifest = {**manifest, "files": {}, "split_files": {split: {} for split in SPLITS}}
         assert self._writing is not None, "VersionWriter is used as a context manager"
         self._writing.finish()
@@ -277,12 +304,26 @@ class VersionWriter:
                 os.replace(sink.temp, sink.final)
         os.replace(self._temp_folder, self.files.folder)
         body = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True).encode("utf-8")
-        _write_synced(self.directory / f".{self.files.manifest.name}.tmp", body)
-        os.replace(self.directory / f".{self.files.manifest.name}.tmp", self.files.manifest)
+        _write_synced(manifest_temp(self.files), body)
         fsync_dir(self.directory)
         manifest["files"]["manifest"] = _described(self.files.manifest.name, body)
         self._sinks.clear()
         return manifest
+
+    def place_manifest(self) -> None:
+        """The commit point has passed: the manifest takes its name."""
+        os.replace(manifest_temp(self.files), self.files.manifest)
+        fsync_dir(self.directory)
+
+    def discard(self) -> None:
+        """The version's commit failed: remove every file published under its name (its number
+        stays claimed, so no later cut gives the name to other bytes)."""
+        for path in (*self.files.all(), manifest_temp(self.files)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._writing is not None:
