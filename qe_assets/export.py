@@ -54,6 +54,23 @@ SPLIT_FORMATS = {
     "openai_preference": "openai_preference.jsonl",
 }
 CARD = "README.md"
+# Hex digits of the version's fingerprint in its per-split file names (64 bits).
+FINGERPRINT_CHARS = 16
+
+
+def split_file_name(split: str, fmt: str, fingerprint: str) -> str:
+    """A per-split file's name. The fingerprint (of the folder's data) is in it because
+    `datasets` caches a local folder by its name and the card's `data_files` patterns only: two
+    folders of one name with other rows would load each other's cached rows."""
+    return f"{split}-{fingerprint}.{SPLIT_FORMATS[fmt]}"
+
+
+def folder_fingerprint(digests: dict[tuple[str, str], str]) -> str:
+    """The fingerprint of a version's per-split files, from their sha256 by (split, format)."""
+    listing = "".join(
+        f"{split}/{fmt}:{digest}\n" for (split, fmt), digest in sorted(digests.items())
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
 def version_name(number: int) -> str:
@@ -81,8 +98,14 @@ class VersionFiles:
         """The per-split files and the dataset card."""
         return self.jsonl.with_name(self.jsonl.name.removesuffix(".jsonl"))
 
-    def split_file(self, split: str, fmt: str) -> Path:
-        return self.folder / f"{split}.{SPLIT_FORMATS[fmt]}"
+    def split_file(self, split: str, fmt: str, manifest: dict[str, Any]) -> Path:
+        """Where the manifest says the split's file of `fmt` is: `<split>-<fingerprint>.<ext>`
+        (`<split>.<ext>` in versions cut before the fingerprint, and where the manifest names no
+        such file)."""
+        entry = (manifest.get("split_files") or {}).get(split, {}).get(fmt)
+        if entry is None:
+            return self.folder / f"{split}.{SPLIT_FORMATS[fmt]}"
+        return self.jsonl.parent / entry["name"]
 
     def all(self) -> tuple[Path, ...]:
         return (self.jsonl, self.chat, self.preference, self.manifest, self.folder)
@@ -235,10 +258,9 @@ class VersionWriter:
         self._temp_folder.mkdir()
         for split in SPLITS:
             for fmt in SPLIT_FORMATS:
-                final = self.files.split_file(split, fmt)
-                temp = self._temp_folder / final.name
-                name = f"{final.parent.name}/{final.name}"
-                self._sinks[(split, fmt)] = _Sink(final, temp, open(temp, "wb"), name)
+                # Named at `publish`, once the fingerprint of their bytes is known.
+                temp = self._temp_folder / f".{split}.{SPLIT_FORMATS[fmt]}.tmp"
+                self._sinks[(split, fmt)] = _Sink(temp, temp, open(temp, "wb"))
         self._writing = _WritingThread()
         return self
 
@@ -287,11 +309,25 @@ class VersionWriter:
         manifest = {**manifest, "files": {}, "split_files": {split: {} for split in SPLITS}}
         assert self._writing is not None, "VersionWriter is used as a context manager"
         self._writing.finish()
-        for key, sink in self._sinks.items():
+        for sink in self._sinks.values():
             sink.handle.flush()
             os.fsync(sink.handle.fileno())
             sink.handle.close()
+        fingerprint = folder_fingerprint(
+            {
+                key: sink.digest.hexdigest()
+                for key, sink in self._sinks.items()
+                if isinstance(key, tuple)
+            }
+        )
+        manifest["fingerprint"] = fingerprint
+        for key, sink in self._sinks.items():
             if isinstance(key, tuple):
+                name = split_file_name(*key, fingerprint)
+                os.replace(sink.temp, self._temp_folder / name)
+                sink.temp = self._temp_folder / name
+                sink.final = self.files.folder / name
+                sink.name = f"{self.files.folder.name}/{name}"
                 manifest["split_files"][key[0]][key[1]] = sink.describe()
             else:
                 manifest["files"][key] = sink.describe()
@@ -434,11 +470,13 @@ def version_format_problems(files: VersionFiles, min_examples: int) -> tuple[lis
     return problems, examples
 
 
-def preference_format_problems(files: VersionFiles) -> tuple[list[str], int]:
+def preference_format_problems(
+    files: VersionFiles, manifest: dict[str, Any]
+) -> tuple[list[str], int]:
     """(problems, pairs) of a version's preference files: the TRL file of the whole version and
-    each split's TRL and OpenAI files, under the providers' format rules."""
+    each split's TRL and OpenAI files (named by its `manifest`), under the providers' rules."""
     targets = [(files.preference, "trl")] + [
-        (files.split_file(split, fmt), flavour)
+        (files.split_file(split, fmt, manifest), flavour)
         for split in SPLITS
         for fmt, flavour in (("preference", "trl"), ("openai_preference", "openai"))
     ]
@@ -488,7 +526,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         lines.append(f"- config_name: {'default' if fmt == 'records' else fmt}")
         lines.append("  data_files:")
         for split in present:
-            lines += [f"  - split: {split}", f"    path: {split}.{SPLIT_FORMATS[fmt]}"]
+            path = manifest["split_files"][split][fmt]["name"].rsplit("/", 1)[-1]
+            lines += [f"  - split: {split}", f"    path: {path}"]
     counts = {
         fmt: {s: manifest["split_files"][s][fmt]["lines"] for s in SPLITS} for fmt in SPLIT_FORMATS
     }
@@ -503,7 +542,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "| config | file | train | validation |",
         "|---|---|---:|---:|",
         *(
-            f"| {'default' if fmt == 'records' else fmt} | `<split>.{name}` "
+            f"| {'default' if fmt == 'records' else fmt} "
+            f"| `<split>-{manifest.get('fingerprint', '')}.{name}` "
             f"| {counts[fmt]['train']} | {counts[fmt]['validation']} |"
             for fmt, name in SPLIT_FORMATS.items()
         ),
@@ -516,7 +556,9 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "  `preferred_output`, `non_preferred_output`).",
         "",
         f"The manifest `../{DATASET_NAME}_{manifest['version']}.manifest.json` holds the sha256",
-        "of every file and the settings the version was built with.",
+        "of every file and the settings the version was built with. The file names carry the",
+        "fingerprint of the folder's data, so `datasets` never serves a cached copy of another",
+        "folder of the same name.",
         "",
     ]
     return "\n".join(lines)
