@@ -53,7 +53,8 @@ from pydantic import ValidationError
 
 from qe_assets.assets.ingest import commit_batch, ingest_pending
 from qe_assets.events import EVENT_FIELDS, QualityEvent
-from qe_assets.queues import FileInbox
+from qe_assets.queues import FileInbox, RedisQueue
+from qe_assets.queues.kafka_queue import KafkaQueue
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.factories import make_event
@@ -807,6 +808,16 @@ def test_every_count_record_is_stored_or_rejected_naming_its_field(
         assert reason.startswith(f"{field}: ") and field.startswith(RECORD_FIELDS), reason
 
 
+# answer_counts with INTEGER counts, as an operator's copy of the table might have them.
+INTEGER_COUNTS = (
+    "CREATE TABLE answer_counts (flush_id VARCHAR NOT NULL, model VARCHAR NOT NULL, "
+    "answers INTEGER NOT NULL, low INTEGER NOT NULL, threshold DOUBLE NOT NULL, "
+    "producer VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, "
+    "window_end TIMESTAMP NOT NULL, source VARCHAR NOT NULL, "
+    "ingested_at TIMESTAMP NOT NULL, PRIMARY KEY (flush_id, model))"
+)
+
+
 def test_a_value_the_store_refuses_is_found_and_rejected_alone(tmp_path: Path) -> None:
     # The last line of defence, against a real store: answer_counts made with INTEGER counts (as
     # an operator's copy of the table might be) refuses a count that BIGINT would hold. The
@@ -814,13 +825,7 @@ def test_a_value_the_store_refuses_is_found_and_rejected_alone(tmp_path: Path) -
     # rejected, with the store's error, while the rest of the batch is committed once.
     database = tmp_path / "qe.duckdb"
     with connect(database) as conn:
-        conn.execute(
-            "CREATE TABLE answer_counts (flush_id VARCHAR NOT NULL, model VARCHAR NOT NULL, "
-            "answers INTEGER NOT NULL, low INTEGER NOT NULL, threshold DOUBLE NOT NULL, "
-            "producer VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, "
-            "window_end TIMESTAMP NOT NULL, source VARCHAR NOT NULL, "
-            "ingested_at TIMESTAMP NOT NULL, PRIMARY KEY (flush_id, model))"
-        )
+        conn.execute(INTEGER_COUNTS)
     inbox = FileInbox(tmp_path / "inbox")
     lines = [json.dumps(make_event(f"around-{i}")) for i in range(7)]
     lines.insert(3, count_line("f-int", {"m": {"answers": 2**40, "low": 0}}).decode())
@@ -839,3 +844,34 @@ def test_a_value_the_store_refuses_is_found_and_rejected_alone(tmp_path: Path) -
     assert [r[0] for r in order] == [
         f"around-{i}" for i in range(7)
     ]  # arrival order kept through the split
+
+
+@pytest.mark.parametrize("kind", ["inbox", "redis", "kafka"])
+def test_unstorable_records_block_no_queue(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Both kinds of poison on each real queue (Kafka reads ahead: a batch is committed while the
+    # next is read, so a split happens beside a batch in flight): a count the validator refuses
+    # (10^20) and one only the store refuses (2^40 into an INTEGER column).
+    database = tmp_path / "qe.duckdb"
+    with connect(database) as conn:
+        conn.execute(INTEGER_COUNTS)
+    queue: Any
+    if kind == "inbox":
+        queue = FileInbox(tmp_path / "inbox")
+    elif kind == "redis":
+        queue = RedisQueue(request.getfixturevalue("redis_url"), key=f"fuzz-{next(_ids)}")
+    else:
+        broker = request.getfixturevalue("kafka_broker")
+        queue = KafkaQueue(broker.url(broker.new_topic(partitions=1)))
+    lines = [json.dumps(make_event(f"{kind}-{i}")) for i in range(12)]
+    lines.insert(2, count_line("f-big", {"m": {"answers": 10**20, "low": 1}}).decode())
+    lines.insert(6, count_line("f-int", {"m": {"answers": 2**40, "low": 0}}).decode())
+    lines.insert(9, count_line("f-ok", {"m": {"answers": 5, "low": 1}}).decode())
+    queue.put(lines)
+    report = ingest_pending(queue, lambda: connect(database), batch_size=4)
+    assert (report.read, report.new, report.rejected, report.new_count_rows) == (15, 12, 2, 1)
+    assert queue.depth() == 0
+    with connect(database, read_only=True) as conn:
+        fields = sorted(r[0] for r in conn.execute("SELECT field FROM rejected_events").fetchall())
+    assert fields == ["counts.m.answers", "payload"]
