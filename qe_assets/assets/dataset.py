@@ -309,11 +309,13 @@ def cut_version(
                 return None
             samples = pl.concat(tally.members)
             splits = dict(samples.group_by("split").len().iter_rows())
-            manifest = writer.publish(
-                _version_manifest(version, settings, state, tally, splits), dataset_card
-            )
+            # From here on files take the version's name: its number stays claimed for good,
+            # and a failure removes whatever took the name.
             published = True
             try:
+                manifest = writer.publish(
+                    _version_manifest(version, settings, state, tally, splits), dataset_card
+                )
                 _commit_version(
                     duckdb_resource, writer.files, state.next_number, manifest, samples, tally
                 )
