@@ -781,6 +781,41 @@ def test_disk_full_at_the_commit_leaves_no_version_and_the_name_is_never_reused(
     assert (sha256(files.jsonl), sha256(files.manifest)) == (jsonl_sha, manifest_sha)
 
 
+def test_a_commit_the_database_refuses_leaves_no_version_and_the_name_is_never_reused(
+    tmp_path: Path,
+) -> None:
+    """The same without root: DuckDB itself refuses the commit of v001 (a `dataset_samples` made
+    beforehand with a CHECK that v001's rows break), after its files were in place."""
+    import dagster as dg
+    import duckdb
+
+    from qe_assets.assets.dataset import cut_version
+    from qe_assets.export import VersionFiles
+    from qe_assets.resources import build_resources
+    from qe_assets.settings import Settings
+    from qe_assets_tests.runs import materialize
+    from qe_assets_tests.test_pipeline import batch
+
+    settings = Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0, eval_share=0.0)
+    with connect(settings.database) as conn:
+        conn.execute(
+            "CREATE TABLE dataset_samples (version VARCHAR NOT NULL, sample_id VARCHAR NOT NULL, "
+            "split VARCHAR NOT NULL CHECK (version <> 'v001'), PRIMARY KEY (version, sample_id))"
+        )
+    stages = dg.AssetSelection.assets("raw_events", "annotated_samples", "completions")
+    resource = build_resources(settings)["duckdb"]
+    FileInbox(settings.inbox_dir).put(batch("first", 12))
+    assert materialize(settings, selection=stages).success
+    with pytest.raises(duckdb.ConstraintException):
+        cut_version(resource, settings)
+    assert sorted(p.name for p in settings.datasets_dir.iterdir()) == []
+    FileInbox(settings.inbox_dir).put(batch("second", 12))
+    assert materialize(settings, selection=stages).success
+    manifest = cut_version(resource, settings)
+    assert manifest is not None and manifest["version"] == "v002"
+    assert not any(p.exists() for p in VersionFiles.at(settings.datasets_dir, "v001").all())
+
+
 def test_a_manifest_still_under_its_temp_name_after_the_commit_is_put_in_place(
     tmp_path: Path,
 ) -> None:
