@@ -27,6 +27,13 @@ recursion limit, a timestamp that leaves the calendar when converted to UTC, and
 whose request_id holds a lone surrogate. The property's valid events stay inside years 2-9998
 (a timestamp at the calendar's edge is rightly rejected, so it cannot be generated as valid).
 
+Count records (`{"qe_record":"answer_counts",…}`) share the queue: a second property draws them
+with counts around BIGINT's limit, windows at the calendar's edges with offsets, odd thresholds
+and texts, and checks that each is stored intact or rejected naming a field, beside an event
+that is stored. A record the validator lets through but the store refuses is found by splitting
+its batch and rejected alone (`test_a_value_the_store_refuses_is_found_and_rejected_alone`, and on
+the real inbox, Redis and Kafka queues `test_unstorable_records_block_no_queue`).
+
 Budget: 60 hypothesis examples by default (mixed batches of up to 14 records, ~400 records,
 ~10 s), QE_FUZZ_EXAMPLES=N for a longer hunt; the number of records fuzzed is printed at the end
 of the module (`pytest -s`).
