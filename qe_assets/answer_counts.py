@@ -63,6 +63,15 @@ class CountRecord(BaseModel):
     counts: dict[Annotated[StrictStr, Field(min_length=1)], ModelCount]
 
 
+class CountRecordError(ValueError):
+    """A count record refused: `field` names it apart from the message, since a model name (part
+    of a field's path) may itself hold `:` or `.`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 def _stamp(when: datetime) -> str:
     return when.isoformat().replace("+00:00", "Z")
 
@@ -103,23 +112,23 @@ def _naive_utc(when: datetime, field: str) -> datetime:
     try:
         return when.astimezone(UTC).replace(tzinfo=None)
     except OverflowError:
-        raise ValueError(f"{field}: outside years 1-9999 in UTC (count record)") from None
+        raise CountRecordError(field, "outside years 1-9999 in UTC (count record)") from None
 
 
 def parse_count_record(raw: bytes | str) -> list[dict[str, Any]]:
-    """The `answer_counts` rows of one count record (one per model); raises ValueError whose
-    message starts with the failing field, as rejected_events wants it."""
+    """The `answer_counts` rows of one count record (one per model); raises CountRecordError (a
+    ValueError) naming the failing field, as rejected_events wants it."""
     try:
         record = CountRecord.model_validate_json(raw)
     except ValidationError as exc:
         item = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in item["loc"]) or "payload"
-        raise ValueError(f"{loc}: {item['msg']} (count record)") from None
+        raise CountRecordError(loc, f"{item['msg']} (count record)") from None
     if record.qe_record != RECORD_KIND:
-        raise ValueError(f"qe_record: expected {RECORD_KIND!r} (count record)")
+        raise CountRecordError("qe_record", f"expected {RECORD_KIND!r} (count record)")
     bad = [m for m, c in record.counts.items() if c.low > c.answers]
     if bad:
-        raise ValueError(f"counts.{bad[0]}.low: more low-score answers than answers")
+        raise CountRecordError(f"counts.{bad[0]}.low", "more low-score answers than answers")
 
     window_start = _naive_utc(record.window_start, "window_start")
     window_end = _naive_utc(record.window_end, "window_end")

@@ -341,7 +341,8 @@ def _take_counts(
     except ValueError as exc:
         text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
         reason = str(exc)
-        rejected.append(_rejection(source, text, reason.split(":", 1)[0], reason, None))
+        field = getattr(exc, "field", None) or reason.split(":", 1)[0]
+        rejected.append(_rejection(source, text, field, reason, None))
         return
     counts.extend({**row, "source": source} for row in rows)
 

@@ -882,3 +882,16 @@ def test_unstorable_records_block_no_queue(
     with connect(database, read_only=True) as conn:
         fields = sorted(r[0] for r in conn.execute("SELECT field FROM rejected_events").fetchall())
     assert fields == ["counts.m.answers", "payload"]
+
+
+def test_a_model_name_with_a_colon_is_named_whole_in_the_field(
+    fuzz_db: duckdb.DuckDBPyConnection,
+) -> None:
+    # Found by the count property: the field was cut at the model name's own `:`.
+    line = count_line(f"colon-{next(_ids)}", {"a:b": {"answers": 0, "low": 1}})
+    source = f"colon:{next(_ids)}"
+    assert commit_batch(fuzz_db, [line], [source]).rejected == 1
+    ((field,),) = fuzz_db.execute(
+        "SELECT field FROM rejected_events WHERE source = ?", [source]
+    ).fetchall()
+    assert field == "counts.a:b.low"
