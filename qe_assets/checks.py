@@ -145,8 +145,8 @@ def preference_format_valid(
     latest = _checked_version(duckdb, finetune)
     if latest is None:
         return _no_version()
-    problems, pairs = preference_format_problems(latest.files)
     manifest = json.loads(latest.files.manifest.read_text("utf-8"))
+    problems, pairs = preference_format_problems(latest.files, manifest)
     expected = (manifest.get("preference") or {}).get("pairs", 0)
     if pairs != expected:
         problems.append(f"{pairs} preference pairs on disk, the manifest says {expected}")

@@ -139,6 +139,14 @@ CREATE TABLE IF NOT EXISTS dataset_versions (
     max_completion_seq  BIGINT NOT NULL,      -- watermark: completions up to here are exported
     created_at          TIMESTAMP NOT NULL
 );
+-- Version numbers handed to cuts, committed before a cut writes anything: a number is never given
+-- twice, so a version's name never stands for other bytes, even after a cut that failed or died
+-- once its files had their names (that number stays unused: a gap in dataset_versions).
+CREATE TABLE IF NOT EXISTS dataset_version_claims (
+    number      INTEGER PRIMARY KEY,
+    version     VARCHAR NOT NULL,
+    claimed_at  TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dataset_samples (
     version    VARCHAR NOT NULL,
     sample_id  VARCHAR NOT NULL,

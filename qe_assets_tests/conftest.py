@@ -1,5 +1,5 @@
 """Fixtures that start real parts: a redis-server and a Kafka-protocol broker on free loopback
-ports, temp data dirs."""
+ports, temp data dirs; a Hugging Face cache of the session's own."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,18 @@ import redis
 
 from qe_assets.settings import Settings
 from qe_assets_tests.openai_server import OpenAIServer, running
+
+# The Hugging Face cache of this test session (`datasets`, models): set before any test module
+# imports `datasets`, which reads it at import, and inherited by the processes tests start. What
+# ~/.cache/huggingface holds (another project's dataset of a same-named folder, say) never
+# reaches a test. Removed at the end of the session.
+_HF_HOME = tempfile.mkdtemp(prefix="qe-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_HOME, "datasets")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from qe_assets.export import VersionFiles
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
 from qe_assets.store import connect
@@ -198,9 +199,10 @@ def test_qe_run_trains_a_lora_adapter_that_lowers_the_validation_loss(
     assert metrics["model_path"] == result["model_id"] and metrics["data"] == "records"
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] < metrics["base_eval_loss"]
     # The version's own validation split, read from its folder: no database needed.
-    folder = data / "datasets" / "rag_quality_tuning_v001"
+    files = VersionFiles.at(data / "datasets", "v001")
+    manifest = json.loads(files.manifest.read_text("utf-8"))
     base, adapted = validation_losses(
-        tiny_model, Path(result["model_id"]), folder / "validation.jsonl"
+        tiny_model, Path(result["model_id"]), files.split_file("validation", "records", manifest)
     )
     assert adapted < base
     print(
