@@ -9,7 +9,11 @@ so the query cannot turn it back on). `--allow-files` gives file access back, an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import duckdb
 import polars as pl
@@ -119,3 +123,37 @@ def _output_expression(name: str, column_type: DuckDBPyType, nested_as_json: boo
         # type (an interval as "1 day", a union as its member, a variant as its value).
         return f"CAST(to_json({column}) AS VARCHAR) AS {column}"
     return f"CAST({column} AS VARCHAR) AS {column}"
+
+
+# After its --timeout a query is interrupted; one that does not stop within this grace (DuckDB
+# checks for interrupts between chunks, not inside every function) ends the process, which
+# releases the file: the writers' wait (store.WRITER_WAIT_SECONDS) counts on the bound.
+INTERRUPT_GRACE_SECONDS = 10.0
+
+
+@contextmanager
+def time_bound(conn: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[None]:
+    """Interrupt what `conn` runs after `seconds` (DuckDB raises `InterruptException` in the
+    caller); exit the process if the query still runs `INTERRUPT_GRACE_SECONDS` later."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(seconds):
+            return
+        conn.interrupt()
+        if done.wait(INTERRUPT_GRACE_SECONDS):
+            return
+        print(
+            f"qe: query stopped after --timeout {seconds:g}s (it did not stop when interrupted)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="qe-sql-timeout", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
