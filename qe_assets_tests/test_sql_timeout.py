@@ -129,6 +129,9 @@ def test_sql_timeout_is_bounded_below_the_writers_wait(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("QE_SLOW_TRIALS"), reason="opt-in: about 80 s; set QE_SLOW_TRIALS=1"
+)
 def test_the_issues_steps_with_the_default_timeout(tmp_path: Path) -> None:
     """The issue's exact steps (no --timeout): the query stops at 60 s, the run waits for it
     and succeeds. Before the fix the run failed at 60 s of waiting. About 80 s."""
