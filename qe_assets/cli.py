@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -163,11 +164,14 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     import duckdb
 
     from qe_assets import adhoc
-    from qe_assets.store import connect
+    from qe_assets.store import READ_SECONDS_MAX, connect
 
     _require_store(settings)
     if args.format == "parquet" and not args.output:
         raise UserError("--format parquet needs --output FILE")
+    if not 0 < args.timeout <= READ_SECONDS_MAX:
+        # Writers wait for readers a little longer than this, so no query can fail a run.
+        raise UserError(f"--timeout must be above 0 and at most {READ_SECONDS_MAX:.0f} seconds")
     try:
         statement = adhoc.read_statement(args.query, allow_files=args.allow_files)
     except (adhoc.AdHocError, duckdb.Error) as exc:  # the query's fault: exit 1, as at run time
@@ -181,9 +185,16 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
             waited = True
 
     config = adhoc.WITH_FILES if args.allow_files else adhoc.SANDBOX
-    with connect(
-        settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait, config=config
-    ) as conn:
+    with (
+        connect(
+            settings.database,
+            read_only=True,
+            wait_seconds=args.wait,
+            on_wait=on_wait,
+            config=config,
+        ) as conn,
+        adhoc.time_bound(conn, args.timeout),
+    ):
         frame = _run_statement(conn, statement, args)
     if frame is not None:
         _write_frame(frame, args)
@@ -209,6 +220,12 @@ def _run_statement(
     except duckdb.PermissionException as exc:
         hint = "qe sql reads the database's tables only; --allow-files lifts this"
         raise UserError(f"{str(exc).splitlines()[0]} ({hint})", EXIT_FAILED) from exc
+    except duckdb.InterruptException as exc:
+        raise UserError(
+            f"query stopped after --timeout {args.timeout:g}s, so that it does not hold up "
+            "the runs that write (raise --timeout, or narrow the query)",
+            EXIT_FAILED,
+        ) from exc
     except (duckdb.Error, adhoc.AdHocError) as exc:
         raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
 
@@ -946,11 +963,68 @@ def _ui_serve_url(review_host: str, review_port: int) -> str:
     return f"http://{host}:{review_port}"
 
 
+# How long `qe ui` gives Dagster to stop on its own (as after Ctrl+C in a terminal) before it
+# kills what is left of it. dagster dev itself waits up to 60 s for each service; it stopped in
+# 4 to 10 s here on a loaded machine.
+UI_STOP_SECONDS = 30.0
+
+
+def _stop_process_groups(children: Sequence[subprocess.Popen[bytes]], gentle: float) -> None:
+    """Stop each child and everything it started: SIGINT to its process group (what Ctrl+C in a
+    terminal sends to the whole group), then SIGKILL to the group after `gentle` seconds.
+
+    Signalling the child alone orphaned `dagster dev`'s webserver, daemon and code servers when
+    it was killed: they kept the port and went on firing sensors (issue 26)."""
+    import signal
+
+    def group_alive(child: subprocess.Popen[bytes]) -> bool:
+        child.poll()  # reap the leader: a zombie still counts as a member of its group
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            return False
+        return child.returncode is None or _group_has_live_members(child.pid)
+
+    for child in children:
+        with suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGINT)
+    deadline = time.monotonic() + gentle
+    while any(group_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for child in children:
+        if group_alive(child):
+            what = " ".join(str(a) for a in child.args[2:4])  # "dagster dev", "qe_assets.cli serve"
+            _err(f"{what} still running {gentle:.0f}s after the interrupt: killed")
+            with suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running, zombies (exited, not yet reaped by
+    their new parent) aside. Without /proc (not Linux) every member counts as running."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     """`dagster dev`, and beside it (unless --no-review) the review page of `qe serve`; both
-    stop together: Ctrl+C, or either one ending, ends the other."""
+    stop together: Ctrl+C, SIGTERM, or either one ending, ends the other and every process
+    either one started."""
     import signal
-    import subprocess
 
     from qe_assets.runner import prepare_dagster_home
 
@@ -961,35 +1035,40 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
         "DAGSTER_HOME": str(home),
         "QE_DATA_DIR": str(Path(settings.data_dir).absolute()),
     }
-    command = _dagster_dev_command(args.host, args.port)
+    commands = [_dagster_dev_command(args.host, args.port)]
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
-    if args.no_review:
-        os.execve(command[0], command, env)
-    review, notice = _ui_review_command(args)
-    if notice:
-        print(notice, flush=True)
-    # The links in the metadata point at this review port, not the default one.
-    env["QE_SERVE_URL"] = _ui_serve_url(review[review.index("--host") + 1], args.review_port)
-    children = [subprocess.Popen(review, env=env), subprocess.Popen(command, env=env)]
+    if not args.no_review:
+        review, notice = _ui_review_command(args)
+        if notice:
+            print(notice, flush=True)
+        # The links in the metadata point at this review port, not the default one.
+        env["QE_SERVE_URL"] = _ui_serve_url(review[review.index("--host") + 1], args.review_port)
+        commands.insert(0, review)
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # Handlers of our own, installed before the children start: a child inherits an *ignored*
+    # signal. Started in the background of a script (`qe ui &`), SIGINT is ignored, and dagster
+    # dev (which maps SIGTERM to its SIGINT handler) then ignored both and never stopped.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    children: list[subprocess.Popen[bytes]] = []
     try:
+        # Each child leads a process group of its own, so that stopping it reaches everything
+        # it started (dagster dev's webserver, daemon, code servers and runs); a terminal's
+        # Ctrl+C now reaches only `qe ui`, which passes it on.
+        for command in commands:
+            children.append(subprocess.Popen(command, env=env, start_new_session=True))
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)  # dagster dev stops its daemon and servers
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        # A second SIGTERM or Ctrl+C must not cut the stop short and orphan what is left.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_process_groups(children, UI_STOP_SECONDS)
     return max((child.returncode or 0) for child in children) and EXIT_FAILED
 
 
@@ -1036,6 +1115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write to this file instead of standard output")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop the query after this long (at most 300): runs wait for it to end",
+    )
     p.add_argument(
         "--allow-files",
         action="store_true",

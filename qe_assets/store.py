@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,7 @@ import duckdb
 import polars as pl
 
 SCHEMA_VERSION = 1
+_LOG = logging.getLogger("qe_assets.store")
 
 # What the batch loops of the writing stages take: a fresh write connection per transaction
 # (`WriterSession.connection` in the assets, `connect` in tests).
@@ -355,6 +357,13 @@ TABLES = (
 )
 
 
+# How long `qe sql` may hold the file at most (its --timeout), and how long a write connection
+# waits for readers: longer than that, so a reader never fails a writer. Before these bounds a
+# query of minutes made a concurrent run fail after the writer's 60 s wait (issue 26).
+READ_SECONDS_MAX = 300.0
+WRITER_WAIT_SECONDS = READ_SECONDS_MAX + 60.0
+
+
 class DatabaseBusy(RuntimeError):
     """The database stayed locked by a writer for longer than the caller was willing to wait."""
 
@@ -395,7 +404,7 @@ def connect(
     database: str | Path,
     *,
     read_only: bool = False,
-    wait_seconds: float = 60.0,
+    wait_seconds: float | None = None,
     on_wait: Callable[[float], None] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -413,13 +422,16 @@ def open_connection(
     database: str | Path,
     *,
     read_only: bool = False,
-    wait_seconds: float = 60.0,
+    wait_seconds: float | None = None,
     on_wait: Callable[[float], None] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """`connect` without the context: the caller closes. Writers get WRITER_CONFIG, then
-    `config` on top (memory limit and the like); readers get `config` alone."""
+    `config` on top (memory limit and the like); readers get `config` alone. The wait defaults
+    to 60 s for a reader and to WRITER_WAIT_SECONDS, past the longest `qe sql`, for a writer."""
     path = Path(database)
+    if wait_seconds is None:
+        wait_seconds = 60.0 if read_only else WRITER_WAIT_SECONDS
     settings = {**(config or {})} if read_only else {**WRITER_CONFIG, **(config or {})}
     # Locked only once the time zone below is set (`qe sql` locks its sandbox).
     lock = bool(settings.pop("lock_configuration", False))
@@ -427,6 +439,7 @@ def open_connection(
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
     delay = 0.02
+    warned = False
     while True:
         try:
             conn = duckdb.connect(str(path), read_only=read_only, config=settings)
@@ -440,6 +453,16 @@ def open_connection(
                 ) from exc
             if on_wait is not None:
                 on_wait(remaining)
+            elif not read_only and not warned:
+                # Writers queue on the writer lock, so what holds the file is a reader (`qe sql`
+                # most likely): say why the stage stands still.
+                _LOG.warning(
+                    "%s is open in another process (a reader such as qe sql): waiting up to "
+                    "%.0fs for it",
+                    path,
+                    remaining,
+                )
+                warned = True
             time.sleep(min(delay, remaining))
             # Readers poll fast: writers leave only short gaps between their transactions.
             delay = min(delay * 2, 0.05 if read_only else 0.5)
@@ -637,7 +660,7 @@ def writer_connection(
     started = time.monotonic()
     with lock:
         spent = time.monotonic() - started
-        left = 60.0 if wait_seconds is None else max(0.0, wait_seconds - spent)
+        left = WRITER_WAIT_SECONDS if wait_seconds is None else max(0.0, wait_seconds - spent)
         with connect(database, config=config, wait_seconds=left) as conn:
             ensure_schema(conn)
             yield conn
