@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qe_assets import versions_cli
 from qe_assets.settings import Settings, SettingsError, estimated_cost
 
 if TYPE_CHECKING:
@@ -162,11 +165,14 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     import duckdb
 
     from qe_assets.ops import adhoc
-    from qe_assets.store import connect
+    from qe_assets.store import READ_SECONDS_MAX, connect
 
     _require_store(settings)
     if args.format == "parquet" and not args.output:
         raise UserError("--format parquet needs --output FILE")
+    if not 0 < args.timeout <= READ_SECONDS_MAX:
+        # Writers wait for readers a little longer than this, so no query can fail a run.
+        raise UserError(f"--timeout must be above 0 and at most {READ_SECONDS_MAX:.0f} seconds")
     try:
         statement = adhoc.read_statement(args.query, allow_files=args.allow_files)
     except (adhoc.AdHocError, duckdb.Error) as exc:  # the query's fault: exit 1, as at run time
@@ -180,9 +186,16 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
             waited = True
 
     config = adhoc.WITH_FILES if args.allow_files else adhoc.SANDBOX
-    with connect(
-        settings.database, read_only=True, wait_seconds=args.wait, on_wait=on_wait, config=config
-    ) as conn:
+    with (
+        connect(
+            settings.database,
+            read_only=True,
+            wait_seconds=args.wait,
+            on_wait=on_wait,
+            config=config,
+        ) as conn,
+        adhoc.time_bound(conn, args.timeout),
+    ):
         frame = _run_statement(conn, statement, args)
     if frame is not None:
         _write_frame(frame, args)
@@ -208,6 +221,12 @@ def _run_statement(
     except duckdb.PermissionException as exc:
         hint = "qe sql reads the database's tables only; --allow-files lifts this"
         raise UserError(f"{str(exc).splitlines()[0]} ({hint})", EXIT_FAILED) from exc
+    except duckdb.InterruptException as exc:
+        raise UserError(
+            f"query stopped after --timeout {args.timeout:g}s, so that it does not hold up "
+            "the runs that write (raise --timeout, or narrow the query)",
+            EXIT_FAILED,
+        ) from exc
     except (duckdb.Error, adhoc.AdHocError) as exc:
         raise UserError(str(exc).splitlines()[0], EXIT_FAILED) from exc
 
@@ -286,6 +305,7 @@ def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
             "GROUP BY 1 ORDER BY 2 DESC"
         ).fetchall()
         conn_rows = _production_rows(conn)
+        rollout = _status_rollout(conn, settings)
     print(f"review queue: {review:,} samples waiting for a human")
     print(
         f"pending samples: {ready:,} ready for the next version "
@@ -314,10 +334,15 @@ def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
             "failed completions by error: "
             + ", ".join(f"{error} {count:,}" for error, count in failures)
         )
-    production, evaluation = _production_line(conn_rows)
+    production, evaluation = _production_line(conn_rows, rollout.base_model)
     print(f"production model: {production}")
     if evaluation:
         print(f"latest evaluation: {evaluation}")
+    print(f"rollout: {rollout.line}")
+    if rollout.steps:
+        print("release timeline:")
+        for line in rollout.steps:
+            print(line)
     if models:
         print("models (latest run per dataset version):")
         for version, backend, status, model in models:
@@ -355,23 +380,73 @@ def _production_rows(conn: duckdb.DuckDBPyConnection) -> tuple[list[tuple], list
     return promoted, evaluated
 
 
-def _production_line(rows: tuple[list[tuple], list[tuple]]) -> tuple[str, str | None]:
+def _production_line(
+    rows: tuple[list[tuple], list[tuple]], base_model: str
+) -> tuple[str, str | None]:
     promoted, evaluated = rows
     if promoted:
         model, action, by, at = promoted[0]
         done = "promoted" if action == "promote" else "rolled back to"
         production = f"{model} ({done} by {by}, {at:%Y-%m-%d %H:%M} UTC)"
     else:
-        production = "the base model (none promoted yet)"
+        production = f"{base_model or 'the base model'} (the base model; none promoted yet)"
     if not evaluated:
         return production, None
     candidate, baseline, n, win_rate, ci_low, decision = evaluated[0]
+    # The stored `promote` means "passed the gate": what followed is on the rollout line.
+    verdict = "passed the gate" if decision == "promote" else decision
     if not n:
-        return production, f"{candidate} vs {baseline}: {decision} (no judged pair)"
+        return production, f"{candidate} vs {baseline}: {verdict} (no judged pair)"
     return production, (
-        f"{candidate} vs {baseline}: {decision}, win rate {win_rate:.3f} "
+        f"{candidate} vs {baseline}: {verdict}, win rate {win_rate:.3f} "
         f"(95% lower bound {ci_low:.3f}, n={n:,})"
     )
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    line: str
+    base_model: str
+    steps: list[str]
+
+
+def _status_rollout(conn: duckdb.DuckDBPyConnection, settings: Settings) -> _Rollout:
+    """`qe status`'s rollout line (the canary and its share, or none) and the release timeline,
+    from the same rows as the asset pages and the dashboards."""
+    import duckdb
+
+    from qe_assets.evaluation import timeline
+    from qe_assets.rollout import registry as ab
+    from qe_assets.rollout.sequential import distance_to_decision, policy_of
+
+    base = settings.finetune_base_model
+    try:
+        test = ab.active_test(conn)
+        rows = ab.newest_test_rows(conn)
+        state = ab.current_state(conn)
+    except duckdb.CatalogException:  # a store from before the rollout
+        return _Rollout("no A/B test yet", base, [])
+    # Before any promotion, production is the model the tests ran against (the base model).
+    base = (state.production if not _production_rows(conn)[0] else None) or base
+    progress = None
+    if test is None:
+        line = f"no candidate has traffic; every request goes to {state.production or base}"
+        if rows:
+            last = rows[-1]
+            line += (
+                f" (the last test, {last['candidate']}, ended {last['decided_at']:%Y-%m-%d %H:%M}"
+                f" UTC: {last['decision']} by {last['decided_by']})"
+            )
+    else:
+        arms = ab.arm_counts(conn, test)
+        distance = distance_to_decision(arms, test.share, policy_of(settings))
+        progress = distance.text()
+        line = (
+            f"canary {test.candidate} at {test.share:.0%} of traffic against {test.production} "
+            f"since {test.started_at:%Y-%m-%d %H:%M} UTC; {progress}"
+        )
+    steps = timeline.release_timeline(timeline.read_rows(conn), progress)
+    return _Rollout(line, base, timeline.text_lines(steps))
 
 
 def _reviewer(args: argparse.Namespace) -> str:
@@ -723,7 +798,10 @@ def _models_change(args: argparse.Namespace, conn: duckdb.DuckDBPyConnection, by
                 "production model on record",
                 EXIT_FAILED,
             )
-    registry.record_promotion(conn, model, by, action=action, reason=args.reason)
+    try:
+        registry.record_promotion(conn, model, by, action=action, reason=args.reason)
+    except registry.ModelFlagged as exc:
+        raise UserError(str(exc), EXIT_FAILED) from None
     return f"{action}: {model} is the production model (was {current or 'none'}), by {by}"
 
 
@@ -735,6 +813,7 @@ def _rollout_change(
     test: ActiveTest | None,
 ) -> str:
     from qe_assets.rollout import registry as ab
+    from qe_assets.store.evaluations import ModelFlagged
 
     model, share = args.model, args.share
     if not 0.0 <= share <= 1.0:
@@ -752,7 +831,10 @@ def _rollout_change(
     production = production or ab.current_state(conn).production
     if production is None:
         raise UserError(f"no production model on record to test {model} against", EXIT_FAILED)
-    ab.start_test(conn, model, production, share, by, args.reason, decision=ab.SET_SHARE)
+    try:
+        ab.start_test(conn, model, production, share, by, args.reason, decision=ab.SET_SHARE)
+    except ModelFlagged as exc:
+        raise UserError(str(exc), EXIT_FAILED) from None
     return f"rollout: {model} at {share:.0%} of traffic against {production}, by {by}"
 
 
@@ -776,8 +858,37 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         ensure_schema(conn)
         message = _models_change(args, conn, reviewer)
         sync_state_file(conn, state_path(settings))
+        event = _rollout_event(conn, settings, reviewer, message)
     print(message)
+    problem = _report_to_dagster(settings, event)
+    if problem:
+        _err(f"warning: {problem}")
     return EXIT_OK
+
+
+def _rollout_event(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, by: str, what: str
+) -> object:
+    """ab_test as it stands after a person's change, to report to Dagster."""
+    from qe_assets.rollout.assets import rollout_changed
+
+    return rollout_changed(conn, settings, by, what)
+
+
+def _report_to_dagster(settings: Settings, event: object) -> str | None:
+    """Tell the Dagster instance of this data directory (DAGSTER_HOME) that ab_test changed, so
+    its page agrees with rollout.json at once; a problem is a warning, the change stands."""
+    import dagster as dg
+
+    from qe_assets.ops.runner import prepare_dagster_home
+    from qe_assets.rollout.assets import report_rollout_change
+
+    try:
+        instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    except Exception as exc:  # any: the change is recorded; Dagster is only told
+        return f"could not open the Dagster instance ({type(exc).__name__}: {exc})"
+    with instance:
+        return report_rollout_change(instance, event)  # type: ignore[arg-type]
 
 
 def _age_seconds(text: str) -> float:
@@ -844,11 +955,78 @@ def _ui_review_command(args: argparse.Namespace) -> tuple[list[str], str | None]
     return [*command, "--port", str(args.review_port)], notice
 
 
+def _ui_serve_url(review_host: str, review_port: int) -> str:
+    """Where the review page of `qe ui` listens, for the dashboards links in the assets'
+    metadata (an explicit QE_SERVE_URL, e.g. behind a proxy, wins)."""
+    if os.environ.get("QE_SERVE_URL"):
+        return os.environ["QE_SERVE_URL"]
+    host = "127.0.0.1" if review_host in ("0.0.0.0", "::", "") else review_host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{review_port}"
+
+
+# How long `qe ui` gives Dagster to stop on its own (as after Ctrl+C in a terminal) before it
+# kills what is left of it. dagster dev itself waits up to 60 s for each service; it stopped in
+# 4 to 10 s here on a loaded machine.
+UI_STOP_SECONDS = 30.0
+
+
+def _stop_process_groups(children: Sequence[subprocess.Popen[bytes]], gentle: float) -> None:
+    """Stop each child and everything it started: SIGINT to its process group (what Ctrl+C in a
+    terminal sends to the whole group), then SIGKILL to the group after `gentle` seconds.
+
+    Signalling the child alone orphaned `dagster dev`'s webserver, daemon and code servers when
+    it was killed: they kept the port and went on firing sensors (issue 26)."""
+    import signal
+
+    def group_alive(child: subprocess.Popen[bytes]) -> bool:
+        child.poll()  # reap the leader: a zombie still counts as a member of its group
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            return False
+        return child.returncode is None or _group_has_live_members(child.pid)
+
+    for child in children:
+        with suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGINT)
+    deadline = time.monotonic() + gentle
+    while any(group_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for child in children:
+        if group_alive(child):
+            what = " ".join(str(a) for a in child.args[2:4])  # "dagster dev", "qe_assets.cli serve"
+            _err(f"{what} still running {gentle:.0f}s after the interrupt: killed")
+            with suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running, zombies (exited, not yet reaped by
+    their new parent) aside. Without /proc (not Linux) every member counts as running."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     """`dagster dev`, and beside it (unless --no-review) the review page of `qe serve`; both
-    stop together: Ctrl+C, or either one ending, ends the other."""
+    stop together: Ctrl+C, SIGTERM, or either one ending, ends the other and every process
+    either one started."""
     import signal
-    import subprocess
 
     from qe_assets.ops.runner import prepare_dagster_home
 
@@ -859,33 +1037,40 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
         "DAGSTER_HOME": str(home),
         "QE_DATA_DIR": str(Path(settings.data_dir).absolute()),
     }
-    command = _dagster_dev_command(args.host, args.port)
+    commands = [_dagster_dev_command(args.host, args.port)]
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
-    if args.no_review:
-        os.execve(command[0], command, env)
-    review, notice = _ui_review_command(args)
-    if notice:
-        print(notice, flush=True)
-    children = [subprocess.Popen(review, env=env), subprocess.Popen(command, env=env)]
+    if not args.no_review:
+        review, notice = _ui_review_command(args)
+        if notice:
+            print(notice, flush=True)
+        # The links in the metadata point at this review port, not the default one.
+        env["QE_SERVE_URL"] = _ui_serve_url(review[review.index("--host") + 1], args.review_port)
+        commands.insert(0, review)
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # Handlers of our own, installed before the children start: a child inherits an *ignored*
+    # signal. Started in the background of a script (`qe ui &`), SIGINT is ignored, and dagster
+    # dev (which maps SIGTERM to its SIGINT handler) then ignored both and never stopped.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    children: list[subprocess.Popen[bytes]] = []
     try:
+        # Each child leads a process group of its own, so that stopping it reaches everything
+        # it started (dagster dev's webserver, daemon, code servers and runs); a terminal's
+        # Ctrl+C now reaches only `qe ui`, which passes it on.
+        for command in commands:
+            children.append(subprocess.Popen(command, env=env, start_new_session=True))
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)  # dagster dev stops its daemon and servers
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        # A second SIGTERM or Ctrl+C must not cut the stop short and orphan what is left.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_process_groups(children, UI_STOP_SECONDS)
     return max((child.returncode or 0) for child in children) and EXIT_FAILED
 
 
@@ -932,6 +1117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write to this file instead of standard output")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a busy writer")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop the query after this long (at most 300): runs wait for it to end",
+    )
     p.add_argument(
         "--allow-files",
         action="store_true",
@@ -1040,6 +1232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a decision waits for a run's writer lock before the page retries it",
     )
     p.set_defaults(func=cmd_serve)
+    versions_cli.add_commands(sub)
     return parser
 
 

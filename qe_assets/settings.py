@@ -6,6 +6,7 @@ with the name of the variable to fix instead of deep inside a run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -219,6 +220,38 @@ _ruled(_serve_url, "`http://` or `https://` base URL")
 
 _queue_url = _ruled(queue_url, "`redis://`, `rediss://`, `unix://` or `kafka://` URL")
 
+# QE_PUBLISH_URL's schemes: an S3-compatible bucket, a directory, a Hugging Face dataset-repo
+# folder (what `huggingface_hub.upload_folder` uploads).
+PUBLISH_SCHEMES = ("s3", "file", "hf")
+
+
+def _publish_url(raw: str) -> str:
+    value = raw.strip()
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        # Never echo the value: it may hold a key. Credentials come from the client's own chain.
+        raise SettingsError(
+            "QE_PUBLISH_URL must not carry credentials (user:secret@); set AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or a profile) instead"
+        )
+    if parts.scheme not in PUBLISH_SCHEMES or parts.query or parts.fragment:
+        raise SettingsError(
+            "QE_PUBLISH_URL must look like s3://BUCKET[/PREFIX], file:///PATH or hf:///PATH; "
+            f"got {value!r}"
+        )
+    if parts.scheme == "s3" and not parts.netloc:
+        raise SettingsError(f"QE_PUBLISH_URL needs a bucket: s3://BUCKET[/PREFIX]; got {value!r}")
+    if parts.scheme in ("file", "hf") and (parts.netloc or not parts.path.startswith("/")):
+        raise SettingsError(
+            f"QE_PUBLISH_URL needs an absolute path: {parts.scheme}:///PATH; got {value!r}"
+        )
+    if parts.scheme == "s3" and importlib.util.find_spec("boto3") is None:
+        raise SettingsError("QE_PUBLISH_URL=s3://… needs boto3: pip install 'qe_assets[publish]'")
+    return value.rstrip("/")
+
+
+_ruled(_publish_url, "`s3://BUCKET[/PREFIX]`, `file:///PATH` or `hf:///PATH`")
+
 # field name → (environment variable, parser). Defaults live on the model below.
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "data_dir": ("QE_DATA_DIR", _text),
@@ -307,6 +340,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "judge_min_decisions": ("QE_JUDGE_MIN_DECISIONS", _int("QE_JUDGE_MIN_DECISIONS")),
     "judge_agreement_window": ("QE_JUDGE_AGREEMENT_WINDOW", _int("QE_JUDGE_AGREEMENT_WINDOW")),
     "serve_url": ("QE_SERVE_URL", _serve_url),
+    "publish_url": ("QE_PUBLISH_URL", _publish_url),
+    "forget_delete_remote": ("QE_FORGET_DELETE_REMOTE", _bool("QE_FORGET_DELETE_REMOTE")),
     "llm_propose_review": ("QE_LLM_PROPOSE_REVIEW", _bool("QE_LLM_PROPOSE_REVIEW")),
     "eval_share": ("QE_EVAL_SHARE", _float("QE_EVAL_SHARE", 0.0, 0.5)),
     "eval_min_items": ("QE_EVAL_MIN_ITEMS", _int("QE_EVAL_MIN_ITEMS")),
@@ -574,6 +609,22 @@ class Settings(BaseModel):
     serve_url: str = Field(
         "http://127.0.0.1:8787",
         description="Where `qe serve` answers: the dashboards linked from the assets' metadata.",
+    )
+    publish_url: str | None = Field(
+        None,
+        description=(
+            "Where checked versions are published (none by default): `s3://BUCKET[/PREFIX]` "
+            "(any S3-compatible store; endpoint and credentials from the AWS variables), "
+            "`file:///PATH`, or `hf:///PATH` (a Hugging Face dataset-repo folder per version). "
+            "See Publishing."
+        ),
+    )
+    forget_delete_remote: bool = Field(
+        False,
+        description=(
+            "`qe forget` deletes the published copy of a superseded version; off: it only "
+            "removes its manifest (the commit marker), so readers no longer see it."
+        ),
     )
     # The evaluation gate (docs/evaluation.md). 0 holds nothing out: set a share to build the
     # frozen evaluation set; held-out questions never reach a training file.

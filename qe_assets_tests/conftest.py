@@ -1,13 +1,15 @@
 """Fixtures that start real parts: a redis-server and a Kafka-protocol broker on free loopback
-ports, temp data dirs."""
+ports, temp data dirs; a Hugging Face cache of the session's own."""
 
 from __future__ import annotations
 
 import importlib.resources
 import itertools
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,18 @@ import redis
 
 from qe_assets.settings import Settings
 from qe_assets_tests.openai_server import OpenAIServer, running
+
+# The Hugging Face cache of this test session (`datasets`, models): set before any test module
+# imports `datasets`, which reads it at import, and inherited by the processes tests start. What
+# ~/.cache/huggingface holds (another project's dataset of a same-named folder, say) never
+# reaches a test. Removed at the end of the session.
+_HF_HOME = tempfile.mkdtemp(prefix="qe-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_HOME, "datasets")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -45,7 +59,7 @@ def wait_until_serving(
             time.sleep(0.01)
 
 
-def serving(server: RedisServer | KafkaBroker) -> Iterator[Any]:
+def serving(server: Any) -> Iterator[Any]:
     """A session fixture's body: the server started, then stopped after the last test."""
     server.start()
     yield server
@@ -201,3 +215,22 @@ def openai_server() -> Iterator[OpenAIServer]:
     """A fake OpenAI-compatible endpoint on a free loopback port (see openai_server.py)."""
     with running() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto in server mode on a loopback port (qe_assets_tests/s3_server.py)."""
+    from qe_assets_tests.s3_server import S3Server
+
+    yield from serving(S3Server(tmp_path_factory.mktemp("moto")))
+
+
+@pytest.fixture
+def s3_env(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The AWS variables pointing boto3 at the loopback server (and nowhere else)."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    return s3_server

@@ -144,13 +144,14 @@ class DagsterDev:
         )
 
     def stop(self) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left after 20 s."""
+        """SIGTERM the whole process group, then SIGKILL whatever is left after 45 s (`qe ui`
+        gives dagster dev 30 s before it kills the process groups of its children)."""
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=45)
         # Children may outlive the parent that handled SIGTERM: sweep the group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)

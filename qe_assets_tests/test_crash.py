@@ -16,7 +16,9 @@ SIGKILLs it several times in a row, then runs it to completion and checks every 
   non-duplicate sample; the watermarks point at the newest upstream rows;
 * the dataset directory holds exactly the files of the versions in dataset_versions (no orphan,
   no temp file), each file's sha256 matches its row, each JSONL file holds exactly that version's
-  samples, version numbers run 1..N without gaps, no sample is in two versions, and the union of
+  samples, version numbers rise with a gap only at a number a cut claimed and never committed
+  (its name is never reused), no manifest is left under its temp name, no sample is in two
+  versions, and the union of
   all versions is every ready sample (completed ok, not a duplicate, no pending review);
 * the queue is drained (inbox and `.processing/` empty; Redis queue and processing list empty;
   the Kafka consumer group committed every message);
@@ -55,6 +57,7 @@ the assets call them), not through Dagster. A Dagster run
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -437,13 +440,16 @@ def check_invariants(
             "SELECT version, number, jsonl_path, chat_path, manifest_path, sha256, chat_sha256, "
             "manifest_sha256, sample_count FROM dataset_versions ORDER BY number"
         ).fetchall()
+        claimed = set(column(conn, "SELECT number FROM dataset_version_claims"))
         members: dict[str, set[str]] = {}
         for version, sample_id in conn.execute(
             "SELECT version, sample_id FROM dataset_samples"
         ).fetchall():
             members.setdefault(version, set()).add(sample_id)
 
-    assert [v[1] for v in versions] == list(range(1, len(versions) + 1)), "version numbers gap"
+    numbers = [v[1] for v in versions]
+    gaps = set(range(1, max(numbers, default=0) + 1)) - set(numbers)
+    assert gaps <= claimed and set(numbers) <= claimed, "a version number not claimed first"
     listed: set[str] = set()
     for version, _, jsonl, chat, manifest, jsonl_sha, chat_sha, manifest_sha, count in versions:
         paths = [Path(jsonl), Path(chat), Path(manifest)]
@@ -708,6 +714,155 @@ def test_sigkill_with_a_claimed_file_then_a_same_named_drop(
         check_invariants(data, expected, TrialQueue(producer))
     assert producer.drops_while_claimed == 3
     print(f"\nsame-name re-drops while claimed{producer.summary()}: losses 0, duplicates 0")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MB filesystem (tmpfs), unmounted afterwards; skipped where mounting is refused."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        pytest.skip(f"a tmpfs mount is refused here: {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write to `disk` until the kernel says it is full; returns the filler file."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 16))
+                handle.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def test_disk_full_at_the_commit_leaves_no_version_and_the_name_is_never_reused(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """Issue #26 item 4: the database's disk fills while a version is cut, so the files are in
+    place and the commit of their row fails. Nothing of that version may stay, and the next cut,
+    after space is freed and more samples came, takes a new name instead of giving v001's name
+    to other bytes."""
+    import dagster as dg
+    import duckdb
+
+    from qe_assets.ops.definitions import build_resources
+    from qe_assets.release.assets import cut_version
+    from qe_assets.release.export import VersionFiles
+    from qe_assets.settings import Settings
+    from qe_assets_tests.runs import materialize
+    from qe_assets_tests.test_pipeline import batch
+
+    settings = Settings(
+        data_dir=str(tmp_path / "data"),
+        duckdb_path=str(small_disk / "qe.duckdb"),
+        spot_check_share=0.0,
+        eval_share=0.0,
+    )
+    stages = dg.AssetSelection.assets("raw_events", "annotated_samples", "completions")
+    resource = build_resources(settings)["duckdb"]
+    FileInbox(settings.inbox_dir).put(batch("first", 30))
+    assert materialize(settings, selection=stages).success
+    fillers: list[Path] = []
+
+    def disk_fills(version: str, written: int) -> None:
+        if not fillers:
+            fillers.append(fill(small_disk))
+
+    with pytest.raises(duckdb.Error, match="No space left on device"):
+        cut_version(resource, settings, disk_fills)
+    assert fillers, "the disk never filled"
+    left = sorted(p.name for p in settings.datasets_dir.iterdir())
+    assert left == [], f"files of an uncommitted version: {left}"
+    with connect(settings.database, read_only=True) as conn:
+        assert column(conn, "SELECT version FROM dataset_versions") == []
+
+    fillers[0].unlink()
+    FileInbox(settings.inbox_dir).put(batch("second", 30))
+    assert materialize(settings, selection=stages).success
+    manifest = cut_version(resource, settings)
+    assert manifest is not None and manifest["version"] == "v002"
+    assert manifest["counts"]["samples"] == 60
+    assert not any(p.exists() for p in VersionFiles.at(settings.datasets_dir, "v001").all())
+    files = VersionFiles.at(settings.datasets_dir, "v002")
+    with connect(settings.database, read_only=True) as conn:
+        ((jsonl_sha, manifest_sha),) = conn.execute(
+            "SELECT sha256, manifest_sha256 FROM dataset_versions WHERE version = 'v002'"
+        ).fetchall()
+    assert (sha256(files.jsonl), sha256(files.manifest)) == (jsonl_sha, manifest_sha)
+
+
+def test_a_commit_the_database_refuses_leaves_no_version_and_the_name_is_never_reused(
+    tmp_path: Path,
+) -> None:
+    """The same without root: DuckDB itself refuses the commit of v001 (a `dataset_samples` made
+    beforehand with a CHECK that v001's rows break), after its files were in place."""
+    import dagster as dg
+    import duckdb
+
+    from qe_assets.ops.definitions import build_resources
+    from qe_assets.release.assets import cut_version
+    from qe_assets.release.export import VersionFiles
+    from qe_assets.settings import Settings
+    from qe_assets_tests.runs import materialize
+    from qe_assets_tests.test_pipeline import batch
+
+    settings = Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0, eval_share=0.0)
+    with connect(settings.database) as conn:
+        conn.execute(
+            "CREATE TABLE dataset_samples (version VARCHAR NOT NULL, sample_id VARCHAR NOT NULL, "
+            "split VARCHAR NOT NULL CHECK (version <> 'v001'), PRIMARY KEY (version, sample_id))"
+        )
+    stages = dg.AssetSelection.assets("raw_events", "annotated_samples", "completions")
+    resource = build_resources(settings)["duckdb"]
+    FileInbox(settings.inbox_dir).put(batch("first", 12))
+    assert materialize(settings, selection=stages).success
+    with pytest.raises(duckdb.ConstraintException):
+        cut_version(resource, settings)
+    assert sorted(p.name for p in settings.datasets_dir.iterdir()) == []
+    FileInbox(settings.inbox_dir).put(batch("second", 12))
+    assert materialize(settings, selection=stages).success
+    manifest = cut_version(resource, settings)
+    assert manifest is not None and manifest["version"] == "v002"
+    assert not any(p.exists() for p in VersionFiles.at(settings.datasets_dir, "v001").all())
+
+
+def test_a_manifest_still_under_its_temp_name_after_the_commit_is_put_in_place(
+    tmp_path: Path,
+) -> None:
+    """A cut killed between its row's commit and the manifest's rename leaves the manifest under
+    its temp name: the next release puts it in place (its bytes match the committed sha256)."""
+    import dagster as dg
+
+    from qe_assets.ops.definitions import build_resources
+    from qe_assets.release.assets import cut_version, next_release
+    from qe_assets.release.export import VersionFiles, manifest_temp
+    from qe_assets.settings import Settings
+    from qe_assets_tests.runs import materialize
+    from qe_assets_tests.test_pipeline import batch
+
+    settings = Settings(data_dir=str(tmp_path / "data"), spot_check_share=0.0, eval_share=0.0)
+    stages = dg.AssetSelection.assets("raw_events", "annotated_samples", "completions")
+    resource = build_resources(settings)["duckdb"]
+    FileInbox(settings.inbox_dir).put(batch("a", 10))
+    assert materialize(settings, selection=stages).success
+    assert cut_version(resource, settings) is not None
+    files = VersionFiles.at(settings.datasets_dir, "v001")
+    body = files.manifest.read_bytes()
+    os.replace(files.manifest, manifest_temp(files))  # the disk as the kill leaves it
+    next_release(resource, settings)
+    assert files.manifest.read_bytes() == body and not manifest_temp(files).exists()
 
 
 def test_killed_dagster_run_does_not_block_the_next_run(tmp_path: Path, zygote: Zygote) -> None:

@@ -73,7 +73,7 @@ def test_a_better_candidate_is_promoted_by_the_gate(
     assert meta["candidate"].startswith(f"ft:{BASE}:qe:") and meta["baseline"] == BASE
     held = scalar(eval_settings, "SELECT count(*) FROM evaluation_set")
     assert meta["n"] == held >= 20 and meta["wins"] == held and meta["failed"] == 0
-    assert meta["decision"] == "promote" and meta["ci_low"] > 0.5
+    assert meta["decision"] == "passed" and meta["ci_low"] > 0.5
     assert "| factuality_error |" in meta["per_label"] and "### Won" in meta["examples"]
     check = checks(result)["candidate_beats_production"]
     assert check.passed
@@ -162,7 +162,7 @@ def test_a_judge_fault_once_is_retried_and_judged(
 ) -> None:
     models = EvalModels({"ft:": 3, BASE: 1}, garbage_every=3, garbage_times=1)
     meta = metadata(release(eval_settings, openai_server, models), "model_evaluation")
-    assert meta["failed"] == 0 and meta["decision"] == "promote"
+    assert meta["failed"] == 0 and meta["decision"] == "passed"
 
 
 def test_a_failing_model_gives_failed_items_and_no_promotion(
@@ -248,7 +248,7 @@ def test_a_separate_endpoint_serves_the_adapter_under_a_mapped_name(
         result = materialize(settings, selection=["model_evaluation"])
         served_models = {r.json()["model"] for r in serving.chat_requests()}
     meta = metadata(result, "model_evaluation")
-    assert meta["candidate"] == model_id and meta["decision"] == "promote" and meta["failed"] == 0
+    assert meta["candidate"] == model_id and meta["decision"] == "passed" and meta["failed"] == 0
     assert served_models == {"qe-adapter", BASE, "judge"}
     assert openai_server.chat_requests() == []
     # Two 429s were retried after Retry-After: one request more each, no item lost.
@@ -265,7 +265,7 @@ def test_answers_paid_for_are_not_asked_again_after_a_failed_judge(
     openai_server.responder = EvalModels({"ft:": 3, BASE: 1})
     again = metadata(materialize(eval_settings, selection=["model_evaluation"]), "model_evaluation")
     asked = {r.json()["model"] for r in openai_server.chat_requests()}
-    assert asked == {"judge"} and again["n"] == held and again["decision"] == "promote"
+    assert asked == {"judge"} and again["n"] == held and again["decision"] == "passed"
 
 
 def test_an_icl_baseline_is_reported_beside_the_gate(
@@ -275,7 +275,7 @@ def test_an_icl_baseline_is_reported_beside_the_gate(
     # In-context examples lift the base model above the candidate: reported, not gating.
     result = release(settings, openai_server, EvalModels({"ft:": 3, BASE: 1}, icl_bonus=3))
     meta = metadata(result, "model_evaluation")
-    assert meta["decision"] == "promote" and meta["icl/baseline"] == f"{BASE}+icl2"
+    assert meta["decision"] == "passed" and meta["icl/baseline"] == f"{BASE}+icl2"
     assert meta["icl/n"] == meta["n"] and meta["icl/win_rate"] == 0.0
     assert checks(result)["candidate_beats_production"].passed
     with connect(settings.database, read_only=True) as conn:
@@ -431,7 +431,7 @@ def test_people_promote_and_roll_back_with_reviewer_and_reason(
     assert "lower bound" in rows[0][3]
     status = qe("status", env=env).stdout
     assert f"production model: {candidate} (rolled back to by bo, " in status
-    assert f"latest evaluation: {candidate} vs {BASE}: promote, win rate 1.000" in status
+    assert f"latest evaluation: {candidate} vs {BASE}: passed the gate, win rate 1.000" in status
     no_reason = qe("models", "promote", BASE, env=env, check=False)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
 

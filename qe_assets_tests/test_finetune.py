@@ -20,9 +20,9 @@ from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.lib.resources import PipelineSettings
 from qe_assets.ops.definitions import RELEASE_JOB, build_definitions
-from qe_assets.ops.runner import DAGSTER_YAML, run_pipeline
-from qe_assets.ops.runs import owner_tags as _owner_tags
+from qe_assets.ops.runner import DAGSTER_YAML, _owner_tags, run_pipeline
 from qe_assets.ops.sensors import build_finetune_sensor
+from qe_assets.release.export import VersionFiles
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.runs import checks, materialize, metadata, scalar
@@ -359,7 +359,7 @@ def test_an_older_unreleased_version_is_released_before_a_newer_one(settings: Se
 
 def dead_owner_tags() -> dict[str, str]:
     """The owner tags `qe run` puts on its runs, made by a real process that has since exited."""
-    code = "import json; from qe_assets.ops.runs import owner_tags; print(json.dumps(owner_tags()))"
+    code = "import json; from qe_assets.ops.runner import _owner_tags; print(json.dumps(_owner_tags()))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -501,14 +501,14 @@ def _strip_split_files(settings: Settings, version: str) -> dict[str, bytes]:
     """Make `version` look cut before versions had their per-split folder (manifest without
     `split_files`, no folder, the committed manifest hash updated); returns the folder's records
     and chat files by the names a run gives them."""
-    manifest_path = next(settings.datasets_dir.glob(f"*_{version}.manifest.json"))
-    folder = manifest_path.with_name(manifest_path.name.removesuffix(".manifest.json"))
-    saved = {
-        f"{split}.{kind}": (folder / f"{split}.{name}").read_bytes()
-        for split in ("train", "validation")
-        for kind, name in (("chat.jsonl", "chat.jsonl"), ("records.jsonl", "jsonl"))
-    }
+    files = VersionFiles.at(settings.datasets_dir, version)
+    manifest_path, folder = files.manifest, files.folder
     manifest = json.loads(manifest_path.read_text("utf-8"))
+    saved = {
+        f"{split}.{kind}": files.split_file(split, fmt, manifest).read_bytes()
+        for split in ("train", "validation")
+        for kind, fmt in (("chat.jsonl", "chat"), ("records.jsonl", "records"))
+    }
     del manifest["split_files"]
     del manifest["files"]["card"]
     manifest_path.write_text(json.dumps(manifest), "utf-8")
@@ -527,18 +527,18 @@ def test_a_run_gets_the_version_split_files_and_a_legacy_version_is_split_again(
     # A version with its per-split folder: the run's files are byte-for-byte the folder's.
     processed(settings, 30)
     assert materialize(settings, selection=["tuning_dataset", "fine_tuned_model"]).success
-    folder = next(p for p in settings.datasets_dir.iterdir() if p.is_dir())
+    files = VersionFiles.at(settings.datasets_dir, "v001")
+    manifest = json.loads(files.manifest.read_text("utf-8"))
     run = _run_files(settings, "v001-none-1")
     assert run == {
-        "train.chat.jsonl": (folder / "train.chat.jsonl").read_bytes(),
-        "train.records.jsonl": (folder / "train.jsonl").read_bytes(),
-        "validation.chat.jsonl": (folder / "validation.chat.jsonl").read_bytes(),
-        "validation.records.jsonl": (folder / "validation.jsonl").read_bytes(),
+        f"{split}.{kind}": files.split_file(split, fmt, manifest).read_bytes()
+        for split in ("train", "validation")
+        for kind, fmt in (("chat.jsonl", "chat"), ("records.jsonl", "records"))
     }
     assert all(run.values())  # both splits hold lines at this size
     # Hard links on one file system: a run costs no copy of its version.
     run_folder = Path(settings.data_dir) / "finetune" / "v001-none-1"
-    assert (run_folder / "train.chat.jsonl").samefile(folder / "train.chat.jsonl")
+    assert (run_folder / "train.chat.jsonl").samefile(files.split_file("train", "chat", manifest))
     # A version cut before the folder existed is split from its flat files, to the same bytes.
     processed(settings, 30, prefix="g")
     cut = materialize(

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from qe_assets.release.export import VersionFiles
 from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect
 from qe_assets_tests.openai_server import ChatRequest, OpenAIServer, Reply
@@ -208,10 +209,11 @@ def test_dpo_uploads_the_preference_splits_and_names_the_method(
     assert body["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2}}}
     recipe = json.loads(row["recipe"])
     assert recipe["method"] == "dpo" and recipe["preference_pairs"] == 40
-    folder = Path(recipe["jsonl_path"]).with_suffix("")
+    files = VersionFiles.at(Path(recipe["jsonl_path"]).parent, "v001")
+    manifest = json.loads(files.manifest.read_text("utf-8"))
     for key, split in (("training_file_id", "train"), ("validation_file_id", "validation")):
         uploaded = openai_server.file_content(row[key])
-        assert uploaded == (folder / f"{split}.openai_preference.jsonl").read_bytes()
+        assert uploaded == files.split_file(split, "openai_preference", manifest).read_bytes()
         assert b'"non_preferred_output"' in uploaded
 
 

@@ -27,6 +27,13 @@ recursion limit, a timestamp that leaves the calendar when converted to UTC, and
 whose request_id holds a lone surrogate. The property's valid events stay inside years 2-9998
 (a timestamp at the calendar's edge is rightly rejected, so it cannot be generated as valid).
 
+Count records (`{"qe_record":"answer_counts",…}`) share the queue: a second property draws them
+with counts around BIGINT's limit, windows at the calendar's edges with offsets, odd thresholds
+and texts, and checks that each is stored intact or rejected naming a field, beside an event
+that is stored. A record the validator lets through but the store refuses is found by splitting
+its batch and rejected alone (`test_a_value_the_store_refuses_is_found_and_rejected_alone`, and on
+the real inbox, Redis and Kafka queues `test_unstorable_records_block_no_queue`).
+
 Budget: 60 hypothesis examples by default (mixed batches of up to 14 records, ~400 records,
 ~10 s), QE_FUZZ_EXAMPLES=N for a longer hunt; the number of records fuzzed is printed at the end
 of the module (`pytest -s`).
@@ -41,6 +48,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -52,7 +60,8 @@ from pydantic import ValidationError
 
 from qe_assets.ingest.assets import commit_batch, ingest_pending
 from qe_assets.ingest.events import EVENT_FIELDS, QualityEvent
-from qe_assets.ingest.queues import FileInbox
+from qe_assets.ingest.queues import FileInbox, RedisQueue
+from qe_assets.ingest.queues.kafka_queue import KafkaQueue
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets_tests.factories import make_event
@@ -684,3 +693,205 @@ def test_resend_with_other_key_order_inside_nested_json_is_a_duplicate(
     assert commit_batch(fuzz_db, first, ["f:1", "f:2"]).new == 2
     report = commit_batch(fuzz_db, again, ["g:1", "g:2"])
     assert (report.duplicates, report.rejected) == (2, 0)
+
+
+# --- count records and values no column can hold (issue #26, item 2) ----------------------------
+
+
+def count_line(flush_id: str, counts: dict[str, Any], **fields: Any) -> bytes:
+    """A count record as the flusher writes it (its key order is how the ingester tells it from an
+    event), with `fields` replacing the defaults; values are written as given, big ints too."""
+    record = {
+        "qe_record": "answer_counts",
+        "flush_id": flush_id,
+        "producer": "host:1",
+        "threshold": 0.5,
+        "window_start": "2026-11-02T11:59:00Z",
+        "window_end": "2026-11-02T12:00:00Z",
+        "counts": counts,
+        **fields,
+    }
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def test_a_count_record_too_big_for_its_column_does_not_block_the_inbox(
+    settings: Settings,
+) -> None:
+    # The issue's record: replayed first by every run, it failed each one (0 of 101 stored).
+    inbox = FileInbox(settings.inbox_dir)
+    poison = count_line("f-big", {"m": {"answers": 10**20, "low": 1}})
+    events = [json.dumps(make_event(f"after-big-{i}")) for i in range(100)]
+    inbox.put([poison.decode(), *events])
+    report = ingest_pending(inbox, lambda: connect(settings.database), batch_size=500)
+    assert (report.read, report.new, report.rejected, report.new_count_rows) == (101, 100, 1, 0)
+    assert inbox.depth() == 0
+    with connect(settings.database, read_only=True) as conn:
+        ((field, reason),) = conn.execute("SELECT field, reason FROM rejected_events").fetchall()
+    assert field == "counts.m.answers"
+    assert reason.startswith("counts.m.answers: ") and "(count record)" in reason
+
+
+# Values around every limit a count record's columns have: BIGINT counts, TIMESTAMP windows
+# (naive UTC, so an offset can push a moment out of years 1-9999), DOUBLE thresholds, text.
+BIG_INTS = [0, 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**20, 10**400, -1]
+count_ints = st.one_of(st.sampled_from(BIG_INTS), st.integers(min_value=-(2**70), max_value=2**70))
+window_stamps = st.one_of(
+    st.sampled_from(
+        [
+            "0001-01-01T00:00:00+01:00",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59-14:00",
+            "9999-12-31T23:59:59Z",
+            "2026-11-02T12:00:00+14:00",
+            "2026-11-02",
+            "not a time",
+        ]
+    ),
+    st.builds(
+        iso,
+        st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)),
+        st.booleans(),
+        st.booleans(),
+    ),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(),
+)
+count_text = st.one_of(text, special)
+
+
+@st.composite
+def count_records(draw: st.DrawFn) -> tuple[bytes, str, dict[str, Any]]:
+    """(line, flush_id, counts): one count record with values drawn around its columns' limits."""
+    flush_id = f"fuzz-{next(_ids)}"
+    models = draw(st.lists(count_text, max_size=3, unique=True))
+    counts = {m: {"answers": draw(count_ints), "low": draw(count_ints)} for m in models}
+    fields: dict[str, Any] = {}
+    if draw(st.booleans()):
+        fields["window_start"] = draw(window_stamps)
+    if draw(st.booleans()):
+        fields["window_end"] = draw(window_stamps)
+    if draw(st.booleans()):
+        fields["threshold"] = draw(st.one_of(st.floats(), count_ints))
+    if draw(st.booleans()):
+        fields["producer"] = draw(count_text)
+    return count_line(flush_id, counts, **fields), flush_id, counts
+
+
+RECORD_FIELDS = ("qe_record", "flush_id", "producer", "threshold", "window", "counts", "payload")
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drawn=st.lists(count_records(), min_size=1, max_size=6))
+def test_every_count_record_is_stored_or_rejected_naming_its_field(
+    fuzz_db: duckdb.DuckDBPyConnection, drawn: list[tuple[bytes, str, dict[str, Any]]]
+) -> None:
+    # Mixed with an event in the same batch: a count record never takes the event down with it.
+    event = make_event(f"beside-counts-{next(_ids)}")
+    lines = [line for line, _, _ in drawn] + [json.dumps(event).encode()]
+    tag = next(_ids)
+    sources = [f"counts:{tag}:{i}" for i in range(len(lines))]
+    report = commit_batch(fuzz_db, lines, sources, received_at=RECEIVED_AT)
+    FUZZED["records"] += len(lines)
+    assert report.new == 1
+    for (line, flush_id, counts), source in zip(drawn, sources, strict=False):
+        stored = dict(
+            (model, (answers, low))
+            for model, answers, low in fuzz_db.execute(
+                "SELECT model, answers, low FROM answer_counts WHERE flush_id = ?", [flush_id]
+            ).fetchall()
+        )
+        rejected = fuzz_db.execute(
+            "SELECT field, reason FROM rejected_events WHERE source = ?", [source]
+        ).fetchall()
+        too_big = [
+            f"counts.{m}.{k}" for m, c in counts.items() for k, v in c.items() if v > 2**63 - 1
+        ]
+        if stored or (counts == {} and not rejected):
+            assert not rejected and not too_big, line[:300]
+            assert stored == {m: (c["answers"], c["low"]) for m, c in counts.items()}
+            continue
+        assert len(rejected) == 1, line[:300]
+        ((field, reason),) = rejected
+        assert reason.startswith(f"{field}: ") and field.startswith(RECORD_FIELDS), reason
+
+
+# answer_counts with INTEGER counts, as an operator's copy of the table might have them.
+INTEGER_COUNTS = (
+    "CREATE TABLE answer_counts (flush_id VARCHAR NOT NULL, model VARCHAR NOT NULL, "
+    "answers INTEGER NOT NULL, low INTEGER NOT NULL, threshold DOUBLE NOT NULL, "
+    "producer VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, "
+    "window_end TIMESTAMP NOT NULL, source VARCHAR NOT NULL, "
+    "ingested_at TIMESTAMP NOT NULL, PRIMARY KEY (flush_id, model))"
+)
+
+
+def test_a_value_the_store_refuses_is_found_and_rejected_alone(tmp_path: Path) -> None:
+    # The last line of defence, against a real store: answer_counts made with INTEGER counts (as
+    # an operator's copy of the table might be) refuses a count that BIGINT would hold. The
+    # validator cannot know; the batch is split until the record is alone, and only it is
+    # rejected, with the store's error, while the rest of the batch is committed once.
+    database = tmp_path / "qe.duckdb"
+    with connect(database) as conn:
+        conn.execute(INTEGER_COUNTS)
+    inbox = FileInbox(tmp_path / "inbox")
+    lines = [json.dumps(make_event(f"around-{i}")) for i in range(7)]
+    lines.insert(3, count_line("f-int", {"m": {"answers": 2**40, "low": 0}}).decode())
+    lines.insert(5, count_line("f-ok", {"m": {"answers": 5, "low": 1}}).decode())
+    inbox.put(lines)
+    report = ingest_pending(inbox, lambda: connect(database), batch_size=100)
+    assert (report.read, report.new, report.rejected, report.new_count_rows) == (9, 7, 1, 1)
+    assert inbox.depth() == 0
+    with connect(database, read_only=True) as conn:
+        ((field, reason, payload),) = conn.execute(
+            "SELECT field, reason, payload FROM rejected_events"
+        ).fetchall()
+        order = conn.execute("SELECT request_id FROM raw_events ORDER BY seq").fetchall()
+    assert field == "payload" and reason.startswith("payload: could not be stored (")
+    assert json.loads(payload)["flush_id"] == "f-int"
+    assert [r[0] for r in order] == [
+        f"around-{i}" for i in range(7)
+    ]  # arrival order kept through the split
+
+
+@pytest.mark.parametrize("kind", ["inbox", "redis", "kafka"])
+def test_unstorable_records_block_no_queue(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Both kinds of poison on each real queue (Kafka reads ahead: a batch is committed while the
+    # next is read, so a split happens beside a batch in flight): a count the validator refuses
+    # (10^20) and one only the store refuses (2^40 into an INTEGER column).
+    database = tmp_path / "qe.duckdb"
+    with connect(database) as conn:
+        conn.execute(INTEGER_COUNTS)
+    queue: Any
+    if kind == "inbox":
+        queue = FileInbox(tmp_path / "inbox")
+    elif kind == "redis":
+        queue = RedisQueue(request.getfixturevalue("redis_url"), key=f"fuzz-{next(_ids)}")
+    else:
+        broker = request.getfixturevalue("kafka_broker")
+        queue = KafkaQueue(broker.url(broker.new_topic(partitions=1)))
+    lines = [json.dumps(make_event(f"{kind}-{i}")) for i in range(12)]
+    lines.insert(2, count_line("f-big", {"m": {"answers": 10**20, "low": 1}}).decode())
+    lines.insert(6, count_line("f-int", {"m": {"answers": 2**40, "low": 0}}).decode())
+    lines.insert(9, count_line("f-ok", {"m": {"answers": 5, "low": 1}}).decode())
+    queue.put(lines)
+    report = ingest_pending(queue, lambda: connect(database), batch_size=4)
+    assert (report.read, report.new, report.rejected, report.new_count_rows) == (15, 12, 2, 1)
+    assert queue.depth() == 0
+    with connect(database, read_only=True) as conn:
+        fields = sorted(r[0] for r in conn.execute("SELECT field FROM rejected_events").fetchall())
+    assert fields == ["counts.m.answers", "payload"]
+
+
+def test_a_model_name_with_a_colon_is_named_whole_in_the_field(
+    fuzz_db: duckdb.DuckDBPyConnection,
+) -> None:
+    # Found by the count property: the field was cut at the model name's own `:`.
+    line = count_line(f"colon-{next(_ids)}", {"a:b": {"answers": 0, "low": 1}})
+    source = f"colon:{next(_ids)}"
+    assert commit_batch(fuzz_db, [line], [source]).rejected == 1
+    ((field,),) = fuzz_db.execute(
+        "SELECT field FROM rejected_events WHERE source = ?", [source]
+    ).fetchall()
+    assert field == "counts.a:b.low"

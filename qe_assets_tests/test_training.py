@@ -19,6 +19,7 @@ import pytest
 
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.lib.templates import load_templates
+from qe_assets.release.export import VersionFiles
 from qe_assets.settings import Settings
 from qe_assets.store import connect
 from qe_assets_tests.factories import line, make_event
@@ -198,9 +199,10 @@ def test_qe_run_trains_a_lora_adapter_that_lowers_the_validation_loss(
     assert metrics["model_path"] == result["model_id"] and metrics["data"] == "records"
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] < metrics["base_eval_loss"]
     # The version's own validation split, read from its folder: no database needed.
-    folder = data / "datasets" / "rag_quality_tuning_v001"
+    files = VersionFiles.at(data / "datasets", "v001")
+    manifest = json.loads(files.manifest.read_text("utf-8"))
     base, adapted = validation_losses(
-        tiny_model, Path(result["model_id"]), folder / "validation.jsonl"
+        tiny_model, Path(result["model_id"]), files.split_file("validation", "records", manifest)
     )
     assert adapted < base
     print(

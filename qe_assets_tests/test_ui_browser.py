@@ -270,6 +270,8 @@ def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:
         "HOME": str(tmp_path),
         "QE_DATA_DIR": str(tmp_path / "data"),
     }
+    if os.environ.get("PYTHONPATH"):  # a worktree tested against the shared venv
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     dev = DagsterDev(tmp_path / "dagster_home", env, tmp_path / "qe-ui.log")
     qe = Path(sys.executable).with_name("qe")
     review_port = free_port()
@@ -282,6 +284,10 @@ def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:
         assert (tmp_path / "dagster_home" / "dagster.yaml").exists()
         assert dev.process is not None
         group = dev.process.pid
+        # Dagster (and so the dashboards links in the assets' metadata) gets the review port
+        # asked for, not the default 8787.
+        served_at = {_environ(pid).get("QE_SERVE_URL") for pid in _dagster_pids(group)}
+        assert served_at == {f"http://127.0.0.1:{review_port}"}, served_at
     finally:
         dev.stop()
     # Stopped cleanly: nothing of its process group (webserver, daemon, code server) lives on.
@@ -306,6 +312,27 @@ def review_page_status(port: int) -> int:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _dagster_pids(group: int) -> list[int]:
+    """The dagster processes (webserver, daemon, code server) of process group `group`."""
+    pids = []
+    for member in live_members(group):
+        pid = int(member.split()[0])
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"dagster" in cmdline:
+            pids.append(pid)
+    assert pids, "no dagster process in the group"
+    return pids
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode(errors="replace") for k, v in pairs}
 
 
 def live_members(group: int) -> list[str]:

@@ -5,6 +5,7 @@ only pairs whose chosen side is trustworthy."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -12,6 +13,8 @@ import pytest
 
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.ingest.validation import preference_line_problem
+from qe_assets.ops.definitions import build_resources
+from qe_assets.release.assets import cut_version
 from qe_assets.release.export import VersionFiles
 from qe_assets.review import decisions as review
 from qe_assets.settings import Settings
@@ -78,7 +81,9 @@ def test_datasets_loads_the_split_and_every_format_from_the_version_folder(
     assert {r["sample_id"]: split for split in records for r in records[split]} == stored
     # The split files hold exactly the whole file's lines.
     whole = sorted(files.jsonl.read_text("utf-8").splitlines())
-    parts = [files.split_file(s, "records").read_text("utf-8") for s in ("train", "validation")]
+    parts = [
+        files.split_file(s, "records", manifest).read_text("utf-8") for s in ("train", "validation")
+    ]
     assert sorted("".join(parts).splitlines()) == whole
     chat = datasets.load_dataset(str(files.folder), "chat")
     assert {s: chat[s].num_rows for s in chat} == counts
@@ -113,7 +118,7 @@ def test_preference_pairs_are_the_trusted_corrections_against_the_original_answe
     openai_lines = [
         line
         for split in ("train", "validation")
-        for line in lines(files.split_file(split, "openai_preference"))
+        for line in lines(files.split_file(split, "openai_preference", manifest))
     ]
     assert len(openai_lines) == 21
     assert all(preference_line_problem(line, "openai") is None for line in openai_lines)
@@ -139,7 +144,8 @@ def test_the_preference_check_blocks_a_broken_pair_file(
     v001: tuple[Settings, VersionFiles],
 ) -> None:
     settings, files = v001
-    path = files.split_file("train", "openai_preference")
+    manifest = json.loads(files.manifest.read_text("utf-8"))
+    path = files.split_file("train", "openai_preference", manifest)
     broken = lines(path)
     broken[0]["preferred_output"] = broken[0]["non_preferred_output"]
     del broken[1]["input"]
@@ -147,7 +153,8 @@ def test_the_preference_check_blocks_a_broken_pair_file(
     evaluation = run_checks(settings)["preference_format_valid"]
     assert not evaluation.passed
     description = evaluation.description or ""
-    assert "rag_quality_tuning_v001/train.openai_preference.jsonl" in description
+    assert f"rag_quality_tuning_v001/{path.name}" in description
+    assert path.name == f"train-{manifest['fingerprint']}.openai_preference.jsonl"
     assert "preferred_output and non_preferred_output are the same answer on lines 1" in description
     assert "keys other than input" in description
 
@@ -207,7 +214,39 @@ def test_the_rejected_answer_of_a_pair_is_redacted(
     pairs = lines(files.preference)
     assert len(pairs) == 10  # 15 rewrites, every third refused by the judge
     assert {p["rejected"][0]["content"] for p in pairs} == {"Mail [EMAIL] for it."}
-    assert "@example.com" not in files.split_file("train", "openai_preference").read_text("utf-8")
+    manifest = json.loads(files.manifest.read_text("utf-8"))
+    path = files.split_file("train", "openai_preference", manifest)
+    assert "@example.com" not in path.read_text("utf-8")
+
+
+def test_two_folders_of_one_name_load_their_own_rows_through_one_cache(tmp_path: Path) -> None:
+    """Issue #26 item 11: `datasets` caches a local folder by its name and its card's patterns, so
+    `rag_quality_tuning_v001` of two data dirs loaded the rows of whichever was loaded first.
+    The per-split files carry the fingerprint of the folder's data, so each loads its own."""
+    loaded = {}
+    for name, events in (("one", 12), ("two", 14)):
+        settings = Settings(data_dir=str(tmp_path / name), spot_check_share=0.0, eval_share=0.0)
+        FileInbox(settings.inbox_dir).put(batch(name, events))
+        stages = ["raw_events", "annotated_samples", "completions"]
+        assert materialize(settings, selection=stages).success
+        assert cut_version(build_resources(settings)["duckdb"], settings) is not None
+        files = VersionFiles.at(settings.datasets_dir, "v001")
+        records = datasets.load_dataset(str(files.folder))
+        loaded[name] = (
+            sorted(r["prompt"] for split in records for r in records[split]),
+            sorted(json.loads(x)["prompt"] for x in files.jsonl.read_text("utf-8").splitlines()),
+        )
+    for name, (rows, written) in loaded.items():
+        assert rows == written and len(rows) > 0, name
+    assert loaded["one"][0] != loaded["two"][0]
+
+
+def test_the_tests_use_their_own_huggingface_cache() -> None:
+    # A machine whose ~/.cache/huggingface holds another project's `rag_quality_tuning_v002`
+    # must not change what these tests load (conftest points HF_HOME at a session folder).
+    home = Path(os.environ["HF_HOME"])
+    assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(home)
+    assert not home.is_relative_to(Path.home() / ".cache")
 
 
 def test_a_failed_write_on_the_writing_thread_fails_the_cut_and_leaves_no_file(

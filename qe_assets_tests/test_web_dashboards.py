@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def _spread_over_three_days(settings: Settings) -> None:
                 """
                 INSERT INTO model_evaluations VALUES (?, ?, 'base', 'v001', 60, 0, 0, 0, 0, ?,
                     ? - 0.12, ?, 'test', 'judge', '{}', 0, 0, 0.0, NULL, 'production',
-                    now()::TIMESTAMP - INTERVAL 1 DAY * ?)
+                    now()::TIMESTAMP - INTERVAL 1 DAY * ?, false, 1)
                 """,
                 [f"eval-{candidate}", candidate, win_rate, win_rate, decision, 2 - days],
             )
@@ -131,15 +132,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 @dataclass
 class Served:
     url: str  # the dashboards page, with its trailing slash
-    server: uvicorn.Server
 
 
-@pytest.fixture(scope="module")
-def served(store: Settings) -> Iterator[Served]:
+@contextmanager
+def served_dashboards(settings: Settings) -> Iterator[str]:
     """The routes mounted at /dashboards in a minimal Starlette app, as the review app mounts
-    them; uvicorn on an ephemeral loopback port, in a thread of the test process."""
+    them; uvicorn on an ephemeral loopback port, in a thread of the test process. Yields the
+    page's URL (with its trailing slash)."""
     app = Starlette(
-        routes=[Mount(DASHBOARDS_PATH, routes=dashboard_routes(store, cache_seconds=0))]
+        routes=[Mount(DASHBOARDS_PATH, routes=dashboard_routes(settings, cache_seconds=0))]
     )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -152,11 +153,17 @@ def served(store: Settings) -> Iterator[Served]:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield Served(f"http://127.0.0.1:{port}{DASHBOARDS_PATH}/", server)
+        yield f"http://127.0.0.1:{port}{DASHBOARDS_PATH}/"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(store: Settings) -> Iterator[Served]:
+    with served_dashboards(store) as url:
+        yield Served(url)
 
 
 def test_assets_link_their_charts(store: Settings) -> None:
@@ -319,7 +326,7 @@ def test_the_charts_render_in_chromium_offline(store: Settings, served: Served) 
             page.wait_for_selector("body[data-charts-rendered]", timeout=30_000)
             ab = page.locator("section#ab")
             assert ab.get_attribute("data-state") == "rendered"
-            assert ab.locator("g.trace").count() == 2  # the two arms
+            assert ab.locator("g.trace").count() == 3  # the two arms and Λ
             assert _non_blank(ab.locator(".chart").screenshot())[0] > 20
         finally:
             page.screenshot(path=str(Path(store.data_dir) / "dashboards-last.png"), full_page=True)

@@ -13,7 +13,6 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.labels import AnnotateConfig, annotate_events
-from qe_assets.assets import PIPELINE_GROUP, check_result, only_selected
 from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.pii import redacted_label_counts
 from qe_assets.lib.resources import (
@@ -22,6 +21,7 @@ from qe_assets.lib.resources import (
     exclusive_stage,
     writer_session,
 )
+from qe_assets.lib.stages import PIPELINE_GROUP, check_result, only_selected
 from qe_assets.lib.templates import load_templates
 from qe_assets.review.backlog import ReviewBacklog, review_age, review_backlog, review_size
 from qe_assets.review.decisions import (

@@ -12,6 +12,7 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
+from qe_assets.evaluation import timeline
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
 from qe_assets.evaluation.metrics import INSUFFICIENT, PROMOTE, Decision, Tally, label_table
 from qe_assets.evaluation.report import (
@@ -31,6 +32,7 @@ from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.templates import load_templates
+from qe_assets.rollout.assets import report_rollout_change, rollout_changed
 from qe_assets.rollout.registry import active_test, start_test, sync_state_file
 from qe_assets.service.rollout import state_path
 from qe_assets.settings import Settings
@@ -225,6 +227,8 @@ class Gated:
     promoted: bool
     canary: bool
     icl: dict[str, Any] | None
+    # The rollout change to report to Dagster as an `ab_test` materialization (no run).
+    rollout_event: dg.AssetMaterialization | None = None
 
 
 def evaluate_candidate(
@@ -258,13 +262,23 @@ def evaluate_candidate(
         batch_size=settings.llm_batch_size,
     )
     compared = _compare(log, run_id, duckdb, settings, openai, plan, pairing, "production")
+    candidate = plan.candidate.model_id
     with duckdb_writer(duckdb) as conn:
         promoted, canary = commit_decision(conn, compared.row, settings, run_id)
+        change = (
+            f"canary {candidate} started at {settings.ab_ramp[0]:.0%} of traffic"
+            if canary
+            else f"{candidate} promoted to production"
+            if promoted
+            else None
+        )
+        # ab_test's page says what rollout.json says now, not at its last ingest run.
+        event = rollout_changed(conn, settings, GATE, change) if change else None
     if promoted:
-        log.info(f"{plan.candidate.model_id} promoted to production by the gate")
+        log.info(f"{candidate} promoted to production by the gate")
     elif canary:
         log.info(
-            f"{plan.candidate.model_id} passed the gate: canary at {settings.ab_ramp[0]:.0%} of "
+            f"{candidate} passed the gate: canary at {settings.ab_ramp[0]:.0%} of "
             "traffic (QE_ROLLOUT=canary); ab_test decides its promotion"
         )
     icl = None
@@ -279,7 +293,7 @@ def evaluate_candidate(
         icl = _compare(log, run_id, duckdb, settings, openai, plan, icl_pairing, "icl").row
         with duckdb_writer(duckdb) as conn:
             save_evaluation(conn, icl)
-    return plan, Gated(compared, promoted, canary, icl)
+    return plan, Gated(compared, promoted, canary, icl, event)
 
 
 def commit_decision(
@@ -346,8 +360,13 @@ def model_evaluation(
     if gated is None:
         return
     assert plan.items is not None
+    if gated.rollout_event is not None:
+        problem = report_rollout_change(context.instance, gated.rollout_event)
+        if problem:
+            context.log.warning(problem)
     metadata = _metadata(gated.compared, plan.items)
     metadata["promoted"] = gated.promoted
+    metadata.update(gate_outcome_metadata(duckdb, gated, settings))
     metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "evaluations"))
     if gated.icl is not None:
         row = gated.icl
@@ -413,6 +432,34 @@ def _compare(
     return Compared(eval_id, row, labels, frame, results, elapsed)
 
 
+def gate_outcome(gated: Gated | None, decision: str, candidate: str, share: float) -> str:
+    """What the gate's verdict did, in words: the stored decision `promote` means "passed the
+    gate", which with QE_ROLLOUT=canary starts a canary and promotes nothing yet."""
+    passed = decision == PROMOTE
+    if gated is not None and gated.canary:
+        return f"passed the gate; canary at {share:.0%} of traffic started (ab_test decides)"
+    if gated is not None and gated.promoted:
+        return "passed the gate; promoted to production"
+    if passed:
+        return f"passed the gate; {candidate} is production already"
+    return f"not passed ({decision}); nothing promoted, no traffic"
+
+
+def gate_outcome_metadata(
+    duckdb: DuckDBResource, gated: Gated, settings: Settings
+) -> "dict[str, dg.RawMetadataValue]":
+    """The verdict as a person reads it, what it did, and the release timeline so far."""
+    row = gated.compared.row
+    outcome = gate_outcome(gated, row["decision"], row["candidate"], settings.ab_ramp[0])
+    with duckdb_reader(duckdb) as conn:  # reads only: no writer lock
+        steps = timeline.release_timeline(timeline.read_rows(conn)) if conn is not None else []
+    return {
+        "decision": "passed" if row["decision"] == PROMOTE else row["decision"],
+        "outcome": outcome,
+        "release_timeline": dg.MetadataValue.md(timeline.markdown(steps)),
+    }
+
+
 @dg.asset_check(
     asset=model_evaluation,
     blocking=True,
@@ -432,6 +479,7 @@ def candidate_beats_production(
         row = None if conn is None else evaluation_of_run(conn, context.run.run_id)
         production = None if conn is None else production_model(conn)
         test = None if conn is None else active_test(conn)
+        steps = [] if conn is None else timeline.release_timeline(timeline.read_rows(conn))
     if row is None:
         return dg.AssetCheckResult(
             passed=True, description="nothing was evaluated in this run; nothing promoted"
@@ -446,18 +494,30 @@ def candidate_beats_production(
         if decision.decision == INSUFFICIENT
         else dg.AssetCheckSeverity.ERROR
     )
+    # Say what was done, not only the rule's verdict.
+    promoted = decision.passed and production == row["candidate"] and not canary
+    if canary and test is not None:
+        done = f"passed the gate; canary started at {test.share:.0%} of traffic (ab_test decides)"
+    elif promoted:
+        done = "passed the gate; promoted to production"
+    elif decision.passed:
+        done = f"passed the gate; {row['candidate']} is production already"
+    else:
+        done = f"not passed ({decision.decision}); nothing promoted"
     return dg.AssetCheckResult(
         passed=decision.passed,
         severity=severity,
-        description=decision.reason,
+        description=f"{done}: {decision.reason}",
         metadata={
             "evaluation_id": row["evaluation_id"],
             "candidate": row["candidate"],
             "baseline": row["baseline"],
-            "decision": decision.decision,
+            "decision": "passed" if decision.passed else decision.decision,
+            "outcome": done,
             "ci_low": round(row["ci_low"], 4),
-            "promoted": decision.passed and production == row["candidate"],
+            "promoted": promoted,
             "canary_share": test.share if canary and test is not None else 0.0,
             "retry": decision.retry,
+            "release_timeline": dg.MetadataValue.md(timeline.markdown(steps)),
         },
     )

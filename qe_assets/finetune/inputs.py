@@ -195,7 +195,9 @@ def _preference_inputs(row: dict[str, Any], method: str) -> dict[str, Any]:
     for split in ("train", "validation"):
         for fmt, key in (("preference", "preference"), ("openai_preference", "openai_preference")):
             lines = counted.get(split, {}).get(fmt, {}).get("lines", 0)
-            fields[f"{split}_{key}_path"] = str(files.split_file(split, fmt)) if lines else None
+            fields[f"{split}_{key}_path"] = (
+                str(files.split_file(split, fmt, row["manifest"])) if lines else None
+            )
     fields["preference_pairs"] = (row["manifest"].get("preference") or {}).get("pairs", 0)
     if method == "dpo" and fields["train_preference_path"] is None:
         raise DatasetInvalid(
@@ -282,7 +284,7 @@ def _link_split_files(row: dict[str, Any], workdir: Path, temp: Path) -> dict[st
         if not counted[split][fmt]["lines"]:
             paths[f"{split}_{column}"] = None
             continue
-        source = files.split_file(split, fmt)
+        source = files.split_file(split, fmt, row["manifest"])
         try:
             os.link(source, temp / name)
         except OSError:

@@ -9,7 +9,7 @@ and nothing is doubled. The `raw_events` asset below runs it under the writer lo
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import dagster as dg
@@ -22,6 +22,7 @@ from qe_assets.ingest.events import (
     FINGERPRINT_SQL,
     REJECTED_SCHEMA,
     ValidatedRecords,
+    rejected_row,
     validate_records,
 )
 from qe_assets.ingest.queues import Batch, EventQueue, QueueUnavailable, durability_warning
@@ -88,6 +89,20 @@ FROM (
 ON CONFLICT DO NOTHING
 """
 _STATUS_COUNTS = "SELECT status, count(*) FROM batch_status GROUP BY status"
+
+# Failures that a record's values cause (a value the validator let through that a column or a
+# frame cannot hold): the batch is split to find the record, which is rejected. Anything else
+# (disk full, lock, I/O) is the store's, and stops the run with the batch still claimed.
+RECORD_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.DataError,  # conversion, out of range
+    duckdb.IntegrityError,  # constraints
+    duckdb.InvalidInputException,
+    pl.exceptions.PolarsError,
+    ValueError,
+    OverflowError,
+    TypeError,
+    RecursionError,
+)
 
 
 @dataclass
@@ -183,6 +198,42 @@ def commit_batch(
     )
 
 
+def commit_isolating(
+    conn: duckdb.DuckDBPyConnection,
+    records: list[bytes],
+    sources: list[str],
+    refused: Sequence[tuple[str, str]] = (),
+    *,
+    received_at: datetime | None = None,
+) -> IngestReport:
+    """`commit_batch` for a batch whose commit failed on a record's values: halves are committed
+    on their own until the records that cannot be stored are alone, and each of those becomes a
+    rejected row (`payload`, with the store's error). The other records are committed as usual.
+
+    First an empty commit (the refused inputs only): if even that fails, the failure is not the
+    records' and is raised, so a broken store never turns good records into rejections."""
+    total = commit_batch(conn, [], [], received_at=received_at, refused=refused)
+    pending = [(records, sources)]
+    while pending:
+        part, part_sources = pending.pop()
+        try:
+            total.add(commit_batch(conn, part, part_sources, received_at=received_at))
+            continue
+        except RECORD_ERRORS as exc:
+            if len(part) > 1:
+                half = len(part) // 2
+                # Popped last first: the first half is committed first, arrival order is kept.
+                pending += [(part[half:], part_sources[half:]), (part[:half], part_sources[:half])]
+                continue
+            error = exc
+        empty = validate_records([], [], received_at=received_at)
+        unstorable = replace(empty, rejected=rejected_row(part[0], part_sources[0], error))
+        report = commit_batch(conn, [], [], validated=unstorable)
+        total.add(replace(report, read=1))
+    total.batches = 1
+    return total
+
+
 def ingest_pending(
     queue: EventQueue,
     connection: ConnectionFactory,
@@ -201,11 +252,20 @@ def ingest_pending(
     with connection() as conn:
         ensure_schema(conn)
 
-    def commit(batch: Batch, validated: ValidatedRecords) -> IngestReport:
+    def commit(batch: Batch, validated: ValidatedRecords | None) -> IngestReport:
         with connection() as conn:
-            return commit_batch(
-                conn, batch.records, batch.sources, validated=validated, refused=batch.refused
-            )
+            if validated is not None:
+                try:
+                    return commit_batch(
+                        conn,
+                        batch.records,
+                        batch.sources,
+                        validated=validated,
+                        refused=batch.refused,
+                    )
+                except RECORD_ERRORS:
+                    pass  # a record the store cannot hold: found and rejected below
+            return commit_isolating(conn, batch.records, batch.sources, batch.refused)
 
     def finish(batch: Batch, committed: Future[IngestReport]) -> None:
         report = committed.result()
@@ -218,7 +278,7 @@ def ingest_pending(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-commit") as committer:
         try:
             for batch in queue.batches(batch_size):
-                validated = validate_records(batch.records, batch.sources)
+                validated = _validated(batch)
                 if in_flight is not None:
                     pending, in_flight = in_flight, None
                     finish(*pending)
@@ -240,6 +300,15 @@ def ingest_pending(
         if in_flight is not None:
             finish(*in_flight)
     return total
+
+
+def _validated(batch: Batch) -> ValidatedRecords | None:
+    """The batch validated, or None when a record broke validation itself (the commit then finds
+    it record by record): no input may stop the queue."""
+    try:
+        return validate_records(batch.records, batch.sources)
+    except RECORD_ERRORS:
+        return None
 
 
 @dg.multi_asset(

@@ -146,6 +146,17 @@ def _rejection(source: str, payload: str, field: str, reason: str, rid: str | No
     }
 
 
+def rejected_row(raw: bytes | str, source: str, error: BaseException) -> pl.DataFrame:
+    """The rejected row of a record that passed validation but could not be stored (a value no
+    column or frame can hold): the store's error, first line, as the reason."""
+    text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
+    text = text.encode("utf-8", errors="backslashreplace").decode()
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    reason = f"payload: could not be stored ({type(error).__name__}: {message})"
+    row = _rejection(source, text, "payload", reason, _request_id_hint(text))
+    return pl.DataFrame([row], schema=REJECTED_SCHEMA)
+
+
 # Content identity of a re-send: the typed fields, so key order and whitespace do not matter.
 # A DuckDB expression over the columns of `ValidatedRecords.events` (its JSON rendering is the
 # stored fingerprints' definition): the ingester computes it inside the store's INSERT.
@@ -330,7 +341,8 @@ def _take_counts(
     except ValueError as exc:
         text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
         reason = str(exc)
-        rejected.append(_rejection(source, text, reason.split(":", 1)[0], reason, None))
+        field = getattr(exc, "field", None) or reason.split(":", 1)[0]
+        rejected.append(_rejection(source, text, field, reason, None))
         return
     counts.extend({**row, "source": source} for row in rows)
 

@@ -7,6 +7,9 @@
   opening any page once with `?token=…` sets.
 * Every POST, on top: its Origin (else Referer) is this app's own, and its `csrf` form field (or
   `X-CSRF-Token` header) equals the per-session `qe_csrf` cookie (double submit).
+* Every request body is at most MAX_BODY_BYTES: a larger Content-Length is refused before a byte
+  of the body is read, and a body without one is cut off as it streams past the cap.
+* Every response carries the app's Content-Security-Policy unless its page sets its own.
 """
 
 from __future__ import annotations
@@ -14,19 +17,21 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TOKEN_COOKIE, CSRF_COOKIE = "qe_token", "qe_csrf"
 TOKEN_HEADER, CSRF_HEADER, CSRF_FIELD = "x-qe-token", "x-csrf-token", "csrf"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The largest body any route takes: the review forms (an edited completion is the big field).
 MAX_FORM_BYTES = 1 << 20
+MAX_BODY_BYTES = MAX_FORM_BYTES
 
 # What every page of the app allows the browser to load: only its own files, no inline script.
 CSP = (
@@ -87,10 +92,16 @@ def csrf_token(request: Request) -> str:
 
 
 async def checked_form(request: Request) -> dict[str, str]:
-    """The POST's url-encoded form, after the double-submit CSRF check (PermissionError)."""
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise PermissionError("form too large")
+    """The POST's url-encoded form, after the double-submit CSRF check (PermissionError).
+    Read as it streams, never past MAX_FORM_BYTES (BodyLimit stops larger bodies first)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_FORM_BYTES:
+            raise PermissionError("form too large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     form = dict(parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
     sent = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
     if not _equal(sent, request.cookies.get(CSRF_COOKIE)):
@@ -100,10 +111,101 @@ async def checked_form(request: Request) -> dict[str, str]:
     return form
 
 
+def same_origin_path(path: str) -> str:
+    """`path` as a redirect target that stays on this server: `//host/…` (and `/\\host/…`,
+    which browsers read the same way) would send the browser to another host."""
+    return "/" + path.lstrip("/\\")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _over_limit(exc: BaseException) -> bool:
+    """Whether `exc` is BodyLimit's own stop, as raised or as a middleware's task group (or
+    `raise … from`) passed it on."""
+    while exc is not None:
+        if isinstance(exc, _BodyTooLarge):
+            return True
+        if isinstance(exc, BaseExceptionGroup) and exc.subgroup(_BodyTooLarge) is not None:
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413 (and close the connection, so the server
+    never reads the rest): by Content-Length before the app runs, else while the body streams.
+
+    A 300 MB POST used to be read whole before the form's size check: the server grew by the
+    body's size (issue 26). A pure ASGI middleware, outermost: nothing reads a body before it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BaseException as exc:
+            # Too late for a status once the response has begun: the connection just ends.
+            if started or not _over_limit(exc):
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = PlainTextResponse(
+            f"request body too large: at most {self.max_bytes} bytes",
+            413,
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
 class SecurityMiddleware(BaseHTTPMiddleware):
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str | None,
+        csp: str | None = None,
+        csp_under: Mapping[str, str] | None = None,
+    ) -> None:
+        """`csp`: the Content-Security-Policy of every response that sets none; `csp_under`:
+        another one for the paths under a prefix (`/dashboards`)."""
         super().__init__(app)
         self.token = token
+        self.csp = csp
+        self.csp_under = dict(csp_under or {})
+
+    def _csp_for(self, path: str) -> str | None:
+        for prefix, policy in self.csp_under.items():
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return policy
+        return self.csp
 
     async def dispatch(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -116,7 +218,8 @@ class SecurityMiddleware(BaseHTTPMiddleware):
             if request.method == "GET" and offered is not None and _equal(offered, self.token):
                 # Into an HttpOnly cookie, and out of the address bar and the history.
                 rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-                target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
+                target = same_origin_path(request.url.path)
+                target += f"?{urlencode(rest)}" if rest else ""
                 response = RedirectResponse(target, 303)
                 response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
                 return response
@@ -137,6 +240,10 @@ class SecurityMiddleware(BaseHTTPMiddleware):
         fresh = not csrf
         request.state.csrf = csrf or secrets.token_urlsafe(24)
         response = await call_next(request)
+        policy = self._csp_for(request.url.path)
+        if policy is not None and "content-security-policy" not in response.headers:
+            # The dashboards and the static files set none of their own.
+            response.headers["Content-Security-Policy"] = policy
         if fresh:
             response.set_cookie(CSRF_COOKIE, request.state.csrf, httponly=True, samesite="strict")
         return response

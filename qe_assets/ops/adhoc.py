@@ -9,10 +9,15 @@ so the query cannot turn it back on). `--allow-files` gives file access back, an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import duckdb
 import polars as pl
+from duckdb.sqltypes import DuckDBPyType
 
 READ_KINDS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 FILE_KINDS = (duckdb.StatementType.COPY, duckdb.StatementType.EXPORT)
@@ -21,10 +26,41 @@ FILE_KINDS = (duckdb.StatementType.COPY, duckdb.StatementType.EXPORT)
 SANDBOX: Mapping[str, bool] = {"enable_external_access": False, "lock_configuration": True}
 WITH_FILES: Mapping[str, bool] = {"lock_configuration": True}
 
-# DuckDB types Polars cannot take, or only as bytes: shown as DuckDB's own text for them.
-_AS_TEXT = {"interval", "union", "bignum", "bit", "time with time zone", "blob"}
+# DuckDB types that Polars takes and writes in every output (table, csv, json, parquet), alone
+# and inside lists, arrays, structs and maps. Anything else (VARIANT, UNION, INTERVAL, BIT, BLOB,
+# TIME WITH TIME ZONE, BIGNUM, (U)HUGEINT, GEOMETRY, a type a later DuckDB adds) is written as text:
+# Polars refuses it (CSV), panics on it (JSON), cannot import it, or imports it wrong (the largest
+# UHUGEINT came out as -1, the largest HUGEINT rounded).
+_POLARS_LEAVES = frozenset(
+    {
+        "boolean",
+        "tinyint",
+        "smallint",
+        "integer",
+        "bigint",
+        "utinyint",
+        "usmallint",
+        "uinteger",
+        "ubigint",
+        "float",
+        "double",
+        "decimal",
+        "varchar",
+        "date",
+        "time",
+        "time_ns",
+        "timestamp",
+        "timestamp_s",
+        "timestamp_ms",
+        "timestamp_ns",
+        "timestamp with time zone",
+        "uuid",
+        "enum",
+        "null",
+    }
+)
 # Nested types, kept as they are in json/parquet and written as JSON text in csv and tables.
-_NESTED = {"list", "struct", "map", "array"}
+_NESTED = frozenset({"list", "struct", "map", "array"})
 
 
 class AdHocError(ValueError):
@@ -54,8 +90,7 @@ def result_frame(relation: duckdb.DuckDBPyRelation, *, nested_as_json: bool) -> 
     if twice:
         raise AdHocError(f"column {twice[0]!r} appears twice in the result: name them apart (AS)")
     exprs = [
-        _output_expression(n, t.id, nested_as_json)
-        for n, t in zip(names, relation.types, strict=True)
+        _output_expression(n, t, nested_as_json) for n, t in zip(names, relation.types, strict=True)
     ]
     if any(expr != _quoted(n) for expr, n in zip(exprs, names, strict=True)):
         relation = relation.project(", ".join(exprs))
@@ -66,10 +101,59 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _output_expression(name: str, type_id: str, nested_as_json: bool) -> str:
+def _polars_takes(column_type: DuckDBPyType) -> bool:
+    """Whether Polars takes this type, and every type nested in it, in every output."""
+    type_id = column_type.id
+    if type_id in _NESTED:
+        return all(
+            _polars_takes(child)
+            for _, child in column_type.children
+            if isinstance(child, DuckDBPyType)  # an array's size is an int
+        )
+    return type_id in _POLARS_LEAVES
+
+
+def _output_expression(name: str, column_type: DuckDBPyType, nested_as_json: bool) -> str:
     column = _quoted(name)
-    if type_id in _AS_TEXT:
-        return f"CAST({column} AS VARCHAR) AS {column}"
-    if nested_as_json and type_id in _NESTED:
+    nested = column_type.id in _NESTED
+    if _polars_takes(column_type) and not (nested and nested_as_json):
+        return column
+    if nested:
+        # JSON keeps the structure readable wherever text goes; to_json spells every DuckDB
+        # type (an interval as "1 day", a union as its member, a variant as its value).
         return f"CAST(to_json({column}) AS VARCHAR) AS {column}"
-    return column
+    return f"CAST({column} AS VARCHAR) AS {column}"
+
+
+# After its --timeout a query is interrupted; one that does not stop within this grace (DuckDB
+# checks for interrupts between chunks, not inside every function) ends the process, which
+# releases the file: the writers' wait (store.WRITER_WAIT_SECONDS) counts on the bound.
+INTERRUPT_GRACE_SECONDS = 10.0
+
+
+@contextmanager
+def time_bound(conn: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[None]:
+    """Interrupt what `conn` runs after `seconds` (DuckDB raises `InterruptException` in the
+    caller); exit the process if the query still runs `INTERRUPT_GRACE_SECONDS` later."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(seconds):
+            return
+        conn.interrupt()
+        if done.wait(INTERRUPT_GRACE_SECONDS):
+            return
+        print(
+            f"qe: query stopped after --timeout {seconds:g}s (it did not stop when interrupted)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="qe-sql-timeout", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()

@@ -1,5 +1,6 @@
 """Stage 4, export: every completed sample not yet in a version → the next immutable vNNN."""
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
+import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
@@ -35,6 +37,7 @@ from qe_assets.release.export import (
     VersionWriter,
     dataset_card,
     remove_uncommitted,
+    settle_manifests,
     version_name,
 )
 from qe_assets.release.holdout import hold_out
@@ -282,26 +285,64 @@ def cut_version(
     """Write and commit the next version; None when no sample is ready. `on_batch(version,
     samples written so far)` follows progress.
 
-    Files first (under temp names, renamed into place, the manifest last), then the row: a crash
-    before the commit leaves files no committed version owns, which the next cut removes."""
+    The number is claimed first (committed), so no other cut ever takes the name. Files next
+    (under temp names, renamed into place), the manifest under its temp name, then the row, then
+    the manifest's rename: a failed commit removes the files, and a crash before the commit
+    leaves files of a claimed number that the next cut removes (export.py)."""
     with duckdb_writer(duckdb_resource) as conn:
         state = version_state(conn)
+        _settle(conn, settings)
+        _claim(conn, state.next_number)
     version = version_name(state.next_number)
     directory = settings.datasets_dir
     remove_uncommitted(directory, state.committed)
     progress = None if on_batch is None else (lambda written: on_batch(version, written))
-    with VersionWriter(directory, version) as writer:
-        tally = _write_batches(duckdb_resource, settings, state, writer, progress)
-        if not tally.members:
-            return None
-        samples = pl.concat(tally.members)
-        splits = dict(samples.group_by("split").len().iter_rows())
-        manifest = writer.publish(
-            _version_manifest(version, settings, state, tally, splits), dataset_card
-        )
-    files = VersionFiles.at(directory, version)
-    _commit_version(duckdb_resource, files, state.next_number, manifest, samples, tally)
+    published = False
+    try:
+        with VersionWriter(directory, version) as writer:
+            tally = _write_batches(duckdb_resource, settings, state, writer, progress)
+            if not tally.members:
+                return None
+            samples = pl.concat(tally.members)
+            splits = dict(samples.group_by("split").len().iter_rows())
+            # From here on files take the version's name: its number stays claimed for good,
+            # and a failure removes whatever took the name.
+            published = True
+            try:
+                manifest = writer.publish(
+                    _version_manifest(version, settings, state, tally, splits), dataset_card
+                )
+                _commit_version(
+                    duckdb_resource, writer.files, state.next_number, manifest, samples, tally
+                )
+            except BaseException:
+                writer.discard()
+                raise
+            writer.place_manifest()
+    finally:
+        if not published:
+            # No file took the version's name: the number may go to the next cut after all (a
+            # claim left behind by a failing store is only a gap, never worth hiding its error).
+            with contextlib.suppress(duckdb.Error), duckdb_writer(duckdb_resource) as conn:
+                conn.execute(
+                    "DELETE FROM dataset_version_claims WHERE number = ?", [state.next_number]
+                )
     return manifest
+
+
+def _claim(conn: duckdb.DuckDBPyConnection, number: int) -> None:
+    conn.execute(
+        "INSERT INTO dataset_version_claims VALUES (?, ?, now()::TIMESTAMP)",
+        [number, version_name(number)],
+    )
+
+
+def _settle(conn: duckdb.DuckDBPyConnection, settings: Settings) -> list[str]:
+    """Manifests of committed versions whose cut died before renaming them (export.py)."""
+    committed = dict(
+        conn.execute("SELECT version, manifest_sha256 FROM dataset_versions").fetchall()
+    )
+    return settle_manifests(settings.datasets_dir, committed)
 
 
 def committed_manifest(settings: Settings, version: str) -> dict[str, Any]:
@@ -328,6 +369,7 @@ def next_release(
     QE_FINETUNE_THRESHOLD unless `force` (None when nothing is due). `backend`: the fine-tune
     backend whose runs count (the settings' unless the run's `finetune` resource says)."""
     with duckdb_writer(duckdb_resource) as conn:
+        _settle(conn, settings)
         decision = settings_release_decision(conn, settings, cut_version=force, backend=backend)
     if decision.due and decision.republish and decision.version is not None:
         return committed_manifest(settings, decision.version), True, decision.reason

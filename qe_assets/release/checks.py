@@ -141,8 +141,8 @@ def preference_format_valid(
     latest = _checked_version(duckdb, finetune)
     if latest is None:
         return _no_version()
-    problems, pairs = preference_format_problems(latest.files)
     manifest = json.loads(latest.files.manifest.read_text("utf-8"))
+    problems, pairs = preference_format_problems(latest.files, manifest)
     expected = (manifest.get("preference") or {}).get("pairs", 0)
     if pairs != expected:
         problems.append(f"{pairs} preference pairs on disk, the manifest says {expected}")
@@ -169,6 +169,8 @@ def dataset_no_leakage(
             """
             SELECT count(*) FROM dataset_samples a JOIN dataset_samples b USING (sample_id)
             WHERE a.version = ? AND b.version <> ?
+              -- a version `qe forget` superseded shares its samples with its replacement
+              AND b.version NOT IN (SELECT version FROM version_supersessions)
             """,
             [latest.version, latest.version],
         ).fetchall()

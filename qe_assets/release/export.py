@@ -2,11 +2,16 @@
 preference.jsonl,manifest.json}` with every sample, and the folder `rag_quality_tuning_vNNN/`
 with the same formats per split and a dataset card (`datasets.load_dataset(<folder>)`).
 
-Files are written under temporary names (the folder as a temp folder), fsynced and renamed into
-place; the manifest comes last and the DuckDB row after it. A crash before that row leaves files
-of a version the database never heard of: `remove_uncommitted` deletes them before the next cut
-reuses the number, so every file on disk belongs to a committed version and a committed version
-is never rewritten.
+A version's number is claimed in DuckDB (`dataset_version_claims`) before its cut starts, and no
+later cut takes a claimed number: a name never stands for two contents, even when a cut failed
+or died after its files had their final names. Files are written under temporary names (the
+folder as a temp folder), fsynced and renamed into place; the manifest is written beside them
+under a temp name, the DuckDB row is committed, and only then is the manifest renamed into place,
+so a manifest never exists without its committed row. A failed commit removes the version's
+files; a crash before the commit leaves files of an uncommitted (claimed) number, which
+`remove_uncommitted` deletes at the next cut; a crash between the commit and the rename leaves
+the manifest under its temp name, which `settle_manifests` renames once its sha256 matches the
+committed row.
 """
 
 from __future__ import annotations
@@ -49,6 +54,23 @@ SPLIT_FORMATS = {
     "openai_preference": "openai_preference.jsonl",
 }
 CARD = "README.md"
+# Hex digits of the version's fingerprint in its per-split file names (64 bits).
+FINGERPRINT_CHARS = 16
+
+
+def split_file_name(split: str, fmt: str, fingerprint: str) -> str:
+    """A per-split file's name. The fingerprint (of the folder's data) is in it because
+    `datasets` caches a local folder by its name and the card's `data_files` patterns only: two
+    folders of one name with other rows would load each other's cached rows."""
+    return f"{split}-{fingerprint}.{SPLIT_FORMATS[fmt]}"
+
+
+def folder_fingerprint(digests: dict[tuple[str, str], str]) -> str:
+    """The fingerprint of a version's per-split files, from their sha256 by (split, format)."""
+    listing = "".join(
+        f"{split}/{fmt}:{digest}\n" for (split, fmt), digest in sorted(digests.items())
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
 def version_name(number: int) -> str:
@@ -76,11 +98,38 @@ class VersionFiles:
         """The per-split files and the dataset card."""
         return self.jsonl.with_name(self.jsonl.name.removesuffix(".jsonl"))
 
-    def split_file(self, split: str, fmt: str) -> Path:
-        return self.folder / f"{split}.{SPLIT_FORMATS[fmt]}"
+    def split_file(self, split: str, fmt: str, manifest: dict[str, Any]) -> Path:
+        """Where the manifest says the split's file of `fmt` is: `<split>-<fingerprint>.<ext>`
+        (`<split>.<ext>` in versions cut before the fingerprint, and where the manifest names no
+        such file)."""
+        entry = (manifest.get("split_files") or {}).get(split, {}).get(fmt)
+        if entry is None:
+            return self.folder / f"{split}.{SPLIT_FORMATS[fmt]}"
+        return self.jsonl.parent / entry["name"]
 
     def all(self) -> tuple[Path, ...]:
         return (self.jsonl, self.chat, self.preference, self.manifest, self.folder)
+
+
+def manifest_temp(files: VersionFiles) -> Path:
+    """Where a version's manifest waits for the commit of its row."""
+    return files.manifest.with_name(f".{files.manifest.name}.tmp")
+
+
+def settle_manifests(directory: Path, committed: dict[str, str]) -> list[str]:
+    """Put in place the manifest of each committed version (version → manifest sha256 of its row)
+    whose cut died between the commit and the manifest's rename; returns those versions. A temp
+    manifest whose bytes differ from the committed sha256 is left for `remove_uncommitted`."""
+    settled = []
+    for version, digest in committed.items():
+        files = VersionFiles.at(directory, version)
+        temp = manifest_temp(files)
+        if files.manifest.exists() or not temp.exists() or sha256_file(temp) != digest:
+            continue
+        os.replace(temp, files.manifest)
+        fsync_dir(directory)
+        settled.append(version)
+    return settled
 
 
 def remove_uncommitted(directory: Path, committed: Iterable[str]) -> list[Path]:
@@ -209,10 +258,9 @@ class VersionWriter:
         self._temp_folder.mkdir()
         for split in SPLITS:
             for fmt in SPLIT_FORMATS:
-                final = self.files.split_file(split, fmt)
-                temp = self._temp_folder / final.name
-                name = f"{final.parent.name}/{final.name}"
-                self._sinks[(split, fmt)] = _Sink(final, temp, open(temp, "wb"), name)
+                # Named at `publish`, once the fingerprint of their bytes is known.
+                temp = self._temp_folder / f".{split}.{SPLIT_FORMATS[fmt]}.tmp"
+                self._sinks[(split, fmt)] = _Sink(temp, temp, open(temp, "wb"))
         self._writing = _WritingThread()
         return self
 
@@ -256,15 +304,30 @@ class VersionWriter:
         self, manifest: dict[str, Any], card: Callable[[dict[str, Any]], str]
     ) -> dict[str, Any]:
         """fsync and rename the line files and the folder (with `card(manifest)` as its
-        README.md), then write the manifest (with every file's hash) last."""
+        README.md), then write the manifest (with every file's hash) under its temp name:
+        `place_manifest` puts it in place once the version's row is committed."""
         manifest = {**manifest, "files": {}, "split_files": {split: {} for split in SPLITS}}
         assert self._writing is not None, "VersionWriter is used as a context manager"
         self._writing.finish()
-        for key, sink in self._sinks.items():
+        for sink in self._sinks.values():
             sink.handle.flush()
             os.fsync(sink.handle.fileno())
             sink.handle.close()
+        fingerprint = folder_fingerprint(
+            {
+                key: sink.digest.hexdigest()
+                for key, sink in self._sinks.items()
+                if isinstance(key, tuple)
+            }
+        )
+        manifest["fingerprint"] = fingerprint
+        for key, sink in self._sinks.items():
             if isinstance(key, tuple):
+                name = split_file_name(*key, fingerprint)
+                os.replace(sink.temp, self._temp_folder / name)
+                sink.temp = self._temp_folder / name
+                sink.final = self.files.folder / name
+                sink.name = f"{self.files.folder.name}/{name}"
                 manifest["split_files"][key[0]][key[1]] = sink.describe()
             else:
                 manifest["files"][key] = sink.describe()
@@ -277,12 +340,26 @@ class VersionWriter:
                 os.replace(sink.temp, sink.final)
         os.replace(self._temp_folder, self.files.folder)
         body = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True).encode("utf-8")
-        _write_synced(self.directory / f".{self.files.manifest.name}.tmp", body)
-        os.replace(self.directory / f".{self.files.manifest.name}.tmp", self.files.manifest)
+        _write_synced(manifest_temp(self.files), body)
         fsync_dir(self.directory)
         manifest["files"]["manifest"] = _described(self.files.manifest.name, body)
         self._sinks.clear()
         return manifest
+
+    def place_manifest(self) -> None:
+        """The commit point has passed: the manifest takes its name."""
+        os.replace(manifest_temp(self.files), self.files.manifest)
+        fsync_dir(self.directory)
+
+    def discard(self) -> None:
+        """The version's commit failed: remove every file published under its name (its number
+        stays claimed, so no later cut gives the name to other bytes)."""
+        for path in (*self.files.all(), manifest_temp(self.files)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._writing is not None:
@@ -393,11 +470,13 @@ def version_format_problems(files: VersionFiles, min_examples: int) -> tuple[lis
     return problems, examples
 
 
-def preference_format_problems(files: VersionFiles) -> tuple[list[str], int]:
+def preference_format_problems(
+    files: VersionFiles, manifest: dict[str, Any]
+) -> tuple[list[str], int]:
     """(problems, pairs) of a version's preference files: the TRL file of the whole version and
-    each split's TRL and OpenAI files, under the providers' format rules."""
+    each split's TRL and OpenAI files (named by its `manifest`), under the providers' rules."""
     targets = [(files.preference, "trl")] + [
-        (files.split_file(split, fmt), flavour)
+        (files.split_file(split, fmt, manifest), flavour)
         for split in SPLITS
         for fmt, flavour in (("preference", "trl"), ("openai_preference", "openai"))
     ]
@@ -447,7 +526,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         lines.append(f"- config_name: {'default' if fmt == 'records' else fmt}")
         lines.append("  data_files:")
         for split in present:
-            lines += [f"  - split: {split}", f"    path: {split}.{SPLIT_FORMATS[fmt]}"]
+            path = manifest["split_files"][split][fmt]["name"].rsplit("/", 1)[-1]
+            lines += [f"  - split: {split}", f"    path: {path}"]
     counts = {
         fmt: {s: manifest["split_files"][s][fmt]["lines"] for s in SPLITS} for fmt in SPLIT_FORMATS
     }
@@ -462,7 +542,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "| config | file | train | validation |",
         "|---|---|---:|---:|",
         *(
-            f"| {'default' if fmt == 'records' else fmt} | `<split>.{name}` "
+            f"| {'default' if fmt == 'records' else fmt} "
+            f"| `<split>-{manifest.get('fingerprint', '')}.{name}` "
             f"| {counts[fmt]['train']} | {counts[fmt]['validation']} |"
             for fmt, name in SPLIT_FORMATS.items()
         ),
@@ -475,7 +556,9 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "  `preferred_output`, `non_preferred_output`).",
         "",
         f"The manifest `../{DATASET_NAME}_{manifest['version']}.manifest.json` holds the sha256",
-        "of every file and the settings the version was built with.",
+        "of every file and the settings the version was built with. The file names carry the",
+        "fingerprint of the folder's data, so `datasets` never serves a cached copy of another",
+        "folder of the same name.",
         "",
     ]
     return "\n".join(lines)

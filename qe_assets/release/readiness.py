@@ -64,8 +64,11 @@ class VersionState:
 
 def version_state(conn: duckdb.DuckDBPyConnection) -> VersionState:
     committed = [r[0] for r in conn.execute("SELECT version FROM dataset_versions").fetchall()]
+    # Past every number a cut ever claimed, committed or not (store.py, dataset_version_claims).
     ((number, low),) = conn.execute(
-        "SELECT coalesce(max(number), 0), coalesce(max(max_completion_seq), 0) "
+        "SELECT greatest(coalesce(max(number), 0), "
+        "                (SELECT coalesce(max(number), 0) FROM dataset_version_claims)), "
+        "       coalesce(max(max_completion_seq), 0) "
         "FROM dataset_versions"
     ).fetchall()
     ((high,),) = conn.execute("SELECT coalesce(max(seq), 0) FROM completions").fetchall()

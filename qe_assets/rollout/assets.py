@@ -10,11 +10,21 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.assets import annotated_samples
+from qe_assets.evaluation import timeline
 from qe_assets.ingest.assets import raw_events
 from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.rollout import registry as ab
-from qe_assets.rollout.sequential import PROMOTE, ROLLBACK, Arms, Decision, decide, policy_of
+from qe_assets.rollout.sequential import (
+    PROMOTE,
+    ROLLBACK,
+    Arms,
+    Decision,
+    Distance,
+    decide,
+    distance_to_decision,
+    policy_of,
+)
 from qe_assets.service.rollout import RolloutState, state_path
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
@@ -34,6 +44,8 @@ class Look:
     per_label: dict[str, dict[str, Any]] | None = None
     ignored: dict[str, int] | None = None
     history: list[dict[str, Any]] | None = None
+    distance: Distance | None = None  # how far the running test is from a decision
+    steps: list[timeline.Step] | None = None  # the release timeline after this look
 
 
 def per_label_rates(counts: dict[str, dict[str, int]], arms: Arms) -> dict[str, dict[str, Any]]:
@@ -53,13 +65,18 @@ def per_label_rates(counts: dict[str, dict[str, int]], arms: Arms) -> dict[str, 
     }
 
 
-def look_at_test(conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: str | None) -> Look:
+def look_at_test(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: str | None, *, record: bool = True
+) -> Look:
     """Decide on the running test, record the decision (and a promotion), in one transaction;
-    then write rollout.json from the tables. Without a test only the file is synced."""
+    then write rollout.json from the tables. Without a test only the file is synced.
+
+    `record=False` only reads: what the test looks like now (the gate and `qe models` report it
+    as an `ab_test` materialization right after they change the rollout)."""
     path = state_path(settings)
     test = ab.active_test(conn)
     production = production_model(conn)
-    if test is not None and production is not None and production != test.production:
+    if record and test is not None and production is not None and production != test.production:
         # Someone promoted another model meanwhile: the production arm no longer gets traffic.
         ab.stop_test(
             conn,
@@ -70,13 +87,19 @@ def look_at_test(conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: st
             decision=ab.SET_SHARE,
         )
         test = None
+    state = ab.sync_state_file(conn, path) if record else ab.current_state(conn)
     if test is None:
-        return Look(ab.sync_state_file(conn, path), history=ab.newest_test_rows(conn))
+        return Look(
+            state,
+            history=ab.newest_test_rows(conn),
+            steps=timeline.release_timeline(timeline.read_rows(conn)),
+        )
+    policy = policy_of(settings)
     arms = ab.arm_counts(conn, test)
-    decision = decide(arms, test.share, test.answers_at_share, policy_of(settings))
+    decision = decide(arms, test.share, test.answers_at_share, policy)
     per_label = per_label_rates(ab.label_counts(conn, test, settings.capture_threshold), arms)
     # No answer counted since the last look and nothing to change: no row (and no new look).
-    if not ab.nothing_new(conn, arms, decision):
+    if record and not ab.nothing_new(conn, arms, decision):
         with transaction(conn):
             ab.record_test_decision(conn, test, arms, decision, per_label, run_id)
             if decision.decision == PROMOTE:
@@ -87,14 +110,22 @@ def look_at_test(conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: st
                     evaluation_id=ab.gate_passed(conn, test.candidate),
                     reason=decision.reason,
                 )
+        state = ab.sync_state_file(conn, path)
+    ended = decision.decision in (PROMOTE, ROLLBACK)
+    distance = None if ended else distance_to_decision(arms, decision.share, policy)
+    steps = timeline.release_timeline(
+        timeline.read_rows(conn), distance.text() if distance is not None else None
+    )
     return Look(
-        ab.sync_state_file(conn, path),
+        state,
         test,
         arms,
         decision,
         per_label,
         ab.unknown_models(conn, test),
         ab.newest_test_rows(conn),
+        distance,
+        steps,
     )
 
 
@@ -102,19 +133,24 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-def history_markdown(rows: list[dict[str, Any]]) -> str:
-    """Both arms' rates after each decision of the test: the rates over time."""
+def rate_text(low: int, answers: int) -> str:
+    """A rate as people read it: a percentage with its counts."""
+    return f"{low / answers:.1%} ({low:,} of {answers:,})" if answers else f"n/a (0 of {low:,})"
+
+
+def history_markdown(rows: list[dict[str, Any]], threshold: float) -> str:
+    """Both arms' rates after each decision of the test (newest 30): the rates over time."""
     lines = [
-        "| decided at (UTC) | decision | share | production rate (answers) | "
-        "candidate rate (answers) | Λ | by |",
+        "| decided at (UTC) | decision | share after | production low-score rate | "
+        f"candidate low-score rate | Λ (decides at {threshold:g}) | by |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows[-30:]:
-        statistic = "" if row["statistic"] is None else f"{row['statistic']:.2f}"
+        statistic = "" if row["statistic"] is None else f"{row['statistic']:.1f} of {threshold:g}"
         lines.append(
             f"| {row['decided_at']:%Y-%m-%d %H:%M:%S} | {row['decision']} | {row['share']:.0%} "
-            f"| {_pct(row['rate_production'])} ({row['answers_production']}) "
-            f"| {_pct(row['rate_candidate'])} ({row['answers_candidate']}) | {statistic} "
+            f"| {rate_text(row['low_production'], row['answers_production'])} "
+            f"| {rate_text(row['low_candidate'], row['answers_candidate'])} | {statistic} "
             f"| {row['decided_by']} |"
         )
     return "\n".join(lines)
@@ -133,29 +169,59 @@ def labels_markdown(per_label: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def look_metadata(look: Look) -> "dict[str, dg.RawMetadataValue]":
+# What the asset page shows first: what happened, how far from a decision, the timeline.
+FIRST = ("decision", "reason", "progress", "release_timeline", "current_share", "candidate")
+
+
+def look_metadata(look: Look, threshold: float) -> "dict[str, dg.RawMetadataValue]":
+    """In the order the page reads best (FIRST, then the rest)."""
+    metadata = _look_metadata(look, threshold)
+    return {k: metadata[k] for k in FIRST if k in metadata} | metadata
+
+
+def _look_metadata(look: Look, threshold: float) -> "dict[str, dg.RawMetadataValue]":
+    """What the asset page shows: the state, the timeline, the decision with its threshold and
+    distance, the rates as percentages with counts. `threshold`: 1 / QE_AB_ALPHA."""
     state = look.state
     metadata: dict[str, dg.RawMetadataValue] = {
         "production": state.production or "",
         "candidate": state.candidate or "",
         "current_share": state.share,
+        "decision_threshold": threshold,
         "rollout_file": dg.MetadataValue.json(
             {k: v for k, v in state.__dict__.items() if v is not None}
         ),
     }
+    if look.steps:
+        metadata["release_timeline"] = dg.MetadataValue.md(timeline.markdown(look.steps))
     if look.history:
-        metadata["rates_over_time"] = dg.MetadataValue.md(history_markdown(look.history))
+        metadata["rates_over_time"] = dg.MetadataValue.md(history_markdown(look.history, threshold))
     if look.test is None or look.arms is None or look.decision is None:
         metadata["decision"] = "none"
-        metadata["reason"] = "no candidate has traffic" + (
-            f"; production is {state.production}" if state.production else ""
+        last = look.history[-1] if look.history else None
+        ended = (
+            f"; the last test ({last['candidate']}) ended: {last['decision']} by "
+            f"{last['decided_by']}"
+            if last
+            else ""
+        )
+        metadata["reason"] = (
+            "no candidate has traffic"
+            + (f"; production is {state.production}" if state.production else "")
+            + ended
         )
         return metadata
     arms, decision = look.arms, look.decision
+    if look.distance is not None:
+        metadata["progress"] = look.distance.text()
+        if look.distance.more_answers is not None:
+            metadata["more_candidate_answers"] = look.distance.more_answers
     metadata.update(
         {
             "decision": decision.decision,
             "reason": decision.reason,
+            "production_low_score_rate": rate_text(arms.low_production, arms.answers_production),
+            "candidate_low_score_rate": rate_text(arms.low_candidate, arms.answers_candidate),
             "tested_candidate": look.test.candidate,
             "tested_production": look.test.production,
             "answers_production": arms.answers_production,
@@ -165,7 +231,7 @@ def look_metadata(look: Look) -> "dict[str, dg.RawMetadataValue]":
             # Floats: the UI plots these across materializations (the rates over time).
             "rate_production": float(arms.rate_production or 0.0),
             "rate_candidate": float(arms.rate_candidate or 0.0),
-            "statistic": round(decision.statistic, 4),
+            "statistic": round(decision.statistic, 2),
             "test_started_at": f"{look.test.started_at:%Y-%m-%d %H:%M:%S} UTC",
         }
     )
@@ -202,7 +268,36 @@ def ab_test(
             f"A/B {look.test.candidate} vs {look.test.production}: {look.decision.decision} "
             f"({look.decision.reason}); share now {look.state.share:.0%}"
         )
-    return dg.MaterializeResult(metadata=look_metadata(look))
+    return dg.MaterializeResult(metadata=look_metadata(look, 1.0 / settings.ab_alpha))
+
+
+def rollout_changed(
+    conn: duckdb.DuckDBPyConnection, settings: Settings, by: str, what: str
+) -> dg.AssetMaterialization:
+    """`ab_test` as it stands right after the gate or a person changed the rollout (reported by
+    them, so the asset page never disagrees with rollout.json until the next ingest)."""
+    look = look_at_test(conn, settings, None, record=False)
+    metadata = look_metadata(look, 1.0 / settings.ab_alpha)
+    metadata["changed_by"] = by
+    metadata["change"] = what
+    return dg.AssetMaterialization(
+        asset_key=dg.AssetKey("ab_test"),
+        description=f"rollout changed by {by}: {what}",
+        metadata=metadata,
+    )
+
+
+def report_rollout_change(
+    instance: dg.DagsterInstance, event: dg.AssetMaterialization
+) -> str | None:
+    """Record `event` in Dagster (no run); a problem as one line (the change itself stands: it
+    is in the tables and rollout.json, and the next ab_test run reports it anyway)."""
+    try:
+        instance.report_runless_asset_event(event)
+    # Any failure: the Dagster instance is only told, never needed.
+    except Exception as exc:
+        return f"could not report the change to Dagster ({type(exc).__name__}: {exc})"
+    return None
 
 
 @dg.asset_check(
@@ -210,31 +305,52 @@ def ab_test(
     name=HARM_CHECK,
     description=(
         "Warns when the candidate's low-score rate is significantly worse than production's "
-        "(the mSPRT rejects equal rates at QE_AB_ALPHA with the candidate worse); the same "
-        "evidence rolls the candidate back to share 0. Judges this run's look, else the "
-        "newest one."
+        "(the mSPRT rejects equal rates at QE_AB_ALPHA with the candidate worse: Λ ≥ "
+        "1/QE_AB_ALPHA); the same evidence rolls the candidate back to share 0. Judges this "
+        "run's look, else the running test's newest one; with no test running it says so and "
+        "records nothing to plot."
     ),
 )
 def candidate_not_worse(
     context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
 ) -> dg.AssetCheckResult:
+    threshold = 1.0 / settings.ab_alpha
     with duckdb_reader(duckdb) as conn:  # reads only: no writer lock
         row = None if conn is None else ab.newest_look(conn, context.run.run_id)
+        running = conn is not None and ab.active_test(conn) is not None
     if row is None:
         return dg.AssetCheckResult(passed=True, description="the A/B test has not looked yet")
+    if not running and row["dagster_run_id"] != context.run.run_id:
+        # The test ended in an earlier run (which judged its last look): nothing new to judge,
+        # and no metadata, so the check's plots do not grow flat repeated points.
+        return dg.AssetCheckResult(
+            passed=True,
+            description=(
+                f"no test running (the last one, {row['candidate']}, ended: {row['decision']})"
+            ),
+        )
     worse = row["decision"] == ROLLBACK
     verdict = "significantly worse" if worse else "not significantly worse"
+    statistic = float(row["statistic"] or 0.0)
     return dg.AssetCheckResult(
         passed=not worse,
         severity=dg.AssetCheckSeverity.WARN,
-        description=f"{row['candidate']} {verdict}: {row['reason']}",
+        description=(
+            f"{row['candidate']} {verdict} (Λ {statistic:.1f} of {threshold:g} needed to "
+            f"decide): {row['reason']}"
+        ),
         metadata={
             "candidate": row["candidate"],
             "production": row["production"],
             "decision": row["decision"],
+            "candidate_low_score_rate": rate_text(row["low_candidate"], row["answers_candidate"]),
+            "production_low_score_rate": rate_text(
+                row["low_production"], row["answers_production"]
+            ),
             "rate_candidate": float(row["rate_candidate"] or 0.0),
             "rate_production": float(row["rate_production"] or 0.0),
-            "statistic": float(row["statistic"] or 0.0),
+            "statistic": round(statistic, 2),
+            "decision_threshold": threshold,
             "alpha": settings.ab_alpha,
         },
     )

@@ -19,7 +19,7 @@ import duckdb
 
 from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Decision
 from qe_assets.service.rollout import RolloutState, write_state
-from qe_assets.store.evaluations import production_model
+from qe_assets.store.evaluations import production_model, refuse_flagged
 
 AB_TEST = "ab_test"
 START, SET_SHARE = "start", "set_share"
@@ -231,7 +231,10 @@ def start_test(
     run_id: str | None = None,
 ) -> None:
     """Give `candidate` traffic against `production` (a new test, or a new share of the running
-    test of the same candidate, which keeps its start and its counts)."""
+    test of the same candidate, which keeps its start and its counts). Never a model `qe forget`
+    flagged (`ModelFlagged`)."""
+    if share > 0:
+        refuse_flagged(conn, candidate)
     test = active_test(conn)
     same = test is not None and test.candidate == candidate and test.production == production
     started = test.started_at if same and test is not None else utc_now()

@@ -70,7 +70,9 @@ class Policy:
 @dataclass(frozen=True)
 class Decision:
     decision: str  # promote | rollback | continue
-    share: float  # the candidate's share after it (0 after a rollback, unchanged on promote)
+    share: (
+        float  # the candidate's share after it (0 after a rollback or a promotion: its test ends)
+    )
     statistic: float  # the mixture likelihood ratio Λ
     difference: float | None  # rate_candidate − rate_production
     reason: str
@@ -148,8 +150,9 @@ def decide(arms: Arms, share: float, answers_at_share: int, policy: Policy) -> D
         )
     if ratio >= bound and d is not None:
         if d < 0:
+            # The candidate becomes production: as a candidate it has no share any more.
             return Decision(
-                PROMOTE, share, ratio, d, f"candidate better: Λ {ratio:.1f} ≥ {bound:g}; {rates}"
+                PROMOTE, 0.0, ratio, d, f"candidate better: Λ {ratio:.1f} ≥ {bound:g}; {rates}"
             )
         return Decision(
             ROLLBACK, 0.0, ratio, d, f"candidate worse: Λ {ratio:.1f} ≥ {bound:g}; {rates}"
@@ -178,6 +181,89 @@ def _rates(arms: Arms) -> str:
         f"low-score rate candidate {pct(arms.rate_candidate)} of {arms.answers_candidate}, "
         f"production {pct(arms.rate_production)} of {arms.answers_production}"
     )
+
+
+# Beyond this many more candidate answers an estimate says "not at these rates".
+MAX_ESTIMATE = 10_000_000
+
+
+@dataclass(frozen=True)
+class Distance:
+    """How far a running test is from a decision: Λ against its threshold 1/alpha, and about how
+    many more candidate answers (at the current share and today's rates) reach it."""
+
+    statistic: float
+    threshold: float
+    share: float
+    more_answers: int | None  # None: no decision expected at these rates (or no share)
+    no_rates_yet: bool = False  # an arm has no answer: `more_answers` is only the minimum
+
+    @property
+    def more_requests(self) -> int | None:
+        """All requests (both arms) that bring `more_answers` candidate answers at this share."""
+        if self.more_answers is None or self.share <= 0:
+            return None
+        return math.ceil(self.more_answers / self.share)
+
+    def text(self) -> str:
+        head = f"Λ {self.statistic:.1f} of {self.threshold:g} needed"
+        if self.more_answers is None:
+            return f"{head}; no decision in sight at today's rates and this share"
+        if self.more_answers == 0:
+            return f"{head}; decidable now"
+        if self.no_rates_yet:
+            return (
+                f"{head}; at least {self.more_answers:,} more candidate answers at "
+                f"{self.share:.0%} (~{self.more_requests:,} requests) before any decision"
+            )
+        return (
+            f"{head}; about {self.more_answers:,} more candidate answers at {self.share:.0%} "
+            f"(~{self.more_requests:,} requests), at today's rates"
+        )
+
+
+def distance_to_decision(arms: Arms, share: float, policy: Policy) -> Distance:
+    """Λ now, and the fewest more candidate answers after which both arms have
+    `policy.min_answers` and Λ ≥ 1/alpha, if the arms' rates stayed as they are and production
+    got (1 − share)/share answers per candidate answer. An estimate to size a canary with, not a
+    promise: the rates move as answers come in."""
+    statistic, _ = mixture_ratio(arms, policy.tau)
+    bound = 1.0 / policy.alpha
+    rate_c, rate_p = arms.rate_candidate, arms.rate_production
+    if share <= 0:
+        return Distance(statistic, bound, share, None)
+    per_candidate = (1.0 - share) / share
+    if rate_c is None or rate_p is None:
+        short = max(
+            policy.min_answers - arms.answers_candidate,
+            math.ceil((policy.min_answers - arms.answers_production) / per_candidate)
+            if per_candidate
+            else 0,
+        )
+        return Distance(statistic, bound, share, max(short, 0), no_rates_yet=True)
+    strata = arms.strata or (
+        (arms.answers_production, arms.low_production, arms.answers_candidate, arms.low_candidate),
+    )
+
+    def decided(k: int) -> bool:
+        n_p = k * per_candidate
+        more = (n_p, n_p * rate_p, float(k), k * rate_c)
+        extended = Arms.of_periods([*strata, more])  # type: ignore[list-item]
+        enough = min(extended.answers_candidate, extended.answers_production) >= policy.min_answers
+        return enough and mixture_ratio(extended, policy.tau)[0] >= bound
+
+    if decided(0):
+        return Distance(statistic, bound, share, 0)
+    high = 1
+    while not decided(high):
+        if high > MAX_ESTIMATE:
+            return Distance(statistic, bound, share, None)
+        high *= 2
+    low = high // 2  # not decided at `low` (or low == 0), decided at `high`
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if decided(middle) else (middle, high)
+    return Distance(statistic, bound, share, high)
 
 
 def policy_of(settings: Settings) -> Policy:

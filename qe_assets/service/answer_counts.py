@@ -36,7 +36,10 @@ RECORD_KIND = "answer_counts"
 # queue is a quality event. A hand-written record in another key order is judged as an event.
 RECORD_PREFIX = b'{"qe_record":"' + RECORD_KIND.encode() + b'"'
 
-NonNegative = Annotated[StrictInt, Field(ge=0)]
+# The answer_counts columns are BIGINT: a larger count could not be stored, so it is rejected here,
+# naming its field, instead of failing the batch it came in (and every replay of it).
+BIGINT_MAX = 2**63 - 1
+NonNegative = Annotated[StrictInt, Field(ge=0, le=BIGINT_MAX)]
 
 
 class ModelCount(BaseModel):
@@ -58,6 +61,15 @@ class CountRecord(BaseModel):
     window_start: datetime
     window_end: datetime
     counts: dict[Annotated[StrictStr, Field(min_length=1)], ModelCount]
+
+
+class CountRecordError(ValueError):
+    """A count record refused: `field` names it apart from the message, since a model name (part
+    of a field's path) may itself hold `:` or `.`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 def _stamp(when: datetime) -> str:
@@ -92,24 +104,34 @@ def is_count_record(raw: bytes | str) -> bool:
     return (head if isinstance(head, bytes) else head.encode()) == RECORD_PREFIX
 
 
+def _naive_utc(when: datetime, field: str) -> datetime:
+    """Naive UTC, as the TIMESTAMP columns hold it; a moment that leaves years 1-9999 when moved
+    to UTC is the record's fault, said as a field error (OverflowError would stop the batch)."""
+    if when.tzinfo is None:
+        return when
+    try:
+        return when.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
+        raise CountRecordError(field, "outside years 1-9999 in UTC (count record)") from None
+
+
 def parse_count_record(raw: bytes | str) -> list[dict[str, Any]]:
-    """The `answer_counts` rows of one count record (one per model); raises ValueError whose
-    message starts with the failing field, as rejected_events wants it."""
+    """The `answer_counts` rows of one count record (one per model); raises CountRecordError (a
+    ValueError) naming the failing field, as rejected_events wants it."""
     try:
         record = CountRecord.model_validate_json(raw)
     except ValidationError as exc:
         item = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in item["loc"]) or "payload"
-        raise ValueError(f"{loc}: {item['msg']} (count record)") from None
+        raise CountRecordError(loc, f"{item['msg']} (count record)") from None
     if record.qe_record != RECORD_KIND:
-        raise ValueError(f"qe_record: expected {RECORD_KIND!r} (count record)")
+        raise CountRecordError("qe_record", f"expected {RECORD_KIND!r} (count record)")
     bad = [m for m, c in record.counts.items() if c.low > c.answers]
     if bad:
-        raise ValueError(f"counts.{bad[0]}.low: more low-score answers than answers")
+        raise CountRecordError(f"counts.{bad[0]}.low", "more low-score answers than answers")
 
-    def naive(when: datetime) -> datetime:
-        return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
-
+    window_start = _naive_utc(record.window_start, "window_start")
+    window_end = _naive_utc(record.window_end, "window_end")
     return [
         {
             "flush_id": record.flush_id,
@@ -118,8 +140,8 @@ def parse_count_record(raw: bytes | str) -> list[dict[str, Any]]:
             "low": count.low,
             "threshold": record.threshold,
             "producer": record.producer,
-            "window_start": naive(record.window_start),
-            "window_end": naive(record.window_end),
+            "window_start": window_start,
+            "window_end": window_end,
         }
         for model, count in record.counts.items()
     ]

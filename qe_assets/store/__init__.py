@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,7 @@ import duckdb
 import polars as pl
 
 SCHEMA_VERSION = 1
+_LOG = logging.getLogger("qe_assets.store")
 
 # What the batch loops of the writing stages take: a fresh write connection per transaction
 # (`WriterSession.connection` in the assets, `connect` in tests).
@@ -138,6 +140,14 @@ CREATE TABLE IF NOT EXISTS dataset_versions (
     settings            JSON NOT NULL,
     max_completion_seq  BIGINT NOT NULL,      -- watermark: completions up to here are exported
     created_at          TIMESTAMP NOT NULL
+);
+-- Version numbers handed to cuts, committed before a cut writes anything: a number is never given
+-- twice, so a version's name never stands for other bytes, even after a cut that failed or died
+-- once its files had their names (that number stays unused: a gap in dataset_versions).
+CREATE TABLE IF NOT EXISTS dataset_version_claims (
+    number      INTEGER PRIMARY KEY,
+    version     VARCHAR NOT NULL,
+    claimed_at  TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dataset_samples (
     version    VARCHAR NOT NULL,
@@ -290,6 +300,47 @@ CREATE TABLE IF NOT EXISTS ab_decisions (
     dagster_run_id      VARCHAR,
     decided_at          TIMESTAMP NOT NULL
 );
+-- Where each version was published (qe_assets/release/publish.py, docs/publishing.md): one row per
+-- version and QE_PUBLISH_URL; `location` is the manifest, the commit marker readers look for.
+CREATE TABLE IF NOT EXISTS version_publications (
+    version          VARCHAR NOT NULL,
+    destination      VARCHAR NOT NULL,   -- QE_PUBLISH_URL when it was published (no secrets)
+    location         VARCHAR NOT NULL,
+    manifest_sha256  VARCHAR NOT NULL,
+    files            INTEGER NOT NULL,
+    bytes            BIGINT NOT NULL,
+    seconds          DOUBLE NOT NULL,    -- of the last publishing pass
+    status           VARCHAR NOT NULL,   -- published | unpublished | deleted
+    updated_at       TIMESTAMP NOT NULL,
+    PRIMARY KEY (version, destination)
+);
+-- `qe forget` (qe_assets/release/forget.py): versions replaced by a version without a subject's samples,
+-- models trained on them, and what each request did (no personal text).
+CREATE TABLE IF NOT EXISTS version_supersessions (
+    version        VARCHAR PRIMARY KEY,  -- the superseded version (its files stay immutable)
+    superseded_by  VARCHAR,              -- NULL: every sample of it was forgotten
+    forget_id      VARCHAR NOT NULL,
+    superseded_at  TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flagged_models (
+    model            VARCHAR NOT NULL,
+    dataset_version  VARCHAR NOT NULL,
+    forget_id        VARCHAR NOT NULL,
+    reason           VARCHAR NOT NULL,
+    flagged_at       TIMESTAMP NOT NULL,
+    PRIMARY KEY (model, forget_id)
+);
+CREATE TABLE IF NOT EXISTS forget_requests (
+    forget_id     VARCHAR PRIMARY KEY,
+    matched_by    VARCHAR NOT NULL,      -- request_id | match
+    terms         INTEGER NOT NULL,      -- how many ids or texts were given
+    terms_sha256  VARCHAR NOT NULL,      -- of the sorted terms: proves which request, holds none
+    counts        JSON NOT NULL,         -- rows and files touched, per table / kind
+    versions      JSON NOT NULL,         -- superseded -> superseding
+    models        JSON NOT NULL,         -- flagged models
+    requested_by  VARCHAR NOT NULL,
+    requested_at  TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 INSERT OR IGNORE INTO schema_info VALUES ('schema_version', '1');
 """
@@ -304,6 +355,13 @@ TABLES = (
     "fine_tune_runs",
     "review_queue",
 )
+
+
+# How long `qe sql` may hold the file at most (its --timeout), and how long a write connection
+# waits for readers: longer than that, so a reader never fails a writer. Before these bounds a
+# query of minutes made a concurrent run fail after the writer's 60 s wait (issue 26).
+READ_SECONDS_MAX = 300.0
+WRITER_WAIT_SECONDS = READ_SECONDS_MAX + 60.0
 
 
 class DatabaseBusy(RuntimeError):
@@ -346,7 +404,7 @@ def connect(
     database: str | Path,
     *,
     read_only: bool = False,
-    wait_seconds: float = 60.0,
+    wait_seconds: float | None = None,
     on_wait: Callable[[float], None] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -364,13 +422,16 @@ def open_connection(
     database: str | Path,
     *,
     read_only: bool = False,
-    wait_seconds: float = 60.0,
+    wait_seconds: float | None = None,
     on_wait: Callable[[float], None] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """`connect` without the context: the caller closes. Writers get WRITER_CONFIG, then
-    `config` on top (memory limit and the like); readers get `config` alone."""
+    `config` on top (memory limit and the like); readers get `config` alone. The wait defaults
+    to 60 s for a reader and to WRITER_WAIT_SECONDS, past the longest `qe sql`, for a writer."""
     path = Path(database)
+    if wait_seconds is None:
+        wait_seconds = 60.0 if read_only else WRITER_WAIT_SECONDS
     settings = {**(config or {})} if read_only else {**WRITER_CONFIG, **(config or {})}
     # Locked only once the time zone below is set (`qe sql` locks its sandbox).
     lock = bool(settings.pop("lock_configuration", False))
@@ -378,6 +439,7 @@ def open_connection(
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
     delay = 0.02
+    warned = False
     while True:
         try:
             conn = duckdb.connect(str(path), read_only=read_only, config=settings)
@@ -391,6 +453,16 @@ def open_connection(
                 ) from exc
             if on_wait is not None:
                 on_wait(remaining)
+            elif not read_only and not warned:
+                # Writers queue on the writer lock, so what holds the file is a reader (`qe sql`
+                # most likely): say why the stage stands still.
+                _LOG.warning(
+                    "%s is open in another process (a reader such as qe sql): waiting up to "
+                    "%.0fs for it",
+                    path,
+                    remaining,
+                )
+                warned = True
             time.sleep(min(delay, remaining))
             # Readers poll fast: writers leave only short gaps between their transactions.
             delay = min(delay * 2, 0.05 if read_only else 0.5)
@@ -588,7 +660,7 @@ def writer_connection(
     started = time.monotonic()
     with lock:
         spent = time.monotonic() - started
-        left = 60.0 if wait_seconds is None else max(0.0, wait_seconds - spent)
+        left = WRITER_WAIT_SECONDS if wait_seconds is None else max(0.0, wait_seconds - spent)
         with connect(database, config=config, wait_seconds=left) as conn:
             ensure_schema(conn)
             yield conn

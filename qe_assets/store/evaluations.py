@@ -128,6 +128,22 @@ def evaluation_of_run(conn: duckdb.DuckDBPyConnection, run_id: str) -> dict[str,
     return rows[0] if rows else None
 
 
+class ModelFlagged(ValueError):
+    """The model was trained on data a person asked to be forgotten (`qe forget`)."""
+
+
+def refuse_flagged(conn: duckdb.DuckDBPyConnection, model: str) -> None:
+    """Raise `ModelFlagged` for a model `qe forget` flagged: no promotion, no traffic."""
+    rows = conn.execute(
+        "SELECT dataset_version, forget_id FROM flagged_models WHERE model = ? LIMIT 1", [model]
+    ).fetchall()
+    if rows:
+        raise ModelFlagged(
+            f"{model} is flagged: it was trained on {rows[0][0]}, which held data a person asked "
+            f"to be forgotten (forget {rows[0][1]}); it is never promoted nor given traffic"
+        )
+
+
 def record_promotion(
     conn: duckdb.DuckDBPyConnection,
     model: str,
@@ -137,6 +153,8 @@ def record_promotion(
     evaluation_id: str | None = None,
     reason: str | None = None,
 ) -> None:
+    if action == PROMOTE_ACTION:
+        refuse_flagged(conn, model)
     conn.execute(
         "INSERT INTO promoted_models (model, promoted_at, promoted_by, evaluation_id, action, "
         "reason) VALUES (?, now()::TIMESTAMP, ?, ?, ?, ?)",
@@ -220,11 +238,13 @@ MODELS_QUERY = f"""
            CASE WHEN e.retry AND e.attempts < {GATE_MAX_ATTEMPTS}
                     THEN 'retry (' || e.attempts || ' of {GATE_MAX_ATTEMPTS})'
                 WHEN e.retry THEN 'gave up after ' || e.attempts
-                WHEN e.decision IS NULL THEN 'not evaluated' END AS gate
+                WHEN e.decision IS NULL THEN 'not evaluated' END AS gate,
+           r.model_id IN (SELECT model FROM flagged_models) AS flagged
     FROM fine_tune_runs r LEFT JOIN latest_eval e ON e.candidate = r.model_id
     WHERE r.status = 'succeeded' AND r.model_id IS NOT NULL
     UNION ALL
-    SELECT p.model, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true, NULL
+    SELECT p.model, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true, NULL,
+           p.model IN (SELECT model FROM flagged_models)
     FROM production p
     WHERE p.model NOT IN (SELECT model_id FROM fine_tune_runs WHERE model_id IS NOT NULL)
     ORDER BY dataset_version NULLS FIRST, model

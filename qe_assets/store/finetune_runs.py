@@ -51,6 +51,8 @@ def pending_version(conn: duckdb.DuckDBPyConnection, backend: str) -> str | None
             SELECT 1 FROM fine_tune_runs r
             WHERE r.dataset_version = v.version AND r.backend = ? AND r.status IN ?
         )
+          -- superseded by `qe forget`: its replacement is released instead
+          AND v.version NOT IN (SELECT version FROM version_supersessions)
         ORDER BY v.number LIMIT 1
         """,
         [backend, list(FINISHED)],

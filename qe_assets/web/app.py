@@ -19,11 +19,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from qe_assets.lib.web_security import SecurityMiddleware
+from qe_assets.lib.web_security import CSP, MAX_BODY_BYTES, BodyLimit, SecurityMiddleware
 from qe_assets.review import pages as review_pages
 from qe_assets.settings import Settings
 from qe_assets.web.dashboards import dashboard_routes
 
+# The dashboards: the same, except that plotly.js adds style rules of its own at run time (its
+# hover labels, mode bar): inline styles only, scripts stay the app's own files.
+DASHBOARDS_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
 WRITE_WAIT_SECONDS = 5.0
 READ_WAIT_SECONDS = 10.0
@@ -79,7 +82,14 @@ def create_app(
         Mount("/dashboards", routes=dashboard_routes(settings, db_lock=db_lock)),
         Route("/static/{name}", _static),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(SecurityMiddleware, token=token)])
+    middleware = [
+        # Outermost: no body is read before its size is known to be within bounds.
+        Middleware(BodyLimit, max_bytes=MAX_BODY_BYTES),
+        Middleware(
+            SecurityMiddleware, token=token, csp=CSP, csp_under={"/dashboards": DASHBOARDS_CSP}
+        ),
+    ]
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.settings = settings
     app.state.templates = templates()
     app.state.write_wait = write_wait_seconds

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -29,6 +30,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from qe_assets.evaluation import timeline
+from qe_assets.rollout.sequential import policy_of
 from qe_assets.settings import Settings
 from qe_assets.store import DatabaseBusy, connect
 from qe_assets.web.series import STEPS, Series, read_series
@@ -138,7 +141,7 @@ def agreement_figure(series: Series, min_agreement: float) -> Figure:
     frame = series.agreement
     layout = _layout("agreement")
     layout["yaxis"] |= {"range": [0, 1.05], "tickformat": ".0%"}
-    layout["shapes"] = [_hline(min_agreement, "QE_JUDGE_MIN_AGREEMENT")]
+    layout["shapes"] = [_hline(min_agreement, f"QE_JUDGE_MIN_AGREEMENT {min_agreement:.0%}")]
     trace = {
         "type": "scatter",
         "mode": "lines+markers",
@@ -151,51 +154,94 @@ def agreement_figure(series: Series, min_agreement: float) -> Figure:
     return {"data": [trace], "layout": layout}
 
 
-def _hline(y: float, name: str) -> Figure:
+def _hline(y: float, name: str, yref: str = "y") -> Figure:
+    """A dashed reference line, labelled on the chart (not only on hover)."""
     return {
         "type": "line",
         "xref": "paper",
+        "yref": yref,
         "x0": 0,
         "x1": 1,
         "y0": y,
         "y1": y,
         "name": name,
         "line": {"dash": "dash", "width": 1, "color": "#888"},
+        "label": {
+            "text": name,
+            "textposition": "end",
+            "yanchor": "bottom",
+            "font": {"size": 11, "color": "#555"},
+        },
     }
+
+
+def _vline(at: str, name: str) -> Figure:
+    """A dotted mark of an event (a share change, a decision) across the chart, labelled."""
+    return {
+        "type": "line",
+        "xref": "x",
+        "yref": "paper",
+        "x0": at,
+        "x1": at,
+        "y0": 0,
+        "y1": 1,
+        "name": name,
+        "line": {"dash": "dot", "width": 1, "color": "#b45309"},
+        "label": {
+            "text": name,
+            "textposition": "end",
+            "textangle": 0,
+            "xanchor": "left",
+            "font": {"size": 11, "color": "#b45309"},
+        },
+    }
+
+
+def _short(model: str, limit: int = 28) -> str:
+    """A model name short enough to print beside its point (the hover has it whole)."""
+    return model if len(model) <= limit else "…" + model[-(limit - 1) :]
 
 
 def evaluations_figure(series: Series) -> Figure:
     traces = []
     frame = series.evaluations
     for (comparison,), part in frame.group_by("comparison", maintain_order=True):
-        text = [
-            f"{c} vs {b}: {d} (n={n})"
-            for c, b, d, n in part.select("candidate", "baseline", "decision", "n").iter_rows()
-        ]
+        rows = list(part.select("candidate", "baseline", "decision", "n").iter_rows())
+        text = [f"{c} vs {b}: {_verdict(d)} (n={n})" for c, b, d, n in rows]
         traces.append(
             {
                 "type": "scatter",
-                "mode": "lines+markers",
+                "mode": "lines+markers+text",
                 "name": f"win rate vs {comparison}",
                 "x": _iso(part["created_at"]),
                 "y": part["win_rate"].to_list(),
-                "text": text,
+                # The model and the verdict beside each point, without hovering.
+                "text": [f"{_short(c)}: {_verdict(d)}" for c, _, d, _ in rows],
+                "textposition": "bottom center",
+                "customdata": text,
                 "error_y": {
                     "type": "data",
                     "symmetric": False,
                     "array": [0] * part.height,
                     "arrayminus": (part["win_rate"] - part["ci_low"]).to_list(),
                 },
-                "hovertemplate": "%{y:.0%}: %{text}",
+                "hovertemplate": "%{y:.0%}: %{customdata}",
             }
         )
     layout = _layout("win rate")
     layout["yaxis"] |= {"range": [0, 1.05], "tickformat": ".0%"}
-    layout["shapes"] = [_hline(0.5, "even")]
+    layout["shapes"] = [_hline(0.5, "50 %: as good as production")]
     return {"data": traces, "layout": layout}
 
 
-def ab_figure(series: Series) -> Figure:
+def _verdict(decision: str) -> str:
+    """The gate's stored `promote` means it passed (a canary may follow, not a promotion)."""
+    return "passed the gate" if decision == "promote" else decision
+
+
+def ab_figure(series: Series, threshold: float) -> Figure:
+    """Both arms' low-score rates per look, Λ against its threshold on a second axis, and the
+    rollout's events (share changes, the decision) marked across the chart."""
     frame = series.ab if series.ab is not None else pl.DataFrame()
     traces = []
     for (candidate, production), part in frame.group_by(
@@ -209,14 +255,81 @@ def ab_figure(series: Series) -> Figure:
                     "name": f"{arm}: {model}",
                     "x": _iso(part["decided_at"]),
                     "y": part[f"rate_{arm}"].to_list(),
-                    "customdata": part[f"answers_{arm}"].to_list(),
-                    "text": part["decision"].to_list(),
-                    "hovertemplate": "%{y:.1%} low-score answers of %{customdata} (%{text})",
+                    "customdata": list(
+                        zip(
+                            part[f"low_{arm}"].to_list(),
+                            part[f"answers_{arm}"].to_list(),
+                            part["decision"].to_list(),
+                            strict=True,
+                        )
+                    ),
+                    "hovertemplate": "%{y:.1%} low-score answers (%{customdata[0]} of "
+                    "%{customdata[1]}; %{customdata[2]})",
+                    "connectgaps": True,
                 }
             )
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": f"Λ {_short(candidate)} (decides at {threshold:g})",
+                "x": _iso(part["decided_at"]),
+                "y": part["statistic"].to_list(),
+                "yaxis": "y2",
+                "line": {"dash": "dot", "width": 1},
+                "hovertemplate": f"Λ %{{y:.1f}} of {threshold:g}",
+                "connectgaps": True,
+            }
+        )
     layout = _layout("low-score rate")
     layout["yaxis"] |= {"tickformat": ".0%"}
+    layout["yaxis2"] = {
+        "title": {"text": "Λ (log)"},
+        "type": "log",
+        "overlaying": "y",
+        "side": "right",
+        "showgrid": False,
+        "range": [-1, math.log10(threshold) + 0.5],
+        "tickvals": [0.1, 1, 10, threshold],
+        "ticktext": ["0.1", "1", "10", f"{threshold:g}"],
+    }
+    # Room above the plot for the event marks' labels, and right of it for Λ's axis.
+    layout["margin"] = layout["margin"] | {"r": 60, "t": 30}
+    shapes = [_hline(threshold, f"decision at Λ {threshold:g}", "y2")]
+    for mark in timeline.events(series.release):
+        shapes.append(_vline(mark["at"].isoformat(), mark["label"]))
+    layout["shapes"] = shapes
     return {"data": traces, "layout": layout}
+
+
+def timeline_table(series: Series) -> dict[str, Any]:
+    steps = timeline.release_timeline(series.release, series.ab_progress)
+    return timeline.table(steps)
+
+
+def _one_point_range(figure: Figure, pad: timedelta) -> Figure:
+    """A chart whose points share one time gets a range of ± `pad` around it: otherwise
+    Plotly zooms into it and labels sub-millisecond ticks."""
+    times = {x for trace in figure["data"] for x in trace.get("x", [])}
+    if len(times) != 1:
+        return figure
+    (at,) = times
+    middle = datetime.fromisoformat(at)
+    layout = figure["layout"]
+    layout["xaxis"] = layout.get("xaxis", {}) | {
+        "range": [(middle - pad).isoformat(), (middle + pad).isoformat()]
+    }
+    # Plotly sizes a lone bar by the (missing) gap to its neighbour: give it most of its bucket.
+    # Grouped bars then need their own offsets, side by side (milliseconds on a date axis).
+    bars = [trace for trace in figure["data"] if trace.get("type") == "bar"]
+    step = pad.total_seconds() * 1000
+    grouped = layout.get("barmode") == "group" and len(bars) > 1
+    width = 0.8 * step / (len(bars) if grouped else 1)
+    for i, trace in enumerate(bars):
+        trace["width"] = width
+        if grouped:
+            trace["offset"] = -0.4 * step + i * width
+    return figure
 
 
 @dataclass(frozen=True)
@@ -228,6 +341,8 @@ class Chart:
     build: Callable[[Series], Figure]
     has_data: Callable[[Series], bool]
     empty: str
+    note: Callable[[Series], str | None] = lambda s: None  # a line above the chart
+    kind: str = "figure"  # figure | table
 
 
 def charts(settings: Settings) -> list[Chart]:
@@ -283,12 +398,29 @@ def charts(settings: Settings) -> list[Chart]:
         ),
         Chart(
             "ab",
-            "A/B test: low-score rate per arm",
-            ab_figure,
-            lambda s: s.ab is not None and s.ab.height > 0,
+            "A/B test: low-score rate per arm, Λ against its threshold, rollout events",
+            lambda s: ab_figure(s, 1.0 / settings.ab_alpha),
+            _ab_has_rates,
             "No A/B test yet.",
+            note=lambda s: s.ab_running,
+        ),
+        Chart(
+            "timeline",
+            "Release timeline: cut → checks → fine-tune → gate → canary → A/B decision → "
+            "production",
+            timeline_table,
+            lambda s: s.release.version is not None,
+            "No release yet: the first dataset version is cut at QE_FINETUNE_THRESHOLD.",
+            kind="table",
         ),
     ]
+
+
+def _ab_has_rates(series: Series) -> bool:
+    frame = series.ab
+    if frame is None or frame.height == 0:
+        return False
+    return bool(frame["rate_production"].is_not_null().any())
 
 
 # ----- reading, with a short cache ------------------------------------------------------------
@@ -319,7 +451,13 @@ class Dashboards:
             self.db_lock,
             connect(self.settings.database, read_only=True, wait_seconds=READ_WAIT_SECONDS) as conn,
         ):
-            return read_series(conn, unit, buckets, judge_margin=self.settings.llm_judge_margin)
+            return read_series(
+                conn,
+                unit,
+                buckets,
+                judge_margin=self.settings.llm_judge_margin,
+                policy=policy_of(self.settings),
+            )
 
     def figures(self, unit: str, buckets: int) -> dict[str, Any]:
         key = (unit, buckets)
@@ -334,19 +472,29 @@ class Dashboards:
             "start": series.window.start.isoformat(),
             "stop": series.window.stop.isoformat(),
             "generated_at": datetime.now().isoformat(timespec="seconds"),
-            "charts": [
-                {
-                    "id": chart.id,
-                    "heading": chart.heading.format(unit=unit),
-                    "figure": chart.build(series) if chart.has_data(series) else None,
-                    "empty": (series.ab_problem if chart.id == "ab" else None) or chart.empty,
-                }
-                for chart in self.charts
-            ],
+            "charts": [self._chart(chart, series, unit) for chart in self.charts],
         }
         with self._lock:
             self._cache[key] = (time.monotonic(), payload)
         return payload
+
+    @staticmethod
+    def _chart(chart: Chart, series: Series, unit: str) -> dict[str, Any]:
+        shown = chart.has_data(series)
+        built = chart.build(series) if shown else None
+        empty = (series.ab_problem if chart.id == "ab" else None) or chart.empty
+        if chart.id == "ab" and not shown and series.ab_running:
+            empty = series.ab_running  # which test runs and what it waits for
+        return {
+            "id": chart.id,
+            "heading": chart.heading.format(unit=unit),
+            "figure": _one_point_range(built, STEPS[unit])
+            if chart.kind == "figure" and built
+            else None,
+            "table": built if chart.kind == "table" else None,
+            "note": chart.note(series) if shown else None,
+            "empty": empty,
+        }
 
 
 def parse_query(request: Request) -> tuple[str, int]:

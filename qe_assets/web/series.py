@@ -9,15 +9,18 @@ the thing, not when a run reported it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import duckdb
 import polars as pl
 
+from qe_assets.evaluation import timeline
 from qe_assets.ingest.events import KNOWN_LABELS, UNSPECIFIED
 from qe_assets.review.calibration import DECIDED
+from qe_assets.rollout import registry as rollout_registry
+from qe_assets.rollout.sequential import Policy, distance_to_decision
 from qe_assets.store import select_frame
 
 STEPS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -100,15 +103,22 @@ AGREEMENT = f"""
     FROM decided WHERE reviewed_at >= $start GROUP BY 1 ORDER BY 1
 """
 EVALUATIONS = """
-    SELECT created_at, candidate, baseline, comparison, n, win_rate, ci_low, decision
-    FROM model_evaluations ORDER BY created_at LIMIT 500
+    SELECT * FROM (
+        SELECT created_at, candidate, baseline, comparison, n, win_rate, ci_low, decision
+        FROM model_evaluations ORDER BY created_at DESC LIMIT 500
+    ) ORDER BY created_at
 """
 AB_TABLE = "ab_decisions"
+# The newest looks (the current test is always among them), oldest first for the chart. Rows
+# without rates (a test's start, a share set before any answer) stay: they mark the events.
+AB_LIMIT = 2000
 AB_DECISIONS = f"""
-    SELECT decided_at, candidate, production, answers_production, answers_candidate,
-           rate_production, rate_candidate, decision
-    FROM {AB_TABLE} WHERE rate_production IS NOT NULL OR rate_candidate IS NOT NULL
-    ORDER BY decided_at LIMIT 2000
+    SELECT * FROM (
+        SELECT decision_id, decided_at, candidate, production, share, answers_production,
+               low_production, answers_candidate, low_candidate, rate_production,
+               rate_candidate, statistic, decision, decided_by, reason
+        FROM {AB_TABLE} ORDER BY decision_id DESC LIMIT {AB_LIMIT}
+    ) ORDER BY decision_id
 """
 
 
@@ -135,6 +145,9 @@ class Series:
     evaluations: pl.DataFrame
     ab: pl.DataFrame | None  # None: no A/B test table in this store yet
     ab_problem: str | None = None
+    release: timeline.Rows = field(default_factory=timeline.Rows)  # the release timeline's rows
+    ab_running: str | None = None  # the running test and what it waits for, in words
+    ab_progress: str | None = None  # its distance to a decision (Distance.text())
 
 
 def window(conn: duckdb.DuckDBPyConnection, unit: str, buckets: int) -> Window:
@@ -176,11 +189,36 @@ def _trimmed(span: Window, frames: dict[str, pl.DataFrame]) -> tuple[Window, dic
     return Window(span.unit, first, span.stop), trimmed  # type: ignore[arg-type]
 
 
+def _running_test(conn: duckdb.DuckDBPyConnection, policy: Policy) -> tuple[str | None, str | None]:
+    """(which test runs and what it waits for, its distance to a decision), or Nones."""
+    try:
+        test = rollout_registry.active_test(conn)
+    except (duckdb.CatalogException, duckdb.BinderException):
+        return None, None
+    if test is None:
+        return None, None
+    arms = rollout_registry.arm_counts(conn, test)
+    progress = distance_to_decision(arms, test.share, policy).text()
+    running = (
+        f"A/B test running: {test.candidate} at {test.share:.0%} of traffic against "
+        f"{test.production} since {test.started_at:%Y-%m-%d %H:%M} UTC; "
+        f"{arms.answers_candidate:,} candidate and {arms.answers_production:,} production "
+        f"answers so far; {progress}"
+    )
+    return running, progress
+
+
 def read_series(
-    conn: duckdb.DuckDBPyConnection, unit: str, buckets: int, *, judge_margin: float
+    conn: duckdb.DuckDBPyConnection,
+    unit: str,
+    buckets: int,
+    *,
+    judge_margin: float,
+    policy: Policy | None = None,
 ) -> Series:
     span = window(conn, unit, buckets)
     ab, ab_problem = _ab_decisions(conn)
+    running, progress = _running_test(conn, policy or Policy())
     span, bucketed = _trimmed(
         span,
         {
@@ -200,4 +238,7 @@ def read_series(
         evaluations=select_frame(conn, EVALUATIONS),
         ab=ab,
         ab_problem=ab_problem,
+        release=timeline.read_rows(conn),
+        ab_running=running,
+        ab_progress=progress,
     )

@@ -13,10 +13,34 @@
     const heading = document.createElement("h2");
     heading.textContent = chart.heading;
     section.appendChild(heading);
+    if (chart.note) {
+      const note = document.createElement("p");
+      note.className = "note";
+      note.textContent = chart.note;
+      section.appendChild(note);
+    }
     const body = document.createElement("div");
     section.appendChild(body);
     main.appendChild(section);
-    if (chart.figure) {
+    if (chart.table) {
+      // Text only (textContent): model names and reasons come from the store.
+      const table = document.createElement("table");
+      table.className = "timeline";
+      const head = table.createTHead().insertRow();
+      for (const name of chart.table.columns) {
+        const th = document.createElement("th");
+        th.textContent = name;
+        head.appendChild(th);
+      }
+      const rows = table.createTBody();
+      chart.table.rows.forEach(function (cells, i) {
+        const row = rows.insertRow();
+        row.dataset.status = chart.table.status[i];
+        for (const value of cells) row.insertCell().textContent = value;
+      });
+      body.appendChild(table);
+      section.dataset.state = "rendered";
+    } else if (chart.figure) {
       body.className = "chart";
       drawn.push(
         Plotly.newPlot(body, chart.figure.data, chart.figure.layout, config).then(function () {

@@ -1,0 +1,150 @@
+"""Stage 4b, publish: checked versions to QE_PUBLISH_URL, after the blocking checks."""
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from qe_assets.lib.resources import PipelineSettings
+from qe_assets.lib.stages import RELEASE_GROUP
+from qe_assets.release.assets import tuning_dataset
+from qe_assets.release.publish import (
+    Published,
+    PublishError,
+    open_store,
+    publishable,
+    record_publication,
+    upload_version,
+)
+from qe_assets.settings import Settings
+from qe_assets.store import connect, writer_connection
+
+
+class VersionGone(PublishError):
+    """The version was superseded (`qe forget`) while it was being uploaded."""
+
+
+def publish_versions(
+    database: Path,
+    settings: Settings,
+    checked: str | None,
+    *,
+    versions: list[str] | None = None,  # only these, uploaded again where the copy differs
+    config: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> list[Published]:
+    """Publish every publishable version (or just `versions`) to QE_PUBLISH_URL, oldest first.
+
+    Uploads run without the writer lock (they take long and write nothing local); the manifest's
+    write and the row recording it take it, so a `qe forget` superseding the version either
+    comes first (and the manifest is never written) or after (and unpublishes it)."""
+    destination = settings.publish_url
+    if not destination or not database.exists():
+        return []
+    with connect(database, read_only=True) as conn:
+        pending = publishable(conn, destination, checked, again=versions is not None)
+    if versions is not None:
+        unknown = sorted(set(versions) - {v for v, _ in pending})
+        if unknown:
+            raise PublishError(
+                f"{', '.join(unknown)}: not publishable (no such version, refused by a blocking "
+                "check, superseded by `qe forget`, or not checked yet)"
+            )
+        pending = [(v, s) for v, s in pending if v in versions]
+    store = open_store(destination)
+    done = []
+    for version, manifest_sha256 in pending:
+
+        def commit(write: Callable[[], None], version: str = version) -> None:
+            with writer_connection(database, config=config) as conn:
+                gone = conn.execute(
+                    "SELECT 1 FROM version_supersessions WHERE version = ?", [version]
+                ).fetchall()
+                if gone:
+                    raise VersionGone(f"{version} was superseded by `qe forget`: not published")
+                write()
+
+        try:
+            published = upload_version(
+                store,
+                settings.datasets_dir,
+                version,
+                manifest_sha256,
+                commit=commit,
+                on_file=lambda name: log(f"uploading {name}"),
+            )
+        except VersionGone as exc:  # its objects stay unnamed by any manifest: never read
+            log(str(exc))
+            continue
+        with writer_connection(database, config=config) as conn:
+            record_publication(conn, destination, manifest_sha256, published)
+        log(
+            f"{version} published at {published.location}: {published.uploaded_files} of "
+            f"{published.files} files uploaded ({published.uploaded_bytes / 1e6:.1f} MB, "
+            f"{published.mb_per_second:.1f} MB/s)"
+        )
+        done.append(published)
+    return done
+
+
+def _checked_in_this_run(context: dg.AssetExecutionContext) -> str | None:
+    """The version `tuning_dataset` published in this run: its blocking checks passed, or this
+    step would not run."""
+    event = context.instance.get_latest_materialization_event(tuning_dataset.key)
+    if event is None or event.run_id != context.run.run_id or event.asset_materialization is None:
+        return None
+    version = event.asset_materialization.metadata.get("version")
+    return None if version is None else str(version.value)
+
+
+@dg.asset(
+    deps=[tuning_dataset],
+    group_name=RELEASE_GROUP,
+    kinds={"s3", "file"},
+    output_required=False,
+    description=(
+        "Checked dataset versions published to QE_PUBLISH_URL (an S3-compatible bucket, a "
+        "directory, or a Hugging Face dataset-repo folder per version); nothing when it is "
+        "unset. Runs after the blocking checks pass; publishes the version this run checked "
+        "and every earlier one that passed its checks but is not there yet. Each file is "
+        "verified against its manifest's sha256; the manifest goes last, as the commit marker; "
+        "an interrupted upload resumes where it stopped. `qe versions` shows where each "
+        "version lives."
+    ),
+    metadata={"setting": "QE_PUBLISH_URL"},
+)
+def published_dataset(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource, settings: PipelineSettings
+) -> Iterator[dg.MaterializeResult]:
+    if not settings.publish_url:
+        context.log.info("QE_PUBLISH_URL is not set: nothing to publish")
+        return
+    try:
+        done = publish_versions(
+            Path(duckdb.database),
+            settings,
+            _checked_in_this_run(context),
+            config=duckdb.connection_config,
+            log=context.log.info,
+        )
+    except PublishError as exc:
+        # One line naming the setting; the version stays committed locally and the next run
+        # publishes it.
+        raise dg.Failure(description=str(exc)) from None
+    if not done:
+        context.log.info("every checked version is published already")
+        return
+    uploaded = sum(p.uploaded_bytes for p in done)
+    seconds = sum(p.seconds for p in done)
+    yield dg.MaterializeResult(
+        metadata={
+            "destination": settings.publish_url,
+            "versions": dg.MetadataValue.json([p.version for p in done]),
+            "locations": dg.MetadataValue.json({p.version: p.location for p in done}),
+            "uploaded_bytes": uploaded,
+            "upload_mb_per_second": round(uploaded / 1e6 / seconds, 1) if seconds else 0.0,
+        },
+        data_version=dg.DataVersion(done[-1].version),
+    )
