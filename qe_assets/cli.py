@@ -415,8 +415,8 @@ def _status_rollout(conn: duckdb.DuckDBPyConnection, settings: Settings) -> _Rol
     from the same rows as the asset pages and the dashboards."""
     import duckdb
 
-    from qe_assets.evaluation import timeline
     from qe_assets.rollout import registry as ab
+    from qe_assets.rollout import timeline
     from qe_assets.rollout.sequential import distance_to_decision, policy_of
 
     base = settings.finetune_base_model

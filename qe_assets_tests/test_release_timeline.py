@@ -16,8 +16,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from qe_assets.evaluation import timeline
 from qe_assets.ops.runner import DAGSTER_YAML
+from qe_assets.rollout import timeline
 from qe_assets.rollout.registry import start_test
 from qe_assets.rollout.sequential import Arms, Policy, decide, distance_to_decision
 from qe_assets.service.capture import QualityCapture

@@ -12,7 +12,6 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from qe_assets.evaluation import timeline
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
 from qe_assets.evaluation.metrics import INSUFFICIENT, PROMOTE, Decision, Tally, label_table
 from qe_assets.evaluation.report import (
@@ -32,6 +31,7 @@ from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.templates import load_templates
+from qe_assets.rollout import timeline
 from qe_assets.rollout.assets import report_rollout_change, rollout_changed
 from qe_assets.rollout.registry import active_test, start_test, sync_state_file
 from qe_assets.service.rollout import state_path

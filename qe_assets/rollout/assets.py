@@ -10,11 +10,11 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.assets import annotated_samples
-from qe_assets.evaluation import timeline
 from qe_assets.ingest.assets import raw_events
 from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.rollout import registry as ab
+from qe_assets.rollout import timeline
 from qe_assets.rollout.sequential import (
     PROMOTE,
     ROLLBACK,

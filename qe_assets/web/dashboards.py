@@ -30,7 +30,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from qe_assets.evaluation import timeline
+from qe_assets.rollout import timeline
 from qe_assets.rollout.sequential import policy_of
 from qe_assets.settings import Settings
 from qe_assets.store import DatabaseBusy, connect

@@ -16,10 +16,10 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from qe_assets.evaluation import timeline
 from qe_assets.ingest.events import KNOWN_LABELS, UNSPECIFIED
 from qe_assets.review.calibration import DECIDED
 from qe_assets.rollout import registry as rollout_registry
+from qe_assets.rollout import timeline
 from qe_assets.rollout.sequential import Policy, distance_to_decision
 from qe_assets.store import select_frame
 
