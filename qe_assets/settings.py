@@ -367,6 +367,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
     ),
     "finetune_command": ("QE_FINETUNE_COMMAND", _text),
+    "train_max_dropped_share": (
+        "QE_TRAIN_MAX_DROPPED_SHARE",
+        _float("QE_TRAIN_MAX_DROPPED_SHARE", 0.0, 1.0),
+    ),
     "finetune_method": ("QE_FINETUNE_METHOD", _choice("QE_FINETUNE_METHOD", FINETUNE_METHODS)),
     "finetune_poll_seconds": (
         "QE_FINETUNE_POLL_SECONDS",
@@ -584,6 +588,11 @@ class Settings(BaseModel):
         None,
         description="The training command of the "
         "`command` backend, e.g. `python examples/finetune_trl_lora.py`.",
+    )
+    train_max_dropped_share: float = Field(
+        0.01,
+        description="A local training run (`command`) is refused when a larger share of its "
+        "samples would not fit `max_length` even without their context documents.",
     )
     finetune_method: str = Field(
         "sft",

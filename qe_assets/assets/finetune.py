@@ -169,11 +169,15 @@ def fine_tuned_model(
             save_run(conn, claim.run_id, **fields)
 
     trained = finetune.train(context, claim, openai, save)
+    # A training command reports the model it really adapted (QE_TRL_MODEL), which is what the
+    # gate must ask as the baseline, not QE_FINETUNE_BASE_MODEL (an OpenAI model name).
+    reported_base = {"base_model": trained.base_model} if trained.base_model else {}
     save(
         status=trained.status,
         model_id=trained.model_id,
         metrics=trained.metrics,
         message=trained.message,
+        **reported_base,
     )
     metadata = _run_metadata(settings, finetune, claim, trained)
     if trained.status == "skipped":
@@ -199,7 +203,7 @@ def _run_metadata(
         "dataset_version": claim.version,
         "backend": finetune.name,
         "status": trained.status,
-        "base_model": claim.inputs.base_model,
+        "base_model": trained.base_model or claim.inputs.base_model,
         "samples": claim.inputs.samples,
         "recipe_path": dg.MetadataValue.path(
             str(Path(settings.data_dir) / "finetune" / claim.run_id / "recipe.json")

@@ -79,6 +79,9 @@ class Trained:
     message: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     job_id: str | None = None
+    # The model the adapter was trained on, as the training command reported it (`base_model`
+    # in its Pipes metadata): the gate's baseline. None keeps the recipe's.
+    base_model: str | None = None
 
 
 class FineTuneBackendResource(dg.ConfigurableResource):
@@ -137,7 +140,13 @@ class FineTuneBackendResource(dg.ConfigurableResource):
         except Exception as exc:
             save(status="failed", message=f"training command failed: {exc}"[:2000])
             raise
-        return Trained("succeeded", model_id=model_of(metrics), metrics=metrics)
+        reported_base = metrics.get("base_model")
+        return Trained(
+            "succeeded",
+            model_id=model_of(metrics),
+            metrics=metrics,
+            base_model=str(reported_base) if reported_base else None,
+        )
 
     def _follow_openai(
         self,
