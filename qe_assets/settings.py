@@ -29,6 +29,7 @@ FINETUNE_METHODS: tuple[str, ...] = get_args(FinetuneMethod)
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 # direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
 ROLLOUT_MODES = ("direct", "canary")
+EVAL_JUDGES = ("llm", "reference")
 REDIS_LIST = "quality_events"
 
 
@@ -402,6 +403,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "eval_base_url": ("QE_EVAL_BASE_URL", _text),
     "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
     "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", _text),
+    "eval_judge": ("QE_EVAL_JUDGE", _choice("QE_EVAL_JUDGE", EVAL_JUDGES)),
+    "eval_judge_base_url": ("QE_EVAL_JUDGE_BASE_URL", _text),
     "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
     "rollout_mode": ("QE_ROLLOUT", _choice("QE_ROLLOUT", ROLLOUT_MODES)),
     "ab_ramp": ("QE_AB_RAMP", _ramp),
@@ -690,6 +693,16 @@ class Settings(BaseModel):
     eval_judge_model: str | None = Field(
         None, description="The pairwise judge; unset: `QE_LLM_JUDGE_MODEL`, else `QE_LLM_MODEL`."
     )
+    eval_judge: str = Field(
+        "llm",
+        description="`llm`: a model compares each pair (QE_EVAL_JUDGE_MODEL); `reference`: "
+        "token-F1 against the reference answer, computed here (offline, deterministic).",
+    )
+    eval_judge_base_url: str | None = Field(
+        None,
+        description="Where the LLM judge is asked (key: `QE_EVAL_JUDGE_API_KEY`); unset: "
+        "`OPENAI_BASE_URL`, so a hosted judge can sit next to a local candidate.",
+    )
     eval_icl_examples: int = Field(
         0,
         description="k > 0 also compares the candidate with "
@@ -822,6 +835,11 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
         "unset",
         "The secret `qe serve` requires on every request; needed to bind anything but the "
         "loopback (16+ characters). Never a setting, never logged.",
+    ),
+    "QE_EVAL_JUDGE_API_KEY": (
+        "`OPENAI_API_KEY`",
+        "The key of the judge's endpoint (`QE_EVAL_JUDGE_BASE_URL`). Read when the evaluation "
+        "runs, never a setting, never logged.",
     ),
     "QE_REVIEWER": ("`$USER`", "Who `qe review` and `qe models` record as the reviewer."),
     "QE_TRL_MODEL": ("required", "TRL examples: the model to adapt (Hugging Face id or folder)."),

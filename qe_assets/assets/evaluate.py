@@ -12,6 +12,12 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.assets.finetune import fine_tuned_model
+from qe_assets.evaluation.endpoints import (
+    judge_endpoint,
+    judge_model,
+    local_judge,
+    models_endpoint,
+)
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
 from qe_assets.evaluation.metrics import INSUFFICIENT, Decision, Tally, decide, label_table
 from qe_assets.evaluation.registry import (
@@ -79,7 +85,7 @@ def plan_evaluation(
     if candidate.model_id == production:
         return Plan(skip=f"{candidate.model_id} is already the production model")
     # Not configured: nothing is promoted, and the release that trained the model still ends.
-    judge = settings.eval_judge_model or settings.llm_judge_model or settings.llm_model
+    judge = judge_model(settings)
     if not judge:
         return Plan(skip="no judge model: set QE_EVAL_JUDGE_MODEL (or QE_LLM_MODEL)", warn=True)
     if not key_set:
@@ -126,15 +132,6 @@ def commit_items(duckdb: DuckDBResource, eval_id: str, results: list[ItemResult]
                 f"SELECT {cache_columns}, now()::TIMESTAMP FROM eval_cache_rows "
                 "ON CONFLICT DO NOTHING"
             )
-
-
-def _client(openai: OpenAIResource, settings: Settings) -> OpenAIResource:
-    return OpenAIResource(
-        api_key=openai.api_key,
-        base_url=settings.eval_base_url or openai.base_url,
-        timeout_seconds=openai.timeout_seconds,
-        max_retries=openai.max_retries,
-    )
 
 
 def _row(
@@ -258,6 +255,7 @@ def model_evaluation(
         max_tokens=settings.llm_max_tokens,
         concurrency=settings.llm_concurrency,
         batch_size=settings.llm_batch_size,
+        local_judge=local_judge(settings),
     )
     compared = _compare(context, duckdb, settings, openai, plan, pairing, "production")
     metadata = _metadata(compared, plan.items)
@@ -313,11 +311,12 @@ def _compare(
     started = time.monotonic()
     results = (
         evaluate_pairs(
-            _client(openai, settings).async_client,
+            models_endpoint(openai, settings).async_client,
             pairing,
             job_items(items),
             cache,
             lambda batch: commit_items(duckdb, eval_id, batch),
+            judge_endpoint(openai, settings).async_client,
         )
         if items.height
         else []
