@@ -1,0 +1,118 @@
+"""Serving locally trained adapters: served folders (links, no copies) and `transformers serve`
+answering under the stable names with exactly what the adapter generates in process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qe_assets.serving.folders import (
+    BASE_NAME,
+    ServingError,
+    serve_adapter,
+    serve_base,
+    served_name,
+)
+from qe_assets.serving.transformers_engine import TransformersServer
+
+QUESTION = [{"role": "user", "content": "What about refund, case 3?"}]
+
+
+def fake_model(folder: Path, files: dict[str, str]) -> Path:
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, "utf-8")
+    return folder
+
+
+def test_served_names_follow_the_seed() -> None:
+    assert served_name("v001") == "model_rag_qa_v001" and served_name("v1234").endswith("v1234")
+    with pytest.raises(ServingError, match="not vNNN"):
+        served_name("data/models/v001-command-1")
+
+
+def test_a_served_folder_links_base_and_adapter_the_adapter_s_files_first(tmp_path: Path) -> None:
+    base = fake_model(
+        tmp_path / "base",
+        {"config.json": "{}", "model.safetensors": "w", "tokenizer.json": "base tok"},
+    )
+    adapter = fake_model(
+        tmp_path / "run" / "v001-command-1",
+        {"adapter_config.json": "{}", "adapter_model.safetensors": "a", "tokenizer.json": "tok"},
+    )
+    served = tmp_path / "served"
+    folder = serve_adapter(served, served_name("v001"), adapter, base)
+    assert folder == served / "model_rag_qa_v001"
+    links = {p.name: p.resolve() for p in folder.iterdir()}
+    assert all(p.is_symlink() for p in folder.iterdir())
+    assert links["tokenizer.json"] == (adapter / "tokenizer.json").resolve()
+    assert links["model.safetensors"] == (base / "model.safetensors").resolve()
+    assert set(links) == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    # Served again: the same folder, nothing left behind.
+    assert serve_adapter(served, served_name("v001"), adapter, base) == folder
+    assert sorted(p.name for p in served.iterdir()) == ["model_rag_qa_v001"]
+    assert serve_base(served, base).name == BASE_NAME
+    with pytest.raises(ServingError, match="not a PEFT adapter"):
+        serve_adapter(served, served_name("v002"), base, base)
+
+
+@pytest.mark.train
+def test_transformers_serve_answers_as_the_adapter_does_in_process(tmp_path: Path) -> None:
+    pytest.importorskip("peft", reason="the train extra")
+    pytest.importorskip("fastapi", reason="the train extra (transformers serve)")
+    import openai
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qe_assets_tests.tiny_model import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", [json.dumps(QUESTION)] * 20, vocab_size=400)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():  # a LoRA that changes the answers (B starts at zero)
+        torch.manual_seed(1)
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+    adapter = tmp_path / "models" / "v001-command-1"
+    model.save_pretrained(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.save_pretrained(adapter)
+
+    def in_process(peft: bool) -> str:
+        loaded = AutoModelForCausalLM.from_pretrained(base)
+        if peft:
+            loaded = PeftModel.from_pretrained(loaded, adapter)
+        inputs = tokenizer.apply_chat_template(
+            QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        out = loaded.generate(**inputs, max_new_tokens=12, do_sample=False)
+        return tokenizer.decode(out[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    served = tmp_path / "served"
+    serve_adapter(served, "model_rag_qa_v001", adapter, base)
+    serve_base(served, base)
+    with TransformersServer(served) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="local", timeout=120)
+
+        def ask(name: str) -> str:
+            reply = client.chat.completions.create(
+                model=name, messages=QUESTION, max_tokens=12, temperature=0
+            )
+            return reply.choices[0].message.content or ""
+
+        tuned, untuned = ask("model_rag_qa_v001"), ask(BASE_NAME)
+    assert tuned == in_process(peft=True) and untuned == in_process(peft=False)
+    assert tuned != untuned  # the adapter was applied, not the base served twice
+    assert server.process is None
