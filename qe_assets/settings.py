@@ -30,6 +30,7 @@ INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 # direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
 ROLLOUT_MODES = ("direct", "canary")
 EVAL_JUDGES = ("llm", "reference")
+MODEL_SERVERS = ("none", "external", "transformers")
 REDIS_LIST = "quality_events"
 
 
@@ -405,6 +406,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", _text),
     "eval_judge": ("QE_EVAL_JUDGE", _choice("QE_EVAL_JUDGE", EVAL_JUDGES)),
     "eval_judge_base_url": ("QE_EVAL_JUDGE_BASE_URL", _text),
+    "model_server": ("QE_MODEL_SERVER", _choice("QE_MODEL_SERVER", MODEL_SERVERS)),
+    "model_server_url": ("QE_MODEL_SERVER_URL", _text),
     "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
     "rollout_mode": ("QE_ROLLOUT", _choice("QE_ROLLOUT", ROLLOUT_MODES)),
     "ab_ramp": ("QE_AB_RAMP", _ramp),
@@ -703,6 +706,17 @@ class Settings(BaseModel):
         description="Where the LLM judge is asked (key: `QE_EVAL_JUDGE_API_KEY`); unset: "
         "`OPENAI_BASE_URL`, so a hosted judge can sit next to a local candidate.",
     )
+    model_server: str = Field(
+        "none",
+        description="What serves locally trained adapters (docs/serving.md): `none`; `external` "
+        "(your vLLM / SGLang / Ollama / llama.cpp server at `QE_MODEL_SERVER_URL`); "
+        "`transformers` (`transformers serve`, started here, CPU or one GPU).",
+    )
+    model_server_url: str | None = Field(
+        None,
+        description="The `external` model server's OpenAI-compatible URL, e.g. "
+        "`http://127.0.0.1:8000/v1`.",
+    )
     eval_icl_examples: int = Field(
         0,
         description="k > 0 also compares the candidate with "
@@ -770,6 +784,11 @@ class Settings(BaseModel):
         problem = finetune_backend_problem(settings.finetune_backend, settings.finetune_command)
         if problem:
             raise SettingsError(problem)
+        if settings.model_server == "external" and not settings.model_server_url:
+            raise SettingsError(
+                "QE_MODEL_SERVER=external needs QE_MODEL_SERVER_URL, the OpenAI-compatible URL of "
+                "your vLLM / SGLang / Ollama / llama.cpp server (e.g. http://127.0.0.1:8000/v1)"
+            )
         return settings
 
     def settings(self) -> Settings:

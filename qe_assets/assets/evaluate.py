@@ -52,6 +52,7 @@ from qe_assets.resources import (
     duckdb_writer,
 )
 from qe_assets.rollout import state_path
+from qe_assets.serving.resource import served_names
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
 from qe_assets.templates import load_templates
@@ -97,8 +98,10 @@ def plan_evaluation(
 
 
 def served(settings: Settings, model: str) -> str:
-    """The name the evaluation endpoint serves a model under (QE_EVAL_MODEL_MAP, else its id)."""
-    return settings.eval_model_map.get(model, model)
+    """The name the evaluation endpoint serves a model under: QE_EVAL_MODEL_MAP, else the name
+    the model server registered it under (`model_rag_qa_vNNN`, serving/resource.py), else its
+    id."""
+    return settings.eval_model_map.get(model) or served_names(settings.data_dir).get(model, model)
 
 
 def job_items(items: pl.DataFrame) -> list[dict[str, Any]]:

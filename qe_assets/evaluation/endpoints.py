@@ -20,8 +20,10 @@ JUDGE_KEY_VARIABLE = "QE_EVAL_JUDGE_API_KEY"
 
 
 def models_endpoint(openai: OpenAIResource, settings: Settings) -> OpenAIResource:
-    """The endpoint that serves the candidate and the baseline."""
-    return _endpoint(openai, openai.api_key, settings.eval_base_url or openai.base_url)
+    """The endpoint that serves the candidate and the baseline: QE_EVAL_BASE_URL, else the
+    external model server (QE_MODEL_SERVER=external), else the LLM's."""
+    external = settings.model_server_url if settings.model_server == "external" else None
+    return _endpoint(openai, openai.api_key, settings.eval_base_url or external or openai.base_url)
 
 
 def judge_endpoint(openai: OpenAIResource, settings: Settings) -> OpenAIResource:

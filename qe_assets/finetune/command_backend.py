@@ -7,6 +7,7 @@ weighting) as Pipes extras and reports its metrics and the model it produced wit
 
 from __future__ import annotations
 
+import codecs
 import os
 import shlex
 import signal
@@ -121,12 +122,20 @@ def run_pipes_subprocess(
 
 
 def _copy_stderr(stream: IO[bytes], log: IO[bytes], tail: deque[str]) -> None:
-    for raw in iter(stream.readline, b""):
-        text = raw.decode("utf-8", "replace")
+    """Pass each chunk on as it comes (a progress bar redraws with carriage returns and no
+    newline for minutes), and keep the finished lines in `tail`."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pending = ""
+    while chunk := stream.read1(65536):  # type: ignore[attr-defined]
+        text = decoder.decode(chunk)
         sys.stderr.write(text)
         sys.stderr.flush()
-        log.write(raw)
-        tail.append(text.rstrip("\n"))
+        log.write(chunk)
+        *lines, pending = (pending + text).split("\n")
+        tail.extend(lines)
+        pending = pending[-4096:]  # a bar redrawn in place: only its last state matters
+    if pending:
+        tail.append(pending)
     log.flush()
 
 
