@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qe_assets.queues import FileInbox
 from qe_assets.serving.folders import (
     BASE_NAME,
     ServingError,
@@ -16,6 +17,12 @@ from qe_assets.serving.folders import (
     served_name,
 )
 from qe_assets.serving.transformers_engine import TransformersServer
+from qe_assets.settings import Settings
+from qe_assets.store import connect
+from qe_assets_tests.openai_server import OpenAIServer
+from qe_assets_tests.runs import materialize, metadata
+from qe_assets_tests.test_evaluation import RELEASE
+from qe_assets_tests.test_finetune import SCRIPTS
 
 QUESTION = [{"role": "user", "content": "What about refund, case 3?"}]
 
@@ -116,3 +123,57 @@ def test_transformers_serve_answers_as_the_adapter_does_in_process(tmp_path: Pat
     assert tuned == in_process(peft=True) and untuned == in_process(peft=False)
     assert tuned != untuned  # the adapter was applied, not the base served twice
     assert server.process is None
+
+
+@pytest.mark.train
+def test_the_gate_asks_the_served_adapter_and_the_served_base_on_a_server_it_starts(
+    settings: Settings,
+    openai_server: OpenAIServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """command backend (a real, untrained adapter) → registered as model_rag_qa_v001 →
+    model_evaluation starts `transformers serve`, asks the adapter and the base it was trained
+    on by their served names, stops the server. The tiny random models never emit their end
+    token, so every answer is cut at max_tokens: each item fails as Truncated (the parity probe's
+    business), never a tie, and the LLM's endpoint is asked for no served model."""
+    pytest.importorskip("peft", reason="the train extra")
+    pytest.importorskip("fastapi", reason="the train extra (transformers serve)")
+    from qe_assets_tests.test_evaluation_judges import grounded_events, grounded_models
+    from qe_assets_tests.tiny_model import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", grounded_events(40), vocab_size=512)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-serving")
+    monkeypatch.setenv("QE_TRL_MODEL", str(base))
+    monkeypatch.setenv("QE_TRL_OUTPUT_DIR", str(tmp_path / "models"))
+    openai_server.responder = grounded_models
+    configured = settings.model_copy(
+        update={
+            "finetune_backend": "command",
+            "finetune_command": f"python {SCRIPTS / 'pipes_lora.py'}",
+            "model_server": "transformers",
+            "openai_base_url": openai_server.base_url,
+            "llm_model": "test-model",
+            "llm_judge": True,
+            "eval_judge": "reference",
+            "eval_share": 0.5,
+            "eval_min_items": 5,
+            "llm_max_tokens": 8,
+            "llm_concurrency": 4,
+        }
+    )
+    FileInbox(configured.inbox_dir).put(grounded_events(40))
+    assert materialize(configured, selection=["raw_events", "annotated_samples", "completions"])
+    result = materialize(configured, selection=RELEASE, raise_on_error=False)
+    model = metadata(result, "fine_tuned_model")
+    assert model["base_model"] == str(base)
+    meta = metadata(result, "model_evaluation")
+    held = meta["failed"] + meta["n"]
+    assert held > 0 and meta["baseline"] == str(base)
+    with connect(configured.database, read_only=True) as conn:
+        errors = conn.execute("SELECT DISTINCT error FROM evaluation_items").fetchall()
+    assert errors == [("candidate:Truncated,baseline:Truncated",)]
+    asked = {r.json()["model"] for r in openai_server.chat_requests()}
+    assert not any(name.startswith("model_rag_qa_") for name in asked)
+    log = (Path(configured.data_dir) / "served" / "server.log").read_text("utf-8")
+    assert "model_rag_qa_v001" in log and "model_rag_qa_base" in log

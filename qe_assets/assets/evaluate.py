@@ -52,7 +52,7 @@ from qe_assets.resources import (
     duckdb_writer,
 )
 from qe_assets.rollout import state_path
-from qe_assets.serving.resource import served_names
+from qe_assets.serving.resource import ModelServerResource, served_names
 from qe_assets.settings import Settings
 from qe_assets.store import transaction
 from qe_assets.templates import load_templates
@@ -236,6 +236,7 @@ def model_evaluation(
     settings: PipelineSettings,
     finetune: FineTuneBackendResource,
     openai: OpenAIResource,
+    model_server: ModelServerResource,
 ) -> Iterator[dg.MaterializeResult]:
     plan = plan_evaluation(duckdb, settings, finetune, openai.configured)
     if plan.skip is not None:
@@ -260,21 +261,43 @@ def model_evaluation(
         batch_size=settings.llm_batch_size,
         local_judge=local_judge(settings),
     )
-    compared = _compare(context, duckdb, settings, openai, plan, pairing, "production")
+    # The model server runs (a `transformers` one is started here) for the comparisons only.
+    with model_server.serving() as served_url:
+        endpoint = models_endpoint(openai, settings, served_url)
+        compared = _compare(
+            context, duckdb, settings, openai, plan, pairing, "production", endpoint
+        )
+        icl_row = _icl_row(context, duckdb, settings, openai, plan, pairing, endpoint)
     metadata = _metadata(compared, plan.items)
     metadata["dashboards"] = dg.MetadataValue.url(dashboard_url(settings, "evaluations"))
-    if settings.eval_icl_examples:
-        with duckdb_writer(duckdb) as conn:
-            shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
-        icl = replace(
-            pairing,
-            baseline=f"{plan.baseline}+icl{len(shots) // 2}",
-            baseline_shots=tuple(shots),
-        )
-        row = _compare(context, duckdb, settings, openai, plan, icl, "icl").row
+    if icl_row is not None:
         for key in ("baseline", "evaluation_id", "n", "failed", "win_rate", "ci_low"):
-            metadata[f"icl/{key}"] = round(row[key], 4) if isinstance(row[key], float) else row[key]
+            value = icl_row[key]
+            metadata[f"icl/{key}"] = round(value, 4) if isinstance(value, float) else value
     yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(compared.eval_id))
+
+
+def _icl_row(
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    settings: Settings,
+    openai: OpenAIResource,
+    plan: Plan,
+    pairing: Pairing,
+    endpoint: OpenAIResource,
+) -> dict[str, Any] | None:
+    """The optional ICL comparison (QE_EVAL_ICL_EXAMPLES), reported beside the gate."""
+    if not settings.eval_icl_examples:
+        return None
+    assert plan.candidate is not None
+    with duckdb_writer(duckdb) as conn:
+        shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
+    icl = replace(
+        pairing,
+        baseline=f"{plan.baseline}+icl{len(shots) // 2}",
+        baseline_shots=tuple(shots),
+    )
+    return _compare(context, duckdb, settings, openai, plan, icl, "icl", endpoint).row
 
 
 @dataclass(frozen=True)
@@ -295,6 +318,7 @@ def _compare(
     plan: Plan,
     pairing: Pairing,
     comparison: str,
+    endpoint: OpenAIResource,
 ) -> Compared:
     """One comparison over the whole set: answers, verdicts, items committed as they come, the
     evaluation row saved."""
@@ -314,7 +338,7 @@ def _compare(
     started = time.monotonic()
     results = (
         evaluate_pairs(
-            models_endpoint(openai, settings).async_client,
+            endpoint.async_client,
             pairing,
             job_items(items),
             cache,

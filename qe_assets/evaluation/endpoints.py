@@ -19,11 +19,14 @@ from qe_assets.settings import Settings
 JUDGE_KEY_VARIABLE = "QE_EVAL_JUDGE_API_KEY"
 
 
-def models_endpoint(openai: OpenAIResource, settings: Settings) -> OpenAIResource:
+def models_endpoint(
+    openai: OpenAIResource, settings: Settings, served_url: str | None = None
+) -> OpenAIResource:
     """The endpoint that serves the candidate and the baseline: QE_EVAL_BASE_URL, else the
-    external model server (QE_MODEL_SERVER=external), else the LLM's."""
-    external = settings.model_server_url if settings.model_server == "external" else None
-    return _endpoint(openai, openai.api_key, settings.eval_base_url or external or openai.base_url)
+    model server's (`served_url`: QE_MODEL_SERVER), else the LLM's."""
+    return _endpoint(
+        openai, openai.api_key, settings.eval_base_url or served_url or openai.base_url
+    )
 
 
 def judge_endpoint(openai: OpenAIResource, settings: Settings) -> OpenAIResource:

@@ -20,6 +20,8 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from qe_assets.serving.folders import (
     serve_base,
     served_name,
 )
+from qe_assets.serving.transformers_engine import TransformersServer
 from qe_assets.settings import Settings
 
 NAMES_FILE = "names.json"
@@ -97,6 +100,17 @@ class ModelServerResource(dg.ConfigurableResource):
     @property
     def configured(self) -> bool:
         return self.kind != "none"
+
+    @contextmanager
+    def serving(self) -> Iterator[str | None]:
+        """The base URL that serves the registered models for the duration of the block: the
+        `transformers` server started here (and stopped after), the external server's URL, or
+        None (`none`: the evaluation's own endpoint settings apply)."""
+        if self.kind == "transformers":
+            with TransformersServer(self.served_dir) as server:
+                yield server.base_url
+        else:
+            yield self.url if self.kind == "external" else None
 
     def register(self, model_id: str, version: str, base_model: str) -> Registration | None:
         """Serve the adapter `model_id` (a folder) trained on `base_model` as
