@@ -105,3 +105,23 @@ def test_an_external_server_without_its_url_fails_at_load_time() -> None:
         Settings.from_env({"QE_MODEL_SERVER": "external"})
     with pytest.raises(SettingsError, match="QE_MODEL_SERVER"):
         Settings.from_env({"QE_MODEL_SERVER": "tgi"})
+
+
+def test_a_served_candidate_that_answers_as_its_base_fails_the_parity_probe(
+    served_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    """The server took the adapter's name but answers with the base: nothing is judged, the
+    evaluation fails with the probe's one line."""
+    processed(served_settings, 120)
+    openai_server.responder = EvalModels({"model_rag_qa_": 1, BASE: 1})
+    result = materialize(
+        served_settings,
+        selection=["tuning_dataset", "fine_tuned_model", "model_evaluation"],
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.error.message  # type: ignore[union-attr]
+    assert "parity: the served candidate answers exactly as its base on all 4" in message
+    with connect(served_settings.database, read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM model_evaluations").fetchone() == (0,)

@@ -18,7 +18,6 @@ from qe_assets.serving.folders import (
 )
 from qe_assets.serving.transformers_engine import TransformersServer
 from qe_assets.settings import Settings
-from qe_assets.store import connect
 from qe_assets_tests.openai_server import OpenAIServer
 from qe_assets_tests.runs import materialize, metadata
 from qe_assets_tests.test_evaluation import RELEASE
@@ -126,17 +125,17 @@ def test_transformers_serve_answers_as_the_adapter_does_in_process(tmp_path: Pat
 
 
 @pytest.mark.train
-def test_the_gate_asks_the_served_adapter_and_the_served_base_on_a_server_it_starts(
+def test_the_gate_probes_the_served_adapter_against_the_served_base_on_a_server_it_starts(
     settings: Settings,
     openai_server: OpenAIServer,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """command backend (a real, untrained adapter) → registered as model_rag_qa_v001 →
-    model_evaluation starts `transformers serve`, asks the adapter and the base it was trained
-    on by their served names, stops the server. The tiny random models never emit their end
-    token, so every answer is cut at max_tokens: each item fails as Truncated (the parity probe's
-    business), never a tie, and the LLM's endpoint is asked for no served model."""
+    model_evaluation starts `transformers serve` and probes the adapter and the base it was
+    trained on by their served names. The adapter is applied (its answers differ from the
+    base's), but a random model never emits its end-of-turn token: the parity probe fails the
+    evaluation with that one line, before anything is judged, and the server is stopped."""
     pytest.importorskip("peft", reason="the train extra")
     pytest.importorskip("fastapi", reason="the train extra (transformers serve)")
     from qe_assets_tests.test_evaluation_judges import grounded_events, grounded_models
@@ -158,7 +157,6 @@ def test_the_gate_asks_the_served_adapter_and_the_served_base_on_a_server_it_sta
             "eval_judge": "reference",
             "eval_share": 0.5,
             "eval_min_items": 5,
-            "llm_max_tokens": 8,
             "llm_concurrency": 4,
         }
     )
@@ -167,12 +165,11 @@ def test_the_gate_asks_the_served_adapter_and_the_served_base_on_a_server_it_sta
     result = materialize(configured, selection=RELEASE, raise_on_error=False)
     model = metadata(result, "fine_tuned_model")
     assert model["base_model"] == str(base)
-    meta = metadata(result, "model_evaluation")
-    held = meta["failed"] + meta["n"]
-    assert held > 0 and meta["baseline"] == str(base)
-    with connect(configured.database, read_only=True) as conn:
-        errors = conn.execute("SELECT DISTINCT error FROM evaluation_items").fetchall()
-    assert errors == [("candidate:Truncated,baseline:Truncated",)]
+    assert not result.success
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.error.message  # type: ignore[union-attr]
+    assert "parity: the served candidate did not end its turn on" in message
+    assert "of 4 train prompts" in message
     asked = {r.json()["model"] for r in openai_server.chat_requests()}
     assert not any(name.startswith("model_rag_qa_") for name in asked)
     log = (Path(configured.data_dir) / "served" / "server.log").read_text("utf-8")

@@ -20,6 +20,7 @@ from qe_assets.evaluation.endpoints import (
 )
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
 from qe_assets.evaluation.metrics import INSUFFICIENT, Decision, Tally, decide, label_table
+from qe_assets.evaluation.parity import probe
 from qe_assets.evaluation.registry import (
     GATE,
     Candidate,
@@ -49,6 +50,7 @@ from qe_assets.resources import (
     FineTuneBackendResource,
     OpenAIResource,
     PipelineSettings,
+    duckdb_reader,
     duckdb_writer,
 )
 from qe_assets.rollout import state_path
@@ -264,6 +266,7 @@ def model_evaluation(
     # The model server runs (a `transformers` one is started here) for the comparisons only.
     with model_server.serving() as served_url:
         endpoint = models_endpoint(openai, settings, served_url)
+        _parity(context, duckdb, model_server, plan, pairing, endpoint)
         compared = _compare(
             context, duckdb, settings, openai, plan, pairing, "production", endpoint
         )
@@ -275,6 +278,32 @@ def model_evaluation(
             value = icl_row[key]
             metadata[f"icl/{key}"] = round(value, 4) if isinstance(value, float) else value
     yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(compared.eval_id))
+
+
+def _parity(
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    model_server: ModelServerResource,
+    plan: Plan,
+    pairing: Pairing,
+    endpoint: OpenAIResource,
+) -> None:
+    """The train/serve parity probe (evaluation/parity.py) for a model served here: a failed
+    probe fails the evaluation with its one-line reason, before anything is judged."""
+    assert plan.candidate is not None
+    if not model_server.configured or plan.candidate.model_id.startswith("ft:"):
+        return
+    result = probe(
+        lambda: duckdb_reader(duckdb),
+        endpoint.async_client,
+        plan.candidate.model_id,
+        pairing.candidate_served,
+        pairing.baseline_served,
+        set(load_templates().system.values()),
+    )
+    if not result.ok:
+        raise dg.Failure(result.reason)
+    context.log.info(result.reason)
 
 
 def _icl_row(
