@@ -369,6 +369,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
     ),
     "finetune_command": ("QE_FINETUNE_COMMAND", _text),
+    "finetune_k8s": ("QE_FINETUNE_K8S", _json_object("QE_FINETUNE_K8S")),
     "train_max_dropped_share": (
         "QE_TRAIN_MAX_DROPPED_SHARE",
         _float("QE_TRAIN_MAX_DROPPED_SHARE", 0.0, 1.0),
@@ -595,6 +596,11 @@ class Settings(BaseModel):
         description="The training command of the "
         "`command` backend, e.g. `python examples/finetune_trl_lora.py`.",
     )
+    finetune_k8s: dict[str, Any] = Field(
+        {},
+        description="Set: the `command` backend runs its command as a Kubernetes pod through "
+        "Dagster Pipes (`image` required; docs/scaling-out.md). Unset: a local subprocess.",
+    )
     train_max_dropped_share: float = Field(
         0.01,
         description="A local training run (`command`) is refused when a larger share of its "
@@ -784,6 +790,10 @@ class Settings(BaseModel):
         problem = finetune_backend_problem(settings.finetune_backend, settings.finetune_command)
         if problem:
             raise SettingsError(problem)
+        if settings.finetune_k8s:
+            from qe_assets.finetune.k8s import parse_target  # pydantic only, no kubernetes
+
+            parse_target(settings.finetune_k8s)
         if settings.model_server == "external" and not settings.model_server_url:
             raise SettingsError(
                 "QE_MODEL_SERVER=external needs QE_MODEL_SERVER_URL, the OpenAI-compatible URL of "

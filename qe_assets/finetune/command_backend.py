@@ -23,6 +23,7 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError  # not exported by dagster
 
 from qe_assets.finetune.inputs import TrainingInputs
+from qe_assets.finetune.k8s import K8sTarget, run_in_pod
 
 MODEL_KEYS = ("model_id", "model_path")
 # A bare interpreter name at the head of the command means this environment's interpreter: the
@@ -50,10 +51,16 @@ def stderr_tail(lines: Sequence[str]) -> str:
 
 
 def run_command(
-    context: dg.AssetExecutionContext, command: str, inputs: TrainingInputs
+    context: dg.AssetExecutionContext,
+    command: str,
+    inputs: TrainingInputs,
+    k8s: K8sTarget | None = None,
 ) -> dict[str, Any]:
-    """Run the command; returns the metadata it reported (values unwrapped). A failed command
-    raises with the exception the script reported through Pipes, when it reported one."""
+    """Run the command (a local subprocess, or a Kubernetes pod with `k8s`); returns the
+    metadata it reported (values unwrapped). A failed command raises with the exception the
+    script reported through Pipes, when it reported one, and the last lines of its stderr."""
+    if k8s is not None:
+        return _reported(_run_in_pod(context, command, inputs, k8s))
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     log_path = Path(inputs.train_chat_path).parent / "stderr.log"
     try:
@@ -68,6 +75,27 @@ def run_command(
         # it died before it could (an import error, a crash in a library, out of memory).
         detail += f"\n--- last lines of stderr ({log_path}) ---\n{last}" if last else ""
         raise RuntimeError(f"{exc}{detail}") from exc
+    return _reported(invocation)
+
+
+def _run_in_pod(
+    context: dg.AssetExecutionContext, command: str, inputs: TrainingInputs, k8s: K8sTarget
+) -> dg.PipesClientCompletedInvocation:
+    train = Path(inputs.train_chat_path)
+    if not train.is_absolute():
+        raise RuntimeError(
+            "QE_FINETUNE_K8S needs an absolute QE_DATA_DIR: the pod finds the recipe's files "
+            f"on its data volume by their absolute paths, and {train} is relative"
+        )
+    data_dir = str(train.parents[2])  # <data>/finetune/<run_id>/train.chat.jsonl
+    try:
+        return run_in_pod(context, k8s, command, inputs.recipe(), data_dir)
+    except DagsterPipesExecutionError as exc:
+        reported = reported_exception(context)
+        raise RuntimeError(f"{exc}: {reported}" if reported else str(exc)) from exc
+
+
+def _reported(invocation: dg.PipesClientCompletedInvocation) -> dict[str, Any]:
     reported: dict[str, Any] = {}
     for result in invocation.get_results():
         for key, value in (getattr(result, "metadata", None) or {}).items():
