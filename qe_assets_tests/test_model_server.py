@@ -15,6 +15,7 @@ from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect
 from qe_assets_tests.openai_server import EvalModels, OpenAIServer
 from qe_assets_tests.runs import materialize, metadata
+from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_finetune import SCRIPTS, command_settings, processed
 
 BASE = "/models/tiny-base"  # what the stand-in training command reports it adapted
@@ -63,6 +64,9 @@ def test_an_external_server_loads_the_adapter_by_name_and_the_gate_asks_for_it(
     with connect(served_settings.database, read_only=True) as conn:
         ((metrics,),) = conn.execute("SELECT metrics FROM fine_tune_runs").fetchall()
     assert json.loads(metrics)["served_as"] == "model_rag_qa_v001"
+    # `qe models list` shows the served name beside the model id.
+    listed = qe("models", "list", env={"QE_DATA_DIR": served_settings.data_dir}).stdout
+    assert "model_rag_qa_v001" in listed and "served_as" in listed
 
 
 def test_a_server_without_runtime_loading_says_what_to_run_and_keeps_the_model(
