@@ -23,8 +23,9 @@ the GPU supports it.
 
 The adapter is saved under `$QE_TRL_OUTPUT_DIR/<run_id>` (default `data/models`) and reported as
 `model_path` with `base_model` (the model it adapted), `train_loss`, `eval_loss` and
-`base_eval_loss` (the validation loss before training) and the fitting counts as metrics; qe_assets records them in `fine_tune_runs`. The next round continues from
-that adapter. `QE_TRL_DRY_RUN=1` checks the records and trains nothing.
+`base_eval_loss` (the validation loss before training) and the fitting counts as metrics;
+qe_assets records them in `fine_tune_runs`. The next round continues from that adapter.
+`QE_TRL_DRY_RUN=1` checks the records and trains nothing.
 """
 
 from __future__ import annotations
