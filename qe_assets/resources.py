@@ -15,6 +15,7 @@ from dagster_duckdb import DuckDBResource
 # Lives beside its backends (qe_assets/finetune/); importable from here with the other resources.
 from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.queues import EventQueue, FileInbox, open_queue
+from qe_assets.serving.resource import ModelServerResource
 from qe_assets.settings import Settings
 from qe_assets.store import (
     WRITER_CONFIG,
@@ -187,6 +188,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         "settings": PipelineSettings(**settings.model_dump()),
         "queue": QueueResource.from_settings(settings),
         "finetune": FineTuneBackendResource.from_settings(settings),
+        "model_server": ModelServerResource.from_settings(settings),
         "openai": OpenAIResource(
             # Only a reference when the variable is set, so an offline setup loads without it.
             api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,
