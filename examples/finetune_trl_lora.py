@@ -6,22 +6,26 @@
     export QE_TRL_MODEL=Qwen/Qwen2.5-0.5B-Instruct     # required: the model to adapt
 
 The recipe arrives as Pipes extras (see qe_assets/finetune/inputs.py). `QE_TRL_DATA` picks the
-file: `records` (default; prompt/completion with the sample's `weight`, trained as one user turn
-and one assistant turn through the model's chat template, loss on the completion only) or `chat`
+file: `records` (default; prompt/completion with the sample's `weight`, trained as the chat
+file's system and user turns and one assistant turn through the model's chat template, loss on
+the completion only: the system message the evaluation sends) or `chat`
 (the OpenAI chat lines, loss on the assistant turns only: `assistant_only_loss`). Either way each
 sample's loss is multiplied by its `weight` (= the annotation confidence; seed §7.3: trust
 confident samples more): a batch's loss is the weighted mean of its samples' mean token losses.
 
 Hyperparameters (`QE_FINETUNE_HYPERPARAMETERS`): `n_epochs`, `learning_rate_multiplier`,
 `batch_size` (OpenAI's names; `"auto"` keeps the default), `learning_rate`, `lora_r`,
-`lora_alpha`, `max_length` (default 1024; longer samples are truncated, and counted in the log),
+`lora_alpha`, `max_length` (default 1024; a longer sample gives up context documents, lowest
+score first, never its completion; one that still does not fit is named in the metrics, and the
+run is refused when more than the recipe's `max_dropped_share` would be lost),
 `gradient_accumulation_steps`, `gradient_checkpointing`, `max_steps`. bf16 is used only where
 the GPU supports it.
 
 The adapter is saved under `$QE_TRL_OUTPUT_DIR/<run_id>` (default `data/models`) and reported as
-`model_path` with `train_loss`, `eval_loss` and `base_eval_loss` (the validation loss before
-training) as metrics; qe_assets records them in `fine_tune_runs`. The next round continues from
-that adapter. `QE_TRL_DRY_RUN=1` checks the records and trains nothing.
+`model_path` with `base_model` (the model it adapted), `train_loss`, `eval_loss` and
+`base_eval_loss` (the validation loss before training) and the fitting counts as metrics;
+qe_assets records them in `fine_tune_runs`. The next round continues from that adapter.
+`QE_TRL_DRY_RUN=1` checks the records and trains nothing.
 """
 
 from __future__ import annotations
@@ -93,24 +97,85 @@ class WeightedCollator:
 
 
 def rows(recipe: dict[str, Any], split: str, data: str) -> list[dict[str, Any]]:
-    """The split's samples as conversational TRL rows, each with its weight."""
+    """The split's samples as conversational TRL rows, each with its weight and sample id.
+
+    Both formats take the prompt turns (the system message and the user's prompt) from the chat
+    file, so training sees the same system message the evaluation gate sends; the chat lines are
+    written in the same order as the records, whose weight comes along."""
     records = read_lines(recipe.get(f"{split}_records_path"))
     check_records(records, split)
-    if data == "chat":
-        # The chat lines are written in the same order as the records: the weight comes along.
-        chats = read_lines(recipe.get(f"{split}_chat_path"))
-        return [
-            {"messages": c["messages"], "weight": float(r["weight"])}
-            for c, r in zip(chats, records, strict=True)
-        ]
-    return [
-        {
-            "prompt": [{"role": "user", "content": r["prompt"]}],
-            "completion": [{"role": "assistant", "content": r["completion"]}],
-            "weight": float(r["weight"]),
-        }
-        for r in records
+    chats = read_lines(recipe.get(f"{split}_chat_path"))
+    out = []
+    for record, chat in zip(records, chats, strict=True):
+        turns = chat["messages"]
+        row: dict[str, Any] = {"weight": float(record["weight"])}
+        if data == "chat":
+            row["messages"] = turns
+        else:
+            row["prompt"] = [t for t in turns if t["role"] != "assistant"]
+            row["completion"] = [{"role": "assistant", "content": record["completion"]}]
+        out.append((row, str(record.get("sample_id", len(out) + 1))))
+    return out  # type: ignore[return-value]
+
+
+def _turns(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return row["messages"] if "messages" in row else [*row["prompt"], *row["completion"]]
+
+
+def _with_user(row: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """The row with its (first) user turn's text replaced."""
+    key = "messages" if "messages" in row else "prompt"
+    turns, done = [], False
+    for turn in row[key]:
+        if turn["role"] == "user" and not done:
+            turn, done = {**turn, "content": prompt}, True
+        turns.append(turn)
+    return {**row, key: turns}
+
+
+def _user(row: dict[str, Any]) -> str:
+    return next(t["content"] for t in _turns(row) if t["role"] == "user")
+
+
+def fitted_rows(
+    pipes: PipesContext, recipe: dict[str, Any], split: str, data: str, tokenizer: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The split's rows, each within max_length: a sample that is too long gives up its
+    lowest-scored context documents, never its completion (qe_assets.finetune.fitting); one that
+    still does not fit is left out, counted and named. Refuses the run (SystemExit) when more
+    than the recipe's max_dropped_share of the split would be lost."""
+    from qe_assets.finetune.fitting import dropped_refusal, fit_samples
+
+    named = rows(recipe, split, data)
+    # One token of room: TRL may add an end-of-sequence token the template does not write.
+    budget = hyper(recipe, "max_length", 1024, int) - 1
+
+    def fits(index: int, prompt: str) -> bool:
+        turns = _turns(_with_user(named[index][0], prompt))
+        ids = tokenizer.apply_chat_template(turns, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return len(ids) <= budget
+
+    fitted = fit_samples([_user(r) for r, _ in named], [sid for _, sid in named], fits)
+    share = float(recipe.get("max_dropped_share", 0.01))
+    if refusal := dropped_refusal(split, fitted.dropped, len(named), share):
+        raise SystemExit(refusal)
+    kept = [
+        _with_user(named[i][0], fitted.prompts[i]) if i in fitted.prompts else named[i][0]
+        for i in fitted.kept
     ]
+    if fitted.trimmed or fitted.dropped:
+        pipes.log.warning(
+            f"{split}: {fitted.trimmed} samples gave up context documents to fit max_length, "
+            f"{len(fitted.dropped)} did not fit at all: {fitted.dropped[:5]}"
+        )
+    metrics = {
+        f"{split}_samples": len(kept),
+        f"{split}_trimmed_samples": fitted.trimmed,
+        f"{split}_dropped_samples": len(fitted.dropped),
+        f"{split}_dropped_sample_ids": fitted.dropped,
+    }
+    return kept, metrics
 
 
 def load_model(recipe: dict[str, Any]) -> tuple[Any, Any]:
@@ -173,7 +238,12 @@ def train(pipes: PipesContext, recipe: dict[str, Any]) -> dict[str, Any]:
             loss = weighted_loss(outputs.logits, labels, weights)
             return (loss, outputs) if return_outputs else loss
 
-    train_rows, eval_rows = rows(recipe, "train", data), rows(recipe, "validation", data)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name())
+    train_rows, fit_metrics = fitted_rows(pipes, recipe, "train", data, tokenizer)
+    eval_rows, eval_fit = fitted_rows(pipes, recipe, "validation", data, tokenizer)
+    fit_metrics.update(eval_fit)
     model, peft_config = load_model(recipe)
     trainer = WeightedSFTTrainer(
         model=model,
@@ -185,18 +255,29 @@ def train(pipes: PipesContext, recipe: dict[str, Any]) -> dict[str, Any]:
         ),
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
         peft_config=peft_config,
     )
     trainer.data_collator = WeightedCollator(trainer.data_collator)
     # Our loss is a batch mean, not scaled by the token count of the whole accumulated step:
     # the trainer must divide it by the accumulation steps (else loss and gradients double).
     trainer.loss_is_scaled_for_ga = False
-    truncated = sum(
-        len(ids) >= trainer.args.max_length for ids in trainer.train_dataset["input_ids"]
-    )
-    if truncated:
-        pipes.log.warning(f"{truncated} train samples cut at max_length={trainer.args.max_length}")
-    metrics: dict[str, Any] = {"data": data, "truncated_samples": truncated}
+    # Every row was fitted above: TRL must have kept each one whole (it drops or cuts silently).
+    for name, given, dataset in (
+        ("train", train_rows, trainer.train_dataset),
+        ("validation", eval_rows, trainer.eval_dataset),
+    ):
+        if dataset is None:
+            continue
+        cut = sum(len(ids) >= trainer.args.max_length for ids in dataset["input_ids"])
+        if len(dataset) != len(given) or cut:
+            raise SystemExit(
+                f"{name}: the trainer kept {len(dataset)} of {len(given)} fitted samples, "
+                f"{cut} at max_length={trainer.args.max_length}: the chat template counts "
+                "differently from the fitting"
+            )
+    truncated = 0  # kept for older readers of the metrics: nothing is cut any more
+    metrics: dict[str, Any] = {"data": data, "truncated_samples": truncated, **fit_metrics}
     if eval_rows:
         metrics["base_eval_loss"] = float(trainer.evaluate()["eval_loss"])
     metrics["train_loss"] = float(trainer.train().training_loss)

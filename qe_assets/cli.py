@@ -720,6 +720,7 @@ def _models_list(settings: Settings, wait: float) -> int:
     import duckdb
     import polars as pl
 
+    from qe_assets.finetune.serving.resource import served_names
     from qe_assets.store import connect, select_frame
     from qe_assets.store.evaluations import MODELS_QUERY
 
@@ -729,6 +730,11 @@ def _models_list(settings: Settings, wait: float) -> int:
         except duckdb.CatalogException:  # a store from before the evaluation gate
             frame = pl.DataFrame()
         rollout = _rollout_lines(conn)
+    names = served_names(settings.data_dir)
+    if names and not frame.is_empty():
+        # The name the model server serves each model under (QE_MODEL_SERVER, docs/serving.md).
+        served = pl.col("model").replace_strict(names, default=None, return_dtype=pl.String)
+        frame = frame.insert_column(1, frame.select(served.alias("served_as")).to_series())
     if frame.is_empty():
         print("no fine-tuned or promoted model yet")
     else:

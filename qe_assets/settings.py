@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # The service side's settings parse with the same rules (qe_assets.service.config); the names
 # below are re-exported here, where the pipeline's code has always found them.
@@ -45,6 +45,8 @@ FINETUNE_METHODS: tuple[str, ...] = get_args(FinetuneMethod)
 INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 # direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
 ROLLOUT_MODES = ("direct", "canary")
+EVAL_JUDGES = ("llm", "reference")
+MODEL_SERVERS = ("none", "external", "transformers")
 
 
 def estimated_cost(
@@ -252,6 +254,33 @@ def _publish_url(raw: str) -> str:
 
 _ruled(_publish_url, "`s3://BUCKET[/PREFIX]`, `file:///PATH` or `hf:///PATH`")
 
+
+# QE_FINETUNE_K8S: where the `command` backend trains as a Kubernetes pod (finetune/k8s.py).
+class K8sTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str
+    namespace: str = "default"
+    gpus: int = Field(1, ge=0)
+    data_claim: str | None = None
+    data_path: str | None = None
+    node_selector: dict[str, str] = {}
+    service_account: str | None = None
+    env: dict[str, str] = {}
+
+
+def parse_target(raw: dict[str, Any] | None) -> K8sTarget | None:
+    """The pod target of QE_FINETUNE_K8S, or None when unset; a bad one fails naming the key."""
+    if not raw:
+        return None
+    try:
+        return K8sTarget(**raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "value"
+        raise SettingsError(f"QE_FINETUNE_K8S.{where}: {error['msg']}") from None
+
+
 # field name → (environment variable, parser). Defaults live on the model below.
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "data_dir": ("QE_DATA_DIR", _text),
@@ -316,6 +345,11 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _json_object("QE_FINETUNE_HYPERPARAMETERS"),
     ),
     "finetune_command": ("QE_FINETUNE_COMMAND", _text),
+    "finetune_k8s": ("QE_FINETUNE_K8S", _json_object("QE_FINETUNE_K8S")),
+    "train_max_dropped_share": (
+        "QE_TRAIN_MAX_DROPPED_SHARE",
+        _float("QE_TRAIN_MAX_DROPPED_SHARE", 0.0, 1.0),
+    ),
     "finetune_method": ("QE_FINETUNE_METHOD", _choice("QE_FINETUNE_METHOD", FINETUNE_METHODS)),
     "finetune_poll_seconds": (
         "QE_FINETUNE_POLL_SECONDS",
@@ -353,6 +387,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "eval_base_url": ("QE_EVAL_BASE_URL", _text),
     "eval_model_map": ("QE_EVAL_MODEL_MAP", _model_map),
     "eval_judge_model": ("QE_EVAL_JUDGE_MODEL", _text),
+    "eval_judge": ("QE_EVAL_JUDGE", _choice("QE_EVAL_JUDGE", EVAL_JUDGES)),
+    "eval_judge_base_url": ("QE_EVAL_JUDGE_BASE_URL", _text),
+    "model_server": ("QE_MODEL_SERVER", _choice("QE_MODEL_SERVER", MODEL_SERVERS)),
+    "model_server_url": ("QE_MODEL_SERVER_URL", _text),
     "eval_icl_examples": ("QE_EVAL_ICL_EXAMPLES", _int("QE_EVAL_ICL_EXAMPLES", 0)),
     "rollout_mode": ("QE_ROLLOUT", _choice("QE_ROLLOUT", ROLLOUT_MODES)),
     "ab_ramp": ("QE_AB_RAMP", _ramp),
@@ -541,6 +579,16 @@ class Settings(BaseModel):
         "`command` backend, e.g. `python examples/finetune_trl_lora.py`; a leading bare "
         "`python` is the interpreter running Dagster, not PATH's.",
     )
+    finetune_k8s: dict[str, Any] = Field(
+        {},
+        description="Set: the `command` backend runs its command as a Kubernetes pod through "
+        "Dagster Pipes (`image` required; docs/scaling-out.md). Unset: a local subprocess.",
+    )
+    train_max_dropped_share: float = Field(
+        0.01,
+        description="A local training run (`command`) is refused when a larger share of its "
+        "samples would not fit `max_length` even without their context documents.",
+    )
     finetune_method: str = Field(
         "sft",
         description="`sft` (chat/record files) or `dpo` (the "
@@ -660,6 +708,27 @@ class Settings(BaseModel):
     eval_judge_model: str | None = Field(
         None, description="The pairwise judge; unset: `QE_LLM_JUDGE_MODEL`, else `QE_LLM_MODEL`."
     )
+    eval_judge: str = Field(
+        "llm",
+        description="`llm`: a model compares each pair (QE_EVAL_JUDGE_MODEL); `reference`: "
+        "token-F1 against the reference answer, computed here (offline, deterministic).",
+    )
+    eval_judge_base_url: str | None = Field(
+        None,
+        description="Where the LLM judge is asked (key: `QE_EVAL_JUDGE_API_KEY`); unset: "
+        "`OPENAI_BASE_URL`, so a hosted judge can sit next to a local candidate.",
+    )
+    model_server: str = Field(
+        "none",
+        description="What serves locally trained adapters (docs/serving.md): `none`; `external` "
+        "(your vLLM / SGLang / Ollama / llama.cpp server at `QE_MODEL_SERVER_URL`); "
+        "`transformers` (`transformers serve`, started here, CPU or one GPU).",
+    )
+    model_server_url: str | None = Field(
+        None,
+        description="The `external` model server's OpenAI-compatible URL, e.g. "
+        "`http://127.0.0.1:8000/v1`.",
+    )
     eval_icl_examples: int = Field(
         0,
         description="k > 0 also compares the candidate with "
@@ -715,6 +784,13 @@ class Settings(BaseModel):
         problem = finetune_backend_problem(settings.finetune_backend, settings.finetune_command)
         if problem:
             raise SettingsError(problem)
+        if settings.finetune_k8s:
+            parse_target(settings.finetune_k8s)
+        if settings.model_server == "external" and not settings.model_server_url:
+            raise SettingsError(
+                "QE_MODEL_SERVER=external needs QE_MODEL_SERVER_URL, the OpenAI-compatible URL of "
+                "your vLLM / SGLang / Ollama / llama.cpp server (e.g. http://127.0.0.1:8000/v1)"
+            )
         return settings
 
     def settings(self) -> Settings:
@@ -780,6 +856,11 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
         "unset",
         "The secret `qe serve` requires on every request; needed to bind anything but the "
         "loopback (16+ characters). Never a setting, never logged.",
+    ),
+    "QE_EVAL_JUDGE_API_KEY": (
+        "`OPENAI_API_KEY`",
+        "The key of the judge's endpoint (`QE_EVAL_JUDGE_BASE_URL`). Read when the evaluation "
+        "runs, never a setting, never logged.",
     ),
     "QE_REVIEWER": ("`$USER`", "Who `qe review` and `qe models` record as the reviewer."),
     "QE_TRL_MODEL": ("required", "TRL examples: the model to adapt (Hugging Face id or folder)."),

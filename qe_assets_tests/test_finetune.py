@@ -189,10 +189,36 @@ def test_command_backend_failure_is_recorded_and_fails_the_asset(
     with connect(settings.database, read_only=True) as conn:
         ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
     assert status == "failed" and "training command failed" in message
+    # The reason is the command's own last stderr lines (a progress bar at its final state),
+    # also kept whole in the run's folder.
+    assert "torch.OutOfMemoryError: out of GPU memory" in message
+    assert "loading the model: 100%" in message and "loading the model\r" not in message
+    log = Path(settings.data_dir) / "finetune" / "v001-command-1" / "stderr.log"
+    assert "out of GPU memory" in log.read_text("utf-8")
     # The next attempt is a new run row for the same version.
     monkeypatch.delenv("FAKE_TRAIN_FAIL")
     retry = materialize(settings, selection=["fine_tuned_model"])
     assert metadata(retry, "fine_tuned_model")["run_id"] == "v001-command-2"
+
+
+def test_a_bare_python_runs_this_environment_s_interpreter_and_the_reported_base_is_kept(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented `QE_FINETUNE_COMMAND="python examples/…"`: `python` on PATH is not this
+    environment's (no dagster_pipes there). And the model the command says it adapted is the
+    run's base_model, what the gate asks as the baseline."""
+    settings = command_settings(settings, SCRIPTS / "pipes_train.py").model_copy(
+        update={"finetune_command": f"python {SCRIPTS / 'pipes_train.py'}"}
+    )
+    monkeypatch.setenv("FAKE_BASE_MODEL", "/models/tiny-base")
+    processed(settings, 15)
+    model = metadata(
+        materialize(settings, selection=["tuning_dataset", "fine_tuned_model"]), "fine_tuned_model"
+    )
+    assert model["status"] == "succeeded" and model["base_model"] == "/models/tiny-base"
+    with connect(settings.database, read_only=True) as conn:
+        ((base_model,),) = conn.execute("SELECT base_model FROM fine_tune_runs").fetchall()
+    assert base_model == "/models/tiny-base"
 
 
 def test_trl_example_dry_run_through_the_command_backend(

@@ -48,6 +48,9 @@ HYPERPARAMETERS = {
     "gradient_checkpointing": False,
 }
 JUDGE_MARKER = "<<<BEGIN ANSWER B>>>"
+# Room for the system message, the prompt with its first document and the completion, not for
+# the whole handbook document (test_long_samples_give_up_context_documents_…).
+LONG_SAMPLE_BUDGET = 200
 APPROVED = '{"score_a": 2, "score_b": 9, "reason": "grounded in the documents"}'
 FACTS = [
     ("refund", "Refunds are accepted within 30 days.", "You have 14 days."),
@@ -59,11 +62,17 @@ FACTS = [
 ]
 
 
-def events(n: int) -> list[str]:
+# A long, barely relevant document: retrieved last, the first context to give way to max_length.
+FILLER = " ".join(f"Paragraph {n} of the staff handbook repeats general policy." for n in range(12))
+
+
+def events(n: int, filler: bool = False) -> list[str]:
     out = []
     for i in range(n):
         topic, fact, wrong = FACTS[i % len(FACTS)]
         docs = [{"id": f"kb-{topic}", "content": fact, "score": 0.9}]
+        if filler:
+            docs.append({"id": "kb-handbook", "content": FILLER, "score": 0.1})
         question = f"What about {topic}, case {i}?"
         # Confidence 0.675 … 0.975: every sample trains, each with its own loss weight.
         evaluation = {"score": 0.45 + (i % 5) * 0.05, "labels": [LABELS[i % len(LABELS)]]}
@@ -217,13 +226,14 @@ def trained_in_process(
     env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     count: int = EVENTS,
+    filler: bool = False,
 ) -> tuple[dict[str, Any], float]:
     """The whole graph in process (the same definitions `qe run` uses), the training command
     run through Pipes as a subprocess that reads its own variables."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
-    FileInbox(settings.inbox_dir).put(events(count))
+    FileInbox(settings.inbox_dir).put(events(count, filler))
     started = time.monotonic()
     result = materialize(settings, selection=TRAINING)
     elapsed = time.monotonic() - started
@@ -382,3 +392,68 @@ def test_gradient_accumulation_does_not_scale_the_reported_loss(
     metrics = result["metrics"]
     assert metrics["train_loss"] == pytest.approx(metrics["base_eval_loss"], rel=0.02)
     assert metrics["eval_loss"] == pytest.approx(metrics["base_eval_loss"], rel=1e-4)
+
+
+def test_long_samples_give_up_context_documents_never_their_completion(
+    settings: Settings,
+    server: OpenAIServer,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TRL cuts every sequence at max_length (the completion's end first) and drops a sample whose
+    prompt alone fills it. The example fits each one beforehand: the handbook document (lowest
+    score) is shortened or removed, and every sample trains whole."""
+    short = {**HYPERPARAMETERS, "max_length": LONG_SAMPLE_BUDGET, "max_steps": 1}
+    env = {"QE_TRL_MODEL": str(tiny_model), "QE_TRL_OUTPUT_DIR": str(tmp_path / "models")}
+    configured = in_process_settings(settings, server, SFT).model_copy(
+        update={"finetune_hyperparameters": short}
+    )
+    result, _ = trained_in_process(configured, server, env, monkeypatch, count=60, filler=True)
+    metrics, recipe = result["metrics"], result["recipe"]
+    print(f"\nfitted: {metrics}")
+    assert metrics["train_samples"] == recipe["train"] and metrics["train_dropped_samples"] == 0
+    assert metrics["validation_samples"] == recipe["validation"]
+    assert metrics["train_trimmed_samples"] == recipe["train"]  # every one had the handbook
+    assert metrics["train_dropped_sample_ids"] == []
+
+
+def test_a_run_that_would_lose_samples_is_refused_naming_them(
+    settings: Settings,
+    server: OpenAIServer,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QE_TRL_MODEL", str(tiny_model))
+    monkeypatch.setenv("QE_TRL_OUTPUT_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
+    FileInbox(settings.inbox_dir).put(events(20))
+    tiny = in_process_settings(settings, server, SFT).model_copy(
+        update={"finetune_hyperparameters": {**HYPERPARAMETERS, "max_length": 24}}
+    )
+    result = materialize(tiny, selection=TRAINING, raise_on_error=False)
+    assert not result.success
+    with connect(settings.database, read_only=True) as conn:
+        ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
+    assert status == "failed" and "train samples do not fit max_length" in message, message
+    assert "QE_TRAIN_MAX_DROPPED_SHARE=0.01" in message and "t-" in message
+
+
+def test_records_train_with_the_system_message_the_gate_sends(tmp_path: Path) -> None:
+    """The evaluation asks with the training files' system message (evaluate.py): records-mode
+    training must see it too, not the bare user prompt."""
+    system = load_templates().system["en"]
+    record = {"sample_id": "s-1", "prompt": "Q?", "completion": "A.", "weight": 0.8}
+    chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "Q?"}]}
+    chat["messages"].append({"role": "assistant", "content": "A."})
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n", "utf-8")
+    (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n", "utf-8")
+    recipe = {
+        "train_records_path": str(tmp_path / "r.jsonl"),
+        "train_chat_path": str(tmp_path / "c.jsonl"),
+    }
+    ((row, sample_id),) = load_example().rows(recipe, "train", "records")
+    assert sample_id == "s-1" and row["weight"] == 0.8
+    assert row["prompt"] == chat["messages"][:2]
+    assert row["completion"] == [{"role": "assistant", "content": "A."}]

@@ -4,6 +4,7 @@ measurably wins; the blocking check reports the decision."""
 
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -12,8 +13,15 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
+from qe_assets.evaluation.endpoints import (
+    judge_endpoint,
+    judge_model,
+    local_judge,
+    models_endpoint,
+)
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
 from qe_assets.evaluation.metrics import INSUFFICIENT, PROMOTE, Decision, Tally, label_table
+from qe_assets.evaluation.parity import probe
 from qe_assets.evaluation.report import (
     CACHE_COLUMNS,
     ITEM_COLUMNS,
@@ -28,6 +36,7 @@ from qe_assets.evaluation.report import (
 )
 from qe_assets.finetune.assets import fine_tuned_model
 from qe_assets.finetune.resource import FineTuneBackendResource
+from qe_assets.finetune.serving.resource import ModelServerResource, served_names
 from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.templates import load_templates
@@ -78,7 +87,7 @@ def plan_evaluation(
     if candidate.model_id == production:
         return Plan(skip=f"{candidate.model_id} is already the production model")
     # Not configured: nothing is promoted, and the release that trained the model still ends.
-    judge = settings.eval_judge_model or settings.llm_judge_model or settings.llm_model
+    judge = judge_model(settings)
     if not judge:
         return Plan(skip="no judge model: set QE_EVAL_JUDGE_MODEL (or QE_LLM_MODEL)", warn=True)
     if not key_set:
@@ -90,8 +99,10 @@ def plan_evaluation(
 
 
 def served(settings: Settings, model: str) -> str:
-    """The name the evaluation endpoint serves a model under (QE_EVAL_MODEL_MAP, else its id)."""
-    return settings.eval_model_map.get(model, model)
+    """The name the evaluation endpoint serves a model under: QE_EVAL_MODEL_MAP, else the name
+    the model server registered it under (`model_rag_qa_vNNN`, serving/resource.py), else its
+    id."""
+    return settings.eval_model_map.get(model) or served_names(settings.data_dir).get(model, model)
 
 
 def job_items(items: pl.DataFrame) -> list[dict[str, Any]]:
@@ -125,15 +136,6 @@ def commit_items(duckdb: DuckDBResource, eval_id: str, results: list[ItemResult]
                 f"SELECT {cache_columns}, now()::TIMESTAMP FROM eval_cache_rows "
                 "ON CONFLICT DO NOTHING"
             )
-
-
-def _client(openai: OpenAIResource, settings: Settings) -> OpenAIResource:
-    return OpenAIResource(
-        api_key=openai.api_key,
-        base_url=settings.eval_base_url or openai.base_url,
-        timeout_seconds=openai.timeout_seconds,
-        max_retries=openai.max_retries,
-    )
 
 
 def _row(
@@ -238,9 +240,11 @@ def evaluate_candidate(
     settings: Settings,
     finetune: FineTuneBackendResource,
     openai: OpenAIResource,
+    model_server: ModelServerResource | None = None,
 ) -> tuple[Plan, Gated | None]:
-    """The gate, Dagster or not (the crash trials run it directly): plan, compare with
-    production, commit the decision and its promotion in one transaction, then the ICL row."""
+    """The gate, Dagster or not (the crash trials run it directly): plan, probe a model served
+    here, compare with production, commit the decision and its promotion in one transaction,
+    then the ICL row."""
     plan = plan_evaluation(duckdb, settings, finetune, openai.configured)
     if plan.skip is not None:
         (log.warning if plan.warn else log.info)(f"nothing to evaluate: {plan.skip}")
@@ -260,20 +264,30 @@ def evaluate_candidate(
         max_tokens=settings.llm_max_tokens,
         concurrency=settings.llm_concurrency,
         batch_size=settings.llm_batch_size,
+        local_judge=local_judge(settings),
     )
-    compared = _compare(log, run_id, duckdb, settings, openai, plan, pairing, "production")
     candidate = plan.candidate.model_id
-    with duckdb_writer(duckdb) as conn:
-        promoted, canary = commit_decision(conn, compared.row, settings, run_id)
-        change = (
-            f"canary {candidate} started at {settings.ab_ramp[0]:.0%} of traffic"
-            if canary
-            else f"{candidate} promoted to production"
-            if promoted
-            else None
+    # The model server runs (a `transformers` one is started here) for the comparisons only.
+    serving = model_server.serving() if model_server is not None else nullcontext(None)
+    with serving as served_url:
+        endpoint = models_endpoint(openai, settings, served_url)
+        if model_server is not None:
+            _parity(log, duckdb, model_server, plan, pairing, endpoint)
+        compared = _compare(
+            log, run_id, duckdb, settings, openai, plan, pairing, "production", endpoint
         )
-        # ab_test's page says what rollout.json says now, not at its last ingest run.
-        event = rollout_changed(conn, settings, GATE, change) if change else None
+        with duckdb_writer(duckdb) as conn:
+            promoted, canary = commit_decision(conn, compared.row, settings, run_id)
+            change = (
+                f"canary {candidate} started at {settings.ab_ramp[0]:.0%} of traffic"
+                if canary
+                else f"{candidate} promoted to production"
+                if promoted
+                else None
+            )
+            # ab_test's page says what rollout.json says now, not at its last ingest run.
+            event = rollout_changed(conn, settings, GATE, change) if change else None
+        icl = _icl_row(log, run_id, duckdb, settings, openai, plan, pairing, endpoint)
     if promoted:
         log.info(f"{candidate} promoted to production by the gate")
     elif canary:
@@ -281,16 +295,7 @@ def evaluate_candidate(
             f"{candidate} passed the gate: canary at {settings.ab_ramp[0]:.0%} of "
             "traffic (QE_ROLLOUT=canary); ab_test decides its promotion"
         )
-    icl = None
-    if settings.eval_icl_examples:
-        with duckdb_writer(duckdb) as conn:
-            shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
-        icl_pairing = replace(
-            pairing,
-            baseline=f"{plan.baseline}+icl{len(shots) // 2}",
-            baseline_shots=tuple(shots),
-        )
-        icl = _compare(log, run_id, duckdb, settings, openai, plan, icl_pairing, "icl").row
+    if icl is not None:
         with duckdb_writer(duckdb) as conn:
             save_evaluation(conn, icl)
     return plan, Gated(compared, promoted, canary, icl, event)
@@ -353,9 +358,10 @@ def model_evaluation(
     settings: PipelineSettings,
     finetune: FineTuneBackendResource,
     openai: OpenAIResource,
+    model_server: ModelServerResource,
 ) -> Iterator[dg.MaterializeResult]:
     plan, gated = evaluate_candidate(
-        context.log, context.run.run_id, duckdb, settings, finetune, openai
+        context.log, context.run.run_id, duckdb, settings, finetune, openai, model_server
     )
     if gated is None:
         return
@@ -377,6 +383,56 @@ def model_evaluation(
     )
 
 
+def _parity(
+    log: dg.DagsterLogManager | Any,
+    duckdb: DuckDBResource,
+    model_server: ModelServerResource,
+    plan: Plan,
+    pairing: Pairing,
+    endpoint: OpenAIResource,
+) -> None:
+    """The train/serve parity probe (evaluation/parity.py) for a model served here: a failed
+    probe fails the evaluation with its one-line reason, before anything is judged."""
+    assert plan.candidate is not None
+    if not model_server.configured or plan.candidate.model_id.startswith("ft:"):
+        return
+    result = probe(
+        lambda: duckdb_reader(duckdb),
+        endpoint.async_client,
+        plan.candidate.model_id,
+        pairing.candidate_served,
+        pairing.baseline_served,
+        set(load_templates().system.values()),
+    )
+    if not result.ok:
+        raise dg.Failure(result.reason)
+    log.info(result.reason)
+
+
+def _icl_row(
+    log: dg.DagsterLogManager | Any,
+    run_id: str,
+    duckdb: DuckDBResource,
+    settings: Settings,
+    openai: OpenAIResource,
+    plan: Plan,
+    pairing: Pairing,
+    endpoint: OpenAIResource,
+) -> dict[str, Any] | None:
+    """The optional ICL comparison (QE_EVAL_ICL_EXAMPLES), reported beside the gate."""
+    if not settings.eval_icl_examples:
+        return None
+    assert plan.candidate is not None
+    with duckdb_writer(duckdb) as conn:
+        shots = icl_examples(conn, plan.candidate.dataset_version, settings.eval_icl_examples)
+    icl = replace(
+        pairing,
+        baseline=f"{plan.baseline}+icl{len(shots) // 2}",
+        baseline_shots=tuple(shots),
+    )
+    return _compare(log, run_id, duckdb, settings, openai, plan, icl, "icl", endpoint).row
+
+
 @dataclass(frozen=True)
 class Compared:
     eval_id: str
@@ -396,6 +452,7 @@ def _compare(
     plan: Plan,
     pairing: Pairing,
     comparison: str,
+    endpoint: OpenAIResource,
 ) -> Compared:
     """One comparison over the whole set: answers, verdicts, items committed as they come, and
     the evaluation's row (committed by the caller)."""
@@ -415,11 +472,12 @@ def _compare(
     started = time.monotonic()
     results = (
         evaluate_pairs(
-            _client(openai, settings).async_client,
+            endpoint.async_client,
             pairing,
             job_items(items),
             cache,
             lambda batch: commit_items(duckdb, eval_id, batch),
+            judge_endpoint(openai, settings).async_client,
         )
         if items.height
         else []

@@ -46,6 +46,7 @@ IDENTICAL = "identical answers: a tie without a judge call"
 # other error (HTTP, connection, timeout, a malformed body) is the endpoint's, and the item is
 # `failed`: left out of the count, within QE_EVAL_MAX_FAILED_SHARE.
 ANSWER_FAULTS = frozenset({EMPTY, TRUNCATED, REFUSAL, FILTERED})
+NO_VERDICT = "no_verdict"  # a local judge that cannot compare the pair (no reference answer)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class Pairing:
     batch_size: int
     # Turns put before the prompt in the baseline's requests only: the ICL baseline's examples.
     baseline_shots: tuple[dict[str, str], ...] = ()
+    # A judge computed here instead of asked over HTTP (QE_EVAL_JUDGE=reference): the pairwise
+    # request → the reply text a model would give, or None when it has no verdict to give.
+    local_judge: Callable[[dict[str, Any]], str | None] | None = None
 
 
 @dataclass
@@ -107,20 +111,32 @@ Commit = Callable[[list[ItemResult]], None]
 
 
 class _Evaluation:
-    def __init__(self, client: openai.AsyncOpenAI, pairing: Pairing, cache: dict[str, str]) -> None:
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        pairing: Pairing,
+        cache: dict[str, str],
+        judge_client: openai.AsyncOpenAI | None = None,
+    ) -> None:
         self.client = client
+        self.judge_client = judge_client or client
         self.pairing = pairing
         self.cache = cache
         self.slots = asyncio.Semaphore(pairing.concurrency)
 
     async def call(
-        self, request: dict[str, Any], result: ItemResult, *, fresh: bool = False
+        self,
+        request: dict[str, Any],
+        result: ItemResult,
+        *,
+        fresh: bool = False,
+        client: openai.AsyncOpenAI | None = None,
     ) -> tuple[str, CallOutcome]:
         key = request_key(request)
         cached = None if fresh else self.cache.get(key)
         if cached is not None:
             return key, CallOutcome(content=cached, cached=True)
-        outcome = await chat(self.client, self.slots, request)
+        outcome = await chat(client or self.client, self.slots, request)
         result.calls += outcome.attempts
         result.prompt_tokens += outcome.prompt_tokens
         result.completion_tokens += outcome.completion_tokens
@@ -182,7 +198,7 @@ class _Evaluation:
         request = pairwise_request(p.judge_model, judged, answer_1 or "", answer_2 or "")
         result.candidate_first = first
         for attempt in range(JUDGE_TRIES):
-            key, out = await self.call(request, result, fresh=attempt > 0)
+            key, out = await self._ask_judge(request, result, fresh=attempt > 0)
             result.judge_calls += 0 if out.cached else 1
             parsed = parse_pairwise(out.content) if out.ok else None
             if parsed is not None:
@@ -193,6 +209,18 @@ class _Evaluation:
                 return
             result.error = f"judge:{out.error or MALFORMED_VERDICT}"
 
+    async def _ask_judge(
+        self, request: dict[str, Any], result: ItemResult, *, fresh: bool
+    ) -> tuple[str, CallOutcome]:
+        """The judge's reply: computed here by a local judge, else asked on the judge's own
+        endpoint (QE_EVAL_JUDGE_BASE_URL, else the LLM's)."""
+        local = self.pairing.local_judge
+        if local is None:
+            return await self.call(request, result, fresh=fresh, client=self.judge_client)
+        reply = local(request)
+        outcome = CallOutcome(content=reply) if reply is not None else CallOutcome(error=NO_VERDICT)
+        return request_key(request), outcome
+
 
 async def _run(
     make_client: Callable[[], openai.AsyncOpenAI],
@@ -200,9 +228,11 @@ async def _run(
     items: list[dict[str, Any]],
     cache: dict[str, str],
     commit: Commit,
+    make_judge_client: Callable[[], openai.AsyncOpenAI] | None = None,
 ) -> list[ItemResult]:
     client = make_client()
-    evaluation = _Evaluation(client, pairing, cache)
+    judge_client = make_judge_client() if make_judge_client and not pairing.local_judge else None
+    evaluation = _Evaluation(client, pairing, cache, judge_client)
     results: list[ItemResult] = []
     committed = 0
     try:
@@ -214,6 +244,8 @@ async def _run(
                 committed = len(results)
     finally:
         await client.close()
+        if judge_client is not None:
+            await judge_client.close()
     return results
 
 
@@ -223,8 +255,11 @@ def evaluate_pairs(
     items: list[dict[str, Any]],
     cache: dict[str, str],
     commit: Commit,
+    make_judge_client: Callable[[], openai.AsyncOpenAI] | None = None,
 ) -> list[ItemResult]:
     """Every item answered by both models and judged; `cache` maps request keys to the answers
     already paid for (it is filled as the run goes). Items need sample_id, label, language,
-    system, prompt, question, documents (list of texts) and reference (or None)."""
-    return asyncio.run(_run(make_client, pairing, items, cache, commit))
+    system, prompt, question, documents (list of texts) and reference (or None). The judge is
+    asked through `make_judge_client`'s client when given (its own endpoint), else through the
+    models' client."""
+    return asyncio.run(_run(make_client, pairing, items, cache, commit, make_judge_client))

@@ -3,7 +3,7 @@ the `fine_tune_runs` registry."""
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from qe_assets.finetune.resource import (
     FineTuneBackendResource,
     Trained,
 )
+from qe_assets.finetune.serving.folders import ServingError
+from qe_assets.finetune.serving.resource import ModelServerResource
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_writer, exclusive_stage
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.release.assets import tuning_dataset
@@ -156,6 +158,7 @@ def fine_tuned_model(
     settings: PipelineSettings,
     finetune: FineTuneBackendResource,
     openai: OpenAIResource,
+    model_server: ModelServerResource,
 ) -> Iterator[dg.MaterializeResult]:
     verdict = format_verdict(context.instance)
     # Claimed under the writer lock (briefly; the training itself runs without it).
@@ -169,11 +172,16 @@ def fine_tuned_model(
             save_run(conn, claim.run_id, **fields)
 
     trained = finetune.train(context, claim, openai, save)
+    trained = _served(context, model_server, claim, trained)
+    # A training command reports the model it really adapted (QE_TRL_MODEL), which is what the
+    # gate must ask as the baseline, not QE_FINETUNE_BASE_MODEL (an OpenAI model name).
+    reported_base = {"base_model": trained.base_model} if trained.base_model else {}
     save(
         status=trained.status,
         model_id=trained.model_id,
         metrics=trained.metrics,
         message=trained.message,
+        **reported_base,
     )
     metadata = _run_metadata(settings, finetune, claim, trained)
     if trained.status == "skipped":
@@ -191,6 +199,37 @@ def fine_tuned_model(
     )
 
 
+def _served(
+    context: dg.AssetExecutionContext,
+    model_server: ModelServerResource,
+    claim: Claim,
+    trained: Trained,
+) -> Trained:
+    """A locally trained adapter registered on the model server under `model_rag_qa_vNNN`
+    (QE_MODEL_SERVER), its names added to the run's metrics. A server that cannot take it is a
+    warning, not a lost model: the adapter is trained and recorded either way."""
+    if trained.status != "succeeded" or not trained.model_id or finetune_is_hosted(trained):
+        return trained
+    base = trained.base_model or claim.inputs.base_model
+    try:
+        registration = model_server.register(trained.model_id, claim.version, base)
+    except ServingError as exc:
+        context.log.warning(f"{trained.model_id} is trained but not served: {exc}")
+        return replace(trained, metrics={**trained.metrics, "serving_error": str(exc)})
+    if registration is None:
+        return trained
+    if registration.note:
+        context.log.warning(registration.note)
+    else:
+        context.log.info(f"{trained.model_id} served as {registration.name}")
+    return replace(trained, metrics={**trained.metrics, **registration.metadata()})
+
+
+def finetune_is_hosted(trained: Trained) -> bool:
+    """An `ft:` model lives at the provider: nothing to serve here."""
+    return bool(trained.model_id and trained.model_id.startswith("ft:"))
+
+
 def _run_metadata(
     settings: Settings, finetune: FineTuneBackendResource, claim: Claim, trained: Trained
 ) -> "dict[str, dg.RawMetadataValue]":
@@ -199,7 +238,7 @@ def _run_metadata(
         "dataset_version": claim.version,
         "backend": finetune.name,
         "status": trained.status,
-        "base_model": claim.inputs.base_model,
+        "base_model": trained.base_model or claim.inputs.base_model,
         "samples": claim.inputs.samples,
         "recipe_path": dg.MetadataValue.path(
             str(Path(settings.data_dir) / "finetune" / claim.run_id / "recipe.json")

@@ -66,6 +66,9 @@ class TrainingInputs:
     validation_preference_path: str | None = None
     train_openai_preference_path: str | None = None
     validation_openai_preference_path: str | None = None
+    # A local trainer refuses the run when more than this share of a split cannot fit its
+    # max_length even without context documents (QE_TRAIN_MAX_DROPPED_SHARE).
+    max_dropped_share: float = 0.01
 
     def recipe(self) -> dict[str, Any]:
         """JSON-able description of the run: inputs, model, settings; no secrets."""
@@ -371,6 +374,7 @@ def _training_inputs(
         train=int(row["train_count"]),
         validation=int(row["validation_count"]),
         previous_model=previous_model,
+        max_dropped_share=settings.train_max_dropped_share,
         weighting={
             "openai": "assistant weight 0/1 in the chat file "
             f"(QE_CHAT_WEIGHT_THRESHOLD={settings.chat_weight_threshold})",

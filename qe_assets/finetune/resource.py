@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from qe_assets.finetune.command_backend import model_of, run_command
 from qe_assets.finetune.inputs import TrainingInputs
+from qe_assets.finetune.k8s import parse_target
 from qe_assets.finetune.openai_backend import (
     FineTuneFailed,
     FineTuneStillRunning,
@@ -51,6 +52,7 @@ SETTINGS_FIELDS = {
     "poll_seconds": "finetune_poll_seconds",
     "deadline_seconds": "finetune_deadline_seconds",
     "allow_naive": "finetune_allow_naive",
+    "k8s": "finetune_k8s",
 }
 
 
@@ -79,6 +81,9 @@ class Trained:
     message: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     job_id: str | None = None
+    # The model the adapter was trained on, as the training command reported it (`base_model`
+    # in its Pipes metadata): the gate's baseline. None keeps the recipe's.
+    base_model: str | None = None
 
 
 class FineTuneBackendResource(dg.ConfigurableResource):
@@ -96,12 +101,14 @@ class FineTuneBackendResource(dg.ConfigurableResource):
     poll_seconds: float = _like("poll_seconds")
     deadline_seconds: float = _like("deadline_seconds")
     allow_naive: bool = _like("allow_naive")
+    k8s: dict[str, Any] = _like("k8s")
 
     @model_validator(mode="after")
     def _usable(self) -> FineTuneBackendResource:
         problem = finetune_backend_problem(self.backend, self.command)
         if problem:
             raise ValueError(problem)
+        parse_target(self.k8s)  # a bad pod target fails when the resource is built
         return self
 
     @classmethod
@@ -133,11 +140,17 @@ class FineTuneBackendResource(dg.ConfigurableResource):
             return self._follow_openai(context, claim, openai.client(), save)
         assert self.command  # the validator refuses `command` without one
         try:
-            metrics = run_command(context, self.command, claim.inputs)
+            metrics = run_command(context, self.command, claim.inputs, parse_target(self.k8s))
         except Exception as exc:
             save(status="failed", message=f"training command failed: {exc}"[:2000])
             raise
-        return Trained("succeeded", model_id=model_of(metrics), metrics=metrics)
+        reported_base = metrics.get("base_model")
+        return Trained(
+            "succeeded",
+            model_id=model_of(metrics),
+            metrics=metrics,
+            base_model=str(reported_base) if reported_base else None,
+        )
 
     def _follow_openai(
         self,

@@ -18,6 +18,7 @@ from qe_assets.annotate.complete import completions, judge_agreement
 from qe_assets.evaluation.assets import candidate_beats_production, model_evaluation
 from qe_assets.finetune.assets import fine_tuned_model
 from qe_assets.finetune.resource import FineTuneBackendResource
+from qe_assets.finetune.serving.resource import ModelServerResource
 from qe_assets.ingest.assets import raw_events
 from qe_assets.ingest.resource import QueueResource
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, QeDuckDBResource
@@ -98,6 +99,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         "settings": PipelineSettings(**settings.model_dump()),
         "queue": QueueResource.from_settings(settings),
         "finetune": FineTuneBackendResource.from_settings(settings),
+        "model_server": ModelServerResource.from_settings(settings),
         "openai": OpenAIResource(
             # Only a reference when the variable is set, so an offline setup loads without it.
             api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None,

@@ -234,6 +234,10 @@ class OpenAIServer:
         self._files: dict[str, dict[str, Any]] = {}
         self._file_bytes: dict[str, bytes] = {}
         self._jobs: dict[str, FineTuneJob] = {}
+        # vLLM's runtime LoRA loading (POST /v1/load_lora_adapter): name → path of the adapters
+        # registered; False answers 404, as a server without the route does.
+        self.lora_loading = True
+        self.lora_adapters: dict[str, str] = {}
         self._ids = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -534,6 +538,11 @@ class OpenAIServer:
             return {"latency": self.latency}
         if method == "POST" and path == "/v1/files":
             return self._upload(headers, body)
+        if method == "POST" and path == "/v1/load_lora_adapter" and self.lora_loading:
+            request = json.loads(body or b"{}")
+            with self._lock:
+                self.lora_adapters[str(request["lora_name"])] = str(request["lora_path"])
+            return {"loaded": request["lora_name"]}
         if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "files"]:
             with self._lock:
                 record = self._files.get(parts[2])

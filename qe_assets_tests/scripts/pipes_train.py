@@ -12,7 +12,9 @@ with open_dagster_pipes() as pipes:
     with open(recipe["train_records_path"], encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
     if os.environ.get("FAKE_TRAIN_FAIL"):
-        print("out of GPU memory", file=sys.stderr)
+        # Lines a dying trainer writes without reporting an exception through Pipes.
+        print("loading the model\rloading the model: 100%", file=sys.stderr)
+        print("torch.OutOfMemoryError: out of GPU memory", file=sys.stderr)
         sys.exit(3)
     pipes.log.info(f"training on {len(rows)} records of {recipe['version']}")
     pipes.report_asset_materialization(
@@ -21,6 +23,7 @@ with open_dagster_pipes() as pipes:
             "train_loss": 0.42,
             "train_records": len(rows),
             "weight_sum": round(sum(r["weight"] for r in rows), 4),
-            "base_model": recipe["base_model"],
+            # A real trainer reports the model it adapted (finetune_trl_lora.py: QE_TRL_MODEL).
+            "base_model": os.environ.get("FAKE_BASE_MODEL", recipe["base_model"]),
         }
     )
