@@ -20,7 +20,8 @@ from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.ingest.queues import FileInbox
 from qe_assets.lib.resources import PipelineSettings
 from qe_assets.ops.definitions import RELEASE_JOB, build_definitions
-from qe_assets.ops.runner import DAGSTER_YAML, _owner_tags, run_pipeline
+from qe_assets.ops.runner import DAGSTER_YAML, run_pipeline
+from qe_assets.ops.runs import owner_tags as _owner_tags
 from qe_assets.ops.sensors import build_finetune_sensor
 from qe_assets.release.export import VersionFiles
 from qe_assets.settings import Settings
@@ -385,7 +386,7 @@ def test_an_older_unreleased_version_is_released_before_a_newer_one(settings: Se
 
 def dead_owner_tags() -> dict[str, str]:
     """The owner tags `qe run` puts on its runs, made by a real process that has since exited."""
-    code = "import json; from qe_assets.ops.runner import _owner_tags; print(json.dumps(_owner_tags()))"
+    code = "import json; from qe_assets.ops.runs import owner_tags; print(json.dumps(owner_tags()))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 

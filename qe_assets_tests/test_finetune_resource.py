@@ -8,7 +8,8 @@ import sys
 import dagster as dg
 import pytest
 
-from qe_assets.finetune.resource import SETTINGS_FIELDS, FineTuneBackendResource
+from qe_assets.finetune.resource import FineTuneBackendResource
+from qe_assets.lib.resources import SETTINGS_FIELDS
 from qe_assets.ops.definitions import RELEASE_JOB, build_definitions, build_resources
 from qe_assets.settings import Settings, SettingsError
 from qe_assets.store import connect

@@ -29,8 +29,8 @@ from qe_assets.release.export import (
 from qe_assets.settings import Settings
 from qe_assets.store import select_frame
 
-if TYPE_CHECKING:  # the resource imports this module for `TrainingInputs`
-    from qe_assets.finetune.resource import FineTuneBackendResource
+if TYPE_CHECKING:  # typing only: the backend configuration, not the backends
+    from qe_assets.lib.resources import FineTuneBackendConfig
 
 
 class DatasetInvalid(RuntimeError):
@@ -141,7 +141,7 @@ def naive_refusal(
 def prepare_inputs(
     conn: duckdb.DuckDBPyConnection,
     settings: Settings,
-    backend: FineTuneBackendResource,
+    backend: FineTuneBackendConfig,
     version: str,
     run_id: str,
     previous_model: str | None,
@@ -220,7 +220,7 @@ def remove_stale_folders(finetune_dir: Path) -> None:
 def _write_inputs(
     conn: duckdb.DuckDBPyConnection,
     settings: Settings,
-    backend: FineTuneBackendResource,
+    backend: FineTuneBackendConfig,
     row: dict[str, Any],
     version: str,
     run_id: str,
@@ -347,7 +347,7 @@ def _write_split_files(
 
 def _training_inputs(
     settings: Settings,
-    backend: FineTuneBackendResource,
+    backend: FineTuneBackendConfig,
     row: dict[str, Any],
     version: str,
     run_id: str,

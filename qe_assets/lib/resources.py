@@ -13,8 +13,15 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
+from pydantic import Field, model_validator
 
-from qe_assets.settings import Settings
+from qe_assets.settings import (
+    FinetuneBackend,
+    FinetuneMethod,
+    Settings,
+    finetune_backend_problem,
+    parse_target,
+)
 from qe_assets.store import (
     WriterSession,
     connect,
@@ -139,3 +146,68 @@ class OpenAIResource(dg.ConfigurableResource):
         import openai
 
         return openai.AsyncOpenAI(**self._options())
+
+
+# resource field → the `Settings` field it is built from (and takes its default and help from).
+SETTINGS_FIELDS = {
+    "backend": "finetune_backend",
+    "command": "finetune_command",
+    "base_model": "finetune_base_model",
+    "suffix": "finetune_suffix",
+    "method": "finetune_method",
+    "hyperparameters": "finetune_hyperparameters",
+    "poll_seconds": "finetune_poll_seconds",
+    "deadline_seconds": "finetune_deadline_seconds",
+    "allow_naive": "finetune_allow_naive",
+    "k8s": "finetune_k8s",
+}
+
+
+def _like(name: str) -> Any:
+    """A field with the default and description of the `Settings` field it mirrors."""
+    source = Settings.model_fields[SETTINGS_FIELDS[name]]
+    return Field(source.get_default(call_default_factory=True), description=source.description)
+
+
+class FineTuneBackendConfig(dg.ConfigurableResource):
+    """Which backend trains and how (QE_FINETUNE_BACKEND, _COMMAND, _BASE_MODEL, _SUFFIX,
+    _METHOD, _HYPERPARAMETERS, _POLL_SECONDS, _DEADLINE_SECONDS, _ALLOW_NAIVE). A `command`
+    backend without a command fails when the resource is built: at load time from the settings,
+    at the run's start for a launchpad override.
+
+    The configuration alone, so the parts that only ask which backend is in use (the release's
+    checks and readiness) need not import the backends; `FineTuneBackendResource` adds the
+    training itself."""
+
+    backend: FinetuneBackend = _like("backend")
+    command: str | None = _like("command")
+    base_model: str = _like("base_model")
+    suffix: str = _like("suffix")
+    method: FinetuneMethod = _like("method")
+    hyperparameters: dict[str, Any] = _like("hyperparameters")
+    poll_seconds: float = _like("poll_seconds")
+    deadline_seconds: float = _like("deadline_seconds")
+    allow_naive: bool = _like("allow_naive")
+    k8s: dict[str, Any] = _like("k8s")
+
+    @model_validator(mode="after")
+    def _usable(self) -> FineTuneBackendConfig:
+        problem = finetune_backend_problem(self.backend, self.command)
+        if problem:
+            raise ValueError(problem)
+        parse_target(self.k8s)  # a bad pod target fails when the resource is built
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FineTuneBackendConfig:
+        return cls(**{name: getattr(settings, source) for name, source in SETTINGS_FIELDS.items()})
+
+    @property
+    def name(self) -> str:
+        """The backend's name, as `fine_tune_runs.backend` records it."""
+        return self.backend
+
+    @property
+    def configured(self) -> bool:
+        """Whether a run trains a model (`none` only writes the recipe)."""
+        return self.backend != "none"

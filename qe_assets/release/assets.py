@@ -14,11 +14,15 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from qe_assets.annotate.complete import completions
-from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.lib.charts import as_markdown_image, import_in_background, label_share_png
 from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.pii import redact
-from qe_assets.lib.resources import PipelineSettings, duckdb_writer, exclusive_stage
+from qe_assets.lib.resources import (
+    FineTuneBackendConfig,
+    PipelineSettings,
+    duckdb_writer,
+    exclusive_stage,
+)
 from qe_assets.lib.stages import RELEASE_GROUP
 from qe_assets.lib.templates import Templates, load_templates
 from qe_assets.release.dataset import (
@@ -413,7 +417,7 @@ def tuning_dataset(
     config: ReleaseConfig,
     duckdb: DuckDBResource,
     settings: PipelineSettings,
-    finetune: FineTuneBackendResource,
+    finetune: FineTuneBackendConfig,
 ) -> Iterator[dg.MaterializeResult]:
     import_in_background()  # the label chart comes at the end
     with exclusive_stage(context, settings):

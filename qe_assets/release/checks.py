@@ -10,14 +10,18 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-from qe_assets.finetune.resource import FineTuneBackendResource
 from qe_assets.ingest.validation import (
     LabelBounds,
     label_share_problems,
     label_shares,
     total_variation,
 )
-from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
+from qe_assets.lib.resources import (
+    FineTuneBackendConfig,
+    PipelineSettings,
+    duckdb_reader,
+    duckdb_writer,
+)
 from qe_assets.release.assets import tuning_dataset
 from qe_assets.release.export import (
     VersionFiles,
@@ -54,7 +58,7 @@ def latest_version(conn: duckdb.DuckDBPyConnection, backend: str) -> LatestVersi
 
 
 def _checked_version(
-    duckdb: DuckDBResource, finetune: FineTuneBackendResource
+    duckdb: DuckDBResource, finetune: FineTuneBackendConfig
 ) -> LatestVersion | None:
     """The version under check, read with a short read-only connection."""
     with duckdb_reader(duckdb) as conn:
@@ -63,7 +67,7 @@ def _checked_version(
 
 def _refuse(
     duckdb: DuckDBResource,
-    finetune: FineTuneBackendResource,
+    finetune: FineTuneBackendConfig,
     name: str,
     result: dg.AssetCheckResult,
 ) -> dg.AssetCheckResult:
@@ -103,7 +107,7 @@ def _result(
     ),
 )
 def dataset_format_valid(
-    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendResource
+    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendConfig
 ) -> dg.AssetCheckResult:
     latest = _checked_version(duckdb, finetune)
     if latest is None:
@@ -136,7 +140,7 @@ def dataset_format_valid(
     ),
 )
 def preference_format_valid(
-    duckdb: DuckDBResource, finetune: FineTuneBackendResource
+    duckdb: DuckDBResource, finetune: FineTuneBackendConfig
 ) -> dg.AssetCheckResult:
     latest = _checked_version(duckdb, finetune)
     if latest is None:
@@ -159,7 +163,7 @@ def preference_format_valid(
     ),
 )
 def dataset_no_leakage(
-    duckdb: DuckDBResource, finetune: FineTuneBackendResource
+    duckdb: DuckDBResource, finetune: FineTuneBackendConfig
 ) -> dg.AssetCheckResult:
     with duckdb_reader(duckdb) as conn:
         latest = None if conn is None else latest_version(conn, finetune.name)
@@ -214,7 +218,7 @@ def dataset_no_leakage(
     ),
 )
 def label_distribution(
-    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendResource
+    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendConfig
 ) -> dg.AssetCheckResult:
     latest = _checked_version(duckdb, finetune)
     if latest is None:
@@ -239,7 +243,7 @@ def label_distribution(
     ),
 )
 def label_drift(
-    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendResource
+    duckdb: DuckDBResource, settings: PipelineSettings, finetune: FineTuneBackendConfig
 ) -> dg.AssetCheckResult:
     latest = _checked_version(duckdb, finetune)
     if latest is None:
