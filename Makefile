@@ -62,8 +62,8 @@ docs: $(DOCS_STAMP) ## build the docs site into site/ (mkdocs --strict; fails if
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	@echo "docs: $(CURDIR)/site/index.html"
 
-docs-config: $(STAMP) ## regenerate docs/configuration.md from qe_assets/settings.py (a test checks it is current)
-	$(BIN)/python -m qe_assets.settings_reference --write docs/configuration.md
+docs-config: $(STAMP) ## regenerate docs/configuration.md from qe_assets/settings/ (a test checks it is current)
+	$(BIN)/python -m qe_assets.settings.reference --write docs/configuration.md
 
 system-deps: ## install redis-server, chromium, a CJK font and postgresql (apt) when they are missing
 	@missing=""; \

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from qe_assets.settings import CONTRACT_VARIABLES, ENVIRONMENT, OTHER_VARIABLES, Settings
-from qe_assets.settings_reference import reference_markdown, settings_rows, with_reference
+from qe_assets.settings.reference import reference_markdown, settings_rows, with_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 # Variables that exist only inside one test's own fixture script, not for anyone to set.

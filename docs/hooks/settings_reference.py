@@ -11,7 +11,7 @@ from mkdocs.exceptions import PluginError
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs passes all four
-    from qe_assets.settings_reference import BEGIN, with_reference
+    from qe_assets.settings.reference import BEGIN, with_reference
 
     if BEGIN in markdown and with_reference(markdown) != markdown:
         raise PluginError(

@@ -1,6 +1,6 @@
 """The configuration reference as Markdown, generated from `Settings` so it cannot drift.
 
-`make docs-config` (`python -m qe_assets.settings_reference --write docs/configuration.md`)
+`make docs-config` (`python -m qe_assets.settings.reference --write docs/configuration.md`)
 writes it into docs/configuration.md between two markers, so the page reads the same on a Git
 host as on the docs site; `test_docs.py` fails when the file is not what this module generates,
 and when a variable the code reads is missing from it.
