@@ -22,13 +22,16 @@ from qe_assets.settings.ingest import IngestSettings
 from qe_assets.settings.ops import ENVIRONMENT as _OPS_ENV
 from qe_assets.settings.ops import OpsSettings
 from qe_assets.settings.parsing import (  # noqa: F401 (re-exported: used across the package)
+    REDIS_LIST,
     FinetuneBackend,
     FinetuneMethod,
     K8sTarget,
     SettingsError,
     estimated_cost,
     finetune_backend_problem,
+    kafka_environment,
     parse_duration,
+    parse_kafka_url,
     parse_target,
 )
 from qe_assets.settings.release import ENVIRONMENT as _RELEASE_ENV
