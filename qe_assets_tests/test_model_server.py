@@ -57,7 +57,7 @@ def test_an_external_server_loads_the_adapter_by_name_and_the_gate_asks_for_it(
     assert model["base_model"] == BASE
     meta = metadata(result, "model_evaluation")
     assert meta["candidate"] == "/models/v001-command-1" and meta["baseline"] == BASE
-    assert meta["decision"] == "promote" and meta["failed"] == 0
+    assert meta["decision"] == "passed" and meta["failed"] == 0
     asked = {r.json()["model"] for r in openai_server.chat_requests()}
     assert {"model_rag_qa_v001", BASE, "judge"} <= asked
     assert "/models/v001-command-1" not in asked
