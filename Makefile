@@ -96,9 +96,10 @@ test: $(TEST_STAMP) system-deps docs ## install everything the tests need, build
 test-fast: $(TEST_STAMP) ## the suite without slow trials and real training (`train` marker)
 	$(BIN)/python -m pytest -m "not slow and not train" $(PYTEST_ARGS)
 
-lint: $(TEST_STAMP) ## ruff check and format check
+lint: $(TEST_STAMP) ## ruff check and format check, and the layout's import contracts
 	$(BIN)/ruff check qe_assets qe_assets_tests
 	$(BIN)/ruff format --check qe_assets qe_assets_tests
+	$(BIN)/lint-imports
 
 format: $(TEST_STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix qe_assets qe_assets_tests
