@@ -3,7 +3,8 @@ on a loopback port and drawn by real Chromium through Playwright, with no intern
 the page makes goes to the test's server.
 
 The store is filled by real materializations: naive completions, LLM completions judged through
-the local OpenAI-compatible server, reviewer decisions through `qe_assets.review.decisions`, a dataset cut.
+the local OpenAI-compatible server, reviewer decisions through `qe_assets.review.decisions`, a
+dataset cut.
 Days of history cannot be waited for, so afterwards each sample's times are moved back by 1-3
 days and a few hours, as if the runs had happened then, and each decision a day later than its
 sample was queued (so the backlog rises and falls). Model evaluations

@@ -2,7 +2,8 @@
 
 Naive mode (the offline default) writes a label prefix + the original answer. LLM mode (with
 QE_LLM_MODEL and OPENAI_API_KEY set) regenerates the answer through any OpenAI-compatible
-endpoint, see `qe_assets.annotate.llm`; it also retries the samples whose calls failed on earlier runs.
+endpoint, see `qe_assets.annotate.llm`; it also retries the samples whose calls failed on earlier
+runs.
 In LLM mode the samples routed to review get a completion too, stored as `proposed`: the
 reviewer sees it, and only a person's accept makes it `ok` (exportable).
 """
@@ -79,7 +80,8 @@ _LLM_UPSERT = f"""
     WHERE completions.status = '{FAILED}' AND completions.mode = '{LLM}'
 """
 _SAMPLE_COLUMNS = "s.sample_id, s.seq, s.language, s.prompt, s.question, s.original_answer"
-# While the judge is not trusted (qe_assets.review.calibration), its approvals of the batch wait for a
+# While the judge is not trusted (qe_assets.review.calibration), its approvals of the batch wait
+# for a
 # person. The seq span lets the zone maps of annotated_samples skip the rest of history.
 _HOLD_FOR_REVIEW = f"""
     INSERT INTO review_queue (sample_id, reason, status, queued_at)

@@ -1,4 +1,5 @@
-"""What every `qe` command shares: exit codes, one-line errors, where the store is, disk-full diagnosis."""
+"""What every `qe` command shares: exit codes, one-line errors, where the store is, disk-full
+diagnosis."""
 
 from __future__ import annotations
 

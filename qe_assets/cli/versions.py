@@ -241,7 +241,8 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `qe versions` (and, from qe_assets.release.forget, `qe forget`) on the `qe` parser."""
+    """Register `qe versions` (and, from qe_assets.release.forget, `qe forget`) on the `qe`
+    parser."""
     p = sub.add_parser(
         "versions", help="dataset versions: where each lives, whether its remote copy matches"
     )

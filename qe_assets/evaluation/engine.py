@@ -1,6 +1,7 @@
 """Answer every evaluation prompt with two models and have the judge compare each pair.
 
-The machinery is the completions stage's (`qe_assets.annotate.llm`): one `AsyncOpenAI` client, `chat()`
+The machinery is the completions stage's (`qe_assets.annotate.llm`): one `AsyncOpenAI` client,
+`chat()`
 under a semaphore of `concurrency` calls in flight, the client's own retries (429/5xx, timeouts,
 `Retry-After`), answers cached in `llm_cache` under the sha256 of the exact request, failures
 returned as data. Finished items are handed to `commit` in batches (run in a worker thread), so a

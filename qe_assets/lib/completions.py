@@ -48,7 +48,8 @@ def naive_completions(samples: pl.DataFrame, templates: Templates) -> pl.DataFra
 
 
 # ----- LLM mode ------------------------------------------------------------------------------
-# The call itself is per sample (qe_assets.annotate.llm); what to ask, what came back and what it means
+# The call itself is per sample (qe_assets.annotate.llm); what to ask, what came back and what it
+# means
 # for each row is decided here, over whole batches.
 
 REJECTED_BY_JUDGE = "rejected_by_judge"

@@ -1,6 +1,7 @@
 """The review page: the queue, one sample side by side, decisions and bulk decisions.
 
-Decisions go through `qe_assets.review.decisions` (the code of `qe review`) in one short transaction under
+Decisions go through `qe_assets.review.decisions` (the code of `qe review`) in one short
+transaction under
 the writer lock. When a run holds the lock longer than `write_wait` seconds, the page says so
 and sends the same decision again by itself a few seconds later: the decision lives in the page
 until it is recorded, and the run is never held up by a reviewer.

@@ -254,8 +254,8 @@ def _look_metadata(look: Look, threshold: float) -> "dict[str, dg.RawMetadataVal
         "stays valid however often it is read. Decides promote (the candidate becomes "
         "production in `promoted_models`, by ab_test), rollback (share 0) or continue (and the "
         "next share of QE_AB_RAMP when safe); records each look in `ab_decisions` and writes "
-        "`$QE_DATA_DIR/rollout.json`, which `qe_assets.service.rollout.choose_model` routes by. Runs "
-        "with every ingest run (queue sensor, `qe run`)."
+        "`$QE_DATA_DIR/rollout.json`, which `qe_assets.service.choose_model` routes by. "
+        "Runs with every ingest run (queue sensor, `qe run`)."
     ),
 )
 def ab_test(

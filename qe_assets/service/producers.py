@@ -1,6 +1,7 @@
 """The producer half of the queues: put events on the file inbox, a Redis list or a Kafka topic.
 
-The ingester's queues (`qe_assets.ingest.queues`) extend these classes with claiming and acking; a RAG
+The ingester's queues (`qe_assets.ingest.queues`) extend these classes with claiming and acking; a
+RAG
 service needs only `put`. The Redis and Kafka clients are imported only when that queue is
 opened, so a service on the file inbox installs and loads neither.
 """

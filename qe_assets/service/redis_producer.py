@@ -1,4 +1,5 @@
-"""Producers RPUSH onto the Redis list `quality_events`; `qe_assets.ingest.queues.redis_queue` adds the
+"""Producers RPUSH onto the Redis list `quality_events`; `qe_assets.ingest.queues.redis_queue` adds
+the
 ingester's claim and ack on top. Imported only when QE_QUEUE_URL is a Redis URL."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Connections to the store: readers that never block a run, one writer at a time behind the writer lock."""
+"""Connections to the store: readers that never block a run, one writer at a time behind the writer
+lock."""
 
 from __future__ import annotations
 

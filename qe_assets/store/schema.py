@@ -1,4 +1,5 @@
-"""The DuckDB schema: every table's DDL, applied once per schema digest, and the stages' watermarks."""
+"""The DuckDB schema: every table's DDL, applied once per schema digest, and the stages'
+watermarks."""
 
 from __future__ import annotations
 
@@ -220,7 +221,8 @@ CREATE TABLE IF NOT EXISTS promoted_models (
     action           VARCHAR NOT NULL,     -- promote | rollback
     reason           VARCHAR
 );
--- The A/B rollout (qe_assets/service/rollout.py, docs/rollout.md). Which model answered an event: added
+-- The A/B rollout (qe_assets/service/rollout.py, docs/rollout.md). Which model answered an event:
+-- added
 -- to an existing raw_events on its next write connection (NULL for events before it).
 ALTER TABLE raw_events ADD COLUMN IF NOT EXISTS model VARCHAR;
 -- Answers per model from the producers' count records, exactly once per (flush_id, model).
@@ -274,7 +276,8 @@ CREATE TABLE IF NOT EXISTS version_publications (
     updated_at       TIMESTAMP NOT NULL,
     PRIMARY KEY (version, destination)
 );
--- `qe forget` (qe_assets/release/forget.py): versions replaced by a version without a subject's samples,
+-- `qe forget` (qe_assets/release/forget.py): versions replaced by a version without a subject's
+-- samples,
 -- models trained on them, and what each request did (no personal text).
 CREATE TABLE IF NOT EXISTS version_supersessions (
     version        VARCHAR PRIMARY KEY,  -- the superseded version (its files stay immutable)

@@ -23,7 +23,8 @@ publish the version (`next_release`: a committed one never released, else a new 
 fine-tune with backend `none` (`claim_run`, then the `skipped` row). With another backend (the
 gate's trials) the fine-tune records a model and `model_evaluation`'s body (`evaluate_candidate`)
 evaluates it; a release whose gate never ended only evaluates. `dagster` mode runs
-`qe_assets.ops.runner.run_pipeline(..., cut_version=True)` (what `qe run --cut-version` does) against
+`qe_assets.ops.runner.run_pipeline(..., cut_version=True)` (what `qe run --cut-version` does)
+against
 DAGSTER_HOME.
 
 Markers (`{"event": "phase", "phase": ..., "pid": ..., "t": monotonic}`) are written with one
