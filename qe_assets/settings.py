@@ -6,6 +6,7 @@ with the name of the variable to fix instead of deep inside a run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re

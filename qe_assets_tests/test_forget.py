@@ -14,7 +14,7 @@ import pytest
 
 from qe_assets.evaluation.registry import MODELS_QUERY, ModelFlagged, record_promotion
 from qe_assets.export import VersionFiles
-from qe_assets.forget import FORGOTTEN, ForgetError, forget
+from qe_assets.forget import FORGOTTEN, ForgetError, cut_superseding, forget
 from qe_assets.publish import manifest_name
 from qe_assets.queues import FileInbox
 from qe_assets.settings import Settings
@@ -173,3 +173,33 @@ def test_forget_cli_dry_run_match_and_unknown_id(tmp_path: Path) -> None:
     assert "superseded by v002" in done
     listed = qe("versions", "list", "--no-check", env=env).stdout
     assert "superseded by v002" in listed
+
+
+def test_superseding_cut_streams_in_chunks_to_the_same_files(settings: Settings) -> None:
+    """The cut reads each split file in chunks of lines (memory bounded by a chunk, not by the
+    version): chunks of 2 lines give byte for byte the files of a single chunk, without the
+    removed sample and its preference pair, and the version's files as read via its manifest."""
+    released(settings)
+    old = VersionFiles.at(settings.datasets_dir, "v001")
+    records = [json.loads(line) for line in old.jsonl.read_text("utf-8").splitlines()]
+    removed = records[3]["sample_id"]
+    cuts = {}
+    for version, chunk in (("v090", 2), ("v091", 10**9)):
+        manifest, kept = cut_superseding(
+            settings.datasets_dir, "v001", version, [removed], {}, "f", chunk_lines=chunk
+        )
+        assert kept == len(records) - 1 == manifest["counts"]["samples"]
+        files = VersionFiles.at(settings.datasets_dir, version)
+        cuts[version] = {
+            "flat": [p.read_bytes() for p in (files.jsonl, files.chat, files.preference)],
+            "split": {
+                (split, fmt): entry["sha256"]
+                for split, formats in manifest["split_files"].items()
+                for fmt, entry in formats.items()
+            },
+            "fingerprint": manifest["fingerprint"],
+        }
+    assert cuts["v090"] == cuts["v091"]
+    jsonl = cuts["v090"]["flat"][0].decode("utf-8")
+    assert removed not in jsonl and records[4]["sample_id"] in jsonl
+    assert records[3]["prompt"] not in cuts["v090"]["flat"][2].decode("utf-8")
