@@ -408,8 +408,9 @@ def commit_decision(
         "per-label table land in `model_evaluations` / `evaluation_items`. A candidate that "
         "answers nothing usable loses the item; judge and endpoint failures are left out, up "
         "to QE_EVAL_MAX_FAILED_SHARE. The decision and its promotion (or canary) are committed "
-        "together. Calls are cached by request hash, so a re-run makes none. Materializes "
-        "nothing when no model was trained."
+        "together. Calls are cached by request hash, so a re-run makes none. A candidate `qe "
+        "forget` flagged is not evaluated: recorded `block` (flagged by qe forget), nothing "
+        "promoted. Materializes nothing when no model was trained."
     ),
 )
 def model_evaluation(
