@@ -39,6 +39,7 @@ from qe_assets.export import (
     line_chunks,
     manifest_temp,
     remove_uncommitted,
+    settle_manifests,
     version_name,
 )
 from qe_assets.publish import PublishError, open_store, unpublish
@@ -551,6 +552,12 @@ def forget(
                     "INSERT INTO dataset_version_claims VALUES (?, ?, now()::TIMESTAMP)",
                     [number, version_name(number)],
                 )
+            committed = dict(
+                conn.execute("SELECT version, manifest_sha256 FROM dataset_versions").fetchall()
+            )
+        # A forget (or cut) that died between its commit and its manifest's rename: the manifest
+        # takes its name first, or the removal below would take it for a dead cut's temp file.
+        settle_manifests(datasets_dir, committed)
         # Files of a forget (or cut) that died before its commit.
         remove_uncommitted(datasets_dir, state.committed)
         cuts = []

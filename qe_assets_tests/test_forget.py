@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from qe_assets.evaluation.registry import MODELS_QUERY, ModelFlagged, record_promotion
-from qe_assets.export import VersionFiles
+from qe_assets.export import VersionFiles, manifest_temp
 from qe_assets.forget import FORGOTTEN, ForgetError, cut_superseding, forget
 from qe_assets.publish import manifest_name
 from qe_assets.queues import FileInbox
@@ -203,3 +203,20 @@ def test_superseding_cut_streams_in_chunks_to_the_same_files(settings: Settings)
     jsonl = cuts["v090"]["flat"][0].decode("utf-8")
     assert removed not in jsonl and records[4]["sample_id"] in jsonl
     assert records[3]["prompt"] not in cuts["v090"]["flat"][2].decode("utf-8")
+
+
+def test_a_manifest_left_under_its_temp_name_is_settled_not_removed(settings: Settings) -> None:
+    """The state a kill between a forget's commit and its manifest's rename leaves: the next
+    forget puts the committed version's manifest in place (and supersedes that version in turn)
+    instead of removing it as a dead cut's temp file."""
+    released(settings)
+    assert forget(settings.database, settings.datasets_dir, request_ids=["a-3"]).superseding == {
+        "v001": "v002"
+    }
+    v002 = VersionFiles.at(settings.datasets_dir, "v002")
+    body = v002.manifest.read_bytes()
+    v002.manifest.rename(manifest_temp(v002))
+    report = forget(settings.database, settings.datasets_dir, request_ids=["a-5"])
+    assert report.superseding == {"v002": "v003"}
+    assert v002.manifest.read_bytes() == body
+    assert VersionFiles.at(settings.datasets_dir, "v003").manifest.exists()
