@@ -22,10 +22,15 @@ PYTEST_ARGS ?=
 # The train extra's torch: this machine's wheel mirror holds the CPU build. Elsewhere, set
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's pulls ~3 GB of CUDA).
 TORCH_INDEX ?=
+# DVC for the real `dvc pull` test (qe_assets_tests/test_dvc.py), in a venv of its own: its
+# dependency tree (~100 packages) stays out of the project's, and the test finds it by QE_TEST_DVC.
+DVC_VENV := .venv-dvc
+DVC_STAMP := $(DVC_VENV)/.installed
+DVC_VERSION ?= 3.67.1
 # pip's "Location ... is ignored" lines are noise from this machine's mirror config.
 PIP_QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help install install-test train system-deps demo docs docs-config test test-fast lint format ui bench clean
+.PHONY: help install install-test train system-deps dvc demo docs docs-config test test-fast lint format ui bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -79,6 +84,13 @@ system-deps: ## install redis-server, chromium, a CJK font and postgresql (apt) 
 	    $$missing >/dev/null; \
 	fi
 
+$(DVC_STAMP):
+	$(PYTHON) -m venv $(DVC_VENV)
+	$(DVC_VENV)/bin/pip install -q 'dvc[s3]==$(DVC_VERSION)' $(PIP_QUIET)
+	touch $(DVC_STAMP)
+
+dvc: $(DVC_STAMP) ## install DVC (with S3) into .venv-dvc, for the real `dvc pull` test
+
 demo: $(STAMP) ## generate demo events into the inbox and run the whole graph offline
 	$(BIN)/python -m qe_assets.ops.demo --count $(DEMO_EVENTS) --seed $(DEMO_SEED) --bad-share 0.01 \
 	  --out "$(QE_DATA_DIR)/inbox/demo-seed$(DEMO_SEED).jsonl"
@@ -89,9 +101,9 @@ demo: $(STAMP) ## generate demo events into the inbox and run the whole graph of
 	@echo "review:    .venv/bin/qe review list"
 	@echo "UI:        make ui   → http://127.0.0.1:3000 (Dagster), http://127.0.0.1:8787 (review)"
 
-test: $(TEST_STAMP) system-deps docs ## install everything the tests need, build the docs, run the whole suite
+test: $(TEST_STAMP) system-deps $(DVC_STAMP) docs ## install everything the tests need, build the docs, run the whole suite
 	$(BIN)/ruff check qe_assets qe_assets_tests
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	QE_TEST_DVC=$(CURDIR)/$(DVC_VENV)/bin/dvc $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP) ## the suite without slow trials and real training (`train` marker)
 	$(BIN)/python -m pytest -m "not slow and not train" $(PYTEST_ARGS)

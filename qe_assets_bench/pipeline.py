@@ -25,7 +25,8 @@ Each measured program runs in its own process under `/usr/bin/time -v` (wall tim
 peak RSS from "Maximum resident set size"). The transform of (b) and (c) is ours: labels trimmed,
 lower-cased, Chinese aliases mapped, primary label by priority, top-3 documents by score (missing
 = 0, ties in retrieval order) cut to 500 characters, instruction/prefix/headings from
-`qe_assets/lib/templates/texts.json`, confidence = min(1, score * 1.5). It reports; it always exits 0.
+`qe_assets/lib/templates/texts.json`, confidence = min(1, score * 1.5). It reports; it always exits
+0.
 """
 
 from __future__ import annotations

@@ -45,12 +45,26 @@ def test_dvc_file_points_at_copies_in_the_remote_layout(tmp_path: Path) -> None:
     assert "v009 is not published" in missing.stderr
 
 
+# `make test` installs DVC into .venv-dvc (`make dvc`) and names it in QE_TEST_DVC: there the
+# real `dvc pull` always runs. Elsewhere (`make test-fast`, a bare pytest) .venv-dvc or a `dvc`
+# on PATH is used when present.
+DVC_VENV = Path(__file__).resolve().parents[1] / ".venv-dvc" / "bin" / "dvc"
+
+
 def _dvc() -> str | None:
-    return shutil.which("dvc")
+    named = os.environ.get("QE_TEST_DVC")
+    if named:
+        return named  # required: a missing file fails the test below, never skips it
+    return str(DVC_VENV) if DVC_VENV.exists() else shutil.which("dvc")
 
 
-@pytest.mark.skipif(_dvc() is None, reason="the dvc command is not installed")
+@pytest.mark.skipif(
+    _dvc() is None,
+    reason="no dvc: `make dvc` installs it into .venv-dvc (`make test` does), or set QE_TEST_DVC",
+)
 def test_dvc_pull_restores_a_version_from_s3(tmp_path: Path, s3_env: S3Server) -> None:
+    dvc = _dvc()
+    assert dvc is not None and Path(dvc).exists(), f"QE_TEST_DVC={dvc}: no such file (make dvc)"
     bucket = s3_env.bucket("qe-dvc")
     env = released(tmp_path, f"s3://{bucket}/ds")
     checkout = tmp_path / "checkout"
@@ -61,11 +75,11 @@ def test_dvc_pull_restores_a_version_from_s3(tmp_path: Path, s3_env: S3Server) -
         subprocess.run(command, cwd=checkout, env=run_env, check=True, capture_output=True)
 
     run("git", "init", "-q")
-    run(str(_dvc()), "init", "-q")
+    run(dvc, "init", "-q")
     qe("versions", "dvc", "v001", "--out", str(checkout), env=env)
-    run(str(_dvc()), "remote", "add", "-d", "qe", f"s3://{bucket}/ds/dvc")
-    run(str(_dvc()), "remote", "modify", "qe", "endpointurl", s3_env.endpoint)
-    run(str(_dvc()), "pull", "-q")
+    run(dvc, "remote", "add", "-d", "qe", f"s3://{bucket}/ds/dvc")
+    run(dvc, "remote", "modify", "qe", "endpointurl", s3_env.endpoint)
+    run(dvc, "pull", "-q")
     datasets = tmp_path / "data" / "datasets"
     for path in datasets.rglob("*"):
         if path.is_file():

@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 
 from qe_assets.ingest.queues import FileInbox
-from qe_assets.release.export import VersionFiles
-from qe_assets.release.forget import FORGOTTEN, ForgetError, forget
+from qe_assets.release.export import VersionFiles, manifest_temp
+from qe_assets.release.forget import FORGOTTEN, ForgetError, cut_superseding, forget
 from qe_assets.release.publish import manifest_name
 from qe_assets.settings import Settings
 from qe_assets.store import connect, select_frame, writer_lock
@@ -173,3 +173,50 @@ def test_forget_cli_dry_run_match_and_unknown_id(tmp_path: Path) -> None:
     assert "superseded by v002" in done
     listed = qe("versions", "list", "--no-check", env=env).stdout
     assert "superseded by v002" in listed
+
+
+def test_superseding_cut_streams_in_chunks_to_the_same_files(settings: Settings) -> None:
+    """The cut reads each split file in chunks of lines (memory bounded by a chunk, not by the
+    version): chunks of 2 lines give byte for byte the files of a single chunk, without the
+    removed sample and its preference pair, and the version's files as read via its manifest."""
+    released(settings)
+    old = VersionFiles.at(settings.datasets_dir, "v001")
+    records = [json.loads(line) for line in old.jsonl.read_text("utf-8").splitlines()]
+    removed = records[3]["sample_id"]
+    cuts = {}
+    for version, chunk in (("v090", 2), ("v091", 10**9)):
+        manifest, kept = cut_superseding(
+            settings.datasets_dir, "v001", version, [removed], {}, "f", chunk_lines=chunk
+        )
+        assert kept == len(records) - 1 == manifest["counts"]["samples"]
+        files = VersionFiles.at(settings.datasets_dir, version)
+        cuts[version] = {
+            "flat": [p.read_bytes() for p in (files.jsonl, files.chat, files.preference)],
+            "split": {
+                (split, fmt): entry["sha256"]
+                for split, formats in manifest["split_files"].items()
+                for fmt, entry in formats.items()
+            },
+            "fingerprint": manifest["fingerprint"],
+        }
+    assert cuts["v090"] == cuts["v091"]
+    jsonl = cuts["v090"]["flat"][0].decode("utf-8")
+    assert removed not in jsonl and records[4]["sample_id"] in jsonl
+    assert records[3]["prompt"] not in cuts["v090"]["flat"][2].decode("utf-8")
+
+
+def test_a_manifest_left_under_its_temp_name_is_settled_not_removed(settings: Settings) -> None:
+    """The state a kill between a forget's commit and its manifest's rename leaves: the next
+    forget puts the committed version's manifest in place (and supersedes that version in turn)
+    instead of removing it as a dead cut's temp file."""
+    released(settings)
+    assert forget(settings.database, settings.datasets_dir, request_ids=["a-3"]).superseding == {
+        "v001": "v002"
+    }
+    v002 = VersionFiles.at(settings.datasets_dir, "v002")
+    body = v002.manifest.read_bytes()
+    v002.manifest.rename(manifest_temp(v002))
+    report = forget(settings.database, settings.datasets_dir, request_ids=["a-5"])
+    assert report.superseding == {"v002": "v003"}
+    assert v002.manifest.read_bytes() == body
+    assert VersionFiles.at(settings.datasets_dir, "v003").manifest.exists()

@@ -8,10 +8,13 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from qe_assets.evaluation.assets import commit_decision
 from qe_assets.ops.runner import run_pipeline
+from qe_assets.release.forget import forget
 from qe_assets.release.readiness import settings_release_decision
 from qe_assets.settings import Settings
-from qe_assets.store import connect
+from qe_assets.store import connect, ensure_schema
+from qe_assets.store.evaluations import FLAGGED_REASON, gate_pending
 from qe_assets_tests.openai_server import EvalModels, OpenAIServer
 from qe_assets_tests.runs import checks, materialize, metadata, scalar
 from qe_assets_tests.test_cli import qe
@@ -131,3 +134,84 @@ def test_a_lasting_judge_outage_is_retried_at_most_three_times(
     env = {"QE_DATA_DIR": gate_settings.data_dir}
     assert "gave up after 3" in qe("models", "list", env=env).stdout
     assert promotions(gate_settings) == []
+
+
+def test_a_candidate_flagged_before_its_gate_is_blocked_cleanly_and_not_resumed(
+    gate_settings: Settings, openai_server: OpenAIServer
+) -> None:
+    """`qe forget` between the fine-tune and the gate: the gate records `block` (the flag as its
+    reason) without asking anything, promotes nothing, starts no canary, raises nothing, and
+    the release is not resumed for it."""
+    processed(gate_settings, 120)
+    openai_server.responder = EvalModels(GOOD)
+    assert materialize(gate_settings, selection=["tuning_dataset", "fine_tuned_model"]).success
+    candidate = scalar(gate_settings, "SELECT model_id FROM fine_tune_runs")
+    subject = scalar(
+        gate_settings,
+        "SELECT min(s.request_id) FROM dataset_samples d JOIN annotated_samples s "
+        "USING (sample_id) WHERE d.version = 'v001'",
+    )
+    report = forget(gate_settings.database, gate_settings.datasets_dir, request_ids=[subject])
+    assert [m for m, *_ in report.subject.models] == [candidate]
+    assert gate_due(gate_settings).gate is None  # nothing to resume for a flagged model
+    with connect(gate_settings.database, read_only=True) as conn:
+        assert gate_pending(conn, "openai") is None  # the old code: "no committed evaluation"
+
+    calls = openai_server.chat_count
+    result = materialize(gate_settings, selection=["model_evaluation"], raise_on_error=False)
+    assert result.success  # the old code: ModelFlagged out of the promotion, a failed step
+    meta = metadata(result, "model_evaluation")
+    assert meta["candidate"] == candidate and meta["decision"] == "block"
+    assert meta["reason"].startswith(FLAGGED_REASON) and meta["promoted"] is False
+    assert "nothing promoted, no traffic" in meta["outcome"]
+    gate = checks(result)["candidate_beats_production"]
+    assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN
+    assert gate.metadata["flagged"].value is True
+    assert openai_server.chat_count == calls  # neither model nor the judge was asked
+    assert promotions(gate_settings) == []
+    assert scalar(gate_settings, "SELECT count(*) FROM ab_decisions") == 0
+    assert gate_due(gate_settings).gate is None
+    assert "flagged" in qe("models", "list", env={"QE_DATA_DIR": gate_settings.data_dir}).stdout
+
+
+def test_a_candidate_flagged_during_its_evaluation_is_committed_as_block(
+    gate_settings: Settings,
+) -> None:
+    """The other order: `qe forget` commits while the gate is judging; the decision `promote`
+    reaches commit_decision for a model flagged meanwhile, in canary mode too."""
+    with connect(gate_settings.database) as conn:
+        ensure_schema(conn)
+        conn.execute(
+            "INSERT INTO flagged_models VALUES ('ft:flagged', 'v001', 'f1', 'trained on an "
+            "affected version', now()::TIMESTAMP)"
+        )
+    for mode in ("canary", "direct"):
+        settings = gate_settings.model_copy(update={"rollout_mode": mode})
+        row = {
+            "evaluation_id": f"e-{mode}",
+            "candidate": "ft:flagged",
+            "baseline": BASE,
+            "dataset_version": "v001",
+            **dict.fromkeys(("n", "wins", "ties", "losses", "failed"), 30),
+            "win_rate": 1.0,
+            "ci_low": 0.9,
+            "decision": "promote",
+            "reason": "wins",
+            "retry": False,
+            "judge_model": "judge",
+            "per_label": {},
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "estimated_cost": 0.0,
+            "dagster_run_id": "r",
+            "comparison": "production",
+        }
+        with connect(gate_settings.database) as conn:
+            assert commit_decision(conn, row, settings, "r") == (False, False)
+        assert row["decision"] == "block" and row["reason"].startswith(FLAGGED_REASON)
+    assert promotions(gate_settings) == []
+    assert scalar(gate_settings, "SELECT count(*) FROM ab_decisions") == 0
+    assert (
+        scalar(gate_settings, "SELECT count(*) FROM model_evaluations WHERE decision = 'block'")
+        == 2
+    )

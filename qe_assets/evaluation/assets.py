@@ -20,7 +20,7 @@ from qe_assets.evaluation.endpoints import (
     models_endpoint,
 )
 from qe_assets.evaluation.engine import ItemResult, Pairing, evaluate_pairs
-from qe_assets.evaluation.metrics import INSUFFICIENT, PROMOTE, Decision, Tally, label_table
+from qe_assets.evaluation.metrics import BLOCK, INSUFFICIENT, PROMOTE, Decision, Tally, label_table
 from qe_assets.evaluation.parity import probe
 from qe_assets.evaluation.report import (
     CACHE_COLUMNS,
@@ -52,6 +52,7 @@ from qe_assets.store.evaluations import (
     cached_answers,
     evaluation_items,
     evaluation_of_run,
+    flagged_reason,
     icl_examples,
     latest_candidate,
     production_model,
@@ -70,6 +71,7 @@ class Plan:
     judge: str | None = None
     skip: str | None = None
     warn: bool = False  # the skip is a configuration gap, not a normal state
+    flagged: str | None = None  # `qe forget` flagged the candidate: blocked, never evaluated
 
 
 def plan_evaluation(
@@ -80,12 +82,17 @@ def plan_evaluation(
         candidate = latest_candidate(conn, backend)
         production = production_model(conn)
         items = evaluation_items(conn)
+        flagged = None if candidate is None else flagged_reason(conn, candidate.model_id)
     if candidate is None:
         why = "trains nothing" if backend == "none" else "has produced no model yet"
         return Plan(skip=f"QE_FINETUNE_BACKEND={backend} {why}: no candidate to evaluate")
     baseline = production or candidate.base_model or finetune.base_model
     if candidate.model_id == production:
         return Plan(skip=f"{candidate.model_id} is already the production model")
+    if flagged is not None:
+        # Nothing to ask the endpoints or the judge: whatever they said, it is never promoted.
+        judge = settings.eval_judge_model or settings.llm_judge_model or settings.llm_model
+        return Plan(candidate, baseline, items, judge or "none", flagged=flagged)
     # Not configured: nothing is promoted, and the release that trained the model still ends.
     judge = judge_model(settings)
     if not judge:
@@ -250,6 +257,8 @@ def evaluate_candidate(
         (log.warning if plan.warn else log.info)(f"nothing to evaluate: {plan.skip}")
         return plan, None
     assert plan.candidate and plan.baseline and plan.items is not None and plan.judge
+    if plan.flagged is not None:
+        return plan, block_flagged(log, run_id, duckdb, settings, plan)
     if plan.items.is_empty():
         log.warning(
             "the evaluation set is empty (QE_EVAL_SHARE holds nothing out yet): recorded as "
@@ -301,13 +310,57 @@ def evaluate_candidate(
     return plan, Gated(compared, promoted, canary, icl, event)
 
 
+def block_flagged(
+    log: dg.DagsterLogManager | Any,
+    run_id: str,
+    duckdb: DuckDBResource,
+    settings: Settings,
+    plan: Plan,
+) -> Gated:
+    """The decision on a candidate `qe forget` flagged, without evaluating it: `block`, the
+    flag as its reason, nothing promoted, no traffic. A decision, not an error: the release ends
+    (gate_pending never resumes it) and the timeline says why."""
+    assert plan.candidate is not None and plan.baseline is not None and plan.flagged
+    model = plan.candidate.model_id
+    eval_id = evaluation_id(model, plan.baseline, "flagged", [])
+    row: dict[str, Any] = {
+        "evaluation_id": eval_id,
+        "candidate": model,
+        "baseline": plan.baseline,
+        "dataset_version": plan.candidate.dataset_version,
+        **dict.fromkeys(("n", "wins", "ties", "losses", "failed"), 0),
+        "win_rate": 0.0,
+        "ci_low": 0.0,
+        "decision": BLOCK,
+        "reason": plan.flagged,
+        "retry": False,
+        "judge_model": plan.judge or "none",
+        "per_label": per_label_json({}),
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "estimated_cost": 0.0,
+        "dagster_run_id": run_id,
+        "comparison": "production",
+    }
+    with duckdb_writer(duckdb) as conn:
+        commit_decision(conn, row, settings, run_id)
+    log.warning(f"{model} not evaluated: {plan.flagged}; blocked, nothing promoted, no traffic")
+    compared = Compared(eval_id, row, {}, item_frame([]), [], 0.0)
+    return Gated(compared, promoted=False, canary=False, icl=None)
+
+
 def commit_decision(
     conn: duckdb.DuckDBPyConnection, row: dict[str, Any], settings: Settings, run_id: str
 ) -> tuple[bool, bool]:
     """(promoted, canary): the evaluation row and what its decision does, in one transaction,
     so a kill leaves either neither or both (issue #26: a `promote` row without its promotion
-    stranded the model). Then rollout.json from the tables."""
+    stranded the model). A candidate `qe forget` flagged meanwhile (during its evaluation) is
+    recorded `block` with the flag as its reason: `row` is updated, so the caller reports what
+    was committed, and nothing raises. Then rollout.json from the tables."""
     with transaction(conn):
+        flagged = flagged_reason(conn, row["candidate"])
+        if flagged is not None:
+            row.update(decision=BLOCK, reason=flagged, retry=False)
         save_evaluation(conn, row)
         passed = row["decision"] == PROMOTE and production_model(conn) != row["candidate"]
         canary = passed and settings.rollout_mode == "canary"
@@ -348,8 +401,9 @@ def commit_decision(
         "per-label table land in `model_evaluations` / `evaluation_items`. A candidate that "
         "answers nothing usable loses the item; judge and endpoint failures are left out, up "
         "to QE_EVAL_MAX_FAILED_SHARE. The decision and its promotion (or canary) are committed "
-        "together. Calls are cached by request hash, so a re-run makes none. Materializes "
-        "nothing when no model was trained."
+        "together. Calls are cached by request hash, so a re-run makes none. A candidate `qe "
+        "forget` flagged is not evaluated: recorded `block` (flagged by qe forget), nothing "
+        "promoted. Materializes nothing when no model was trained."
     ),
 )
 def model_evaluation(
@@ -537,6 +591,7 @@ def candidate_beats_production(
         row = None if conn is None else evaluation_of_run(conn, context.run.run_id)
         production = None if conn is None else production_model(conn)
         test = None if conn is None else active_test(conn)
+        flagged = None if conn is None or row is None else flagged_reason(conn, row["candidate"])
         steps = [] if conn is None else timeline.release_timeline(timeline.read_rows(conn))
     if row is None:
         return dg.AssetCheckResult(
@@ -546,10 +601,11 @@ def candidate_beats_production(
     canary = test is not None and test.candidate == row["candidate"]
     # A worse candidate fails the release run (red, someone should look); too few pairs, or too
     # many failed ones, is a warning: nothing is promoted, and a hold-out set still filling up
-    # (or a judge outage, evaluated again by the next run) is not the candidate's failure.
+    # (or a judge outage, evaluated again by the next run) is not the candidate's failure; nor
+    # is a candidate `qe forget` flagged (blocked as asked, not worse).
     severity = (
         dg.AssetCheckSeverity.WARN
-        if decision.decision == INSUFFICIENT
+        if decision.decision == INSUFFICIENT or (flagged is not None and not decision.passed)
         else dg.AssetCheckSeverity.ERROR
     )
     # Say what was done, not only the rule's verdict.
@@ -576,6 +632,7 @@ def candidate_beats_production(
             "promoted": promoted,
             "canary_share": test.share if canary and test is not None else 0.0,
             "retry": decision.retry,
+            "flagged": flagged is not None,
             "release_timeline": dg.MetadataValue.md(timeline.markdown(steps)),
         },
     )

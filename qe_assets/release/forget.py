@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +36,11 @@ from qe_assets.release.export import (
     VersionFiles,
     VersionWriter,
     dataset_card,
+    fsync_dir,
+    line_chunks,
+    manifest_temp,
     remove_uncommitted,
+    settle_manifests,
     version_name,
 )
 from qe_assets.release.publish import PublishError, open_store, unpublish
@@ -244,38 +249,78 @@ def affected_models(
     return [(str(m), str(v), str(reason)) for m, v, reason in rows]
 
 
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text("utf-8").splitlines() if path.exists() else []
+# Lines of a split file read at once by `cut_superseding` (~3 KB each): memory is bounded by a
+# chunk, not by the version's size. 500: 146 MB peak on a 21,615-sample version against 495 MB
+# whole (2,000: 260 MB, no faster; docs/performance.md, "qe forget").
+FORGET_CHUNK_LINES = 500
 
 
-def _kept_split(
-    files: VersionFiles, split: str, removed: set[str]
-) -> tuple[pl.DataFrame, pl.Series, pl.DataFrame] | None:
-    """A split of a version without the removed samples: records, chat lines (the same samples
-    in the same order) and preference lines (trl, openai, split); None when it is empty. A
-    preference line goes with its sample: same prompt, chosen = its completion."""
-    records = _read_lines(files.split_file(split, "records"))
-    if not records:
-        return None
-    frame = pl.read_ndjson("\n".join(records).encode("utf-8"))
-    keep = ~frame["sample_id"].is_in(list(removed))
-    gone = frame.filter(~keep)
-    pairs = set(zip(gone["prompt"], gone["completion"], strict=True))
-    chat = pl.Series("chat", _read_lines(files.split_file(split, "chat")), dtype=pl.String)
-    trl = _read_lines(files.split_file(split, "preference"))
-    keep_pair = [
-        (line["prompt"][-1]["content"], line["chosen"][0]["content"]) not in pairs
-        for line in map(json.loads, trl)
-    ]
-    preference = pl.DataFrame(
-        {
-            "trl": trl,
-            "openai": _read_lines(files.split_file(split, "openai_preference")),
-            "split": [split] * len(trl),
-        },
-        schema={"trl": pl.String, "openai": pl.String, "split": pl.String},
-    ).filter(pl.Series(keep_pair, dtype=pl.Boolean))
-    return frame.filter(keep), chat.filter(keep), preference
+def _chunks(path: Path, lines: int) -> Iterator[list[bytes]]:
+    """A split file in chunks of lines (none when the file does not exist: an empty split)."""
+    return line_chunks(path, lines) if path.exists() else iter(())
+
+
+def _text(lines: list[bytes]) -> list[str]:
+    return [line.decode("utf-8").rstrip("\r\n") for line in lines]
+
+
+@dataclass
+class _SplitTally:
+    samples: int = 0
+    pairs: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def _copy_split(
+    writer: VersionWriter,
+    files: VersionFiles,
+    manifest: dict[str, Any],
+    split: str,
+    removed: set[str],
+    chunk_lines: int,
+) -> _SplitTally:
+    """Stream one split of a version into `writer` without the removed samples: records and chat
+    lines (the same samples in the same order) chunk by chunk, then the preference lines (trl and
+    openai, the same pairs in the same order); a preference line goes with its sample: same
+    prompt, chosen = its completion."""
+    tally = _SplitTally()
+    gone: set[tuple[str, str]] = set()
+    records = _chunks(files.split_file(split, "records", manifest), chunk_lines)
+    chat = _chunks(files.split_file(split, "chat", manifest), chunk_lines)
+    for record_lines, chat_lines in zip(records, chat, strict=True):
+        frame = pl.read_ndjson(b"".join(record_lines), infer_schema_length=None)
+        keep = ~frame["sample_id"].is_in(list(removed))
+        dropped = frame.filter(~keep)
+        gone.update(zip(dropped["prompt"], dropped["completion"], strict=True))
+        kept = frame.filter(keep)
+        if not kept.height:
+            continue
+        lines = pl.Series("chat", _text(chat_lines), dtype=pl.String).filter(keep)
+        writer.write(kept, lines, pl.Series("split", [split] * kept.height, dtype=pl.String))
+        tally.samples += kept.height
+        for label, n in kept.group_by("label").len().iter_rows():
+            tally.labels[label] = tally.labels.get(label, 0) + n
+    if not tally.samples:
+        return tally  # nothing of the split is left: nor of its pairs
+    trl = _chunks(files.split_file(split, "preference", manifest), chunk_lines)
+    openai = _chunks(files.split_file(split, "openai_preference", manifest), chunk_lines)
+    empty = pl.DataFrame(schema={"sample_id": pl.String})
+    for trl_lines, openai_lines in zip(trl, openai, strict=True):
+        trl_text = _text(trl_lines)
+        keep_pair = [
+            (line["prompt"][-1]["content"], line["chosen"][0]["content"]) not in gone
+            for line in map(json.loads, trl_text)
+        ]
+        preference = pl.DataFrame(
+            {"trl": trl_text, "openai": _text(openai_lines), "split": [split] * len(trl_text)},
+            schema={"trl": pl.String, "openai": pl.String, "split": pl.String},
+        ).filter(pl.Series(keep_pair, dtype=pl.Boolean))
+        if preference.height:
+            writer.write(
+                empty, pl.Series("chat", [], pl.String), pl.Series([], dtype=pl.String), preference
+            )
+            tally.pairs += preference.height
+    return tally
 
 
 def cut_superseding(
@@ -285,9 +330,12 @@ def cut_superseding(
     removed: list[str],
     modes_removed: dict[str, int],
     forget_id: str,
+    chunk_lines: int = FORGET_CHUNK_LINES,
 ) -> tuple[dict[str, Any], int]:
     """Write version `new`: version `old`'s files without the removed samples (by stored or
-    exported id), its manifest saying what it supersedes; returns (manifest, samples kept)."""
+    exported id), its manifest saying what it supersedes, under its temp name until the caller
+    commits the row (`place_manifest`); returns (manifest, samples kept). Streams the split files
+    in chunks of `chunk_lines` lines."""
     ids = set(removed) | set(exported_sample_ids(pl.Series(removed, dtype=pl.String)).to_list())
     files = VersionFiles.at(directory, old)
     old_manifest = json.loads(files.manifest.read_text("utf-8"))
@@ -296,14 +344,12 @@ def cut_superseding(
     pairs = {s: 0 for s in SPLITS}
     with VersionWriter(directory, new) as writer:
         for split in SPLITS:
-            kept = _kept_split(files, split, ids)
-            if kept is None or not kept[0].height:
+            tally = _copy_split(writer, files, old_manifest, split, ids, chunk_lines)
+            if not tally.samples:
                 continue
-            records, chat, preference = kept
-            writer.write(records, chat, pl.Series("split", [split] * records.height), preference)
-            splits[split] = records.height
-            pairs[split] = preference.height
-            for label, n in records.group_by("label").len().iter_rows():
+            splits[split] = tally.samples
+            pairs[split] = tally.pairs
+            for label, n in tally.labels.items():
                 labels[label] = labels.get(label, 0) + n
         total = sum(splits.values())
         modes = {
@@ -498,23 +544,40 @@ def forget(
             if subject.empty:
                 return ForgetReport(None, subject, {}, [], [])
             state = version_state(conn)
-        # Files of a forget (or cut) that died before its commit: the numbers are reused.
+            # Claimed like a cut's (dataset_version_claims): a name never stands for two
+            # contents, even when this forget dies after its files took their names.
+            numbers = range(state.next_number, state.next_number + len(subject.versions))
+            for number in numbers:
+                conn.execute(
+                    "INSERT INTO dataset_version_claims VALUES (?, ?, now()::TIMESTAMP)",
+                    [number, version_name(number)],
+                )
+            committed = dict(
+                conn.execute("SELECT version, manifest_sha256 FROM dataset_versions").fetchall()
+            )
+        # A forget (or cut) that died between its commit and its manifest's rename: the manifest
+        # takes its name first, or the removal below would take it for a dead cut's temp file.
+        settle_manifests(datasets_dir, committed)
+        # Files of a forget (or cut) that died before its commit.
         remove_uncommitted(datasets_dir, state.committed)
-        number = state.next_number - 1
         cuts = []
-        for old, removed in subject.versions.items():
-            number += 1
+        for number, (old, removed) in zip(numbers, subject.versions.items(), strict=True):
             new = version_name(number)
             manifest, kept = cut_superseding(
                 datasets_dir, old, new, removed, subject.modes.get(old, {}), forget_id
             )
             if kept:
                 cuts.append((old, new, number, manifest, VersionFiles.at(datasets_dir, new)))
-            else:  # nothing of it is left: superseded by nothing
-                number -= 1
+            else:  # nothing of it is left: superseded by nothing (its number stays a gap)
                 cuts.append((old, None, 0, None, None))
         with writer_connection(database, config=config) as conn:
             register_subject(conn, subject.request_ids, [t for t in texts or [] if t.strip()])
             _commit(conn, subject, cuts, audit)
+            # Committed: each manifest takes its name (a crash before this leaves it under its
+            # temp name, which the next cut's `settle_manifests` puts in place).
+            for *_, files in cuts:
+                if files is not None:
+                    os.replace(manifest_temp(files), files.manifest)
+                    fsync_dir(datasets_dir)
             remote, problems = _take_down(conn, _pending_takedowns(conn), delete_remote)
     return ForgetReport(forget_id, subject, {o: n for o, n, *_ in cuts}, remote, problems)

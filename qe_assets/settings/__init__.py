@@ -182,6 +182,11 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
     "QE_TRL_DRY_RUN": ("unset", "TRL examples: `1` checks the records and trains nothing."),
     "QE_SLOW_TRIALS": ("unset", "Tests: number of slow crash / fault trials (opt-in)."),
     "QE_FUZZ_EXAMPLES": ("60", "Tests: hypothesis examples of the fuzz test."),
+    "QE_TEST_DVC": (
+        "`.venv-dvc/bin/dvc`, else `dvc` on PATH",
+        "Tests: the `dvc` the real `dvc pull` test runs (`make test` sets it to the one `make dvc` "
+        "installs; set, the test fails instead of skipping when it is missing).",
+    ),
     "QE_DOCS_SCREENSHOTS": (
         "unset",
         "Tests: `1` makes the review page and Dagster UI browser tests write their screenshots to "

@@ -132,6 +132,20 @@ class ModelFlagged(ValueError):
     """The model was trained on data a person asked to be forgotten (`qe forget`)."""
 
 
+# The reason a flagged candidate's gate decision (`block`) records: it says why without a run.
+FLAGGED_REASON = "flagged by qe forget: trained on forgotten data"
+
+
+def flagged_reason(conn: duckdb.DuckDBPyConnection, model: str) -> str | None:
+    """Why `qe forget` flagged the model (its version and forget id), or None: not flagged."""
+    rows = conn.execute(
+        "SELECT dataset_version, forget_id FROM flagged_models WHERE model = ? LIMIT 1", [model]
+    ).fetchall()
+    if not rows:
+        return None
+    return f"{FLAGGED_REASON} ({rows[0][0]}, forget {rows[0][1]})"
+
+
 def refuse_flagged(conn: duckdb.DuckDBPyConnection, model: str) -> None:
     """Raise `ModelFlagged` for a model `qe forget` flagged: no promotion, no traffic."""
     rows = conn.execute(
@@ -191,9 +205,14 @@ def gate_pending(conn: duckdb.DuckDBPyConnection, backend: str) -> GatePending |
     """Whether the newest model's release is unfinished at the gate: no committed evaluation
     (killed during it), insufficient_data because too many items failed (fewer than
     GATE_MAX_ATTEMPTS times so far), or a `promote` that neither promotion nor canary followed
-    (a store written before the decision and the promotion were one transaction)."""
+    (a store written before the decision and the promotion were one transaction). Never a
+    model `qe forget` flagged."""
     candidate = latest_candidate(conn, backend)
     if candidate is None or production_model(conn) == candidate.model_id:
+        return None
+    if flagged_reason(conn, candidate.model_id) is not None:
+        # Nothing left to decide: `qe forget` flagged it, no evaluation could promote it, and a
+        # release resumed for it would be resumed at every tick for ever.
         return None
     rows = conn.execute(
         "SELECT decision, retry, attempts FROM model_evaluations "
