@@ -66,7 +66,7 @@ HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef
 def build_spec() -> dict[str, Any]:
     from qe_assets.ingest.events import KNOWN_LABELS, LABEL_ALIASES
 
-    texts = json.loads((REPO / "qe_assets" / "templates" / "texts.json").read_text("utf-8"))
+    texts = json.loads((REPO / "qe_assets" / "lib" / "templates" / "texts.json").read_text("utf-8"))
     return {
         "known": list(KNOWN_LABELS),
         "aliases": dict(LABEL_ALIASES),

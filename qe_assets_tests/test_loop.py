@@ -186,6 +186,7 @@ def test_definitions_default_to_the_in_process_executor_and_two_groups() -> None
         "review_queue": "pipeline",
         "completions": "pipeline",
         "tuning_dataset": "release",
+        "published_dataset": "release",
         "fine_tuned_model": "release",
         "model_evaluation": "release",
         "ab_test": "release",

@@ -283,16 +283,16 @@ def test_qe_ui_serves_without_the_venv_on_path(tmp_path: Path) -> None:
         assert review_page_status(review_port) == 404
         assert (tmp_path / "dagster_home" / "dagster.yaml").exists()
         assert dev.process is not None
-        group = dev.process.pid
         # Dagster (and so the dashboards links in the assets' metadata) gets the review port
         # asked for, not the default 8787.
-        served_at = {_environ(pid).get("QE_SERVE_URL") for pid in _dagster_pids(group)}
+        started = _descendants(dev.process.pid)
+        served_at = {_environ(pid).get("QE_SERVE_URL") for pid in _dagster_pids(started)}
         assert served_at == {f"http://127.0.0.1:{review_port}"}, served_at
     finally:
         dev.stop()
-    # Stopped cleanly: nothing of its process group (webserver, daemon, code server) lives on.
+    # Stopped cleanly: nothing it started (webserver, daemon, code server, review page) lives on.
     deadline = time.monotonic() + 10
-    while (left := live_members(group)) and time.monotonic() < deadline:
+    while (left := [p for p in started if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"left running: {left}"
 
@@ -314,36 +314,48 @@ def review_page_status(port: int) -> int:
             time.sleep(0.2)
 
 
-def _dagster_pids(group: int) -> list[int]:
-    """The dagster processes (webserver, daemon, code server) of process group `group`."""
-    pids = []
-    for member in live_members(group):
-        pid = int(member.split()[0])
+def _descendants(root: int) -> list[int]:
+    """Every live process below `root`, whatever process group or session it leads (`qe ui`
+    starts each child in a session of its own, so that stopping it reaches its whole tree)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _dagster_pids(pids: list[int]) -> list[int]:
+    """The dagster processes (webserver, daemon, code server) among `pids`."""
+    found = []
+    for pid in pids:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         if b"dagster" in cmdline:
-            pids.append(pid)
-    assert pids, "no dagster process in the group"
-    return pids
+            found.append(pid)
+    assert found, "no dagster process below qe ui"
+    return found
 
 
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
     return {k.decode(): v.decode(errors="replace") for k, v in pairs}
-
-
-def live_members(group: int) -> list[str]:
-    """Processes of process group `group` that are not zombies (pid and command name)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        name, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
-        if int(fields[2]) == group and fields[0] != "Z":
-            found.append(f"{stat.parent.name} {name}")
-    return found
