@@ -86,6 +86,9 @@ from qe_assets.store import connect
 from qe_assets_tests.conftest import KafkaBroker, RedisServer
 from qe_assets_tests.runs import column, exportable_sample_ids, stored_once
 
+# Phase markers the worker writes, in order; a phase lasts until the next one.
+from qe_assets_tests.scripts.crash_worker import PHASES
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "qe_assets_tests" / "scripts" / "crash_worker.py"
 CI_EVENTS, SLOW_EVENTS = 150, 300  # per trial
@@ -103,18 +106,6 @@ RUN_TIMEOUT = 180.0
 NO_MODEL = ("none", "skipped")  # backend and status of every release's run (the default trials)
 TARGETS = ("ingest", "export", "finetune", "anywhere")
 TARGET_WEIGHTS = (0.35, 0.3, 0.2, 0.15)
-# Phase markers the worker writes, in order; a phase lasts until the next one.
-PHASES = (
-    "boot",
-    "ingest",
-    "annotate",
-    "complete",
-    "export",
-    "finetune",
-    "evaluate",
-    "decided",
-    "done",
-)
 
 
 # --- the worker process ---------------------------------------------------------------------
