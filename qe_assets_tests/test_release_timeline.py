@@ -16,14 +16,18 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from qe_assets.ops.runner import DAGSTER_YAML
+from qe_assets.ops.definitions import build_definitions, build_resources
+from qe_assets.ops.runner import DAGSTER_YAML, run_pipeline
 from qe_assets.rollout import timeline
+from qe_assets.rollout.assets import quiet_checks
 from qe_assets.rollout.registry import start_test
 from qe_assets.rollout.sequential import Arms, Policy, decide, distance_to_decision
 from qe_assets.service.capture import QualityCapture
-from qe_assets.service.rollout import Router
+from qe_assets.service.producers import write_atomically
+from qe_assets.service.rollout import RolloutState, Router
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
+from qe_assets.testing.factories import line, make_event
 from qe_assets.web.dashboards import Dashboards
 from qe_assets.web.series import AB_LIMIT, read_series
 from qe_assets_tests.openai_server import EvalModels, OpenAIServer
@@ -349,6 +353,57 @@ def test_a_canary_release_reads_the_same_everywhere(
         "rollout: no candidate has traffic; every request goes to " + candidate
         in qe("status", env=env).stdout
     )
+
+    # ... once: the next ingest runs (`qe run`, the queue sensor) leave the check out.
+    harm_key = dg.AssetCheckKey(dg.AssetKey("ab_test"), "candidate_not_worse")
+    outcome = run_pipeline(settings, instance=instance)
+    assert outcome.success, outcome.error
+    assert "candidate_not_worse" not in _check_evaluations(instance, outcome.run_id)
+    assert "judge_agreement" in _check_evaluations(instance, outcome.run_id)  # the others run
+    assert _materialized(instance, outcome.run_id) >= {"raw_events", "ab_test"}
+    Path(settings.data_dir, "inbox", "waiting.jsonl").write_bytes(line(make_event()) + b"\n")
+    request = _sensor_request(settings, instance)
+    assert request.asset_check_keys is not None and harm_key not in request.asset_check_keys
+    assert dg.AssetKey("ab_test") in (request.asset_selection or [])
+    # A new test (here a person's canary in rollout.json) brings the check back.
+    write_atomically(
+        Path(settings.data_dir, "rollout.json"),
+        RolloutState(production=candidate, candidate="ft:next", share=0.05).to_json().encode(),
+    )
+    assert quiet_checks(instance, settings) == frozenset()
+    assert _sensor_request(settings, instance).asset_check_keys is None
+
+
+def _check_evaluations(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [
+        record.dagster_event.event_specific_data.check_name  # type: ignore[union-attr]
+        for record in instance.all_logs(run_id)
+        if record.dagster_event is not None
+        and record.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+    ]
+
+
+def _materialized(instance: dg.DagsterInstance, run_id: str) -> set[str]:
+    return {
+        record.dagster_event.asset_key.to_user_string()  # type: ignore[union-attr]
+        for record in instance.all_logs(run_id)
+        if record.dagster_event is not None and record.dagster_event.is_step_materialization
+    }
+
+
+def _sensor_request(settings: Settings, instance: dg.DagsterInstance) -> dg.RunRequest:
+    """The queue sensor's run request, evaluated against the real definitions."""
+    defs = build_definitions(settings)
+    sensor = defs.get_sensor_def("queue_sensor")
+    resources = build_resources(settings)
+    context = dg.build_sensor_context(
+        instance=instance,
+        definitions=defs,
+        resources={key: resources[key] for key in ("settings", "queue")},
+    )
+    result = sensor(context)
+    assert isinstance(result, dg.SensorResult) and result.run_requests, result
+    return result.run_requests[0]
 
 
 def _gate_check(instance: dg.DagsterInstance, run_id: str) -> dg.AssetCheckEvaluation:

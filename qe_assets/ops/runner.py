@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 from dagster._utils.error import SerializableErrorInfo
 
-from qe_assets.ops.runs import VERSION_TAG, owner_tags, reap_dead_runs
+from qe_assets.ops.runs import VERSION_TAG, owner_tags, reap_dead_runs, selection_without
 from qe_assets.settings import Settings
 
 # Written once into a fresh DAGSTER_HOME. Writers are serialised by the database's writer lock
@@ -119,11 +119,16 @@ def _execute(
     tags: dict[str, str] | None = None,
     ops: dict[str, Any] | None = None,
     asset_selection: list[dg.AssetKey] | None = None,
+    leave_out: frozenset[dg.AssetCheckKey] = frozenset(),
 ) -> bool:
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if ops:
         run_config["ops"] = ops
-    result = defs.resolve_job_def(job_name).execute_in_process(
+    job = defs.resolve_job_def(job_name)
+    subset = selection_without(job, leave_out)
+    if subset is not None:
+        job = job.get_subset(asset_selection=set(subset[0]), asset_check_selection=set(subset[1]))
+    result = job.execute_in_process(
         instance=instance,
         raise_on_error=False,
         run_config=run_config,
@@ -153,6 +158,7 @@ def run_pipeline(
     """Ingest → annotate → complete; then the release job (the one the sensor launches) as long
     as the release rule (`readiness.release_decision`, the sensor's too) says one is due."""
     from qe_assets.ops.definitions import PIPELINE_JOB, build_definitions
+    from qe_assets.rollout.assets import quiet_checks
 
     defs = build_definitions(settings)
     if instance is None:
@@ -160,7 +166,9 @@ def run_pipeline(
     outcome = RunOutcome(success=True, run_id="")
     for run_id in reap_dead_runs(instance):
         outcome.summary.append(f"run {run_id} of a killed `qe run` marked failed, its slots freed")
-    if _execute(defs, PIPELINE_JOB, instance, outcome, log_level):
+    # A finished A/B test's check has said "no test running" once; it stays quiet after that.
+    quiet = quiet_checks(instance, settings)
+    if _execute(defs, PIPELINE_JOB, instance, outcome, log_level, leave_out=quiet):
         _release(settings, defs, instance, outcome, log_level, cut_version)
     return outcome
 

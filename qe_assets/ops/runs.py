@@ -68,3 +68,17 @@ def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         reaped.append(run.run_id)
     return reaped
+
+
+def selection_without(
+    job: dg.JobDefinition, leave_out: frozenset[dg.AssetCheckKey]
+) -> tuple[list[dg.AssetKey], list[dg.AssetCheckKey]] | None:
+    """Every asset and check of `job` but the checks in `leave_out` (sorted, so a run request
+    is the same for the same state), or None when nothing is left out (the whole job)."""
+    graph = job.asset_layer.asset_graph
+    checks = set(graph.asset_check_keys)
+    if not leave_out & checks:
+        return None
+    assets = sorted(job.asset_layer.executable_asset_keys, key=lambda k: k.to_user_string())
+    kept = sorted(checks - leave_out, key=lambda k: (k.asset_key.to_user_string(), k.name))
+    return assets, kept

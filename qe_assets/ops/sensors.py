@@ -23,9 +23,16 @@ from qe_assets.ingest.backlog import look_at_queues, queue_freshness
 from qe_assets.ingest.resource import QueueResource
 from qe_assets.lib.resources import PipelineSettings
 from qe_assets.lib.stages import Verdict
-from qe_assets.ops.runs import NOT_ENDED, REAPED_TAG, VERSION_TAG, reap_dead_runs
+from qe_assets.ops.runs import (
+    NOT_ENDED,
+    REAPED_TAG,
+    VERSION_TAG,
+    reap_dead_runs,
+    selection_without,
+)
 from qe_assets.release.readiness import settings_release_decision
 from qe_assets.review.backlog import review_age, review_backlog
+from qe_assets.rollout.assets import quiet_checks
 from qe_assets.store import DatabaseBusy, connect
 
 # Failed release runs of one version after which the sensor stops retrying it on its own (a fix
@@ -209,7 +216,10 @@ def _freshness_events(
 
 
 def _ingest_request(
-    context: dg.SensorEvaluationContext, job_name: str, waiting: str
+    context: dg.SensorEvaluationContext,
+    job_name: str,
+    waiting: str,
+    settings: PipelineSettings | None = None,
 ) -> dg.RunRequest | str:
     """One run per backlog seen after the last ended run (its id is the run key), or why not."""
     last = _last_ended_run(context.instance, job_name)
@@ -221,9 +231,16 @@ def _ingest_request(
             run_id = last.dagster_run.run_id
             return f"{waiting} waiting; the last run {run_id} failed, retrying at {when}"
     after = last.dagster_run.run_id if last is not None else "none"
+    # A finished A/B test's check has said "no test running" once; it stays quiet after that.
+    subset = None
+    if settings is not None and context.repository_def is not None:
+        leave_out = quiet_checks(context.instance, settings)
+        subset = selection_without(context.repository_def.get_job(job_name), leave_out)
     return dg.RunRequest(
         run_key=f"ingest-after-{after}",
         tags={"qe/trigger": "queue_sensor", "qe/waiting": waiting},
+        asset_selection=subset[0] if subset else None,
+        asset_check_keys=subset[1] if subset else None,
     )
 
 
@@ -264,7 +281,7 @@ def build_queue_sensor(
         elif in_flight:
             request = f"{look.describe()} waiting; run {in_flight} in flight"
         else:
-            request = _ingest_request(context, job_name, look.describe())
+            request = _ingest_request(context, job_name, look.describe(), settings)
         if isinstance(request, str):
             return dg.SensorResult(skip_reason=request, cursor=new_cursor, asset_events=events)
         return dg.SensorResult(run_requests=[request], cursor=new_cursor, asset_events=events)
