@@ -285,7 +285,7 @@ def test_a_canary_release_reads_the_same_everywhere(
     evaluation = instance.get_latest_materialization_event(dg.AssetKey("model_evaluation"))
     assert evaluation is not None and evaluation.asset_materialization is not None
     meta = {k: v.value for k, v in evaluation.asset_materialization.metadata.items()}
-    assert meta["decision"] == "passed" and "canary at 50% of traffic" in meta["outcome"]
+    assert meta["decision"] == "passed" and "canary started at 50% of traffic" in meta["outcome"]
     assert "| ✓ | gate |" in meta["release_timeline"]
 
     # ab_test agrees with rollout.json at once (no ingest run yet): the gate reported it.

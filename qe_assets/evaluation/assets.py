@@ -544,17 +544,19 @@ def _compare(
     return Compared(eval_id, row, labels, frame, results, elapsed)
 
 
-def gate_outcome(gated: Gated | None, decision: str, candidate: str, share: float) -> str:
-    """What the gate's verdict did, in words: the stored decision `promote` means "passed the
-    gate", which with QE_ROLLOUT=canary starts a canary and promotes nothing yet."""
-    passed = decision == PROMOTE
-    if gated is not None and gated.canary:
-        return f"passed the gate; canary at {share:.0%} of traffic started (ab_test decides)"
-    if gated is not None and gated.promoted:
+def gate_outcome(
+    decision: str, candidate: str, *, canary_share: float | None = None, promoted: bool = False
+) -> str:
+    """What the gate's verdict did, in words, for every surface that tells it (the asset's
+    metadata, the check, `qe status`): the stored decision `promote` means "passed the gate",
+    which with QE_ROLLOUT=canary starts a canary and promotes nothing yet."""
+    if decision != PROMOTE:
+        return f"not passed ({decision}); nothing promoted, no traffic"
+    if canary_share is not None:
+        return f"passed the gate; canary started at {canary_share:.0%} of traffic (ab_test decides)"
+    if promoted:
         return "passed the gate; promoted to production"
-    if passed:
-        return f"passed the gate; {candidate} is production already"
-    return f"not passed ({decision}); nothing promoted, no traffic"
+    return f"passed the gate; {candidate} is production already"
 
 
 def gate_outcome_metadata(
@@ -562,7 +564,12 @@ def gate_outcome_metadata(
 ) -> "dict[str, dg.RawMetadataValue]":
     """The verdict as a person reads it, what it did, and the release timeline so far."""
     row = gated.compared.row
-    outcome = gate_outcome(gated, row["decision"], row["candidate"], settings.ab_ramp[0])
+    outcome = gate_outcome(
+        row["decision"],
+        row["candidate"],
+        canary_share=settings.ab_ramp[0] if gated.canary else None,
+        promoted=gated.promoted,
+    )
     with duckdb_reader(duckdb) as conn:  # reads only: no writer lock
         steps = timeline.release_timeline(timeline.read_rows(conn)) if conn is not None else []
     return {
@@ -610,14 +617,12 @@ def candidate_beats_production(
     )
     # Say what was done, not only the rule's verdict.
     promoted = decision.passed and production == row["candidate"] and not canary
-    if canary and test is not None:
-        done = f"passed the gate; canary started at {test.share:.0%} of traffic (ab_test decides)"
-    elif promoted:
-        done = "passed the gate; promoted to production"
-    elif decision.passed:
-        done = f"passed the gate; {row['candidate']} is production already"
-    else:
-        done = f"not passed ({decision.decision}); nothing promoted"
+    done = gate_outcome(
+        row["decision"],
+        row["candidate"],
+        canary_share=test.share if canary and test is not None else None,
+        promoted=promoted,
+    )
     return dg.AssetCheckResult(
         passed=decision.passed,
         severity=severity,
