@@ -31,7 +31,9 @@ from qe_assets_tests.conftest import free_port
 from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_raw_events import materialize, rows
 
-SECRET = "phx-key-5d1c9a7e-never-shown"
+# Phoenix runs with authentication: this is its admin secret, the bearer token every request
+# needs (32+ characters with a digit), and what QE_PHOENIX_API_KEY carries.
+SECRET = "phx-key-5d1c9a7e-never-shown-0123456789abcdef"
 EVALUATORS = json.dumps({"correctness": "higher", "hallucination": "lower"})
 
 
@@ -43,10 +45,17 @@ def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PhoenixServer]
             f"{PHOENIX_VARIABLE} is unset: `make phoenix` builds .venv-phoenix and "
             "`make test` points it at .venv-phoenix/bin/phoenix"
         )
-    server = PhoenixServer(executable, tmp_path_factory.mktemp("phoenix"))
+    server = PhoenixServer(executable, tmp_path_factory.mktemp("phoenix"), api_key=SECRET)
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def phoenix_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key in this process's environment too: in-process imports and the sensor read it
+    there, as they would in the daemon."""
+    monkeypatch.setenv("QE_PHOENIX_API_KEY", SECRET)
 
 
 def project() -> str:
@@ -294,10 +303,17 @@ def test_errors_are_one_line_naming_the_setting_and_leave_the_cursor(
     assert down.returncode == 1 and down.stderr.count("\n") == 1
     assert "cannot reach" in down.stderr and "QE_PHOENIX_URL" in down.stderr
 
+    refused = qe(
+        "import", "phoenix", env={**env, "QE_PHOENIX_API_KEY": "wrong-key-77"}, check=False
+    )
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "refused the credentials (HTTP 401)" in refused.stderr
+    assert "QE_PHOENIX_API_KEY" in refused.stderr and "wrong-key-77" not in refused.stderr
+
     bad = qe("import", "phoenix", env={**env, "QE_PHOENIX_URL": "ftp://x"}, check=False)
     assert bad.returncode == 2 and "QE_PHOENIX_URL" in bad.stderr
     assert not (data / "imports").exists()
-    no_secret_under(data, missing.stderr, down.stderr, bad.stderr)
+    no_secret_under(data, missing.stderr, down.stderr, refused.stderr, bad.stderr)
 
 
 def test_the_import_sensor_imports_on_a_tick_and_is_off_by_default(

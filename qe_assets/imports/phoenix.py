@@ -33,6 +33,7 @@ SYSTEM = "phoenix"
 # Trace and span ids per request: each id is ~40 characters of query string, and the server
 # refuses request lines much past 16 KiB.
 _IDS_PER_REQUEST = 100
+_MAX_PAGE = 1000  # Phoenix refuses a larger `limit` (HTTP 422)
 
 
 def _epoch(stamp: str) -> float:
@@ -72,7 +73,8 @@ class PhoenixSource:
             ("parent_id", "null"),
             ("sort", "id"),
             ("order", "asc"),
-            ("limit", limit + (1 if cursor else 0)),
+            # One more for the cursor's own row, within Phoenix's maximum page of 1,000.
+            ("limit", min(limit + (1 if cursor else 0), _MAX_PAGE)),
             ("cursor", cursor),
         ]
         body = self._get("/spans", params)

@@ -7,11 +7,13 @@ the OpenTelemetry SDK and the standard library.
 The spec is a JSON object: `traces`, a list of {question, answer, docs: [{id, content?, score}],
 model, metadata?, root_io? (default true: the root carries input/output), chinese?}, and
 `annotations`, a list of {trace: index, name, score?, label?, explanation?, on?: "root"|"llm"}.
-Prints, for each trace, {trace_id, root, retriever, llm} (hex ids)."""
+Prints, for each trace, {trace_id, root, retriever, llm} (hex ids). QE_SENDER_API_KEY, when set,
+is sent as a bearer token (a Phoenix with authentication)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -24,11 +26,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 
+def _auth() -> dict[str, str]:
+    key = os.environ.get("QE_SENDER_API_KEY", "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def send(url: str, project: str, traces: list[dict[str, Any]]) -> list[dict[str, str]]:
     provider = TracerProvider(resource=Resource({"openinference.project.name": project}))
     provider.add_span_processor(
         BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=f"{url}/v1/traces", timeout=60),
+            OTLPSpanExporter(endpoint=f"{url}/v1/traces", timeout=60, headers=_auth()),
             max_queue_size=max(len(traces) * 3 + 16, 2048),
             max_export_batch_size=2048,
             schedule_delay_millis=200,
@@ -93,7 +100,7 @@ def annotate(url: str, ids: list[dict[str, str]], notes: list[dict[str, Any]]) -
         request = urllib.request.Request(
             f"{url}/v1/span_annotations?sync=true",
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **_auth()},
             method="POST",
         )
         # Phoenix inserts exported spans asynchronously: a span not stored yet is a 404.

@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,10 @@ def _free_port() -> int:
 
 
 class PhoenixServer:
-    def __init__(self, executable: Path, workdir: Path) -> None:
+    """`api_key` set: Phoenix with authentication, that key its admin secret (a bearer token
+    for the REST API and OTLP); unset: no authentication."""
+
+    def __init__(self, executable: Path, workdir: Path, api_key: str | None = None) -> None:
         self.python = executable.with_name("python")
         if not self.python.exists():
             raise RuntimeError(f"{PHOENIX_VARIABLE}={executable}: no python beside it")
@@ -43,6 +47,10 @@ class PhoenixServer:
         self.grpc_port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self.api_key = api_key
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def start(self, timeout: float = 90.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +63,11 @@ class PhoenixServer:
             "PHOENIX_PORT": str(self.port),
             "PHOENIX_GRPC_PORT": str(self.grpc_port),
         }
+        if self.api_key:
+            # JWT signing secret: 32+ characters with a digit and a lowercase letter.
+            env["PHOENIX_ENABLE_AUTH"] = "true"
+            env["PHOENIX_SECRET"] = f"s3cret{uuid.uuid4().hex}"
+            env["PHOENIX_ADMIN_SECRET"] = self.api_key
         log = open(self.workdir / "phoenix.log", "wb")  # noqa: SIM115 (the child writes it)
         self.process = subprocess.Popen(
             [str(self.python), str(_HERE / "phoenix_launch.py")],
@@ -91,6 +104,7 @@ class PhoenixServer:
         result = subprocess.run(
             [str(self.python), str(_HERE / "phoenix_sender.py"), self.url, project],
             input=json.dumps(spec, ensure_ascii=False).encode(),
+            env={**os.environ, "QE_SENDER_API_KEY": self.api_key or ""},
             capture_output=True,
             timeout=900,
             check=False,
@@ -119,9 +133,10 @@ class PhoenixServer:
         while True:
             query = f"parent_id=null&limit=1000{f'&cursor={cursor}' if cursor else ''}"
             try:
-                with urllib.request.urlopen(
-                    f"{self.url}/v1/projects/{project}/spans?{query}", timeout=30
-                ) as response:
+                request = urllib.request.Request(
+                    f"{self.url}/v1/projects/{project}/spans?{query}", headers=self._headers()
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
                     body = json.loads(response.read())
             except urllib.error.HTTPError:
                 return 0
