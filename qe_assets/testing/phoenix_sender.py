@@ -7,7 +7,7 @@ the OpenTelemetry SDK and the standard library.
 The spec is a JSON object: `traces`, a list of {question, answer, docs: [{id, content?, score}],
 model, metadata?, root_io? (default true: the root carries input/output), chinese?}, and
 `annotations`, a list of {trace: index, name, score?, label?, explanation?, on?: "root"|"llm"}.
-Prints, for each trace, {trace_id, root, retriever, llm} (hex ids). QE_SENDER_API_KEY, when set,
+Prints, for each trace, {trace_id, root, retriever, llm} (hex ids). PHOENIX_SENDER_TOKEN, when set,
 is sent as a bearer token (a Phoenix with authentication)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 
 def _auth() -> dict[str, str]:
-    key = os.environ.get("QE_SENDER_API_KEY", "")
+    key = os.environ.get("PHOENIX_SENDER_TOKEN", "")
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 

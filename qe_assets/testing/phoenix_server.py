@@ -104,7 +104,7 @@ class PhoenixServer:
         result = subprocess.run(
             [str(self.python), str(_HERE / "phoenix_sender.py"), self.url, project],
             input=json.dumps(spec, ensure_ascii=False).encode(),
-            env={**os.environ, "QE_SENDER_API_KEY": self.api_key or ""},
+            env={**os.environ, "PHOENIX_SENDER_TOKEN": self.api_key or ""},
             capture_output=True,
             timeout=900,
             check=False,
