@@ -11,6 +11,8 @@ this: the JSON shapes of Langfuse's API reference (fern definitions `scores-v3.y
   traceId}`); filter `traceId`.
 * `GET /api/public/v2/observations?traceId=…`: `{data: [observation], meta: {cursor?}}`, the
   field groups `core`, `basic`, `io` (input/output as raw strings), `metadata`, `model`.
+* `GET /api/public/traces/{traceId}`: TraceWithFullDetails (input, output and metadata as
+  JSON, its observations and scores).
 * Basic auth (public key : secret key); anything else is HTTP 401.
 """
 
@@ -82,6 +84,36 @@ def score(
     }
 
 
+def trace_record(
+    trace_id: str,
+    timestamp: str,
+    *,
+    input: Any = None,
+    output: Any = None,
+    metadata: dict | None = None,
+) -> dict[str, Any]:
+    """A TraceWithFullDetails without its `observations` and `scores` (the server adds them):
+    input, output and metadata as JSON values."""
+    return {
+        "id": trace_id,
+        "timestamp": timestamp,
+        "name": "rag",
+        "input": input,
+        "output": output,
+        "sessionId": None,
+        "release": None,
+        "version": None,
+        "userId": None,
+        "metadata": metadata or {},
+        "tags": [],
+        "public": False,
+        "environment": "default",
+        "htmlPath": f"/project/{PROJECT}/traces/{trace_id}",
+        "latency": 1.2,
+        "totalCost": 0.0,
+    }
+
+
 def observation(
     obs_id: str,
     trace_id: str,
@@ -131,7 +163,13 @@ class Recorded:
         self.scores: list[dict[str, Any]] = []
         self.observations: list[dict[str, Any]] = []
         self.requests: list[str] = []
+        self.traces: dict[str, dict[str, Any]] = {}
         self.v3 = True  # False: answers 404 like a Langfuse without the v3 scores API
+
+
+def _trace_of(item: dict[str, Any]) -> str:
+    subject = item["subject"]
+    return str(subject.get("traceId", subject["id"]))
 
 
 def _cursor(item: dict[str, Any]) -> str:
@@ -166,6 +204,8 @@ def _handler(recorded: Recorded) -> type[BaseHTTPRequestHandler]:
                 self._scores(one)
             elif url.path == "/api/public/v2/observations":
                 self._observations(one)
+            elif url.path.startswith("/api/public/traces/"):
+                self._trace(urllib.parse.unquote(url.path.rsplit("/", 1)[1]))
             else:
                 self._send(404, {"message": "Not Found"})
 
@@ -206,6 +246,15 @@ def _handler(recorded: Recorded) -> type[BaseHTTPRequestHandler]:
             if more:
                 meta["cursor"] = _cursor(page[-1])
             self._send(200, {"data": shaped, "meta": meta})
+
+        def _trace(self, trace_id: str) -> None:
+            found = recorded.traces.get(trace_id)
+            if found is None:
+                self._send(404, {"message": "Trace not found within authorized project"})
+                return
+            views = [o for o in recorded.observations if o["traceId"] == trace_id]
+            scores = [s for s in recorded.scores if _trace_of(s) == trace_id]
+            self._send(200, {**found, "observations": views, "scores": scores})
 
         def _observations(self, query: dict[str, str]) -> None:
             limit = min(int(query.get("limit", 50)), 1000)

@@ -20,7 +20,15 @@ from qe_assets.lib.resources import PipelineSettings
 from qe_assets.ops.sensors import build_import_sensor
 from qe_assets.settings import Settings
 from qe_assets_tests.conftest import free_port
-from qe_assets_tests.langfuse_server import PUBLIC, SECRET, Recorded, observation, score, serving
+from qe_assets_tests.langfuse_server import (
+    PUBLIC,
+    SECRET,
+    Recorded,
+    observation,
+    score,
+    serving,
+    trace_record,
+)
 from qe_assets_tests.test_cli import qe
 from qe_assets_tests.test_raw_events import materialize, rows
 
@@ -32,6 +40,10 @@ def stamp(minutes_ago: float) -> str:
 
 def add_trace(recorded: Recorded, n: int, *, docs: Any = None, root_io: bool = True) -> None:
     t, start = f"t-{n}", stamp(90)
+    # Trace 3's request id is on the trace only (as SDKs set it), not on its root observation.
+    recorded.traces[t] = trace_record(
+        t, start, metadata={"app": {"request_id": f"lf-{n}"}} if n == 3 else {"env": "prod"}
+    )
     recorded.observations += [
         observation(
             f"o-{n}-root",
@@ -41,7 +53,7 @@ def add_trace(recorded: Recorded, n: int, *, docs: Any = None, root_io: bool = T
             name="rag",
             input=f"年假可以结转吗?({n})" if root_io else None,
             output=f"不可以。({n})" if root_io else None,
-            metadata={"app": {"request_id": f"lf-{n}"}},
+            metadata={"app": {"request_id": f"lf-{n}"}} if n != 3 else {},
         ),
         observation(
             f"o-{n}-ret",

@@ -2,7 +2,8 @@
 
 Scores come from `GET /api/public/v3/scores` (newest first, `meta.cursor` for the next page,
 `fields=subject,details` for the trace they judge and their comment); a trace's observations
-from `GET /api/public/v2/observations?traceId=…` (cursor pagination too). Each run reads the
+from `GET /api/public/v2/observations?traceId=…` (cursor pagination too), and its metadata,
+input and output from `GET /api/public/traces/{traceId}`. Each run reads the
 scores stamped in [watermark, now - QE_IMPORT_SETTLE): the window's traces are mapped with all
 their scores, their events put on the queue, then the watermark moves to the window's end.
 A trace scored again later is read again: unchanged, its event is a duplicate; changed, a
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from qe_assets.imports.mapping import Judgement, Rules, Span, Trace, decide
 from qe_assets.imports.state import (
@@ -124,6 +126,18 @@ def span_of(observation: Mapping[str, Any], problems: list[str]) -> Span:
     )
 
 
+def with_trace_fields(root: Span, trace: Mapping[str, Any]) -> Span:
+    """The root observation completed by its trace (`GET /api/public/traces/{id}`): SDKs often set
+    the request's metadata, input and output on the trace, not on the root observation. The
+    root's own values win."""
+    attributes = dict(_flatten(trace.get("metadata") or {}, "metadata"))
+    for key, value in (("input.value", trace.get("input")), ("output.value", trace.get("output"))):
+        if (text := _text(value)) is not None:
+            attributes[key] = text
+    attributes.update(root.attributes)
+    return Span(root.span_id, root.kind, root.start_time, attributes)
+
+
 def judgement_of(score: Mapping[str, Any]) -> Judgement | None:
     """A v3 score as a judgement: NUMERIC and BOOLEAN have a score, CATEGORICAL a label."""
     kind, value = score.get("dataType"), score.get("value")
@@ -205,10 +219,20 @@ class LangfuseSource:
         if not roots:
             return None
         roots.sort(key=lambda s: (s.start_time, s.span_id))
+        try:
+            details = self.client.get(f"/api/public/traces/{quote(trace_id)}")
+        except NotFound:
+            # Langfuse serves trace reads up to ~10 minutes late (QE_IMPORT_SETTLE covers it).
+            problems.append(
+                f"trace {trace_id}: not readable yet; its trace-level fields are missing"
+            )
+            details = {}
+        root = with_trace_fields(roots[0], details)
+        spans = [root if s is roots[0] else s for s in spans]
         judgements = [
             j for s in self.scores([("traceId", trace_id)]) if (j := judgement_of(s)) is not None
         ]
-        return Trace(SYSTEM, project, trace_id, roots[0], spans, judgements)
+        return Trace(SYSTEM, project, trace_id, root, spans, judgements)
 
 
 def import_langfuse(
