@@ -340,5 +340,7 @@ def test_the_import_sensor_imports_on_a_tick_and_is_off_by_default(
     assert "1 events enqueued" in tick(settings_of(env))
     assert [json.loads(line)["request_id"] for line in inbox_lines(data)] == ["req-0"]
     assert "0 events enqueued" in tick(settings_of(env))
+    cursor = state_path(settings_of(env), "phoenix", name).read_bytes()
     down = tick(settings_of({**env, "QE_PHOENIX_URL": f"http://127.0.0.1:{free_port()}"}))
     assert "QE_PHOENIX_URL" in down and "cursor is unchanged" in down
+    assert state_path(settings_of(env), "phoenix", name).read_bytes() == cursor
