@@ -27,10 +27,18 @@ TORCH_INDEX ?=
 DVC_VENV := .venv-dvc
 DVC_STAMP := $(DVC_VENV)/.installed
 DVC_VERSION ?= 3.67.1
+# Arize Phoenix for the importer's tests and benchmark (qe_assets_tests/test_imports_phoenix.py,
+# qe_assets_bench/imports.py), in a venv of its own: it pins graphql-core and protobuf against
+# Dagster's (~40 s, ~860 MB). The tests find its `phoenix` by QE_TEST_PHOENIX.
+PHOENIX_VENV := .venv-phoenix
+PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
+PHOENIX_VERSION ?= 20.26.1
+PHOENIX_OTEL_VERSION ?= 0.17.2
+OPENINFERENCE_SEMCONV_VERSION ?= 0.1.42
 # pip's "Location ... is ignored" lines are noise from this machine's mirror config.
 PIP_QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help install install-test train system-deps dvc demo docs docs-config test test-fast lint format ui bench clean
+.PHONY: help install install-test train system-deps dvc phoenix demo docs docs-config test test-fast lint format ui bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -91,6 +99,15 @@ $(DVC_STAMP):
 
 dvc: $(DVC_STAMP) ## install DVC (with S3) into .venv-dvc, for the real `dvc pull` test
 
+$(PHOENIX_STAMP):
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install -q 'arize-phoenix==$(PHOENIX_VERSION)' \
+	  'arize-phoenix-otel==$(PHOENIX_OTEL_VERSION)' \
+	  'openinference-semantic-conventions==$(OPENINFERENCE_SEMCONV_VERSION)' $(PIP_QUIET)
+	touch $(PHOENIX_STAMP)
+
+phoenix: $(PHOENIX_STAMP) ## install Arize Phoenix into .venv-phoenix, for the importer's tests and bench
+
 demo: $(STAMP) ## generate demo events into the inbox and run the whole graph offline
 	$(BIN)/python -m qe_assets.ops.demo --count $(DEMO_EVENTS) --seed $(DEMO_SEED) --bad-share 0.01 \
 	  --out "$(QE_DATA_DIR)/inbox/demo-seed$(DEMO_SEED).jsonl"
@@ -101,9 +118,10 @@ demo: $(STAMP) ## generate demo events into the inbox and run the whole graph of
 	@echo "review:    .venv/bin/qe review list"
 	@echo "UI:        make ui   → http://127.0.0.1:3000 (Dagster), http://127.0.0.1:8787 (review)"
 
-test: $(TEST_STAMP) system-deps $(DVC_STAMP) docs ## install everything the tests need, build the docs, run the whole suite
+test: $(TEST_STAMP) system-deps $(DVC_STAMP) $(PHOENIX_STAMP) docs ## install everything the tests need, build the docs, run the whole suite
 	$(BIN)/ruff check qe_assets qe_assets_tests
-	QE_TEST_DVC=$(CURDIR)/$(DVC_VENV)/bin/dvc $(BIN)/python -m pytest $(PYTEST_ARGS)
+	QE_TEST_DVC=$(CURDIR)/$(DVC_VENV)/bin/dvc QE_TEST_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix \
+	  $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP) ## the suite without slow trials and real training (`train` marker)
 	$(BIN)/python -m pytest -m "not slow and not train" $(PYTEST_ARGS)
@@ -117,12 +135,13 @@ format: $(TEST_STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix qe_assets qe_assets_tests
 	$(BIN)/ruff format qe_assets qe_assets_tests
 
-bench: $(TEST_STAMP) ## benchmarks: the pipeline vs a reference and one-pass anchors, LLM throughput, rollout, dashboards, review page
+bench: $(TEST_STAMP) $(PHOENIX_STAMP) ## benchmarks: the pipeline vs a reference and one-pass anchors, LLM throughput, rollout, dashboards, review page, Phoenix import
 	$(BIN)/python -m qe_assets_bench.pipeline $(BENCH_ARGS)
 	$(BIN)/python -m qe_assets_bench.llm_throughput
 	$(BIN)/python -m qe_assets_bench.rollout
 	$(BIN)/python -m qe_assets_bench.dashboards
 	$(BIN)/python -m qe_assets_bench.review_page
+	QE_TEST_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/python -m qe_assets_bench.imports
 
 ui: $(STAMP) ## dagster dev on 127.0.0.1:3000 (DAGSTER_HOME under QE_DATA_DIR) + review page on :8787
 	$(BIN)/qe ui

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from qe_assets.cli import imports as imports_cli
 from qe_assets.cli import versions as versions_cli
 from qe_assets.cli.common import EXIT_BUSY, EXIT_USAGE, UserError, _err
 from qe_assets.cli.models import cmd_models
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
     versions_cli.add_commands(sub)
+    imports_cli.add_commands(sub)
     return parser
 
 

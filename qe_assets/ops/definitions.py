@@ -22,7 +22,7 @@ from qe_assets.finetune.serving.resource import ModelServerResource
 from qe_assets.ingest.assets import raw_events
 from qe_assets.ingest.resource import QueueResource
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, QeDuckDBResource
-from qe_assets.ops.sensors import build_finetune_sensor, build_queue_sensor
+from qe_assets.ops.sensors import build_finetune_sensor, build_import_sensor, build_queue_sensor
 from qe_assets.release.assets import tuning_dataset
 from qe_assets.release.checks import DATASET_CHECKS
 from qe_assets.release.published import published_dataset
@@ -72,6 +72,12 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             ),
             build_finetune_sensor(
                 RELEASE_JOB, settings.finetune_sensor_running, settings.sensor_interval_seconds
+            ),
+            build_import_sensor(
+                "phoenix", settings.phoenix_sensor_running, settings.import_interval_seconds
+            ),
+            build_import_sensor(
+                "langfuse", settings.langfuse_sensor_running, settings.import_interval_seconds
             ),
         ],
         resources=build_resources(settings),

@@ -1,4 +1,4 @@
-"""The two sensors that make the loop run by itself under the daemon (`make ui`).
+"""The sensors that make the loop run by itself under the daemon (`make ui`).
 
 * `queue_sensor` starts `qe_pipeline` (ingest → annotate → complete) when events wait in the
   queue, and reports the freshness checks between runs.
@@ -6,8 +6,10 @@
   on it) when the release rule says one is due: enough new samples are ready, or a committed
   version was never released; or its `model_evaluation` alone when the newest model's gate never
   ended.
+* `phoenix_import_sensor` / `langfuse_import_sensor` (stopped by default) import judged traces
+  into the queue on an interval (`qe import phoenix|langfuse`).
 
-Neither holds the DuckDB writer lock: a queue's metadata, or a short read-only query.
+None holds the DuckDB writer lock: a queue's metadata, or a short read-only query.
 """
 
 import json
@@ -287,3 +289,54 @@ def build_queue_sensor(
         return dg.SensorResult(run_requests=[request], cursor=new_cursor, asset_events=events)
 
     return queue_sensor
+
+
+# Pages of root spans one tick of the Phoenix sensor reads at most: a long backlog is imported
+# over several ticks, each well inside Dagster's sensor timeout.
+IMPORT_PAGES_PER_TICK = 20
+
+
+def build_import_sensor(
+    source: str, running_by_default: bool, interval_seconds: int
+) -> dg.SensorDefinition:
+    """`phoenix_import_sensor` / `langfuse_import_sensor`: `qe import SOURCE` on an interval.
+
+    It starts no run: the events it puts on the queue start the ingest job through
+    `queue_sensor`. A server problem is the tick's skip reason (one line naming the setting),
+    never an exception, and leaves the cursor where it was."""
+
+    @dg.sensor(
+        name=f"{source}_import_sensor",
+        minimum_interval_seconds=interval_seconds,
+        default_status=(
+            dg.DefaultSensorStatus.RUNNING if running_by_default else dg.DefaultSensorStatus.STOPPED
+        ),
+        description=(
+            f"Imports judged traces from {source.capitalize()} into the queue (`qe import "
+            f"{source}`, docs/importing.md) every QE_IMPORT_INTERVAL_SECONDS; queue_sensor then "
+            f"starts the ingest. Stopped by default; QE_{source.upper()}_SENSOR_RUNNING=true "
+            "starts it running."
+        ),
+    )
+    def import_sensor(
+        context: dg.SensorEvaluationContext, settings: PipelineSettings
+    ) -> dg.SkipReason:
+        from qe_assets.imports.state import ImportFailed
+
+        plain = settings.settings()
+        try:
+            if source == "phoenix":
+                from qe_assets.imports.phoenix import import_phoenix
+
+                outcome = import_phoenix(plain, max_pages=IMPORT_PAGES_PER_TICK)
+            else:
+                from qe_assets.imports.langfuse import import_langfuse
+
+                outcome = import_langfuse(plain)
+        except ImportFailed as exc:
+            return dg.SkipReason(f"import {source} failed: {exc}; the cursor is unchanged")
+        for problem in outcome.problems:
+            context.log.warning(f"import {source}: {problem}")
+        return dg.SkipReason(outcome.summary(source))
+
+    return import_sensor

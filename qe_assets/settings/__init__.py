@@ -17,6 +17,8 @@ from qe_assets.settings.evaluation import ENVIRONMENT as _EVALUATION_ENV
 from qe_assets.settings.evaluation import EvaluationSettings
 from qe_assets.settings.finetune import ENVIRONMENT as _FINETUNE_ENV
 from qe_assets.settings.finetune import FinetuneSettings
+from qe_assets.settings.imports import ENVIRONMENT as _IMPORTS_ENV
+from qe_assets.settings.imports import ImportSettings
 from qe_assets.settings.ingest import ENVIRONMENT as _INGEST_ENV
 from qe_assets.settings.ingest import IngestSettings
 from qe_assets.settings.ops import ENVIRONMENT as _OPS_ENV
@@ -57,10 +59,12 @@ ENVIRONMENT = {
     **_ROLLOUT_ENV,
     **_SERVE_ENV,
     **_OPS_ENV,
+    **_IMPORTS_ENV,
 }
 
 
 class Settings(
+    ImportSettings,
     OpsSettings,
     ServeSettings,
     RolloutSettings,
@@ -175,6 +179,19 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
         "The key of the judge's endpoint (`QE_EVAL_JUDGE_BASE_URL`). Read when the evaluation "
         "runs, never a setting, never logged.",
     ),
+    "QE_PHOENIX_API_KEY": (
+        "unset",
+        "The key `qe import phoenix` sends as a bearer token (a Phoenix with authentication). "
+        "Read when the importer connects; never a setting, never logged.",
+    ),
+    "QE_LANGFUSE_PUBLIC_KEY": (
+        "required by `qe import langfuse`",
+        "Langfuse's public key (basic-auth user). Never a setting, never logged.",
+    ),
+    "QE_LANGFUSE_SECRET_KEY": (
+        "required by `qe import langfuse`",
+        "Langfuse's secret key (basic-auth password). Never a setting, never logged.",
+    ),
     "QE_REVIEWER": ("`$USER`", "Who `qe review` and `qe models` record as the reviewer."),
     "QE_TRL_MODEL": ("required", "TRL examples: the model to adapt (Hugging Face id or folder)."),
     "QE_TRL_DATA": ("`records`", "TRL examples: `records` (weighted loss) or `chat`."),
@@ -186,6 +203,11 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
         "`.venv-dvc/bin/dvc`, else `dvc` on PATH",
         "Tests: the `dvc` the real `dvc pull` test runs (`make test` sets it to the one `make dvc` "
         "installs; set, the test fails instead of skipping when it is missing).",
+    ),
+    "QE_TEST_PHOENIX": (
+        "unset (the Phoenix tests skip)",
+        "Tests and `make bench`: the `phoenix` executable of `.venv-phoenix` (`make phoenix`); "
+        "`make test` sets it, and the tests start a real Phoenix server with it.",
     ),
     "QE_DOCS_SCREENSHOTS": (
         "unset",
