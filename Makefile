@@ -19,6 +19,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_EVENTS ?= 1500
 DEMO_SEED ?= 7
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many worker processes (pytest-xdist), a test file per worker
+# at a time: most tests wait on servers, daemons and subprocesses, so two workers on two cores
+# take a little over half the time. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 # The train extra's torch: this machine's wheel mirror holds the CPU build. Elsewhere, set
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's pulls ~3 GB of CUDA).
 TORCH_INDEX ?=
@@ -121,10 +126,10 @@ demo: $(STAMP) ## generate demo events into the inbox and run the whole graph of
 test: $(TEST_STAMP) system-deps $(DVC_STAMP) $(PHOENIX_STAMP) docs ## install everything the tests need, build the docs, run the whole suite
 	$(BIN)/ruff check qe_assets qe_assets_tests
 	QE_TEST_DVC=$(CURDIR)/$(DVC_VENV)/bin/dvc QE_TEST_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix \
-	  $(BIN)/python -m pytest $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP) ## the suite without slow trials and real training (`train` marker)
-	$(BIN)/python -m pytest -m "not slow and not train" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not train" $(XDIST) $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP) ## ruff check and format check, and the layout's import contracts
 	$(BIN)/ruff check qe_assets qe_assets_tests
