@@ -41,7 +41,7 @@ from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.templates import load_templates
 from qe_assets.rollout import timeline
-from qe_assets.rollout.assets import report_rollout_change, rollout_changed
+from qe_assets.rollout.assets import report_rollout_change, rollout_changed, served_base_url
 from qe_assets.rollout.registry import active_test, start_test, sync_state_file
 from qe_assets.service.rollout import state_path
 from qe_assets.settings import Settings
@@ -384,7 +384,7 @@ def commit_decision(
                 evaluation_id=row["evaluation_id"],
                 reason=row["reason"],
             )
-    sync_state_file(conn, state_path(settings))
+    sync_state_file(conn, state_path(settings), served_base_url(settings))
     return passed and not canary, canary
 
 
