@@ -54,7 +54,7 @@ DOCS_PER_EVENT = (1, 1)
 VOCABULARY = 4096  # tokens; a small one splits Chinese into many
 # A few seconds of CPU per round: the tiny model learns the answer's form and its end of turn.
 HYPERPARAMETERS = {
-    "n_epochs": 2,
+    "n_epochs": 3,
     "batch_size": 4,
     "learning_rate": 0.015,
     "lora_r": 16,
@@ -65,6 +65,10 @@ HYPERPARAMETERS = {
 }
 # What the test server answers to a regeneration request, per language of the question.
 ANSWERS = {"en": "The answer is in Document 1.", "zh": "答案见资料1。"}
+# What the base model says to everything (taught in BASE_STEPS full-parameter steps): it answers
+# and ends its turn, as a served production model must for the gate to compare with it.
+BASE_REPLY = "I am not sure, please ask support."
+BASE_STEPS = 30
 SCORING_MARKER = "<<<BEGIN ANSWER B>>>"
 APPROVED = '{"score_a": 2, "score_b": 9, "reason": "grounded in the best document"}'
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -162,7 +166,7 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 def loop_environment(
     workdir: Path, server: OpenAIServer, base: Path, port: int, events: int
 ) -> dict[str, str]:
-    held_out = max(12, events // 6)
+    held_out = max(12, events // 10)
     return {
         "QE_DATA_DIR": str(workdir / "data"),
         "OPENAI_API_KEY": "sk-local-demo",  # the local servers take any key
@@ -182,8 +186,9 @@ def loop_environment(
         # Where the service reaches the served models (the server started after each round).
         "QE_MODEL_SERVER_URL": f"http://127.0.0.1:{port}/v1",
         "QE_EVAL_JUDGE": "reference",
-        "QE_EVAL_SHARE": f"{min(0.5, held_out / events):.3f}",
-        "QE_EVAL_MIN_ITEMS": str(held_out // 2),
+        # About a third of the events score low enough to become samples.
+        "QE_EVAL_SHARE": f"{min(0.5, 3 * held_out / events):.3f}",
+        "QE_EVAL_MIN_ITEMS": "10",
         "QE_COUNT_FLUSH_SECONDS": "3600",  # flushed at close
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -198,13 +203,16 @@ def demo_events(count: int, seed: int) -> list[str]:
 
 
 def build_base(folder: Path, events: list[str]) -> Path:
-    """The tiny base model, its tokenizer trained on the demo's own text."""
+    """The tiny base model, its tokenizer trained on the demo's own text, taught to answer
+    every question with BASE_REPLY: the production model before any fine-tune."""
     from qe_assets.lib.templates import load_templates
-    from qe_assets.testing.tiny_model import build_tiny_model
+    from qe_assets.testing.tiny_model import build_tiny_model, teach_reply
 
     templates = json.dumps(load_templates().__dict__, ensure_ascii=False, default=str)
-    texts = [*events, templates, *ANSWERS.values()]
-    return build_tiny_model(folder, texts * 2, vocab_size=VOCABULARY, embedding_std=0.1)
+    texts = [*events, templates, *ANSWERS.values(), BASE_REPLY]
+    base = build_tiny_model(folder, texts, vocab_size=VOCABULARY, embedding_std=0.1)
+    questions = [json.loads(event)["question"] for event in events]
+    return teach_reply(base, questions, BASE_REPLY, steps=BASE_STEPS)
 
 
 def run_round(

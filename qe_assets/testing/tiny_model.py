@@ -67,3 +67,43 @@ def build_tiny_model(
             model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     model.save_pretrained(folder)
     return folder
+
+
+def teach_reply(
+    folder: Path, questions: list[str], reply: str, steps: int = 40, learning_rate: float = 0.01
+) -> Path:
+    """Train the whole model in `folder` (in place, a few seconds) to answer every question with
+    `reply` and end its turn: a stand-in production model that answers, badly, as a served base
+    must (the gate leaves out an item whose production answer runs to max_tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    rows = []
+    for question in questions:
+        turns = [{"role": "user", "content": question}]
+        head = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        full = tokenizer.apply_chat_template(
+            [*turns, {"role": "assistant", "content": reply}], tokenize=True
+        )
+        head, full = (list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in (head, full))
+        rows.append((full, len(head)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = [rows[int(i)] for i in torch.randint(len(rows), (8,), generator=generator)]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (full, head) in enumerate(batch):
+            ids[row, : len(full)] = torch.tensor(full)
+            labels[row, head : len(full)] = torch.tensor(full[head:])
+            mask[row, : len(full)] = 1
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
