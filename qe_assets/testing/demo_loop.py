@@ -56,7 +56,7 @@ VOCABULARY = 4096  # tokens; a small one splits Chinese into many
 HYPERPARAMETERS = {
     "n_epochs": 3,
     "batch_size": 4,
-    "learning_rate": 0.015,
+    "learning_rate": 0.02,
     "lora_r": 16,
     "lora_alpha": 32,
     "max_length": 384,
@@ -65,10 +65,11 @@ HYPERPARAMETERS = {
 }
 # What the test server answers to a regeneration request, per language of the question.
 ANSWERS = {"en": "The answer is in Document 1.", "zh": "答案见资料1。"}
-# What the base model says to everything (taught in BASE_STEPS full-parameter steps): it answers
-# and ends its turn, as a served production model must for the gate to compare with it.
-BASE_REPLY = "I am not sure, please ask support."
-BASE_STEPS = 30
+# What the base model says to everything, per language (taught in BASE_STEPS full-parameter
+# steps): it answers and ends its turn, as a served production model must for the gate to
+# compare with it. Close to the corrected reply, so a few LoRA steps learn the difference.
+BASE_REPLIES = {"en": "The answer is not in the documents.", "zh": "资料中没有答案。"}
+BASE_STEPS = 20
 SCORING_MARKER = "<<<BEGIN ANSWER B>>>"
 APPROVED = '{"score_a": 2, "score_b": 9, "reason": "grounded in the best document"}'
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -204,15 +205,16 @@ def demo_events(count: int, seed: int) -> list[str]:
 
 def build_base(folder: Path, events: list[str]) -> Path:
     """The tiny base model, its tokenizer trained on the demo's own text, taught to answer
-    every question with BASE_REPLY: the production model before any fine-tune."""
+    every question with BASE_REPLIES: the production model before any fine-tune."""
     from qe_assets.lib.templates import load_templates
     from qe_assets.testing.tiny_model import build_tiny_model, teach_reply
 
     templates = json.dumps(load_templates().__dict__, ensure_ascii=False, default=str)
-    texts = [*events, templates, *ANSWERS.values(), BASE_REPLY]
+    texts = [*events, templates, *ANSWERS.values(), *BASE_REPLIES.values()]
     base = build_tiny_model(folder, texts, vocab_size=VOCABULARY, embedding_std=0.1)
     questions = [json.loads(event)["question"] for event in events]
-    return teach_reply(base, questions, BASE_REPLY, steps=BASE_STEPS)
+    pairs = [(q, BASE_REPLIES["zh" if CJK.search(q) else "en"]) for q in questions]
+    return teach_reply(base, pairs, steps=BASE_STEPS)
 
 
 def run_round(

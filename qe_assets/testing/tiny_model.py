@@ -70,18 +70,19 @@ def build_tiny_model(
 
 
 def teach_reply(
-    folder: Path, questions: list[str], reply: str, steps: int = 40, learning_rate: float = 0.01
+    folder: Path, pairs: list[tuple[str, str]], steps: int = 40, learning_rate: float = 0.01
 ) -> Path:
-    """Train the whole model in `folder` (in place, a few seconds) to answer every question with
-    `reply` and end its turn: a stand-in production model that answers, badly, as a served base
-    must (the gate leaves out an item whose production answer runs to max_tokens)."""
+    """Train the whole model in `folder` (in place, a few seconds) to answer each (question,
+    reply) pair's question with its reply and end its turn: a stand-in production model that
+    answers, badly, as a served base must (the gate leaves out an item whose production answer
+    runs to max_tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     rows = []
-    for question in questions:
+    for question, reply in pairs:
         turns = [{"role": "user", "content": question}]
         head = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         full = tokenizer.apply_chat_template(
