@@ -379,6 +379,20 @@ def test_a_served_model_goes_by_its_served_name_and_its_answers_count_under_it(
     assert look.ignored == {}
     router = Router(Path(settings.data_dir, "rollout.json"), default="x", check_seconds=0)
     assert {router.choose(f"r{i}").base_url for i in range(100)} == {url}
+    # People may name it as the service does: `qe models promote model_rag_qa_v001`.
+    env = {
+        "QE_DATA_DIR": settings.data_dir,
+        "QE_REVIEWER": "ana",
+        "QE_MODEL_SERVER": "external",
+        "QE_MODEL_SERVER_URL": url,
+    }
+    promoted = qe("models", "promote", "model_rag_qa_v001", "--reason", "by name", env=env)
+    assert "promote: /models/v001 is the production model" in promoted.stdout
+    state = json.loads(Path(settings.data_dir, "rollout.json").read_text())
+    assert (state["production"], state["base_urls"]) == (
+        "model_rag_qa_v001",
+        {"model_rag_qa_v001": url},
+    )
 
 
 # --- ab_test in real materializations ---------------------------------------------------------
