@@ -30,7 +30,7 @@ REQUESTS = 4  # service calls per round
 def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
     tmp_path: Path,
 ) -> None:
-    from qe_assets.testing.demo_loop import ANSWERS, run_loop
+    from qe_assets.testing.demo_loop import run_loop
 
     started = time.monotonic()
     first, second = run_loop(tmp_path, events=EVENTS, requests=REQUESTS)
@@ -52,7 +52,7 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
     assert first.base_url == first.server_url and first.base_url.startswith("http://127.0.0.1:")
     # The service called it there, for real, and captured with its served name.
     assert first.routed == {"model_rag_qa_v001": REQUESTS}
-    assert first.served_answer in ANSWERS.values() or first.served_answer
+    assert first.served_answer  # whatever it says to a bare question: it was asked and answered
     with connect(data / "qe.duckdb", read_only=True) as conn:
         counted = dict(
             conn.execute("SELECT model, sum(answers)::INT FROM answer_counts GROUP BY 1").fetchall()
@@ -63,8 +63,10 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
         (recipe,) = conn.execute(
             "SELECT recipe FROM fine_tune_runs WHERE dataset_version = 'v002'"
         ).fetchone()
-    assert counted["model_rag_qa_v001"] == 2 * REQUESTS or counted["model_rag_qa_v001"] >= REQUESTS
-    assert captured is not None and captured[0] >= 1  # the low-score answers came back as events
+    # Counted under the served name (ab_test counts it for the adapter's id), and the low-score
+    # answers came back as events.
+    assert counted["model_rag_qa_v001"] >= REQUESTS
+    assert captured is not None and captured[0] >= 1
     log = (data / "served" / "server.log").read_text("utf-8")
     assert "model_rag_qa_v001" in log and "model_rag_qa_base" in log
     assert first.ab_decision is not None

@@ -9,13 +9,14 @@ served production model by the reference judge (token-F1 against the corrected a
 → `capture(..., model=route.model)` → `ab_test`. Round 2 trains v002 on from the v001 adapter.
 
 Where the corrected answers come from: offline there is no strong LLM, so the project's own test
-server answers every regeneration request with a deterministic correction, a short grounded
-reply in the question's language that points at the best-scored document (`corrected_answer`),
-and its judge approves them. What the win rate shows: that the loop's machinery learns (the loss
-falls, the adapter learns that reply and to end its turn) and measures (held-out win rate
-against the served production model by token-F1 against the corrected answer, with its 95 %
-Wilson lower bound). It does not show that a real model gets better: the base model is a
-randomly initialised two-layer model that knows nothing, and the reply is a fixed form.
+server answers every regeneration request with a deterministic correction, a short reply in the
+question's language saying the documents hold the answer (`corrected_answer`), and its judge
+approves them; the base model (a random two-layer model taught one reply) says they do not.
+What the win rate shows: that the loop's machinery learns (the loss falls, the adapter learns
+the corrected reply and to end its turn) and measures (held-out win rate against the served
+production model by token-F1 against the corrected answer, with its 95 % Wilson lower bound).
+It does not show that a real model gets better: the model knows nothing, and the reply is a
+fixed form.
 
     python -m qe_assets.testing.demo_loop [--events 240] [--workdir DIR]
 """
@@ -64,10 +65,11 @@ HYPERPARAMETERS = {
     "logging_steps": 1,
 }
 # What the test server answers to a regeneration request, per language of the question.
-ANSWERS = {"en": "The answer is in Document 1.", "zh": "答案见资料1。"}
+ANSWERS = {"en": "The answer is in the documents.", "zh": "资料中有答案。"}
 # What the base model says to everything, per language (taught in BASE_STEPS full-parameter
 # steps): it answers and ends its turn, as a served production model must for the gate to
-# compare with it. Close to the corrected reply, so a few LoRA steps learn the difference.
+# compare with it. It differs from the corrected reply by one word: the wrong refusal a
+# production model gives, which a few LoRA steps learn to drop.
 BASE_REPLIES = {"en": "The answer is not in the documents.", "zh": "资料中没有答案。"}
 BASE_STEPS = 20
 SCORING_MARKER = "<<<BEGIN ANSWER B>>>"
@@ -76,8 +78,7 @@ CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 def corrected_answer(prompt: str) -> str:
-    """The deterministic correction: a short grounded reply in the question's language that
-    points at the best-scored document (`[Document 1]` / `[资料1]` in the prompt)."""
+    """The deterministic correction: a fixed short reply in the prompt's language."""
     return ANSWERS["zh"] if CJK.search(prompt) else ANSWERS["en"]
 
 
@@ -336,7 +337,8 @@ HEADER = """\
 make demo-loop: two rounds of the loop, offline, on this CPU.
 Corrected answers: the project's own OpenAI-compatible test server (qe_assets/testing/
 openai_server.py) answers each regeneration with a deterministic correction, a short grounded
-reply pointing at the best document ("The answer is in Document 1." / "答案见资料1。"). The
+reply ("The answer is in the documents." / "资料中有答案。"), where the base model answers "The
+answer is not in the documents." / "资料中没有答案。". The
 judge is the reference judge (token-F1 against that corrected answer): nothing leaves this
 machine. What the win rate shows: the loop's machinery learns and measures. It does not show
 that a real model gets better: the base is a tiny random model built on the spot.
