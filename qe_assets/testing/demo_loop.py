@@ -64,6 +64,7 @@ HYPERPARAMETERS = {
     "gradient_checkpointing": False,
     "logging_steps": 1,
 }
+CONTINUED_HYPERPARAMETERS = {**HYPERPARAMETERS, "learning_rate": 0.002}
 # What the test server answers to a regeneration request, per language of the question.
 ANSWERS = {"en": "The answer is in the documents.", "zh": "资料中有答案。"}
 # What the base model says to everything, per language (taught in BASE_STEPS full-parameter
@@ -327,6 +328,12 @@ def run_loop(workdir: Path, events: int = 240, requests: int = 8, rounds: int = 
         with environment(env):
             settings = Settings.from_env(env)
             for number, batch in enumerate(batches, start=1):
+                if number == 2:
+                    # Trained on from the previous adapter: at the first rate Adam's first steps
+                    # would throw away what it learned (measured: validation loss 0.29 → 3.0).
+                    settings = settings.model_copy(
+                        update={"finetune_hyperparameters": CONTINUED_HYPERPARAMETERS}
+                    )
                 out.append(run_round(settings, batch, f"v{number:03d}", port, requests))
     finally:
         server.stop()
