@@ -281,7 +281,7 @@ def evaluate_candidate(
     with serving as served_url:
         endpoint = models_endpoint(openai, settings, served_url)
         if model_server is not None:
-            _parity(log, duckdb, model_server, plan, pairing, endpoint)
+            _parity(log, duckdb, settings, model_server, plan, pairing, endpoint)
         compared = _compare(
             log, run_id, duckdb, settings, openai, plan, pairing, "production", endpoint
         )
@@ -440,6 +440,7 @@ def model_evaluation(
 def _parity(
     log: dg.DagsterLogManager | Any,
     duckdb: DuckDBResource,
+    settings: Settings,
     model_server: ModelServerResource,
     plan: Plan,
     pairing: Pairing,
@@ -450,12 +451,15 @@ def _parity(
     assert plan.candidate is not None
     if not model_server.configured or plan.candidate.model_id.startswith("ft:"):
         return
+    # Against the base model the adapter was trained on, not production: a v002 trained on from
+    # the promoted v001 may rightly answer as v001 does, and is judged against it afterwards.
+    base = plan.candidate.base_model
     result = probe(
         lambda: duckdb_reader(duckdb),
         endpoint.async_client,
         plan.candidate.model_id,
         pairing.candidate_served,
-        pairing.baseline_served,
+        served(settings, base) if base else pairing.baseline_served,
         set(load_templates().system.values()),
     )
     if not result.ok:
