@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-core
 TEST_STAMP := $(VENV)/.installed-test
 TRAIN_STAMP := $(VENV)/.installed-train
-DEMO_LOOP_EVENTS ?= 240
+DEMO_LOOP_EVENTS ?= 200
 # The docs extra has its own stamp: mkdocs-material comes from PyPI the first time `make docs` runs.
 DOCS_STAMP := $(VENV)/.installed-docs
 export QE_DATA_DIR ?= $(CURDIR)/data

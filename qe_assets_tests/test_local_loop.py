@@ -21,7 +21,9 @@ from qe_assets.store import connect
 
 pytest.importorskip("trl", reason="the train extra: pip install -e '.[train]'")
 pytest.importorskip("fastapi", reason="the train extra (transformers serve)")
-pytestmark = pytest.mark.train
+# Two real trainings, two `transformers serve` evaluations and two served rounds: minutes, not
+# the suite's default 300 s, on a busy machine.
+pytestmark = [pytest.mark.train, pytest.mark.timeout(1500)]
 
 EVENTS = 160  # per round: ~55 train samples, ~25 held out
 REQUESTS = 4  # service calls per round

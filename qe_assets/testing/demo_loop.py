@@ -18,7 +18,7 @@ production model by token-F1 against the corrected answer, with its 95 % Wilson 
 It does not show that a real model gets better: the model knows nothing, and the reply is a
 fixed form.
 
-    python -m qe_assets.testing.demo_loop [--events 240] [--workdir DIR]
+    python -m qe_assets.testing.demo_loop [--events 200] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def run_round(
     return row
 
 
-def run_loop(workdir: Path, events: int = 240, requests: int = 8, rounds: int = 2) -> list[Round]:
+def run_loop(workdir: Path, events: int = 200, requests: int = 8, rounds: int = 2) -> list[Round]:
     """The rounds, each on `events` new demo events; returns what each measured."""
     from qe_assets.finetune.serving.transformers_engine import free_port
     from qe_assets.settings import Settings
@@ -354,7 +354,7 @@ that a real model gets better: the base is a tiny random model built on the spot
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=240, help="new demo events per round")
+    parser.add_argument("--events", type=int, default=200, help="new demo events per round")
     parser.add_argument("--requests", type=int, default=8, help="service calls per round")
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir)")
     args = parser.parse_args(argv)
