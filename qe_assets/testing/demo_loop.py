@@ -304,8 +304,11 @@ def run_round(
     row.production, row.base_url = state.production, state.base_urls.get(state.production or "")
     row.server_url = served_url
     ab = materialize(settings, selection=AB_SELECTION, raise_on_error=False)
-    row.ab_decision = metadata(ab, "ab_test").get("decision") or metadata(ab, "ab_test").get(
-        "state"
+    look = metadata(ab, "ab_test")
+    # Direct promotion (QE_ROLLOUT=direct): no A/B test runs; ab_test only keeps rollout.json.
+    row.ab_decision = str(
+        look.get("decision")
+        or f"materialized; no test running, production {look.get('production') or '—'}"
     )
     row.seconds = time.monotonic() - started
     return row
