@@ -47,7 +47,7 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
     assert first.eval_loss_after is not None and first.eval_loss_before is not None
     assert first.eval_loss_after < first.eval_loss_before
     assert first.parity == "passed" and first.n >= 10
-    assert first.decision == "passed" and first.ci_low is not None and first.ci_low > 0.5
+    assert first.decision == "promote" and first.ci_low is not None and first.ci_low > 0.5
     assert first.wins > first.losses
     # rollout.json names the served adapter and the server the service must call.
     assert first.production == "model_rag_qa_v001"
@@ -77,6 +77,6 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
     assert second.previous_model == json.loads(recipe)["previous_model"]
     assert second.previous_model is not None and second.previous_model.endswith("v001-command-1")
     assert second.parity == "passed" and second.n >= 10 and second.decision is not None
-    promoted = second.decision == "passed"
+    promoted = second.decision == "promote"
     assert second.production == ("model_rag_qa_v002" if promoted else "model_rag_qa_v001")
     assert sum(second.routed.values()) == REQUESTS
