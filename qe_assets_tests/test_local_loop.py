@@ -54,7 +54,9 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
     assert first.base_url == first.server_url and first.base_url.startswith("http://127.0.0.1:")
     # The service called it there, for real, and captured with its served name.
     assert first.routed == {"model_rag_qa_v001": REQUESTS}
-    assert first.served_answer  # whatever it says to a bare question: it was asked and answered
+    assert (
+        first.served_answer is not None
+    )  # asked and answered, whatever it says to a bare question
     with connect(data / "qe.duckdb", read_only=True) as conn:
         counted = dict(
             conn.execute("SELECT model, sum(answers)::INT FROM answer_counts GROUP BY 1").fetchall()

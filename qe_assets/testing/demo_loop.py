@@ -308,9 +308,11 @@ def run_round(
     ab = materialize(settings, selection=AB_SELECTION, raise_on_error=False)
     look = metadata(ab, "ab_test")
     # Direct promotion (QE_ROLLOUT=direct): no A/B test runs; ab_test only keeps rollout.json.
-    row.ab_decision = str(
-        look.get("decision")
-        or f"materialized; no test running, production {look.get('production') or '—'}"
+    decided = look.get("decision")
+    row.ab_decision = (
+        str(decided)
+        if decided not in (None, "", "none")
+        else f"no test running; rollout.json kept (production {look.get('production') or '—'})"
     )
     row.seconds = time.monotonic() - started
     return row
