@@ -12,6 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-core
 TEST_STAMP := $(VENV)/.installed-test
 TRAIN_STAMP := $(VENV)/.installed-train
+DEMO_LOOP_EVENTS ?= 200
 # The docs extra has its own stamp: mkdocs-material comes from PyPI the first time `make docs` runs.
 DOCS_STAMP := $(VENV)/.installed-docs
 export QE_DATA_DIR ?= $(CURDIR)/data
@@ -43,7 +44,7 @@ OPENINFERENCE_SEMCONV_VERSION ?= 0.1.42
 # pip's "Location ... is ignored" lines are noise from this machine's mirror config.
 PIP_QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help install install-test train system-deps dvc phoenix demo docs docs-config test test-fast lint format ui bench clean
+.PHONY: help install install-test train system-deps dvc phoenix demo demo-loop docs docs-config test test-fast lint format ui bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -122,6 +123,9 @@ demo: $(STAMP) ## generate demo events into the inbox and run the whole graph of
 	@echo "database:  $(QE_DATA_DIR)/qe.duckdb   (query it: .venv/bin/qe sql \"SELECT ...\")"
 	@echo "review:    .venv/bin/qe review list"
 	@echo "UI:        make ui   → http://127.0.0.1:3000 (Dagster), http://127.0.0.1:8787 (review)"
+
+demo-loop: $(TRAIN_STAMP) ## two rounds of the loop offline on a tiny local model: train, serve, judge, promote, route (CPU)
+	$(BIN)/python -m qe_assets.testing.demo_loop --events $(DEMO_LOOP_EVENTS)
 
 test: $(TEST_STAMP) system-deps $(DVC_STAMP) $(PHOENIX_STAMP) docs ## install everything the tests need, build the docs, run the whole suite
 	$(BIN)/ruff check qe_assets qe_assets_tests

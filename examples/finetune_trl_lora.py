@@ -18,8 +18,9 @@ Hyperparameters (`QE_FINETUNE_HYPERPARAMETERS`): `n_epochs`, `learning_rate_mult
 `lora_alpha`, `max_length` (default 1024; a longer sample gives up context documents, lowest
 score first, never its completion; one that still does not fit is named in the metrics, and the
 run is refused when more than the recipe's `max_dropped_share` would be lost),
-`gradient_accumulation_steps`, `gradient_checkpointing`, `max_steps`. bf16 is used only where
-the GPU supports it.
+`gradient_accumulation_steps`, `gradient_checkpointing`, `max_steps`, `logging_steps` (the
+first and last logged losses are reported as `train_loss_first` / `train_loss_last`). bf16 is
+used only where the GPU supports it.
 
 The adapter is saved under `$QE_TRL_OUTPUT_DIR/<run_id>` (default `data/models`) and reported as
 `model_path` with `base_model` (the model it adapted), `train_loss`, `eval_loss` and
@@ -216,7 +217,7 @@ def common_args(recipe: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         # TRL turns bf16 on by default; CPUs and pre-Ampere GPUs cannot run it.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "report_to": [],
-        "logging_steps": 10,
+        "logging_steps": hyper(recipe, "logging_steps", 10, int),
         "save_strategy": "no",
         "seed": 0,
     }
@@ -281,6 +282,10 @@ def train(pipes: PipesContext, recipe: dict[str, Any]) -> dict[str, Any]:
     if eval_rows:
         metrics["base_eval_loss"] = float(trainer.evaluate()["eval_loss"])
     metrics["train_loss"] = float(trainer.train().training_loss)
+    # The first and last logged training losses (every `logging_steps` steps): how it went.
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if logged:
+        metrics["train_loss_first"], metrics["train_loss_last"] = logged[0], logged[-1]
     if eval_rows:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     trainer.save_model(str(output_dir))

@@ -64,6 +64,10 @@ def test_an_external_server_loads_the_adapter_by_name_and_the_gate_asks_for_it(
     with connect(served_settings.database, read_only=True) as conn:
         ((metrics,),) = conn.execute("SELECT metrics FROM fine_tune_runs").fetchall()
     assert json.loads(metrics)["served_as"] == "model_rag_qa_v001"
+    # Promoted: the RAG service is routed to the served name at the server that serves it.
+    state = json.loads((Path(served_settings.data_dir) / "rollout.json").read_text("utf-8"))
+    assert state["production"] == "model_rag_qa_v001"
+    assert state["base_urls"] == {"model_rag_qa_v001": openai_server.base_url}
     # `qe models list` shows the served name beside the model id.
     listed = qe("models", "list", env={"QE_DATA_DIR": served_settings.data_dir}).stdout
     assert "model_rag_qa_v001" in listed and "served_as" in listed

@@ -6,7 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qe_assets.evaluation.parity import judge_probe, probe_samples, system_mismatch
+from qe_assets.evaluation.parity import (
+    PROBE_MAX_TOKENS,
+    base_budgets,
+    judge_probe,
+    probe_samples,
+    system_mismatch,
+)
 
 SYSTEM = "You are a knowledge-base assistant."
 
@@ -48,3 +54,11 @@ def test_the_system_message_must_be_the_one_the_evaluation_sends(tmp_path: Path)
     assert "differs from the one the evaluation sends" in (
         system_mismatch(with_system, {"Another system message."}) or ""
     )
+
+
+def test_the_base_is_asked_only_as_long_as_an_identical_answer_would_take() -> None:
+    """A candidate that stopped after n tokens: an identical base answer stops within n + 1, so
+    the base is not asked for 256 tokens; a cut candidate, or one without a token count, gets
+    the full budget for its base."""
+    candidate = [("a b", "stop", 3), ("x" * 9, "length", PROBE_MAX_TOKENS), ("c", "stop", 0)]
+    assert base_budgets(candidate) == [4, PROBE_MAX_TOKENS, PROBE_MAX_TOKENS]

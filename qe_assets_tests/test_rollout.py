@@ -22,7 +22,7 @@ from qe_assets.rollout.registry import start_test
 from qe_assets.rollout.sequential import CONTINUE, PROMOTE, ROLLBACK, Arms, Policy, decide
 from qe_assets.service.answer_counts import RECORD_PREFIX
 from qe_assets.service.capture import CaptureStatus, QualityCapture
-from qe_assets.service.rollout import RolloutState, Router, bucket, write_state
+from qe_assets.service.rollout import RolloutState, Route, Router, bucket, write_state
 from qe_assets.settings import Settings
 from qe_assets.store import connect, ensure_schema
 from qe_assets.store.evaluations import record_promotion
@@ -313,6 +313,86 @@ def test_a_test_stops_when_someone_promotes_another_model_meanwhile(settings: Se
     assert "production changed to other" in reason
     state = json.loads(Path(settings.data_dir, "rollout.json").read_text())
     assert (state["production"], state["candidate"]) == ("other", None)
+
+
+def test_choose_gives_the_served_name_and_the_url_of_its_server(tmp_path: Path) -> None:
+    path = tmp_path / "rollout.json"
+    served = "http://127.0.0.1:8000/v1"
+    state = RolloutState(
+        "model_rag_qa_v001", "ft:cand", 0.5, base_urls={"model_rag_qa_v001": served}
+    )
+    write_state(path, state)
+    router = Router(path, default="base", check_seconds=0, base_url="https://llm.example/v1")
+    routes = {router.choose(f"r{i}") for i in range(200)}
+    # A served model at its server; any other at the service's QE_ROUTE_BASE_URL.
+    assert routes == {
+        Route("model_rag_qa_v001", served),
+        Route("ft:cand", "https://llm.example/v1"),
+    }
+    assert {router.choose_model(f"r{i}") for i in range(200)} == {"model_rag_qa_v001", "ft:cand"}
+    model, base_url = router.choose("r1")  # one call, unpacked
+    assert (model, base_url) in routes
+    # A bad URL in the file: the file is unreadable, production keeps its last good server.
+    path.write_text(json.dumps({**json.loads(state.to_json()), "base_urls": {"x": "file:/x"}}))
+    assert {router.choose(f"r{i}") for i in range(50)} == {Route("model_rag_qa_v001", served)}
+    # A file without base_urls reads as before, and is written as before.
+    assert "base_urls" not in RolloutState("prod").to_json()
+    assert Router(tmp_path / "none.json", default="base").choose("r") == Route("base", None)
+
+
+def test_a_served_model_goes_by_its_served_name_and_its_answers_count_under_it(
+    settings: Settings,
+) -> None:
+    """rollout.json names the model the RAG service can call (`model_rag_qa_v001`, with the
+    model server's URL); the service captures with that name, and ab_test counts it for the
+    candidate whose id is the adapter's folder."""
+    url = "http://127.0.0.1:8011/v1"
+    served = settings.model_copy(
+        update={"model_server": "external", "model_server_url": url, "ab_min_answers": 10_000}
+    )
+    with connect(settings.database) as conn:
+        ensure_schema(conn)
+        conn.execute(
+            "INSERT INTO fine_tune_runs (run_id, dataset_version, backend, status, base_model, "
+            "model_id, metrics, created_at, updated_at) VALUES ('v001-command-1', 'v001', "
+            "'command', 'succeeded', '/models/base', '/models/v001', ?, now(), now())",
+            [json.dumps({"served_as": "model_rag_qa_v001", "base_served_as": "model_rag_qa_base"})],
+        )
+        start_test(conn, "/models/v001", "/models/base", 0.5, "gate", "passed")
+        for model, answers, low in (("model_rag_qa_v001", 300, 30), ("model_rag_qa_base", 300, 90)):
+            conn.execute(
+                "INSERT INTO answer_counts VALUES (?, ?, ?, ?, 0.7, 'h:1', now() - INTERVAL 1 "
+                "MINUTE, now() + INTERVAL 1 MINUTE, 'test', now())",
+                [f"f-{model}", model, answers, low],
+            )
+        look = look_at_test(conn, served, None)
+    assert (look.state.production, look.state.candidate) == (
+        "model_rag_qa_base",
+        "model_rag_qa_v001",
+    )
+    assert look.state.base_urls == {"model_rag_qa_base": url, "model_rag_qa_v001": url}
+    assert look.arms is not None and (look.arms.answers_candidate, look.arms.low_candidate) == (
+        300,
+        30,
+    )
+    assert (look.arms.answers_production, look.arms.low_production) == (300, 90)
+    assert look.ignored == {}
+    router = Router(Path(settings.data_dir, "rollout.json"), default="x", check_seconds=0)
+    assert {router.choose(f"r{i}").base_url for i in range(100)} == {url}
+    # People may name it as the service does: `qe models promote model_rag_qa_v001`.
+    env = {
+        "QE_DATA_DIR": settings.data_dir,
+        "QE_REVIEWER": "ana",
+        "QE_MODEL_SERVER": "external",
+        "QE_MODEL_SERVER_URL": url,
+    }
+    promoted = qe("models", "promote", "model_rag_qa_v001", "--reason", "by name", env=env)
+    assert "promote: /models/v001 is the production model" in promoted.stdout
+    state = json.loads(Path(settings.data_dir, "rollout.json").read_text())
+    assert (state["production"], state["base_urls"]) == (
+        "model_rag_qa_v001",
+        {"model_rag_qa_v001": url},
+    )
 
 
 # --- ab_test in real materializations ---------------------------------------------------------

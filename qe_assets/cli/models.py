@@ -80,6 +80,10 @@ def _models_change(args: argparse.Namespace, conn: duckdb.DuckDBPyConnection, by
 
     current = registry.production_model(conn)
     test = ab.active_test(conn)
+    if getattr(args, "model", None):
+        # A served name (`model_rag_qa_v002`, what rollout.json says) stands for its model id.
+        by_name = {name: model for model, name in ab.served_aliases(conn).items()}
+        args.model = by_name.get(args.model, args.model)
     if args.action == "rollout":
         return _rollout_change(args, conn, by, current, test)
     if args.action == "rollback" and test is not None:
@@ -132,7 +136,7 @@ def _rollout_change(
         )
     production = test.production if test is not None and test.candidate == model else current
     # Before any promotion: the model the last test ran against (the gate's base model).
-    production = production or ab.current_state(conn).production
+    production = production or ab.state_by_id(conn).production
     if production is None:
         raise UserError(f"no production model on record to test {model} against", EXIT_FAILED)
     try:
@@ -143,6 +147,7 @@ def _rollout_change(
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from qe_assets.rollout.assets import served_base_url
     from qe_assets.rollout.registry import sync_state_file
     from qe_assets.service.rollout import state_path
     from qe_assets.store import connect, ensure_schema, writer_lock
@@ -161,7 +166,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     ):
         ensure_schema(conn)
         message = _models_change(args, conn, reviewer)
-        sync_state_file(conn, state_path(settings))
+        sync_state_file(conn, state_path(settings), served_base_url(settings))
         event = _rollout_event(conn, settings, reviewer, message)
     print(message)
     problem = _report_to_dagster(settings, event)

@@ -41,7 +41,7 @@ from qe_assets.lib.links import dashboard_url
 from qe_assets.lib.resources import OpenAIResource, PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.templates import load_templates
 from qe_assets.rollout import timeline
-from qe_assets.rollout.assets import report_rollout_change, rollout_changed
+from qe_assets.rollout.assets import report_rollout_change, rollout_changed, served_base_url
 from qe_assets.rollout.registry import active_test, start_test, sync_state_file
 from qe_assets.service.rollout import state_path
 from qe_assets.settings import Settings
@@ -281,7 +281,7 @@ def evaluate_candidate(
     with serving as served_url:
         endpoint = models_endpoint(openai, settings, served_url)
         if model_server is not None:
-            _parity(log, duckdb, model_server, plan, pairing, endpoint)
+            _parity(log, duckdb, settings, model_server, plan, pairing, endpoint)
         compared = _compare(
             log, run_id, duckdb, settings, openai, plan, pairing, "production", endpoint
         )
@@ -384,7 +384,7 @@ def commit_decision(
                 evaluation_id=row["evaluation_id"],
                 reason=row["reason"],
             )
-    sync_state_file(conn, state_path(settings))
+    sync_state_file(conn, state_path(settings), served_base_url(settings))
     return passed and not canary, canary
 
 
@@ -440,6 +440,7 @@ def model_evaluation(
 def _parity(
     log: dg.DagsterLogManager | Any,
     duckdb: DuckDBResource,
+    settings: Settings,
     model_server: ModelServerResource,
     plan: Plan,
     pairing: Pairing,
@@ -450,12 +451,15 @@ def _parity(
     assert plan.candidate is not None
     if not model_server.configured or plan.candidate.model_id.startswith("ft:"):
         return
+    # Against the base model the adapter was trained on, not production: a v002 trained on from
+    # the promoted v001 may rightly answer as v001 does, and is judged against it afterwards.
+    base = plan.candidate.base_model
     result = probe(
         lambda: duckdb_reader(duckdb),
         endpoint.async_client,
         plan.candidate.model_id,
         pairing.candidate_served,
-        pairing.baseline_served,
+        served(settings, base) if base else pairing.baseline_served,
         set(load_templates().system.values()),
     )
     if not result.ok:

@@ -144,18 +144,30 @@ def judge_probe(
     return ProbeResult(True, f"parity: {len(candidate)} train prompts answered as trained", answers)
 
 
+def base_budgets(candidate: list[tuple[str | None, str | None, int]]) -> list[int]:
+    """How many tokens the base needs per probe prompt to tell whether it answers exactly as the
+    candidate: one more than the candidate's answer when that ended its turn (an identical base
+    answer ends within it; one still going there is a different answer), else the full
+    PROBE_MAX_TOKENS. Saves generating 256 tokens four times from a base that never stops,
+    without changing any verdict."""
+    return [
+        min(PROBE_MAX_TOKENS, tokens + 1) if reason == "stop" and tokens > 0 else PROBE_MAX_TOKENS
+        for _, reason, tokens in candidate
+    ]
+
+
 async def _ask(
-    client: openai.AsyncOpenAI, model: str, samples: list[ProbeSample]
-) -> list[tuple[str | None, str | None]]:
+    client: openai.AsyncOpenAI, model: str, samples: list[ProbeSample], budgets: list[int]
+) -> list[tuple[str | None, str | None, int]]:
     slots = asyncio.Semaphore(4)
     outcomes = await asyncio.gather(
         *(
-            chat(client, slots, answer_request(model, s.system or "", s.prompt, PROBE_MAX_TOKENS))
-            for s in samples
+            chat(client, slots, answer_request(model, s.system or "", s.prompt, budget))
+            for s, budget in zip(samples, budgets, strict=True)
         )
     )
     # A cut answer is an error for the evaluation, but the probe wants its text and reason.
-    return [(o.content, o.finish_reason) for o in outcomes]
+    return [(o.content, o.finish_reason, o.completion_tokens) for o in outcomes]
 
 
 def run_probe(
@@ -169,10 +181,12 @@ def run_probe(
     async def both() -> ProbeResult:
         client = make_client()
         try:
-            candidate = await _ask(client, candidate_served, samples)
-            base = await _ask(client, baseline_served, samples)
+            candidate = await _ask(
+                client, candidate_served, samples, [PROBE_MAX_TOKENS] * len(samples)
+            )
+            base = await _ask(client, baseline_served, samples, base_budgets(candidate))
         finally:
             await client.close()
-        return judge_probe(candidate, base)
+        return judge_probe([(a, r) for a, r, _ in candidate], [(a, r) for a, r, _ in base])
 
     return asyncio.run(both())

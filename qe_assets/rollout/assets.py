@@ -10,6 +10,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from qe_assets.annotate.assets import annotated_samples
+from qe_assets.finetune.serving.resource import ModelServerResource
 from qe_assets.ingest.assets import raw_events
 from qe_assets.lib.resources import PipelineSettings, duckdb_reader, duckdb_writer
 from qe_assets.lib.stages import RELEASE_GROUP
@@ -65,6 +66,12 @@ def per_label_rates(counts: dict[str, dict[str, int]], arms: Arms) -> dict[str, 
     }
 
 
+def served_base_url(settings: Settings) -> str | None:
+    """Where the model server serves its models for the RAG service (rollout.json's
+    `base_urls`)."""
+    return ModelServerResource.from_settings(settings).route_url
+
+
 def look_at_test(
     conn: duckdb.DuckDBPyConnection, settings: Settings, run_id: str | None, *, record: bool = True
 ) -> Look:
@@ -87,7 +94,8 @@ def look_at_test(
             decision=ab.SET_SHARE,
         )
         test = None
-    state = ab.sync_state_file(conn, path) if record else ab.current_state(conn)
+    url = served_base_url(settings)
+    state = ab.sync_state_file(conn, path, url) if record else ab.current_state(conn, url)
     if test is None:
         return Look(
             state,
@@ -110,7 +118,7 @@ def look_at_test(
                     evaluation_id=ab.gate_passed(conn, test.candidate),
                     reason=decision.reason,
                 )
-        state = ab.sync_state_file(conn, path)
+        state = ab.sync_state_file(conn, path, url)
     ended = decision.decision in (PROMOTE, ROLLBACK)
     distance = None if ended else distance_to_decision(arms, decision.share, policy)
     steps = timeline.release_timeline(

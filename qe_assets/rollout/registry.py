@@ -4,12 +4,17 @@
 that row's share is above 0, its decision is neither `promote` nor `rollback`, and the candidate
 is not production already. rollout.json is always written from these tables (`sync_state_file`),
 so a lost or corrupt file is healed by the next run or `qe models` command.
+
+The tables name a model by its id (`fine_tune_runs.model_id`); a model that the model server
+serves (QE_MODEL_SERVER) is named in rollout.json by its served name (`model_rag_qa_v001`),
+with the server's base URL, since that is what the RAG service calls and captures with
+`model=`. Its answers are counted under either name.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
@@ -82,26 +87,55 @@ def active_test(conn: duckdb.DuckDBPyConnection) -> ActiveTest | None:
     )
 
 
+def served_aliases(conn: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """model id (or base model) → the name the model server serves it under, as each run
+    recorded it when the model was registered (`served_as`, `base_served_as` in its metrics)."""
+    rows = conn.execute(
+        """
+        SELECT model_id, json_extract_string(metrics, '$.served_as'),
+               base_model, json_extract_string(metrics, '$.base_served_as')
+        FROM fine_tune_runs
+        WHERE status = 'succeeded' AND model_id IS NOT NULL
+        ORDER BY updated_at
+        """
+    ).fetchall()
+    out: dict[str, str] = {}
+    for model_id, served, base, base_served in rows:
+        if served:
+            out[model_id] = served
+        if base and base_served:
+            out[base] = base_served
+    return out
+
+
+def names_of(aliases: dict[str, str], model: str) -> list[str]:
+    """The names a model's answers may be counted under: its id and its served name."""
+    return [model, aliases[model]] if model in aliases else [model]
+
+
 def arm_counts(conn: duckdb.DuckDBPyConnection, test: ActiveTest) -> Arms:
     """Both arms' answers and low-score answers counted since the test started, per period of
     constant share (a flush belongs to the period its window ended in)."""
     periods = [[0, 0, 0, 0] for _ in range(len(test.share_changes) + 1)]
-    for model, period, answers, low in conn.execute(
+    aliases = served_aliases(conn)
+    production = names_of(aliases, test.production)
+    for is_production, period, answers, low in conn.execute(
         """
-        SELECT model, len(list_filter($changes::TIMESTAMP[], lambda c: c < window_end)),
+        SELECT list_contains($production, model),
+               len(list_filter($changes::TIMESTAMP[], lambda c: c < window_end)),
                sum(answers), sum(low)
         FROM answer_counts
-        WHERE model IN ($candidate, $production) AND window_end >= $started
+        WHERE list_contains($names, model) AND window_end >= $started
         GROUP BY ALL
         """,
         {
             "changes": list(test.share_changes),
-            "candidate": test.candidate,
-            "production": test.production,
+            "production": production,
+            "names": [*production, *names_of(aliases, test.candidate)],
             "started": test.started_at,
         },
     ).fetchall():
-        offset = 0 if model == test.production else 2
+        offset = 0 if is_production else 2
         periods[period][offset : offset + 2] = [int(answers), int(low)]
     return Arms.of_periods([(p[0], p[1], p[2], p[3]) for p in periods])
 
@@ -111,27 +145,35 @@ def label_counts(
 ) -> dict[str, dict[str, int]]:
     """label → {"production": n, "candidate": n}: the arms' low-score events by primary label."""
     counts: dict[str, dict[str, int]] = {}
+    aliases = served_aliases(conn)
+    candidate = names_of(aliases, test.candidate)
     for model, label, n in conn.execute(
         """
         SELECT r.model, s.label, count(*) FROM raw_events r
         JOIN annotated_samples s USING (request_id)
-        WHERE r.model IN (?, ?) AND r.timestamp >= ? AND r.score < ?
+        WHERE list_contains(?, r.model) AND r.timestamp >= ? AND r.score < ?
         GROUP BY ALL ORDER BY ALL
         """,
-        [test.candidate, test.production, test.started_at, threshold],
+        [
+            [*candidate, *names_of(aliases, test.production)],
+            test.started_at,
+            threshold,
+        ],
     ).fetchall():
-        arm = "candidate" if model == test.candidate else "production"
+        arm = "candidate" if model in candidate else "production"
         counts.setdefault(label, {"production": 0, "candidate": 0})[arm] = int(n)
     return counts
 
 
 def unknown_models(conn: duckdb.DuckDBPyConnection, test: ActiveTest) -> dict[str, int]:
     """Answers counted since the test started for models that are neither arm (ignored)."""
+    aliases = served_aliases(conn)
+    names = [*names_of(aliases, test.candidate), *names_of(aliases, test.production)]
     return dict(
         conn.execute(
             "SELECT model, sum(answers)::BIGINT FROM answer_counts "
-            "WHERE model NOT IN (?, ?) AND window_end >= ? GROUP BY model ORDER BY model",
-            [test.candidate, test.production, test.started_at],
+            "WHERE NOT list_contains(?, model) AND window_end >= ? GROUP BY model ORDER BY model",
+            [names, test.started_at],
         ).fetchall()
     )
 
@@ -298,9 +340,23 @@ def gate_passed(conn: duckdb.DuckDBPyConnection, model: str) -> str | None:
     return rows[0][0] if rows and rows[0][1] == PROMOTE else None
 
 
-def current_state(conn: duckdb.DuckDBPyConnection) -> RolloutState:
+def current_state(conn: duckdb.DuckDBPyConnection, base_url: str | None = None) -> RolloutState:
     """The state rollout.json should hold. Before any promotion, production is the model the
-    newest test ran against (the base model the gate compared with)."""
+    newest test ran against (the base model the gate compared with). A model the model server
+    serves goes by its served name, with `base_url` (the server's) when given."""
+    state = state_by_id(conn)
+    aliases = served_aliases(conn)
+    served = set(aliases.values())
+
+    def name(model: str | None) -> str | None:
+        return aliases.get(model, model) if model is not None else None
+
+    production, candidate = name(state.production), name(state.candidate)
+    urls = {m: base_url for m in (production, candidate) if m in served and base_url}
+    return replace(state, production=production, candidate=candidate, base_urls=urls)
+
+
+def state_by_id(conn: duckdb.DuckDBPyConnection) -> RolloutState:
     test = active_test(conn)
     rows = conn.execute(
         "SELECT production, decision, decided_by, decided_at FROM ab_decisions "
@@ -314,10 +370,13 @@ def current_state(conn: duckdb.DuckDBPyConnection) -> RolloutState:
     return RolloutState(production, test.candidate, test.share, decision, by, stamp)
 
 
-def sync_state_file(conn: duckdb.DuckDBPyConnection, path: Path) -> RolloutState:
+def sync_state_file(
+    conn: duckdb.DuckDBPyConnection, path: Path, base_url: str | None = None
+) -> RolloutState:
     """Write rollout.json from the tables (atomically, only when it changes); before anything
-    was promoted or tested, and with no file yet, nothing is written."""
-    state = current_state(conn)
+    was promoted or tested, and with no file yet, nothing is written. `base_url`: where the
+    model server serves its models (`ModelServerResource.route_url`)."""
+    state = current_state(conn, base_url)
     if state.production is not None or state.candidate is not None or path.exists():
         write_state(path, state)
     return state

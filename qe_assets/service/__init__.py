@@ -1,12 +1,13 @@
-"""What a RAG service runs: `capture` after each answer, `choose_model` before it.
+"""What a RAG service runs: `capture` after each answer, `choose` (or `choose_model`) before it.
 
 ```python
-from qe_assets.service import capture, choose_model
+from openai import OpenAI
+from qe_assets.service import capture, choose
 
-model = choose_model(request_id)
-answer = call_llm(model, question, docs)
-capture(request_id=request_id, question=question, docs=docs, answer=answer,
-        evaluation={"score": 0.42, "labels": ["incomplete_answer"]}, model=model)
+route = choose(request_id)                      # Route(model, base_url)
+answer = OpenAI(base_url=route.base_url).chat.completions.create(model=route.model, ...)
+capture(request_id=request_id, question=question, docs=docs, answer=answer_text,
+        evaluation={"score": 0.42, "labels": ["incomplete_answer"]}, model=route.model)
 ```
 
 The package stands alone: it imports the standard library and pydantic (and, when QE_QUEUE_URL
@@ -20,7 +21,7 @@ from qe_assets.service.capture import CaptureResult, CaptureStatus, QualityCaptu
 from qe_assets.service.config import ServiceSettings
 from qe_assets.service.event_model import QualityEvent, validate_event
 from qe_assets.service.producers import QueueUnavailable
-from qe_assets.service.rollout import RolloutState, Router, choose_model
+from qe_assets.service.rollout import RolloutState, Route, Router, choose, choose_model
 
 __all__ = [
     "CaptureResult",
@@ -29,9 +30,11 @@ __all__ = [
     "QualityEvent",
     "QueueUnavailable",
     "RolloutState",
+    "Route",
     "Router",
     "ServiceSettings",
     "capture",
+    "choose",
     "choose_model",
     "validate_event",
 ]

@@ -3,7 +3,7 @@
 A RAG service imports `capture` and `choose_model` and keeps serving whatever the rest of the
 `QE_*` environment says: the pipeline's settings (`qe_assets.settings`) fail at load naming the
 variable, which is right for a Dagster run and wrong for a request path. So the service reads
-only its five variables here, and a bad value of one of them is a logged warning (once per
+only its six variables here, and a bad value of one of them is a logged warning (once per
 value) and its default, never an exception:
 
 | variable | used for | a bad value gives |
@@ -13,6 +13,7 @@ value) and its default, never an exception:
 | `QE_CAPTURE_THRESHOLD` | which scores are sent | 0.7 |
 | `QE_COUNT_FLUSH_SECONDS` | how often answer counts are sent | 5 s |
 | `QE_FINETUNE_BASE_MODEL` | production while no `rollout.json` names one | — (any name) |
+| `QE_ROUTE_BASE_URL` | the base URL `choose` gives a model `rollout.json` has none for | none |
 
 The pipeline's settings parse the same variables with the same rules (`number`, `queue_url`,
 `parse_kafka_url` live here and `qe_assets.settings` uses them), so both sides agree on what
@@ -148,6 +149,16 @@ def queue_url(raw: str) -> str:
     return value
 
 
+def route_base_url(raw: str) -> str:
+    """QE_ROUTE_BASE_URL checked: an http(s) URL."""
+    value = raw.strip()
+    if not value.startswith(("http://", "https://")) or " " in value:
+        raise SettingsError(
+            f"QE_ROUTE_BASE_URL must be an http(s) URL like http://127.0.0.1:8000/v1, got {raw!r}"
+        )
+    return value
+
+
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
@@ -182,6 +193,7 @@ class ServiceSettings:
     capture_threshold: float = DEFAULT_CAPTURE_THRESHOLD
     count_flush_seconds: float = DEFAULT_COUNT_FLUSH_SECONDS
     finetune_base_model: str = DEFAULT_BASE_MODEL
+    route_base_url: str | None = None
 
     @property
     def inbox_dir(self) -> Path:
@@ -214,6 +226,9 @@ class ServiceSettings:
             ),
             finetune_base_model=_read(
                 env, "QE_FINETUNE_BASE_MODEL", str.strip, DEFAULT_BASE_MODEL, ""
+            ),
+            route_base_url=_read(
+                env, "QE_ROUTE_BASE_URL", route_base_url, None, "gives no base URL instead"
             ),
         )
 

@@ -1,12 +1,20 @@
 """Which model answers a request: the routing helper for the RAG service (docs/rollout.md).
 
 ```python
-from qe_assets.service import capture, choose_model
+from openai import OpenAI
+from qe_assets.service import capture, choose
 
-model = choose_model(request_id)          # production, or the candidate for its share of ids
-answer = call_llm(model, question, docs)
-capture(request_id=request_id, ..., model=model)
+route = choose(request_id)       # production, or the candidate for its share of ids
+client = OpenAI(base_url=route.base_url)                # the server that serves route.model
+answer = client.chat.completions.create(model=route.model, messages=messages)
+capture(request_id=request_id, ..., model=route.model)
 ```
+
+`choose` returns a `Route`: the model name and the OpenAI-compatible base URL that serves it.
+For a model of the project's model server (QE_MODEL_SERVER) the file names it by its served
+name (`model_rag_qa_v001`) and carries the server's URL (`base_urls`); for any other model the
+URL is QE_ROUTE_BASE_URL, else None (the openai client's own default, OPENAI_BASE_URL).
+`choose_model(request_id)` is `choose(request_id).model`, as before.
 
 The graph (`ab_test`, the evaluation gate with `QE_ROLLOUT=canary`, `qe models`) writes the state
 to `$QE_DATA_DIR/rollout.json` atomically (temporary file, fsync, rename). The router looks at
@@ -36,9 +44,9 @@ import os
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qe_assets.service.config import ServiceSettings
 from qe_assets.service.producers import write_atomically
@@ -60,9 +68,22 @@ def bucket(candidate: str, request_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / _SCALE
 
 
+class Route(NamedTuple):
+    """What answers a request: the model name to send, and the OpenAI-compatible base URL of
+    the server that serves it (None: the openai client's own default, OPENAI_BASE_URL)."""
+
+    model: str
+    base_url: str | None = None
+
+
+def is_base_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://")) and " " not in value
+
+
 @dataclass(frozen=True)
 class RolloutState:
-    """What rollout.json holds: the production model and, during a test, the candidate's share."""
+    """What rollout.json holds: the production model and, during a test, the candidate's share;
+    `base_urls`: served model name → the base URL of the server that serves it."""
 
     production: str | None
     candidate: str | None = None
@@ -71,6 +92,7 @@ class RolloutState:
     decided_by: str | None = None
     updated_at: str | None = None
     version: int = STATE_VERSION
+    base_urls: dict[str, str] = field(default_factory=dict)
 
     def model_for(self, request_id: str, production: str) -> str:
         if self.candidate and self.share > 0.0 and bucket(self.candidate, request_id) < self.share:
@@ -78,7 +100,10 @@ class RolloutState:
         return production
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        if not self.base_urls:  # a file without served models reads as before the extension
+            del data["base_urls"]
+        return json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RolloutState:
@@ -109,8 +134,13 @@ class RolloutState:
             raise ValueError(f"share: expected a number in [0, 1], got {share!r}")
         if candidate is not None and share > 0 and production is None:
             raise ValueError("production: a candidate with traffic needs a production model")
+        base_urls = data.get("base_urls", {})
+        if not isinstance(base_urls, dict) or not all(
+            isinstance(k, str) and is_base_url(v) for k, v in base_urls.items()
+        ):
+            raise ValueError(f"base_urls: expected model name → http(s) URL, got {base_urls!r}")
         known = {k: data[k] for k in ("decision", "decided_by", "updated_at") if k in data}
-        return cls(production, candidate, float(share), **known)
+        return cls(production, candidate, float(share), **known, base_urls=base_urls)
 
 
 def _nesting(text: str) -> int:
@@ -197,17 +227,22 @@ class Router:
         default: str | None = None,
         check_seconds: float = 1.0,
         settings: Any = None,
+        base_url: str | None = None,
     ) -> None:
         """`settings`: a `ServiceSettings` or the pipeline's `Settings`; read from the
-        environment (the service's variables only, never raising) when needed and not given."""
+        environment (the service's variables only, never raising) when needed and not given.
+        `base_url`: where a model the file gives no URL for is called (QE_ROUTE_BASE_URL)."""
         if settings is None and (path is None or default is None):
             settings = ServiceSettings.from_env()
         self.path = Path(path) if path is not None else state_path(settings)
         # Production while no file names one: what the gate compares against then too.
         self.default = default or (settings.finetune_base_model if settings else "")
+        self.base_url = base_url or getattr(settings, "route_base_url", None)
         self.check_seconds = check_seconds
         self._state = RolloutState(production=None)
         self._production = self.default
+        # The URL the last good file gave production: kept, like production, when it goes bad.
+        self._production_url: str | None = None
         self._seen: tuple[int, int, int] | None = None
         self._checked_at = float("-inf")
         self._problem: str | None = None
@@ -224,13 +259,22 @@ class Router:
     def choose_model(self, request_id: str) -> str:
         """The model that answers this request: production or, for its share, the candidate.
         Never raises: whatever goes wrong answers production."""
+        return self.choose(request_id).model
+
+    def choose(self, request_id: str) -> Route:
+        """The model that answers this request and the base URL that serves it. Never raises:
+        whatever goes wrong answers production."""
         try:
             self._refresh()
             state, production = self._state, self._production
-            return state.model_for(request_id, production)
+            model = state.model_for(request_id, production)
+            url = state.base_urls.get(model)
+            if url is None and model == production:
+                url = self._production_url
+            return Route(model, url or self.base_url)
         except Exception as exc:
             self._fall_back(None, f"routing failed ({type(exc).__name__}: {exc})", warn=True)
-            return self._production
+            return Route(self._production, self._production_url or self.base_url)
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -268,6 +312,7 @@ class Router:
             return
         self._state = state
         self._production = state.production or self.default
+        self._production_url = state.base_urls.get(self._production)
         if self._problem is not None:
             log.warning("rollout state readable again: %s", self._describe(state))
         self._problem = None
@@ -308,3 +353,8 @@ def default_router() -> Router:
 def choose_model(request_id: str) -> str:
     """`Router.choose_model` of the process-wide router; never raises."""
     return default_router().choose_model(request_id)
+
+
+def choose(request_id: str) -> Route:
+    """`Router.choose` of the process-wide router: (model, base_url); never raises."""
+    return default_router().choose(request_id)

@@ -112,5 +112,6 @@ class FinetuneSettings(BaseModel):
     model_server_url: str | None = Field(
         None,
         description="The `external` model server's OpenAI-compatible URL, e.g. "
-        "`http://127.0.0.1:8000/v1`.",
+        "`http://127.0.0.1:8000/v1`; with `transformers`, where you serve `<data>/served` for "
+        "the RAG service. Written into `rollout.json` for the served models.",
     )

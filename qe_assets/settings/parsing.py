@@ -28,6 +28,7 @@ from qe_assets.service.config import (  # noqa: F401
     kafka_environment,
     parse_kafka_url,
     queue_url,
+    route_base_url,
 )
 from qe_assets.service.config import number as _number
 
@@ -212,6 +213,7 @@ def _serve_url(raw: str) -> str:
 
 
 _ruled(_serve_url, "`http://` or `https://` base URL")
+_ruled(route_base_url, "`http://` or `https://` base URL")
 
 
 _queue_url = _ruled(queue_url, "`redis://`, `rediss://`, `unix://` or `kafka://` URL")

@@ -7,7 +7,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qe_assets.settings.parsing import ROLLOUT_MODES, _choice, _float, _int, _ramp
+from qe_assets.settings.parsing import (
+    ROLLOUT_MODES,
+    _choice,
+    _float,
+    _int,
+    _ramp,
+    route_base_url,
+)
 
 # field name → (environment variable, parser). Defaults live on the model below.
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -17,6 +24,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ab_tau": ("QE_AB_TAU", _float("QE_AB_TAU", 0.001, 1.0)),
     "ab_min_answers": ("QE_AB_MIN_ANSWERS", _int("QE_AB_MIN_ANSWERS")),
     "ab_ramp_max_harm": ("QE_AB_RAMP_MAX_HARM", _float("QE_AB_RAMP_MAX_HARM", 0.0, 1.0)),
+    "route_base_url": ("QE_ROUTE_BASE_URL", route_base_url),
 }
 
 
@@ -54,5 +62,13 @@ class RolloutSettings(BaseModel):
         description=(
             "Ramp up only while the candidate's low-score rate is at most this much above "
             "production's."
+        ),
+    )
+    route_base_url: str | None = Field(
+        None,
+        description=(
+            "The OpenAI-compatible base URL `qe_assets.service.choose` gives for a model that "
+            "`rollout.json` names no server for (one not served by `QE_MODEL_SERVER`); unset: "
+            "none, i.e. the openai client's own default (`OPENAI_BASE_URL`)."
         ),
     )

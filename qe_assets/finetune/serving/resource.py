@@ -101,6 +101,14 @@ class ModelServerResource(dg.ConfigurableResource):
     def configured(self) -> bool:
         return self.kind != "none"
 
+    @property
+    def route_url(self) -> str | None:
+        """The base URL the RAG service calls the served models at, written into rollout.json
+        (`qe_assets.service.choose`): the `external` server's URL; for `transformers`,
+        QE_MODEL_SERVER_URL when set (where you run the engine on `<data>/served` for traffic,
+        docs/serving.md: the server the gate starts lives for the evaluation only)."""
+        return self.url if self.configured else None
+
     @contextmanager
     def serving(self) -> Iterator[str | None]:
         """The base URL that serves the registered models for the duration of the block: the
