@@ -147,7 +147,7 @@ def spread(values: list[float], unit: str = "s") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=120)
-    parser.add_argument("--steps", type=int, default=40, help="training steps (max_steps)")
+    parser.add_argument("--steps", type=int, default=15, help="training steps (max_steps)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each, after one warm-up")
     parser.add_argument("--keep", type=Path, help="prepare the state here and keep it")
     parser.add_argument("--asset", type=Path, help="run (B) once on a kept state")
