@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=80, help="half are held out")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (a) and of (b)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="qe-bench-local-eval-") as tmp:
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(
             Path(tmp),
             args.events,
+            teach_base=True,  # a base that ends its turn: every item is judged
             model_server="transformers",
             eval_judge="reference",
             eval_min_items=5,

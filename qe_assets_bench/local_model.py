@@ -19,7 +19,7 @@ from qe_assets.settings import Settings
 from qe_assets.testing.factories import line, make_event
 from qe_assets.testing.openai_server import ChatRequest, Reply, running
 from qe_assets.testing.runs import materialize
-from qe_assets.testing.tiny_model import build_tiny_model
+from qe_assets.testing.tiny_model import build_tiny_model, teach_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 SFT_SCRIPT = ROOT / "examples" / "finetune_trl_lora.py"
@@ -45,6 +45,9 @@ HYPERPARAMETERS = {
     "gradient_checkpointing": False,
 }
 DATASET = ["raw_events", "annotated_samples", "completions", "tuning_dataset"]
+# What the base model answers to everything (taught before any fine-tune): a production model
+# that ends its turn, as a served base must for the gate to compare with it.
+BASE_REPLY = "I am not sure, please ask support."
 # The bench never talks to a real endpoint, so it never needs (or reads) a real key.
 FAKE_KEY = "sk-bench-not-a-secret"
 
@@ -85,13 +88,18 @@ def training_env(base: Path, models: Path) -> dict[str, str]:
     }
 
 
-def prepare(workdir: Path, events: int, **overrides: Any) -> Prepared:
+def prepare(workdir: Path, events: int, teach_base: bool = False, **overrides: Any) -> Prepared:
     """A tiny base model and the first dataset version cut from `events` grounded events
     (QE_EVAL_SHARE holds half of them out for the evaluation), through the real stages.
-    `overrides` are Settings fields."""
+    `teach_base`: the base first learns to answer BASE_REPLY and end its turn. `overrides` are
+    Settings fields."""
     texts = [*grounded_events(events), json.dumps(load_templates().__dict__, default=str)]
-    texts += [f"The documents say: {fact}" for _, fact in FACTS]
+    texts += [f"The documents say: {fact}" for _, fact in FACTS] + [BASE_REPLY]
     base = build_tiny_model(workdir / "base", texts, vocab_size=1024)
+    if teach_base:
+        topics = [FACTS[i % len(FACTS)][0] for i in range(events)]
+        questions = [f"What about {topic}, case {i}?" for i, topic in enumerate(topics)]
+        teach_reply(base, [(q, BASE_REPLY) for q in questions])
     models = workdir / "models"
     with running() as server:
         server.responder = grounded_rewrite
