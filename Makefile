@@ -144,13 +144,15 @@ format: $(TEST_STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix qe_assets qe_assets_tests
 	$(BIN)/ruff format qe_assets qe_assets_tests
 
-bench: $(TEST_STAMP) $(PHOENIX_STAMP) ## benchmarks: the pipeline vs a reference and one-pass anchors, LLM throughput, rollout, dashboards, review page, Phoenix import
+bench: $(TEST_STAMP) $(PHOENIX_STAMP) ## benchmarks: the pipeline vs a reference and one-pass anchors, LLM throughput, rollout, dashboards, review page, Phoenix import, local evaluation vs transformers serve, training wrapper overhead
 	$(BIN)/python -m qe_assets_bench.pipeline $(BENCH_ARGS)
 	$(BIN)/python -m qe_assets_bench.llm_throughput
 	$(BIN)/python -m qe_assets_bench.rollout
 	$(BIN)/python -m qe_assets_bench.dashboards
 	$(BIN)/python -m qe_assets_bench.review_page
 	QE_TEST_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/python -m qe_assets_bench.imports
+	$(BIN)/python -m qe_assets_bench.local_eval
+	$(BIN)/python -m qe_assets_bench.training_overhead
 
 ui: $(STAMP) ## dagster dev on 127.0.0.1:3000 (DAGSTER_HOME under QE_DATA_DIR) + review page on :8787
 	$(BIN)/qe ui

@@ -123,6 +123,14 @@ def _turns(row: dict[str, Any]) -> list[dict[str, Any]]:
     return row["messages"] if "messages" in row else [*row["prompt"], *row["completion"]]
 
 
+def sequences(row: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The conversations a row trains on: one for SFT; for a preference pair (DPO) the prompt
+    with its chosen and with its rejected answer, each of which must fit."""
+    if "chosen" in row:
+        return [[*row["prompt"], *row["chosen"]], [*row["prompt"], *row["rejected"]]]
+    return [_turns(row)]
+
+
 def _with_user(row: dict[str, Any], prompt: str) -> dict[str, Any]:
     """The row with its (first) user turn's text replaced."""
     key = "messages" if "messages" in row else "prompt"
@@ -135,27 +143,35 @@ def _with_user(row: dict[str, Any], prompt: str) -> dict[str, Any]:
 
 
 def _user(row: dict[str, Any]) -> str:
-    return next(t["content"] for t in _turns(row) if t["role"] == "user")
+    turns = row["messages"] if "messages" in row else row["prompt"]
+    return next(t["content"] for t in turns if t["role"] == "user")
 
 
-def fitted_rows(
-    pipes: PipesContext, recipe: dict[str, Any], split: str, data: str, tokenizer: Any
+def token_count(tokenizer: Any, turns: list[dict[str, Any]]) -> int:
+    ids = tokenizer.apply_chat_template(turns, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def fit_rows(
+    pipes: PipesContext,
+    recipe: dict[str, Any],
+    split: str,
+    named: list[tuple[dict[str, Any], str]],
+    tokenizer: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The split's rows, each within max_length: a sample that is too long gives up its
-    lowest-scored context documents, never its completion (qe_assets.finetune.fitting); one that
-    still does not fit is left out, counted and named. Refuses the run (SystemExit) when more
-    than the recipe's max_dropped_share of the split would be lost."""
+    """`named` (row, sample id) with each row within max_length: a sample that is too long gives
+    up its lowest-scored context documents, never its completion (nor a pair's chosen or
+    rejected answer) (qe_assets.finetune.fitting); one that still does not fit is left out,
+    counted and named. Refuses the run (SystemExit) when more than the recipe's
+    max_dropped_share of the split would be lost."""
     from qe_assets.finetune.fitting import dropped_refusal, fit_samples
 
-    named = rows(recipe, split, data)
     # One token of room: TRL may add an end-of-sequence token the template does not write.
     budget = hyper(recipe, "max_length", 1024, int) - 1
 
     def fits(index: int, prompt: str) -> bool:
-        turns = _turns(_with_user(named[index][0], prompt))
-        ids = tokenizer.apply_chat_template(turns, tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        return len(ids) <= budget
+        row = _with_user(named[index][0], prompt)
+        return all(token_count(tokenizer, turns) <= budget for turns in sequences(row))
 
     fitted = fit_samples([_user(r) for r, _ in named], [sid for _, sid in named], fits)
     share = float(recipe.get("max_dropped_share", 0.01))
@@ -177,6 +193,13 @@ def fitted_rows(
         f"{split}_dropped_sample_ids": fitted.dropped,
     }
     return kept, metrics
+
+
+def fitted_rows(
+    pipes: PipesContext, recipe: dict[str, Any], split: str, data: str, tokenizer: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The split's SFT rows, fitted (`fit_rows`)."""
+    return fit_rows(pipes, recipe, split, rows(recipe, split, data), tokenizer)
 
 
 def load_model(recipe: dict[str, Any]) -> tuple[Any, Any]:

@@ -95,3 +95,27 @@ def test_the_spawned_test_server_answers_the_real_client() -> None:
         )
         assert reply.choices[0].message.content
         assert server.chat_count == 1
+
+
+def test_the_bare_training_run_gets_the_recipe_through_pipes_as_the_asset_gives_it(
+    tmp_path: Path,
+) -> None:
+    """training_overhead's (A) hands the TRL script the asset's recipe without Dagster: the
+    script must read it as its Pipes extras and its report must land in the messages file."""
+    from qe_assets_bench.training_overhead import RECIPE, bare_command
+
+    env_vars = {"QE_TRL_MODEL": "m", "QE_TRL_OUTPUT_DIR": "o", "OPENAI_API_KEY": "k"}
+    (tmp_path / "env.json").write_text(json.dumps(env_vars), "utf-8")
+    (tmp_path / RECIPE).write_text(json.dumps({"version": "v001", "run_id": "x"}), "utf-8")
+    (tmp_path / "runs").mkdir()
+    _, env = bare_command(tmp_path)
+    assert env["QE_TRL_OUTPUT_DIR"].endswith("bare-models") and "DAGSTER_HOME" not in env
+    script = (
+        "from dagster_pipes import open_dagster_pipes\n"
+        "with open_dagster_pipes() as pipes:\n"
+        "    got = pipes.extras['version'] + pipes.extras['run_id']\n"
+        "    pipes.report_asset_materialization(metadata={'got': got})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+    messages = (tmp_path / "runs" / "bare.jsonl").read_text("utf-8")
+    assert '"v001bare"' in messages

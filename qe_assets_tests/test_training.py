@@ -457,3 +457,57 @@ def test_records_train_with_the_system_message_the_gate_sends(tmp_path: Path) ->
     assert sample_id == "s-1" and row["weight"] == 0.8
     assert row["prompt"] == chat["messages"][:2]
     assert row["completion"] == [{"role": "assistant", "content": "A."}]
+
+
+def test_dpo_pairs_give_up_context_documents_never_their_answers(
+    settings: Settings,
+    server: OpenAIServer,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TRL's DPO cuts a pair at max_length from the end (the chosen and rejected answers it
+    compares) and drops one whose prompt fills it. The example fits each pair as the SFT one
+    fits a sample: the handbook document gives way, every pair trains whole, with the system
+    message the evaluation sends."""
+    short = {**HYPERPARAMETERS, "max_length": LONG_SAMPLE_BUDGET, "max_steps": 1}
+    env = {"QE_TRL_MODEL": str(tiny_model), "QE_TRL_OUTPUT_DIR": str(tmp_path / "models")}
+    dpo = in_process_settings(settings, server, DPO).model_copy(
+        update={"finetune_method": "dpo", "finetune_hyperparameters": short}
+    )
+    result, _ = trained_in_process(dpo, server, env, monkeypatch, count=60, filler=True)
+    metrics, recipe = result["metrics"], result["recipe"]
+    train_pairs = Path(recipe["train_preference_path"]).read_text("utf-8").splitlines()
+    assert metrics["train_samples"] == len(train_pairs) > 20
+    assert metrics["train_trimmed_samples"] == len(train_pairs)  # every one had the handbook
+    assert metrics["train_dropped_samples"] == 0 and metrics["train_dropped_sample_ids"] == []
+    assert metrics["validation_dropped_samples"] == 0
+    assert metrics["pairs"] == recipe["preference_pairs"]
+    system = load_templates().system["en"]
+    first = json.loads(train_pairs[0])
+    assert first["prompt"][0] == {"role": "system", "content": system}
+
+
+def test_a_dpo_run_that_would_lose_pairs_is_refused_naming_them(
+    settings: Settings,
+    server: OpenAIServer,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QE_TRL_MODEL", str(tiny_model))
+    monkeypatch.setenv("QE_TRL_OUTPUT_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
+    FileInbox(settings.inbox_dir).put(events(20))
+    tiny = in_process_settings(settings, server, DPO).model_copy(
+        update={
+            "finetune_method": "dpo",
+            "finetune_hyperparameters": {**HYPERPARAMETERS, "max_length": 24},
+        }
+    )
+    result = materialize(tiny, selection=TRAINING, raise_on_error=False)
+    assert not result.success
+    with connect(settings.database, read_only=True) as conn:
+        ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
+    assert status == "failed" and "train samples do not fit max_length" in message, message
+    assert "QE_TRAIN_MAX_DROPPED_SHARE=0.01" in message and "train pair 1" in message

@@ -122,26 +122,27 @@ def run_pipes_subprocess(
         extras=extras,
     ) as session:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                argv,
-                env={**os.environ, **session.get_bootstrap_env_vars()},
-                stderr=subprocess.PIPE,
-            )
-            assert process.stderr is not None
-            reader = threading.Thread(
-                target=_copy_stderr, args=(process.stderr, log, tail), daemon=True
-            )
-            reader.start()
-            try:
-                process.wait()
-            except dg.DagsterExecutionInterruptedError:
-                context.log.info("[pipes] execution interrupted, sending SIGINT to subprocess.")
-                process.send_signal(signal.SIGINT)
-                process.wait(timeout=20)
-                raise
-            finally:
-                reader.join(timeout=5)
+        process = subprocess.Popen(
+            argv,
+            env={**os.environ, **session.get_bootstrap_env_vars()},
+            stderr=subprocess.PIPE,
+        )
+        assert process.stderr is not None
+        # The reader owns the log and closes it at the stream's end: a child the command left
+        # behind may hold its stderr open past the wait below and still write to it.
+        reader = threading.Thread(
+            target=_copy_stderr, args=(process.stderr, log_path, tail), daemon=True
+        )
+        reader.start()
+        try:
+            process.wait()
+        except dg.DagsterExecutionInterruptedError:
+            context.log.info("[pipes] execution interrupted, sending SIGINT to subprocess.")
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=20)
+            raise
+        finally:
+            reader.join(timeout=5)
         if process.returncode != 0:
             raise DagsterPipesExecutionError(
                 f"External execution process failed with code {process.returncode}"
@@ -149,22 +150,23 @@ def run_pipes_subprocess(
     return dg.PipesClientCompletedInvocation(session)
 
 
-def _copy_stderr(stream: IO[bytes], log: IO[bytes], tail: deque[str]) -> None:
+def _copy_stderr(stream: IO[bytes], log_path: Path, tail: deque[str]) -> None:
     """Pass each chunk on as it comes (a progress bar redraws with carriage returns and no
-    newline for minutes), and keep the finished lines in `tail`."""
+    newline for minutes), append it to `log_path`, and keep the finished lines in `tail`."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pending = ""
-    while chunk := stream.read1(65536):  # type: ignore[attr-defined]
-        text = decoder.decode(chunk)
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        log.write(chunk)
-        *lines, pending = (pending + text).split("\n")
-        tail.extend(lines)
-        pending = pending[-4096:]  # a bar redrawn in place: only its last state matters
+    with open(log_path, "ab") as log:
+        while chunk := stream.read1(65536):  # type: ignore[attr-defined]
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            log.write(chunk)
+            log.flush()  # read by the failure message and a post-mortem while it runs
+            *lines, pending = (pending + text).split("\n")
+            tail.extend(lines)
+            pending = pending[-4096:]  # a bar redrawn in place: only its last state matters
     if pending:
         tail.append(pending)
-    log.flush()
 
 
 def model_of(reported: dict[str, Any]) -> str | None:

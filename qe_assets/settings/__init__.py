@@ -16,7 +16,7 @@ from qe_assets.settings.annotate import AnnotateSettings
 from qe_assets.settings.evaluation import ENVIRONMENT as _EVALUATION_ENV
 from qe_assets.settings.evaluation import EvaluationSettings
 from qe_assets.settings.finetune import ENVIRONMENT as _FINETUNE_ENV
-from qe_assets.settings.finetune import FinetuneSettings
+from qe_assets.settings.finetune import FinetuneSettings, vllm_unavailable
 from qe_assets.settings.imports import ENVIRONMENT as _IMPORTS_ENV
 from qe_assets.settings.imports import ImportSettings
 from qe_assets.settings.ingest import ENVIRONMENT as _INGEST_ENV
@@ -108,6 +108,8 @@ class Settings(
                 "QE_MODEL_SERVER=external needs QE_MODEL_SERVER_URL, the OpenAI-compatible URL of "
                 "your vLLM / SGLang / Ollama / llama.cpp server (e.g. http://127.0.0.1:8000/v1)"
             )
+        if settings.model_server == "vllm" and (problem := vllm_unavailable(env)):
+            raise SettingsError(problem)
         return settings
 
     def settings(self) -> Settings:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -107,11 +109,38 @@ class FinetuneSettings(BaseModel):
         "none",
         description="What serves locally trained adapters (docs/serving.md): `none`; `external` "
         "(your vLLM / SGLang / Ollama / llama.cpp server at `QE_MODEL_SERVER_URL`); "
-        "`transformers` (`transformers serve`, started here, CPU or one GPU).",
+        "`transformers` (`transformers serve`, started here, CPU or one GPU); `vllm` (`vllm serve "
+        "BASE --enable-lora`, started here; needs vLLM and a GPU, checked at load).",
     )
     model_server_url: str | None = Field(
         None,
         description="The `external` model server's OpenAI-compatible URL, e.g. "
         "`http://127.0.0.1:8000/v1`; with `transformers`, where you serve `<data>/served` for "
         "the RAG service. Written into `rollout.json` for the served models.",
+    )
+
+
+def vllm_unavailable(env: Mapping[str, str]) -> str | None:
+    """Why QE_MODEL_SERVER=vllm cannot start vLLM on this machine (no `vllm` on PATH, or no GPU:
+    `nvidia-smi -L` lists none), in one line saying what to set instead; None when it can."""
+    path = env.get("PATH")
+    missing = None
+    if shutil.which("vllm", path=path) is None:
+        missing = "vLLM is not installed (no `vllm` on PATH)"
+    else:
+        smi = shutil.which("nvidia-smi", path=path)
+        try:
+            listed = smi is not None and subprocess.run(
+                [smi, "-L"], capture_output=True, text=True, timeout=20, check=False
+            ).stdout.lstrip().startswith("GPU")
+        except (OSError, subprocess.SubprocessError):
+            listed = False
+        if not listed:
+            missing = "no GPU here (`nvidia-smi -L` lists none)"
+    if missing is None:
+        return None
+    return (
+        f"QE_MODEL_SERVER=vllm starts vLLM on this machine, but {missing}: set "
+        "QE_MODEL_SERVER=external with QE_MODEL_SERVER_URL (a vLLM server elsewhere) or "
+        "QE_MODEL_SERVER=transformers (CPU or one GPU)"
     )

@@ -41,7 +41,7 @@ INSTRUCTION_LANGUAGES = ("auto", "zh", "en")
 # direct: the evaluation gate promotes; canary: it starts an A/B test at the ramp's first share.
 ROLLOUT_MODES = ("direct", "canary")
 EVAL_JUDGES = ("llm", "reference")
-MODEL_SERVERS = ("none", "external", "transformers")
+MODEL_SERVERS = ("none", "external", "transformers", "vllm")
 
 
 def estimated_cost(

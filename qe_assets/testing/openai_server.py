@@ -216,8 +216,11 @@ class EvalModels:
 class OpenAIServer:
     """Start with `start()` (or the `running` context manager); point the client at `base_url`."""
 
-    def __init__(self, *, latency: float = 0.0) -> None:
+    def __init__(self, *, latency: float = 0.0, port: int = 0) -> None:
         self.latency = latency
+        self.requested_port = port
+        # What GET /v1/models lists besides the loaded adapters (a server's base model).
+        self.served_models: list[str] = []
         self.responder: Responder | None = None
         # Statuses a fine-tuning job walks through, one step per retrieve.
         self.job_script: list[str] = ["validating_files", "running", "succeeded"]
@@ -250,7 +253,7 @@ class OpenAIServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", self.requested_port), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -538,6 +541,13 @@ class OpenAIServer:
             return {"latency": self.latency}
         if method == "POST" and path == "/v1/files":
             return self._upload(headers, body)
+        if method == "GET" and path == "/v1/models":
+            # As vLLM lists them: the served models, then every adapter loaded at run time.
+            with self._lock:
+                loaded = [(n, p) for n, p in self.lora_adapters.items()]
+            models = [{"id": m, "object": "model", "root": m} for m in self.served_models]
+            models += [{"id": n, "object": "model", "root": p} for n, p in loaded]
+            return {"object": "list", "data": models}
         if method == "POST" and path == "/v1/load_lora_adapter" and self.lora_loading:
             request = json.loads(body or b"{}")
             with self._lock:
@@ -722,12 +732,16 @@ def spawned(
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the fake OpenAI API until killed.")
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--port", type=int, default=0, help="0: a free one (printed)")
+    parser.add_argument("--served-model", action="append", default=[], help="listed in /v1/models")
     parser.add_argument(
         "--eval-models",
         help='serve EvalModels with this quality map, e.g. {"ft:": 3, "": 1}',
     )
     args = parser.parse_args()
-    server = OpenAIServer(latency=args.latency).start()
+    server = OpenAIServer(latency=args.latency, port=args.port)
+    server.served_models = list(args.served_model)
+    server.start()
     if args.eval_models:
         server.responder = EvalModels(json.loads(args.eval_models))
     print(server.port, flush=True)

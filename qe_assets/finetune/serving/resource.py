@@ -9,6 +9,9 @@ service all ask for `model_rag_qa_vNNN`.
   nothing, and the run's metadata says what to run (docs/serving.md).
 * `transformers`: served folders in `<data>/served/` for `transformers serve`
   (transformers_engine.py), which this project starts.
+* `vllm`: `vllm serve BASE --enable-lora` (vllm_engine.py), which this project starts when vLLM
+  and a GPU are here (checked when the settings load), each adapter loaded by its served name
+  through `/v1/load_lora_adapter`. The adapters to load are kept in `<data>/served/vllm.json`.
 
 Every registration is also written to `<data>/served/names.json` (model id → served name),
 which the gate reads to ask a model under its served name.
@@ -38,9 +41,11 @@ from qe_assets.finetune.serving.folders import (
     served_name,
 )
 from qe_assets.finetune.serving.transformers_engine import TransformersServer
+from qe_assets.finetune.serving.vllm_engine import VllmServer
 from qe_assets.settings import Settings
 
 NAMES_FILE = "names.json"
+VLLM_FILE = "vllm.json"  # the `vllm` kind's base and adapters: what `vllm serve` loads
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,33 @@ def _record_names(served_dir: Path, names: dict[str, str]) -> None:
     os.replace(temp, served_dir / NAMES_FILE)
 
 
+def vllm_state(served_dir: Path) -> tuple[str | None, dict[str, str]]:
+    """(base, {served name: adapter folder}) for `vllm serve`: the newest registration's base and
+    every adapter trained on it (one server serves one base)."""
+    try:
+        state = json.loads((served_dir / VLLM_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None, {}
+    base = state.get("base")
+    adapters = state.get("adapters", {})
+    return base, {n: a["path"] for n, a in sorted(adapters.items()) if a["base"] == base}
+
+
+def _record_vllm(served_dir: Path, name: str, path: str, base: str) -> None:
+    """Merge into vllm.json, written whole and renamed into place."""
+    try:
+        state = json.loads((served_dir / VLLM_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    adapters = {**state.get("adapters", {}), name: {"path": path, "base": base}}
+    served_dir.mkdir(parents=True, exist_ok=True)
+    temp = served_dir / f".{VLLM_FILE}.{os.getpid()}.tmp"
+    temp.write_text(
+        json.dumps({"base": base, "adapters": adapters}, indent=1, sort_keys=True), "utf-8"
+    )
+    os.replace(temp, served_dir / VLLM_FILE)
+
+
 class ModelServerResource(dg.ConfigurableResource):
     """What serves locally trained adapters (QE_MODEL_SERVER, QE_MODEL_SERVER_URL)."""
 
@@ -117,6 +149,14 @@ class ModelServerResource(dg.ConfigurableResource):
         if self.kind == "transformers":
             with TransformersServer(self.served_dir) as server:
                 yield server.base_url
+        elif self.kind == "vllm":
+            base, adapters = vllm_state(self.served_dir)
+            if base is None:
+                raise ServingError(
+                    "QE_MODEL_SERVER=vllm: no adapter registered yet, nothing to serve"
+                )
+            with VllmServer(base, adapters, self.served_dir) as server:
+                yield server.base_url
         else:
             yield self.url if self.kind == "external" else None
 
@@ -133,6 +173,8 @@ class ModelServerResource(dg.ConfigurableResource):
                 serve_base(self.served_dir, base_model)
                 base_name = BASE_NAME
             registration = Registration(name, base_name, loaded=True)
+        elif self.kind == "vllm":
+            registration = self._register_vllm(name, model_id, base_model)
         else:
             registration = self._load_external(name, model_id, base_model)
         _record_names(
@@ -140,6 +182,15 @@ class ModelServerResource(dg.ConfigurableResource):
             {model_id: registration.name, base_model: registration.base_name},
         )
         return registration
+
+    def _register_vllm(self, name: str, model_id: str, base_model: str) -> Registration:
+        """Recorded for `vllm serve` to load by name when it starts (`serving`)."""
+        path = str(Path(model_id).resolve())
+        if not is_adapter(path):
+            raise ServingError(f"{path} holds no adapter_config.json: not a PEFT adapter")
+        base = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
+        _record_vllm(self.served_dir, name, path, base)
+        return Registration(name, BASE_NAME, loaded=True)
 
     def _load_external(self, name: str, model_id: str, base_model: str) -> Registration:
         assert self.url, "QE_MODEL_SERVER_URL is checked when the settings load"
