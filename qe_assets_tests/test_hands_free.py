@@ -74,12 +74,14 @@ def count(settings: Settings, query: str) -> int:
         return -1
 
 
-def wait_until(what: str, done: Callable[[], bool], server: DagsterDev) -> float:
-    """Seconds until `done()`; fails with the dev server's log after WAIT."""
+def wait_until(
+    what: str, done: Callable[[], bool], server: DagsterDev, timeout: float = WAIT
+) -> float:
+    """Seconds until `done()`; fails with the dev server's log after `timeout`."""
     start = time.monotonic()
     while not done():
-        if time.monotonic() - start > WAIT:
-            raise AssertionError(f"not within {WAIT:.0f}s: {what}\n{server.log_tail()}")
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout:.0f}s: {what}\n{server.log_tail()}")
         time.sleep(1)
     return time.monotonic() - start
 

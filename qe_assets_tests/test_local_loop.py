@@ -12,9 +12,11 @@ the served base → promoted → rollout.json names `model_rag_qa_v001` with the
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from qe_assets.store import connect
@@ -82,3 +84,70 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
     promoted = second.decision == "promote"
     assert second.production == ("model_rag_qa_v002" if promoted else "model_rag_qa_v001")
     assert sum(second.routed.values()) == REQUESTS
+
+
+def test_the_daemon_trains_serves_judges_and_promotes_a_local_adapter_with_no_click(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same round hands-free: a real `dagster dev` (webserver + daemon) with the settings
+    of `make demo-loop`; events dropped into the inbox, then no click and no `qe run`. The queue
+    sensor ingests and completes, the fine-tune sensor cuts v001 at the threshold, and the
+    release run trains the LoRA, serves it, probes it, judges it and promotes it."""
+    from qe_assets.finetune.serving.transformers_engine import free_port
+    from qe_assets.ingest.queues import FileInbox
+    from qe_assets.ops.runner import prepare_dagster_home
+    from qe_assets.service.rollout import read_state, state_path
+    from qe_assets.settings import Settings
+    from qe_assets.testing.demo_loop import build_base, corrections, demo_events, loop_environment
+    from qe_assets.testing.openai_server import OpenAIServer
+    from qe_assets_tests.dagster_dev import DagsterDev
+    from qe_assets_tests.test_hands_free import count, runs_of, wait_until
+
+    # The base as `make demo-loop` builds it (its tokenizer knows both rounds' text).
+    events, later = demo_events(EVENTS, seed=100), demo_events(EVENTS, seed=101)
+    base = build_base(tmp_path / "base-model", events + later)
+    llm = OpenAIServer().start()
+    llm.responder = corrections
+    loop_env = loop_environment(tmp_path, llm, base, free_port(), EVENTS)
+    settings = Settings.from_env(loop_env)
+    home = tmp_path / "dagster_home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    prepare_dagster_home(settings)  # dagster.yaml as `make ui` writes it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QE_", "OPENAI_"))}
+    # The demo loop's settings; only the threshold (a third of the samples) and the tick differ.
+    env.update(loop_env, QE_FINETUNE_THRESHOLD="30", QE_SENSOR_INTERVAL_SECONDS="5")
+    server = DagsterDev(home, env, tmp_path / "dagster_dev.log")
+    try:
+        server.start(timeout=120)
+        FileInbox(settings.inbox_dir).put(events)
+
+        waited = wait_until(
+            "v001 trained, served, probed and judged by the daemon",
+            lambda: count(settings, "SELECT count(*) FROM model_evaluations") > 0,
+            server,
+            timeout=900,
+        )
+        print(f"\ndrop → v001 judged, hands-free: {waited:.0f} s")
+        wait_until(
+            "the release run ended",
+            lambda: not [r for r in runs_of(server, "qe_release") if r["status"] == "STARTED"],
+            server,
+        )
+    finally:
+        server.stop()
+        llm.stop()
+    state = read_state(state_path(settings))
+    assert state is not None and state.production == "model_rag_qa_v001", state
+    with connect(settings.database, read_only=True) as conn:
+        (decision, by), *_ = conn.execute(
+            "SELECT e.decision, p.promoted_by FROM model_evaluations e "
+            "JOIN promoted_models p ON p.evaluation_id = e.evaluation_id"
+        ).fetchall()
+        (status, trigger_version) = conn.execute(
+            "SELECT status, dataset_version FROM fine_tune_runs"
+        ).fetchone()
+    assert (decision, by, status, trigger_version) == ("promote", "gate", "succeeded", "v001")
+    # The release run was the fine-tune sensor's, not a click.
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        releases = instance.get_run_records(dg.RunsFilter(job_name="qe_release"))
+    assert releases and all("qe/ready_samples" in r.dagster_run.tags for r in releases)
