@@ -21,10 +21,11 @@ DEMO_EVENTS ?= 1500
 DEMO_SEED ?= 7
 PYTEST_ARGS ?=
 # `make test` runs the suite in this many worker processes (pytest-xdist), a test file per worker
-# at a time: most tests wait on servers, daemons and subprocesses, so two workers on two cores
-# take a little over half the time. TEST_WORKERS=0 runs it in one process.
+# at a time, the longest files first (qe_assets_tests/conftest.py): most tests wait on servers,
+# daemons and subprocesses, so two workers on two cores take well under the time of one.
+# TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 # The train extra's torch: this machine's wheel mirror holds the CPU build. Elsewhere, set
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's pulls ~3 GB of CUDA).
 TORCH_INDEX ?=

@@ -34,6 +34,30 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
+# The files that take minutes, longest first. `make test` hands whole files to two workers in
+# collection order (`--dist loadfile --no-loadscope-reorder`): started first, they run beside
+# the many short files instead of after them, where one of them would be the run's tail.
+LONG_FILES = (
+    "test_training.py",
+    "test_local_loop.py",
+    "test_finetune.py",
+    "test_cli.py",
+    "test_evaluation.py",
+    "test_crash.py",
+    "test_cli_operations.py",
+    "test_hands_free.py",
+    "test_serving.py",
+    "test_release_timeline.py",
+    "test_imports_phoenix.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    # A stable sort: within a file, and among the other files, the order stays as collected.
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
