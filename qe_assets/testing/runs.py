@@ -16,6 +16,7 @@ def materialize(
     instance: dg.DagsterInstance | None = None,
     raise_on_error: bool = True,
     force: bool = True,
+    log_level: str | None = None,
 ) -> dg.ExecuteInProcessResult:
     """All assets and checks of the code location (or a selection), as the UI would run them.
 
@@ -26,18 +27,18 @@ def materialize(
     resources = build_resources(settings)
     graph = dg.Definitions(assets=assets, resources=resources).resolve_asset_graph()
     selected = dg.AssetSelection.from_coercible(selection or "*").resolve(graph)
-    run_config = (
-        {"ops": {"tuning_dataset": {"config": {"force": force}}}}
-        if dg.AssetKey("tuning_dataset") in selected
-        else None
-    )
+    run_config: dict[str, Any] = {}
+    if dg.AssetKey("tuning_dataset") in selected:
+        run_config["ops"] = {"tuning_dataset": {"config": {"force": force}}}
+    if log_level is not None:  # the console logger's level (Dagster's default: DEBUG)
+        run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
     return dg.materialize(
         assets,
         selection=selection,
         resources=resources,
         instance=instance,
         raise_on_error=raise_on_error,
-        run_config=run_config,
+        run_config=run_config or None,
     )
 
 
