@@ -10,7 +10,7 @@ from qe_assets.settings import Settings, SettingsError
 
 def rules(**over: object) -> Rules:
     base = Rules.from_settings(
-        Settings(import_evaluators={"relevance": "higher", "hallucination": "lower"})
+        Settings(import_evaluators={"relevance": "higher", "hallucination": "lower"}), "phoenix"
     )
     return Rules(**{**base.__dict__, **over})  # type: ignore[arg-type]
 
@@ -98,3 +98,32 @@ def test_bad_import_settings_fail_at_load_naming_the_variable() -> None:
     with pytest.raises(SettingsError, match="QE_IMPORT_LABEL_MAP"):
         Settings.from_env({"QE_IMPORT_LABEL_MAP": '{"bad": ""}'})
     assert Settings.from_env({"QE_IMPORT_SETTLE": "2m"}).import_settle_seconds == 120
+
+
+def test_each_source_may_map_its_own_judges_labels_and_request_id_else_the_shared_one() -> None:
+    settings = Settings.from_env(
+        {
+            "QE_IMPORT_EVALUATORS": '{"relevance": "higher"}',
+            "QE_IMPORT_LABEL_MAP": '{"irrelevant": "low_relevance"}',
+            "QE_IMPORT_REQUEST_ID_KEY": "app.request_id",
+            # Langfuse's judge scores 1 = hallucinated, and its labels differ.
+            "QE_LANGFUSE_EVALUATORS": '{"hallucination": "lower"}',
+            "QE_LANGFUSE_LABEL_MAP": '{"Hallucinated": "factuality_error"}',
+        }
+    )
+    phoenix, langfuse = (Rules.from_settings(settings, s) for s in ("phoenix", "langfuse"))
+    assert phoenix.evaluators == {"relevance": "higher"}
+    assert phoenix.label_map == {"irrelevant": "low_relevance"}
+    assert langfuse.evaluators == {"hallucination": "lower"}
+    assert langfuse.label_map == {"hallucinated": "factuality_error"}
+    assert phoenix.request_id_key == langfuse.request_id_key == "app.request_id"
+    # The same judged trace, read under each source's rules.
+    judged = trace([Judgement("hallucination", 0.9, "hallucinated", "made up", "r1")])
+    assert decide(judged, phoenix).outcome == "unjudged"  # not a judge Phoenix counts
+    emitted = decide(judged, langfuse)
+    assert emitted.outcome == "emit" and emitted.event is not None
+    assert emitted.event["evaluation"]["labels"] == ["factuality_error"]
+    with pytest.raises(SettingsError, match="QE_PHOENIX_EVALUATORS"):
+        Settings.from_env({"QE_PHOENIX_EVALUATORS": '{"relevance": "up"}'})
+    with pytest.raises(SettingsError, match="QE_LANGFUSE_LABEL_MAP"):
+        Settings.from_env({"QE_LANGFUSE_LABEL_MAP": '{"bad": ""}'})

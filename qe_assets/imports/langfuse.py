@@ -244,7 +244,7 @@ def import_langfuse(
 ) -> Outcome:
     """One import pass over the scores stamped since the last one (see the module's doc)."""
     source = LangfuseSource(settings)
-    rules = Rules.from_settings(settings)
+    rules = Rules.from_settings(settings, "langfuse")
     path = state_path(settings, SYSTEM, settings.langfuse_url or "")
     state = {} if from_start else load_state(path)
     lower = _when(state["watermark"]) if state.get("watermark") else None

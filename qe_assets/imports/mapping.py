@@ -63,12 +63,19 @@ class Rules:
     tenant: str | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Rules:
+    def from_settings(cls, settings: Settings, system: str) -> Rules:
+        """The rules for one source: its own QE_<SOURCE>_* mapping where set, else the shared
+        QE_IMPORT_* one."""
+
+        def own(name: str) -> Any:
+            value = getattr(settings, f"{system}_{name}", None)
+            return getattr(settings, f"import_{name}") if value is None else value
+
         return cls(
-            evaluators=settings.import_evaluators,
-            label_map={k.strip().lower(): v for k, v in settings.import_label_map.items()},
+            evaluators=own("evaluators"),
+            label_map={k.strip().lower(): v for k, v in own("label_map").items()},
             threshold=settings.import_threshold,
-            request_id_key=settings.import_request_id_key,
+            request_id_key=own("request_id_key"),
             tenant=settings.import_tenant,
         )
 

@@ -159,7 +159,7 @@ def import_phoenix(
     """One import pass: pending traces first, then new roots page by page (each page committed
     on its own). Raises ImportFailed with one line naming the setting; the cursor stays."""
     source = PhoenixSource(settings)
-    rules = Rules.from_settings(settings)
+    rules = Rules.from_settings(settings, "phoenix")
     path = state_path(settings, SYSTEM, settings.phoenix_project)
     state = {} if from_start else load_state(path)
     cursor: str | None = state.get("cursor")

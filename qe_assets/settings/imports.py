@@ -47,40 +47,46 @@ def _base_url(name: str) -> Callable[[str], str]:
     return _ruled(parse, "`http://` or `https://` base URL")
 
 
-def _evaluators(raw: str) -> dict[str, str]:
-    value = _json_object("QE_IMPORT_EVALUATORS")(raw)
-    bad = [key for key, way in value.items() if way not in DIRECTIONS]
-    if bad:
-        raise SettingsError(
-            f'QE_IMPORT_EVALUATORS must map judgement names to "higher" or "lower" (which '
-            f"scores are better); {bad[0]!r} maps to {value[bad[0]]!r}"
-        )
-    return value
+def _evaluators(name: str) -> Callable[[str], dict[str, str]]:
+    def parse(raw: str) -> dict[str, str]:
+        value = _json_object(name)(raw)
+        bad = [key for key, way in value.items() if way not in DIRECTIONS]
+        if bad:
+            raise SettingsError(
+                f'{name} must map judgement names to "higher" or "lower" (which scores are '
+                f"better); {bad[0]!r} maps to {value[bad[0]]!r}"
+            )
+        return value
+
+    return _ruled(parse, 'JSON object: judgement name → `"higher"` or `"lower"` (better)')
 
 
-_ruled(_evaluators, 'JSON object: judgement name → `"higher"` or `"lower"` (better)')
+def _label_map(name: str) -> Callable[[str], dict[str, str]]:
+    def parse(raw: str) -> dict[str, str]:
+        value = _json_object(name)(raw)
+        bad = [k for k, label in value.items() if not isinstance(label, str) or not label.strip()]
+        if bad:
+            raise SettingsError(
+                f"{name} must map source labels to our labels (non-empty strings); "
+                f"{bad[0]!r} does not"
+            )
+        return value
+
+    return _ruled(parse, "JSON object: source label → label")
 
 
-def _label_map(raw: str) -> dict[str, str]:
-    value = _json_object("QE_IMPORT_LABEL_MAP")(raw)
-    bad = [key for key, label in value.items() if not isinstance(label, str) or not label.strip()]
-    if bad:
-        raise SettingsError(
-            f"QE_IMPORT_LABEL_MAP must map source labels to our labels (non-empty strings); "
-            f"{bad[0]!r} does not"
-        )
-    return value
+# The mapping each source may set for itself; unset, the shared QE_IMPORT_* one applies.
+PER_SOURCE = ("evaluators", "label_map", "request_id_key")
+SOURCES = ("phoenix", "langfuse")
 
-
-_ruled(_label_map, "JSON object: source label → label")
 
 # field name → (environment variable, parser). Defaults live on the model below.
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "phoenix_url": ("QE_PHOENIX_URL", _base_url("QE_PHOENIX_URL")),
     "phoenix_project": ("QE_PHOENIX_PROJECT", _text),
     "langfuse_url": ("QE_LANGFUSE_URL", _base_url("QE_LANGFUSE_URL")),
-    "import_evaluators": ("QE_IMPORT_EVALUATORS", _evaluators),
-    "import_label_map": ("QE_IMPORT_LABEL_MAP", _label_map),
+    "import_evaluators": ("QE_IMPORT_EVALUATORS", _evaluators("QE_IMPORT_EVALUATORS")),
+    "import_label_map": ("QE_IMPORT_LABEL_MAP", _label_map("QE_IMPORT_LABEL_MAP")),
     "import_threshold": ("QE_IMPORT_THRESHOLD", _float("QE_IMPORT_THRESHOLD")),
     "import_request_id_key": ("QE_IMPORT_REQUEST_ID_KEY", _text),
     "import_tenant": ("QE_IMPORT_TENANT", _text),
@@ -94,6 +100,25 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
         _int("QE_IMPORT_INTERVAL_SECONDS", 5),
     ),
 }
+ENVIRONMENT.update(
+    {
+        f"{source}_{field}": (name, parse)
+        for source in SOURCES
+        for field, name, parse in (
+            (
+                "evaluators",
+                f"QE_{source.upper()}_EVALUATORS",
+                _evaluators(f"QE_{source.upper()}_EVALUATORS"),
+            ),
+            (
+                "label_map",
+                f"QE_{source.upper()}_LABEL_MAP",
+                _label_map(f"QE_{source.upper()}_LABEL_MAP"),
+            ),
+            ("request_id_key", f"QE_{source.upper()}_REQUEST_ID_KEY", _text),
+        )
+    }
+)
 
 
 class ImportSettings(BaseModel):
@@ -150,4 +175,23 @@ class ImportSettings(BaseModel):
     )
     import_interval_seconds: int = Field(
         300, description="How often the import sensors import, in seconds."
+    )
+    # Per source: unset (None) takes the shared QE_IMPORT_* value above.
+    phoenix_evaluators: dict[str, str] | None = Field(
+        None, description="`QE_IMPORT_EVALUATORS` for Phoenix alone (unset: the shared one)."
+    )
+    phoenix_label_map: dict[str, str] | None = Field(
+        None, description="`QE_IMPORT_LABEL_MAP` for Phoenix alone (unset: the shared one)."
+    )
+    phoenix_request_id_key: str | None = Field(
+        None, description="`QE_IMPORT_REQUEST_ID_KEY` for Phoenix alone (unset: the shared one)."
+    )
+    langfuse_evaluators: dict[str, str] | None = Field(
+        None, description="`QE_IMPORT_EVALUATORS` for Langfuse alone (unset: the shared one)."
+    )
+    langfuse_label_map: dict[str, str] | None = Field(
+        None, description="`QE_IMPORT_LABEL_MAP` for Langfuse alone (unset: the shared one)."
+    )
+    langfuse_request_id_key: str | None = Field(
+        None, description="`QE_IMPORT_REQUEST_ID_KEY` for Langfuse alone (unset: the shared one)."
     )
