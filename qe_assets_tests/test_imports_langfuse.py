@@ -236,7 +236,7 @@ def test_errors_name_the_setting_never_a_key(
     assert "sk-wrong-1" not in refused.stderr
 
     unset = qe("import", "langfuse", env={**env, "QE_LANGFUSE_URL": ""}, check=False)
-    assert unset.returncode == 1 and "QE_LANGFUSE_URL is not set" in unset.stderr
+    assert unset.returncode == 2 and "QE_LANGFUSE_URL is not set" in unset.stderr
     down = qe(
         "import",
         "langfuse",

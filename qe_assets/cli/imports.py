@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qe_assets.cli.common import EXIT_FAILED, EXIT_OK, UserError, _err
+from qe_assets.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, _err
 from qe_assets.settings import Settings
 
 
@@ -29,7 +29,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
-    from qe_assets.imports.state import ImportFailed
+    from qe_assets.imports.state import ImportFailed, ImportNotConfigured
 
     try:
         if args.source == "phoenix":
@@ -41,9 +41,9 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
             outcome = import_langfuse(settings, from_start=args.from_start)
     except ImportFailed as exc:
-        raise UserError(
-            f"import {args.source}: {exc}; the cursor is unchanged", EXIT_FAILED
-        ) from None
+        # A setting not set is a usage error (2); a server that failed, a failure (1).
+        code = EXIT_USAGE if isinstance(exc, ImportNotConfigured) else EXIT_FAILED
+        raise UserError(f"import {args.source}: {exc}; the cursor is unchanged", code) from None
     for problem in outcome.problems:
         _err(f"import {args.source}: {problem}")
     print(outcome.summary(args.source))

@@ -23,6 +23,7 @@ from qe_assets.imports.state import (
     LANGFUSE_PUBLIC_KEY,
     LANGFUSE_SECRET_KEY,
     ImportFailed,
+    ImportNotConfigured,
     JsonClient,
     NotFound,
     Outcome,
@@ -47,10 +48,12 @@ def _when(stamp: str) -> datetime:
 
 def client_for(settings: Settings) -> JsonClient:
     if not settings.langfuse_url:
-        raise ImportFailed("QE_LANGFUSE_URL is not set (e.g. https://cloud.langfuse.com)")
+        raise ImportNotConfigured("QE_LANGFUSE_URL is not set (e.g. https://cloud.langfuse.com)")
     public, private = secret(LANGFUSE_PUBLIC_KEY), secret(LANGFUSE_SECRET_KEY)
     if not public or not private:
-        raise ImportFailed(f"{LANGFUSE_PUBLIC_KEY} and {LANGFUSE_SECRET_KEY} must both be set")
+        raise ImportNotConfigured(
+            f"{LANGFUSE_PUBLIC_KEY} and {LANGFUSE_SECRET_KEY} must both be set"
+        )
     return JsonClient.basic(settings.langfuse_url, "QE_LANGFUSE_URL", public, private)
 
 

@@ -36,6 +36,10 @@ class ImportFailed(RuntimeError):
     """A problem the user fixes in a setting; one line naming it. Nothing was committed."""
 
 
+class ImportNotConfigured(ImportFailed):
+    """A setting the importer needs is not set: a usage error (`qe` exits 2), not a failure."""
+
+
 def secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if environ is None else environ
     value = env.get(name, "").strip()
