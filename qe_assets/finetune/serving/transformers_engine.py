@@ -42,8 +42,42 @@ def transformers_cli() -> list[str]:
     return [sys.executable, "-m", "transformers.cli.transformers"]
 
 
+class ServerProcess:
+    """What every engine this resource starts shares: its process group (started with
+    `start_new_session`), stopped as a whole, and its OpenAI-compatible `/models` as health."""
+
+    process: subprocess.Popen[bytes] | None
+    # A large model takes a while to release its memory before it exits.
+    stop_grace_seconds: float = 10.0
+
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=self.stop_grace_seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class TransformersServer:
+class TransformersServer(ServerProcess):
     served_dir: Path
     device: str = "cpu"
     port: int = 0
@@ -93,29 +127,8 @@ class TransformersServer:
             f"transformers serve did not answer in {ready_seconds:.0f} s: {_tail(log_path)}"
         )
 
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def stop(self, grace_seconds: float = 10.0) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
     def __enter__(self) -> TransformersServer:
         return self.start() if self.process is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _tail(path: Path, lines: int = 8) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -35,7 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qe_assets.finetune.serving.folders import BASE_NAME, ServingError
-from qe_assets.finetune.serving.transformers_engine import READY_SECONDS, free_port
+from qe_assets.finetune.serving.transformers_engine import (
+    READY_SECONDS,
+    ServerProcess,
+    free_port,
+)
 from qe_assets.finetune.serving.transformers_engine import _tail as log_tail
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -58,7 +61,7 @@ def max_lora_rank(adapters: list[str | Path]) -> int:
 
 
 @dataclass
-class VllmServer:
+class VllmServer(ServerProcess):
     """`vllm serve base` with the adapters {served name: folder} loaded by name once it answers."""
 
     base: str
@@ -66,6 +69,7 @@ class VllmServer:
     log_dir: Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    stop_grace_seconds = 30.0  # a GPU engine frees its memory before it exits
 
     @property
     def base_url(self) -> str:
@@ -150,26 +154,5 @@ class VllmServer:
         except (urllib.error.URLError, OSError) as exc:
             raise ServingError(f"vllm serve did not load adapter {name}: {exc}") from exc
 
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def stop(self, grace_seconds: float = 30.0) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
     def __enter__(self) -> VllmServer:
         return self.start() if self.process is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
