@@ -260,6 +260,35 @@ def test_failed_samples_never_reach_a_dataset_file(
     assert all(a and a.startswith("Regenerated answer") for a in answers)
 
 
+def test_a_version_does_not_depend_on_which_answer_came_back_first(
+    settings: Settings, openai_server: OpenAIServer, tmp_path: Path
+) -> None:
+    """The same events make the same files whatever order the endpoint answers in: a model
+    trained on them (and the gate's verdict on it) must not change with the network. Once the
+    first questions answer last, once in order; commits come in batches of four either way."""
+    topics = [f"t{i:02d}" for i in range(16)]
+    files = []
+    for run, first_last in enumerate((True, False)):
+        data = settings.model_copy(update={"data_dir": str(tmp_path / f"run{run}")})
+        data = llm(data, openai_server, llm_concurrency=8, min_dataset_examples=1)
+        put(data, topics)
+
+        def respond(request: ChatRequest, first_last: bool = first_last) -> Reply:
+            i = next(n for n, t in enumerate(topics) if f"What about {t}?" in request.prompt)
+            wait = len(topics) - i if first_last else i
+            return Reply.ok(default_answer(request), delay=0.02 * wait)
+
+        openai_server.responder = respond
+        assert metadata(materialize(data), "tuning_dataset")["samples"] == len(topics)
+        stem = data.datasets_dir / "rag_quality_tuning_v001"
+        files.append([Path(f"{stem}{ext}").read_bytes() for ext in (".jsonl", ".chat.jsonl")])
+        with connect(data.database, read_only=True) as conn:
+            query = "SELECT sample_id FROM completions ORDER BY seq"
+            committed = [r[0] for r in conn.execute(query).fetchall()]
+        assert committed != sorted(committed) if first_last else committed == sorted(committed)
+    assert files[0] == files[1]
+
+
 def judge_responder(verdicts: dict[str, str]) -> Any:
     def respond(request: ChatRequest) -> Reply | None:
         if JUDGE_MARKER not in request.prompt:

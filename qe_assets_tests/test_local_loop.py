@@ -49,40 +49,33 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
     assert first.eval_loss_after is not None and first.eval_loss_before is not None
     assert first.eval_loss_after < first.eval_loss_before
     assert first.parity == "passed" and first.n >= 10
-    # The verdict is the gate's, on measured pairs. Tiny CPU training is not reproducible bit
-    # for bit: most runs promote v001 (win rate 0.83-1.00), some fall short of the bound (0.70,
-    # bound 0.48) and block it. Either way the rollout must say what the verdict did.
-    assert first.decision in ("promote", "block") and first.ci_low is not None
-    assert (first.decision == "promote") == (first.ci_low > 0.5), first.table()
-    v001 = first.decision == "promote"
-    assert first.production == ("model_rag_qa_v001" if v001 else None)
+    # The round is reproducible bit for bit (the version's files do not depend on which
+    # correction came back first, TRL and the base are seeded): the adapter wins every held-out
+    # question here (20 of 20, lower bound 0.84) and the gate promotes it.
+    assert first.decision == "promote" and first.ci_low is not None and first.ci_low > 0.5
+    assert first.wins > first.losses, first.table()
+    assert first.production == "model_rag_qa_v001"
     assert sum(first.routed.values()) == REQUESTS
     assert first.served_answer is not None  # asked and answered, whatever it says
     log = (data / "served" / "server.log").read_text("utf-8")
     assert "model_rag_qa_v001" in log and "model_rag_qa_base" in log  # the gate served both
     assert first.ab_decision is not None
-    if v001:
-        # rollout.json names the served adapter and the server the service must call; the
-        # service called it there, for real, and captured with its served name.
-        assert first.wins > first.losses
-        assert first.base_url == first.server_url
-        assert first.base_url is not None and first.base_url.startswith("http://127.0.0.1:")
-        assert first.routed == {"model_rag_qa_v001": REQUESTS}
-        with connect(data / "qe.duckdb", read_only=True) as conn:
-            counted = dict(
-                conn.execute(
-                    "SELECT model, sum(answers)::INT FROM answer_counts GROUP BY 1"
-                ).fetchall()
-            )
-            captured = conn.execute(
-                "SELECT count(*) FROM raw_events WHERE model = 'model_rag_qa_v001'"
-            ).fetchone()
-        # Counted under the served name (ab_test counts it for the adapter's id), and the
-        # low-score answers came back as events.
-        assert counted["model_rag_qa_v001"] >= REQUESTS
-        assert captured is not None and captured[0] >= 1
-    else:
-        assert "model_rag_qa_v001" not in first.routed  # production stayed the base
+    # rollout.json names the served adapter and the server the service must call; the service
+    # called it there, for real, and captured with its served name.
+    assert first.base_url == first.server_url
+    assert first.base_url is not None and first.base_url.startswith("http://127.0.0.1:")
+    assert first.routed == {"model_rag_qa_v001": REQUESTS}
+    with connect(data / "qe.duckdb", read_only=True) as conn:
+        counted = dict(
+            conn.execute("SELECT model, sum(answers)::INT FROM answer_counts GROUP BY 1").fetchall()
+        )
+        captured = conn.execute(
+            "SELECT count(*) FROM raw_events WHERE model = 'model_rag_qa_v001'"
+        ).fetchone()
+    # Counted under the served name (ab_test counts it for the adapter's id), and the low-score
+    # answers came back as events.
+    assert counted["model_rag_qa_v001"] >= REQUESTS
+    assert captured is not None and captured[0] >= 1
 
     # Round 2 starts from the v001 adapter and is judged against production.
     with connect(data / "qe.duckdb", read_only=True) as conn:
@@ -90,14 +83,11 @@ def test_two_rounds_train_serve_judge_promote_and_route_on_a_tiny_local_model(
             "SELECT recipe FROM fine_tune_runs WHERE dataset_version = 'v002'"
         ).fetchone()
     assert second.previous_model == json.loads(recipe)["previous_model"]
-    if v001:
-        assert second.previous_model is not None
-        assert second.previous_model.endswith("v001-command-1")
+    assert second.previous_model is not None
+    assert second.previous_model.endswith("v001-command-1")
     assert second.parity == "passed" and second.n >= 10 and second.decision is not None
     promoted = second.decision == "promote"
-    assert second.production == (
-        "model_rag_qa_v002" if promoted else ("model_rag_qa_v001" if v001 else None)
-    )
+    assert second.production == ("model_rag_qa_v002" if promoted else "model_rag_qa_v001")
     assert sum(second.routed.values()) == REQUESTS
 
 

@@ -483,9 +483,12 @@ def test_dpo_pairs_give_up_context_documents_never_their_answers(
     assert metrics["train_dropped_samples"] == 0 and metrics["train_dropped_sample_ids"] == []
     assert metrics["validation_dropped_samples"] == 0
     assert metrics["pairs"] == recipe["preference_pairs"]
-    system = load_templates().system["en"]
-    first = json.loads(train_pairs[0])
-    assert first["prompt"][0] == {"role": "system", "content": system}
+    # Each pair with its own language's system message (one topic in six is Chinese).
+    system = load_templates().system
+    for pair in train_pairs:
+        prompt = json.loads(pair)["prompt"]
+        language = "zh" if "年假" in prompt[1]["content"] else "en"
+        assert prompt[0] == {"role": "system", "content": system[language]}
 
 
 def test_a_dpo_run_that_would_lose_pairs_is_refused_naming_them(

@@ -426,7 +426,10 @@ class _Loop:
             await self.flush([])
 
     async def flush(self, records: list[dict[str, Any]]) -> None:
-        outcomes = outcome_frame(records)
+        # In sample order, not the order the calls finished: completions.seq follows the rows,
+        # and the versions cut from them (and so what a model trains on) must not depend on
+        # which answer came back first.
+        outcomes = outcome_frame(records).sort("seq")
         self.run.outstanding = self.run.outstanding.join(
             outcomes.select("sample_id"), on="sample_id", how="anti"
         )

@@ -59,7 +59,8 @@ from qe_assets.store import owned_copy, select_frame, transaction
 def _ready_batches(
     duckdb_resource: DuckDBResource, state: VersionState, batch_size: int
 ) -> Iterator[pl.DataFrame]:
-    """Ready samples in completion order, a window of completions per short-lived connection."""
+    """Ready samples, a window of completions (by seq) per short-lived connection, each window
+    in ingest order."""
     low = state.low
     while low < state.high:
         params = {"low": low, "high": state.high, "limit": batch_size}

@@ -48,7 +48,9 @@ READY_IN_WINDOW = f"""
     FROM c JOIN annotated_samples s USING (sample_id)
     WHERE s.seq BETWEEN (SELECT first_seq FROM span) AND (SELECT last_seq FROM span)
       AND {_READY_CONDITIONS}
-    ORDER BY c.seq
+    -- Ingest order within the window: a version's files (and so what trains on them) do not
+    -- depend on the order in which completions were committed.
+    ORDER BY s.seq
 """
 # Where the window ends, even when none of its completions is ready.
 WINDOW_END = f"SELECT max(seq) FROM ({_WINDOW})"
