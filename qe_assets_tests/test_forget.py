@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 import pytest
 
@@ -19,8 +20,9 @@ from qe_assets.release.publish import manifest_name
 from qe_assets.settings import Settings
 from qe_assets.store import connect, select_frame, writer_lock
 from qe_assets.store.evaluations import MODELS_QUERY, ModelFlagged, record_promotion
+from qe_assets_tests.conftest import free_port
 from qe_assets_tests.runs import checks, materialize
-from qe_assets_tests.s3_server import S3Server
+from qe_assets_tests.s3_server import SECRET_KEY, S3Server
 from qe_assets_tests.test_cli_operations import assert_one_line_error, qe
 from qe_assets_tests.test_pipeline import batch
 
@@ -127,6 +129,57 @@ def test_forget_supersedes_takes_down_flags_and_audits(
     # Forgetting the same person again finds nothing left to change.
     again = forget(settings.database, settings.datasets_dir, request_ids=["a-3"], dry_run=True)
     assert again.subject.counts["versions"] == 0
+
+
+def test_a_copy_a_down_store_kept_public_is_taken_down_by_the_next_run(
+    published: tuple[Settings, str], s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is unreachable when `qe forget` runs: the forget itself completes (tables,
+    files, the superseding version) and says the copy is still up. No one has to remember to
+    run it again: published_dataset takes the copy down on its next run, and until then its
+    check fails on the asset's page."""
+    settings, bucket = published
+    marker = f"ds/{manifest_name('v001')}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nobody there
+    report = forget(settings.database, settings.datasets_dir, request_ids=["a-3"])
+    assert report.superseding == {"v001": "v002"} and not report.remote
+    assert len(report.problems) == 1 and "v001" in report.problems[0]
+    assert SECRET_KEY not in report.problems[0] and "\n" not in report.problems[0]
+    assert rows(settings, "SELECT version, status FROM version_publications") == [
+        ("v001", "published")
+    ]
+    assert marker in s3_env.objects(bucket)
+    # The same request again finds no version left to supersede, and tries the copy again.
+    again = forget(settings.database, settings.datasets_dir, request_ids=["a-3"])
+    assert again.superseding == {} and again.problems and again.problems[0].startswith("v001")
+
+    # Still down, and publishing elsewhere now (QE_PUBLISH_URL unset): the run materializes
+    # what is pending and the check fails, naming the version and where it is still readable.
+    elsewhere = settings.model_copy(update={"publish_url": None})
+    result = materialize(elsewhere, selection=["published_dataset"], raise_on_error=False)
+    assert result.success
+    event = result.get_asset_materialization_events()[0].materialization
+    assert event.metadata["takedowns_pending"].value == 1
+    assert "v001" in str(event.metadata["takedown_errors"].value)
+    check = checks(result)["superseded_copies_withdrawn"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert f"v001 at s3://{bucket}/ds" in (check.description or "")
+    assert marker in s3_env.objects(bucket)
+
+    # The store is back: the next run takes the copy down, records it, and the check passes.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env.endpoint)
+    result = materialize(elsewhere, selection=["published_dataset"])
+    event = result.get_asset_materialization_events()[0].materialization
+    assert event.metadata["taken_down"].value == [f"v001 at s3://{bucket}/ds: unpublished"]
+    assert event.metadata["takedowns_pending"].value == 0
+    assert checks(result)["superseded_copies_withdrawn"].passed
+    assert marker not in s3_env.objects(bucket)
+    assert rows(settings, "SELECT version, status FROM version_publications") == [
+        ("v001", "unpublished")
+    ]
+    # Nothing left to do: a further run materializes nothing.
+    result = materialize(elsewhere, selection=["published_dataset"])
+    assert not result.get_asset_materialization_events()
 
 
 def test_unknown_request_id_says_so_and_changes_nothing(settings: Settings) -> None:

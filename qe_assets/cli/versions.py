@@ -231,12 +231,12 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     if report.subject.empty:
         print("nothing matches: nothing was changed")
-        return EXIT_OK
-    _print_subject(report, args.dry_run)
+    else:
+        _print_subject(report, args.dry_run)
     for line in report.remote:
         print(f"  remote: {line}")
     for problem in report.problems:
-        _err(f"{problem} (the next `qe forget` retries it)")
+        _err(f"{problem} (the next published_dataset run or `qe forget` retries it)")
     return EXIT_FAILED if report.problems else EXIT_OK
 
 

@@ -25,7 +25,7 @@ from qe_assets.lib.resources import OpenAIResource, PipelineSettings, QeDuckDBRe
 from qe_assets.ops.sensors import build_finetune_sensor, build_import_sensor, build_queue_sensor
 from qe_assets.release.assets import tuning_dataset
 from qe_assets.release.checks import DATASET_CHECKS
-from qe_assets.release.published import published_dataset
+from qe_assets.release.published import published_dataset, superseded_copies_withdrawn
 from qe_assets.rollout.assets import ab_test, candidate_not_worse
 from qe_assets.settings import Settings
 from qe_assets.store import WRITER_CONFIG
@@ -36,7 +36,7 @@ RELEASE_JOB = "qe_release"
 PROCESSING_ASSETS = [raw_events, annotated_samples, completions, ab_test]
 RELEASE_ASSETS = [tuning_dataset, published_dataset, fine_tuned_model, model_evaluation]
 ASSETS = [*PROCESSING_ASSETS, *RELEASE_ASSETS]
-RELEASE_CHECKS = [*DATASET_CHECKS, candidate_beats_production]
+RELEASE_CHECKS = [*DATASET_CHECKS, superseded_copies_withdrawn, candidate_beats_production]
 ASSET_CHECKS = [*RELEASE_CHECKS, candidate_not_worse, judge_agreement]
 
 

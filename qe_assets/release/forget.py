@@ -475,35 +475,52 @@ def _commit(
         )
 
 
-def _take_down(
-    conn: duckdb.DuckDBPyConnection, published: list[tuple[str, str, str]], delete: bool
-) -> tuple[list[str], list[str]]:
-    """Unpublish (or delete) the published copies of superseded versions; a store that fails
-    keeps its row `published`, and the next `qe forget` (or `qe versions`) shows it."""
-    done, problems = [], []
+@dataclass(frozen=True)
+class Takedowns:
+    """What a pass over the superseded versions' published copies did: rows to record, and the
+    stores that failed (their rows stay `published` and the next pass tries again)."""
+
+    taken: list[tuple[str, str, str]]  # (version, destination, new status)
+    problems: list[str]
+
+    @property
+    def done(self) -> list[str]:
+        return [f"{version} at {where}: {status}" for version, where, status in self.taken]
+
+
+def take_down(published: list[tuple[str, str, str]], delete: bool) -> Takedowns:
+    """Unpublish (or delete) the published copies of superseded versions. Only the stores are
+    touched: the caller records `taken` (`record_takedowns`), so slow stores never hold the
+    writer lock unless the caller already does (`qe forget` does, to stay one step)."""
+    taken, problems = [], []
     for version, destination, sha in published:
         try:
             unpublish(open_store(destination), version, sha, delete=delete)
         except PublishError as exc:
-            problems.append(str(exc))
+            problems.append(f"{version} not taken down: {exc}")
             continue
-        status = "deleted" if delete else "unpublished"
+        taken.append((version, destination, "deleted" if delete else "unpublished"))
+    return Takedowns(taken, problems)
+
+
+def record_takedowns(conn: duckdb.DuckDBPyConnection, takedowns: Takedowns) -> None:
+    for version, destination, status in takedowns.taken:
         conn.execute(
             "UPDATE version_publications SET status = ?, updated_at = now()::TIMESTAMP "
-            "WHERE version = ? AND destination = ?",
+            "WHERE version = ? AND destination = ? AND status = 'published'",
             [status, version, destination],
         )
-        done.append(f"{version} at {destination}: {status}")
-    return done, problems
 
 
-def _pending_takedowns(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
-    """Published copies of versions already superseded (a store that was down last time)."""
+def pending_takedowns(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
+    """Published copies of superseded versions: a store that was down when `qe forget` ran.
+    `published_dataset` retries them on every run, `qe forget` on every call."""
     return [
         (str(v), str(d), str(s))
         for v, d, s in conn.execute(
             "SELECT version, destination, manifest_sha256 FROM version_publications "
-            "WHERE status = 'published' AND version IN (SELECT version FROM version_supersessions)"
+            "WHERE status = 'published' AND version IN (SELECT version FROM version_supersessions) "
+            "ORDER BY version, destination"
         ).fetchall()
     ]
 
@@ -542,7 +559,11 @@ def forget(
         with writer_connection(database, config=config) as conn:
             subject = find_subject(conn, request_ids=request_ids, texts=texts)
             if subject.empty:
-                return ForgetReport(None, subject, {}, [], [])
+                # Forgotten already (or never here): what an earlier forget left published (its
+                # store was down) is still taken down, so running the same request again helps.
+                takedowns = take_down(pending_takedowns(conn), delete_remote)
+                record_takedowns(conn, takedowns)
+                return ForgetReport(None, subject, {}, takedowns.done, takedowns.problems)
             state = version_state(conn)
             # Claimed like a cut's (dataset_version_claims): a name never stands for two
             # contents, even when this forget dies after its files took their names.
@@ -579,5 +600,7 @@ def forget(
                 if files is not None:
                     os.replace(manifest_temp(files), files.manifest)
                     fsync_dir(datasets_dir)
-            remote, problems = _take_down(conn, _pending_takedowns(conn), delete_remote)
-    return ForgetReport(forget_id, subject, {o: n for o, n, *_ in cuts}, remote, problems)
+            takedowns = take_down(pending_takedowns(conn), delete_remote)
+            record_takedowns(conn, takedowns)
+    superseding = {o: n for o, n, *_ in cuts}
+    return ForgetReport(forget_id, subject, superseding, takedowns.done, takedowns.problems)
