@@ -151,14 +151,11 @@ def test_the_daemon_trains_serves_judges_and_promotes_a_local_adapter_with_no_cl
             "SELECT status, dataset_version FROM fine_tune_runs"
         ).fetchone()
     assert (status, version) == ("succeeded", "v001")
-    # The gate's verdict on measured pairs (most runs promote; tiny CPU training is not
-    # reproducible bit for bit), and the rollout says what it did.
-    assert decision in ("promote", "block") and (decision == "promote") == (ci_low > 0.5)
-    if decision == "promote":
-        assert promoted_by == "gate"
-        assert state is not None and state.production == "model_rag_qa_v001", state
-    else:
-        assert promoted_by is None and (state is None or state.production is None), state
+    # The same events and base as round 1 of the test above, committed at once (one LLM batch),
+    # so the sensor's cut holds every sample and the verdict is the same: promoted by the gate.
+    print(f"decision {decision} (lower bound {ci_low:.3f})")
+    assert decision == "promote" and ci_low > 0.5 and promoted_by == "gate"
+    assert state is not None and state.production == "model_rag_qa_v001", state
     # The release run was the fine-tune sensor's, not a click.
     with dg.DagsterInstance.from_config(str(home)) as instance:
         releases = instance.get_run_records(dg.RunsFilter(job_name="qe_release"))
