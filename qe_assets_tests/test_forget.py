@@ -165,6 +165,8 @@ def test_a_copy_a_down_store_kept_public_is_taken_down_by_the_next_run(
     assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
     assert f"v001 at s3://{bucket}/ds" in (check.description or "")
     assert marker in s3_env.objects(bucket)
+    status = qe("status", env={"QE_DATA_DIR": settings.data_dir}).stdout
+    assert f"still published: v001 at s3://{bucket}/ds" in status, status
 
     # The store is back: the next run takes the copy down, records it, and the check passes.
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env.endpoint)
@@ -177,6 +179,7 @@ def test_a_copy_a_down_store_kept_public_is_taken_down_by_the_next_run(
     assert rows(settings, "SELECT version, status FROM version_publications") == [
         ("v001", "unpublished")
     ]
+    assert "still published" not in qe("status", env={"QE_DATA_DIR": settings.data_dir}).stdout
     # Nothing left to do: a further run materializes nothing.
     result = materialize(elsewhere, selection=["published_dataset"])
     assert not result.get_asset_materialization_events()

@@ -33,6 +33,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
     """Counts per table, the review queue, ready samples, the latest version, LLM use, the
     production model and the models per version."""
+    from qe_assets.release.forget import pending_takedowns
     from qe_assets.release.readiness import ready_sample_count
     from qe_assets.store import connect, table_counts
 
@@ -47,6 +48,7 @@ def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
             "ORDER BY number DESC LIMIT 1"
         ).fetchall()
         ready = ready_sample_count(conn, eval_share=settings.eval_share)
+        still_published = pending_takedowns(conn)
         models = conn.execute(
             """
             SELECT dataset_version, backend, status, coalesce(model_id, message, '')
@@ -79,6 +81,12 @@ def _print_store_status(args: argparse.Namespace, settings: Settings) -> None:
         print(f"latest dataset: {version} ({count:,} samples, {created:%Y-%m-%d %H:%M} UTC)")
     else:
         print("latest dataset: none yet")
+    if still_published:
+        copies = "; ".join(f"{version} at {where}" for version, where, _ in still_published)
+        print(
+            f"WARNING: superseded by `qe forget` but still published: {copies} (its store failed "
+            "the takedown; the next published_dataset run or `qe forget` retries it)"
+        )
     if completions:
         print("completions (mode, status: samples, HTTP requests, tokens in/out):")
         for mode, status, samples, requests, tokens_in, tokens_out in completions:
