@@ -190,9 +190,9 @@ def published_dataset(
     asset=published_dataset,
     description=(
         "Fails while a version that `qe forget` superseded is still published somewhere (its "
-        "store was unreachable when the copy was to be taken down), naming the version, the "
-        "destination. `published_dataset` retries on every run and records the store's error "
-        "(`takedown_errors`); `qe versions` lists the copies."
+        "store was unreachable when the copy was to be taken down), naming each version and "
+        "where it is. `published_dataset` retries on every run and records the store's error "
+        "(`takedown_errors`); `qe status` warns, and `qe versions` lists the copies."
     ),
 )
 def superseded_copies_withdrawn(duckdb: DuckDBResource) -> dg.AssetCheckResult:
