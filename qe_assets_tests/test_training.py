@@ -418,6 +418,26 @@ def test_long_samples_give_up_context_documents_never_their_completion(
     assert metrics["train_dropped_sample_ids"] == []
 
 
+def refused_for_length(
+    configured: Settings, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Twenty events trained at max_length 24, where nothing fits: the run must fail, recorded
+    as such with the reason; returns fine_tune_runs.message for the caller's own checks."""
+    monkeypatch.setenv("QE_TRL_MODEL", str(tiny_model))
+    monkeypatch.setenv("QE_TRL_OUTPUT_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
+    FileInbox(configured.inbox_dir).put(events(20))
+    tiny = configured.model_copy(
+        update={"finetune_hyperparameters": {**HYPERPARAMETERS, "max_length": 24}}
+    )
+    result = materialize(tiny, selection=TRAINING, raise_on_error=False)
+    assert not result.success
+    with connect(configured.database, read_only=True) as conn:
+        ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
+    assert status == "failed" and "train samples do not fit max_length" in message, message
+    return str(message)
+
+
 def test_a_run_that_would_lose_samples_is_refused_naming_them(
     settings: Settings,
     server: OpenAIServer,
@@ -425,18 +445,8 @@ def test_a_run_that_would_lose_samples_is_refused_naming_them(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("QE_TRL_MODEL", str(tiny_model))
-    monkeypatch.setenv("QE_TRL_OUTPUT_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
-    FileInbox(settings.inbox_dir).put(events(20))
-    tiny = in_process_settings(settings, server, SFT).model_copy(
-        update={"finetune_hyperparameters": {**HYPERPARAMETERS, "max_length": 24}}
-    )
-    result = materialize(tiny, selection=TRAINING, raise_on_error=False)
-    assert not result.success
-    with connect(settings.database, read_only=True) as conn:
-        ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
-    assert status == "failed" and "train samples do not fit max_length" in message, message
+    refused = in_process_settings(settings, server, SFT)
+    message = refused_for_length(refused, tiny_model, tmp_path, monkeypatch)
     assert "QE_TRAIN_MAX_DROPPED_SHARE=0.01" in message and "t-" in message
 
 
@@ -498,19 +508,8 @@ def test_a_dpo_run_that_would_lose_pairs_is_refused_naming_them(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("QE_TRL_MODEL", str(tiny_model))
-    monkeypatch.setenv("QE_TRL_OUTPUT_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-training")
-    FileInbox(settings.inbox_dir).put(events(20))
-    tiny = in_process_settings(settings, server, DPO).model_copy(
-        update={
-            "finetune_method": "dpo",
-            "finetune_hyperparameters": {**HYPERPARAMETERS, "max_length": 24},
-        }
+    refused = in_process_settings(settings, server, DPO).model_copy(
+        update={"finetune_method": "dpo"}
     )
-    result = materialize(tiny, selection=TRAINING, raise_on_error=False)
-    assert not result.success
-    with connect(settings.database, read_only=True) as conn:
-        ((status, message),) = conn.execute("SELECT status, message FROM fine_tune_runs").fetchall()
-    assert status == "failed" and "train samples do not fit max_length" in message, message
+    message = refused_for_length(refused, tiny_model, tmp_path, monkeypatch)
     assert "QE_TRAIN_MAX_DROPPED_SHARE=0.01" in message and "train pair 1" in message

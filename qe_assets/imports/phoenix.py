@@ -83,31 +83,26 @@ class PhoenixSource:
             rows = rows[1:]  # the cursor is inclusive
         return rows, body.get("next_cursor") is not None
 
-    def _spans(self, trace_ids: Sequence[str]) -> list[dict[str, Any]]:
-        spans: list[dict[str, Any]] = []
-        for chunk in _chunks(trace_ids, _IDS_PER_REQUEST):
+    def _by_ids(self, path: str, key: str, ids: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """Every row of `path` for `ids` (sent as repeated `key` parameters, a chunk at a time so
+        the request line stays short), following each chunk's cursor to its end."""
+        rows: list[dict[str, Any]] = []
+        for chunk in _chunks(ids, _IDS_PER_REQUEST):
             cursor = None
             while True:
-                params = [("trace_id", t) for t in chunk] + [("limit", 1000), ("cursor", cursor)]
-                body = self._get("/spans", params)
-                spans += body.get("data") or []
+                params = [(key, i) for i in chunk] + [("limit", limit), ("cursor", cursor)]
+                body = self._get(path, params)
+                rows += body.get("data") or []
                 cursor = body.get("next_cursor")
                 if not cursor:
                     break
-        return spans
+        return rows
+
+    def _spans(self, trace_ids: Sequence[str]) -> list[dict[str, Any]]:
+        return self._by_ids("/spans", "trace_id", trace_ids, 1000)
 
     def _annotations(self, span_ids: Sequence[str]) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        for chunk in _chunks(span_ids, _IDS_PER_REQUEST):
-            cursor = None
-            while True:
-                params = [("span_ids", s) for s in chunk] + [("limit", 10000), ("cursor", cursor)]
-                body = self._get("/span_annotations", params)
-                found += body.get("data") or []
-                cursor = body.get("next_cursor")
-                if not cursor:
-                    break
-        return found
+        return self._by_ids("/span_annotations", "span_ids", span_ids, 10000)
 
     def traces(self, trace_ids: Sequence[str]) -> dict[str, Trace]:
         """The traces with every span and judgement, by trace id (a trace without its root is

@@ -20,6 +20,7 @@ from qe_assets.settings.parsing import (
     _int,
     _json_object,
     _ruled,
+    _string_map,
     _text,
 )
 
@@ -62,17 +63,7 @@ def _evaluators(name: str) -> Callable[[str], dict[str, str]]:
 
 
 def _label_map(name: str) -> Callable[[str], dict[str, str]]:
-    def parse(raw: str) -> dict[str, str]:
-        value = _json_object(name)(raw)
-        bad = [k for k, label in value.items() if not isinstance(label, str) or not label.strip()]
-        if bad:
-            raise SettingsError(
-                f"{name} must map source labels to our labels (non-empty strings); "
-                f"{bad[0]!r} does not"
-            )
-        return value
-
-    return _ruled(parse, "JSON object: source label → label")
+    return _string_map(name, "source labels to our labels", "JSON object: source label → label")
 
 
 # The mapping each source may set for itself; unset, the shared QE_IMPORT_* one applies.

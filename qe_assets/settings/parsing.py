@@ -159,18 +159,26 @@ def _json_object(name: str) -> Callable[[str], dict[str, Any]]:
     return _ruled(parse, "JSON object")
 
 
-def _model_map(raw: str) -> dict[str, str]:
-    value = _json_object("QE_EVAL_MODEL_MAP")(raw)
-    bad = [key for key, name in value.items() if not isinstance(name, str) or not name.strip()]
-    if bad:
-        raise SettingsError(
-            f"QE_EVAL_MODEL_MAP must map model ids to served model names (non-empty strings); "
-            f"{bad[0]!r} does not"
-        )
-    return value
+def _string_map(name: str, meaning: str, rule: str) -> Callable[[str], dict[str, str]]:
+    """A JSON object whose values are non-empty strings; `meaning` says what maps to what."""
+
+    def parse(raw: str) -> dict[str, str]:
+        value = _json_object(name)(raw)
+        bad = [k for k, v in value.items() if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise SettingsError(
+                f"{name} must map {meaning} (non-empty strings); {bad[0]!r} does not"
+            )
+        return value
+
+    return _ruled(parse, rule)
 
 
-_ruled(_model_map, "JSON object of model id → served name (non-empty strings)")
+_model_map = _string_map(
+    "QE_EVAL_MODEL_MAP",
+    "model ids to served model names",
+    "JSON object of model id → served name (non-empty strings)",
+)
 
 
 def _ramp(raw: str) -> list[float]:

@@ -14,9 +14,11 @@ one; building it again for the same adapter gives the same links.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -83,3 +85,17 @@ def serve_adapter(served_dir: Path, name: str, adapter: str | Path, base: str | 
 def serve_base(served_dir: Path, base: str | Path) -> Path:
     """The base model's served folder (`model_rag_qa_base`)."""
     return link_folder(served_dir / BASE_NAME, [Path(base)])
+
+
+def load_lora_adapter(base_url: str, name: str, path: str, timeout: float) -> None:
+    """Ask a vLLM-style server (`.../v1`) to load the adapter at `path` under `name` (its runtime
+    LoRA loading route). Raises urllib's HTTPError / URLError for the caller to word: the
+    managed vLLM and an external server answer a refusal differently."""
+    request = urllib.request.Request(
+        f"{base_url.rstrip('/')}/load_lora_adapter",
+        data=json.dumps({"lora_name": name, "lora_path": path}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read()

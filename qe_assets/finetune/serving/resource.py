@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from qe_assets.finetune.serving.folders import (
     BASE_NAME,
     ServingError,
     is_adapter,
+    load_lora_adapter,
     serve_adapter,
     serve_base,
     served_name,
@@ -197,15 +197,8 @@ class ModelServerResource(dg.ConfigurableResource):
         path = str(Path(model_id).resolve()) if Path(model_id).exists() else model_id
         if Path(path).exists() and not is_adapter(path):
             raise ServingError(f"{path} holds no adapter_config.json: not a PEFT adapter")
-        request = urllib.request.Request(
-            f"{self.url.rstrip('/')}/load_lora_adapter",
-            data=json.dumps({"lora_name": name, "lora_path": path}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                response.read()
+            load_lora_adapter(self.url, name, path, timeout=120)
         except urllib.error.HTTPError as exc:
             if exc.code not in (404, 405):
                 detail = exc.read().decode("utf-8", "replace")[:300]

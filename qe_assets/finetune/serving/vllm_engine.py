@@ -29,11 +29,10 @@ import shutil
 import subprocess
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qe_assets.finetune.serving.folders import BASE_NAME, ServingError
+from qe_assets.finetune.serving.folders import BASE_NAME, ServingError, load_lora_adapter
 from qe_assets.finetune.serving.transformers_engine import (
     READY_SECONDS,
     ServerProcess,
@@ -137,15 +136,8 @@ class VllmServer(ServerProcess):
         return self
 
     def load(self, name: str, path: str) -> None:
-        request = urllib.request.Request(
-            f"{self.base_url}/load_lora_adapter",
-            data=json.dumps({"lora_name": name, "lora_path": path}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
         try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                response.read()
+            load_lora_adapter(self.base_url, name, path, timeout=300)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]
             raise ServingError(
